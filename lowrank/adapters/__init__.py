@@ -1,0 +1,24 @@
+r"""Low-rank adapters: pure math, NNX layers, injection, merge, PEFT I/O.
+
+    from lowrank import adapters
+    adapters.inject(model, targets=r".*\.(query|value)", rank=8, alpha=16)
+    optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
+    ...
+    adapters.save_peft("out/adapter", model)   # loads in HF PEFT unchanged
+    adapters.merge(model)                      # fold into the base weights
+"""
+
+from lowrank.adapters.injection import adapter_modules
+from lowrank.adapters.injection import count_parameters
+from lowrank.adapters.injection import disabled
+from lowrank.adapters.injection import inject
+from lowrank.adapters.injection import merge
+from lowrank.adapters.injection import unload
+from lowrank.adapters.injection import unmerge
+from lowrank.adapters.layers import LoRAEinsum
+from lowrank.adapters.layers import LoRAEmbed
+from lowrank.adapters.layers import LoRALinear
+from lowrank.adapters.layers import LoRALinearGeneral
+from lowrank.adapters.layers import LoRAWrapper
+from lowrank.adapters.peft_io import load_peft
+from lowrank.adapters.peft_io import save_peft

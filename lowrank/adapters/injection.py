@@ -1,0 +1,262 @@
+"""Injecting adapters into an existing NNX model without editing its source.
+
+`inject(model, targets=..., rank=...)` walks the model graph, picks the
+modules whose dotted path matches `targets`, and replaces each in place by a
+wrapper from `lowrank.adapters.layers` that keeps the original module as
+`base`. Paths are the NNX graph paths joined with dots
+(`encoder.layer.0.attention.self.query`), which for models that mirror
+Hugging Face attribute names are exactly PEFT's module names.
+
+Target semantics follow PEFT:
+  * a `str` is a regular expression that must match the *whole* path
+    (`re.fullmatch`), e.g. `r".*\\.(query|value)"`;
+  * a list of names matches a path equal to a name or ending in `.name`;
+  * `"all-linear"` picks every `Linear`, `LinearGeneral` and `Einsum`.
+`rank_pattern` / `alpha_pattern` map a regex to a per-module rank / alpha,
+matched as PEFT does: `re.match(rf"(.*\\.)?({pattern})$", path)`.
+"""
+
+from collections.abc import Iterator, Mapping, Sequence
+import contextlib
+import re
+from typing import Any
+
+from flax import nnx
+import jax
+
+from lowrank.adapters import layers
+
+# method name -> module type -> wrapper class. Variants register here.
+METHODS: dict[str, dict[type, type]] = {"lora": layers.WRAPPERS}
+_LINEAR_KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+
+
+def path_str(path: Sequence[Any]) -> str:
+  return ".".join(str(p) for p in path)
+
+
+def _walk(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Module]]:
+  """(path, module) pairs, not descending into existing adapter wrappers."""
+  skip: list[tuple[Any, ...]] = []
+  for path, node in nnx.iter_graph(model):
+    if not isinstance(node, nnx.Module):
+      continue
+    path = tuple(path)
+    if any(path[: len(s)] == s and path != s for s in skip):
+      continue
+    if isinstance(node, layers.LoRAWrapper):
+      skip.append(path)
+    yield path, node
+
+
+def adapter_modules(model: nnx.Module) -> dict[str, layers.LoRAWrapper]:
+  """Dotted path -> adapter wrapper, for every adapter in `model`."""
+  return {
+      path_str(p): m
+      for p, m in _walk(model)
+      if isinstance(m, layers.LoRAWrapper)
+  }
+
+
+def _compile(pattern: str, what: str) -> re.Pattern[str]:
+  try:
+    return re.compile(pattern)
+  except re.error as e:
+    raise ValueError(f"Invalid {what} regex {pattern!r}: {e}") from e
+
+
+def _matcher(targets, what: str):
+  if isinstance(targets, str) and targets != "all-linear":
+    rx = _compile(targets, what)
+    return lambda path, m: rx.fullmatch(path) is not None
+  if targets == "all-linear":
+    return lambda path, m: isinstance(m, _LINEAR_KINDS)
+  if isinstance(targets, Sequence) and targets and all(
+      isinstance(t, str) for t in targets
+  ):
+    names = tuple(targets)
+    return lambda path, m: any(
+        path == t or path.endswith("." + t) for t in names
+    )
+  raise ValueError(
+      f"{what} must be a regex string, 'all-linear', or a non-empty list of "
+      f"module names; got {targets!r}."
+  )
+
+
+def pattern_value(patterns: Mapping[str, Any] | None, path: str, default):
+  """PEFT's `rank_pattern` / `alpha_pattern` lookup for one module path."""
+  for pattern, value in (patterns or {}).items():
+    rx = _compile(rf"(.*\.)?({pattern})$", "pattern")
+    if rx.match(path):
+      return value
+  return default
+
+
+def _set_child(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module):
+  parent = model
+  for p in path[:-1]:
+    parent = parent[p] if isinstance(p, int) else getattr(parent, p)
+  last = path[-1]
+  if isinstance(last, int):
+    parent[last] = new
+  else:
+    setattr(parent, last, new)
+
+
+def _listing(paths: Sequence[str], limit: int = 40) -> str:
+  shown = list(paths[:limit])
+  more = f" ... (+{len(paths) - limit} more)" if len(paths) > limit else ""
+  return ", ".join(shown) + more
+
+
+def inject(
+    model: nnx.Module,
+    *,
+    targets: str | Sequence[str],
+    method: str = "lora",
+    rank,
+    alpha: float | int | None = None,
+    dropout: float | int = 0.0,
+    init: str = "kaiming",
+    use_rslora: bool = False,
+    exclude: str | Sequence[str] | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float | int] | None = None,
+    rngs: nnx.Rngs | int = 0,
+    **method_options,
+) -> nnx.Module:
+  """Adds adapters to the modules of `model` whose path matches `targets`.
+
+  Modifies `model` in place and returns it. Train the result with
+  `nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` or
+  `nnx.split(model, nnx.LoRAParam, ...)`; the base weights stay `nnx.Param`.
+
+  Args:
+    model: Any NNX model built from `nnx.Linear`, `nnx.LinearGeneral`,
+      `nnx.Einsum` or `nnx.Embed` submodules.
+    targets: Which modules (see the module docstring for the semantics).
+    method: Adapter family (`"lora"`; variants register in `METHODS`).
+    rank: Adapter rank `r`.
+    alpha: `lora_alpha`; default `rank` (scale 1).
+    dropout: Dropout on the adapter input (active in `model.train()` mode).
+    init: `"kaiming"` (PEFT default) or `"gaussian"` for `A`; `B = 0`.
+    use_rslora: Scale `alpha / sqrt(r)` instead of `alpha / r`.
+    exclude: Modules to leave alone even if they match `targets`.
+    rank_pattern: `{regex: rank}` overrides, PEFT semantics.
+    alpha_pattern: `{regex: alpha}` overrides, PEFT semantics.
+    rngs: `nnx.Rngs` or an int seed for the adapter initialisation.
+    **method_options: Passed to the wrapper class of `method`.
+
+  Returns:
+    `model`, with adapters.
+
+  Raises:
+    ValueError: On a bad regex, a target that matches nothing, a matched
+      module that cannot be adapted, or bad hyperparameters; the message
+      lists the module paths that exist.
+  """
+  if method not in METHODS:
+    raise ValueError(f"Unknown method {method!r}; known: {sorted(METHODS)}.")
+  wrappers = METHODS[method]
+  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+  match = _matcher(targets, "targets")
+  skip = (lambda p, m: False) if exclude is None else _matcher(
+      exclude, "exclude"
+  )
+  modules = [(p, m) for p, m in _walk(model) if p]
+  all_paths = [path_str(p) for p, _ in modules]
+  adaptable = [
+      path_str(p)
+      for p, m in modules
+      if layers.wrapper_for(m) is not None
+      and not isinstance(m, layers.LoRAWrapper)
+  ]
+  chosen, unadaptable = [], []
+  for p, m in modules:
+    name = path_str(p)
+    if not match(name, m) or skip(name, m):
+      continue
+    if isinstance(m, layers.LoRAWrapper):
+      raise ValueError(f"Module {name!r} already has an adapter.")
+    cls = next(
+        (wrappers[c] for c in type(m).__mro__ if c in wrappers), None
+    )
+    if cls is None:
+      unadaptable.append(f"{name} ({type(m).__name__})")
+    else:
+      chosen.append((p, m, cls))
+  if unadaptable:
+    raise ValueError(
+        f"targets={targets!r} matched modules that method {method!r} cannot "
+        f"adapt: {_listing(unadaptable)}. Adaptable modules: "
+        f"{_listing(adaptable)}."
+    )
+  if not chosen:
+    raise ValueError(
+        f"targets={targets!r} matched no module. Adaptable modules: "
+        f"{_listing(adaptable)}. All module paths: {_listing(all_paths)}."
+    )
+  for p, m, cls in chosen:
+    name = path_str(p)
+    new = cls(
+        m,
+        rank=int(pattern_value(rank_pattern, name, rank)),
+        alpha=pattern_value(alpha_pattern, name, alpha),
+        rslora=use_rslora,
+        dropout=dropout,
+        init=init,
+        rngs=rngs,
+        **method_options,
+    )
+    _set_child(model, p, new)
+  return model
+
+
+def merge(model: nnx.Module) -> nnx.Module:
+  """Folds every adapter into its base weight in place (see `unmerge`)."""
+  for m in adapter_modules(model).values():
+    m.merge()
+  return model
+
+
+def unmerge(model: nnx.Module) -> nnx.Module:
+  """Subtracts every merged adapter back out of its base weight, in place."""
+  for m in adapter_modules(model).values():
+    m.unmerge()
+  return model
+
+
+def unload(model: nnx.Module, *, merge_first: bool = True) -> nnx.Module:
+  """Replaces every wrapper by its base module (merged first by default)."""
+  for name, m in adapter_modules(model).items():
+    if merge_first:
+      m.merge()
+    elif m.merged:
+      m.unmerge()
+    path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
+    _set_child(model, path, m.base)
+  return model
+
+
+@contextlib.contextmanager
+def disabled(model: nnx.Module) -> Iterator[nnx.Module]:
+  """Context in which all adapters are bypassed (the base model runs)."""
+  mods = adapter_modules(model).values()
+  previous = [m.enabled for m in mods]
+  for m in mods:
+    m.enabled = False
+  try:
+    yield model
+  finally:
+    for m, e in zip(mods, previous):
+      m.enabled = e
+
+
+def count_parameters(model: nnx.Module) -> dict[str, int]:
+  """`{"trainable": adapter params, "total": all params}` (element counts)."""
+  def _count(filter_):
+    state = nnx.state(model, filter_)
+    return sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(state)))
+
+  return {"trainable": _count(nnx.LoRAParam), "total": _count(nnx.Param)}

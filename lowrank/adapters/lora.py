@@ -1,0 +1,128 @@
+"""LoRA as pure functions (no Flax): init, scaling, factored apply, merge.
+
+Shapes follow the Flax kernel convention, `y = x @ W` with `W: [d_in, d_out]`:
+the adapter is `A: [d_in, r]`, `B: [r, d_out]` and the update is
+`ΔW = s · A @ B` with `s = alpha / r` (or `alpha / sqrt(r)` for rsLoRA).
+Hugging Face PEFT stores the transposes (`lora_A.weight: [r, d_in]`,
+`lora_B.weight: [d_out, r]`); `lowrank.adapters.peft_io` converts.
+
+References:
+  Hu et al. 2021, LoRA, https://arxiv.org/abs/2106.09685
+  Kalajdzievski 2023, rsLoRA, https://arxiv.org/abs/2312.03732
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+INITS = ("kaiming", "gaussian", "zeros")
+
+
+def scaling(rank, alpha=None, *, rslora: bool = False) -> float:
+  """The LoRA scale `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+
+  Args:
+    rank: Adapter rank `r` (positive int).
+    alpha: `lora_alpha`; `None` means `alpha = r` (scale 1 for plain LoRA).
+    rslora: Use the rank-stabilised scale `alpha / sqrt(r)`.
+
+  Returns:
+    The scale as a Python float.
+
+  Raises:
+    ValueError: If `rank` is not a positive int or `alpha` is not finite.
+  """
+  check_rank(rank)
+  alpha = float(rank if alpha is None else alpha)
+  if not math.isfinite(alpha):
+    raise ValueError(f"alpha must be finite; got {alpha}.")
+  return alpha / (math.sqrt(rank) if rslora else rank)
+
+
+def check_rank(rank) -> None:
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    raise ValueError(f"rank must be a positive Python int; got {rank!r}.")
+
+
+def init_a(
+    key: jax.Array,
+    shape: tuple[int, ...],
+    fan_in: int,
+    *,
+    init: str = "kaiming",
+    dtype=jnp.float32,
+) -> jax.Array:
+  """Initial `A` of shape `[*in_shape, r]`.
+
+  `"kaiming"` is PEFT's default, `kaiming_uniform_(a=sqrt(5))` on the
+  `[r, d_in]` torch weight: `U(-1/sqrt(d_in), 1/sqrt(d_in))`. `"gaussian"` is
+  PEFT's `init_lora_weights="gaussian"`: `N(0, 1/r)` (std `1/r`). `"zeros"`
+  is used for embedding adapters, whose `B` is random instead.
+
+  Raises:
+    ValueError: On an unknown `init`.
+  """
+  rank = shape[-1]
+  if init == "kaiming":
+    bound = 1.0 / math.sqrt(fan_in)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+  if init == "gaussian":
+    return jax.random.normal(key, shape, dtype) / rank
+  if init == "zeros":
+    return jnp.zeros(shape, dtype)
+  raise ValueError(f"Unknown LoRA init {init!r}; expected one of {INITS}.")
+
+
+def lora_apply(
+    x: Float[Array, "*batch d_in"],
+    a: Float[Array, "d_in r"],
+    b: Float[Array, "r d_out"],
+    scale: float | int,
+) -> Float[Array, "*batch d_out"]:
+  """`scale · (x @ A) @ B`, never forming `A @ B` (forward or backward).
+
+  The gradient w.r.t. `A` is `xᵀ (g Bᵀ)` and w.r.t. `B` is `(x A)ᵀ g`: every
+  intermediate is `[..., r]` or `[d, r]`, so memory stays O(r (d_in + d_out))
+  beyond the activations.
+  """
+  h = x @ a.astype(x.dtype)
+  return (h @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+
+
+def lora_delta(
+    a: Float[Array, "d_in r"], b: Float[Array, "r d_out"], scale: float | int
+) -> Float[Array, "d_in d_out"]:
+  """The dense update `scale · A @ B` in float32 (for merging only)."""
+  a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+  return (a32 @ b32) * scale
+
+
+def merge(
+    kernel: Float[Array, "d_in d_out"],
+    a: Float[Array, "d_in r"],
+    b: Float[Array, "r d_out"],
+    scale: float | int,
+) -> Float[Array, "d_in d_out"]:
+  """`W + s·A B`, accumulated in float32 and cast back to `W`'s dtype."""
+  return (kernel.astype(jnp.float32) + lora_delta(a, b, scale)).astype(
+      kernel.dtype
+  )
+
+
+def unmerge(
+    kernel: Float[Array, "d_in d_out"],
+    a: Float[Array, "d_in r"],
+    b: Float[Array, "r d_out"],
+    scale: float | int,
+) -> Float[Array, "d_in d_out"]:
+  """Inverse of `merge` (exact up to float32 rounding and `W`'s dtype)."""
+  return (kernel.astype(jnp.float32) - lora_delta(a, b, scale)).astype(
+      kernel.dtype
+  )
+
+
+def trainable_parameters(d_in: int, d_out: int, rank: int) -> int:
+  """Number of trainable adapter parameters for one `[d_in, d_out]` weight."""
+  return rank * (d_in + d_out)
