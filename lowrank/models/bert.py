@@ -1,0 +1,1191 @@
+"""BERT encoder in Flax NNX, a safetensors loader, a tokenizer and `embed`.
+
+The module tree mirrors Hugging Face's `BertModel` state-dict names, so the
+NNX graph path of every layer joined with dots is the HF / PEFT module name
+(`encoder.layer.0.attention.self.query`, `pooler.dense`, ...). The model is
+built only from `nnx.Linear`, `nnx.Embed`, `nnx.LayerNorm` and `nnx.Dropout`,
+so `lowrank.adapters.inject` can find and replace the `nnx.Linear` layers by
+path. `BertForMaskedLM` checkpoints (SPLADE) get an optional MLM head at
+`cls.predictions.*` whose decoder is tied to the word embeddings; their
+`bert.` prefix is stripped when loading.
+
+`load_pretrained` reads a local HF-format directory (`config.json`,
+`model.safetensors`, `tokenizer.json`) with `safetensors.numpy`: no torch, no
+pickle, no remote code. Every tensor is accounted for: a missing, unexpected
+or mis-shaped tensor raises a `ValueError` that names it.
+
+`embed` encodes many texts with a jitted forward whose input shapes come from
+a small fixed set (batch padded to `batch_size`, length padded to a bucket),
+so encoding 10k texts compiles at most once per length bucket.
+
+The numerics follow HF's post-LN BERT: exact-erf GELU, learned absolute
+positions, token-type embeddings and an additive attention mask.
+"""
+
+from collections.abc import Iterable, Mapping, Sequence
+import dataclasses
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+from flax import nnx
+from flax.core import spmd as flax_spmd
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, Shaped
+import numpy as np
+from safetensors import numpy as safetensors_numpy
+import tokenizers
+
+from lowrank import sharding
+
+_AnyArray = jax.Array | np.ndarray
+PathLike = str | os.PathLike
+
+POOLINGS = ("mean", "cls", "last")
+# Sequence-length buckets for `embed` (capped at `max_length`).
+LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
+# Checkpoint tensors that carry no weights we need (buffers, the NSP head).
+IGNORED_TENSORS = (
+    "embeddings.position_ids",
+    "embeddings.token_type_ids",
+    "cls.seq_relationship.weight",
+    "cls.seq_relationship.bias",
+)
+_TIED_DECODER = {
+    "cls.predictions.decoder.weight": "embeddings.word_embeddings.weight",
+    "cls.predictions.decoder.bias": "cls.predictions.bias",
+}
+_MLM_ARCHITECTURES = ("BertForMaskedLM", "BertForPreTraining")
+
+
+# ----------------------------------------------------------------------------
+# Config.
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig:
+  """Hyperparameters of a BERT encoder (the fields of HF's `config.json`).
+
+  Attributes:
+    vocab_size: Size of the WordPiece vocabulary.
+    hidden_size: Model width `H`.
+    num_hidden_layers: Number of transformer layers.
+    num_attention_heads: Number of heads; must divide `hidden_size`.
+    intermediate_size: Width of the feed-forward layer.
+    max_position_embeddings: Longest sequence the position table covers.
+    type_vocab_size: Number of token types (segments).
+    layer_norm_eps: LayerNorm epsilon.
+    hidden_dropout_prob: Dropout on embeddings and sublayer outputs.
+    attention_probs_dropout_prob: Dropout on attention probabilities.
+    pad_token_id: Id of `[PAD]`.
+    initializer_range: Std of the normal initializer (random init only).
+    add_pooling_layer: Build HF's pooler (`tanh(dense(h[:, 0]))`).
+    add_mlm_head: Build the masked-LM head at `cls.predictions` (tied
+      decoder); set from `architectures` by `from_dict`.
+    dtype: Compute dtype (`None` means float32 / the parameter dtype).
+    param_dtype: Parameter dtype.
+  """
+
+  vocab_size: int
+  hidden_size: int
+  num_hidden_layers: int
+  num_attention_heads: int
+  intermediate_size: int
+  max_position_embeddings: int = 512
+  type_vocab_size: int = 2
+  layer_norm_eps: float = 1e-12
+  hidden_dropout_prob: float = 0.1
+  attention_probs_dropout_prob: float = 0.1
+  pad_token_id: int = 0
+  initializer_range: float = 0.02
+  add_pooling_layer: bool = True
+  add_mlm_head: bool = False
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+
+  def __post_init__(self):
+    for name in (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+        "max_position_embeddings",
+        "type_vocab_size",
+    ):
+      value = getattr(self, name)
+      if not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"BertConfig.{name} must be a positive int; got "
+                         f"{value!r}.")
+    if self.hidden_size % self.num_attention_heads:
+      raise ValueError(
+          f"hidden_size ({self.hidden_size}) must be divisible by "
+          f"num_attention_heads ({self.num_attention_heads})."
+      )
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+      if not 0.0 <= getattr(self, name) < 1.0:
+        raise ValueError(f"BertConfig.{name} must be in [0, 1); got "
+                         f"{getattr(self, name)!r}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any], **overrides) -> "BertConfig":
+    """Builds a config from a HF `config.json` dict, validating it.
+
+    Unknown keys (`_name_or_path`, `transformers_version`, ...) are ignored.
+    HF's `dtype` / `torch_dtype` (the storage dtype) is ignored too: the
+    compute and parameter dtypes come only from `overrides`.
+
+    Args:
+      d: The parsed `config.json`.
+      **overrides: Field values that take precedence (e.g. `dtype=`,
+        `add_pooling_layer=`).
+
+    Returns:
+      The config.
+
+    Raises:
+      ValueError: On a missing required field, an unsupported activation
+        (only exact `gelu`), a non-absolute position embedding, a decoder /
+        cross-attention config, a non-BERT `model_type`, or inconsistent
+        sizes.
+    """
+    model_type = d.get("model_type", "bert")
+    if model_type != "bert":
+      raise ValueError(
+          f"Only model_type 'bert' is supported; got {model_type!r}."
+      )
+    act = d.get("hidden_act", "gelu")
+    if act != "gelu":
+      raise ValueError(
+          f"Only hidden_act 'gelu' (exact erf GELU) is supported; got "
+          f"{act!r}."
+      )
+    pos = d.get("position_embedding_type", "absolute")
+    if pos != "absolute":
+      raise ValueError(
+          "Only position_embedding_type 'absolute' is supported; got "
+          f"{pos!r}."
+      )
+    if d.get("is_decoder") or d.get("add_cross_attention"):
+      raise ValueError("Decoder / cross-attention BERT configs are not "
+                       "supported.")
+    names = {f.name for f in dataclasses.fields(cls)} - {
+        "dtype",
+        "param_dtype",
+        "add_pooling_layer",
+        "add_mlm_head",
+    }
+    kwargs = {k: d[k] for k in names if k in d}
+    required = (
+        "vocab_size",
+        "hidden_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "intermediate_size",
+    )
+    missing = [k for k in required if k not in kwargs and k not in overrides]
+    if missing:
+      raise ValueError(f"config is missing required fields {missing}.")
+    if kwargs.get("pad_token_id") is None:
+      kwargs.pop("pad_token_id", None)
+    architectures = d.get("architectures") or ()
+    kwargs["add_mlm_head"] = any(a in _MLM_ARCHITECTURES for a in architectures)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+  @classmethod
+  def from_json_file(cls, path: PathLike, **overrides) -> "BertConfig":
+    """Reads and validates a HF `config.json`; see `from_dict`."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise FileNotFoundError(f"BERT config file not found: {path}")
+    with path.open() as f:
+      return cls.from_dict(json.load(f), **overrides)
+
+
+# ----------------------------------------------------------------------------
+# Modules. Attribute names mirror HF's state dict (`self.self` included).
+
+
+def _init(config: BertConfig, axes: tuple[str | None, ...]):
+  return nnx.with_partitioning(
+      nnx.initializers.normal(config.initializer_range), axes
+  )
+
+
+def _zeros(axes: tuple[str | None, ...]):
+  return nnx.with_partitioning(nnx.initializers.zeros_init(), axes)
+
+
+def _linear(
+    config: BertConfig,
+    d_in: int,
+    d_out: int,
+    axes: tuple[str | None, str | None],
+    rngs: nnx.Rngs,
+) -> nnx.Linear:
+  return nnx.Linear(
+      d_in,
+      d_out,
+      dtype=config.dtype,
+      param_dtype=config.param_dtype,
+      kernel_init=_init(config, axes),
+      bias_init=_zeros((axes[1],)),
+      rngs=rngs,
+  )
+
+
+def _layer_norm(config: BertConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  return nnx.LayerNorm(
+      config.hidden_size,
+      epsilon=config.layer_norm_eps,
+      dtype=config.dtype,
+      param_dtype=config.param_dtype,
+      scale_init=nnx.with_partitioning(nnx.initializers.ones_init(),
+                                       ("norm",)),
+      bias_init=_zeros(("norm",)),
+      rngs=rngs,
+  )
+
+
+def _embed(
+    config: BertConfig, num: int, axes: tuple[str, str], rngs: nnx.Rngs
+) -> nnx.Embed:
+  return nnx.Embed(
+      num,
+      config.hidden_size,
+      dtype=config.dtype,
+      param_dtype=config.param_dtype,
+      embedding_init=_init(config, axes),
+      rngs=rngs,
+  )
+
+
+def _gelu(x: jax.Array) -> jax.Array:
+  return jax.nn.gelu(x, approximate=False)  # HF "gelu" is the exact erf.
+
+
+class BertEmbeddings(nnx.Module):
+  """Word + learned absolute position + token-type embeddings, then LN."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.word_embeddings = _embed(
+        config, config.vocab_size, ("vocab", "embed"), rngs
+    )
+    self.position_embeddings = _embed(
+        config, config.max_position_embeddings, ("position", "embed"), rngs
+    )
+    self.token_type_embeddings = _embed(
+        config, config.type_vocab_size, ("type", "embed"), rngs
+    )
+    self.LayerNorm = _layer_norm(config, rngs)  # pylint: disable=invalid-name
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+  def __call__(
+      self, input_ids: jax.Array, token_type_ids: jax.Array
+  ) -> jax.Array:
+    length = input_ids.shape[1]
+    positions = jnp.arange(length, dtype=jnp.int32)[None, :]
+    x = (
+        self.word_embeddings(input_ids)
+        + self.position_embeddings(positions)
+        + self.token_type_embeddings(token_type_ids)
+    )
+    return self.dropout(self.LayerNorm(x))
+
+
+class BertSelfAttention(nnx.Module):
+  """Multi-head scaled dot-product attention (HF `attention.self`)."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.num_heads = config.num_attention_heads
+    self.head_dim = config.head_dim
+    self.query = _linear(config, h, h, ("embed", "heads"), rngs)
+    self.key = _linear(config, h, h, ("embed", "heads"), rngs)
+    self.value = _linear(config, h, h, ("embed", "heads"), rngs)
+    self.dropout = nnx.Dropout(config.attention_probs_dropout_prob, rngs=rngs)
+
+  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    b, l, _ = x.shape
+    split = lambda t: t.reshape(b, l, self.num_heads, self.head_dim)
+    q, k, v = split(self.query(x)), split(self.key(x)), split(self.value(x))
+    # Scores and softmax in float32 even for bf16 compute (HF upcasts too in
+    # its SDPA path); `bias` is 0 for kept keys and a large negative number
+    # for padding, broadcast over heads and queries.
+    scores = jnp.einsum(
+        "bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32
+    ) / math.sqrt(self.head_dim)
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(v.dtype)
+    probs = self.dropout(probs)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return out.reshape(b, l, self.num_heads * self.head_dim)
+
+
+class BertSelfOutput(nnx.Module):
+  """Attention output projection, dropout, residual and post-LN."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.dense = _linear(config, h, h, ("heads", "embed"), rngs)
+    self.LayerNorm = _layer_norm(config, rngs)  # pylint: disable=invalid-name
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+  def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
+    return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nnx.Module):
+  """HF `attention`: `self` (q/k/v) then `output` (dense + LN)."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.self = BertSelfAttention(config, rngs=rngs)
+    self.output = BertSelfOutput(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    return self.output(self.self(x, bias), x)
+
+
+class BertIntermediate(nnx.Module):
+  """Feed-forward up-projection with exact GELU."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.dense = _linear(
+        config,
+        config.hidden_size,
+        config.intermediate_size,
+        ("embed", "mlp"),
+        rngs,
+    )
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return _gelu(self.dense(x))
+
+
+class BertOutput(nnx.Module):
+  """Feed-forward down-projection, dropout, residual and post-LN."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.dense = _linear(
+        config,
+        config.intermediate_size,
+        config.hidden_size,
+        ("mlp", "embed"),
+        rngs,
+    )
+    self.LayerNorm = _layer_norm(config, rngs)  # pylint: disable=invalid-name
+    self.dropout = nnx.Dropout(config.hidden_dropout_prob, rngs=rngs)
+
+  def __call__(self, x: jax.Array, residual: jax.Array) -> jax.Array:
+    return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertLayer(nnx.Module):
+  """One post-LN transformer layer (HF `encoder.layer.<i>`)."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.attention = BertAttention(config, rngs=rngs)
+    self.intermediate = BertIntermediate(config, rngs=rngs)
+    self.output = BertOutput(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    x = self.attention(x, bias)
+    return self.output(self.intermediate(x), x)
+
+
+class BertEncoder(nnx.Module):
+  """The layer stack; `layer` is an `nnx.List` so paths read `layer.<i>`."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.layer = nnx.List(
+        [BertLayer(config, rngs=rngs) for _ in range(config.num_hidden_layers)]
+    )
+
+  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    for layer in self.layer:
+      x = layer(x, bias)
+    return x
+
+
+class BertPooler(nnx.Module):
+  """HF pooler: `tanh(dense(h[:, 0]))`."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.dense = _linear(config, h, h, ("embed", None), rngs)
+
+  def __call__(self, hidden: jax.Array) -> jax.Array:
+    return jnp.tanh(self.dense(hidden[:, 0]))
+
+
+class BertPredictionHeadTransform(nnx.Module):
+  """`cls.predictions.transform`: dense, GELU, LayerNorm."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    h = config.hidden_size
+    self.dense = _linear(config, h, h, ("embed", None), rngs)
+    self.LayerNorm = _layer_norm(config, rngs)  # pylint: disable=invalid-name
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.LayerNorm(_gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nnx.Module):
+  """`cls.predictions`: transform, tied decoder, output bias."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.transform = BertPredictionHeadTransform(config, rngs=rngs)
+    self.bias = nnx.Param(
+        _zeros(("vocab",))(
+            rngs.params(), (config.vocab_size,), config.param_dtype
+        )
+    )
+
+  def __call__(self, x: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
+    # The decoder is tied: passed in, never stored, so the embedding table
+    # has exactly one graph path.
+    logits = word_embeddings.attend(self.transform(x))
+    bias = self.bias[...].astype(logits.dtype)
+    return logits + bias.reshape((1,) * (logits.ndim - 1) + bias.shape)
+
+
+class BertOnlyMLMHead(nnx.Module):
+  """HF `cls` (holds `predictions`)."""
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.predictions = BertLMPredictionHead(config, rngs=rngs)
+
+  def __call__(self, x: jax.Array, word_embeddings: nnx.Embed) -> jax.Array:
+    return self.predictions(x, word_embeddings)
+
+
+class BertModel(nnx.Module):
+  """BERT encoder whose attribute paths are HF's state-dict names.
+
+  Dropout is active only in train mode (`model.train()`); `load_pretrained`
+  returns the model in eval mode. Build it inside `lowrank.sharding.use_mesh`
+  (Flax NNX shards parameters eagerly from their logical axes).
+
+  Attributes:
+    config: The `BertConfig`.
+    embeddings: `BertEmbeddings`.
+    encoder: `BertEncoder` (`encoder.layer.<i>`).
+    pooler: `BertPooler` or `None` (`config.add_pooling_layer`).
+    cls: `BertOnlyMLMHead` or `None` (`config.add_mlm_head`).
+  """
+
+  def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
+    self.config = config
+    self.embeddings = BertEmbeddings(config, rngs=rngs)
+    self.encoder = BertEncoder(config, rngs=rngs)
+    self.pooler = (
+        BertPooler(config, rngs=rngs) if config.add_pooling_layer else None
+    )
+    self.cls = (
+        BertOnlyMLMHead(config, rngs=rngs) if config.add_mlm_head else None
+    )
+
+  def __call__(
+      self,
+      input_ids: Int[_AnyArray, "b l"],
+      attention_mask: Shaped[_AnyArray, "b l"] | None = None,
+      token_type_ids: Int[_AnyArray, "b l"] | None = None,
+  ) -> Float[Array, "b l h"]:
+    """Runs the encoder.
+
+    Args:
+      input_ids: Token ids `[B, L]`.
+      attention_mask: `[B, L]`, nonzero for real tokens (default all ones).
+      token_type_ids: Segment ids `[B, L]` (default zeros).
+
+    Returns:
+      The last hidden state `[B, L, H]` in the compute dtype.
+
+    Raises:
+      ValueError: If `L` exceeds `max_position_embeddings`.
+    """
+    input_ids = jnp.asarray(input_ids)
+    length = input_ids.shape[1]
+    if length > self.config.max_position_embeddings:
+      raise ValueError(
+          f"Sequence length {length} exceeds max_position_embeddings "
+          f"({self.config.max_position_embeddings})."
+      )
+    if token_type_ids is None:
+      token_type_ids = jnp.zeros_like(input_ids)
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.float32)
+    bias = attention_bias(attention_mask)
+    x = self.embeddings(input_ids, jnp.asarray(token_type_ids))
+    return self.encoder(x, bias)
+
+  def pool(self, hidden: Float[Array, "b l h"]) -> Float[Array, "b h"]:
+    """HF pooler output `tanh(dense(hidden[:, 0]))`.
+
+    Raises:
+      ValueError: If the model was built without a pooler.
+    """
+    if self.pooler is None:
+      raise ValueError("This BertModel has no pooler (add_pooling_layer "
+                       "was False or the checkpoint has no pooler.dense).")
+    return self.pooler(hidden)
+
+  def mlm_logits(self, hidden: Float[Array, "b l h"]) -> Float[Array, "b l v"]:
+    """Masked-LM logits `[B, L, V]` from the tied `cls.predictions` head.
+
+    Raises:
+      ValueError: If the model was built without the MLM head.
+    """
+    if self.cls is None:
+      raise ValueError("This BertModel has no MLM head (config.add_mlm_head "
+                       "is False; load a BertForMaskedLM checkpoint).")
+    return self.cls(hidden, self.embeddings.word_embeddings)
+
+
+def attention_bias(
+    attention_mask: Shaped[_AnyArray, "b l"],
+) -> Float[Array, "b 1 1 l"]:
+  """Additive float32 attention bias `[B, 1, 1, L]` from a `[B, L]` mask.
+
+  Kept keys get 0 and padding gets half the float32 minimum: finite, so a
+  row with no kept key (a padding row) softmaxes to uniform, not NaN.
+  """
+  mask = jnp.asarray(attention_mask) != 0
+  neg = 0.5 * jnp.finfo(jnp.float32).min
+  return jnp.where(mask, 0.0, neg).astype(jnp.float32)[:, None, None, :]
+
+
+# ----------------------------------------------------------------------------
+# Tokenizer.
+
+
+def _read_json(path: pathlib.Path) -> dict[str, Any]:
+  with path.open() as f:
+    return json.load(f)
+
+
+class Tokenizer:
+  """`tokenizers.Tokenizer` wrapper returning padded int32 numpy batches.
+
+  The `tokenizer.json`'s own padding / truncation settings are ignored
+  (all-MiniLM's pads every text to 128): truncation is at `max_length`
+  (longest-first for pairs, special tokens included) and padding is done
+  here, on the right, with `pad_token_id` and token type 0.
+  """
+
+  def __init__(
+      self,
+      tokenizer_file: PathLike,
+      *,
+      max_length: int = 512,
+      pad_token: str = "[PAD]",
+  ):
+    """Loads `tokenizer.json`.
+
+    Args:
+      tokenizer_file: Path of `tokenizer.json`.
+      max_length: Default truncation length (special tokens included).
+      pad_token: The padding token.
+
+    Raises:
+      FileNotFoundError: If the file does not exist.
+      ValueError: If `max_length < 2` or `pad_token` is not in the vocab.
+    """
+    path = pathlib.Path(tokenizer_file)
+    if not path.is_file():
+      raise FileNotFoundError(f"Tokenizer file not found: {path}")
+    if max_length < 2:
+      raise ValueError(f"max_length must be >= 2; got {max_length}.")
+    self._tok = tokenizers.Tokenizer.from_file(str(path))
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    self.max_length = int(max_length)
+    pad_id = self._tok.token_to_id(pad_token)
+    if pad_id is None:
+      raise ValueError(f"Pad token {pad_token!r} is not in the vocabulary.")
+    self._pad_id = pad_id
+
+  @classmethod
+  def from_pretrained(
+      cls,
+      path: PathLike,
+      *,
+      max_length: int | None = None,
+      max_position_embeddings: int | None = None,
+  ) -> "Tokenizer":
+    """Loads `path/tokenizer.json` with the checkpoint's default length.
+
+    The default `max_length` is `sentence_bert_config.json`'s
+    `max_seq_length` if present, else `tokenizer_config.json`'s
+    `model_max_length`, else 512; capped at `max_position_embeddings`.
+
+    Args:
+      path: A HF-format checkpoint directory.
+      max_length: Overrides the default truncation length.
+      max_position_embeddings: Upper bound for the default (the model's).
+
+    Returns:
+      The tokenizer.
+    """
+    path = pathlib.Path(path)
+    cap = max_position_embeddings or 512
+    if max_length is None:
+      st_config = path / "sentence_bert_config.json"
+      tok_config = path / "tokenizer_config.json"
+      if st_config.is_file() and _read_json(st_config).get("max_seq_length"):
+        max_length = int(_read_json(st_config)["max_seq_length"])
+      elif (
+          tok_config.is_file()
+          and _read_json(tok_config).get("model_max_length")
+      ):
+        max_length = int(min(_read_json(tok_config)["model_max_length"], cap))
+      else:
+        max_length = cap
+      max_length = min(max_length, cap)
+    pad_token = "[PAD]"
+    tok_config = path / "tokenizer_config.json"
+    if tok_config.is_file():
+      pad = _read_json(tok_config).get("pad_token")
+      pad_token = pad if isinstance(pad, str) else pad_token
+    return cls(path / "tokenizer.json", max_length=max_length,
+               pad_token=pad_token)
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_token_id(self) -> int:
+    return self._pad_id
+
+  @property
+  def cls_token_id(self) -> int | None:
+    return self._tok.token_to_id("[CLS]")
+
+  @property
+  def sep_token_id(self) -> int | None:
+    return self._tok.token_to_id("[SEP]")
+
+  @property
+  def mask_token_id(self) -> int | None:
+    return self._tok.token_to_id("[MASK]")
+
+  def token_to_id(self, token: str) -> int | None:
+    return self._tok.token_to_id(token)
+
+  def id_to_token(self, token_id: int) -> str | None:
+    return self._tok.id_to_token(int(token_id))
+
+  def decode(
+      self, ids: Iterable[int] | np.ndarray, *, skip_special_tokens: bool = True
+  ) -> str:
+    """Decodes ids (padding and special tokens skipped by default)."""
+    return self._tok.decode(
+        [int(i) for i in ids], skip_special_tokens=skip_special_tokens
+    )
+
+  def encode_unpadded(
+      self,
+      texts: Sequence[str],
+      *,
+      pairs: Sequence[str] | None = None,
+      max_length: int | None = None,
+  ) -> list[tuple[list[int], list[int]]]:
+    """Token ids and type ids per text, truncated, not padded."""
+    texts = _as_text_list(texts, "texts")
+    max_length = self.max_length if max_length is None else int(max_length)
+    if max_length < 2:
+      raise ValueError(f"max_length must be >= 2; got {max_length}.")
+    if not texts:
+      return []
+    self._tok.enable_truncation(max_length, strategy="longest_first")
+    try:
+      if pairs is None:
+        encs = self._tok.encode_batch(texts)
+      else:
+        pairs = _as_text_list(pairs, "pairs")
+        if len(pairs) != len(texts):
+          raise ValueError(
+              f"len(pairs)={len(pairs)} != len(texts)={len(texts)}."
+          )
+        encs = self._tok.encode_batch(list(zip(texts, pairs)))
+    finally:
+      self._tok.no_truncation()
+    return [(e.ids, e.type_ids) for e in encs]
+
+  def pad(
+      self,
+      encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
+      *,
+      length: int,
+      batch: int | None = None,
+  ) -> dict[str, np.ndarray]:
+    """Right-pads encodings to `[batch, length]` int32 arrays."""
+    batch = len(encoded) if batch is None else batch
+    ids = np.full((batch, length), self._pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    types = np.zeros((batch, length), np.int32)
+    for i, (tok_ids, type_ids) in enumerate(encoded):
+      n = len(tok_ids)
+      ids[i, :n] = tok_ids
+      mask[i, :n] = 1
+      types[i, :n] = type_ids
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+
+  def __call__(
+      self,
+      texts: Sequence[str] | str,
+      *,
+      pairs: Sequence[str] | str | None = None,
+      max_length: int | None = None,
+      pad_to_multiple_of: int | None = None,
+      pad_to: int | None = None,
+  ) -> dict[str, np.ndarray]:
+    """Tokenizes a batch.
+
+    Args:
+      texts: Texts (a single `str` is treated as a batch of one).
+      pairs: Optional second segments (token type 1), one per text.
+      max_length: Truncation length, special tokens included (default
+        `self.max_length`); pairs are truncated longest-first.
+      pad_to_multiple_of: Round the padded length up to a multiple of this.
+      pad_to: Pad to exactly this length (must be >= the longest encoding).
+
+    Returns:
+      `{"input_ids", "attention_mask", "token_type_ids"}`, each an int32
+      `[N, L]` array. An empty `texts` gives `[0, 0]` arrays (`[0, pad_to]`
+      if `pad_to` is set).
+
+    Raises:
+      ValueError: If `pad_to` is shorter than an encoding, or `pairs` has a
+        different length from `texts`.
+    """
+    if isinstance(texts, str):
+      texts = [texts]
+      pairs = [pairs] if isinstance(pairs, str) else pairs
+    encoded = self.encode_unpadded(texts, pairs=pairs, max_length=max_length)
+    longest = max((len(ids) for ids, _ in encoded), default=0)
+    if pad_to is not None:
+      if pad_to < longest:
+        raise ValueError(
+            f"pad_to={pad_to} is shorter than the longest encoding "
+            f"({longest} tokens); raise it or lower max_length."
+        )
+      length = pad_to
+    else:
+      length = longest
+      if pad_to_multiple_of and length % pad_to_multiple_of:
+        length += pad_to_multiple_of - length % pad_to_multiple_of
+    return self.pad(encoded, length=length)
+
+
+def _as_text_list(texts: Any, name: str) -> list[str]:
+  texts = list(texts)
+  for i, t in enumerate(texts):
+    if not isinstance(t, str):
+      raise TypeError(f"{name}[{i}] must be a str; got {type(t).__name__}.")
+  return texts
+
+
+# ----------------------------------------------------------------------------
+# Loading.
+
+
+def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
+  """All tensors of `model.safetensors` (or its sharded index)."""
+  single = path / "model.safetensors"
+  index = path / "model.safetensors.index.json"
+  if single.is_file():
+    return safetensors_numpy.load_file(str(single))
+  if index.is_file():
+    tensors = {}
+    for shard in sorted(set(_read_json(index)["weight_map"].values())):
+      shard_path = path / shard
+      if not shard_path.is_file():
+        raise FileNotFoundError(f"Checkpoint shard not found: {shard_path}")
+      tensors.update(safetensors_numpy.load_file(str(shard_path)))
+    return tensors
+  hint = ""
+  if (path / "pytorch_model.bin").exists():
+    hint = (" (pytorch_model.bin is present, but pickled checkpoints are "
+            "never loaded; convert it to safetensors)")
+  raise FileNotFoundError(f"Weights file not found: {single}{hint}")
+
+
+def _canonical_names(
+    tensors: Mapping[str, np.ndarray],
+) -> dict[str, tuple[str, np.ndarray]]:
+  """HF name without `bert.` prefix and with `weight`/`bias` -> (orig, arr)."""
+  out: dict[str, tuple[str, np.ndarray]] = {}
+  for key, arr in tensors.items():
+    name = key.removeprefix("bert.")
+    if name.endswith("LayerNorm.gamma"):
+      name = name.removesuffix("gamma") + "weight"
+    elif name.endswith("LayerNorm.beta"):
+      name = name.removesuffix("beta") + "bias"
+    if name in out:
+      raise ValueError(
+          f"Tensors {out[name][0]!r} and {key!r} both map to {name!r}."
+      )
+    out[name] = (key, arr)
+  return out
+
+
+_SUFFIX = {"kernel": "weight", "embedding": "weight", "scale": "weight",
+           "bias": "bias"}
+
+
+def hf_param_names(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
+  """HF state-dict name of every `nnx.Param` of `model` -> its NNX path.
+
+  `encoder.layer.0.attention.self.query.weight` <- `(..., 'query',
+  'kernel')`; LayerNorm `scale` -> `weight`, `Embed.embedding` -> `weight`.
+  """
+  names = {}
+  for path, node in nnx.graph.iter_graph(model):
+    if isinstance(node, nnx.Param):
+      if path[-1] not in _SUFFIX:
+        raise ValueError(f"No HF name for parameter path {path}.")
+      prefix = ".".join(str(p) for p in path[:-1])
+      names[f"{prefix}.{_SUFFIX[path[-1]]}"] = tuple(path)
+  return names
+
+
+def _current_mesh_and_rules():
+  """The active mesh (or a default one) and the active axis rules."""
+  if jax.sharding.get_abstract_mesh().empty:
+    mesh = sharding.make_mesh()
+  else:
+    mesh = jax.sharding.get_mesh()
+  rules = flax_spmd.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
+  return mesh, tuple(rules)
+
+
+def _fmt_names(names: Iterable[str], limit: int = 10) -> str:
+  names = sorted(names)
+  more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
+  return ", ".join(names[:limit]) + more
+
+
+def load_pretrained(
+    path: PathLike,
+    *,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    max_length: int | None = None,
+    seed: int = 0,
+) -> tuple[BertModel, Tokenizer]:
+  """Loads a local HF-format BERT checkpoint directory, strictly.
+
+  Reads `config.json`, `model.safetensors` (or a sharded index) and
+  `tokenizer.json` with no torch, no pickle and no code execution. Torch
+  `[out, in]` Linear weights become Flax `[in, out]` kernels; `bert.`
+  prefixes (BertForMaskedLM) are stripped; old `LayerNorm.gamma/beta` names
+  are accepted. The pooler is built iff the checkpoint has
+  `pooler.dense.*`; the MLM head iff `architectures` names BertForMaskedLM
+  (or BertForPreTraining).
+
+  The model is built under the active mesh and logical-axis rules (inside
+  `sharding.use_mesh(...)`), or on a default mesh over all devices when none
+  is active; each parameter is placed with the sharding its logical axes
+  give. It is returned in eval mode (dropout off).
+
+  Args:
+    path: The checkpoint directory.
+    dtype: Compute dtype (`None`: float32).
+    param_dtype: Parameter dtype (checkpoint values are cast to it).
+    max_length: Tokenizer truncation length (default: the checkpoint's, see
+      `Tokenizer.from_pretrained`).
+    seed: Seed of the dropout RNG streams.
+
+  Returns:
+    `(model, tokenizer)`.
+
+  Raises:
+    FileNotFoundError: If the directory or one of the files is missing (the
+      message names the file).
+    ValueError: On a missing tensor, an unexpected tensor, or a shape
+      mismatch (the message names the tensor), or an invalid config.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"Checkpoint directory not found: {path}")
+  for name in ("config.json", "tokenizer.json"):
+    if not (path / name).is_file():
+      raise FileNotFoundError(f"Checkpoint file not found: {path / name}")
+  raw_config = _read_json(path / "config.json")
+  tensors = _canonical_names(_load_tensors(path))
+  config = BertConfig.from_dict(
+      raw_config,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      add_pooling_layer="pooler.dense.weight" in tensors,
+  )
+
+  mesh, rules = _current_mesh_and_rules()
+  with sharding.use_mesh(mesh, rules):
+    model = nnx.eval_shape(
+        lambda: BertModel(config, rngs=nnx.Rngs(params=0, dropout=seed))
+    )
+  expected = hf_param_names(model)
+  variables = {
+      tuple(p): v
+      for p, v in nnx.graph.iter_graph(model)
+      if isinstance(v, nnx.Param)
+  }
+
+  # Tied decoder copies: accepted only when they equal the tied tensor.
+  for name, tied in _TIED_DECODER.items():
+    if name in tensors and config.add_mlm_head and tied in tensors:
+      key, arr = tensors[name]
+      if arr.shape != tensors[tied][1].shape or not np.array_equal(
+          arr, tensors[tied][1]
+      ):
+        raise ValueError(
+            f"{key}: untied MLM decoder is not supported (it differs from "
+            f"{tensors[tied][0]})."
+        )
+      del tensors[name]
+  for name in IGNORED_TENSORS:
+    tensors.pop(name, None)
+
+  unexpected = set(tensors) - set(expected)
+  missing = set(expected) - set(tensors)
+  problems = []
+  if unexpected:
+    problems.append(
+        "unexpected tensors: "
+        + _fmt_names(tensors[n][0] for n in unexpected)
+    )
+  if missing:
+    problems.append("missing tensors: " + _fmt_names(missing))
+  if problems:
+    raise ValueError(
+        f"Checkpoint {path} does not match the BERT config; "
+        + "; ".join(problems)
+    )
+
+  for name, var_path in expected.items():
+    key, arr = tensors[name]
+    var = variables[var_path]
+    shape = tuple(var.get_value().shape)
+    is_kernel = var_path[-1] == "kernel"
+    file_shape = shape[::-1] if is_kernel else shape
+    if tuple(arr.shape) != file_shape:
+      raise ValueError(
+          f"{key}: expected shape {file_shape}, found {tuple(arr.shape)}"
+      )
+    if not np.issubdtype(arr.dtype, np.floating):
+      raise ValueError(f"{key}: expected a floating tensor, found {arr.dtype}")
+    value = (arr.T if is_kernel else arr).astype(param_dtype)
+    spec = sharding.logical_to_spec(
+        var.get_metadata().get("out_sharding"), rules, mesh=mesh, shape=shape
+    )
+    var.set_value(
+        jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+    )
+  # The dropout streams are the only other variables; give them real keys.
+  nnx.reseed(model, dropout=seed)
+  for var_path, node in nnx.graph.iter_graph(model):
+    if isinstance(node, nnx.Variable) and not isinstance(
+        node.get_value(), jax.Array
+    ):
+      raise AssertionError(f"Variable {var_path} was not initialized.")
+  model.eval()
+  tokenizer = Tokenizer.from_pretrained(
+      path,
+      max_length=max_length,
+      max_position_embeddings=config.max_position_embeddings,
+  )
+  return model, tokenizer
+
+
+# ----------------------------------------------------------------------------
+# Pooling and encoding.
+
+
+def pool(
+    hidden: Float[_AnyArray, "b l h"],
+    attention_mask: Shaped[_AnyArray, "b l"],
+    pooling: str = "mean",
+) -> Float[Array, "b h"]:
+  """Pools hidden states `[B, L, H]` to `[B, H]` float32.
+
+  Args:
+    hidden: Last hidden states.
+    attention_mask: `[B, L]`, nonzero for real tokens.
+    pooling: `"mean"` (mask-weighted mean, as sentence-transformers), `"cls"`
+      (position 0) or `"last"` (the last position whose mask is set; works
+      for left or right padding).
+
+  Returns:
+    Float32 `[B, H]`. All-padding rows give finite values.
+
+  Raises:
+    ValueError: On an unknown `pooling`.
+  """
+  if pooling not in POOLINGS:
+    raise ValueError(f"Unknown pooling {pooling!r}; options: {POOLINGS}.")
+  hidden = jnp.asarray(hidden).astype(jnp.float32)
+  mask = (jnp.asarray(attention_mask) != 0).astype(jnp.float32)
+  if pooling == "mean":
+    total = jnp.einsum("blh,bl->bh", hidden, mask)
+    count = jnp.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
+    return total / count
+  if pooling == "cls":
+    return hidden[:, 0]
+  length = hidden.shape[1]
+  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)
+  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
+
+
+def l2_normalize(
+    x: Float[_AnyArray, "*b h"], eps: float = 1e-12
+) -> Float[Array, "*b h"]:
+  """`x / max(||x||, eps)` along the last axis (as torch's F.normalize)."""
+  x = jnp.asarray(x)
+  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
+  return x / jnp.maximum(norm, eps)
+
+
+def encode(
+    model: BertModel,
+    batch: Mapping[str, _AnyArray],
+    pooling: str = "mean",
+    normalize: bool = True,
+) -> Float[Array, "b h"]:
+  """Forward + `pool` (+ L2 norm) on a tokenized batch; jittable.
+
+  Args:
+    model: The encoder (its train / eval mode decides dropout).
+    batch: `{"input_ids", "attention_mask"[, "token_type_ids"]}` `[B, L]`.
+    pooling: See `pool`.
+    normalize: L2-normalise the result.
+
+  Returns:
+    Float32 `[B, H]` embeddings.
+  """
+  if pooling not in POOLINGS:
+    raise ValueError(f"Unknown pooling {pooling!r}; options: {POOLINGS}.")
+  mask = batch["attention_mask"]
+  hidden = model(
+      batch["input_ids"],
+      attention_mask=mask,
+      token_type_ids=batch.get("token_type_ids"),
+  )
+  out = pool(hidden, mask, pooling)
+  return l2_normalize(out) if normalize else out
+
+
+_TRACES = [0]
+
+
+def embed_trace_count() -> int:
+  """How many times `embed`'s jitted forward has been traced (compiled)."""
+  return _TRACES[0]
+
+
+def _embed_step(graphdef, state, batch, pooling, normalize):
+  _TRACES[0] += 1  # Python side effect: runs once per trace.
+  model = nnx.merge(graphdef, state)
+  return encode(model, batch, pooling, normalize)
+
+
+_embed_step_jit = jax.jit(
+    _embed_step, static_argnames=("graphdef", "pooling", "normalize")
+)
+
+
+def bucket_length(n: int, max_length: int) -> int:
+  """Smallest `LENGTH_BUCKETS` entry >= `n`, capped at `max_length`."""
+  for b in LENGTH_BUCKETS:
+    if b >= n:
+      return min(b, max_length)
+  return max_length
+
+
+def _batch_sharding(state, shape):
+  """Shards the batch axis like the params' mesh does, if there is one."""
+  for leaf in jax.tree.leaves(state):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, jax.sharding.NamedSharding):
+      spec = sharding.logical_to_spec(
+          ("batch", None), mesh=sh.mesh, shape=shape
+      )
+      return jax.sharding.NamedSharding(sh.mesh, spec)
+  return None
+
+
+def embed(
+    model: BertModel,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    *,
+    pooling: str = "mean",
+    normalize: bool = True,
+    batch_size: int = 64,
+    max_length: int | None = None,
+) -> np.ndarray:
+  """Embeds texts with a jitted, shape-bucketed forward (eval mode).
+
+  Texts are tokenized once, sorted by length, cut into batches of
+  `batch_size` (the last one padded with empty rows) and each batch is
+  padded to the smallest of `LENGTH_BUCKETS` that fits, capped at
+  `max_length`; so there is at most one compilation per bucket. When the
+  parameters live on a mesh, the batch axis is sharded by the `batch`
+  logical rule. The model itself is not modified (a dropout-off view is
+  used).
+
+  Args:
+    model: The encoder.
+    tokenizer: Its tokenizer.
+    texts: The texts.
+    pooling: `"mean"`, `"cls"` or `"last"` (see `pool`).
+    normalize: L2-normalise the embeddings.
+    batch_size: Rows per forward call.
+    max_length: Truncation length (default `tokenizer.max_length`, capped
+      at `max_position_embeddings`).
+
+  Returns:
+    Float32 `[N, H]` embeddings in the order of `texts`.
+
+  Raises:
+    ValueError: On an unknown pooling or a non-positive `batch_size`.
+  """
+  if pooling not in POOLINGS:
+    raise ValueError(f"Unknown pooling {pooling!r}; options: {POOLINGS}.")
+  if batch_size <= 0:
+    raise ValueError(f"batch_size must be positive; got {batch_size}.")
+  texts = _as_text_list([texts] if isinstance(texts, str) else texts, "texts")
+  max_length = tokenizer.max_length if max_length is None else max_length
+  max_length = min(max_length, model.config.max_position_embeddings)
+  out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+  if not texts:
+    return out
+  encoded = tokenizer.encode_unpadded(texts, max_length=max_length)
+  order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
+  graphdef, state = nnx.split(nnx.view(model, deterministic=True))
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    chunk = [encoded[i] for i in idx]
+    length = bucket_length(max(len(ids) for ids, _ in chunk), max_length)
+    batch = tokenizer.pad(chunk, length=length, batch=batch_size)
+    batch_sharding = _batch_sharding(state, (batch_size, length))
+    if batch_sharding is not None:
+      batch = jax.device_put(batch, batch_sharding)
+    result = _embed_step_jit(
+        graphdef=graphdef,
+        state=state,
+        batch=batch,
+        pooling=pooling,
+        normalize=normalize,
+    )
+    out[np.asarray(idx)] = np.asarray(result[: len(idx)], np.float32)
+  return out

@@ -1,0 +1,1 @@
+"""Retrieval: exact dense top-k search and trec_eval-exact metrics."""
