@@ -180,6 +180,11 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
       ("bias", ("none", None)),
       ("modules_to_save", (None, [])),
       ("layers_to_transform", (None,)),
+      ("layer_replication", (None,)),
+      ("lora_bias", (False, None)),
+      ("trainable_token_indices", (None,)),
+      ("target_parameters", (None, [])),
+      ("use_qalora", (False, None)),
   ):
     if config.get(key) not in ok:
       raise ValueError(f"{path}: {key}={config[key]!r} is not supported.")

@@ -1,0 +1,477 @@
+"""Orbax checkpoints: whole train state (resume), adapters only, atomic saves.
+
+Everything here wraps the Orbax v0 `CheckpointManager` with
+`StandardSave` / `StandardRestore` against an *abstract* target, so restored
+arrays come back with the target's shapes, dtypes and shardings (a different
+sharding than the one saved is fine: Orbax reshards on read).
+
+* `Checkpointer` saves and restores a whole train state: any pure pytree
+  (dicts, `nnx.as_pure` states, optax `NamedTuple` states, `int32` step
+  counters, typed PRNG keys). Rerunning the same command resumes:
+  `state, step = ckpt.restore_or_init(init_state)`.
+* `save_adapters` / `restore_adapters` write and read only the
+  `nnx.LoRAParam` variables of an NNX model.
+
+Typed PRNG keys (`jax.random.key(0)`) are stored as their raw key data
+(`jax.random.key_data`) and re-wrapped with the target's implementation on
+restore, so callers pass and get back typed keys and the files hold plain
+`uint32` arrays that any Orbax version reads.
+
+Atomicity: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames
+it to `<step>` only once every byte is on disk, so a save killed at any point
+(SIGKILL included) leaves the last complete step intact. Such unfinished
+directories are never listed as steps; a writing `Checkpointer` deletes them
+when it opens the directory (one writer per directory; readers pass
+`read_only=True`).
+
+Loading never executes code: Orbax stores arrays with TensorStore (OCDBT) and
+metadata as JSON; no pickle is involved.
+
+Example:
+
+  with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+    state, start = ckpt.restore_or_init(init_state)
+    for step in range(start, num_steps):
+      state = train_step(state, next(batches))
+      ckpt.save(step + 1, state)
+"""
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from etils import epath
+from flax import nnx
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+PyTree = Any
+_P = jax.sharding.PartitionSpec
+_NamedSharding = jax.sharding.NamedSharding
+# Suffix Orbax gives a step directory until the save is finalised by rename.
+_TMP_SUFFIX = ocp.path.atomicity.TMP_DIR_SUFFIX
+# Orbax's name for the single item of a step (`<step>/default/`).
+_ITEM = "default"
+
+
+def _is_prng_key(x: Any) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(
+      dtype, jax.dtypes.prng_key
+  )
+
+
+def _check_pure(tree: PyTree, what: str) -> None:
+  is_var = lambda x: isinstance(x, nnx.Variable)
+  if any(is_var(x) for x in jax.tree.leaves(tree, is_leaf=is_var)):
+    raise TypeError(
+        f"The {what} holds `nnx.Variable`s; pass a pure pytree "
+        "(`nnx.as_pure(state)` or `nnx.to_pure_dict(state)`)."
+    )
+
+
+def _to_savable(tree: PyTree) -> PyTree:
+  """Replaces typed PRNG keys by their raw `uint32` key data."""
+  return jax.tree.map(
+      lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, tree
+  )
+
+
+def _abstract_key_data(key: Any) -> tuple[str, jax.ShapeDtypeStruct]:
+  """(implementation, abstract key data) of a typed key array or its SDS."""
+  if isinstance(key, jax.Array):  # Concrete: key_data keeps its sharding.
+    return (
+        jax.random.key_impl(key),
+        ocp.utils.to_shape_dtype_struct(jax.random.key_data(key)),
+    )
+  # Abstract (`jax.ShapeDtypeStruct` of a key dtype): `key_impl` accepts
+  # only arrays, so read the implementation while tracing.
+  impl = []
+
+  def _data(k):
+    impl.append(jax.random.key_impl(k))
+    return jax.random.key_data(k)
+
+  data = jax.eval_shape(_data, key)
+  sharding = getattr(key, "sharding", None)
+  if isinstance(sharding, _NamedSharding):
+    # Key data has trailing `[*key_shape]` dims, never sharded.
+    spec = tuple(sharding.spec)
+    spec += (None,) * (data.ndim - len(spec))
+    sharding = _NamedSharding(sharding.mesh, _P(*spec))
+  elif sharding is not None and not isinstance(
+      sharding, jax.sharding.SingleDeviceSharding
+  ):
+    sharding = None  # Rank-specific sharding we cannot extend: let Orbax pick.
+  return impl[0], jax.ShapeDtypeStruct(
+      data.shape, data.dtype, sharding=sharding
+  )
+
+
+def _abstract_target(target: PyTree) -> tuple[PyTree, list[str | None]]:
+  """Restore target (shape, dtype, sharding) and per-leaf PRNG impls."""
+  leaves, treedef = jax.tree.flatten(target)
+  abstract, impls = [], []
+  for x in leaves:
+    if _is_prng_key(x):
+      impl, data = _abstract_key_data(x)
+      abstract.append(data)
+      impls.append(impl)
+    else:
+      abstract.append(ocp.utils.to_shape_dtype_struct(x))
+      impls.append(None)
+  return treedef.unflatten(abstract), impls
+
+
+def _rewrap_keys(
+    restored: PyTree, target: PyTree, impls: list[str | None]
+) -> PyTree:
+  treedef = jax.tree.structure(target)
+  leaves = treedef.flatten_up_to(restored)
+  return treedef.unflatten([
+      x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+      for x, impl in zip(leaves, impls)
+  ])
+
+
+def _to_json_scalar(x: Any) -> Any:
+  """Metrics are written as JSON: turn 0-d arrays into Python numbers."""
+  if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+    return np.asarray(x).item()
+  return x
+
+
+def _remove_unfinalized(directory: epath.Path) -> list[str]:
+  """Deletes `*.orbax-checkpoint-tmp*` entries left by interrupted saves.
+
+  Done synchronously (Orbax's own `cleanup_tmp_directories` runs in a
+  background thread that only `save` waits for).
+
+  Returns:
+    The names of the removed entries.
+  """
+  if jax.process_index() != 0 or not directory.exists():
+    return []
+  removed = []
+  for path in directory.iterdir():
+    if _TMP_SUFFIX in path.name:
+      if path.is_dir():
+        path.rmtree()
+      else:
+        path.unlink()
+      removed.append(path.name)
+  return removed
+
+
+class Checkpointer:
+  """Saves and restores a whole train state under `directory/<step>`.
+
+  A context manager: leaving it waits for pending (async) saves and closes
+  the underlying `ocp.CheckpointManager`.
+
+  Attributes:
+    directory: The checkpoint root, an `epath.Path`.
+    manager: The wrapped `ocp.CheckpointManager` (escape hatch).
+  """
+
+  def __init__(
+      self,
+      directory: epath.PathLike,
+      *,
+      max_to_keep: int | None = 2,
+      save_interval_steps: int = 1,
+      best_fn: Callable[[Mapping[str, Any]], float] | None = None,
+      best_mode: str = "min",
+      keep_latest: bool = True,
+      async_save: bool = True,
+      read_only: bool = False,
+  ):
+    """Opens (and creates) a checkpoint directory.
+
+    Args:
+      directory: Root directory; each step is a subdirectory `<step>`.
+      max_to_keep: How many checkpoints to keep (`None`: all). With
+        `best_fn`, how many of the best to keep.
+      save_interval_steps: `save` only writes steps that are multiples of
+        this (and the first save), unless `force=True`.
+      best_fn: Maps the `metrics` given to `save` to a scalar; when set, the
+        `max_to_keep` best checkpoints are kept instead of the latest ones.
+      best_mode: `"min"` (lower is better, e.g. a loss) or `"max"`.
+      keep_latest: With `best_fn`, also keep the most recent checkpoint, so
+        that resuming never goes back in time. Ignored without `best_fn`.
+      async_save: Write in a background thread; `save` returns once the
+        arrays are copied to host memory.
+      read_only: Never write or delete anything (to inspect or restore a
+        directory that a writer may be using).
+
+    Raises:
+      ValueError: On a `best_mode` other than `"min"` / `"max"`.
+    """
+    if best_mode not in ("min", "max"):
+      raise ValueError(f"best_mode must be 'min' or 'max'; got {best_mode!r}.")
+    self.directory = epath.Path(directory)
+    if not read_only:
+      # Orbax's step listing already skips these; removing them keeps a
+      # re-save of the same step from meeting a half-written tmp directory.
+      _remove_unfinalized(self.directory)
+    policies = ocp.checkpoint_managers
+    if best_fn is None:
+      preservation = policies.LatestN(n=max_to_keep)
+    else:
+      preservation = policies.BestN(
+          get_metric_fn=best_fn,
+          reverse=best_mode == "min",  # Keeps the tail of the sorted list.
+          n=max_to_keep,
+      )
+      if keep_latest:
+        preservation = policies.AnyPreservationPolicy(
+            [preservation, policies.LatestN(n=1)]
+        )
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=0 if read_only else save_interval_steps,
+        # `best_fn` must also be in the options: Orbax writes `metrics` only
+        # when it is set. `max_to_keep` must not be (the policy replaces it).
+        best_fn=best_fn,
+        best_mode=best_mode,
+        preservation_policy=preservation,
+        enable_async_checkpointing=async_save,
+        read_only=read_only,
+        create=not read_only,
+    )
+    # Registering the handler up front lets a fresh manager read
+    # `item_metadata` (shapes) before any save or restore.
+    registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+    for args in (ocp.args.StandardSave, ocp.args.StandardRestore):
+      registry.add(_ITEM, args, ocp.StandardCheckpointHandler)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options, handler_registry=registry
+    )
+
+  def __enter__(self) -> "Checkpointer":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
+
+  def save(
+      self,
+      step: int,
+      state: PyTree,
+      *,
+      metrics: Mapping[str, Any] | None = None,
+      force: bool = False,
+  ) -> bool:
+    """Saves `state` as checkpoint `step` (asynchronously by default).
+
+    Args:
+      step: Step number; by convention the number of completed train steps.
+      state: A pure pytree of arrays (typed PRNG keys allowed).
+      metrics: JSON-able scalars (0-d arrays are converted) for `best_fn`.
+      force: Save even if `step` is not on `save_interval_steps`.
+
+    Returns:
+      Whether a checkpoint was started for `step`.
+
+    Raises:
+      TypeError: If `state` holds `nnx.Variable`s (not a pure pytree).
+    """
+    _check_pure(state, "state")
+    if metrics is not None:
+      metrics = jax.tree.map(_to_json_scalar, dict(metrics))
+    return self.manager.save(
+        int(step),
+        args=ocp.args.StandardSave(_to_savable(state)),
+        metrics=metrics,
+        force=force,
+    )
+
+  def latest_step(self) -> int | None:
+    """The last finalised step, or `None` if there is none."""
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """All finalised steps kept on disk, ascending."""
+    return sorted(self.manager.all_steps())
+
+  def best_step(self) -> int | None:
+    """The best step by `best_fn` (the latest one without `best_fn`)."""
+    return self.manager.best_step()
+
+  def restore(self, step: int | None, target: PyTree) -> PyTree:
+    """Restores checkpoint `step` (`None`: the latest) into `target`'s layout.
+
+    Args:
+      step: Step to restore, or `None` for the latest one.
+      target: A pytree of arrays or `jax.ShapeDtypeStruct`s (typed-key
+        dtypes allowed) with the structure of the saved state. Only its
+        shapes, dtypes and shardings are used; a sharding that differs from
+        the saved one is fine.
+
+    Returns:
+      The restored state, laid out like `target` (typed keys re-wrapped).
+
+    Raises:
+      FileNotFoundError: If `step` is `None` and there is no checkpoint.
+      TypeError: If `target` holds `nnx.Variable`s.
+    """
+    _check_pure(target, "target")
+    if step is None:
+      step = self.latest_step()
+      if step is None:
+        raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    abstract, impls = _abstract_target(target)
+    restored = self.manager.restore(
+        int(step), args=ocp.args.StandardRestore(abstract)
+    )
+    return _rewrap_keys(restored, target, impls)
+
+  def restore_or_init(self, init_state: PyTree) -> tuple[PyTree, int]:
+    """The latest checkpoint restored into `init_state`'s layout, or init.
+
+    Args:
+      init_state: The freshly initialised state (arrays carrying the desired
+        shardings). Returned as is when there is no checkpoint.
+
+    Returns:
+      `(state, step)`: the restored state and its step, or
+      `(init_state, 0)` when the directory holds no finalised checkpoint.
+    """
+    step = self.latest_step()
+    if step is None:
+      return init_state, 0
+    return self.restore(step, init_state), step
+
+  def wait_until_finished(self) -> None:
+    """Blocks until pending async saves are finalised on disk."""
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's resources."""
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def adapter_state(model: nnx.Module) -> dict[str, Any]:
+  """The model's `nnx.LoRAParam` values as a pure nested dict."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
+
+
+def _path_str(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def _shapes_by_path(tree: PyTree) -> dict[str, tuple[int, ...]]:
+  leaves = jax.tree_util.tree_leaves_with_path(
+      tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
+  )
+  return {_path_str(p): tuple(x.shape) for p, x in leaves}
+
+
+def _check_adapters_match(
+    saved: Mapping[str, tuple[int, ...]],
+    model: Mapping[str, tuple[int, ...]],
+    where: str,
+) -> None:
+  problems = []
+  missing = sorted(set(model) - set(saved))
+  extra = sorted(set(saved) - set(model))
+  if missing:
+    problems.append(f"adapters missing from the checkpoint: {missing}")
+  if extra:
+    problems.append(f"adapters in the checkpoint but not in the model: {extra}")
+  for path in sorted(set(saved) & set(model)):
+    if saved[path] != model[path]:
+      problems.append(
+          f"shape mismatch at {path!r}: checkpoint {saved[path]} vs model "
+          f"{model[path]}"
+      )
+  if problems:
+    raise ValueError(
+        f"Adapter checkpoint {where} does not match the model: "
+        + "; ".join(problems)
+    )
+
+
+def save_adapters(
+    directory: epath.PathLike, model: nnx.Module, *, step: int | None = None
+) -> int:
+  """Saves only the model's `nnx.LoRAParam` variables, synchronously.
+
+  Args:
+    directory: Adapter checkpoint root (a separate directory from the
+      train-state checkpoints); each save is a subdirectory `<step>`.
+    model: An NNX model holding `nnx.LoRAParam` variables.
+    step: Step to save under; `None` means one past the latest (0 when
+      empty). All steps are kept.
+
+  Returns:
+    The step written.
+
+  Raises:
+    ValueError: If the model has no `nnx.LoRAParam` variables.
+    orbax.checkpoint.checkpoint_manager.StepAlreadyExistsError: If `step`
+      already exists.
+  """
+  adapters = adapter_state(model)
+  if not jax.tree.leaves(adapters):
+    raise ValueError(f"{type(model).__name__} has no nnx.LoRAParam variables.")
+  with Checkpointer(directory, max_to_keep=None, async_save=False) as ckpt:
+    if step is None:
+      latest = ckpt.latest_step()
+      step = 0 if latest is None else latest + 1
+    ckpt.save(step, adapters, force=True)
+  return step
+
+
+def restore_adapters(
+    directory: epath.PathLike, model: nnx.Module, *, step: int | None = None
+) -> int:
+  """Loads saved `nnx.LoRAParam` values into `model`, in place.
+
+  The restore target is the model's current adapter state, so the loaded
+  arrays keep the model's shardings and dtypes (values are cast if the saved
+  dtype differs). Nothing but the adapters is touched.
+
+  Args:
+    directory: Adapter checkpoint root written by `save_adapters`.
+    model: The model to update; its adapters must match the saved ones in
+      path and shape.
+    step: Step to load; `None` for the latest.
+
+  Returns:
+    The step loaded.
+
+  Raises:
+    FileNotFoundError: If there is no adapter checkpoint.
+    ValueError: If an adapter is missing on either side or a shape differs;
+      the message names every offending path (`layer/lora_a`).
+  """
+  state = nnx.state(model, nnx.LoRAParam)
+  target = nnx.to_pure_dict(state)
+  with Checkpointer(directory, read_only=True, async_save=False) as ckpt:
+    if step is None:
+      step = ckpt.latest_step()
+    if step is None or step not in ckpt.all_steps():
+      which = "" if step is None else f" for step {step}"
+      raise FileNotFoundError(
+          f"No adapter checkpoint{which} in {ckpt.directory}."
+      )
+    meta = ckpt.manager.item_metadata(step)
+    _check_adapters_match(
+        _shapes_by_path(getattr(meta, "tree", meta)),
+        _shapes_by_path(target),
+        where=f"{ckpt.directory}/{step}",
+    )
+    restored = ckpt.restore(step, target)
+  nnx.replace_by_pure_dict(state, restored)
+  nnx.update(model, state)
+  return step
+
