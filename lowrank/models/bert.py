@@ -756,7 +756,8 @@ class Tokenizer:
       max_length: Truncation length, special tokens included (default
         `self.max_length`); pairs are truncated longest-first.
       pad_to_multiple_of: Round the padded length up to a multiple of this.
-      pad_to: Pad to exactly this length (must be >= the longest encoding).
+      pad_to: Pad to exactly this length (fixed shapes for `jit`). Without
+        `max_length`, texts are also truncated to `pad_to` tokens.
 
     Returns:
       `{"input_ids", "attention_mask", "token_type_ids"}`, each an int32
@@ -770,6 +771,8 @@ class Tokenizer:
     if isinstance(texts, str):
       texts = [texts]
       pairs = [pairs] if isinstance(pairs, str) else pairs
+    if pad_to is not None and max_length is None:
+      max_length = min(self.max_length, int(pad_to))
     encoded = self.encode_unpadded(texts, pairs=pairs, max_length=max_length)
     longest = max((len(ids) for ids, _ in encoded), default=0)
     if pad_to is not None:
