@@ -1,0 +1,467 @@
+"""GaLore-family gradient low-rank projection as optax transformations.
+
+`scale_by_galore(inner, rank=...)` runs any gradient-only optax transform
+`inner` (Adam, Lion, Adafactor, ...) on the projected gradient `R = Pᵀ G`
+(or `G P`) of each selected weight and projects its output back, so the
+inner optimizer's state is `r × n` instead of `m × n`. Options cover the
+family:
+
+* `side`: `"auto"` (smallest state), `"left"`, `"right"`, `"torch"`
+  (galore-torch's `std` rule); resolved once from shapes, never re-inferred.
+* `projector`: `"svd"`, `"rsvd"` (randomized subspace iteration; never
+  gathers a sharded gradient), `"random"` (random orthonormal).
+* `on_refresh`: the inner state of a leaf whose basis changed is kept
+  (GaLore), reset (FRUGAL) or rotated into the new basis
+  (`M ← P_newᵀ P_old M`; second moments with the element-wise square of that
+  rotation, so they stay non-negative).
+* `residual`: what the projection drops, `G − P Pᵀ G`, can be ignored
+  (GaLore), added with Fira's norm-based scaling and norm-growth limiter, or
+  added as state-free signSGD / SGD (FRUGAL).
+* Stacked layers: a `[L, m, n]` leaf (from `nnx.scan` or vmapped layers)
+  gets one projector per layer.
+* `stagger=k`: leaf `i` refreshes at steps `≡ (i mod k)·gap/k (mod gap)`,
+  which spreads the SVD cost over the period.
+
+References:
+  Zhao et al. 2024, GaLore, https://arxiv.org/abs/2403.03507
+  Chen et al. 2024, Fira, https://arxiv.org/abs/2410.01623
+  Zmushko et al. 2024, FRUGAL, https://arxiv.org/abs/2411.07837
+"""
+
+from collections.abc import Callable
+import re
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lowrank.optim import projection
+
+ON_REFRESH = ("keep", "reset", "rotate")
+RESIDUALS = (None, "fira", "frugal_sign", "frugal_sgd")
+_SECOND_MOMENT_NAMES = ("nu", "v", "exp_avg_sq", "sum_of_squares")
+
+
+class GaLoreState(NamedTuple):
+  """State for `scale_by_galore`.
+
+  Attributes:
+    count: Number of `update` calls so far; shape `()`, int32.
+    key: Raw PRNG key data (uint32) for randomized projectors.
+    projector: Per-leaf bases `[..., dim, rank]` (float32); leaves that are
+      not projected hold a `[0]` placeholder, so the structure always
+      matches `params`.
+    residual_norm: Per-leaf `[...]` norm of last step's Fira residual
+      (float32; `[0]` placeholders elsewhere).
+    inner_state: State of `inner`, which sees `[..., r, n]` / `[..., m, r]`
+      gradients for projected leaves and full gradients for the others.
+  """
+
+  count: jax.Array
+  key: jax.Array
+  projector: optax.Updates
+  residual_norm: optax.Updates
+  inner_state: optax.OptState
+
+
+MaskFn = Callable[[str, Any], bool]
+
+
+def default_mask(rank: int) -> MaskFn:
+  """Projects 2-D leaves and stacked `[L, m, n]` leaves with `min(m, n) > r`.
+
+  Embeddings and output heads are 2-D as well; pass `mask` (a regex over
+  key paths, a callable or a bool tree) to route them to the plain branch.
+  """
+
+  def mask(path: str, leaf) -> bool:
+    del path
+    return leaf.ndim in (2, 3) and min(leaf.shape[-2:]) > rank
+
+  return mask
+
+
+def _mask_tree(mask, params, rank: int) -> list[bool]:
+  """Flattened per-leaf booleans from a regex, callable, bool tree or None."""
+  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
+  if mask is None:
+    mask = default_mask(rank)
+  if isinstance(mask, str):
+    rx = re.compile(mask)
+    base = default_mask(rank)
+    return [
+        bool(rx.search(jax.tree_util.keystr(p))) and base("", x)
+        for p, x in leaves_with_path
+    ]
+  if callable(mask):
+    return [bool(mask(jax.tree_util.keystr(p), x)) for p, x in leaves_with_path]
+  flags = jax.tree.leaves(mask)
+  if len(flags) != len(leaves_with_path):
+    raise ValueError(
+        f"mask has {len(flags)} leaves; params have {len(leaves_with_path)}."
+    )
+  return [bool(f) for f in flags]
+
+
+def _refresh_flag(count, offset: int, gap: int):
+  """True at step 0 (there is no basis yet) and every `gap` after `offset`."""
+  periodic = (count >= offset) & ((count - offset) % gap == 0)
+  return (count == 0) | periodic
+
+
+def _rotate(x, c, side: str, squared: bool):
+  """Re-express a low-rank moment in the new basis; `c = P_newᵀ P_old`."""
+  c = c * c if squared else c
+  c = c.astype(x.dtype)
+  if side == "left":  # x: [..., r, n]
+    return jnp.einsum("...ij,...jn->...in", c, x)
+  return jnp.einsum("...mj,...ij->...mi", x, c)  # x: [..., m, r]
+
+
+def scale_by_galore(
+    inner: optax.GradientTransformation,
+    *,
+    rank: int,
+    update_gap: int = 200,
+    scale: jax.typing.ArrayLike = 1.0,
+    side: str = "auto",
+    projector: str = "svd",
+    on_refresh: str = "keep",
+    residual: str | None = None,
+    residual_scale: jax.typing.ArrayLike = 1.0,
+    fira_gamma: jax.typing.ArrayLike = 1.01,
+    fira_leak: bool = False,
+    stagger: int = 1,
+    mask: str | MaskFn | Any | None = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Runs `inner` in a rank-`rank` subspace of each selected gradient.
+
+  Args:
+    inner: Gradient-only transformation (e.g. `optax.scale_by_adam()`); it
+      must not read `params` (it only sees projected shapes).
+    rank: Subspace dimension (Python int; static).
+    update_gap: Steps between basis refreshes (Python int; static).
+    scale: GaLore's α, applied to the projected-back update.
+    side: `"auto"`, `"left"`, `"right"` or `"torch"` (module docstring).
+    projector: `"svd"`, `"rsvd"` or `"random"`.
+    on_refresh: `"keep"`, `"reset"` or `"rotate"` the inner state of a leaf
+      whose basis changed.
+    residual: `None`, `"fira"`, `"frugal_sign"` or `"frugal_sgd"`.
+    residual_scale: Multiplier of the residual branch (FRUGAL's
+      `inactive_lr_scale`; 1.0 for Fira).
+    fira_gamma: Fira's norm-growth limit γ.
+    fira_leak: Reproduce Fira's reference code, whose residual is
+      `G − α P Pᵀ G` (part of the in-subspace gradient leaks into the scaled
+      branch when α < 1); the paper's text uses the true complement, which is
+      the default.
+    stagger: Spread refreshes over `stagger` groups of leaves.
+    mask: Which leaves to project: a regex searched in each leaf's key path
+      (combined with the default shape rule), a callable
+      `(path, leaf) -> bool`, a bool pytree like `params`, or None (default
+      shape rule, see `default_mask`).
+    seed: Seed for randomized projectors.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`.
+
+  Raises:
+    ValueError: On a non-positive `rank` / `update_gap` / `stagger`, or an
+      unknown `side`, `projector`, `on_refresh` or `residual`.
+  """
+  for name, v in (("rank", rank), ("update_gap", update_gap),
+                  ("stagger", stagger)):
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+      raise ValueError(f"{name} must be a positive Python int; got {v!r}.")
+  if side not in projection.SIDES:
+    raise ValueError(f"Unknown side {side!r}; expected {projection.SIDES}.")
+  if projector not in projection.PROJECTORS:
+    raise ValueError(
+        f"Unknown projector {projector!r}; expected {projection.PROJECTORS}."
+    )
+  if on_refresh not in ON_REFRESH:
+    raise ValueError(f"Unknown on_refresh {on_refresh!r}; expected {ON_REFRESH}.")
+  if residual not in RESIDUALS:
+    raise ValueError(f"Unknown residual {residual!r}; expected {RESIDUALS}.")
+  inner = optax.with_extra_args_support(inner)
+
+  def _plan(params):
+    """Static per-leaf plan: (projected, side, offset) from shapes only."""
+    flags = _mask_tree(mask, params, rank)
+    leaves = jax.tree.leaves(params)
+    plan, k = [], 0
+    for leaf, flag in zip(leaves, flags):
+      if flag and leaf.ndim < 2:
+        raise ValueError(f"Cannot project a {leaf.ndim}-D leaf.")
+      if flag and min(leaf.shape[-2:]) < rank:
+        flag = False  # Rank would exceed the matrix; plain branch.
+      s = projection.resolve_side(leaf.shape, side) if flag else None
+      offset = (k % stagger) * (update_gap // stagger) if flag else 0
+      k += bool(flag)
+      plan.append((flag, s, offset))
+    return plan
+
+  def _low_shape(leaf, s):
+    lead, (m, n) = leaf.shape[:-2], leaf.shape[-2:]
+    return lead + ((rank, n) if s == "left" else (m, rank))
+
+  def init_fn(params):
+    plan = _plan(params)
+    leaves, treedef = jax.tree.flatten(params)
+    proj, norms, low = [], [], []
+    for leaf, (flag, s, _) in zip(leaves, plan):
+      if flag:
+        dim = projection.basis_dim(leaf.shape, s)
+        proj.append(jnp.zeros(leaf.shape[:-2] + (dim, rank), jnp.float32))
+        norms.append(jnp.zeros(leaf.shape[:-2], jnp.float32))
+        low.append(jnp.zeros(_low_shape(leaf, s), leaf.dtype))
+      else:
+        proj.append(jnp.zeros((0,), jnp.float32))
+        norms.append(jnp.zeros((0,), jnp.float32))
+        low.append(jnp.zeros(leaf.shape, leaf.dtype))
+    return GaLoreState(
+        count=jnp.zeros([], jnp.int32),
+        key=jax.random.key_data(jax.random.key(seed)),
+        projector=treedef.unflatten(proj),
+        residual_norm=treedef.unflatten(norms),
+        inner_state=inner.init(treedef.unflatten(low)),
+    )
+
+  def _transform_inner_state(inner_state, params_like, plan, refreshed, rot):
+    """Applies `on_refresh` to the inner-state leaves of refreshed leaves."""
+    if on_refresh == "keep":
+      return inner_state
+    by_path = sorted(
+        (
+            (jax.tree_util.keystr(p), i)
+            for i, (p, _) in enumerate(
+                jax.tree_util.tree_leaves_with_path(params_like)
+            )
+        ),
+        key=lambda kv: -len(kv[0]),
+    )
+    low_shapes = [x.shape for x in jax.tree.leaves(params_like)]
+
+    def _fix(path, x):
+      name = jax.tree_util.keystr(path)
+      for param_path, i in by_path:
+        if not name.endswith(param_path):
+          continue
+        flag, s, _ = plan[i]
+        if not flag or x.shape != low_shapes[i]:
+          return x
+        if on_refresh == "reset":
+          new = jnp.zeros_like(x)
+        else:
+          squared = any(
+              getattr(k, "name", None) in _SECOND_MOMENT_NAMES for k in path
+          )
+          new = _rotate(x, rot[i], s, squared)
+        return jnp.where(refreshed[i], new, x)
+      return x
+
+    return jax.tree_util.tree_map_with_path(_fix, inner_state)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del params  # `inner` works on projected shapes; see docstring.
+    plan = _plan(updates)
+    leaves, treedef = jax.tree.flatten(updates)
+    proj_leaves = treedef.flatten_up_to(state.projector)
+    norm_leaves = treedef.flatten_up_to(state.residual_norm)
+    key = jax.random.wrap_key_data(state.key)
+    count = state.count
+    new_proj, low, refreshed, rot = [], [], [], []
+    for i, (g, p, (flag, s, offset)) in enumerate(
+        zip(leaves, proj_leaves, plan)
+    ):
+      if not flag:
+        new_proj.append(p)
+        low.append(g)
+        refreshed.append(None)
+        rot.append(None)
+        continue
+      refresh = _refresh_flag(count, offset, update_gap)
+      leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), count)
+
+      def _new_basis(g=g, s=s, leaf_key=leaf_key, p=p):
+        return projection.compute_projector(
+            g, rank, s, projector, leaf_key
+        ).astype(p.dtype)
+
+      q = jax.lax.cond(refresh, _new_basis, lambda p=p: p)
+      new_proj.append(q)
+      refreshed.append(refresh)
+      rot.append(
+          jnp.einsum("...dr,...ds->...rs", q, p)
+          if on_refresh == "rotate" else None
+      )
+      low.append(projection.project(g, q, s))
+    low_tree = treedef.unflatten(low)
+    inner_state = _transform_inner_state(
+        state.inner_state, low_tree, plan, refreshed, rot
+    )
+    low_updates, inner_state = inner.update(
+        low_tree, inner_state, None, **extra_args
+    )
+    out, new_norms = [], []
+    for i, (g, u, q, nrm, (flag, s, _)) in enumerate(
+        zip(leaves, treedef.flatten_up_to(low_updates), new_proj,
+            norm_leaves, plan)
+    ):
+      if not flag:
+        out.append(u)
+        new_norms.append(nrm)
+        continue
+      a = jnp.asarray(scale, jnp.float32)
+      full = a * projection.project_back(u.astype(jnp.float32), q, s)
+      if residual is not None:
+        g32 = g.astype(jnp.float32)
+        r = low[i].astype(jnp.float32)
+        back_r = projection.project_back(r, q, s)
+        res = g32 - (a * back_r if fira_leak else back_r)
+        if residual == "fira":
+          # φ: ratio of column norms of the inner update and the projected
+          # gradient along the rank axis (Fira, Eq. 6).
+          axis = -2 if s == "left" else -1
+          phi = jnp.linalg.norm(u.astype(jnp.float32), axis=axis) / (
+              jnp.linalg.norm(r, axis=axis) + 1e-8
+          )
+          res = res * jnp.expand_dims(phi, axis)
+          snorm = jnp.linalg.norm(res, axis=(-2, -1))
+          limit = fira_gamma * nrm
+          shrink = jnp.where(
+              (nrm > 0) & (snorm > limit), limit / (snorm + 1e-12), 1.0
+          )
+          res = res * shrink[..., None, None]
+          new_norms.append(snorm * shrink)
+        else:
+          if residual == "frugal_sign":
+            res = jnp.sign(res)
+          new_norms.append(nrm)
+        full = full + jnp.asarray(residual_scale, jnp.float32) * res
+      else:
+        new_norms.append(nrm)
+      out.append(full.astype(g.dtype))
+    return treedef.unflatten(out), GaLoreState(
+        count=optax.safe_int32_increment(count),
+        key=state.key,
+        projector=treedef.unflatten(new_proj),
+        residual_norm=treedef.unflatten(new_norms),
+        inner_state=inner_state,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _adamw(core, learning_rate, weight_decay, mask):
+  return optax.chain(
+      core,
+      optax.add_decayed_weights(weight_decay, mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
+
+
+def galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int,
+    update_gap: int = 200,
+    scale: jax.typing.ArrayLike = 1.0,
+    side: str = "auto",
+    projector: str = "svd",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Any = None,
+    weight_decay_mask: Any = None,
+    on_refresh: str = "keep",
+    residual: str | None = None,
+    residual_scale: jax.typing.ArrayLike = 1.0,
+    fira_gamma: jax.typing.ArrayLike = 1.01,
+    fira_leak: bool = False,
+    stagger: int = 1,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """AdamW whose moments live in a low-rank gradient subspace (GaLore).
+
+  Weight decay is decoupled and applied in full parameter space. Arguments
+  after `weight_decay_mask` are those of `scale_by_galore`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from lowrank import optim
+    >>> tx = optim.galore_adamw(1e-2, rank=2, update_gap=10)
+    >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
+    >>> state = tx.init(params)
+    >>> state[0].inner_state.mu["w"].shape  # r x min(m, n)
+    (2, 4)
+  """
+  core = scale_by_galore(
+      optax.scale_by_adam(b1, b2, eps),
+      rank=rank, update_gap=update_gap, scale=scale, side=side,
+      projector=projector, on_refresh=on_refresh, residual=residual,
+      residual_scale=residual_scale, fira_gamma=fira_gamma,
+      fira_leak=fira_leak, stagger=stagger, mask=mask, seed=seed,
+  )
+  return _adamw(core, learning_rate, weight_decay, weight_decay_mask)
+
+
+def fira_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int,
+    update_gap: int = 200,
+    scale: jax.typing.ArrayLike = 1.0,
+    gamma: jax.typing.ArrayLike = 1.01,
+    leak: bool = False,
+    side: str = "auto",
+    projector: str = "svd",
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Any = None,
+    stagger: int = 1,
+) -> optax.GradientTransformationExtraArgs:
+  """Fira: GaLore-AdamW plus the norm-scaled residual with a growth limiter.
+
+  `leak=True` reproduces Fira's reference code (residual `G − α P Pᵀ G`);
+  the default is the paper's true orthogonal complement.
+  """
+  return galore_adamw(
+      learning_rate, rank=rank, update_gap=update_gap, scale=scale,
+      side=side, projector=projector, weight_decay=weight_decay, mask=mask,
+      stagger=stagger, residual="fira", fira_gamma=gamma, fira_leak=leak,
+  )
+
+
+def frugal_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int,
+    update_gap: int = 200,
+    residual_rule: str = "sign",
+    inactive_lr_scale: jax.typing.ArrayLike = 1.0,
+    side: str = "auto",
+    projector: str = "random",
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Any = None,
+    stagger: int = 1,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """FRUGAL: state-full AdamW in the subspace, state-free rule outside.
+
+  The subspace's Adam moments are reset at each refresh (FRUGAL's
+  `reset_statistics=True`; the shared Adam step count is not, so the first
+  steps after a reset are smaller, like a short warm-up). The residual gets
+  signSGD (`"sign"`, default) or SGD (`"sgd"`) scaled by `inactive_lr_scale`.
+  """
+  if residual_rule not in ("sign", "sgd"):
+    raise ValueError(
+        f"residual_rule must be 'sign' or 'sgd'; got {residual_rule!r}."
+    )
+  return galore_adamw(
+      learning_rate, rank=rank, update_gap=update_gap, side=side,
+      projector=projector, weight_decay=weight_decay, mask=mask,
+      stagger=stagger, seed=seed, on_refresh="reset",
+      residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale,
+  )
