@@ -245,10 +245,22 @@ def shardings_like_params(abstract_state: Any, params: Any) -> Any:
   )
   mesh = by_path[0][1].sharding.mesh
 
+  def _names(path):
+    """The path, and the path without trailing attribute fields.
+
+    A NamedTuple stored per parameter (e.g. a quantized projector's
+    `.codes`, `.scale`) still belongs to that parameter.
+    """
+    path = list(path)
+    yield jax.tree_util.keystr(tuple(path))
+    while path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+      path.pop()
+      yield jax.tree_util.keystr(tuple(path))
+
   def _sharding(path, leaf):
-    name = jax.tree_util.keystr(path)
+    names = list(_names(path))
     for param_path, p in by_path:
-      if name.endswith(param_path) and leaf.ndim == p.ndim:
+      if any(n.endswith(param_path) for n in names) and leaf.ndim == p.ndim:
         spec = tuple(p.sharding.spec)
         spec += (None,) * (p.ndim - len(spec))
         return NamedSharding(

@@ -9,7 +9,10 @@ from lowrank.optim.galore import fira_adamw
 from lowrank.optim.galore import frugal_adamw
 from lowrank.optim.galore import galore_adamw
 from lowrank.optim.galore import GaLoreState
+from lowrank.optim.galore import q_galore_adamw
+from lowrank.optim.galore import RefreshSchedule
 from lowrank.optim.galore import scale_by_galore
+from lowrank.optim.galore import STATIC_ARGS
 from lowrank.optim.memory import estimate_bytes
 from lowrank.optim.memory import state_bytes
 from lowrank.optim.memory import tree_bytes

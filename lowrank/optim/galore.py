@@ -37,8 +37,13 @@ import jax.numpy as jnp
 import optax
 
 from lowrank.optim import projection
+from lowrank.optim import quantize as quant
 
 ON_REFRESH = ("keep", "reset", "rotate")
+# Arguments that fix shapes or Python-side schedules: pass them as
+# `optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)`.
+STATIC_ARGS = ("rank", "update_gap", "stagger", "seed", "projector_bits",
+               "projector_group_size", "cos_history")
 RESIDUALS = (None, "fira", "frugal_sign", "frugal_sgd")
 _SECOND_MOMENT_NAMES = ("nu", "v", "exp_avg_sq", "sum_of_squares")
 
@@ -54,6 +59,8 @@ class GaLoreState(NamedTuple):
       matches `params`.
     residual_norm: Per-leaf `[...]` norm of last step's Fira residual
       (float32; `[0]` placeholders elsewhere).
+    schedule: Per-leaf `RefreshSchedule` with `adaptive_gap=True`
+      (placeholders otherwise).
     inner_state: State of `inner`, which sees `[..., r, n]` / `[..., m, r]`
       gradients for projected leaves and full gradients for the others.
   """
@@ -62,7 +69,25 @@ class GaLoreState(NamedTuple):
   key: jax.Array
   projector: optax.Updates
   residual_norm: optax.Updates
+  schedule: optax.Updates
   inner_state: optax.OptState
+
+
+class RefreshSchedule(NamedTuple):
+  """Per-leaf lazy refresh state (Q-GaLore), lead-shaped (one per layer).
+
+  Attributes:
+    next_refresh: Step at which the basis is next recomputed, int32.
+    gap: Current refresh gap, int32 (doubles when the basis is stable).
+    history: The last cosine similarities of consecutive first basis
+      vectors, float32 `[..., H]`.
+    num_history: How many entries of `history` are filled, int32.
+  """
+
+  next_refresh: jax.Array
+  gap: jax.Array
+  history: jax.Array
+  num_history: jax.Array
 
 
 MaskFn = Callable[[str, Any], bool]
@@ -135,6 +160,12 @@ def scale_by_galore(
     stagger: int = 1,
     mask: str | MaskFn | Any | None = None,
     seed: int = 0,
+    projector_bits: int | None = None,
+    projector_group_size: int | None = None,
+    adaptive_gap: bool = False,
+    cos_threshold: jax.typing.ArrayLike = 0.4,
+    gap_growth: jax.typing.ArrayLike = 2,
+    cos_history: int = 5,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs `inner` in a rank-`rank` subspace of each selected gradient.
 
@@ -162,13 +193,25 @@ def scale_by_galore(
       `(path, leaf) -> bool`, a bool pytree like `params`, or None (default
       shape rule, see `default_mask`).
     seed: Seed for randomized projectors.
+    projector_bits: Store projectors as 8- or 4-bit codes with per-group
+      scales (Q-GaLore); dequantized on use. None keeps float32.
+    projector_group_size: Quantization group along the rank axis (default:
+      `min(rank, 256)`; must divide `rank`).
+    adaptive_gap: Q-GaLore's lazy, layer-adaptive refresh: each layer keeps
+      the cosine similarity of consecutive first basis vectors; when the
+      mean of the last `cos_history` values is `>= cos_threshold`, that
+      layer's gap is multiplied by `gap_growth`.
+    cos_threshold: See `adaptive_gap` (Q-GaLore default 0.4).
+    gap_growth: See `adaptive_gap` (Q-GaLore default 2).
+    cos_history: See `adaptive_gap` (Q-GaLore default 5).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
 
   Raises:
     ValueError: On a non-positive `rank` / `update_gap` / `stagger`, or an
-      unknown `side`, `projector`, `on_refresh` or `residual`.
+      unknown `side`, `projector`, `on_refresh` or `residual`, or an invalid
+      quantization layout.
   """
   for name, v in (("rank", rank), ("update_gap", update_gap),
                   ("stagger", stagger)):
@@ -184,7 +227,18 @@ def scale_by_galore(
     raise ValueError(f"Unknown on_refresh {on_refresh!r}; expected {ON_REFRESH}.")
   if residual not in RESIDUALS:
     raise ValueError(f"Unknown residual {residual!r}; expected {RESIDUALS}.")
+  group = projector_group_size or min(rank, 256)
+  if projector_bits is not None:
+    quant.check(rank, projector_bits, group)
+  if adaptive_gap and (not isinstance(cos_history, int) or cos_history < 1):
+    raise ValueError(f"cos_history must be a positive int; got {cos_history}")
   inner = optax.with_extra_args_support(inner)
+
+  def _store(p):
+    return quant.quantize(p, projector_bits, group) if projector_bits else p
+
+  def _load(p):
+    return quant.dequantize(p, projector_bits, group) if projector_bits else p
 
   def _plan(params):
     """Static per-leaf plan: (projected, side, offset) from shapes only."""
@@ -209,22 +263,37 @@ def scale_by_galore(
   def init_fn(params):
     plan = _plan(params)
     leaves, treedef = jax.tree.flatten(params)
-    proj, norms, low = [], [], []
+    proj, norms, sched, low = [], [], [], []
     for leaf, (flag, s, _) in zip(leaves, plan):
+      placeholder = jnp.zeros((0,), jnp.float32)
       if flag:
-        dim = projection.basis_dim(leaf.shape, s)
-        proj.append(jnp.zeros(leaf.shape[:-2] + (dim, rank), jnp.float32))
-        norms.append(jnp.zeros(leaf.shape[:-2], jnp.float32))
+        lead = leaf.shape[:-2]
+        shape = lead + (projection.basis_dim(leaf.shape, s), rank)
+        proj.append(
+            quant.zeros(shape, projector_bits, group)
+            if projector_bits else jnp.zeros(shape, jnp.float32)
+        )
+        norms.append(jnp.zeros(lead, jnp.float32))
+        sched.append(
+            RefreshSchedule(
+                next_refresh=jnp.zeros(lead, jnp.int32),
+                gap=jnp.full(lead, update_gap, jnp.int32),
+                history=jnp.zeros(lead + (cos_history,), jnp.float32),
+                num_history=jnp.zeros(lead, jnp.int32),
+            ) if adaptive_gap else placeholder
+        )
         low.append(jnp.zeros(_low_shape(leaf, s), leaf.dtype))
       else:
-        proj.append(jnp.zeros((0,), jnp.float32))
-        norms.append(jnp.zeros((0,), jnp.float32))
+        proj.append(placeholder)
+        norms.append(placeholder)
+        sched.append(placeholder)
         low.append(jnp.zeros(leaf.shape, leaf.dtype))
     return GaLoreState(
         count=jnp.zeros([], jnp.int32),
         key=jax.random.key_data(jax.random.key(seed)),
         projector=treedef.unflatten(proj),
         residual_norm=treedef.unflatten(norms),
+        schedule=treedef.unflatten(sched),
         inner_state=inner.init(treedef.unflatten(low)),
     )
 
@@ -269,29 +338,65 @@ def scale_by_galore(
     leaves, treedef = jax.tree.flatten(updates)
     proj_leaves = treedef.flatten_up_to(state.projector)
     norm_leaves = treedef.flatten_up_to(state.residual_norm)
+    sched_leaves = treedef.flatten_up_to(state.schedule)
     key = jax.random.wrap_key_data(state.key)
     count = state.count
-    new_proj, low, refreshed, rot = [], [], [], []
-    for i, (g, p, (flag, s, offset)) in enumerate(
-        zip(leaves, proj_leaves, plan)
+    new_proj, new_sched, low, refreshed, rot, bases = [], [], [], [], [], []
+    for i, (g, p_stored, sched, (flag, s, offset)) in enumerate(
+        zip(leaves, proj_leaves, sched_leaves, plan)
     ):
       if not flag:
-        new_proj.append(p)
+        new_proj.append(p_stored)
+        new_sched.append(sched)
         low.append(g)
         refreshed.append(None)
         rot.append(None)
+        bases.append(None)
         continue
-      refresh = _refresh_flag(count, offset, update_gap)
+      p = _load(p_stored)
+      if adaptive_gap:  # One flag per layer of a stacked leaf.
+        refresh = (count == 0) | (count >= sched.next_refresh)
+      else:
+        refresh = _refresh_flag(count, offset, update_gap)
+      refresh = jnp.broadcast_to(refresh, g.shape[:-2])
       leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), count)
 
-      def _new_basis(g=g, s=s, leaf_key=leaf_key, p=p):
-        return projection.compute_projector(
-            g, rank, s, projector, leaf_key
-        ).astype(p.dtype)
+      def _new_basis(g=g, s=s, leaf_key=leaf_key):
+        return projection.compute_projector(g, rank, s, projector, leaf_key)
 
-      q = jax.lax.cond(refresh, _new_basis, lambda p=p: p)
-      new_proj.append(q)
-      refreshed.append(refresh)
+      mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
+      q = jax.lax.cond(jnp.any(refresh), _new_basis, lambda p=p: p)
+      q = jnp.where(mask, q, p)
+      if projector_bits:  # Requantize only what was recomputed.
+        stored = jax.tree.map(
+            lambda a, b: jnp.where(mask, a, b),
+            _store(q), p_stored,
+        )
+        q = _load(stored)
+      else:
+        stored = q
+      if adaptive_gap:
+        cos = jnp.abs(jnp.sum(q[..., :, 0] * p[..., :, 0], axis=-1))
+        valid = refresh & (count > 0)
+        hist = jnp.where(
+            valid[..., None],
+            jnp.concatenate([sched.history[..., 1:], cos[..., None]], -1),
+            sched.history,
+        )
+        num = jnp.where(valid, jnp.minimum(sched.num_history + 1,
+                                           cos_history), sched.num_history)
+        grow = valid & (num >= cos_history) & (
+            hist.mean(axis=-1) >= cos_threshold)
+        gap = jnp.where(
+            grow, (sched.gap * gap_growth).astype(jnp.int32), sched.gap)
+        sched = RefreshSchedule(
+            next_refresh=jnp.where(refresh, count + gap, sched.next_refresh),
+            gap=gap, history=hist, num_history=num,
+        )
+      new_proj.append(stored)
+      new_sched.append(sched)
+      refreshed.append(mask)
+      bases.append(q)
       rot.append(
           jnp.einsum("...dr,...ds->...rs", q, p)
           if on_refresh == "rotate" else None
@@ -306,7 +411,7 @@ def scale_by_galore(
     )
     out, new_norms = [], []
     for i, (g, u, q, nrm, (flag, s, _)) in enumerate(
-        zip(leaves, treedef.flatten_up_to(low_updates), new_proj,
+        zip(leaves, treedef.flatten_up_to(low_updates), bases,
             norm_leaves, plan)
     ):
       if not flag:
@@ -348,6 +453,7 @@ def scale_by_galore(
         key=state.key,
         projector=treedef.unflatten(new_proj),
         residual_norm=treedef.unflatten(new_norms),
+        schedule=treedef.unflatten(new_sched),
         inner_state=inner_state,
     )
 
@@ -383,6 +489,12 @@ def galore_adamw(
     fira_leak: bool = False,
     stagger: int = 1,
     seed: int = 0,
+    projector_bits: int | None = None,
+    projector_group_size: int | None = None,
+    adaptive_gap: bool = False,
+    cos_threshold: jax.typing.ArrayLike = 0.4,
+    gap_growth: jax.typing.ArrayLike = 2,
+    cos_history: int = 5,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a low-rank gradient subspace (GaLore).
 
@@ -404,8 +516,51 @@ def galore_adamw(
       projector=projector, on_refresh=on_refresh, residual=residual,
       residual_scale=residual_scale, fira_gamma=fira_gamma,
       fira_leak=fira_leak, stagger=stagger, mask=mask, seed=seed,
+      projector_bits=projector_bits,
+      projector_group_size=projector_group_size, adaptive_gap=adaptive_gap,
+      cos_threshold=cos_threshold, gap_growth=gap_growth,
+      cos_history=cos_history,
   )
   return _adamw(core, learning_rate, weight_decay, weight_decay_mask)
+
+
+def q_galore_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    rank: int,
+    update_gap: int = 200,
+    scale: jax.typing.ArrayLike = 1.0,
+    projector_bits: int = 4,
+    projector_group_size: int | None = None,
+    cos_threshold: jax.typing.ArrayLike = 0.4,
+    gap_growth: jax.typing.ArrayLike = 2,
+    cos_history: int = 5,
+    side: str = "auto",
+    projector: str = "svd",
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Any = None,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """Q-GaLore: low-bit projectors and lazy, layer-adaptive refresh.
+
+  Projectors are stored as `projector_bits`-bit codes with per-group scales
+  (Q-GaLore's default: 4 bits) and each layer's refresh gap doubles once its
+  basis is stable (mean cosine similarity of consecutive first basis vectors
+  over the last `cos_history` refreshes `>= cos_threshold`). Q-GaLore's INT8
+  weights with stochastic rounding are a model-side choice and not part of
+  this transform.
+
+  References:
+    Zhang et al. 2024, Q-GaLore, https://arxiv.org/abs/2407.08296
+  """
+  return galore_adamw(
+      learning_rate, rank=rank, update_gap=update_gap, scale=scale,
+      side=side, projector=projector, weight_decay=weight_decay, mask=mask,
+      seed=seed, projector_bits=projector_bits,
+      projector_group_size=projector_group_size, adaptive_gap=True,
+      cos_threshold=cos_threshold, gap_growth=gap_growth,
+      cos_history=cos_history,
+  )
 
 
 def fira_adamw(
