@@ -221,11 +221,14 @@ def abstract_state_shardings(
 def shardings_like_params(abstract_state: Any, params: Any) -> Any:
   """Optimizer-state shardings that follow the parameter each leaf belongs to.
 
-  A state leaf whose key path ends with a parameter's key path keeps that
-  parameter's mesh axis on every dimension whose size matches the
-  parameter's (an Adam moment gets exactly the parameter's sharding; a
-  `[m, r]` projector of an `[m, n]` kernel sharded `P("fsdp", "tensor")`
-  gets `P("fsdp", None)`); other leaves (counters, ...) are replicated.
+  A state leaf whose key path ends with a parameter's key path (optionally
+  followed by NamedTuple fields) keeps that parameter's mesh axis on every
+  dimension whose size matches the parameter's (an Adam moment gets exactly
+  the parameter's sharding; a `[m, r]` projector of an `[m, n]` kernel
+  sharded `P("fsdp", "tensor")` gets `P("fsdp", None)`). A mesh axis left
+  over moves to the largest free dimension it divides (the `[r, n]` moment
+  of an `[m, n]` kernel sharded `P("fsdp", None)` gets `P(None, "fsdp")`).
+  Other leaves (counters, ...) are replicated.
 
   Args:
     abstract_state: Output of `jax.eval_shape(tx.init, params)`.
@@ -257,19 +260,40 @@ def shardings_like_params(abstract_state: Any, params: Any) -> Any:
       path.pop()
       yield jax.tree_util.keystr(tuple(path))
 
+  def _axes(entry):
+    return () if entry is None else (entry,) if isinstance(entry, str) else (
+        tuple(entry))
+
   def _sharding(path, leaf):
     names = list(_names(path))
     for param_path, p in by_path:
       if any(n.endswith(param_path) for n in names) and leaf.ndim == p.ndim:
         spec = tuple(p.sharding.spec)
         spec += (None,) * (p.ndim - len(spec))
-        return NamedSharding(
-            mesh,
-            P(*(
-                a if n == m else None
-                for a, n, m in zip(spec, leaf.shape, p.shape)
-            )),
-        )
+        out = [
+            a if n == m else None
+            for a, n, m in zip(spec, leaf.shape, p.shape)
+        ]
+        # A mesh axis the parameter uses on a dimension the state leaf does
+        # not share (a `[r, n]` moment of an `[m, n]` weight sharded on m)
+        # moves to the largest free dimension it divides, so low-rank state
+        # is sharded too instead of replicated on every device.
+        used = {a for e in out for a in _axes(e)}
+        for entry in spec:
+          for axis in _axes(entry):
+            if axis in used:
+              continue
+            size = mesh.shape[axis]
+            free = [
+                i for i, e in enumerate(out)
+                if e is None and leaf.shape[i] >= size
+                and leaf.shape[i] % size == 0
+            ]
+            if free:
+              i = max(free, key=lambda i: leaf.shape[i])
+              out[i] = axis
+              used.add(axis)
+        return NamedSharding(mesh, P(*out))
     return NamedSharding(mesh, P())
 
   return jax.tree_util.tree_map_with_path(_sharding, abstract_state)

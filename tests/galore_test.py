@@ -430,7 +430,9 @@ class ShardedTest(absltest.TestCase):
       self.assertLess(size, 256 * 128 // 4, msg=f"gathered [{dims}]")
     inner = state[0].inner_state
     self.assertEqual(state[0].projector["w"].sharding.spec, P("fsdp", None))
-    self.assertEqual(inner.mu["v"].sharding.spec, P(None, None))
+    # Low-rank moments are sharded too (not replicated on every device).
+    self.assertEqual(inner.mu["w"].sharding.spec, P(None, "fsdp"))
+    self.assertEqual(inner.mu["v"].sharding.spec, P("fsdp", None))
     self.assertEqual(params["w"].sharding.spec, P("fsdp", None))
     one = sharding.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)],
                              devices=jax.devices()[:1])
