@@ -81,6 +81,19 @@ class LoraMathTest(parameterized.TestCase):
         lora.lora_apply(x, a, b, 0.5), 0.5 * x @ (a @ b), rtol=1e-4,
         atol=1e-4)
 
+  def test_custom_backward_matches_autodiff(self):
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(k1, (3, 5, 64))
+    a = jax.random.normal(k2, (64, 4))
+    b = jax.random.normal(k3, (4, 48))
+    w = jax.random.normal(k4, (3, 5, 48))
+    ours = jax.grad(lambda x, a, b: jnp.sum(w * lora.lora_apply(x, a, b, 0.5)),
+                    argnums=(0, 1, 2))(x, a, b)
+    ref = jax.grad(lambda x, a, b: jnp.sum(w * 0.5 * ((x @ a) @ b)),
+                   argnums=(0, 1, 2))(x, a, b)
+    for o, r in zip(ours, ref):
+      np.testing.assert_allclose(o, r, rtol=1e-4, atol=1e-4)
+
   def test_backward_never_forms_full_delta(self):
     x = jnp.ones((8, 64))
     a, b = jnp.ones((64, 4)), jnp.ones((4, 48))

@@ -1,5 +1,6 @@
 """The README's quickstart runs as written (with a tiny real batch)."""
 
+import os
 import pathlib
 import re
 
@@ -23,6 +24,10 @@ class ReadmeTest(absltest.TestCase):
     self.assertLessEqual(len(code.strip().splitlines()), 30)
     # Run it, then take one real train step on a tiny batch with it.
     env = {}
+    # The quickstart writes `out/adapter`: keep it out of the checkout.
+    cwd = os.getcwd()
+    os.chdir(self.create_tempdir().full_path)
+    self.addCleanup(os.chdir, cwd)
     exec(compile("import jax.numpy as jnp\n" + code, "README", "exec"), env)  # pylint: disable=exec-used
     tok = env["tokenizer"]
     batch = {

@@ -87,8 +87,38 @@ def lora_apply(
   intermediate is `[..., r]` or `[d, r]`, so memory stays O(r (d_in + d_out))
   beyond the activations.
   """
-  h = x @ a.astype(x.dtype)
-  return (h @ b.astype(x.dtype)) * jnp.asarray(scale, x.dtype)
+  return _factored(x, a.astype(x.dtype), b.astype(x.dtype)) * jnp.asarray(
+      scale, x.dtype
+  )
+
+
+@jax.custom_vjp
+def _factored(x, a, b):
+  """`(x @ A) @ B` with a backward that only transposes `[tokens, r]` arrays.
+
+  JAX's own transpose of `h @ B` computes `dB = (gᵀ h)ᵀ`, and XLA:CPU then
+  writes a transposed copy of the full `[tokens, d_out]` cotangent for every
+  adapter; on all-linear LoRA that copy alone made the step as slow as full
+  fine-tuning (benchmarks/lora_bench.py). Reverse-mode only.
+  """
+  return (x @ a) @ b
+
+
+def _factored_fwd(x, a, b):
+  h = x @ a
+  return h @ b, (x, h, a, b)
+
+
+def _factored_bwd(residuals, g):
+  x, h, a, b = residuals
+  gh = g @ b.T  # [..., r]
+  flat = lambda t: t.reshape(-1, t.shape[-1])
+  da = (flat(gh).T @ flat(x)).T  # [d_in, r]; transposes only [r, d_in].
+  db = flat(h).T @ flat(g)  # [r, d_out]
+  return gh @ a.T, da.astype(a.dtype), db.astype(b.dtype)
+
+
+_factored.defvjp(_factored_fwd, _factored_bwd)
 
 
 def lora_delta(

@@ -4,6 +4,11 @@
     tx = optim.galore_adamw(1e-2, rank=128, update_gap=200, scale=0.25)
 """
 
+from lowrank.optim.adam8bit import adamw8bit
+from lowrank.optim.adam8bit import BlockQuantized
+from lowrank.optim.adam8bit import scale_by_adam8bit
+from lowrank.optim.adam8bit import ScaleByAdam8bitState
+from lowrank.optim.adam8bit import STATIC_ARGS as ADAM8BIT_STATIC_ARGS
 from lowrank.optim.galore import default_mask
 from lowrank.optim.galore import fira_adamw
 from lowrank.optim.galore import frugal_adamw
@@ -16,3 +21,14 @@ from lowrank.optim.galore import STATIC_ARGS
 from lowrank.optim.memory import estimate_bytes
 from lowrank.optim.memory import state_bytes
 from lowrank.optim.memory import tree_bytes
+from lowrank.optim.layer_sampling import default_layer_of
+from lowrank.optim.layer_sampling import LayerSamplingState
+from lowrank.optim.layer_sampling import lisa_adamw
+from lowrank.optim.layer_sampling import LISA_STATIC_ARGS
+from lowrank.optim.layer_sampling import outlier_ratios
+from lowrank.optim.layer_sampling import OWLORE_STATIC_ARGS
+from lowrank.optim.layer_sampling import owlore_adamw
+from lowrank.optim.layer_sampling import sample_layers
+from lowrank.optim.layer_sampling import scale_by_adam_per_slice
+from lowrank.optim.layer_sampling import scale_by_layer_sampling
+from lowrank.optim.layer_sampling import ScaleByAdamPerSliceState

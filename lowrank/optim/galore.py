@@ -313,12 +313,29 @@ def scale_by_galore(
     low_shapes = [x.shape for x in jax.tree.leaves(params_like)]
 
     def _fix(path, x):
-      name = jax.tree_util.keystr(path)
+      path = list(path)
+      fields = []  # Trailing NamedTuple fields, e.g. `.codes` / `.scale`.
+      while path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+        fields.insert(0, path.pop().name)
+      name = jax.tree_util.keystr(tuple(path))
       for param_path, i in by_path:
         if not name.endswith(param_path):
           continue
         flag, s, _ = plan[i]
-        if not flag or x.shape != low_shapes[i]:
+        if not flag:
+          return x
+        if fields:  # A quantized moment (e.g. 8-bit Adam's BlockQuantized).
+          if on_refresh == "rotate":
+            raise ValueError(
+                "on_refresh='rotate' cannot rotate quantized inner moments "
+                f"({name}.{'.'.join(fields)}); use 'keep' or 'reset', or a "
+                "float inner optimizer."
+            )
+          if fields[-1] != "scale":
+            return x
+          # A zero block scale decodes every code of the block to zero.
+          return jnp.where(refreshed[i], jnp.zeros_like(x), x)
+        if x.shape != low_shapes[i]:
           return x
         if on_refresh == "reset":
           new = jnp.zeros_like(x)
