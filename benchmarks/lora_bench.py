@@ -53,7 +53,7 @@ import optax
 from experiments.configs import finetune_retriever as ft_config
 from lowrank import adapters
 from lowrank import assets
-from lowrank.adapters import layers as lora_layers
+from lowrank.adapters import lora as lora_math
 from lowrank import sharding
 from lowrank.data import code_search
 from lowrank.models import bert
@@ -109,8 +109,8 @@ class Method:
     targets: `adapters.inject` targets, or `None` for no adapters.
     wrt: What the step differentiates: `None` means `nnx.LoRAParam` with
       adapters and `nnx.Param` (full fine-tuning) without.
-    custom_vjp: Trace the LoRA layers with `_lora_matmuls` (a candidate
-      backward, see `_custom_lora_backward`) instead of the library's.
+    autodiff: Trace the LoRA layers with JAX's own backward instead of the
+      library's custom one (see `_autodiff_lora_backward`).
     remat: Rematerialise each `BertLayer` in the backward pass (see
       `_remat_layers`), trading recomputation for activation memory.
   """
@@ -118,7 +118,7 @@ class Method:
   name: str
   targets: str | None
   wrt: Any = None
-  custom_vjp: bool = False
+  autodiff: bool = False
   remat: bool = False
 
 
@@ -137,7 +137,7 @@ ABLATIONS = (
         None,
         wrt=nnx.All(nnx.Param, nnx.PathContains("LayerNorm")),
     ),
-    Method("lora_all_linear_custom_vjp", ALL_LINEAR, custom_vjp=True),
+    Method("lora_all_linear_autodiff", ALL_LINEAR, autodiff=True),
     Method("full_remat", None, remat=True),
     Method("lora_all_linear_remat", ALL_LINEAR, remat=True),
 )
@@ -427,44 +427,22 @@ def _train_batch(tokenizer, config, pairs):
   return put(qs), put(ds)
 
 
-@jax.custom_vjp
-def _lora_matmuls(x: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`(x @ A) @ B` with a backward that transposes only `[tokens, r]` arrays."""
-  return (x @ a) @ b
-
-
-def _lora_matmuls_fwd(x, a, b):
-  h = x @ a
-  return h @ b, (x, h, a, b)
-
-
-def _lora_matmuls_bwd(residuals, g):
-  x, h, a, b = residuals
-  gh = g @ b.T  # [..., r]
-  flat = lambda t: t.reshape(-1, t.shape[-1])
-  # JAX's own transpose of `h @ B` computes dB as `(gᵀ h)ᵀ` and XLA:CPU
-  # materialises `gᵀ`, a transposed copy of the `[tokens, d_out]` cotangent,
-  # for every adapter. Here only the skinny `[tokens, r]` operands are
-  # transposed.
-  da = (flat(gh).T @ flat(x)).T
-  db = flat(h).T @ flat(g)
-  return gh @ a.T, da, db
-
-
-_lora_matmuls.defvjp(_lora_matmuls_fwd, _lora_matmuls_bwd)
-
-
 @contextlib.contextmanager
-def _custom_lora_backward() -> Iterator[None]:
-  """While tracing, `LoRALinear` uses `_lora_matmuls` (benchmark-only)."""
+def _autodiff_lora_backward() -> Iterator[None]:
+  """While tracing, LoRA uses JAX's own transpose of `(x @ A) @ B`.
+
+  This is the library's behaviour before its custom backward
+  (`lowrank.adapters.lora._factored`): JAX transposes `h @ B` as
+  `dB = (gᵀ h)ᵀ`, and XLA:CPU materialises `gᵀ`, a transposed copy of the
+  `[tokens, d_out]` cotangent, for every adapter. Benchmark-only.
+  """
   # pylint: disable=protected-access
-  cls = lora_layers.LoRALinear
-  original = cls._delta_apply
-  cls._delta_apply = lambda self, x, a, b: _lora_matmuls(x, a, b)
+  original = lora_math._factored
+  lora_math._factored = lambda x, a, b: (x @ a) @ b
   try:
     yield
   finally:
-    cls._delta_apply = original
+    lora_math._factored = original
   # pylint: enable=protected-access
 
 
@@ -542,8 +520,8 @@ def make_train_config(
 
   args = (params, opt_state, rest, qs, ds)
   with contextlib.ExitStack() as patches:  # Around all that traces the model.
-    if method.custom_vjp:
-      patches.enter_context(_custom_lora_backward())
+    if method.autodiff:
+      patches.enter_context(_autodiff_lora_backward())
     if method.remat:
       patches.enter_context(_remat_layers())
     closed_jaxpr = jax.make_jaxpr(train_step)(*args)

@@ -26,9 +26,9 @@ import jax
 
 from lowrank.adapters import layers
 
-# method name -> module type -> wrapper class. Variants register here.
-METHODS: dict[str, dict[type, type]] = {"lora": layers.WRAPPERS}
-_LINEAR_KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
+# method name -> module type -> wrapper class (`layers.register` adds to it).
+METHODS = layers.METHODS
+_LINEAR_KINDS = layers.LINEAR_KINDS
 
 
 def path_str(path: Sequence[Any]) -> str:
@@ -158,7 +158,6 @@ def inject(
   """
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; known: {sorted(METHODS)}.")
-  wrappers = METHODS[method]
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   match = _matcher(targets, "targets")
   skip = (lambda p, m: False) if exclude is None else _matcher(
@@ -169,7 +168,7 @@ def inject(
   adaptable = [
       path_str(p)
       for p, m in modules
-      if layers.wrapper_for(m) is not None
+      if layers.wrapper_for(m, method) is not None
       and not isinstance(m, layers.LoRAWrapper)
   ]
   chosen, unadaptable = [], []
@@ -179,9 +178,7 @@ def inject(
       continue
     if isinstance(m, layers.LoRAWrapper):
       raise ValueError(f"Module {name!r} already has an adapter.")
-    cls = next(
-        (wrappers[c] for c in type(m).__mro__ if c in wrappers), None
-    )
+    cls = layers.wrapper_for(m, method)
     if cls is None:
       unadaptable.append(f"{name} ({type(m).__name__})")
     else:

@@ -1,19 +1,38 @@
-"""Flax NNX LoRA layers that wrap an existing layer without copying it.
+"""Flax NNX adapter layers that wrap an existing layer without copying it.
 
-Each layer holds the original module as `base` (its `kernel` stays an
-`nnx.Param`, frozen when training with `wrt=nnx.LoRAParam`) plus the adapter
-factors `lora_a` / `lora_b` as `nnx.LoRAParam`, and calls the pure functions
-in `lowrank.adapters.lora`. Wrapped kinds: `nnx.Linear`, `nnx.LinearGeneral`,
-`nnx.Einsum` (attention projections) and `nnx.Embed`.
+Each wrapper holds the original module as `base` (its `kernel` stays an
+`nnx.Param`, frozen when training with `wrt=nnx.LoRAParam`) plus its adapter
+parameters as `nnx.LoRAParam`. Wrapped kinds: `nnx.Linear`,
+`nnx.LinearGeneral`, `nnx.Einsum` (attention projections) and, for plain
+LoRA, `nnx.Embed`.
 
-Sharding: the factors inherit the base kernel's logical axes (`out_sharding`
-metadata) on the dimensions they share with it, and the rank axis is the
-logical axis `lowrank` (replicated by `lowrank.sharding.LOGICAL_AXIS_RULES`).
-Their values are placed with the base kernel's actual mesh sharding, so
-injecting into a sharded model needs no mesh context.
+**Writing a variant.** Every adapter method (LoRA, DoRA, VeRA, ...) is a
+subclass of `LoRAWrapper` registered with `register(name, cls)`. The base
+class handles the kinds: it sees any wrapped kernel as a 2-D matrix
+`W2: [d_in, d_out]` (the kernel's input dims flattened, then its output dims)
+and any input as `x2: [..., d_in]`, so a variant implements three small
+hooks on 2-D arrays and works on every kind:
 
-A wrapper is a drop-in replacement: `wrapper(x)` equals `base(x)` at
-initialisation (B = 0, or A = 0 for embeddings, as in PEFT).
+  * `_create(key, dtype, **options)`: make the adapter's variables (use
+    `self._param(value, dims)` for trainable ones so they are sharded like
+    the kernel, and `Basis` for frozen non-parameter arrays).
+  * `adapter_out(x2) -> [..., d_out]`: the scaled contribution `x2 ΔW2`,
+    computed without forming `ΔW2` where the method allows.
+  * `delta_weight() -> [d_in, d_out]` float32: `ΔW2`, for merging.
+
+Variants whose output is not `base(x) + x ΔW` (DoRA) override `__call__`,
+`merge` and `unmerge`. `options()` returns the constructor keywords that
+`lowrank.adapters.save_adapter` records so the same adapter can be rebuilt.
+
+Sharding: trainable factors inherit the base kernel's logical axes
+(`out_sharding` metadata) on the dimensions they share with it, and a rank
+axis is the logical axis `lowrank` (replicated by
+`lowrank.sharding.LOGICAL_AXIS_RULES`). Values are placed with the base
+kernel's actual mesh sharding, so injecting into a sharded model needs no
+mesh context.
+
+A fresh plain-LoRA wrapper is a drop-in replacement: `wrapper(x)` equals
+`base(x)` at initialisation (B = 0, or A = 0 for embeddings, as in PEFT).
 """
 
 import math
@@ -29,55 +48,113 @@ from lowrank.adapters import lora
 P = jax.sharding.PartitionSpec
 
 
+class Basis(nnx.Variable):
+  """A frozen, non-trainable adapter array (e.g. a random or SVD basis).
+
+  Neither `nnx.Param` nor `nnx.LoRAParam`: optimizers built with
+  `wrt=nnx.LoRAParam` never see it and adapter checkpoints
+  (`lowrank.checkpoint.save_adapters`) do not store it.
+  """
+
+
+class AdapterState(nnx.Variable):
+  """Non-trainable adapter state that belongs in adapter files.
+
+  For example a rank mask or a pruning budget: not updated by the optimizer
+  (not `nnx.LoRAParam`) but needed to reproduce the adapter's output, so
+  `lowrank.adapters.save_adapter` stores it next to the trainable factors.
+  """
+
+
 def _kernel_var(base: nnx.Module) -> nnx.Variable:
   return base.embedding if isinstance(base, nnx.Embed) else base.kernel
 
 
-def _make_factor(
-    value: jax.Array,
-    like: nnx.Variable,
-    dims: tuple[int | None, ...],
-) -> nnx.LoRAParam:
-  """An `nnx.LoRAParam` sharded like `like` on the kernel dims in `dims`.
+def parse_einsum(einsum_str: str) -> tuple[str, str, str]:
+  """Splits `"lhs,kernel->out"` (spaces removed); validates two operands."""
+  s = einsum_str.replace(" ", "")
+  if "->" not in s or s.count(",") != 1:
+    raise ValueError(
+        f"Expected an explicit two-operand einsum 'lhs,kernel->out'; got "
+        f"{einsum_str!r}."
+    )
+  ins, out = s.split("->")
+  lhs, ker = ins.split(",")
+  return lhs, ker, out
 
-  `dims[i]` is the kernel dimension that factor dimension `i` shares, or
-  `None` for the rank axis.
+
+def _einsum_letters(einsum_str: str) -> tuple[str, str, str]:
+  lhs, ker, out = parse_einsum(einsum_str)
+  bad = [c for c in ker if (c in lhs) == (c in out)]
+  if bad:
+    raise ValueError(
+        f"Cannot add an adapter to einsum {einsum_str!r}: kernel letters "
+        f"{bad} are batch dims or summed out in the kernel alone."
+    )
+  lost = [c for c in lhs if c not in ker and c not in out]
+  if lost:
+    raise ValueError(
+        f"Cannot add an adapter to einsum {einsum_str!r}: input letters "
+        f"{lost} are summed out without the kernel."
+    )
+  return lhs, ker, out
+
+
+def kernel_dims(base: nnx.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """Kernel dims contracted with the input, and kernel dims of the output.
+
+  Raises:
+    ValueError: For a module kind or configuration adapters cannot wrap.
   """
-  meta = like.get_metadata()
-  logical = meta.get("out_sharding")
-  kwargs = {}
-  if logical is not None:
-    kwargs["out_sharding"] = tuple(
-        "lowrank" if d is None else logical[d] for d in dims
+  if isinstance(base, (nnx.Linear, nnx.Embed)):
+    return (0,), (1,)
+  if isinstance(base, nnx.LinearGeneral):
+    if base.batch_axis:
+      raise ValueError(
+          "Adapters on nnx.LinearGeneral with batch_axis are not supported."
+      )
+    n_in, n_out = len(base.in_features), len(base.out_features)
+    return tuple(range(n_in)), tuple(range(n_in, n_in + n_out))
+  if isinstance(base, nnx.Einsum):
+    lhs, ker, _ = _einsum_letters(base.einsum_str)
+    return (
+        tuple(i for i, c in enumerate(ker) if c in lhs),
+        tuple(i for i, c in enumerate(ker) if c not in lhs),
     )
-  sharding = getattr(like.get_value(), "sharding", None)
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    spec = tuple(sharding.spec) + (None,) * (like.get_value().ndim)
-    value = jax.device_put(
-        value,
-        jax.sharding.NamedSharding(
-            sharding.mesh, P(*(None if d is None else spec[d] for d in dims))
-        ),
-    )
-  # Placement is done above from the kernel's real sharding; eager sharding
-  # would demand a mesh context even though none is needed.
-  with nnx.use_eager_sharding(False):
-    return nnx.LoRAParam(value, **kwargs)
+  raise ValueError(f"Cannot wrap a {type(base).__name__} with an adapter.")
+
+
+def _kernel_to_2d(w: jax.Array, in_dims, out_dims) -> jax.Array:
+  d_in = math.prod(w.shape[d] for d in in_dims)
+  return jnp.transpose(w, tuple(in_dims) + tuple(out_dims)).reshape(d_in, -1)
+
+
+def _kernel_from_2d(w2: jax.Array, shape, in_dims, out_dims) -> jax.Array:
+  order = tuple(in_dims) + tuple(out_dims)
+  w = w2.reshape(tuple(shape[d] for d in order))
+  perm = [0] * len(shape)
+  for i, d in enumerate(order):
+    perm[d] = i
+  return jnp.transpose(w, perm)
 
 
 class LoRAWrapper(nnx.Module):
-  """Common state and behaviour of the LoRA wrappers.
+  """Common state and behaviour of all adapter wrappers (plain LoRA here).
 
   Attributes:
     base: The wrapped module (unchanged, its variables still `nnx.Param`).
-    lora_a: `nnx.LoRAParam`, `[*in_shape, r]`.
-    lora_b: `nnx.LoRAParam`, `[r, *out_shape]`.
+    lora_a: `nnx.LoRAParam`, `[*in_shape, r]` (plain LoRA).
+    lora_b: `nnx.LoRAParam`, `[r, *out_shape]` (plain LoRA).
     rank, alpha, rslora, scale: Adapter hyperparameters (static).
+    in_shape, out_shape, d_in, d_out: The kernel's input / output dims and
+      their products (the 2-D view is `[d_in, d_out]`).
     merged: Whether `ΔW` is currently folded into the base kernel.
     enabled: Whether the adapter contributes (see `adapters.disabled`).
   """
 
   method = "lora"
+  # Keyword options the constructor accepts beyond the common ones.
+  option_names: tuple[str, ...] = ()
 
   def __init__(
       self,
@@ -89,10 +166,17 @@ class LoRAWrapper(nnx.Module):
       dropout: float | int = 0.0,
       init: str = "kaiming",
       rngs: nnx.Rngs,
+      **options,
   ):
     lora.check_rank(rank)
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
+    unknown = sorted(set(options) - set(self.option_names))
+    if unknown:
+      raise ValueError(
+          f"Unknown option(s) {unknown} for method {self.method!r}; it "
+          f"accepts {sorted(self.option_names) or 'none'}."
+      )
     self.base = base
     self.rank = rank
     self.alpha = float(rank if alpha is None else alpha)
@@ -103,41 +187,22 @@ class LoRAWrapper(nnx.Module):
     self.enabled = True
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
     kernel = _kernel_var(base)
-    in_dims, out_dims = self._split_kernel_dims()
+    self.in_dims, self.out_dims = kernel_dims(base)
     shape = kernel.get_value().shape
-    in_shape = tuple(shape[d] for d in in_dims)
-    out_shape = tuple(shape[d] for d in out_dims)
-    dtype = kernel.get_value().dtype
-    key_a, key_b = jax.random.split(rngs.params())
-    a, b = self._init_factors(key_a, key_b, in_shape, out_shape, dtype)
-    self.lora_a = _make_factor(a, kernel, tuple(in_dims) + (None,))
-    self.lora_b = _make_factor(b, kernel, (None,) + tuple(out_dims))
+    self.in_shape = tuple(shape[d] for d in self.in_dims)
+    self.out_shape = tuple(shape[d] for d in self.out_dims)
+    self.d_in, self.d_out = math.prod(self.in_shape), math.prod(self.out_shape)
+    self._create(rngs.params(), kernel.get_value().dtype, **options)
 
-  # Subclasses define these three.
-  def _split_kernel_dims(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """Kernel dims contracted with the input, and kernel dims of the output."""
-    raise NotImplementedError
-
-  def _delta_apply(self, x: jax.Array, a: jax.Array, b: jax.Array):
-    """The adapter's contribution for input `x` (unscaled)."""
-    raise NotImplementedError
-
-  def _delta_kernel(self) -> jax.Array:
-    """`ΔW` in float32 with the base kernel's shape."""
-    a = self.lora_a[...].astype(jnp.float32)
-    b = self.lora_b[...].astype(jnp.float32)
-    r = self.rank
-    kshape = _kernel_var(self.base).get_value().shape
-    in_dims, out_dims = self._split_kernel_dims()
-    delta = lora.lora_delta(a.reshape(-1, r), b.reshape(r, -1), self.scale)
-    delta = delta.reshape(
-        tuple(kshape[d] for d in in_dims) + tuple(kshape[d] for d in out_dims)
-    )
-    # Back to the kernel's own dim order.
-    perm = [0] * len(kshape)
-    for i, d in enumerate(tuple(in_dims) + tuple(out_dims)):
-      perm[d] = i
-    return jnp.transpose(delta, perm)
+  # ---------------------------------------------------------------- hooks
+  def _create(self, key: jax.Array, dtype, **options) -> None:
+    """Creates the adapter variables (plain LoRA: `lora_a`, `lora_b`)."""
+    del options
+    key_a, key_b = jax.random.split(key)
+    a, b = self._init_factors(key_a, key_b, self.in_shape, self.out_shape,
+                              dtype)
+    self.lora_a = self._param(a, self.in_dims + (None,))
+    self.lora_b = self._param(b, (None,) + self.out_dims)
 
   def _init_factors(self, key_a, key_b, in_shape, out_shape, dtype):
     r = self.rank
@@ -149,6 +214,83 @@ class LoRAWrapper(nnx.Module):
     del key_b
     return a, b
 
+  def adapter_out(self, x2: jax.Array) -> jax.Array:
+    """Scaled adapter contribution `x2 ΔW2` for `x2: [..., d_in]`."""
+    a = self.lora_a[...].reshape(self.d_in, self.rank)
+    b = self.lora_b[...].reshape(self.rank, self.d_out)
+    return lora.lora_apply(x2, a, b, self.scale)
+
+  def delta_weight(self) -> jax.Array:
+    """`ΔW2: [d_in, d_out]` in float32 (the scaled dense update)."""
+    a = self.lora_a[...].reshape(self.d_in, self.rank)
+    b = self.lora_b[...].reshape(self.rank, self.d_out)
+    return lora.lora_delta(a, b, self.scale)
+
+  def options(self) -> dict[str, Any]:
+    """Constructor keywords beyond rank/alpha/rslora/dropout/init."""
+    return {k: getattr(self, k) for k in self.option_names}
+
+  # -------------------------------------------------------------- helpers
+  def _param(self, value: jax.Array, dims: tuple[int | None, ...]):
+    """A trainable `nnx.LoRAParam` sharded like the kernel on `dims`.
+
+    `dims[i]` is the kernel dimension that dimension `i` of `value` shares,
+    or `None` for an adapter-only axis (logical axis `lowrank`).
+    """
+    return _make_variable(nnx.LoRAParam, value, _kernel_var(self.base), dims)
+
+  def _basis(self, value: jax.Array, dims: tuple[int | None, ...]):
+    """A frozen `Basis` variable, sharded like `_param`."""
+    return _make_variable(Basis, value, _kernel_var(self.base), dims)
+
+  def _to_2d(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
+    """Input in the base layer's layout -> (`[..., d_in]`, batch shape)."""
+    base = self.base
+    if isinstance(base, nnx.Einsum):
+      lhs, ker, _ = _einsum_letters(base.einsum_str)
+      k_in = "".join(c for c in ker if c in lhs)
+      rest = "".join(c for c in lhs if c not in k_in)
+      x = jnp.einsum(f"{lhs}->{rest}{k_in}", x)
+    elif isinstance(base, nnx.LinearGeneral):
+      axis = tuple(ax % x.ndim for ax in base.axis)
+      x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+    n_in = len(self.in_shape)
+    batch = x.shape[: x.ndim - n_in]
+    return x.reshape(batch + (self.d_in,)), batch
+
+  def _from_2d(self, y2: jax.Array, batch: tuple[int, ...]) -> jax.Array:
+    """`[..., d_out]` -> the base layer's output layout."""
+    y = y2.reshape(batch + self.out_shape)
+    base = self.base
+    if isinstance(base, nnx.Einsum):
+      lhs, ker, out = _einsum_letters(base.einsum_str)
+      k_out = "".join(c for c in ker if c not in lhs)
+      rest = "".join(c for c in lhs if c in out)
+      if rest + k_out != out:
+        y = jnp.einsum(f"{rest}{k_out}->{out}", y)
+    return y
+
+  def kernel_2d(self) -> jax.Array:
+    """The base kernel as `[d_in, d_out]` (its own dtype)."""
+    return _kernel_to_2d(
+        _kernel_var(self.base).get_value(), self.in_dims, self.out_dims
+    )
+
+  def _delta_kernel(self) -> jax.Array:
+    """`ΔW` in float32 with the base kernel's shape and dim order."""
+    shape = _kernel_var(self.base).get_value().shape
+    return _kernel_from_2d(
+        self.delta_weight(), shape, self.in_dims, self.out_dims
+    )
+
+  def _set_kernel(self, w: jax.Array) -> None:
+    var = _kernel_var(self.base)
+    old = var.get_value()
+    w = w.astype(old.dtype)
+    sh = getattr(old, "sharding", None)
+    var.set_value(jax.device_put(w, sh) if sh is not None else w)
+
+  # ------------------------------------------------------------- behaviour
   @property
   def active(self) -> bool:
     return self.enabled and not self.merged
@@ -162,32 +304,29 @@ class LoRAWrapper(nnx.Module):
       return y
     if self.dropout is not None:
       x = self.dropout(x)
-    dtype = self._compute_dtype(x)
-    a = self.lora_a[...].astype(dtype)
-    b = self.lora_b[...].astype(dtype)
-    delta = self._delta_apply(x.astype(dtype), a, b)
-    return y + (delta * jnp.asarray(self.scale, dtype)).astype(y.dtype)
+    x2, batch = self._to_2d(x.astype(self._compute_dtype(x)))
+    return y + self._from_2d(self.adapter_out(x2), batch).astype(y.dtype)
 
   def merge(self) -> None:
     """Folds `ΔW` into the base kernel (fp32 accumulate, cast back)."""
     if self.merged:
       return
-    var = _kernel_var(self.base)
-    w = var.get_value()
-    var.set_value((w.astype(jnp.float32) + self._delta_kernel()).astype(w.dtype))
+    w = _kernel_var(self.base).get_value()
+    self._set_kernel(w.astype(jnp.float32) + self._delta_kernel())
     self.merged = True
 
   def unmerge(self) -> None:
     """Inverse of `merge`."""
     if not self.merged:
       return
-    var = _kernel_var(self.base)
-    w = var.get_value()
-    var.set_value((w.astype(jnp.float32) - self._delta_kernel()).astype(w.dtype))
+    w = _kernel_var(self.base).get_value()
+    self._set_kernel(w.astype(jnp.float32) - self._delta_kernel())
     self.merged = False
 
   def num_trainable(self) -> int:
-    return self.lora_a.get_value().size + self.lora_b.get_value().size
+    """Number of trainable (`nnx.LoRAParam`) elements of this adapter."""
+    state = nnx.state(self, nnx.LoRAParam)
+    return sum(x.size for x in jax.tree.leaves(nnx.to_pure_dict(state)))
 
   def peft_factors(self) -> tuple[jax.Array, jax.Array]:
     """`(A, B)` as 2-D `[d_in, r]`, `[r, d_out]` (flattened in/out dims)."""
@@ -207,14 +346,37 @@ class LoRAWrapper(nnx.Module):
       var.set_value(jax.device_put(new, sh) if sh is not None else new)
 
 
+def _make_variable(
+    kind: type,
+    value: jax.Array,
+    like: nnx.Variable,
+    dims: tuple[int | None, ...],
+) -> nnx.Variable:
+  """A `kind` variable sharded like `like` on the kernel dims in `dims`."""
+  meta = like.get_metadata()
+  logical = meta.get("out_sharding")
+  kwargs = {}
+  if logical is not None:
+    kwargs["out_sharding"] = tuple(
+        "lowrank" if d is None else logical[d] for d in dims
+    )
+  sharding = getattr(like.get_value(), "sharding", None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (like.get_value().ndim)
+    value = jax.device_put(
+        value,
+        jax.sharding.NamedSharding(
+            sharding.mesh, P(*(None if d is None else spec[d] for d in dims))
+        ),
+    )
+  # Placement is done above from the kernel's real sharding; eager sharding
+  # would demand a mesh context even though none is needed.
+  with nnx.use_eager_sharding(False):
+    return kind(value, **kwargs)
+
+
 class LoRALinear(LoRAWrapper):
   """LoRA around `nnx.Linear`: `y = base(x) + s · (drop(x) A) B`."""
-
-  def _split_kernel_dims(self):
-    return (0,), (1,)
-
-  def _delta_apply(self, x, a, b):
-    return lora.lora_apply(x, a, b, 1.0)
 
 
 class LoRALinearGeneral(LoRAWrapper):
@@ -223,35 +385,6 @@ class LoRALinearGeneral(LoRAWrapper):
   `A: [*in_features, r]` is contracted with the input's `axis` dims, then
   `B: [r, *out_features]`; the output dims come last, as in the base layer.
   """
-
-  def _split_kernel_dims(self):
-    if self.base.batch_axis:
-      raise ValueError(
-          "LoRA on nnx.LinearGeneral with batch_axis is not supported."
-      )
-    n_in = len(self.base.in_features)
-    n_out = len(self.base.out_features)
-    return tuple(range(n_in)), tuple(range(n_in, n_in + n_out))
-
-  def _delta_apply(self, x, a, b):
-    axis = tuple(ax % x.ndim for ax in self.base.axis)
-    h = jax.lax.dot_general(
-        x, a, ((axis, tuple(range(len(axis)))), ((), ()))
-    )
-    return jnp.tensordot(h, b, axes=1)
-
-
-def parse_einsum(einsum_str: str) -> tuple[str, str, str]:
-  """Splits `"lhs,kernel->out"` (spaces removed); validates two operands."""
-  s = einsum_str.replace(" ", "")
-  if "->" not in s or s.count(",") != 1:
-    raise ValueError(
-        f"Expected an explicit two-operand einsum 'lhs,kernel->out'; got "
-        f"{einsum_str!r}."
-    )
-  ins, out = s.split("->")
-  lhs, ker = ins.split(",")
-  return lhs, ker, out
 
 
 class LoRAEinsum(LoRAWrapper):
@@ -262,36 +395,11 @@ class LoRAEinsum(LoRAWrapper):
   in all three (a batch dim of the kernel) cannot be adapted.
   """
 
-  def _letters(self):
-    lhs, ker, out = parse_einsum(self.base.einsum_str)
-    bad = [c for c in ker if (c in lhs) == (c in out)]
-    if bad:
-      raise ValueError(
-          f"Cannot add LoRA to einsum {self.base.einsum_str!r}: kernel "
-          f"letters {bad} are batch dims or summed out in the kernel alone."
-      )
-    used = set(lhs + ker + out)
-    rank_letter = next(c for c in string.ascii_letters if c not in used)
-    return lhs, ker, out, rank_letter
-
-  def _split_kernel_dims(self):
-    lhs, ker, _, _ = self._letters()
-    return (
-        tuple(i for i, c in enumerate(ker) if c in lhs),
-        tuple(i for i, c in enumerate(ker) if c not in lhs),
-    )
-
-  def _delta_apply(self, x, a, b):
-    lhs, ker, out, r = self._letters()
-    k_in = "".join(c for c in ker if c in lhs)
-    k_out = "".join(c for c in ker if c not in lhs)
-    mid = "".join(c for c in lhs if c not in k_in) + r
-    h = jnp.einsum(f"{lhs},{k_in}{r}->{mid}", x, a)
-    return jnp.einsum(f"{mid},{r}{k_out}->{out}", h, b)
-
   def __call__(self, x, einsum_str=None, **kwargs):
     if einsum_str is not None and einsum_str != self.base.einsum_str:
-      raise ValueError("A LoRA-wrapped Einsum uses its constructor einsum_str.")
+      raise ValueError(
+          "An adapter-wrapped Einsum uses its constructor einsum_str."
+      )
     return super().__call__(x, **kwargs)
 
 
@@ -301,9 +409,6 @@ class LoRAEmbed(LoRAWrapper):
   As in PEFT, `A: [num_embeddings, r]` starts at zero and `B: [r, features]`
   is standard normal; no dropout on token ids.
   """
-
-  def _split_kernel_dims(self):
-    return (0,), (1,)
 
   def _init_factors(self, key_a, key_b, in_shape, out_shape, dtype):
     r = self.rank
@@ -337,10 +442,42 @@ WRAPPERS: dict[type, type] = {
     nnx.Embed: LoRAEmbed,
 }
 
+LINEAR_KINDS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum)
 
-def wrapper_for(module: nnx.Module) -> type | None:
-  """The LoRA wrapper class for `module`'s type (exact or subclass)."""
+# method name -> {module type -> wrapper class}. Variants call `register`.
+METHODS: dict[str, dict[type, type]] = {"lora": WRAPPERS}
+
+
+def register(
+    name: str, cls: type, kinds: tuple[type, ...] = LINEAR_KINDS
+) -> type:
+  """Registers adapter method `name` (used by `inject(method=name)`).
+
+  Args:
+    name: Method name; must be new.
+    cls: A `LoRAWrapper` subclass with `method == name`.
+    kinds: Module types it can wrap (default: the linear kinds).
+
+  Returns:
+    `cls` (so it can be used as a decorator helper).
+
+  Raises:
+    ValueError: If `name` is taken or `cls` is not a `LoRAWrapper`.
+  """
+  if name in METHODS:
+    raise ValueError(f"Adapter method {name!r} is already registered.")
+  if not (isinstance(cls, type) and issubclass(cls, LoRAWrapper)):
+    raise ValueError(f"{cls!r} is not a LoRAWrapper subclass.")
+  if cls.method != name:
+    raise ValueError(f"{cls.__name__}.method is {cls.method!r}, not {name!r}.")
+  METHODS[name] = {k: cls for k in kinds}
+  return cls
+
+
+def wrapper_for(module: nnx.Module, method: str = "lora") -> type | None:
+  """The wrapper class of `method` for `module`'s type (exact or subclass)."""
+  table = METHODS.get(method, {})
   for cls in type(module).__mro__:
-    if cls in WRAPPERS:
-      return WRAPPERS[cls]
+    if cls in table:
+      return table[cls]
   return None
