@@ -25,6 +25,7 @@ from flax import nnx
 import jax
 
 from lowrank.adapters import layers
+from lowrank.adapters import lora
 
 # method name -> module type -> wrapper class (`layers.register` adds to it).
 METHODS = layers.METHODS
@@ -119,6 +120,7 @@ def inject(
     alpha: float | int | None = None,
     dropout: float | int = 0.0,
     init: str = "kaiming",
+    init_data: Mapping[str, Any] | None = None,
     use_rslora: bool = False,
     exclude: str | Sequence[str] | None = None,
     rank_pattern: Mapping[str, int] | None = None,
@@ -140,7 +142,12 @@ def inject(
     rank: Adapter rank `r`.
     alpha: `lora_alpha`; default `rank` (scale 1).
     dropout: Dropout on the adapter input (active in `model.train()` mode).
-    init: `"kaiming"` (PEFT default) or `"gaussian"` for `A`; `B = 0`.
+    init: `"kaiming"` (PEFT default) or `"gaussian"` for `A` with `B = 0`,
+      or a data/SVD initialisation registered in `layers.INITIALIZERS`
+      (`"pissa"`, `"olora"`, `"corda"`, `"lora_sb"`, ...), which is applied
+      after the wrapper is built.
+    init_data: `{module path: data}` for inits that need data per module
+      (CorDA's input covariance, LoRA-SB's first gradient).
     use_rslora: Scale `alpha / sqrt(r)` instead of `alpha / r`.
     exclude: Modules to leave alone even if they match `targets`.
     rank_pattern: `{regex: rank}` overrides, PEFT semantics.
@@ -158,6 +165,12 @@ def inject(
   """
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; known: {sorted(METHODS)}.")
+  data_init = layers.INITIALIZERS.get(init)
+  if data_init is None and init not in lora.INITS:
+    raise ValueError(
+        f"Unknown init {init!r}; known: "
+        f"{sorted(set(lora.INITS) | set(layers.INITIALIZERS))}."
+    )
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   match = _matcher(targets, "targets")
   skip = (lambda p, m: False) if exclude is None else _matcher(
@@ -194,6 +207,14 @@ def inject(
         f"targets={targets!r} matched no module. Adaptable modules: "
         f"{_listing(adaptable)}. All module paths: {_listing(all_paths)}."
     )
+  if init_data is not None:
+    names = {path_str(p) for p, _, _ in chosen}
+    extra = sorted(set(init_data) - names)
+    if extra:
+      raise ValueError(
+          f"init_data has entries for modules that are not adapted: "
+          f"{_listing(extra)}. Adapted: {_listing(sorted(names))}."
+      )
   for p, m, cls in chosen:
     name = path_str(p)
     new = cls(
@@ -202,10 +223,13 @@ def inject(
         alpha=pattern_value(alpha_pattern, name, alpha),
         rslora=use_rslora,
         dropout=dropout,
-        init=init,
+        init="kaiming" if data_init is not None else init,
         rngs=rngs,
         **method_options,
     )
+    if data_init is not None:
+      data_init(new, (init_data or {}).get(name), rngs.params())
+      new.init = init
     _set_child(model, p, new)
   return model
 

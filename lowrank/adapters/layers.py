@@ -474,6 +474,29 @@ def register(
   return cls
 
 
+# init name -> fn(wrapper, data) that re-initialises a freshly built adapter
+# from its base weights and optional per-module data (PiSSA, OLoRA, CorDA,
+# LoRA-SB). Register with `register_init`.
+INITIALIZERS: dict[str, Any] = {}
+
+
+def register_init(name: str, fn) -> Any:
+  """Registers a data/SVD initialisation usable as `inject(init=name)`.
+
+  `fn(wrapper, data, key)` runs right after the wrapper is built with the
+  default (kaiming) factors; `data` is `init_data[path]` from `inject` or
+  `None`, `key` a PRNG key. It may rewrite the adapter variables and the
+  base kernel (e.g. PiSSA moves the principal part out of the base).
+
+  Raises:
+    ValueError: If `name` is taken or is a plain random init.
+  """
+  if name in INITIALIZERS or name in lora.INITS:
+    raise ValueError(f"Adapter init {name!r} is already defined.")
+  INITIALIZERS[name] = fn
+  return fn
+
+
 def wrapper_for(module: nnx.Module, method: str = "lora") -> type | None:
   """The wrapper class of `method` for `module`'s type (exact or subclass)."""
   table = METHODS.get(method, {})
