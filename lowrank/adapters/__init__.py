@@ -1,11 +1,15 @@
-r"""Low-rank adapters: pure math, NNX layers, injection, merge, PEFT I/O.
+r"""Low-rank adapters: pure math, NNX layers, injection, merge, file I/O.
 
     from lowrank import adapters
     adapters.inject(model, targets=r".*\.(query|value)", rank=8, alpha=16)
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
     ...
     adapters.save_peft("out/adapter", model)   # loads in HF PEFT unchanged
+    adapters.save_adapter("out/any", model)    # any method, lowrank format
     adapters.merge(model)                      # fold into the base weights
+
+`inject(method=...)` picks the adapter family; `adapters.METHODS` lists the
+registered ones and `adapters.INITIALIZERS` the data/SVD initialisations.
 """
 
 from lowrank.adapters.injection import adapter_modules
@@ -15,10 +19,18 @@ from lowrank.adapters.injection import inject
 from lowrank.adapters.injection import merge
 from lowrank.adapters.injection import unload
 from lowrank.adapters.injection import unmerge
+from lowrank.adapters.layers import AdapterState
+from lowrank.adapters.layers import Basis
+from lowrank.adapters.layers import INITIALIZERS
 from lowrank.adapters.layers import LoRAEinsum
 from lowrank.adapters.layers import LoRAEmbed
 from lowrank.adapters.layers import LoRALinear
 from lowrank.adapters.layers import LoRALinearGeneral
 from lowrank.adapters.layers import LoRAWrapper
+from lowrank.adapters.layers import METHODS
+from lowrank.adapters.layers import register
+from lowrank.adapters.layers import register_init
+from lowrank.adapters.native_io import load_adapter
+from lowrank.adapters.native_io import save_adapter
 from lowrank.adapters.peft_io import load_peft
 from lowrank.adapters.peft_io import save_peft

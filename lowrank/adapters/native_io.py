@@ -1,0 +1,253 @@
+"""lowrank's own adapter file format, for every adapter method.
+
+Hugging Face PEFT files (`lowrank.adapters.peft_io`) cover the methods PEFT
+also has. This format covers all of them, including the variants PEFT lacks
+(NOLA, RandLoRA, LoRA-XS, LoLDU, DyLoRA, SoRA, IncreLoRA, ...). A directory
+holds:
+
+* `lowrank_adapter.json`: `{"format": "lowrank-adapter", "version": 1,
+  "modules": {path: {"method", "rank", "alpha", "rslora", "dropout", "init",
+  "options"}}}`, i.e. everything needed to rebuild each wrapper with
+  `inject`.
+* `adapter.safetensors`: every `nnx.LoRAParam` and `AdapterState` leaf of each
+  wrapper, keyed `<module path>/<variable path>` (e.g.
+  `encoder.layer.0.attention.self.query/lora_a`).
+
+Frozen `Basis` arrays (VeRA's random projections, ...) are not stored: each
+method regenerates them from its `options()` (a seed) when the wrapper is
+rebuilt. Loading reads JSON and safetensors only; it never executes code.
+"""
+
+import json
+import os
+import re
+from typing import Any
+
+from flax import nnx
+import jax
+import numpy as np
+import safetensors.numpy
+
+from lowrank.adapters import injection
+from lowrank.adapters import layers
+
+CONFIG_NAME = "lowrank_adapter.json"
+WEIGHTS_NAME = "adapter.safetensors"
+FORMAT = "lowrank-adapter"
+VERSION = 1
+SAVED = (nnx.LoRAParam, layers.AdapterState)
+
+
+def _atomic_write(path: str, write_fn) -> None:
+  directory = os.path.dirname(path) or "."
+  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
+  try:
+    write_fn(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _jsonable(value: Any, where: str) -> Any:
+  try:
+    json.dumps(value)
+  except TypeError as e:
+    raise ValueError(
+        f"{where}: option value {value!r} is not JSON-serialisable ({e})."
+    ) from e
+  return value
+
+
+def _wrapper_arrays(module: layers.LoRAWrapper) -> dict[str, np.ndarray]:
+  """`{variable path: array}` of the saved variable kinds, `base` excluded."""
+  out = {}
+  for path, var in nnx.iter_graph(module):
+    if not path or path[0] == "base" or not isinstance(var, nnx.Variable):
+      continue
+    if isinstance(var, SAVED):
+      out["/".join(str(p) for p in path)] = np.asarray(var.get_value())
+  return out
+
+
+def module_config(module: layers.LoRAWrapper, where: str) -> dict[str, Any]:
+  return {
+      "method": module.method,
+      "rank": int(module.rank),
+      "alpha": float(module.alpha),
+      "rslora": bool(module.rslora),
+      "dropout": float(module.dropout.rate if module.dropout else 0.0),
+      "init": str(module.init),
+      "options": {
+          k: _jsonable(v, f"{where}.{k}") for k, v in module.options().items()
+      },
+  }
+
+
+def save_adapter(directory: str | os.PathLike[str], model: nnx.Module) -> None:
+  """Writes every adapter of `model` (any method) to `directory`.
+
+  Args:
+    directory: Created if missing; both files are written atomically.
+    model: A model with adapters from `lowrank.adapters.inject`.
+
+  Raises:
+    ValueError: If the model has no adapters, an adapter is merged, or an
+      option cannot be written as JSON.
+  """
+  mods = injection.adapter_modules(model)
+  if not mods:
+    raise ValueError("The model has no adapters to save.")
+  config = {"format": FORMAT, "version": VERSION, "modules": {}}
+  tensors = {}
+  for path, m in mods.items():
+    if m.merged:
+      raise ValueError(f"{path}: adapter is merged; call unmerge() first.")
+    config["modules"][path] = module_config(m, path)
+    for key, value in _wrapper_arrays(m).items():
+      tensors[f"{path}/{key}"] = np.ascontiguousarray(value)
+  os.makedirs(directory, exist_ok=True)
+
+  def _write_json(tmp):
+    with open(tmp, "w") as f:
+      json.dump(config, f, indent=2, sort_keys=True)
+
+  _atomic_write(
+      os.path.join(directory, WEIGHTS_NAME),
+      lambda tmp: safetensors.numpy.save_file(tensors, tmp),
+  )
+  _atomic_write(os.path.join(directory, CONFIG_NAME), _write_json)
+
+
+def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
+  """Reads and validates `lowrank_adapter.json`.
+
+  Raises:
+    FileNotFoundError: If the file is missing.
+    ValueError: If it is not JSON or not this format / version, or a module
+      entry lacks a field.
+  """
+  path = os.path.join(directory, CONFIG_NAME)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}.")
+  try:
+    with open(path) as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  if not isinstance(config, dict) or config.get("format") != FORMAT:
+    raise ValueError(f"{path}: not a {FORMAT!r} file.")
+  if config.get("version") != VERSION:
+    raise ValueError(
+        f"{path}: version {config.get('version')!r}; this lowrank reads "
+        f"version {VERSION}."
+    )
+  modules = config.get("modules")
+  if not isinstance(modules, dict) or not modules:
+    raise ValueError(f"{path}: 'modules' must be a non-empty object.")
+  fields = ("method", "rank", "alpha", "rslora", "dropout", "init", "options")
+  for name, entry in modules.items():
+    missing = [k for k in fields if k not in entry]
+    if missing:
+      raise ValueError(f"{path}: module {name!r} lacks {missing}.")
+    if entry["method"] not in layers.METHODS:
+      raise ValueError(
+          f"{path}: module {name!r} uses unknown method "
+          f"{entry['method']!r}; known: {sorted(layers.METHODS)}."
+      )
+  return config
+
+
+def load_adapter(
+    directory: str | os.PathLike[str],
+    model: nnx.Module,
+    *,
+    rngs: nnx.Rngs | int = 0,
+) -> nnx.Module:
+  """Loads an adapter directory written by `save_adapter` into `model`.
+
+  If `model` has no adapters they are injected from the config, module by
+  module (each with its own method, rank and options); if it has some, they
+  must be exactly the saved modules with the same methods.
+
+  Args:
+    directory: Holds `lowrank_adapter.json` and `adapter.safetensors`.
+    model: The base model (or one with matching adapters).
+    rngs: Only used to build the wrappers before their values are loaded.
+
+  Returns:
+    `model`, in place.
+
+  Raises:
+    FileNotFoundError: If a file is missing.
+    ValueError: If a module, method, tensor or shape does not fit `model`;
+      the message names it.
+  """
+  config = read_config(directory)
+  wpath = os.path.join(directory, WEIGHTS_NAME)
+  if not os.path.exists(wpath):
+    raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory}.")
+  tensors = safetensors.numpy.load_file(wpath)
+  rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
+  modules = config["modules"]
+  mods = injection.adapter_modules(model)
+  if not mods:
+    for path, entry in modules.items():
+      try:
+        injection.inject(
+            model,
+            targets=re.escape(path),
+            method=entry["method"],
+            rank=int(entry["rank"]),
+            alpha=entry["alpha"],
+            use_rslora=bool(entry["rslora"]),
+            dropout=float(entry["dropout"]),
+            rngs=rngs,
+            **entry["options"],
+        )
+      except ValueError as e:
+        raise ValueError(
+            f"Adapter {path!r} in {directory} does not fit the model: {e}"
+        ) from e
+      injection.adapter_modules(model)[path].init = entry["init"]
+    mods = injection.adapter_modules(model)
+  if set(mods) != set(modules):
+    raise ValueError(
+        f"The model's adapters do not match {directory}: only in the model "
+        f"{sorted(set(mods) - set(modules))[:10]}, only in the file "
+        f"{sorted(set(modules) - set(mods))[:10]}."
+    )
+  expected = {}
+  for path, m in mods.items():
+    if m.method != modules[path]["method"]:
+      raise ValueError(
+          f"{path}: the model's adapter is {m.method!r} but the file holds "
+          f"{modules[path]['method']!r}."
+      )
+    for key, value in _wrapper_arrays(m).items():
+      expected[f"{path}/{key}"] = value.shape
+  unexpected = sorted(set(tensors) - set(expected))
+  missing = sorted(set(expected) - set(tensors))
+  if unexpected or missing:
+    raise ValueError(
+        f"{wpath}: unexpected tensors {unexpected[:10]}, missing tensors "
+        f"{missing[:10]}."
+    )
+  for key, shape in expected.items():
+    if tuple(tensors[key].shape) != tuple(shape):
+      raise ValueError(
+          f"{key}: expected shape {tuple(shape)}, found "
+          f"{tuple(tensors[key].shape)} in {wpath}."
+      )
+  for path, m in mods.items():
+    for vpath, var in nnx.iter_graph(m):
+      if not vpath or vpath[0] == "base" or not isinstance(var, SAVED):
+        continue
+      old = var.get_value()
+      new = jax.numpy.asarray(
+          tensors[f"{path}/{'/'.join(str(p) for p in vpath)}"], old.dtype
+      )
+      sh = getattr(old, "sharding", None)
+      var.set_value(jax.device_put(new, sh) if sh is not None else new)
+  return model

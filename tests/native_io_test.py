@@ -1,0 +1,172 @@
+"""Tests for lowrank's own adapter format (`save_adapter` / `load_adapter`)."""
+
+import json
+import os
+
+from absl.testing import absltest
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lowrank import adapters
+from lowrank import checkpoint
+from lowrank.adapters import layers
+from lowrank.adapters import native_io
+
+
+class _Scaled(layers.LoRAWrapper):
+  """A test-only variant: LoRA with a frozen random basis and a mask.
+
+  Exercises every kind of variable the format must handle: trainable factors,
+  saved non-trainable state, a basis regenerated from a seed option.
+  """
+
+  method = "test_scaled"
+  option_names = ("seed",)
+
+  def _create(self, key, dtype, seed=0):
+    self.seed = seed
+    super()._create(key, dtype)
+    basis = jax.random.normal(jax.random.key(seed), (self.rank,), dtype)
+    self.basis = self._basis(basis, (None,))
+    self.mask = layers.AdapterState(jnp.ones((self.rank,), dtype))
+
+  def adapter_out(self, x2):
+    a = self.lora_a[...].reshape(self.d_in, self.rank)
+    b = self.lora_b[...].reshape(self.rank, self.d_out)
+    d = self.basis[...] * self.mask[...]
+    h = x2 @ a
+    h = h * d.reshape((1,) * (h.ndim - 1) + (-1,))
+    return (h @ b) * self.scale
+
+  def delta_weight(self):
+    a = self.lora_a[...].reshape(self.d_in, self.rank).astype(jnp.float32)
+    b = self.lora_b[...].reshape(self.rank, self.d_out).astype(jnp.float32)
+    d = (self.basis[...] * self.mask[...]).astype(jnp.float32)
+    return (a * d[None, :]) @ b * self.scale
+
+
+if "test_scaled" not in layers.METHODS:
+  layers.register("test_scaled", _Scaled)
+
+
+class _Model(nnx.Module):
+
+  def __init__(self, rngs):
+    self.l1 = nnx.Linear(8, 12, rngs=rngs)
+    self.gen = nnx.LinearGeneral(12, (2, 3), rngs=rngs)
+    self.ein = nnx.Einsum("btd,dnh->btnh", (12, 2, 3), rngs=rngs)
+
+  def __call__(self, x):
+    h = self.l1(x)
+    return self.gen(h) + self.ein(h)
+
+
+def _randomize(model, seed=3):
+  state = nnx.state(model, (nnx.LoRAParam, layers.AdapterState))
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  new = [
+      jax.random.normal(k, x.shape, x.dtype) * 0.3
+      for k, x in zip(keys, leaves)
+  ]
+  nnx.update(model, jax.tree.unflatten(treedef, new))
+
+
+class NativeIoTest(absltest.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+
+  def _trained(self):
+    model = _Model(nnx.Rngs(0))
+    adapters.inject(model, targets=["l1", "gen"], rank=3, alpha=6)
+    adapters.inject(
+        model, targets=["ein"], method="test_scaled", rank=2, seed=7
+    )
+    _randomize(model)
+    return model
+
+  def test_roundtrip_mixed_methods_into_fresh_model(self):
+    model = self._trained()
+    want = model(self.x)
+    d = self.create_tempdir().full_path
+    adapters.save_adapter(d, model)
+    with open(os.path.join(d, native_io.CONFIG_NAME)) as f:
+      config = json.load(f)
+    self.assertEqual(config["modules"]["ein"]["method"], "test_scaled")
+    self.assertEqual(config["modules"]["ein"]["options"], {"seed": 7})
+    self.assertEqual(config["modules"]["l1"]["alpha"], 6.0)
+    fresh = _Model(nnx.Rngs(0))
+    adapters.load_adapter(d, fresh, rngs=5)
+    np.testing.assert_allclose(fresh(self.x), want, rtol=1e-6, atol=1e-6)
+    mods = adapters.adapter_modules(fresh)
+    self.assertIsInstance(mods["ein"], _Scaled)
+    self.assertEqual(mods["l1"].rank, 3)
+
+  def test_basis_is_not_stored_and_state_is(self):
+    model = self._trained()
+    d = self.create_tempdir().full_path
+    adapters.save_adapter(d, model)
+    import safetensors.numpy  # pylint: disable=g-import-not-at-top
+    keys = set(safetensors.numpy.load_file(
+        os.path.join(d, native_io.WEIGHTS_NAME)))
+    self.assertIn("ein/mask", keys)
+    self.assertIn("ein/lora_a", keys)
+    self.assertNotIn("ein/basis", keys)
+    self.assertFalse(any(k.startswith("l1/base") for k in keys))
+    # Orbax adapter checkpoints hold the same leaves.
+    flat = jax.tree_util.tree_leaves_with_path(checkpoint.adapter_state(model))
+    names = {"/".join(str(getattr(p, "key", p)) for p in path)
+             for path, _ in flat}
+    self.assertIn("ein/mask", names)
+    self.assertNotIn("ein/basis", names)
+
+  def test_loading_into_existing_adapters_checks_method_and_shape(self):
+    model = self._trained()
+    d = self.create_tempdir().full_path
+    adapters.save_adapter(d, model)
+    other = _Model(nnx.Rngs(0))
+    adapters.inject(other, targets=["l1", "gen", "ein"], rank=3)
+    with self.assertRaisesRegex(ValueError, "'test_scaled'"):
+      adapters.load_adapter(d, other)
+    other = _Model(nnx.Rngs(0))
+    adapters.inject(other, targets=["l1", "gen"], rank=4)
+    adapters.inject(other, targets=["ein"], method="test_scaled", rank=2)
+    with self.assertRaisesRegex(ValueError, r"expected shape"):
+      adapters.load_adapter(d, other)
+
+  def test_bad_files(self):
+    d = self.create_tempdir().full_path
+    with self.assertRaises(FileNotFoundError):
+      adapters.load_adapter(d, _Model(nnx.Rngs(0)))
+    with open(os.path.join(d, native_io.CONFIG_NAME), "w") as f:
+      f.write("{not json")
+    with self.assertRaisesRegex(ValueError, "not valid JSON"):
+      adapters.load_adapter(d, _Model(nnx.Rngs(0)))
+    with open(os.path.join(d, native_io.CONFIG_NAME), "w") as f:
+      json.dump({"format": "lowrank-adapter", "version": 1, "modules": {
+          "l1": {"method": "nope", "rank": 2, "alpha": 2, "rslora": False,
+                 "dropout": 0, "init": "kaiming", "options": {}}}}, f)
+    with self.assertRaisesRegex(ValueError, "unknown method 'nope'"):
+      adapters.load_adapter(d, _Model(nnx.Rngs(0)))
+
+  def test_unknown_option_is_an_error(self):
+    with self.assertRaisesRegex(ValueError, r"Unknown option\(s\) \['sed'\]"):
+      adapters.inject(_Model(nnx.Rngs(0)), targets=["l1"],
+                      method="test_scaled", rank=2, sed=1)
+    with self.assertRaisesRegex(ValueError, "Unknown init 'pisa'"):
+      adapters.inject(_Model(nnx.Rngs(0)), targets=["l1"], rank=2,
+                      init="pisa")
+
+  def test_merged_adapter_is_refused(self):
+    model = self._trained()
+    adapters.merge(model)
+    with self.assertRaisesRegex(ValueError, "merged"):
+      adapters.save_adapter(self.create_tempdir().full_path, model)
+
+
+if __name__ == "__main__":
+  absltest.main()
