@@ -141,8 +141,11 @@ def train_and_evaluate(
   """Runs (or resumes) training; returns zero-shot and final metrics."""
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
-  if config.method not in ("lora", "full"):
-    raise ValueError(f"method must be 'lora' or 'full'; got {config.method!r}")
+  if config.method != "full" and config.method not in adapters.METHODS:
+    raise ValueError(
+        f"method must be 'full' or an adapter method "
+        f"{sorted(adapters.METHODS)}; got {config.method!r}."
+    )
   mesh = sharding.make_mesh(tuple(config.mesh.items()))
   pairs, test = load_data(config.data, eval_max_queries=config.eval_max_queries)
   if len(pairs) < config.batch_size:
@@ -163,8 +166,11 @@ def train_and_evaluate(
       zero_shot = evaluate(model, tokenizer, test, config)
       _write_json(zero_path, zero_shot)
     logging.info("zero-shot: %s", zero_shot)
-    if config.method == "lora":
-      adapters.inject(model, rngs=config.seed, **config.adapter)
+    if config.method != "full":
+      kwargs = dict(config.adapter)
+      options = dict(kwargs.pop("options", None) or {})
+      adapters.inject(model, method=config.method, rngs=config.seed,
+                      **kwargs, **options)
       wrt = nnx.LoRAParam
     else:
       wrt = nnx.Param

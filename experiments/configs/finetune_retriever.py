@@ -27,7 +27,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.seed = 0
   config.data = "code_search"  # or "beir:<directory>"
   config.model_path = ""  # HF-format directory; "" = bundled MiniLM.
-  config.method = "lora"  # "lora" or "full"
+  # "full", or an adapter method: "lora", "dora", "vera", ... (see
+  # `lowrank.adapters.METHODS`); method-specific keywords go in
+  # `config.adapter.options`.
+  config.method = "lora"
   config.num_train_steps = 150
   config.batch_size = 32
   config.query_max_length = 32
@@ -42,13 +45,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_max_queries = 0  # 0 = all test queries.
   config.eval_k = 100
 
-  # == lowrank.adapters.inject keyword arguments (method="lora").
+  # == lowrank.adapters.inject keyword arguments.
   config.adapter = ml_collections.ConfigDict()
   config.adapter.targets = r".*\.(query|key|value|dense)"
   config.adapter.rank = 8
   config.adapter.alpha = 16.0
   config.adapter.dropout = 0.0
   config.adapter.use_rslora = False
+  config.adapter.init = "kaiming"
+  config.adapter.options = ml_collections.ConfigDict()
 
   # == optax.adamw keyword arguments (the schedule wraps learning_rate).
   config.optimizer = ml_collections.ConfigDict()
