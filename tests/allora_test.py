@@ -1,0 +1,190 @@
+"""Tests for ALLoRA's adaptive learning rate (`lowrank.optim.allora`)."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lowrank import adapters
+from lowrank import sharding
+from lowrank.optim import allora
+
+
+def _params(dtype=jnp.float32):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  return {
+      "layer": {
+          "lora_a": jax.random.normal(k1, (6, 2, 3)).astype(dtype),
+          "lora_b": jax.random.normal(k2, (3, 5)).astype(dtype),
+      },
+      "gate": jax.random.normal(k3, (3,)).astype(dtype),
+  }
+
+
+def _loss(params):
+  a = params["layer"]["lora_a"].reshape(12, 3)
+  delta = a @ (params["layer"]["lora_b"] * params["gate"][:, None])
+  return jnp.sum((delta.astype(jnp.float32) - 1.0) ** 2)
+
+
+class ScaleByALLoRATest(parameterized.TestCase):
+
+  def test_coefficient_formula(self):
+    eta = 2.0
+    params = _params()
+    updates = jax.tree.map(jnp.ones_like, params)
+    tx = allora.scale_by_allora(eta)
+    out, _ = tx.update(updates, tx.init(params), params)
+    a = np.asarray(params["layer"]["lora_a"], np.float64)
+    b = np.asarray(params["layer"]["lora_b"], np.float64)
+    g = np.asarray(params["gate"], np.float64)
+    # lora_a: one norm per rank component (over all input dims).
+    want_a = 1 / np.sqrt(np.sum(a**2, axis=(0, 1)) + 1 / eta**2)
+    # lora_b: one norm per output unit (over the rank axis).
+    want_b = 1 / np.sqrt(np.sum(b**2, axis=0) + 1 / eta**2)
+    want_g = 1 / np.sqrt(np.sum(g**2) + 1 / eta**2)
+    np.testing.assert_allclose(out["layer"]["lora_a"],
+                               np.broadcast_to(want_a, a.shape), rtol=1e-6)
+    np.testing.assert_allclose(out["layer"]["lora_b"],
+                               np.broadcast_to(want_b, b.shape), rtol=1e-6)
+    np.testing.assert_allclose(out["gate"], np.full(3, want_g), rtol=1e-6)
+
+  def test_zero_norm_gives_eta_and_large_norm_gives_inverse_norm(self):
+    tx = allora.scale_by_allora(eta=5.0)
+    p = {"lora_b": jnp.zeros((2, 3)), "big": jnp.full((4,), 500.0)}
+    out, _ = tx.update(jax.tree.map(jnp.ones_like, p), tx.init(p), p)
+    np.testing.assert_allclose(out["lora_b"], 5.0, rtol=1e-6)
+    np.testing.assert_allclose(out["big"], 1 / 1000.0, rtol=1e-5)
+
+  def test_nnx_state_paths_and_custom_axes(self):
+    with sharding.use_mesh():
+      model = _Wrap(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+      adapters.inject(model, targets="lin", rank=2)
+      model.lin.lora_b.set_value(jnp.ones((2, 3)))
+      state = nnx.state(model, nnx.LoRAParam)  # Leaves under `.value`.
+      ones = jax.tree.map(jnp.ones_like, state)
+      tx = allora.scale_by_allora(1.0)
+      out, _ = tx.update(ones, tx.init(state), state)
+      # Per output unit of B: norm sqrt(2) -> 1 / sqrt(2 + 1).
+      np.testing.assert_allclose(out["lin"]["lora_b"].get_value(),
+                                 1 / np.sqrt(3.0), rtol=1e-6)
+      whole = allora.scale_by_allora(
+          1.0, axes=lambda path, leaf: tuple(range(leaf.ndim)))
+      out, _ = whole.update(ones, whole.init(state), state)
+      np.testing.assert_allclose(out["lin"]["lora_b"].get_value(),
+                                 1 / np.sqrt(7.0), rtol=1e-6)
+
+  def test_errors(self):
+    with self.assertRaisesRegex(ValueError, "eta must be > 0"):
+      allora.scale_by_allora(0.0)
+    tx = allora.scale_by_allora(1.0)
+    with self.assertRaisesRegex(ValueError, "needs the parameters"):
+      tx.update(_params(), tx.init(_params()))
+
+  def test_allora_adamw_step(self):
+    lr, eta = 0.1, 3.0
+    params = _params()
+    grads = jax.grad(_loss)(params)
+    tx = allora.allora_adamw(lr, eta=eta)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    adam = optax.scale_by_adam()
+    direction, _ = adam.update(grads, adam.init(params), params)
+    coef, _ = allora.scale_by_allora(eta).update(
+        jax.tree.map(jnp.ones_like, params), optax.EmptyState(), params)
+    want = jax.tree.map(lambda d, c: -lr * d * c, direction, coef)
+    for u, w in zip(jax.tree.leaves(updates), jax.tree.leaves(want)):
+      np.testing.assert_allclose(u, w, rtol=1e-6, atol=1e-8)
+
+  def test_init_accepts_abstract_params(self):
+    tx = allora.allora_adamw(1e-3, eta=1.0, weight_decay=0.01)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), _params())
+    self.assertIsNotNone(jax.eval_shape(tx.init, abstract))
+
+  @parameterized.named_parameters(("float32", jnp.float32),
+                                  ("bfloat16", jnp.bfloat16))
+  def test_jit_matches_eager_and_preserves_dtype(self, dtype):
+    tx = allora.allora_adamw(1e-2, eta=2.0)
+    params = _params(dtype)
+    grads = jax.grad(_loss)(params)
+    state = tx.init(params)
+    eager, _ = tx.update(grads, state, params)
+    jitted, jit_state = jax.jit(tx.update)(grads, state, params)
+    for e, j, p in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted),
+                       jax.tree.leaves(params)):
+      np.testing.assert_allclose(e.astype(jnp.float32),
+                                 j.astype(jnp.float32), rtol=1e-2, atol=1e-5)
+      self.assertEqual(j.dtype, p.dtype)
+    self.assertEqual(jax.tree.map(jax.typeof, state),
+                     jax.tree.map(jax.typeof, jit_state))
+
+  def test_update_traces_once(self):
+    tx = allora.allora_adamw(1e-2, eta=2.0)
+    n = 0
+
+    @jax.jit
+    def step(params, state):
+      nonlocal n
+      n += 1
+      updates, state = tx.update(jax.grad(_loss)(params), state, params)
+      return optax.apply_updates(params, updates), state
+
+    params, state = step(_params(), tx.init(_params()))
+    step(params, state)
+    self.assertEqual(n, 1)
+
+  def test_composes_with_optax_wrappers(self):
+    params = _params()
+    grads = jax.grad(_loss)(params)
+    txs = {
+        "inject": optax.inject_hyperparams(
+            allora.allora_adamw, static_args=allora.STATIC_ARGS)(
+                learning_rate=1e-2, eta=2.0),
+        "masked": optax.masked(allora.scale_by_allora(2.0),
+                               {"layer": True, "gate": False}),
+        "multi_steps": optax.MultiSteps(allora.allora_adamw(1e-2, eta=2.0),
+                                        every_k_schedule=2),
+    }
+    for name, tx in txs.items():
+      with self.subTest(name):
+        updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        for leaf in jax.tree.leaves(updates):
+          self.assertTrue(bool(jnp.all(jnp.isfinite(leaf))))
+
+  def test_trains_scale_free_lora_with_nnx_optimizer(self):
+    """ALLoRA's setting: LoRA with scale 1, no dropout, B = 0 at start."""
+    x = jax.random.normal(jax.random.key(1), (32, 8))
+    y = jnp.sin(x @ jax.random.normal(jax.random.key(2), (8, 8)))
+    with sharding.use_mesh():
+      model = _Wrap(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
+      adapters.inject(model, targets="lin", rank=4, alpha=4, dropout=0.0)
+      self.assertEqual(model.lin.scale, 1.0)
+      opt = nnx.Optimizer(model, allora.allora_adamw(3e-2, eta=4.0),
+                          wrt=nnx.LoRAParam)
+
+      @nnx.jit
+      def step(model, opt):
+        diff = nnx.DiffState(0, nnx.LoRAParam)
+        loss, grads = nnx.value_and_grad(
+            lambda m: jnp.mean((m(x) - y) ** 2), argnums=diff)(model)
+        opt.update(model, grads)
+        return loss
+
+      losses = [float(step(model, opt)) for _ in range(40)]
+    self.assertLess(losses[-1], 0.7 * losses[0])
+
+
+class _Wrap(nnx.Module):
+
+  def __init__(self, lin):
+    self.lin = lin
+
+  def __call__(self, x):
+    return self.lin(x)
+
+
+if __name__ == "__main__":
+  absltest.main()
