@@ -34,3 +34,16 @@ from lowrank.adapters.native_io import load_adapter
 from lowrank.adapters.native_io import save_adapter
 from lowrank.adapters.peft_io import load_peft
 from lowrank.adapters.peft_io import save_peft
+from lowrank.adapters import rank_control  # registers dylora, adalora, sora, increlora
+from lowrank.adapters.rank_control import active_ranks
+from lowrank.adapters.rank_control import adalora_budget
+from lowrank.adapters.rank_control import adalora_orth_regularizer
+from lowrank.adapters.rank_control import apply_budget
+from lowrank.adapters.rank_control import export_pruned
+from lowrank.adapters.rank_control import grow_ranks
+from lowrank.adapters.rank_control import ImportanceState
+from lowrank.adapters.rank_control import init_importance
+from lowrank.adapters.rank_control import prune
+from lowrank.adapters.rank_control import sample_rank
+from lowrank.adapters.rank_control import set_rank
+from lowrank.adapters.rank_control import update_importance

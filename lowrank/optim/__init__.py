@@ -1,4 +1,8 @@
-"""Gradient low-rank projection (GaLore family) as optax transformations.
+"""Memory-efficient optimizers as optax transformations.
+
+Gradient low-rank projection (GaLore, Fira, FRUGAL, Q-GaLore), 8-bit Adam,
+layer sampling (OwLore, LISA) and adapter-specific transforms (ALLoRA, the
+SoRA proximal gate step).
 
     from lowrank import optim
     tx = optim.galore_adamw(1e-2, rank=128, update_gap=200, scale=0.25)
@@ -32,3 +36,12 @@ from lowrank.optim.layer_sampling import sample_layers
 from lowrank.optim.layer_sampling import scale_by_adam_per_slice
 from lowrank.optim.layer_sampling import scale_by_layer_sampling
 from lowrank.optim.layer_sampling import ScaleByAdamPerSliceState
+from lowrank.optim.allora import allora_adamw
+from lowrank.optim.allora import scale_by_allora
+from lowrank.optim.allora import STATIC_ARGS as ALLORA_STATIC_ARGS
+from lowrank.optim.sora import gate_mask
+from lowrank.optim.sora import soft_threshold
+from lowrank.optim.sora import sora_adamw
+from lowrank.optim.sora import sora_proximal
+from lowrank.optim.sora import SoRAProximalState
+from lowrank.optim.sora import STATIC_ARGS as SORA_STATIC_ARGS
