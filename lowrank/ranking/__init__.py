@@ -1,0 +1,5 @@
+"""Ranking: learning-to-rank losses (and, later, rerankers)."""
+
+from lowrank.ranking import losses
+
+__all__ = ["losses"]
