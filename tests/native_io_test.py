@@ -161,6 +161,34 @@ class NativeIoTest(absltest.TestCase):
       adapters.inject(_Model(nnx.Rngs(0)), targets=["l1"], rank=2,
                       init="pisa")
 
+  def test_inits_that_rewrite_the_base_roundtrip(self):
+    from lowrank.adapters import svd_init  # pylint: disable=g-import-not-at-top,unused-import
+    for method, init in (("lora", "pissa"), ("lora", "olora"),
+                         ("dora", "pissa")):
+      with self.subTest(method=method, init=init):
+        model = _Model(nnx.Rngs(0))
+        original = model(self.x)
+        adapters.inject(model, targets=["l1", "gen", "ein"], method=method,
+                        rank=2, init=init)
+        np.testing.assert_allclose(model(self.x), original, atol=1e-5)
+        self.assertTrue(adapters.adapter_modules(model)["l1"]
+                        .initialized_from_base)
+        state = nnx.state(model, nnx.LoRAParam)
+        leaves, treedef = jax.tree.flatten(state)
+        nnx.update(model, jax.tree.unflatten(
+            treedef, [x * 1.5 for x in leaves]))  # "trained"
+        want = model(self.x)
+        d = self.create_tempdir().full_path
+        adapters.save_adapter(d, model)
+        fresh = _Model(nnx.Rngs(0))
+        adapters.load_adapter(d, fresh)
+        np.testing.assert_allclose(fresh(self.x), want, rtol=1e-5,
+                                   atol=1e-5)
+        for path, m in adapters.adapter_modules(fresh).items():
+          np.testing.assert_allclose(
+              m.kernel_2d(), adapters.adapter_modules(model)[path].kernel_2d(),
+              atol=1e-5, err_msg=path)
+
   def test_merged_adapter_is_refused(self):
     model = self._trained()
     adapters.merge(model)

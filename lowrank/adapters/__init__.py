@@ -34,7 +34,30 @@ from lowrank.adapters.native_io import load_adapter
 from lowrank.adapters.native_io import save_adapter
 from lowrank.adapters.peft_io import load_peft
 from lowrank.adapters.peft_io import save_peft
-from lowrank.adapters import rank_control  # registers dylora, adalora, sora, increlora
+# Importing a variant module registers its methods / inits.
+from lowrank.adapters import dora  # dora
+from lowrank.adapters import lora_xs  # lora_xs, loldu; init lora_sb
+from lowrank.adapters import merging
+from lowrank.adapters import multi  # multi_lora
+from lowrank.adapters import rank_control  # dylora, adalora, sora, increlora
+from lowrank.adapters import svd_init  # inits pissa, olora, corda
+from lowrank.adapters.dora import DoRA
+from lowrank.adapters.lora_xs import first_gradients
+from lowrank.adapters.lora_xs import LoLDU
+from lowrank.adapters.lora_xs import LoRAXS
+from lowrank.adapters.merging import lora_factors
+from lowrank.adapters.merging import merge_dare
+from lowrank.adapters.merging import merge_lego
+from lowrank.adapters.merging import merge_linear
+from lowrank.adapters.merging import merge_ties
+from lowrank.adapters.merging import set_lora_factors
+from lowrank.adapters.multi import add_adapter
+from lowrank.adapters.multi import adapter_ids
+from lowrank.adapters.multi import adapter_names
+from lowrank.adapters.multi import delete_adapter
+from lowrank.adapters.multi import from_lora
+from lowrank.adapters.multi import set_active
+from lowrank.adapters.svd_init import collect_input_covariance
 from lowrank.adapters.rank_control import active_ranks
 from lowrank.adapters.rank_control import adalora_budget
 from lowrank.adapters.rank_control import adalora_orth_regularizer

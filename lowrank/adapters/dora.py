@@ -169,6 +169,11 @@ class DoRA(layers.LoRAWrapper):
     v = w + lora.lora_delta(a, b, self.scale)
     return w, v, jnp.linalg.norm(v, axis=0)
 
+  def _plain_delta(self) -> jax.Array:
+    # What PiSSA/OLoRA/CorDA moved out of the base is `s·A₀B₀`, not DoRA's
+    # effective change.
+    return layers.LoRAWrapper.delta_weight(self)
+
   # ---------------------------------------------------------------- hooks
   def adapter_out(self, x2: jax.Array) -> jax.Array:
     """`x2 (W' - W)` for `x2: [..., d_in]` (includes the rescaled base term).

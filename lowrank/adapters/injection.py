@@ -228,8 +228,11 @@ def inject(
         **method_options,
     )
     if data_init is not None:
+      before = new.kernel_2d()
       data_init(new, (init_data or {}).get(name), rngs.params())
       new.init = init
+      if not bool(jax.numpy.array_equal(before, new.kernel_2d())):
+        new.snapshot_initial()
     _set_child(model, p, new)
   return model
 

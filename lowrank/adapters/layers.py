@@ -230,6 +230,51 @@ class LoRAWrapper(nnx.Module):
     """Constructor keywords beyond rank/alpha/rslora/dropout/init."""
     return {k: getattr(self, k) for k in self.option_names}
 
+  # ------------------------------------------ inits that rewrite the base
+  def snapshot_initial(self) -> None:
+    """Keeps the current trainable values as `initial_<name>` AdapterState.
+
+    Data initialisations such as PiSSA, OLoRA and CorDA move part of `W`
+    into the adapter (`base ← W − ΔW₀`). `inject` calls this right after such
+    an init, so adapter files can rebuild the residual base from the
+    original weights (`load_adapter`) and PEFT export can express the adapter
+    against the original base (`save_peft(convert_initialized=True)`).
+    """
+    for name, var in list(vars(self).items()):
+      if isinstance(var, nnx.LoRAParam) and not name.startswith("initial_"):
+        setattr(self, f"initial_{name}", _make_variable(
+            AdapterState, var.get_value(), _kernel_var(self.base),
+            _dims_like(var, self)))
+
+  @property
+  def initialized_from_base(self) -> bool:
+    """Whether the init moved part of `W` into the adapter (see above)."""
+    return any(n.startswith("initial_") for n in vars(self))
+
+  def _plain_delta(self) -> jax.Array:
+    """The `ΔW2` an init subtracts from the base (default `delta_weight`)."""
+    return self.delta_weight()
+
+  def initial_offset(self) -> jax.Array:
+    """`ΔW₀: [d_in, d_out]` float32 that the init subtracted from the base.
+
+    Raises:
+      ValueError: If the adapter was not initialised from its base.
+    """
+    if not self.initialized_from_base:
+      raise ValueError("This adapter's init did not change its base weight.")
+    saved = {}
+    for name, var in list(vars(self).items()):
+      if name.startswith("initial_"):
+        target = getattr(self, name[len("initial_"):])
+        saved[name] = target.get_value()
+        target.set_value(var.get_value())
+    try:
+      return self._plain_delta()
+    finally:
+      for name, value in saved.items():
+        getattr(self, name[len("initial_"):]).set_value(value)
+
   # -------------------------------------------------------------- helpers
   def _param(self, value: jax.Array, dims: tuple[int | None, ...]):
     """A trainable `nnx.LoRAParam` sharded like the kernel on `dims`.
@@ -344,6 +389,18 @@ class LoRAWrapper(nnx.Module):
     for var, new, old in ((self.lora_a, a, a_old), (self.lora_b, b, b_old)):
       sh = getattr(old, "sharding", None)
       var.set_value(jax.device_put(new, sh) if sh is not None else new)
+
+
+def _dims_like(var: nnx.Variable, wrapper: "LoRAWrapper"):
+  """Kernel dims of a wrapper variable, from its logical axes if known."""
+  ndim = var.get_value().ndim
+  logical = var.get_metadata().get("out_sharding")
+  kernel_logical = _kernel_var(wrapper.base).get_metadata().get("out_sharding")
+  if logical is None or kernel_logical is None:
+    return (None,) * ndim
+  return tuple(
+      kernel_logical.index(ax) if ax in kernel_logical and ax != "lowrank"
+      else None for ax in logical)
 
 
 def _make_variable(

@@ -15,7 +15,10 @@ holds:
 
 Frozen `Basis` arrays (VeRA's random projections, ...) are not stored: each
 method regenerates them from its `options()` (a seed) when the wrapper is
-rebuilt. Loading reads JSON and safetensors only; it never executes code.
+rebuilt. Adapters whose init moved part of the base weight into the adapter
+(PiSSA, OLoRA, CorDA, ...) also store their initial values (`initial_*`);
+loading into an original, unadapted model subtracts that initial update from
+the base again, so the result equals the saved model exactly. Loading reads JSON and safetensors only; it never executes code.
 """
 
 import json
@@ -192,6 +195,7 @@ def load_adapter(
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   modules = config["modules"]
   mods = injection.adapter_modules(model)
+  rebased = []
   if not mods:
     for path, entry in modules.items():
       try:
@@ -210,7 +214,11 @@ def load_adapter(
         raise ValueError(
             f"Adapter {path!r} in {directory} does not fit the model: {e}"
         ) from e
-      injection.adapter_modules(model)[path].init = entry["init"]
+      wrapper = injection.adapter_modules(model)[path]
+      wrapper.init = entry["init"]
+      if any(k.startswith(f"{path}/initial_") for k in tensors):
+        wrapper.snapshot_initial()  # Filled from the file below.
+        rebased.append(path)
     mods = injection.adapter_modules(model)
   if set(mods) != set(modules):
     raise ValueError(
@@ -250,4 +258,11 @@ def load_adapter(
       )
       sh = getattr(old, "sharding", None)
       var.set_value(jax.device_put(new, sh) if sh is not None else new)
+  for path in rebased:
+    # The init moved ΔW₀ out of the original base: redo that on this one.
+    m = mods[path]
+    w = layers._kernel_var(m.base).get_value()  # pylint: disable=protected-access
+    m._set_kernel(  # pylint: disable=protected-access
+        w.astype(jax.numpy.float32) - layers._kernel_from_2d(  # pylint: disable=protected-access
+            m.initial_offset(), w.shape, m.in_dims, m.out_dims))
   return model
