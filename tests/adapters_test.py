@@ -340,7 +340,7 @@ class PeftIoTest(parameterized.TestCase):
     config["peft_type"] = "IA3"
     with open(cfg_path, "w") as f:
       json.dump(config, f)
-    with self.assertRaisesRegex(ValueError, "only 'LORA'"):
+    with self.assertRaisesRegex(ValueError, "peft_type is 'IA3'; supported"):
       adapters.load_peft(d, _Toy(nnx.Rngs(0)))
     with self.assertRaises(FileNotFoundError):
       adapters.load_peft(self.create_tempdir().full_path, _Toy(nnx.Rngs(0)))

@@ -337,3 +337,76 @@ class BertParityTest(absltest.TestCase):
 
 if __name__ == "__main__":
   absltest.main()
+
+
+_LINEARS = r"layers\.\d|head"
+
+
+def _perturb_all(model, scale=0.3, seed=3):
+  """Adds noise to every trainable adapter leaf (A, B, magnitude, λ...)."""
+  state = nnx.state(model, nnx.LoRAParam)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  nnx.update(model, jax.tree.unflatten(treedef, [
+      x + scale * jax.random.normal(k, x.shape, x.dtype)
+      for k, x in zip(keys, leaves)]))
+
+
+class VariantParityTest(parameterized.TestCase):
+  """DoRA, AdaLoRA and converted PiSSA adapters in both directions."""
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(sharding.use_mesh())
+    torch.manual_seed(0)
+
+  @parameterized.named_parameters(
+      ("dora", dict(method="dora")),
+      ("adalora", dict(method="adalora", target_rank=2, total_step=10)),
+      ("pissa_converted", dict(init="pissa")),
+  )
+  def test_save_peft_loads_in_peft(self, kwargs):
+    model = _jax_mlp()
+    mirror = _torch_mirror(model)  # The original base weights.
+    adapters.inject(model, targets=_LINEARS, rank=4, alpha=8, **kwargs)
+    _perturb_all(model)
+    y = np.asarray(model(_IDS))
+    d = self.create_tempdir().full_path
+    if kwargs.get("init") == "pissa":
+      with self.assertRaisesRegex(ValueError, "convert_initialized=True"):
+        adapters.save_peft(d, model)
+      adapters.save_peft(d, model, convert_initialized=True)
+    else:
+      adapters.save_peft(d, model)
+    peft_model = peft.PeftModel.from_pretrained(mirror, d).eval()
+    _check_peft_loaded_file(self, peft_model, d)
+    with torch.no_grad():
+      y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
+    self.assertLessEqual(_max_diff(y_torch, y), _TOL)
+
+  @parameterized.named_parameters(
+      ("dora", peft.LoraConfig(r=4, lora_alpha=8, use_dora=True,
+                               target_modules=["layers.0", "layers.1",
+                                               "head"])),
+      ("adalora", peft.AdaLoraConfig(init_r=4, target_r=2, lora_alpha=8,
+                                     total_step=10,
+                                     target_modules=["layers.0", "layers.1",
+                                                     "head"])),
+  )
+  def test_peft_save_pretrained_loads_with_load_peft(self, config):
+    model = _jax_mlp()
+    peft_model = peft.get_peft_model(_torch_mirror(model), config)
+    _randomize_torch(peft_model, scale=0.3)
+    peft_model.eval()
+    with torch.no_grad():
+      y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
+    d = self.create_tempdir().full_path
+    peft_model.save_pretrained(d)
+    adapters.load_peft(d, model)
+    self.assertLessEqual(_max_diff(model(_IDS), y_torch), _TOL)
+
+  def test_methods_without_a_peft_format_are_refused(self):
+    model = _jax_mlp()
+    adapters.inject(model, targets=_LINEARS, method="lora_xs", rank=2)
+    with self.assertRaisesRegex(ValueError, "save_adapter"):
+      adapters.save_peft(self.create_tempdir().full_path, model)

@@ -20,6 +20,8 @@ import tempfile
 from typing import Any
 
 from flax import nnx
+import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
@@ -29,6 +31,7 @@ from lowrank.adapters import layers
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
+PEFT_TYPES = ("LORA", "ADALORA", "VERA")
 
 
 def _keys(path: str, module: layers.LoRAWrapper) -> tuple[str, str]:
@@ -72,43 +75,142 @@ def _atomic_write(path: str, write_fn) -> None:
     raise
 
 
+def _set_value(var, value) -> None:
+  old = var.get_value()
+  new = jnp.asarray(value, old.dtype).reshape(old.shape)
+  sh = getattr(old, "sharding", None)
+  var.set_value(jax.device_put(new, sh) if sh is not None else new)
+
+
+def _lora_tensors(path, m, convert_initialized):
+  """PEFT tensors, rank and alpha of one LoRA / DoRA module."""
+  a, b = m.peft_factors()
+  rank, alpha = m.rank, m.alpha
+  if m.initialized_from_base:
+    if not convert_initialized:
+      raise ValueError(
+          f"{path}: init {m.init!r} moved part of the base weight into the "
+          "adapter, so its factors only make sense on the residual base. "
+          "Pass convert_initialized=True to save an equivalent rank-2r "
+          "adapter for the original base (as PEFT's "
+          "path_initial_model_for_weight_conversion does), or use "
+          "save_adapter."
+      )
+    if m.method != "lora":
+      raise ValueError(
+          f"{path}: a {m.method!r} adapter with init {m.init!r} cannot be "
+          "expressed on the original base weight; use save_adapter."
+      )
+    a0 = m.initial_lora_a[...].reshape(-1, m.rank)
+    b0 = m.initial_lora_b[...].reshape(m.rank, -1)
+    a = jnp.concatenate([a, a0], axis=1)
+    b = jnp.concatenate([b, -b0], axis=0)
+    # Same scale at rank 2r: alpha/r -> 2 alpha / 2r, alpha/sqrt(r) ->
+    # sqrt(2) alpha / sqrt(2r).
+    rank, alpha = 2 * m.rank, m.alpha * (2**0.5 if m.rslora else 2.0)
+  ka, kb = _keys(path, m)
+  tensors = {
+      ka: np.asarray(a, np.float32).T,
+      kb: np.asarray(b, np.float32).T,
+  }
+  if m.method == "dora":
+    tensors[f"{PREFIX}{path}.lora_magnitude_vector"] = np.asarray(
+        m.magnitude[...], np.float32).reshape(-1)
+  return tensors, rank, alpha
+
+
+def _adalora_tensors(path, m):
+  r = m.rank
+  return {
+      f"{PREFIX}{path}.lora_A": np.asarray(
+          m.lora_a[...], np.float32).reshape(-1, r).T,
+      f"{PREFIX}{path}.lora_E": np.asarray(
+          m.lora_e[...] * m.rank_mask[...], np.float32).reshape(r, 1),
+      f"{PREFIX}{path}.lora_B": np.asarray(
+          m.lora_b[...], np.float32).reshape(r, -1).T,
+  }
+
+
+def _peft_type(mods) -> str:
+  methods = {m.method for m in mods.values()}
+  if methods <= {"lora", "dora"}:
+    if len(methods) > 1:
+      raise ValueError(
+          "PEFT's LORA format has one use_dora flag for all modules; this "
+          "model mixes 'lora' and 'dora' adapters. Use save_adapter."
+      )
+    return "LORA"
+  if methods == {"adalora"}:
+    return "ADALORA"
+  if methods == {"vera"}:
+    return "VERA"
+  raise ValueError(
+      f"Hugging Face PEFT has no format for adapter method(s) "
+      f"{sorted(methods - {'lora', 'dora', 'adalora', 'vera'}) or sorted(methods)}"
+      " (or for a mix of methods). Use lowrank.adapters.save_adapter, "
+      "which saves every method."
+  )
+
+
 def save_peft(
     directory: str | os.PathLike[str],
     model: nnx.Module,
     *,
     base_model_name_or_path: str | None = None,
+    convert_initialized: bool = False,
 ) -> None:
-  """Writes `model`'s LoRA adapters as a Hugging Face PEFT adapter directory.
+  """Writes `model`'s adapters as a Hugging Face PEFT adapter directory.
+
+  Covers the methods PEFT also has: LoRA (with rsLoRA, rank/alpha patterns),
+  DoRA (`use_dora`), AdaLoRA and VeRA. Other methods raise; save them with
+  `lowrank.adapters.save_adapter`.
 
   Args:
     directory: Created if missing. Files are written atomically.
     model: A model with adapters from `lowrank.adapters.inject`.
     base_model_name_or_path: Recorded in the config for PEFT users.
+    convert_initialized: For LoRA adapters whose init moved part of the base
+      weight into the adapter (PiSSA, OLoRA, CorDA), save the equivalent
+      rank-`2r` adapter `[A, A₀]`, `[B; −B₀]` for the *original* base weight.
+      Without it such adapters raise, since PEFT users load them onto the
+      original model.
 
   Raises:
-    ValueError: If the model has no adapters, an adapter is merged, or the
-      adapters are not all plain LoRA.
+    ValueError: If the model has no adapters, an adapter is merged, the
+      method has no PEFT format, or the adapters cannot share one config.
   """
   mods = inject_lib.adapter_modules(model)
   if not mods:
     raise ValueError("The model has no adapters to save.")
   for path, m in mods.items():
-    if m.method != "lora":
-      raise ValueError(f"{path}: PEFT LORA export supports plain LoRA only.")
     if m.merged:
       raise ValueError(f"{path}: adapter is merged; call unmerge() first.")
-  ranks = {p: m.rank for p, m in mods.items()}
-  alphas = {p: m.alpha for p, m in mods.items()}
-  rslora = {m.rslora for m in mods.values()}
-  if len(rslora) != 1:
-    raise ValueError("Mixed use_rslora across adapters cannot be expressed.")
-  r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
+  peft_type = _peft_type(mods)
+  if peft_type == "VERA":
+    from lowrank.adapters import random_basis  # pylint: disable=g-import-not-at-top
+    config, tensors = random_basis.vera_peft_state(
+        mods, base_model_name_or_path=base_model_name_or_path)
+    _write(directory, config, tensors)
+    return
   all_paths = [
       inject_lib.path_str(p) for p, _ in inject_lib._walk(model) if p  # pylint: disable=protected-access
   ]
+  rslora = {m.rslora for m in mods.values()}
+  if len(rslora) != 1:
+    raise ValueError("Mixed use_rslora across adapters cannot be expressed.")
   dropouts = {m.dropout.rate if m.dropout else 0.0 for m in mods.values()}
+  tensors, ranks, alphas = {}, {}, {}
+  for path, m in mods.items():
+    if peft_type == "ADALORA":
+      tensors.update(_adalora_tensors(path, m))
+      ranks[path], alphas[path] = m.rank, m.alpha
+    else:
+      t, ranks[path], alphas[path] = _lora_tensors(
+          path, m, convert_initialized)
+      tensors.update(t)
+  r, alpha = _most_common(ranks.values()), _most_common(alphas.values())
   config = {
-      "peft_type": "LORA",
+      "peft_type": peft_type,
       "task_type": None,
       "base_model_name_or_path": base_model_name_or_path,
       "r": int(r),
@@ -127,17 +229,37 @@ def save_peft(
       "init_lora_weights": True,
       "inference_mode": True,
       "modules_to_save": None,
-      "use_dora": False,
+      "use_dora": peft_type == "LORA" and any(
+          m.method == "dora" for m in mods.values()),
       "layers_to_transform": None,
       "layers_pattern": None,
       "revision": None,
   }
-  tensors = {}
-  for path, m in mods.items():
-    a, b = m.peft_factors()
-    ka, kb = _keys(path, m)
-    tensors[ka] = np.ascontiguousarray(np.asarray(a, np.float32).T)
-    tensors[kb] = np.ascontiguousarray(np.asarray(b, np.float32).T)
+  if peft_type == "ADALORA":
+    first = next(iter(mods.values()))
+    if len(set(ranks.values())) != 1 or config["alpha_pattern"]:
+      raise ValueError(
+          "PEFT AdaLoRA needs one init_r and lora_alpha for all modules."
+      )
+    config.update({
+        "init_r": int(r),
+        "target_r": int(first.target_rank if first.target_rank is not None
+                        else r),
+        "tinit": int(first.tinit),
+        "tfinal": int(first.tfinal),
+        "deltaT": int(first.delta_t),
+        "total_step": first.total_step,
+        "beta1": 0.85,
+        "beta2": 0.85,
+        "orth_reg_weight": 0.5,
+        "rank_pattern": None,
+        "alpha_pattern": {},
+    })
+  _write(directory, config, tensors)
+
+
+def _write(directory, config, tensors) -> None:
+  tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
   os.makedirs(directory, exist_ok=True)
 
   def _write_json(tmp):
@@ -158,8 +280,9 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
 
   Raises:
     FileNotFoundError: If the file is missing.
-    ValueError: If it is not JSON, not a LORA adapter, or uses an option this
-      loader does not support (DoRA, fan_in_fan_out, biases, ...).
+    ValueError: If it is not JSON, not a LORA / ADALORA / VERA adapter, or
+      uses an option this loader does not support (fan_in_fan_out, biases,
+      modules_to_save, ...).
   """
   path = os.path.join(directory, CONFIG_NAME)
   if not os.path.exists(path):
@@ -169,13 +292,12 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
       config = json.load(f)
   except json.JSONDecodeError as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
-  if config.get("peft_type") != "LORA":
+  if config.get("peft_type") not in PEFT_TYPES:
     raise ValueError(
-        f"{path}: peft_type is {config.get('peft_type')!r}; only 'LORA' is "
-        "supported."
+        f"{path}: peft_type is {config.get('peft_type')!r}; supported: "
+        f"{PEFT_TYPES}."
     )
   for key, ok in (
-      ("use_dora", (False, None)),
       ("fan_in_fan_out", (False, None)),
       ("bias", ("none", None)),
       ("modules_to_save", (None, [])),
@@ -188,10 +310,69 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
   ):
     if config.get(key) not in ok:
       raise ValueError(f"{path}: {key}={config[key]!r} is not supported.")
-  for key in ("r", "target_modules"):
+  required = {"LORA": ("r",), "ADALORA": ("init_r",), "VERA": ("r",)}
+  for key in required[config["peft_type"]] + ("target_modules",):
     if key not in config:
       raise ValueError(f"{path}: missing required key {key!r}.")
   return config
+
+
+def _inject_from_config(config, model, rngs) -> None:
+  peft_type = config["peft_type"]
+  common = dict(
+      targets=config["target_modules"],
+      dropout=float(config.get("lora_dropout") or 0.0),
+      exclude=config.get("exclude_modules"),
+      rngs=rngs,
+  )
+  if peft_type == "LORA":
+    inject_lib.inject(
+        model,
+        method="dora" if config.get("use_dora") else "lora",
+        rank=int(config["r"]),
+        alpha=config.get("lora_alpha", 8),
+        use_rslora=bool(config.get("use_rslora", False)),
+        rank_pattern=config.get("rank_pattern"),
+        alpha_pattern=config.get("alpha_pattern"),
+        **common,
+    )
+  else:  # ADALORA
+    inject_lib.inject(
+        model,
+        method="adalora",
+        rank=int(config["init_r"]),
+        alpha=config.get("lora_alpha", 8),
+        use_rslora=bool(config.get("use_rslora", False)),
+        target_rank=config.get("target_r"),
+        total_step=config.get("total_step"),
+        tinit=int(config.get("tinit", 0)),
+        tfinal=int(config.get("tfinal", 0)),
+        delta_t=int(config.get("deltaT", 1)),
+        **common,
+    )
+
+
+def _expected(peft_type, path, m) -> dict[str, tuple[Any, str, tuple]]:
+  """PEFT key -> (module, our role, PEFT shape) for one adapter module."""
+  if peft_type == "ADALORA":
+    if m.method != "adalora":
+      raise ValueError(f"{path}: expected an adalora adapter, found "
+                       f"{m.method!r}.")
+    r = m.rank
+    return {
+        f"{PREFIX}{path}.lora_A": (m, "a", (r, m.d_in)),
+        f"{PREFIX}{path}.lora_E": (m, "e", (r, 1)),
+        f"{PREFIX}{path}.lora_B": (m, "b", (m.d_out, r)),
+    }
+  if m.method not in ("lora", "dora"):
+    raise ValueError(f"{path}: a {m.method!r} adapter cannot load a PEFT "
+                     "LORA file.")
+  a_now, b_now = m.peft_factors()
+  ka, kb = _keys(path, m)
+  out = {ka: (m, "a", a_now.T.shape), kb: (m, "b", b_now.T.shape)}
+  if m.method == "dora":
+    out[f"{PREFIX}{path}.lora_magnitude_vector"] = (m, "m", (m.d_out,))
+  return out
 
 
 def load_peft(
@@ -200,11 +381,13 @@ def load_peft(
     *,
     rngs: nnx.Rngs | int = 0,
 ) -> nnx.Module:
-  """Loads a PEFT LoRA adapter directory into `model` (in place).
+  """Loads a PEFT LoRA / DoRA / AdaLoRA / VeRA adapter into `model`.
 
   If `model` has no adapters yet they are injected from the config
-  (`target_modules`, `r`, `lora_alpha`, `use_rslora`, rank/alpha patterns);
-  if it has some, they must be exactly the adapters in the file.
+  (`target_modules`, `r`, `lora_alpha`, `use_rslora`, `use_dora`,
+  rank/alpha patterns; AdaLoRA's `init_r` and budget schedule; VeRA's
+  projections); if it has some, they must be exactly the adapters in the
+  file, of the matching method.
 
   Args:
     directory: Holds `adapter_config.json` and `adapter_model.safetensors`.
@@ -224,22 +407,21 @@ def load_peft(
   if not os.path.exists(wpath):
     raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory}.")
   tensors = safetensors.numpy.load_file(wpath)
+  peft_type = config["peft_type"]
+  if peft_type == "VERA":
+    from lowrank.adapters import random_basis  # pylint: disable=g-import-not-at-top
+    return random_basis.vera_load_peft(config, tensors, model, rngs=rngs,
+                                       where=wpath)
+  if peft_type == "ADALORA" and config.get("rank_pattern"):
+    raise ValueError(
+        f"{directory}: AdaLoRA files with a rank_pattern (pruned tensors) "
+        "are not supported yet; save from PEFT before its final rank "
+        "allocation or resize them to init_r."
+    )
   mods = inject_lib.adapter_modules(model)
   if not mods:
-    targets = config["target_modules"]
     try:
-      inject_lib.inject(
-          model,
-          targets=targets,
-          rank=int(config["r"]),
-          alpha=config.get("lora_alpha", 8),
-          use_rslora=bool(config.get("use_rslora", False)),
-          dropout=float(config.get("lora_dropout") or 0.0),
-          exclude=config.get("exclude_modules"),
-          rank_pattern=config.get("rank_pattern"),
-          alpha_pattern=config.get("alpha_pattern"),
-          rngs=rngs,
-      )
+      _inject_from_config(config, model, rngs)
     except ValueError as e:
       raise ValueError(
           f"Adapter in {directory} does not fit the model: {e}"
@@ -247,8 +429,7 @@ def load_peft(
     mods = inject_lib.adapter_modules(model)
   expected = {}
   for path, m in mods.items():
-    ka, kb = _keys(path, m)
-    expected[ka], expected[kb] = (m, "a"), (m, "b")
+    expected.update(_expected(peft_type, path, m))
   unexpected = sorted(set(tensors) - set(expected))
   if unexpected:
     raise ValueError(
@@ -258,18 +439,21 @@ def load_peft(
   missing = sorted(set(expected) - set(tensors))
   if missing:
     raise ValueError(f"{wpath} is missing tensors: {missing[:10]}.")
-  for path, m in mods.items():
-    ka, kb = _keys(path, m)
-    a_now, b_now = m.peft_factors()
-    a_file, b_file = tensors[ka], tensors[kb]
-    for key, found, want in (
-        (ka, a_file.shape, a_now.T.shape),
-        (kb, b_file.shape, b_now.T.shape),
-    ):
-      if tuple(found) != tuple(want):
-        raise ValueError(
-            f"{key}: expected shape {tuple(want)}, found {tuple(found)} in "
-            f"{wpath}."
-        )
-    m.set_peft_factors(a_file.T, b_file.T)
+  for key, (_, _, want) in expected.items():
+    found = tensors[key].shape
+    if tuple(found) != tuple(want):
+      raise ValueError(
+          f"{key}: expected shape {tuple(want)}, found {tuple(found)} in "
+          f"{wpath}."
+      )
+  for key, (m, role, _) in expected.items():
+    t = tensors[key]
+    if role == "a":
+      _set_value(m.lora_a, t.T)
+    elif role == "b":
+      _set_value(m.lora_b, t.T)
+    elif role == "e":
+      _set_value(m.lora_e, t.reshape(-1))
+    else:
+      _set_value(m.magnitude, t)
   return model
