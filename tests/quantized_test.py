@@ -1,0 +1,550 @@
+"""Tests for quantized bases: NF4 / int8 math, QLoRA layers, merge, LQ-LoRA."""
+
+import statistics
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lowrank import adapters
+from lowrank import sharding
+from lowrank.adapters import nf4
+from lowrank.adapters import quantized
+from lowrank.optim import adam8bit
+
+P = jax.sharding.PartitionSpec
+
+
+def _part(axes):
+  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
+
+
+class _Toy(nnx.Module):
+  """Linear, LinearGeneral, Einsum (quantizable) plus Embed and LayerNorm."""
+
+  def __init__(self, rngs, d=64):
+    self.emb = nnx.Embed(
+        50, d, embedding_init=_part(("vocab", "embed")), rngs=rngs
+    )
+    self.layers = nnx.List([
+        nnx.Linear(d, d, kernel_init=_part(("embed", "mlp")), rngs=rngs)
+        for _ in range(2)
+    ])
+    self.gen = nnx.LinearGeneral(
+        d, (4, 16), kernel_init=_part(("embed", "heads", "kv")), rngs=rngs
+    )
+    self.ein = nnx.Einsum(
+        "btd,dnh->btnh",
+        (d, 4, 16),
+        (4, 16),
+        kernel_init=_part(("embed", "heads", "kv")),
+        rngs=rngs,
+    )
+    self.norm = nnx.LayerNorm(d, rngs=rngs)
+
+  def __call__(self, ids):
+    x = self.emb(ids)
+    for layer in self.layers:
+      x = jax.nn.gelu(layer(x))
+    x = self.norm(x)
+    return self.gen(x) + self.ein(x)
+
+
+class _Stack(nnx.Module):
+  """`n` square Linear layers (the memory-evidence model)."""
+
+  def __init__(self, rngs, d=512, n=4):
+    self.layers = nnx.List([nnx.Linear(d, d, rngs=rngs) for _ in range(n)])
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jnp.tanh(layer(x))
+    return x
+
+
+_IDS = jnp.arange(12).reshape(2, 6)
+
+
+def _one_device_mesh():
+  # One device: the default mesh replicates every computation on the 8
+  # fake CPU devices, which makes SVDs and compiles ~8x slower here.
+  return sharding.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)],
+                            devices=jax.devices()[:1])
+_LINEAR = r"layers\.\d|gen|ein"
+
+
+def _gauss(shape, seed=0, scale=0.02):
+  return jax.random.normal(jax.random.key(seed), shape) * scale
+
+
+def _rel(a, b):
+  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _randomize(model, scale=0.05, seed=1):
+  for i, m in enumerate(adapters.adapter_modules(model).values()):
+    for j, var in enumerate((m.lora_a, m.lora_b)):
+      v = var.get_value()
+      key = jax.random.fold_in(jax.random.key(seed), 2 * i + j)
+      var.set_value(jax.device_put(
+          jax.random.normal(key, v.shape, v.dtype) * scale, v.sharding))
+
+
+class NF4MathTest(parameterized.TestCase):
+
+  def test_code_table_is_the_normal_quantile_construction(self):
+    # QLoRA §3 / App. E: 8 positive and 7 negative quantiles of N(0, 1)
+    # (2^(k-1) + 1 and 2^(k-1) points sharing zero), normalised to [-1, 1].
+    delta = 1 - (1 / 32 + 1 / 30) / 2
+    inv = statistics.NormalDist().inv_cdf
+    pos = [inv(p) for p in np.linspace(delta, 0.5, 9)[:-1]]
+    neg = [-inv(p) for p in np.linspace(delta, 0.5, 8)[:-1]]
+    table = np.sort(np.asarray(pos + neg + [0.0]))
+    table /= table.max()
+    np.testing.assert_allclose(nf4.NF4_CODE, table, atol=1e-6)
+    self.assertEqual(nf4.NF4_CODE.shape, (16,))
+    self.assertTrue(np.all(np.diff(nf4.NF4_CODE) > 0))
+    self.assertEqual(nf4.NF4_CODE[7], 0.0)
+    self.assertEqual((nf4.NF4_CODE[0], nf4.NF4_CODE[15]), (-1.0, 1.0))
+    # The values QLoRA Appendix E prints (spot check, 8 digits).
+    self.assertAlmostEqual(float(nf4.NF4_CODE[1]), -0.6961928, places=7)
+    self.assertAlmostEqual(float(nf4.NF4_CODE[8]), 0.0795803, places=7)
+    self.assertAlmostEqual(float(nf4.NF4_CODE[14]), 0.7229568, places=7)
+
+  def test_packing_and_exactly_representable_values(self):
+    w = jnp.asarray(nf4.NF4_CODE)  # One block whose absmax is 1.
+    q = nf4.quantize_nf4(w, block_size=16, double_quant=False)
+    want = [(2 * i << 4) | (2 * i + 1) for i in range(8)]  # High nibble 1st.
+    np.testing.assert_array_equal(q.codes[0], np.asarray(want, np.uint8))
+    np.testing.assert_array_equal(q.absmax, [1.0])
+    np.testing.assert_array_equal(nf4.dequantize_nf4(q), w)
+
+  def test_block_absmax_semantics_and_error_bound(self):
+    w = _gauss((96, 80))  # 7680 = 120 blocks of 64.
+    q = nf4.quantize_nf4(w, double_quant=False)
+    wh = nf4.dequantize_nf4(q)
+    blocks = w.reshape(-1, 64)
+    absmax = jnp.abs(blocks).max(-1)
+    np.testing.assert_array_equal(q.absmax, absmax)
+    # The largest-magnitude element of each block maps to +-1: exact.
+    hb = wh.reshape(-1, 64)
+    arg = jnp.argmax(jnp.abs(blocks), -1)
+    np.testing.assert_allclose(
+        jnp.take_along_axis(hb, arg[:, None], 1),
+        jnp.take_along_axis(blocks, arg[:, None], 1), rtol=1e-6)
+    # Nearest code: error <= absmax * (largest half gap of the table).
+    half_gap = float(np.max(np.diff(nf4.NF4_CODE)) / 2)
+    self.assertTrue(bool(jnp.all(
+        jnp.abs(hb - blocks) <= absmax[:, None] * half_gap * (1 + 1e-6))))
+    # Zeros stay zero.
+    z = nf4.dequantize_nf4(nf4.quantize_nf4(w.at[:3].set(0.0)))
+    np.testing.assert_array_equal(z[:3], 0.0)
+    self.assertLess(_rel(wh, w), 0.1)
+
+  def test_double_quant_costs_little_precision(self):
+    w = _gauss((256, 192))  # 768 blocks -> 3 double-quant blocks.
+    plain = nf4.quantize_nf4(w, double_quant=False)
+    dq = nf4.quantize_nf4(w)
+    self.assertEqual(dq.absmax.dtype, jnp.uint8)
+    self.assertEqual(dq.absmax_scale.shape, (3,))
+    np.testing.assert_allclose(dq.absmax_offset, plain.absmax.mean(),
+                               rtol=1e-6)
+    # bitsandbytes' scheme: centred absmax through the signed dynamic map.
+    centred = adam8bit.dequantize(
+        adam8bit.quantize(plain.absmax - plain.absmax.mean(),
+                          second_moment=False, block_size=256),
+        second_moment=False)
+    np.testing.assert_allclose(nf4.nf4_absmax(dq),
+                               centred + plain.absmax.mean(), rtol=1e-6)
+    self.assertLess(
+        float(jnp.max(jnp.abs(nf4.nf4_absmax(dq) - plain.absmax)
+                      / plain.absmax)), 0.01)
+    e_plain = _rel(nf4.dequantize_nf4(plain), w)
+    e_dq = _rel(nf4.dequantize_nf4(dq), w)
+    self.assertLess(abs(e_dq - e_plain), 0.01 * e_plain)
+
+  def test_nf4_beats_uniform_absmax_int4_on_normal_weights(self):
+    # QLoRA's claim for normally distributed weights (same blocks, absmax).
+    w = _gauss((256, 256))
+    e_nf4 = _rel(nf4.dequantize_nf4(nf4.quantize_nf4(w, double_quant=False)),
+                 w)
+    b = w.reshape(-1, 64)
+    a = jnp.abs(b).max(-1, keepdims=True)
+    int4 = (jnp.round(b / a * 7) / 7 * a).reshape(w.shape)
+    self.assertLess(e_nf4, 0.9 * _rel(int4, w))
+
+  def test_exact_byte_counts(self):
+    w = _gauss((512, 512))
+    n = 512 * 512
+    q = nf4.quantize_nf4(w)
+    # codes n/2 + absmax codes n/64 + fp32 scale per 256 absmaxes + offset.
+    self.assertEqual(nf4.nbytes(q), n // 2 + n // 64 + 4 * n // (64 * 256)
+                     + 4)
+    self.assertEqual(nf4.nbytes(q), 135236)
+    self.assertAlmostEqual(nf4.bits_per_param(q), 4.127, delta=1e-3)
+    self.assertEqual(nf4.nbytes(nf4.quantize_nf4(w, double_quant=False)),
+                     n // 2 + 4 * n // 64)
+    self.assertEqual(nf4.bits_per_param(nf4.quantize_int8(w)), 8.5)
+    self.assertEqual(nf4.nbytes(nf4.quantize_int8(w, block_size=128)),
+                     n + 4 * n // 128)
+
+  def test_int8_error_bound(self):
+    w = _gauss((64, 48))
+    q = nf4.quantize_int8(w)
+    self.assertEqual(q.codes.dtype, jnp.int8)
+    self.assertLessEqual(int(jnp.abs(q.codes.astype(jnp.int32)).max()), 127)
+    blocks = w.reshape(-1, 64)
+    err = jnp.abs(nf4.dequantize_int8(q).reshape(-1, 64) - blocks)
+    self.assertTrue(bool(jnp.all(
+        err <= q.scale[:, None] / 254 * (1 + 1e-5))))
+    self.assertLess(_rel(nf4.dequantize_int8(q), w), 0.01)
+
+  @parameterized.parameters("nf4", "int8")
+  def test_padding_dtype_and_jit(self, scheme):
+    w = _gauss((7, 13)).astype(jnp.bfloat16)  # 91 elements: 2 padded blocks.
+    q = nf4.quantize(w, scheme)
+    self.assertEqual(q.codes.shape[0], 2)
+    wh = nf4.dequantize(q)
+    self.assertEqual((wh.shape, wh.dtype), (w.shape, w.dtype))
+    tol = 0.12 if scheme == "nf4" else 0.01
+    self.assertLess(_rel(wh.astype(jnp.float32), w.astype(jnp.float32)), tol)
+    jitted = jax.jit(lambda x: nf4.dequantize(nf4.quantize(x, scheme)))(w)
+    np.testing.assert_array_equal(jitted, wh)
+
+  def test_bad_arguments(self):
+    w = _gauss((8, 8))
+    with self.assertRaisesRegex(ValueError, "positive even int"):
+      nf4.quantize_nf4(w, block_size=7)
+    with self.assertRaisesRegex(ValueError, "dq_block_size"):
+      nf4.quantize_nf4(w, dq_block_size=0)
+    with self.assertRaisesRegex(ValueError, "non-empty float"):
+      nf4.quantize_int8(jnp.arange(8))
+    with self.assertRaisesRegex(ValueError, "Unknown quantisation scheme"):
+      nf4.quantize(w, "fp4")
+    with self.assertRaisesRegex(ValueError, "only block_size"):
+      nf4.quantize(w, "int8", double_quant=False)
+
+
+class QuantizedLayerTest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(sharding.use_mesh(_one_device_mesh()))
+
+  @parameterized.parameters("nf4", "int8")
+  def test_forward_uses_dequantized_kernels_for_every_kind(self, scheme):
+    model, ref = _Toy(nnx.Rngs(0)), _Toy(nnx.Rngs(0))
+    quantized.quantize_base(model, "all-linear", scheme)
+    for name in ("layers", "gen", "ein"):
+      q_mods = model.layers if name == "layers" else [getattr(model, name)]
+      r_mods = ref.layers if name == "layers" else [getattr(ref, name)]
+      for q, r in zip(q_mods, r_mods):
+        self.assertTrue(quantized.is_quantized(q))
+        self.assertIsInstance(q, type(r))  # Subclass of the Flax class.
+        r.kernel.set_value(q.dense_kernel())
+    y = model(_IDS)
+    np.testing.assert_allclose(y, ref(_IDS), atol=1e-5)
+    np.testing.assert_allclose(nnx.jit(lambda m: m(_IDS))(model), y,
+                               atol=1e-5)
+    # Quantized kernels are not parameters; biases still are.
+    params = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    names = {"/".join(map(str, p)) for p, _ in params}
+    self.assertNotIn("layers/0/kernel", names)
+    self.assertIn("layers/0/bias", names)
+    self.assertIn("emb/embedding", names)
+    qstate = nnx.to_flat_state(nnx.state(model, quantized.QuantState))
+    self.assertIn(("layers", 0, "kernel_codes"), [p for p, _ in qstate])
+
+  def test_bad_targets(self):
+    model = _Toy(nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, r"cannot be quantized: emb .Embed"):
+      quantized.quantize_base(model, "emb")
+    with self.assertRaisesRegex(ValueError, "matched no module.*layers.0"):
+      quantized.quantize_base(model, "decoder")
+    with self.assertRaisesRegex(ValueError, "Unknown quantisation scheme"):
+      quantized.quantize_base(model, "gen", "fp8")
+    quantized.quantize_base(model, "gen")
+    with self.assertRaisesRegex(ValueError, "already quantized: nf4"):
+      quantized.quantize_base(model, "gen")
+    with self.assertRaisesRegex(ValueError, "shape"):
+      model.gen.requantize(jnp.zeros((3, 3)))
+
+  def test_bfloat16_base_dequantizes_to_its_compute_dtype(self):
+    layer = nnx.Linear(64, 32, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                       rngs=nnx.Rngs(0))
+    model = _Stack(nnx.Rngs(0), d=64, n=1)
+    model.layers[0] = layer
+    quantized.quantize_base(model, "all-linear")
+    q = model.layers[0]
+    self.assertEqual(q.kernel.dtype, jnp.bfloat16)
+    self.assertEqual(q.kernel[...].dtype, jnp.bfloat16)
+    x = jnp.ones((2, 64), jnp.bfloat16)
+    self.assertEqual(q(x).dtype, jnp.bfloat16)
+    adapters.inject(model, targets="all-linear", rank=2)
+    _randomize(model)
+    self.assertEqual(model.layers[0].lora_a.get_value().dtype, jnp.bfloat16)
+    y = model.layers[0](x)
+    errors = quantized.merge_quantized(model)
+    self.assertLess(errors["layers.0"], 0.1)
+    np.testing.assert_allclose(model.layers[0](x).astype(jnp.float32),
+                               y.astype(jnp.float32), atol=0.1)
+    with self.assertRaisesRegex(ValueError, "exact Linear; got Einsum"):
+      quantized.QuantizedLinear(_Toy(nnx.Rngs(0)).ein)
+
+  def test_base_weight_bytes_from_compiled_memory_analysis(self):
+    x = jnp.ones((2, 512))
+
+    def argument_bytes(model):
+      graphdef, state = nnx.split(model)
+      fn = lambda s: nnx.merge(graphdef, s)(x)
+      compiled = jax.jit(fn).lower(state).compile()
+      return compiled.memory_analysis().argument_size_in_bytes
+
+    bias = 4 * 512 * 4
+    fp32 = argument_bytes(_Stack(nnx.Rngs(0)))
+    self.assertEqual(fp32, 4 * 512 * 512 * 4 + bias)
+    q_nf4 = argument_bytes(
+        quantized.quantize_base(_Stack(nnx.Rngs(0)), "all-linear", "nf4"))
+    self.assertEqual(q_nf4, 4 * 135236 + bias)
+    q_int8 = argument_bytes(
+        quantized.quantize_base(_Stack(nnx.Rngs(0)), "all-linear", "int8"))
+    self.assertEqual(q_int8, 4 * (512 * 512 + 4 * 512 * 512 // 64) + bias)
+    # Measured: nf4 0.1307x, int8 0.2656x of the float32 base (biases kept).
+    self.assertLessEqual(q_nf4 / fp32, 0.14)
+    self.assertLessEqual(q_int8 / fp32, 0.27)
+    self.assertLessEqual((q_nf4 - bias) / (fp32 - bias), 4.13 / 32)
+
+  def test_backward_saves_codes_not_dense_kernels(self):
+    model = quantized.quantize_base(_Stack(nnx.Rngs(0), d=128, n=2),
+                                    "all-linear")
+    adapters.inject(model, targets="all-linear", rank=4)
+    graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+    x = jnp.ones((3, 128))
+    _, vjp = jax.vjp(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)), lora)
+    saved = {(r.shape, str(r.dtype)) for r in jax.tree.leaves(vjp)}
+    self.assertNotIn(((128, 128), "float32"), saved)
+    self.assertIn(((256, 32), "uint8"), saved)  # The packed codes.
+
+  def test_fsdp_sharded_kernel_keeps_sharded_codes(self):
+    mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
+    with sharding.use_mesh(mesh):
+      model = _Toy(nnx.Rngs(0))
+      quantized.quantize_base(model, _LINEAR)
+      layer = model.layers[0]
+      self.assertEqual(layer.kernel_codes.get_value().sharding.spec,
+                       P("fsdp", None))
+      self.assertEqual(layer.kernel_codes.get_metadata()["out_sharding"],
+                       ("embed", None))
+      self.assertEqual(layer.kernel.get_value().sharding.spec,
+                       P("fsdp", "tensor"))
+      # The rules give the codes the same placement.
+      specs = sharding.state_shardings(
+          nnx.state(model, quantized.QuantState), mesh)
+      self.assertEqual(specs["layers"][0]["kernel_codes"].spec,
+                       P("fsdp", None))
+      adapters.inject(model, targets=_LINEAR, rank=2)
+      a = model.layers[0].lora_a.get_value()
+      self.assertEqual(a.sharding.spec, P("fsdp", None))
+      y_ref = model(_IDS)
+      y = nnx.jit(lambda m: m(_IDS))(model)
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+
+
+class QLoRATest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(sharding.use_mesh(_one_device_mesh()))
+
+  def test_identity_at_init_and_gradients_only_to_adapters(self):
+    model = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    y0 = model(_IDS)
+    adapters.inject(model, targets=_LINEAR, rank=4, alpha=8)
+    self.assertEqual(sorted(adapters.adapter_modules(model)),
+                     ["ein", "gen", "layers.0", "layers.1"])
+    np.testing.assert_array_equal(model(_IDS), y0)
+    _randomize(model)
+    diff = nnx.DiffState(0, nnx.LoRAParam)
+    grads = nnx.grad(lambda m: jnp.mean(m(_IDS) ** 2), argnums=diff)(model)
+    flat = nnx.to_flat_state(grads)
+    self.assertEqual({p[-1] for p, _ in flat}, {"lora_a", "lora_b"})
+    self.assertTrue(all(float(jnp.abs(v.get_value()).max()) > 0
+                        for _, v in flat))
+
+  @parameterized.parameters("nf4", "int8")
+  def test_training_step_reduces_loss_and_leaves_codes(self, scheme):
+    model = quantized.inject_quantized(
+        _Toy(nnx.Rngs(0)), targets=_LINEAR, scheme=scheme, rank=4)
+    codes = model.gen.base.kernel_codes.get_value()
+    target = jax.random.normal(jax.random.key(3), (2, 6, 4, 16))
+    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, opt):
+      loss_fn = lambda m: jnp.mean((m(_IDS) - target) ** 2)
+      loss, grads = nnx.value_and_grad(
+          loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+      opt.update(model, grads)
+      return loss
+
+    losses = [float(step(model, opt)) for _ in range(15)]
+    self.assertLess(losses[-1], 0.8 * losses[0])
+    np.testing.assert_array_equal(model.gen.base.kernel_codes.get_value(),
+                                  codes)
+
+  def test_merge_quantized_reports_the_requantisation_error(self):
+    model = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    adapters.inject(model, targets=_LINEAR, rank=4)
+    _randomize(model)
+    y = model(_IDS)
+    mods = adapters.adapter_modules(model)
+    expect = {}
+    for path, m in mods.items():
+      delta = m._delta_kernel()  # pylint: disable=protected-access
+      w = m.base.dense_kernel(jnp.float32) + delta
+      w_hat = nf4.dequantize_nf4(nf4.quantize_nf4(w), jnp.float32)
+      expect[path] = (_rel(w_hat, w), w_hat)
+    with self.assertRaisesRegex(ValueError, "merge_quantized"):
+      adapters.merge(model)
+    self.assertFalse(any(m.merged for m in mods.values()))
+    errors = quantized.merge_quantized(model)
+    self.assertEqual(sorted(errors), sorted(expect))
+    for path, m in mods.items():
+      self.assertTrue(m.merged)
+      self.assertAlmostEqual(errors[path], expect[path][0], delta=1e-6)
+      self.assertGreater(errors[path], 0.0)
+      np.testing.assert_allclose(m.base.dense_kernel(), expect[path][1],
+                                 atol=1e-6)
+    y_merged = model(_IDS)
+    # Close to the adapted output, but not equal: the requantisation error.
+    self.assertLess(_rel(y_merged, y), 3 * max(errors.values()))
+    self.assertGreater(_rel(y_merged, y), 1e-4)
+    self.assertEqual(quantized.merge_quantized(model), {})  # Already merged.
+    back = quantized.unmerge_quantized(model)
+    self.assertEqual(sorted(back), sorted(expect))
+    self.assertFalse(any(m.merged for m in mods.values()))
+
+  def test_merge_quantized_needs_a_quantized_base(self):
+    model = _Toy(nnx.Rngs(0))
+    adapters.inject(model, targets=_LINEAR, rank=2)
+    with self.assertRaisesRegex(ValueError, "no adapter on a quantized base"):
+      quantized.merge_quantized(model)
+
+  def test_quantize_base_under_existing_adapters(self):
+    model = _Toy(nnx.Rngs(0))
+    adapters.inject(model, targets=_LINEAR, rank=2)
+    _randomize(model)
+    mods = adapters.adapter_modules(model)
+    deltas = {p: m.delta_weight() for p, m in mods.items()}
+    quantized.quantize_base(model, "all-linear", "int8")
+    mods = adapters.adapter_modules(model)
+    for path, m in mods.items():
+      self.assertTrue(quantized.is_quantized(m.base))
+      self.assertEqual(m.base.quant_scheme, "int8")
+      np.testing.assert_array_equal(m.delta_weight(), deltas[path])
+    with adapters.disabled(model):
+      y_base = model(_IDS)
+    self.assertGreater(float(jnp.abs(model(_IDS) - y_base).max()), 1e-4)
+    with self.assertRaisesRegex(ValueError, "already quantized: int8"):
+      quantized.quantize_base(model, ["gen"])
+    merged = _Toy(nnx.Rngs(0))
+    adapters.inject(merged, targets="gen", rank=2)
+    adapters.merge(merged)
+    with self.assertRaisesRegex(ValueError, "unmerge first"):
+      quantized.quantize_base(merged, "gen")
+
+
+class LQLoRATest(parameterized.TestCase):
+
+  def setUp(self):
+    super().setUp()
+    self.enter_context(sharding.use_mesh(_one_device_mesh()))
+
+  def _structured(self, shape=(128, 96), rank=4):
+    # A few large low-rank directions on top of small noise, as in
+    # pretrained weights with outlier features.
+    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    low = (jax.random.normal(k1, (shape[0], rank))
+           @ jax.random.normal(k2, (rank, shape[1]))) * 0.05
+    return low + jax.random.normal(k3, shape) * 0.02
+
+  def _model_with(self, kernel):
+    model = _Stack(nnx.Rngs(0), d=kernel.shape[0], n=1)
+    model.layers[0] = nnx.Linear(kernel.shape[0], kernel.shape[1],
+                                 rngs=nnx.Rngs(0))
+    model.layers[0].kernel.set_value(kernel)
+    return model
+
+  @parameterized.parameters(("nf4", False), ("int8", False), ("nf4", True))
+  def test_lq_lora_beats_qlora_init(self, scheme, gaussian):
+    w = _gauss((128, 96), seed=7) if gaussian else self._structured()
+    plain = _rel(nf4.dequantize(nf4.quantize(w, scheme), jnp.float32), w)
+    model = self._model_with(w)
+    adapters.inject(model, targets="all-linear", rank=4, alpha=8,
+                    init="lq_lora", init_data={"layers.0": {
+                        "scheme": scheme, "iters": 5}})
+    m = model.layers[0]
+    self.assertEqual(m.init, "lq_lora")
+    self.assertTrue(quantized.is_quantized(m.base))
+    self.assertEqual(m.base.quant_scheme, scheme)
+    effective = m.base.dense_kernel(jnp.float32) + m.delta_weight()
+    err = _rel(effective, w)
+    # Low-rank structure: LQ-LoRA removes it before quantizing.
+    self.assertLess(err, (0.97 if gaussian else 0.5) * plain)
+    x = jax.random.normal(jax.random.key(2), (3, 128))
+    np.testing.assert_allclose(model.layers[0](x), x @ effective
+                               + m.base.bias.get_value()[None, :],
+                               atol=1e-4)
+
+  def test_lq_decompose_errors_and_best_iterate(self):
+    w = self._structured()
+    roundtrip = lambda x: nf4.dequantize_nf4(nf4.quantize_nf4(x))
+    residual, l1, l2, errors = nf4.lq_decompose(w, 4, roundtrip, iters=6)
+    self.assertLen(errors, 6)
+    self.assertEqual((l1.shape, l2.shape), ((128, 4), (4, 96)))
+    np.testing.assert_allclose(residual, w - l1 @ l2, atol=1e-5)
+    best = _rel(roundtrip(residual) + l1 @ l2, w)
+    self.assertAlmostEqual(best, min(errors), delta=1e-5)
+    self.assertLess(min(errors), errors[0] + 1e-9)
+    with self.assertRaisesRegex(ValueError, "rank must be"):
+      nf4.lq_decompose(w, 0, roundtrip)
+    with self.assertRaisesRegex(ValueError, "2-D"):
+      nf4.lq_decompose(w[None], 2, roundtrip)
+
+  def test_inject_quantized_lq_lora_every_kind(self):
+    model = quantized.inject_quantized(
+        _Toy(nnx.Rngs(0)), targets=_LINEAR, init="lq_lora", rank=4,
+        lq_iters=2)
+    mods = adapters.adapter_modules(model)
+    self.assertEqual(sorted(mods), ["ein", "gen", "layers.0", "layers.1"])
+    for m in mods.values():
+      self.assertEqual(m.init, "lq_lora")
+      self.assertTrue(quantized.is_quantized(m.base))
+    ref = _Toy(nnx.Rngs(0))
+    with adapters.disabled(model):
+      y_base = model(_IDS)
+    self.assertGreater(float(jnp.abs(model(_IDS) - y_base).max()), 1e-4)
+    # Base + adapter is closer to the full-precision model than Q(W).
+    plain = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    self.assertLess(_rel(model(_IDS), ref(_IDS)),
+                    _rel(plain(_IDS), ref(_IDS)))
+
+  def test_lq_lora_errors(self):
+    model = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    with self.assertRaisesRegex(ValueError, "needs the full-precision"):
+      adapters.inject(model, targets="gen", rank=2, init="lq_lora")
+    model = _Toy(nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, "Unknown init_data option"):
+      adapters.inject(model, targets="gen", rank=2, init="lq_lora",
+                      init_data={"gen": {"bits": 3}})
+    with self.assertRaisesRegex(ValueError, "Unknown quantisation scheme"):
+      quantized.inject_quantized(_Toy(nnx.Rngs(0)), targets="gen", rank=2,
+                                 init="lq_lora", scheme="fp4")
+
+
+if __name__ == "__main__":
+  absltest.main()
