@@ -428,6 +428,24 @@ class QLoRATest(parameterized.TestCase):
     self.assertEqual(sorted(back), sorted(expect))
     self.assertFalse(any(m.merged for m in mods.values()))
 
+  @parameterized.parameters("dora", "lora_xs")
+  def test_other_methods_wrap_and_merge_into_a_quantized_base(self, method):
+    model = quantized.quantize_base(_Stack(nnx.Rngs(0), d=64, n=1),
+                                    "all-linear")
+    x = jax.random.normal(jax.random.key(0), (4, 64))
+    y0 = model(x)
+    adapters.inject(model, targets="all-linear", rank=4, method=method)
+    np.testing.assert_allclose(model(x), y0, atol=1e-6)
+    state = nnx.state(model, nnx.LoRAParam)
+    nnx.update(model, jax.tree.map(
+        lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape),
+        state))
+    y = model(x)
+    self.assertGreater(_rel(y, y0), 1e-3)
+    errors = quantized.merge_quantized(model)  # DoRA merges its own way.
+    self.assertTrue(model.layers[0].merged)
+    self.assertLess(_rel(model(x), y), 2 * errors["layers.0"])
+
   def test_merge_quantized_needs_a_quantized_base(self):
     model = _Toy(nnx.Rngs(0))
     adapters.inject(model, targets=_LINEAR, rank=2)
