@@ -1,0 +1,663 @@
+"""Tests for the random-basis adapters (VeRA, NOLA, RandLoRA).
+
+The `oracle` tests compare with Hugging Face PEFT's `vera` and `randlora`
+tuners on the same weights and bases; they skip without torch and peft:
+
+    /work/oracle-venv/bin/python -m pytest -m oracle \
+        -o addopts="-p no:cacheprovider" tests/random_basis_test.py
+"""
+
+import json
+import math
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from lowrank import adapters
+from lowrank import sharding
+from lowrank.adapters import layers
+from lowrank.adapters import random_basis
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def _part(axes):
+  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
+
+
+class _Toy(nnx.Module):
+  """Linear (both d_in < d_out and d_in > d_out), LinearGeneral, Einsum."""
+
+  def __init__(self, rngs, d=16, h=24):
+    self.layers = nnx.List([
+        nnx.Linear(d, h, kernel_init=_part(("embed", "mlp")), rngs=rngs),
+        nnx.Linear(h, d, kernel_init=_part(("mlp", "embed")), rngs=rngs),
+    ])
+    self.gen = nnx.LinearGeneral(
+        d, (2, 4), kernel_init=_part(("embed", "heads", "kv")), rngs=rngs
+    )
+    self.ein = nnx.Einsum(
+        "btd,dnh->btnh",
+        (d, 2, 4),
+        kernel_init=_part(("embed", "heads", "kv")),
+        rngs=rngs,
+    )
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jax.nn.gelu(layer(x))
+    return self.gen(x) + self.ein(x)
+
+
+_X = jax.random.normal(jax.random.key(0), (2, 5, 16))
+_ALL = r"layers\.\d|gen|ein"
+_PATHS = ["ein", "gen", "layers.0", "layers.1"]
+
+# (label, method, options); rank 4 throughout.
+_CASES = (
+    ("vera", "vera", dict(seed=3)),
+    ("nola", "nola", dict(num_bases_a=8, num_bases_b=6)),
+    ("nola_generated", "nola",
+     dict(num_bases_a=8, num_bases_b=6, store_bases=False, chunk=3)),
+    ("randlora", "randlora", dict()),
+)
+_TRAINABLE = {
+    "vera": {"lambda_d", "lambda_b"},
+    "nola": {"coef_a", "coef_b"},
+    "randlora": {"lam", "gamma"},
+}
+
+
+def _build(method, options, rank=4, alpha=None):
+  with sharding.use_mesh():
+    model = _Toy(nnx.Rngs(0))
+    y0 = model(_X)
+    adapters.inject(model, targets=_ALL, method=method, rank=rank,
+                    alpha=alpha, **options)
+  return model, y0
+
+
+def _randomize(model, scale=0.3, seed=1):
+  """Random trainable values, so the adapters change the output."""
+  state = nnx.state(model, nnx.LoRAParam)
+  flat = nnx.to_flat_state(state)
+  for i, (_, var) in enumerate(flat):
+    v = var.get_value()
+    key = jax.random.fold_in(jax.random.key(seed), i)
+    var.set_value(jax.device_put(
+        jax.random.normal(key, v.shape, v.dtype) * scale, v.sharding))
+  nnx.update(model, state)
+
+
+def _formula(w):
+  if w.method == "vera":
+    return w.rank + w.d_out
+  if w.method == "nola":
+    return w.num_bases_a + w.num_bases_b
+  n = math.ceil(min(w.d_in, w.d_out) / w.rank)
+  return n * w.rank + n * min(w.d_in, w.d_out)
+
+
+def _rebuild(w, rngs_seed=99):
+  return type(w)(
+      w.base, rank=w.rank, alpha=w.alpha, rslora=w.rslora, dropout=0.0,
+      init=w.init, rngs=nnx.Rngs(rngs_seed), **w.options()
+  )
+
+
+def _leaves(module, kind):
+  return {
+      ".".join(map(str, p)): v.get_value()
+      for p, v in nnx.to_flat_state(nnx.state(module, kind))
+  }
+
+
+class CommonTest(parameterized.TestCase):
+  """The evidence every variant needs, for each method."""
+
+  @parameterized.named_parameters(*_CASES)
+  def test_identity_at_init_every_kind(self, method, options):
+    model, y0 = _build(method, options)
+    self.assertEqual(sorted(adapters.adapter_modules(model)), _PATHS)
+    np.testing.assert_array_equal(model(_X), y0)
+    _randomize(model)
+    self.assertGreater(float(jnp.abs(model(_X) - y0).max()), 1e-2)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_merge_unmerge_roundtrip(self, method, options):
+    model, _ = _build(method, options, alpha=6.0)
+    _randomize(model)
+    mods = adapters.adapter_modules(model)
+    kernels = {p: m.base.kernel.get_value() for p, m in mods.items()}
+    y = model(_X)
+    adapters.merge(model)
+    for p, m in mods.items():
+      self.assertTrue(m.merged)
+      self.assertGreater(
+          float(jnp.abs(m.base.kernel.get_value() - kernels[p]).max()), 1e-4)
+    np.testing.assert_allclose(model(_X), y, rtol=1e-4, atol=1e-4)
+    adapters.unmerge(model)
+    for p, m in mods.items():
+      np.testing.assert_allclose(m.base.kernel.get_value(), kernels[p],
+                                 atol=1e-5)
+    np.testing.assert_allclose(model(_X), y, rtol=1e-5, atol=1e-5)
+    with adapters.disabled(model):
+      y_base = model(_X)
+    adapters.unload(model)
+    np.testing.assert_allclose(model(_X), y, rtol=1e-4, atol=1e-4)
+    self.assertGreater(float(jnp.abs(y - y_base).max()), 1e-2)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_parameter_count_matches_paper(self, method, options):
+    model, _ = _build(method, options)
+    mods = adapters.adapter_modules(model)
+    for m in mods.values():
+      self.assertEqual(m.num_trainable(), _formula(m))
+    self.assertEqual(adapters.count_parameters(model)["trainable"],
+                     sum(_formula(m) for m in mods.values()))
+
+  @parameterized.named_parameters(*_CASES)
+  def test_lora_param_state_holds_no_bases(self, method, options):
+    model, _ = _build(method, options)
+    trainable = _leaves(model, nnx.LoRAParam)
+    self.assertTrue(trainable)
+    self.assertFalse([k for k in trainable if "basis" in k])
+    n_bytes = sum(v.nbytes for v in trainable.values())
+    n_train = sum(_formula(m)
+                  for m in adapters.adapter_modules(model).values())
+    self.assertEqual(n_bytes, 4 * n_train)
+    bases = _leaves(model, layers.Basis)
+    self.assertTrue(bases)
+    self.assertTrue(all("basis" in k for k in bases))
+    if options.get("store_bases", True):
+      self.assertGreater(sum(v.nbytes for v in bases.values()), n_bytes)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_rebuild_from_options_is_bit_identical(self, method, options):
+    model, _ = _build(method, options)
+    _randomize(model)
+    for path, w in adapters.adapter_modules(model).items():
+      json.dumps(w.options())
+      self.assertEqual(w.options()["seed"], options.get("seed", 0))
+      with sharding.use_mesh():
+        new = _rebuild(w)
+      old_b, new_b = _leaves(w, layers.Basis), _leaves(new, layers.Basis)
+      self.assertEqual(sorted(old_b), sorted(new_b), path)
+      for k in old_b:
+        np.testing.assert_array_equal(new_b[k], old_b[k], f"{path}.{k}")
+      nnx.update(new, nnx.state(w, nnx.LoRAParam))
+      np.testing.assert_array_equal(new.delta_weight(), w.delta_weight())
+      x = jax.random.normal(jax.random.key(2), (2, 3, w.d_in))
+      np.testing.assert_array_equal(new(x), w(x))
+
+  @parameterized.named_parameters(*_CASES)
+  def test_gradients_and_jit_optimizer_steps(self, method, options):
+    model, _ = _build(method, options)
+    _randomize(model, scale=0.1)
+    target = jax.random.normal(jax.random.key(7), (2, 5, 2, 4))
+    bases_before = _leaves(model, layers.Basis)
+    frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+    kernels_before = _leaves(model, frozen)
+    opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
+
+    @nnx.jit
+    def step(model, opt):
+      def loss_fn(m):
+        return jnp.mean((m(_X) - target) ** 2)
+
+      diff = nnx.DiffState(0, nnx.LoRAParam)
+      loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model)
+      opt.update(model, grads)
+      return loss, grads
+
+    loss, grads = step(model, opt)
+    losses = [float(loss)]
+    # Gradients reach exactly the trainable leaves, all of them non-zero.
+    flat = nnx.to_flat_state(grads)
+    names = {}
+    for path, var in flat:
+      self.assertIsInstance(var, nnx.LoRAParam)
+      self.assertGreater(float(jnp.abs(var.get_value()).max()), 0.0, path)
+      names.setdefault(".".join(map(str, path[:-1])), set()).add(path[-1])
+    self.assertEqual(names, {p: _TRAINABLE[method] for p in _PATHS})
+    self.assertEqual(adapters.count_parameters(model)["trainable"],
+                     sum(v.get_value().size for _, v in flat))
+    losses += [float(step(model, opt)[0]) for _ in range(5)]
+    self.assertLess(losses[-1], losses[0])
+    for k, v in _leaves(model, layers.Basis).items():
+      np.testing.assert_array_equal(v, bases_before[k])
+    for k, v in _leaves(model, frozen).items():
+      np.testing.assert_array_equal(v, kernels_before[k])
+
+  def test_bad_options(self):
+    with sharding.use_mesh():
+      base = nnx.Linear(8, 6, rngs=nnx.Rngs(0))
+    def make(method, **kw):
+      cls = layers.METHODS[method][nnx.Linear]
+      return cls(base, rank=kw.pop("rank", 2), rngs=nnx.Rngs(0), **kw)
+    for method in ("vera", "nola", "randlora"):
+      with self.assertRaisesRegex(ValueError, "seed must be a Python int"):
+        make(method, seed=1.5)
+      with self.assertRaisesRegex(ValueError, r"seed must be in \[0, 2\*\*32"):
+        make(method, seed=2**32)
+      with self.assertRaisesRegex(ValueError, "seed must be in"):
+        make(method, seed=-1)
+      with self.assertRaisesRegex(ValueError, "has its own initialisation"):
+        make(method, init="gaussian")
+      with self.assertRaisesRegex(ValueError, "Unknown option"):
+        make(method, num_basis=3)
+      with self.assertRaisesRegex(ValueError, "external_bases must be a bool"):
+        make(method, external_bases=1)
+      with self.assertRaisesRegex(ValueError, "rank must be"):
+        make(method, rank=0)
+    with self.assertRaisesRegex(ValueError, "max_in must be >= this layer"):
+      make("vera", max_in=7)
+    with self.assertRaisesRegex(ValueError, "d_initial must be finite"):
+      make("vera", d_initial=float("nan"))
+    with self.assertRaisesRegex(ValueError, "num_bases_a must be a positive"):
+      make("nola", num_bases_a=0)
+    with self.assertRaisesRegex(ValueError, "chunk must be a positive"):
+      make("nola", chunk=0)
+    with self.assertRaisesRegex(ValueError, "store_bases must be a bool"):
+      make("nola", store_bases="no")
+    with self.assertRaisesRegex(ValueError, "chunk must be a positive"):
+      make("randlora", chunk=-2)
+    with self.assertRaisesRegex(ValueError, "no LoRA factors"):
+      make("vera").peft_factors()
+    with sharding.use_mesh():
+      model = _Toy(nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, "cannot adapt"):
+      with sharding.use_mesh():
+        adapters.inject(nnx.List([nnx.Embed(10, 4, rngs=nnx.Rngs(0))]),
+                        targets="0", method="vera", rank=2)
+    with self.assertRaisesRegex(ValueError, "no VeRA adapter"):
+      random_basis.share_bases(model)
+
+
+class SetBasesTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*_CASES)
+  def test_external_bases_are_saved_state_and_rebuild(self, method, options):
+    model, _ = _build(method, options)
+    _randomize(model)
+    w = adapters.adapter_modules(model)["layers.1"]
+    bases = w.bases()
+    new = {
+        k: jax.random.normal(jax.random.fold_in(jax.random.key(5), i),
+                             v.shape)
+        for i, (k, v) in enumerate(bases.items())
+    }
+    y = w(jnp.ones((3, w.d_in)))
+    w.set_bases(**new)
+    self.assertTrue(w.external_bases)
+    self.assertTrue(w.options()["external_bases"])
+    self.assertFalse(_leaves(w, layers.Basis).keys() & set(new))
+    state = _leaves(w, layers.AdapterState)
+    self.assertEqual(sorted(state), sorted(new))
+    for k, v in w.bases().items():
+      np.testing.assert_array_equal(v, new[k])
+    y_new = w(jnp.ones((3, w.d_in)))
+    self.assertGreater(float(jnp.abs(y_new - y).max()), 1e-3)
+    # Rebuilt from options() + the saved leaves (LoRAParam, AdapterState).
+    with sharding.use_mesh():
+      again = _rebuild(w)
+    self.assertEqual(sorted(_leaves(again, layers.AdapterState)),
+                     sorted(new))
+    nnx.update(again, nnx.state(w, nnx.LoRAParam))
+    nnx.update(again, nnx.state(w, layers.AdapterState))
+    np.testing.assert_array_equal(again(jnp.ones((3, w.d_in))), y_new)
+    self.assertFalse([k for k in _leaves(model, nnx.LoRAParam)
+                      if "basis" in k])
+
+  def test_set_bases_errors(self):
+    model, _ = _build("vera", {})
+    w = adapters.adapter_modules(model)["layers.0"]
+    with self.assertRaisesRegex(ValueError, r"expected shape \(16, 4\)"):
+      w.set_bases(basis_a=np.zeros((4, 16)))
+    with self.assertRaisesRegex(ValueError, "Unknown basis name.*basis_c"):
+      w.set_bases(basis_c=np.zeros((4, 16)))
+    model, _ = _build("nola", dict(num_bases_a=4, num_bases_b=4,
+                                   store_bases=False))
+    w = adapters.adapter_modules(model)["layers.0"]
+    self.assertEqual(sorted(w.bases()), ["basis_a0"])
+    with self.assertRaisesRegex(ValueError, "Unknown basis name.*basis_a'"):
+      w.set_bases(basis_a=np.zeros((4, 16, 4)))
+    w.set_bases(basis_a0=np.zeros((16, 4)))
+    model, _ = _build("vera", {})
+    w = adapters.adapter_modules(model)["layers.0"]
+    w.set_bases(basis_a=np.zeros((16, 4)))
+    with self.assertRaisesRegex(ValueError, "cannot be regenerated"):
+      w.set_max_in(30)
+    with self.assertRaisesRegex(ValueError, "PEFT VeRA bases must be"):
+      w.set_peft_bases(np.zeros((4, 8)), np.zeros((24, 4)))
+    with self.assertRaisesRegex(ValueError, "lambda_b: expected 24 values"):
+      w.set_peft_tensors(np.zeros(4), np.zeros(16))
+
+
+class VeRATest(absltest.TestCase):
+
+  def test_bases_are_peft_kaiming_and_slices_of_one_shared_pair(self):
+    a, b = random_basis.vera_bases(0, 40, 30, 8)
+    self.assertEqual((a.shape, b.shape), ((40, 8), (8, 30)))
+    self.assertLessEqual(float(jnp.abs(a).max()), math.sqrt(6 / 40))
+    self.assertGreater(float(jnp.abs(a).max()), 0.95 * math.sqrt(6 / 40))
+    self.assertLessEqual(float(jnp.abs(b).max()), math.sqrt(6 / 8))
+    a_small, b_small = random_basis.vera_bases(0, 25, 12, 8, max_in=40)
+    np.testing.assert_array_equal(a_small, a[:25])
+    np.testing.assert_array_equal(b_small, b[:, :12])
+    a_other, _ = random_basis.vera_bases(1, 40, 30, 8)
+    self.assertGreater(float(jnp.abs(a_other - a).max()), 0.1)
+
+  def test_share_bases_gives_bit_identical_slices(self):
+    model, _ = _build("vera", dict(seed=11))
+    mods = adapters.adapter_modules(model)
+    wide, narrow = mods["layers.1"], mods["layers.0"]  # d_in 24 and 16.
+    self.assertEqual(narrow.options()["max_in"], 16)
+    self.assertEqual(random_basis.share_bases(model), 24)
+    for m in mods.values():
+      self.assertEqual(m.options()["max_in"], 24)
+    a_w, b_w = wide.bases()["basis_a"], wide.bases()["basis_b"]
+    a_n, b_n = narrow.bases()["basis_a"], narrow.bases()["basis_b"]
+    np.testing.assert_array_equal(a_n, a_w[:16])
+    np.testing.assert_array_equal(b_w, b_n[:, :16])  # d_out 16 and 24.
+    np.testing.assert_array_equal(mods["gen"].bases()["basis_a"], a_n)
+    # The options now rebuild the shared slices.
+    with sharding.use_mesh():
+      again = _rebuild(narrow)
+    np.testing.assert_array_equal(again.bases()["basis_a"], a_n)
+
+  def test_lambda_init_and_output_formula(self):
+    model, _ = _build("vera", dict(d_initial=0.25))
+    w = adapters.adapter_modules(model)["layers.0"]
+    np.testing.assert_array_equal(w.lambda_d[...], jnp.full((4,), 0.25))
+    np.testing.assert_array_equal(w.lambda_b[...], jnp.zeros((24,)))
+    _randomize(model)
+    a, b = w.bases()["basis_a"], w.bases()["basis_b"]
+    ld, lb = w.lambda_d[...], w.lambda_b[...]
+    x = _X.reshape(-1, 16)
+    want = (((x @ a) * ld[None, :]) @ b) * lb[None, :]
+    np.testing.assert_allclose(w.adapter_out(x), want, rtol=1e-5, atol=1e-5)
+
+
+class NOLATest(absltest.TestCase):
+
+  def test_generated_equals_stored_bits_and_gradient(self):
+    key = jax.random.key(4)
+    k, shape = 7, (5, 3)
+    stored = random_basis.nola_bases(key, k, shape)
+    self.assertLessEqual(float(jnp.abs(stored).max()), 1 / math.sqrt(k))
+    for i in range(k):
+      onehot = jnp.zeros((k,)).at[i].set(1.0)
+      for chunk in (3, 16):
+        np.testing.assert_array_equal(
+            random_basis.nola_combine_generated(onehot, key, shape, chunk),
+            stored[i])
+    coef = jax.random.normal(jax.random.key(1), (k,))
+    w = jax.random.normal(jax.random.key(2), shape)
+    g_gen = jax.grad(lambda c: jnp.sum(w * random_basis.nola_combine_generated(
+        c, key, shape, 3)))(coef)
+    g_sto = jax.grad(lambda c: jnp.sum(
+        w * random_basis.nola_combine(c, stored)))(coef)
+    np.testing.assert_allclose(g_gen, g_sto, rtol=1e-5, atol=1e-6)
+
+  def test_generated_wrapper_matches_stored_wrapper(self):
+    opts = dict(num_bases_a=8, num_bases_b=6)
+    stored, _ = _build("nola", opts)
+    gen, _ = _build("nola", dict(opts, store_bases=False, chunk=3))
+    _randomize(stored)
+    _randomize(gen)
+    np.testing.assert_allclose(gen(_X), stored(_X), rtol=1e-5, atol=1e-5)
+    diff = nnx.DiffState(0, nnx.LoRAParam)
+    grad = nnx.jit(nnx.grad(lambda m: jnp.mean(m(_X) ** 2), argnums=diff))
+    g1 = nnx.to_flat_state(grad(stored))
+    g2 = nnx.to_flat_state(grad(gen))
+    for (p1, v1), (p2, v2) in zip(g1, g2):
+      self.assertEqual(p1, p2)
+      np.testing.assert_allclose(v1.get_value(), v2.get_value(), rtol=1e-4,
+                                 atol=1e-5)
+
+  def test_generated_bases_are_not_held_in_the_compiled_step(self):
+    d, r, k = 64, 4, 512
+
+    def step_bytes(**opts):
+      with sharding.use_mesh():
+        model = nnx.Linear(d, d, rngs=nnx.Rngs(0))
+        model = adapters.inject(
+            nnx.List([model]), targets="0", method="nola", rank=r,
+            num_bases_a=k, num_bases_b=k, **opts)
+      graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+      params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+
+      def loss(params, rest, x):
+        return jnp.sum(nnx.merge(graphdef, params, rest)[0](x) ** 2)
+
+      compiled = jax.jit(jax.grad(loss)).lower(
+          params, rest, jnp.ones((8, d))).compile()
+      mem = compiled.memory_analysis()
+      return mem.argument_size_in_bytes + mem.temp_size_in_bytes
+
+    basis_bytes = 2 * k * d * r * 4
+    stored = step_bytes()
+    generated = step_bytes(store_bases=False, chunk=16)
+    self.assertGreater(stored, basis_bytes)
+    self.assertLess(generated, stored - 0.9 * basis_bytes)
+
+  def test_a0_is_kaiming_and_coefficients_start_at_zero(self):
+    model, _ = _build("nola", dict(num_bases_a=8, num_bases_b=6))
+    w = adapters.adapter_modules(model)["layers.1"]  # d_in 24.
+    a0 = w.bases()["basis_a0"]
+    self.assertLessEqual(float(jnp.abs(a0).max()), 1 / math.sqrt(24))
+    np.testing.assert_array_equal(w.coef_a[...], jnp.zeros((8,)))
+    np.testing.assert_array_equal(w.coef_b[...], jnp.zeros((6,)))
+    a, b = w.factors()
+    np.testing.assert_array_equal(a, a0)
+    np.testing.assert_array_equal(b, jnp.zeros((4, 16)))
+
+
+def _dense_randlora(x, a, b, lam, gam, scale, small_is_in):
+  return x @ random_basis.randlora_delta(a, b, lam, gam, scale,
+                                         small_is_in=small_is_in)
+
+
+class RandLoRATest(parameterized.TestCase):
+
+  @parameterized.product(small_is_in=(True, False), chunk=(None, 1, 2))
+  def test_factored_matches_dense_value_and_gradients(self, small_is_in,
+                                                      chunk):
+    r, d_small, d_large = 4, 10, 14
+    n = random_basis.randlora_num_bases(d_small, d_large, r)
+    self.assertEqual(n, 3)
+    a, b = random_basis.randlora_bases(0, d_small, d_large, r, n)
+    k1, k2, k3, k4 = jax.random.split(jax.random.key(0), 4)
+    lam = jax.random.normal(k1, (n, r))
+    gam = jax.random.normal(k2, (n, d_small))
+    d_in, d_out = (d_small, d_large) if small_is_in else (d_large, d_small)
+    x = jax.random.normal(k3, (2, 3, d_in))
+    w = jax.random.normal(k4, (2, 3, d_out))
+
+    def ours(x, lam, gam):
+      return jnp.sum(w * random_basis.randlora_apply(
+          x, a, b, lam, gam, 1.5, small_is_in=small_is_in, chunk=chunk))
+
+    def dense(x, lam, gam):
+      return jnp.sum(w * _dense_randlora(x, a, b, lam, gam, 1.5,
+                                         small_is_in))
+
+    np.testing.assert_allclose(ours(x, lam, gam), dense(x, lam, gam),
+                               rtol=1e-4)
+    g1 = jax.grad(ours, argnums=(0, 1, 2))(x, lam, gam)
+    g2 = jax.grad(dense, argnums=(0, 1, 2))(x, lam, gam)
+    for u, v in zip(g1, g2):
+      np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4)
+
+  @parameterized.parameters(True, False)
+  def test_backward_never_forms_the_update(self, small_is_in):
+    r, d_small, d_large = 4, 12, 20
+    n = random_basis.randlora_num_bases(d_small, d_large, r)
+    a, b = random_basis.randlora_bases(0, d_small, d_large, r, n)
+    d_in, d_out = (d_small, d_large) if small_is_in else (d_large, d_small)
+    x = jnp.ones((8, d_in))
+
+    def loss(lam, gam):
+      return jnp.sum(random_basis.randlora_apply(
+          x, a, b, lam, gam, 2.0, small_is_in=small_is_in) ** 2)
+
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(
+        jnp.ones((n, r)), jnp.ones((n, d_small)))
+    shapes = set()
+
+    def collect(jx):
+      for eqn in jx.eqns:
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars)
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+          collect(sub)
+
+    collect(jaxpr.jaxpr)
+    self.assertNotIn((d_in, d_out), shapes)
+    self.assertNotIn((d_out, d_in), shapes)
+
+  def test_init_and_shapes_follow_peft(self):
+    model, _ = _build("randlora", {})
+    mods = adapters.adapter_modules(model)
+    w = mods["layers.0"]  # 16 -> 24: input side is small.
+    self.assertTrue(w.small_is_in)
+    self.assertEqual(w.num_bases, 4)
+    self.assertEqual(w.lam[...].shape, (4, 4))
+    np.testing.assert_array_equal(w.lam[...], jnp.zeros((4, 4)))
+    np.testing.assert_allclose(w.gamma[...], jnp.full((4, 16), 1 / 16))
+    g = mods["gen"]  # 16 -> (2, 4): output side is small.
+    self.assertFalse(g.small_is_in)
+    self.assertEqual(g.num_bases, 2)
+    self.assertEqual(g.gamma[...].shape, (2, 2, 4))
+    self.assertEqual(g.basis_b[...].shape, (2, 4, 16))
+    # Shared bases: the narrower layer's are slices of the wider one's.
+    a0, b0 = w.bases()["basis_a"], w.bases()["basis_b"]
+    a1, b1 = mods["layers.1"].bases()["basis_a"], g.bases()["basis_b"]
+    np.testing.assert_array_equal(a1, a0)  # Both have d_small = 16.
+    np.testing.assert_array_equal(g.bases()["basis_a"], a0[:, :8])
+    np.testing.assert_array_equal(b1, b0[:2, :, :16])
+    self.assertAlmostEqual(float(b0.std()), 1.0, delta=0.1)
+
+
+# ------------------------------------------------------- PEFT oracle tests
+def _torch_and_ours(peft_config):
+  """A tiny torch MLP under PEFT, and the same weights as an NNX model."""
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  torch.manual_seed(0)
+
+  class M(torch.nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.a = torch.nn.Linear(6, 10)
+      self.b = torch.nn.Linear(10, 4)
+
+    def forward(self, x):
+      return self.b(torch.relu(self.a(x)))
+
+  class Ours(nnx.Module):
+
+    def __init__(self, tm):
+      rngs = nnx.Rngs(0)
+      self.a = nnx.Linear(6, 10, rngs=rngs)
+      self.b = nnx.Linear(10, 4, rngs=rngs)
+      for name in ("a", "b"):
+        lin, t = getattr(self, name), getattr(tm, name)
+        lin.kernel.set_value(jnp.asarray(t.weight.detach().numpy().T))
+        lin.bias.set_value(jnp.asarray(t.bias.detach().numpy()))
+
+    def __call__(self, x):
+      return self.b(jax.nn.relu(self.a(x)))
+
+  tm = M()
+  ours = Ours(tm)
+  pm = peft.get_peft_model(tm, peft_config)
+  with torch.no_grad():
+    for name, p in pm.named_parameters():
+      if p.requires_grad:
+        p.copy_(torch.randn(p.shape) * 0.5)
+  return torch, pm, ours
+
+
+def _peft_layer(pm, name):
+  return getattr(pm.base_model.model, name)
+
+
+@pytest.mark.oracle
+def test_vera_matches_peft():
+  peft = pytest.importorskip("peft")
+  torch, pm, ours = _torch_and_ours(
+      peft.VeraConfig(r=3, target_modules=["a", "b"], projection_prng_key=5))
+  adapters.inject(ours, targets=["a", "b"], method="vera", rank=3, seed=5)
+  assert random_basis.share_bases(ours) == 10
+  vera_a = pm.base_model.vera_A["default"].numpy()
+  vera_b = pm.base_model.vera_B["default"].numpy()
+  assert vera_a.shape == (3, 10) and vera_b.shape == (10, 3)
+  for name in ("a", "b"):
+    layer, w = _peft_layer(pm, name), getattr(ours, name)
+    w.set_peft_bases(vera_a, vera_b)
+    w.set_peft_tensors(
+        layer.vera_lambda_d["default"].detach().numpy(),
+        layer.vera_lambda_b["default"].detach().numpy())
+    got = w.peft_tensors()
+    np.testing.assert_array_equal(
+        got["vera_lambda_b"], layer.vera_lambda_b["default"].detach().numpy())
+    np.testing.assert_allclose(
+        w.delta_weight().T,
+        layer.get_delta_weight("default").detach().numpy(), atol=1e-6)
+  x = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+  with torch.no_grad():
+    want = pm(torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(ours(jnp.asarray(x)), want, atol=1e-5)
+  with torch.no_grad():
+    base = pm.get_base_model()
+    with pm.disable_adapter():
+      want_base = base(torch.from_numpy(x)).numpy()
+  assert np.abs(want - want_base).max() > 1e-2
+  adapters.merge(ours)
+  np.testing.assert_allclose(ours(jnp.asarray(x)), want, atol=1e-5)
+
+
+@pytest.mark.oracle
+def test_randlora_matches_peft():
+  peft = pytest.importorskip("peft")
+  torch, pm, ours = _torch_and_ours(
+      peft.RandLoraConfig(r=3, target_modules=["a", "b"], randlora_alpha=6))
+  adapters.inject(ours, targets=["a", "b"], method="randlora", rank=3,
+                  alpha=6.0)
+  peft_a = pm.base_model.randlora_A["default"].float().numpy()
+  peft_b = pm.base_model.randlora_B["default"].float().numpy()
+  for name in ("a", "b"):
+    layer, w = _peft_layer(pm, name), getattr(ours, name)
+    assert w.num_bases == layer.num_bases
+    w.set_peft_bases(peft_a, peft_b)
+    lam = layer.randlora_lambda["default"].detach().numpy()
+    gam = layer.randlora_gamma["default"].detach().numpy()
+    w.set_peft_tensors(lam, gam)
+    got = w.peft_tensors()
+    np.testing.assert_array_equal(got["randlora_lambda"], lam)
+    np.testing.assert_array_equal(got["randlora_gamma"], gam)
+    np.testing.assert_allclose(
+        w.delta_weight().T,
+        layer.get_delta_weight("default").detach().float().numpy(),
+        rtol=1e-4, atol=1e-4)
+  x = np.random.default_rng(0).normal(size=(5, 6)).astype(np.float32)
+  with torch.no_grad():
+    want = pm(torch.from_numpy(x)).float().numpy()
+  np.testing.assert_allclose(ours(jnp.asarray(x)), want, rtol=1e-4,
+                             atol=1e-4)
+  adapters.merge(ours)
+  np.testing.assert_allclose(ours(jnp.asarray(x)), want, rtol=1e-4,
+                             atol=1e-4)
+
+
+if __name__ == "__main__":
+  absltest.main()
