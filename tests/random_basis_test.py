@@ -332,7 +332,14 @@ class SetBasesTest(parameterized.TestCase):
     w.set_bases(basis_a0=np.zeros((16, 4)))
     model, _ = _build("vera", {})
     w = adapters.adapter_modules(model)["layers.0"]
+    b = w.bases()["basis_b"]
     w.set_bases(basis_a=np.zeros((16, 4)))
+    # Bases not given keep their values but are saved state too, so a
+    # rebuilt wrapper (all bases AdapterState) loads all of them.
+    self.assertEqual(sorted(_leaves(w, layers.AdapterState)),
+                     ["basis_a", "basis_b"])
+    self.assertFalse(_leaves(w, layers.Basis))
+    np.testing.assert_array_equal(w.bases()["basis_b"], b)
     with self.assertRaisesRegex(ValueError, "cannot be regenerated"):
       w.set_max_in(30)
     with self.assertRaisesRegex(ValueError, "PEFT VeRA bases must be"):

@@ -560,9 +560,10 @@ class RandomBasisWrapper(layers.LoRAWrapper):
     """Replaces bases by given arrays (e.g. a PEFT file's projections).
 
     Each keyword is a name from `bases()` with an array of the same 2-D view
-    shape. The replaced variables become `layers.AdapterState`, so adapter
-    files keep them, and `external_bases` becomes `True` (a wrapper rebuilt
-    from `options()` then expects them in the file).
+    shape. All basis variables (also those not given, which keep their
+    values) become `layers.AdapterState`, so adapter files keep them, and
+    `external_bases` becomes `True` (a wrapper rebuilt from `options()` then
+    expects all of them in the file).
 
     Raises:
       ValueError: On an unknown name or a wrong shape.
@@ -575,15 +576,18 @@ class RandomBasisWrapper(layers.LoRAWrapper):
           f"has {sorted(views) or 'none stored'}."
       )
     new = {}
-    for name, value in arrays.items():
-      value = jnp.asarray(value)
+    for name in views:
+      old = getattr(self, name).get_value()
+      if name not in arrays:
+        new[name] = old
+        continue
+      value = jnp.asarray(arrays[name])
       if tuple(value.shape) != views[name]:
         raise ValueError(
             f"Basis {name!r}: expected shape {views[name]}; got "
             f"{tuple(value.shape)}."
         )
-      old = getattr(self, name)
-      new[name] = _place(value.reshape(old.get_value().shape), old.get_value())
+      new[name] = _place(value.reshape(old.shape), old)
     for name, value in new.items():
       old = getattr(self, name)
       setattr(self, name, layers.AdapterState(value, **old.get_metadata()))
