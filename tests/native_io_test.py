@@ -189,6 +189,32 @@ class NativeIoTest(absltest.TestCase):
               m.kernel_2d(), adapters.adapter_modules(model)[path].kernel_2d(),
               atol=1e-5, err_msg=path)
 
+  def test_qlora_roundtrip_requantises_and_lq_lora_is_refused(self):
+    model = _Model(nnx.Rngs(0))
+    adapters.inject(model, targets=["l1", "gen"], rank=2,
+                    quantize_base="int8")
+    _randomize(model)
+    want = model(self.x)
+    d = self.create_tempdir().full_path
+    adapters.save_adapter(d, model)
+    with open(os.path.join(d, native_io.CONFIG_NAME)) as f:
+      self.assertEqual(
+          json.load(f)["modules"]["l1"]["quantize_base"]["scheme"], "int8")
+    fresh = _Model(nnx.Rngs(0))
+    adapters.load_adapter(d, fresh)
+    np.testing.assert_allclose(fresh(self.x), want, rtol=1e-6, atol=1e-6)
+    lq = _Model(nnx.Rngs(0))
+    adapters.inject(lq, targets=["l1"], rank=2, quantize_base="nf4",
+                    init="lq_lora")
+    with self.assertRaisesRegex(ValueError, "LQ-LoRA"):
+      adapters.save_adapter(self.create_tempdir().full_path, lq)
+
+  def test_injecting_twice_is_an_error_not_a_nested_wrapper(self):
+    model = _Model(nnx.Rngs(0))
+    adapters.inject(model, targets="all-linear", rank=1)
+    with self.assertRaisesRegex(ValueError, "already has an adapter"):
+      adapters.inject(model, targets="all-linear", rank=1)
+
   def test_merged_adapter_is_refused(self):
     model = self._trained()
     adapters.merge(model)

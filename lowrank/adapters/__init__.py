@@ -39,6 +39,7 @@ from lowrank.adapters import dora  # dora
 from lowrank.adapters import lora_xs  # lora_xs, loldu; init lora_sb
 from lowrank.adapters import merging
 from lowrank.adapters import multi  # multi_lora
+from lowrank.adapters import quantized  # init lq_lora; quantize_base=
 from lowrank.adapters import rank_control  # dylora, adalora, sora, increlora
 from lowrank.adapters import svd_init  # inits pissa, olora, corda
 from lowrank.adapters.dora import DoRA
@@ -70,3 +71,7 @@ from lowrank.adapters.rank_control import prune
 from lowrank.adapters.rank_control import sample_rank
 from lowrank.adapters.rank_control import set_rank
 from lowrank.adapters.rank_control import update_importance
+from lowrank.adapters.quantized import inject_quantized
+from lowrank.adapters.quantized import merge_quantized
+from lowrank.adapters.quantized import quantize_base
+from lowrank.adapters.quantized import unmerge_quantized

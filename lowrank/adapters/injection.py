@@ -37,16 +37,20 @@ def path_str(path: Sequence[Any]) -> str:
 
 
 def _walk(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Module]]:
-  """(path, module) pairs, not descending into existing adapter wrappers."""
-  skip: list[tuple[Any, ...]] = []
-  for path, node in nnx.iter_graph(model):
-    if not isinstance(node, nnx.Module):
+  """(path, module) pairs, not descending into existing adapter wrappers.
+
+  `nnx.iter_graph` yields children before their parents, so the wrappers
+  are found first and everything strictly below one is then skipped.
+  """
+  nodes = [
+      (tuple(path), node)
+      for path, node in nnx.iter_graph(model)
+      if isinstance(node, nnx.Module)
+  ]
+  wrappers = [p for p, n in nodes if isinstance(n, layers.LoRAWrapper)]
+  for path, node in sorted(nodes, key=lambda pn: len(pn[0])):
+    if any(path[: len(w)] == w and path != w for w in wrappers):
       continue
-    path = tuple(path)
-    if any(path[: len(s)] == s and path != s for s in skip):
-      continue
-    if isinstance(node, layers.LoRAWrapper):
-      skip.append(path)
     yield path, node
 
 
@@ -71,7 +75,10 @@ def _matcher(targets, what: str):
     rx = _compile(targets, what)
     return lambda path, m: rx.fullmatch(path) is not None
   if targets == "all-linear":
-    return lambda path, m: isinstance(m, _LINEAR_KINDS)
+    # Wrapped linears match too, so adapting them again is a clear error.
+    return lambda path, m: isinstance(m, _LINEAR_KINDS) or (
+        isinstance(m, layers.LoRAWrapper)
+        and isinstance(m.base, _LINEAR_KINDS))
   if isinstance(targets, Sequence) and targets and all(
       isinstance(t, str) for t in targets
   ):
@@ -126,6 +133,7 @@ def inject(
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float | int] | None = None,
     rngs: nnx.Rngs | int = 0,
+    quantize_base: str | None = None,
     **method_options,
 ) -> nnx.Module:
   """Adds adapters to the modules of `model` whose path matches `targets`.
@@ -153,6 +161,10 @@ def inject(
     rank_pattern: `{regex: rank}` overrides, PEFT semantics.
     alpha_pattern: `{regex: alpha}` overrides, PEFT semantics.
     rngs: `nnx.Rngs` or an int seed for the adapter initialisation.
+    quantize_base: `"nf4"` or `"int8"`: first replace the targeted base
+      layers by frozen block-quantised ones that dequantise on the fly
+      (QLoRA; see `lowrank.adapters.quantized`). With `init="lq_lora"` the
+      base becomes `Q(W − L₁L₂)` (LQ-LoRA).
     **method_options: Passed to the wrapper class of `method`.
 
   Returns:
@@ -165,6 +177,15 @@ def inject(
   """
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; known: {sorted(METHODS)}.")
+  if quantize_base is not None:
+    # Local import: `quantized` builds on this module.
+    from lowrank.adapters import quantized  # pylint: disable=g-import-not-at-top
+    return quantized.inject_quantized(
+        model, targets=targets, scheme=quantize_base, init=init,
+        exclude=exclude, method=method, rank=rank, alpha=alpha,
+        dropout=dropout, init_data=init_data, use_rslora=use_rslora,
+        rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, rngs=rngs,
+        **method_options)
   data_init = layers.INITIALIZERS.get(init)
   if data_init is None and init not in lora.INITS:
     raise ValueError(

@@ -7,8 +7,9 @@ holds:
 
 * `lowrank_adapter.json`: `{"format": "lowrank-adapter", "version": 1,
   "modules": {path: {"method", "rank", "alpha", "rslora", "dropout", "init",
-  "options"}}}`, i.e. everything needed to rebuild each wrapper with
-  `inject`.
+  "options", "quantize_base"}}}`, i.e. everything needed to rebuild each
+  wrapper with `inject` (QLoRA bases are re-quantised from the original
+  weights, which is deterministic).
 * `adapter.safetensors`: every `nnx.LoRAParam` and `AdapterState` leaf of each
   wrapper, keyed `<module path>/<variable path>` (e.g.
   `encoder.layer.0.attention.self.query/lora_a`).
@@ -74,8 +75,23 @@ def _wrapper_arrays(module: layers.LoRAWrapper) -> dict[str, np.ndarray]:
   return out
 
 
+def _quant_config(module: layers.LoRAWrapper, where: str):
+  scheme = getattr(module.base, "quant_scheme", None)
+  if scheme is None:
+    return None
+  if module.init == "lq_lora":
+    raise ValueError(
+        f"{where}: an LQ-LoRA adapter's base is Q(W − L₁L₂), which depends "
+        "on the initial factors and is not stored in adapter files; save the "
+        "whole model state (lowrank.checkpoint.Checkpointer) instead."
+    )
+  return {"scheme": scheme,
+          "options": dict(getattr(module.base, "quant_options", ()))}
+
+
 def module_config(module: layers.LoRAWrapper, where: str) -> dict[str, Any]:
   return {
+      "quantize_base": _quant_config(module, where),
       "method": module.method,
       "rank": int(module.rank),
       "alpha": float(module.alpha),
@@ -198,10 +214,14 @@ def load_adapter(
   rebased = []
   if not mods:
     for path, entry in modules.items():
+      quant = entry.get("quantize_base")
+      quant_kwargs = {} if not quant else dict(
+          quantize_base=quant["scheme"], **quant["options"])
       try:
         injection.inject(
             model,
             targets=re.escape(path),
+            **quant_kwargs,
             method=entry["method"],
             rank=int(entry["rank"]),
             alpha=entry["alpha"],

@@ -86,6 +86,12 @@ def _lora_tensors(path, m, convert_initialized):
   """PEFT tensors, rank and alpha of one LoRA / DoRA module."""
   a, b = m.peft_factors()
   rank, alpha = m.rank, m.alpha
+  if m.init == "lq_lora":
+    raise ValueError(
+        f"{path}: an LQ-LoRA adapter only works on its own quantised base "
+        "Q(W − L₁L₂), which PEFT files cannot carry; save the whole model "
+        "state instead."
+    )
   if m.initialized_from_base:
     if not convert_initialized:
       raise ValueError(
