@@ -405,6 +405,33 @@ class VariantParityTest(parameterized.TestCase):
     adapters.load_peft(d, model)
     self.assertLessEqual(_max_diff(model(_IDS), y_torch), _TOL)
 
+  def test_vera_both_directions(self):
+    model = _jax_mlp()
+    mirror = _torch_mirror(model)
+    adapters.inject(model, targets=_LINEARS, method="vera", rank=4, seed=3)
+    adapters.share_bases(model)
+    _perturb_all(model)
+    y = np.asarray(model(_IDS))
+    d = self.create_tempdir().full_path
+    adapters.save_peft(d, model)
+    peft_model = peft.PeftModel.from_pretrained(mirror, d).eval()
+    with torch.no_grad():
+      y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
+    self.assertLessEqual(_max_diff(y_torch, y), _TOL)
+    # PEFT's own file (its torch-generated bases) loads back exactly.
+    config = peft.VeraConfig(r=4, target_modules=["layers.0", "layers.1",
+                                                  "head"])
+    peft_model = peft.get_peft_model(_torch_mirror(_jax_mlp()), config)
+    _randomize_torch(peft_model, scale=0.3)
+    peft_model.eval()
+    with torch.no_grad():
+      y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
+    d2 = self.create_tempdir().full_path
+    peft_model.save_pretrained(d2)
+    fresh = _jax_mlp()
+    adapters.load_peft(d2, fresh)
+    self.assertLessEqual(_max_diff(fresh(_IDS), y_torch), _TOL)
+
   def test_methods_without_a_peft_format_are_refused(self):
     model = _jax_mlp()
     adapters.inject(model, targets=_LINEARS, method="lora_xs", rank=2)

@@ -40,6 +40,7 @@ from lowrank.adapters import lora_xs  # lora_xs, loldu; init lora_sb
 from lowrank.adapters import merging
 from lowrank.adapters import multi  # multi_lora
 from lowrank.adapters import quantized  # init lq_lora; quantize_base=
+from lowrank.adapters import random_basis  # vera, nola, randlora
 from lowrank.adapters import rank_control  # dylora, adalora, sora, increlora
 from lowrank.adapters import svd_init  # inits pissa, olora, corda
 from lowrank.adapters.dora import DoRA
@@ -75,3 +76,7 @@ from lowrank.adapters.quantized import inject_quantized
 from lowrank.adapters.quantized import merge_quantized
 from lowrank.adapters.quantized import quantize_base
 from lowrank.adapters.quantized import unmerge_quantized
+from lowrank.adapters.random_basis import NOLAWrapper
+from lowrank.adapters.random_basis import RandLoRAWrapper
+from lowrank.adapters.random_basis import share_bases
+from lowrank.adapters.random_basis import VeRAWrapper

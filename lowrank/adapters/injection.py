@@ -250,7 +250,13 @@ def inject(
     )
     if data_init is not None:
       before = new.kernel_2d()
-      data_init(new, (init_data or {}).get(name), rngs.params())
+      try:
+        data_init(new, (init_data or {}).get(name), rngs.params())
+      except AttributeError as e:
+        raise ValueError(
+            f"init {init!r} does not apply to method {method!r} ({name}): "
+            f"{e}."
+        ) from e
       new.init = init
       if not bool(jax.numpy.array_equal(before, new.kernel_2d())):
         new.snapshot_initial()

@@ -85,6 +85,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+import numpy as np
 
 from lowrank.adapters import injection
 from lowrank.adapters import layers
@@ -1038,3 +1039,153 @@ class RandLoRAWrapper(RandomBasisWrapper):
 layers.register("vera", VeRAWrapper)
 layers.register("nola", NOLAWrapper)
 layers.register("randlora", RandLoRAWrapper)
+
+
+# ------------------------------------------------------------ PEFT VeRA I/O
+_PEFT_PREFIX = "base_model.model."
+
+
+def vera_peft_state(
+    mods: dict[str, "VeRAWrapper"],
+    *,
+    base_model_name_or_path: str | None = None,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """`(adapter_config, tensors)` of a PEFT VeRA file for these adapters.
+
+  The shared projections are written (`save_projection=True`): PEFT
+  regenerates them from `projection_prng_key` with torch's generator, which
+  JAX cannot reproduce, so a file without them would not load exactly.
+
+  Raises:
+    ValueError: If the adapters do not share one rank, seed, scale and
+      shared bases (`share_bases(model)` makes a model's VeRA adapters
+      share `A`), or their scale is not 1 (PEFT VeRA has no alpha).
+  """
+  wrappers = list(mods.values())
+  if not all(isinstance(m, VeRAWrapper) for m in wrappers):
+    raise ValueError("vera_peft_state needs VeRA adapters only.")
+  ranks = {m.rank for m in wrappers}
+  seeds = {m.seed for m in wrappers}
+  if len(ranks) != 1 or len(seeds) != 1:
+    raise ValueError(
+        f"PEFT VeRA needs one rank and one seed; got ranks {sorted(ranks)}, "
+        f"seeds {sorted(seeds)}."
+    )
+  if any(abs(m.scale - 1.0) > 1e-12 for m in wrappers):
+    raise ValueError(
+        "PEFT VeRA has no alpha/scale; inject VeRA with alpha=None (scale 1) "
+        "to save it in PEFT format, or use save_adapter."
+    )
+  r = ranks.pop()
+  max_in = max(m.d_in for m in wrappers)
+  max_out = max(m.d_out for m in wrappers)
+  shared_a = np.zeros((r, max_in), np.float32)
+  shared_b = np.zeros((max_out, r), np.float32)
+  filled_a = np.zeros((max_in,), bool)
+  filled_b = np.zeros((max_out,), bool)
+  tensors = {}
+  for path, m in mods.items():
+    for name, value in m.peft_tensors().items():
+      tensors[f"{_PEFT_PREFIX}{path}.{name}"] = np.asarray(value, np.float32)
+    bases = m.bases()
+    a = np.asarray(bases["basis_a"], np.float32).T  # [r, d_in]
+    b = np.asarray(bases["basis_b"], np.float32).T  # [d_out, r]
+    for shared, filled, part, n, axis in (
+        (shared_a, filled_a, a, m.d_in, 1), (shared_b, filled_b, b, m.d_out, 0)
+    ):
+      view = shared[:, :n] if axis == 1 else shared[:n]
+      overlap = filled[:n]
+      if overlap.any():
+        old = view[:, overlap] if axis == 1 else view[overlap]
+        new = part[:, overlap] if axis == 1 else part[overlap]
+        if not np.array_equal(old, new):
+          raise ValueError(
+              f"{path}: its VeRA bases are not slices of one shared pair; "
+              "call random_basis.share_bases(model) before training so "
+              "every layer uses PEFT's shared vera_A / vera_B."
+          )
+      if axis == 1:
+        shared[:, :n] = part
+      else:
+        shared[:n] = part
+      filled[:n] = True
+  tensors["base_model.vera_A"] = shared_a
+  tensors["base_model.vera_B"] = shared_b
+  first = wrappers[0]
+  dropouts = {m.dropout.rate if m.dropout else 0.0 for m in wrappers}
+  config = {
+      "peft_type": "VERA",
+      "task_type": None,
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": int(r),
+      "target_modules": sorted(mods),
+      "projection_prng_key": int(first.seed),
+      "save_projection": True,
+      "vera_dropout": float(max(dropouts)),
+      "d_initial": float(first.d_initial),
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "init_weights": True,
+      "inference_mode": True,
+      "modules_to_save": None,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "revision": None,
+  }
+  return config, tensors
+
+
+def vera_load_peft(
+    config: dict[str, Any],
+    tensors: dict[str, np.ndarray],
+    model: nnx.Module,
+    *,
+    rngs: nnx.Rngs | int = 0,
+    where: str = "",
+) -> nnx.Module:
+  """Loads a PEFT VeRA file (config + tensors) into `model` (in place).
+
+  Raises:
+    ValueError: If the file has no shared projections (`save_projection`
+      was False: PEFT's torch-generated bases cannot be reproduced), or keys
+      or shapes do not fit the model.
+  """
+  if "base_model.vera_A" not in tensors or "base_model.vera_B" not in tensors:
+    raise ValueError(
+        f"{where}: no base_model.vera_A / vera_B. Files saved with "
+        "save_projection=False rely on torch's random generator and cannot "
+        "be loaded exactly."
+    )
+  mods = injection.adapter_modules(model)
+  if not mods:
+    injection.inject(
+        model,
+        method="vera",
+        targets=config["target_modules"],
+        rank=int(config["r"]),
+        dropout=float(config.get("vera_dropout") or 0.0),
+        seed=int(config.get("projection_prng_key", 0)),
+        d_initial=float(config.get("d_initial", 0.1)),
+        rngs=rngs,
+    )
+    mods = injection.adapter_modules(model)
+  expected = set()
+  for path, m in mods.items():
+    if not isinstance(m, VeRAWrapper):
+      raise ValueError(f"{path}: expected a VeRA adapter, found {m.method!r}.")
+    for name in ("vera_lambda_d", "vera_lambda_b"):
+      expected.add(f"{_PEFT_PREFIX}{path}.{name}")
+  per_layer = {k for k in tensors if k.startswith(_PEFT_PREFIX)}
+  if per_layer != expected:
+    raise ValueError(
+        f"{where}: tensors do not match the model's VeRA adapters: missing "
+        f"{sorted(expected - per_layer)[:10]}, unexpected "
+        f"{sorted(per_layer - expected)[:10]}."
+    )
+  for path, m in mods.items():
+    m.set_peft_tensors(
+        tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_d"],
+        tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_b"],
+    )
+    m.set_peft_bases(tensors["base_model.vera_A"], tensors["base_model.vera_B"])
+  return model
