@@ -242,9 +242,11 @@ class LoRAWrapper(nnx.Module):
     """
     for name, var in list(vars(self).items()):
       if isinstance(var, nnx.LoRAParam) and not name.startswith("initial_"):
+        # A copy: sharing the buffer with the trainable leaf would break
+        # donation of the parameters in a train step.
         setattr(self, f"initial_{name}", _make_variable(
-            AdapterState, var.get_value(), _kernel_var(self.base),
-            _dims_like(var, self)))
+            AdapterState, jnp.array(var.get_value(), copy=True),
+            _kernel_var(self.base), _dims_like(var, self)))
 
   @property
   def initialized_from_base(self) -> bool:
