@@ -173,6 +173,12 @@ class NativeIoTest(absltest.TestCase):
         np.testing.assert_allclose(model(self.x), original, atol=1e-5)
         self.assertTrue(adapters.adapter_modules(model)["l1"]
                         .initialized_from_base)
+        # The initial copies must not share buffers with the trainable
+        # leaves (that breaks donating the params in a train step).
+        _, params, rest = nnx.split(model, nnx.LoRAParam, ...)
+        ptrs = {x.unsafe_buffer_pointer() for x in jax.tree.leaves(params)}
+        self.assertFalse(ptrs & {x.unsafe_buffer_pointer()
+                                 for x in jax.tree.leaves(rest)})
         state = nnx.state(model, nnx.LoRAParam)
         leaves, treedef = jax.tree.flatten(state)
         nnx.update(model, jax.tree.unflatten(
