@@ -306,6 +306,24 @@ def _noise(key: jax.Array,
           (bits & 0xFFFF).astype(jnp.float32) * scale)
 
 
+def _as_moment(x: Any) -> Any:
+  """A moment leaf as stored: array or `BlockQuantized`.
+
+  `flax.nnx.Optimizer` keeps optimizer state as NNX state, which turns a
+  `BlockQuantized` nested at a parameter's position into a mapping with the
+  same fields; this turns it back.
+  """
+  if isinstance(x, BlockQuantized) or hasattr(x, "shape"):
+    return x
+  try:
+    return BlockQuantized(codes=x["codes"], scale=x["scale"])
+  except (KeyError, TypeError) as e:
+    raise ValueError(
+        f"Unexpected 8-bit Adam moment {type(x).__name__}; expected an array "
+        "or BlockQuantized(codes, scale)."
+    ) from e
+
+
 @functools.partial(
     jax.jit, static_argnames=("scheme", "block_size", "nesterov"),
     inline=True)
@@ -455,8 +473,8 @@ def scale_by_adam8bit(
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args  # Gradient-only: works on projected shapes too.
     leaves, treedef = jax.tree.flatten(updates)
-    mu_leaves = treedef.flatten_up_to(state.mu)
-    nu_leaves = treedef.flatten_up_to(state.nu)
+    mu_leaves = [_as_moment(m) for m in treedef.flatten_up_to(state.mu)]
+    nu_leaves = [_as_moment(v) for v in treedef.flatten_up_to(state.nu)]
     hyper = (b1, 1 - b1, b2, 1 - b2, eps, eps_root)
     out, new_mu, new_nu = [], [], []
     for i, (g, m, v) in enumerate(zip(leaves, mu_leaves, nu_leaves)):
