@@ -221,6 +221,20 @@ class NativeIoTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "already has an adapter"):
       adapters.inject(model, targets="all-linear", rank=1)
 
+  def test_no_variant_shares_buffers_between_variables(self):
+    """Shared buffers break donating the params (or state) in a step."""
+    for method, kwargs in (("lora", {}), ("dora", {}), ("loldu", {}),
+                           ("lora_xs", {}), ("vera", {}), ("nola", {}),
+                           ("randlora", {}), ("adalora", {}), ("sora", {}),
+                           ("dylora", {}), ("increlora", {})):
+      with self.subTest(method=method):
+        model = _Model(nnx.Rngs(0))
+        adapters.inject(model, targets=["l1", "gen"], method=method, rank=2,
+                        **kwargs)
+        ptrs = [x.unsafe_buffer_pointer()
+                for x in jax.tree.leaves(nnx.state(model))]
+        self.assertLen(set(ptrs), len(ptrs))
+
   def test_merged_adapter_is_refused(self):
     model = self._trained()
     adapters.merge(model)

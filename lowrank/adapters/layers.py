@@ -411,7 +411,13 @@ def _make_variable(
     like: nnx.Variable,
     dims: tuple[int | None, ...],
 ) -> nnx.Variable:
-  """A `kind` variable sharded like `like` on the kernel dims in `dims`."""
+  """A `kind` variable sharded like `like` on the kernel dims in `dims`.
+
+  The value is always copied into a fresh buffer: two adapter variables
+  built from one array (e.g. a trainable diagonal and its frozen initial
+  copy) must not share it, or donating the parameters in a train step fails.
+  """
+  value = jnp.array(value, copy=True)
   meta = like.get_metadata()
   logical = meta.get("out_sharding")
   kwargs = {}
