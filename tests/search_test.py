@@ -2,11 +2,15 @@
 
 from absl.testing import absltest
 from absl.testing import parameterized
+import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import sharding
 from lowrank.retrieval import metrics
 from lowrank.retrieval import search
+
+P = jax.sharding.PartitionSpec
 
 _CASES = (
     # name, Q, N, D, k, query_chunk, doc_chunk
@@ -90,6 +94,168 @@ class ExactSearchTest(parameterized.TestCase):
       search.exact_search(docs, docs, 5)
     with self.assertRaisesRegex(ValueError, "k <= N"):
       search.exact_search(docs, docs, 0)
+
+
+def _int_data(seed, q, n, d):
+  """Small integers: scores are exact in float32 and ties are common."""
+  rng = np.random.default_rng(seed)
+  queries = rng.integers(-2, 3, size=(q, d)).astype(np.float32)
+  docs = rng.integers(-2, 3, size=(n, d)).astype(np.float32)
+  return queries, docs
+
+
+class TopkTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      # name, Q, N, D, k, block_size
+      ("whole", 7, 100, 16, 5, None),
+      ("blocks_not_dividing_n", 7, 100, 16, 5, 32),
+      ("k_above_block", 10, 33, 8, 20, 7),
+      ("k_equals_n", 5, 50, 4, 50, 16),
+      ("block_of_one", 3, 9, 4, 4, 1),
+      ("block_above_n", 4, 20, 4, 3, 64),
+  )
+  def test_matches_numpy_argsort_with_ties(self, q, n, d, k, block_size):
+    queries, docs = _int_data(q * n + k, q, n, d)
+    scores, indices = search.topk(queries, docs, k, block_size=block_size)
+    self.assertEqual(scores.dtype, jnp.float32)
+    self.assertEqual(indices.dtype, jnp.int32)
+    ref_scores, ref_indices = _brute_force(queries, docs, k)
+    ties = np.mean(ref_scores[:, 1:] == ref_scores[:, :-1]) if k > 1 else 1
+    self.assertGreater(ties, 0.0)  # The tie order is really exercised.
+    np.testing.assert_array_equal(np.asarray(scores), ref_scores)
+    np.testing.assert_array_equal(np.asarray(indices), ref_indices)
+
+  def test_streaming_equals_whole_on_float_data(self):
+    rng = np.random.default_rng(0)
+    queries = rng.normal(size=(9, 24)).astype(np.float32)
+    docs = rng.normal(size=(301, 24)).astype(np.float32)
+    whole = search.topk(queries, docs, 40)
+    for block_size in (1, 16, 50, 300):
+      streamed = search.topk(queries, docs, 40, block_size=block_size)
+      np.testing.assert_allclose(streamed[0], whole[0], rtol=1e-6)
+      np.testing.assert_array_equal(streamed[1], whole[1])
+    same = search.exact_search(queries, docs, 40, query_chunk=4, doc_chunk=64)
+    np.testing.assert_array_equal(same[1], whole[1])
+
+  @parameterized.named_parameters(
+      # name, mesh axes, corpus spec, block_size
+      ("rows_8", {"data": 8}, P("data", None), None),
+      ("rows_8_streamed", {"data": 8}, P("data", None), 3),
+      ("rows_2x4", {"data": 2, "fsdp": 4}, P(("data", "fsdp"), None), 5),
+      ("rows_4_cols_2", {"data": 4, "tensor": 2}, P("data", "tensor"), None),
+      ("cols_8", {"tensor": 8}, P(None, "tensor"), 7),
+  )
+  def test_sharded_equals_unsharded(self, axes, spec, block_size):
+    # k = 20 exceeds the 8 rows of each of 8 shards: the merge must take
+    # whole shards.
+    queries, docs = _int_data(3, 6, 64, 16)
+    ref = search.topk(queries, docs, 20)
+    full_axes = [(a, axes.get(a, 1)) for a in sharding.MESH_AXES]
+    mesh = sharding.make_mesh(full_axes)
+    sharded_docs = jax.device_put(docs, jax.NamedSharding(mesh, spec))
+    self.assertLen(sharded_docs.sharding.device_set, 8)
+    scores, indices = search.topk(
+        queries, sharded_docs, 20, block_size=block_size
+    )
+    self.assertTrue(scores.sharding.is_fully_replicated)
+    np.testing.assert_array_equal(np.asarray(scores), np.asarray(ref[0]))
+    np.testing.assert_array_equal(np.asarray(indices), np.asarray(ref[1]))
+    np.testing.assert_array_equal(
+        np.asarray(indices), _brute_force(queries, docs, 20)[1]
+    )
+
+  def test_streamed_memory_is_bounded_by_block_size(self):
+    num_queries, dim, k, block = 8, 16, 10, 256
+
+    def temp_bytes(num_docs, block_size):
+      compiled = search._topk_single.lower(  # pylint: disable=protected-access
+          jax.ShapeDtypeStruct((num_queries, dim), jnp.float32),
+          jax.ShapeDtypeStruct((num_docs, dim), jnp.float32),
+          k,
+          block_size,
+          jax.lax.Precision.HIGHEST,
+      ).compile()
+      return compiled.memory_analysis().temp_size_in_bytes
+
+    small, large = temp_bytes(4096, block), temp_bytes(65536, block)
+    whole = temp_bytes(65536, None)
+    # The streamed buffers do not grow with N (16x more documents) ...
+    self.assertLessEqual(large, small * 1.1)
+    # ... are of the order of one block of scores plus the running top-k ...
+    self.assertLess(large, 8 * num_queries * (block + k) * 4)
+    # ... while the unstreamed version holds the [Q, N] score matrix.
+    self.assertGreaterEqual(whole, num_queries * 65536 * 4)
+
+  def test_errors(self):
+    docs = np.zeros((4, 2), np.float32)
+    with self.assertRaisesRegex(ValueError, "k <= N"):
+      search.topk(docs, docs, 5)
+    with self.assertRaisesRegex(ValueError, "block_size"):
+      search.topk(docs, docs, 1, block_size=0)
+    with self.assertRaisesRegex(ValueError, "dimension 3"):
+      search.topk(np.zeros((1, 3), np.float32), docs, 1)
+
+
+def _tied_case(seed, num_queries=300):
+  """Runs with many exact score ties, self hits and a missing query."""
+  rng = np.random.default_rng(seed)
+  qrels, run = {}, {}
+  for q in range(num_queries):
+    qid = f"q{q}"
+    pool = [f"d{i}" for i in rng.choice(400, size=60, replace=False)]
+    pool.append(qid)  # The query id can be a document id too.
+    rng.shuffle(pool)
+    judged = pool[: int(rng.integers(1, 12))]
+    qrels[qid] = {d: int(l) for d, l in zip(
+        judged, rng.choice([-1, 0, 1, 2, 3], size=len(judged)))}
+    if q % 17 == 3:
+      continue  # Missing from the run.
+    retrieved = pool[: int(rng.integers(1, len(pool)))]
+    # Coarse scores: about half the queries have ties.
+    levels = 8 if q % 2 else 10**6
+    run[qid] = {
+        d: float(s) for d, s in zip(
+            retrieved, rng.integers(0, levels, len(retrieved)) / 4)
+    }
+  return qrels, run
+
+
+class VectorisedMetricsTest(parameterized.TestCase):
+  """`metrics.evaluate_per_query` (vectorised) vs the per-query reference."""
+
+  @parameterized.product(
+      ignore_identical_ids=(False, True),
+      gains=("linear", "exp2"),
+      relevance_level=(1, 2),
+  )
+  def test_equals_reference_incl_ties(
+      self, ignore_identical_ids, gains, relevance_level
+  ):
+    qrels, run = _tied_case(relevance_level)
+    names = [
+        "ndcg_cut_10", "ndcg", "recall_5", "P_10", "map", "map_cut_5",
+        "recip_rank", "mrr_cut_3", "success_1",
+    ]
+    # pylint: disable-next=protected-access
+    parsed = [(n, *metrics._parse_metric(n)) for n in names]
+    ours = metrics.evaluate_per_query(
+        qrels, run, names, ignore_identical_ids=ignore_identical_ids,
+        gains=gains, relevance_level=relevance_level,
+    )
+    self.assertEqual(list(ours), list(qrels))
+    for qid, judged in qrels.items():
+      ranking = run.get(qid, {})
+      if ignore_identical_ids:
+        ranking = {d: s for d, s in ranking.items() if d != qid}
+      expected = metrics._query_metrics(  # pylint: disable=protected-access
+          judged, ranking, parsed, gains=gains,
+          relevance_level=relevance_level,
+      )
+      for name in names:
+        self.assertAlmostEqual(
+            ours[qid][name], expected[name], delta=1e-12, msg=(qid, name)
+        )
 
 
 class SearchRunTest(absltest.TestCase):

@@ -1,22 +1,44 @@
-"""Exact (brute-force) top-k dense retrieval in JAX.
+"""Exact (brute-force) top-k dense retrieval in JAX, sharded or streamed.
 
-`exact_search` scores queries against a document matrix by inner product
-(use L2-normalised embeddings for cosine) without materialising the full
-`[Q, N]` score matrix: queries go through in chunks of `query_chunk`, and for
-each query chunk the documents are scanned in chunks of `doc_chunk`, keeping a
-running top-k that is merged with each chunk's scores by one `jax.lax.top_k`
-over `[query_chunk, k + doc_chunk]` values. Peak memory for scores is
-`O(query_chunk * (doc_chunk + k))`; the document matrix is never copied or
-padded (the last document chunk is clamped to end at `N` and the documents it
-re-reads are masked with `-inf`).
+`topk(queries, corpus, k, block_size=...)` is the array API: exact
+inner-product top-k (use L2-normalised embeddings for cosine).
+
+- Unsharded, `block_size=None`: one `[Q, N]` score matrix and one
+  `jax.lax.top_k`.
+- Streaming (`block_size=B`): the corpus is scanned in blocks of `B` rows
+  (`jax.lax.fori_loop`), keeping a running top-k that is merged with each
+  block's scores by one `jax.lax.top_k` over `[Q, k + B]` values. Score
+  memory is `O(Q * (B + k))` whatever `N` is; the corpus is never copied or
+  padded (the last block is clamped to end at `N` and the rows it re-reads
+  are masked out).
+- Sharded: when `corpus` is a `jax.Array` whose rows are sharded over mesh
+  axes (a `NamedSharding` whose spec names axes for dimension 0), the search
+  runs under `jax.shard_map`: every shard computes the top-`min(k, N_local)`
+  of its own rows (streamed too, if `block_size` is set), the candidates are
+  all-gathered over the row axes (`[Q, shards * k]`, a few KiB per query)
+  and merged by one more `top_k`. If the embedding dimension is sharded as
+  well, partial scores are summed with `psum` before the local top-k. The
+  result is replicated.
+
+`exact_search` is the older chunked API (query chunks x document chunks) with
+the same semantics; `search_run` wraps it into a run dict for
+`lowrank.retrieval.metrics`.
 
 Ties: among equal scores the document with the LOWER index ranks first (and
-wins a place in the top k). trec_eval orders ties by document id descending
-instead; `lowrank.retrieval.metrics` re-sorts runs that way, so only ties that
-straddle the k-th place can change a metric.
+wins a place in the top k), in every mode: `jax.lax.top_k` keeps the lower
+position first among equal values, running results (lower indices) are
+concatenated before each new block, and gathered shard results are in shard
+(= row) order. The sharded, streamed and plain modes therefore return
+identical indices. trec_eval orders ties by document id descending instead;
+`lowrank.retrieval.metrics` re-sorts runs that way, so only ties that
+straddle the k-th place can change a metric. Scores must not be NaN or
+-inf (-inf marks masked rows while streaming).
+
+`_streamed_topk` takes any scoring function, so `lowrank.retrieval.codes`
+reuses it for Hamming, int8 and product-quantisation search.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 import functools
 
 import jax
@@ -25,6 +47,236 @@ from jaxtyping import Array, Float, Int
 import numpy as np
 
 from lowrank.retrieval import metrics
+
+P = jax.sharding.PartitionSpec
+_AnyArray = jax.Array | np.ndarray
+
+
+def _lowest(dtype) -> jax.Array:
+  """The score used for masked entries: -inf, or the integer minimum."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return jnp.array(-jnp.inf, dtype)
+  return jnp.array(jnp.iinfo(dtype).min, dtype)
+
+
+def _streamed_topk(
+    score_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    queries: jax.Array,
+    docs: jax.Array,
+    k: int,
+    block_size: int | None,
+    offset: jax.typing.ArrayLike = 0,
+) -> tuple[jax.Array, jax.Array]:
+  """Top-`k` of `score_fn(queries, docs)` over rows of `docs`, by blocks.
+
+  Traced helper (call it inside `jit`). `score_fn(queries, rows)` returns
+  `[Q, len(rows)]` scores (any float or integer dtype). With
+  `block_size=None` (or `>= N`) all rows are scored at once; otherwise the
+  rows go through in blocks of `block_size` with a running top-k.
+
+  Args:
+    score_fn: Scoring function of `(queries, doc rows)`.
+    queries: Anything `score_fn` accepts as its first argument.
+    docs: `[N, ...]`; blocks are slices along axis 0.
+    k: Results per query (static), `1 <= k <= N`.
+    block_size: Rows per block (static), or None.
+    offset: Added to the returned indices (the shard's first row).
+
+  Returns:
+    `(scores, indices)`, `[Q, k]`, scores descending, ties by lower index;
+    indices int32.
+  """
+  num_docs = docs.shape[0]
+  if block_size is None or block_size >= num_docs:
+    scores = score_fn(queries, docs)
+    top, positions = jax.lax.top_k(scores, k)
+    return top, positions.astype(jnp.int32) + offset
+  num_blocks = -(-num_docs // block_size)
+  # Static: shape and dtype of one block's scores.
+  block_scores = jax.eval_shape(
+      score_fn,
+      queries,
+      jax.ShapeDtypeStruct((block_size,) + docs.shape[1:], docs.dtype),
+  )
+  lowest = _lowest(block_scores.dtype)
+
+  def merge_block(i, carry):
+    best_scores, best_indices = carry
+    nominal_start = i * block_size
+    # The last block is clamped to end at N (no padded copy of `docs`); the
+    # rows it shares with the previous block are masked out.
+    start = jnp.minimum(nominal_start, num_docs - block_size)
+    block = jax.lax.dynamic_slice_in_dim(docs, start, block_size, axis=0)
+    scores = score_fn(queries, block)
+    local = start + jnp.arange(block_size, dtype=jnp.int32)
+    scores = jnp.where((local >= nominal_start)[None, :], scores, lowest)
+    # Running results come first, so lax.top_k (which puts the lower
+    # position first among equal values) keeps ties in index order.
+    all_scores = jnp.concatenate([best_scores, scores], axis=1)
+    all_indices = jnp.concatenate(
+        [best_indices, jnp.broadcast_to(local + offset, scores.shape)],
+        axis=1,
+    )
+    top, positions = jax.lax.top_k(all_scores, k)
+    return top, jnp.take_along_axis(all_indices, positions, axis=1)
+
+  num_queries = block_scores.shape[0]
+  init = (
+      jnp.full((num_queries, k), lowest, block_scores.dtype),
+      jnp.full((num_queries, k), -1, jnp.int32),
+  )
+  return jax.lax.fori_loop(0, num_blocks, merge_block, init)
+
+
+def _inner_product(precision):
+  def score(q, rows):
+    return jnp.einsum(
+        "qd,nd->qn",
+        q,
+        rows,
+        precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+
+  return score
+
+
+@functools.partial(
+    jax.jit, static_argnames=("k", "block_size", "precision")
+)
+def _topk_single(queries, corpus, k, block_size, precision):
+  return _streamed_topk(
+      _inner_product(precision), queries, corpus, k, block_size
+  )
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "k", "block_size", "precision", "mesh", "row_axes", "col_axes"
+    ),
+)
+def _topk_sharded(
+    queries, corpus, k, block_size, precision, mesh, row_axes, col_axes
+):
+  """shard_map search: local top-k per row shard, all-gather, merge."""
+  num_shards = int(np.prod([mesh.shape[a] for a in row_axes]))
+  local_rows = corpus.shape[0] // num_shards
+  local_k = min(k, local_rows)
+  row_spec = row_axes if row_axes else None
+  col_spec = col_axes if col_axes else None
+
+  def local_search(q, rows):
+    score_fn = _inner_product(precision)
+    if col_axes:
+      # The embedding dimension is split too: sum the partial scores.
+      partial_fn = score_fn
+      score_fn = lambda q, r: jax.lax.psum(partial_fn(q, r), col_axes)
+    offset = jax.lax.axis_index(row_axes) * local_rows if row_axes else 0
+    scores, indices = _streamed_topk(
+        score_fn, q, rows, local_k, block_size, offset
+    )
+    if not row_axes:
+      return scores, indices
+    # Shard order is row order, so lax.top_k's position tie-break on the
+    # gathered candidates keeps the lower global index first.
+    scores = jax.lax.all_gather(scores, row_axes, axis=1, tiled=True)
+    indices = jax.lax.all_gather(indices, row_axes, axis=1, tiled=True)
+    top, positions = jax.lax.top_k(scores, k)
+    return top, jnp.take_along_axis(indices, positions, axis=1)
+
+  return jax.shard_map(
+      local_search,
+      mesh=mesh,
+      in_specs=(P(None, col_spec), P(row_spec, col_spec)),
+      out_specs=(P(), P()),
+      check_vma=False,
+  )(queries, corpus)
+
+
+def _sharded_axes(
+    corpus: _AnyArray,
+) -> tuple[jax.sharding.Mesh, tuple[str, ...], tuple[str, ...]] | None:
+  """The mesh and the axes sharding `corpus`'s rows / columns, if any."""
+  sharding = getattr(corpus, "sharding", None)
+  if not isinstance(sharding, jax.sharding.NamedSharding):
+    return None
+  spec = tuple(sharding.spec) + (None,) * (2 - len(sharding.spec))
+
+  def axes(entry):
+    if entry is None:
+      return ()
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    return tuple(a for a in names if sharding.mesh.shape[a] > 1)
+
+  row_axes, col_axes = axes(spec[0]), axes(spec[1])
+  if not row_axes and not col_axes:
+    return None
+  return sharding.mesh, row_axes, col_axes
+
+
+def topk(
+    queries: Float[_AnyArray, "q d"],
+    corpus: Float[_AnyArray, "n _d"],
+    k: int,
+    *,
+    block_size: int | None = None,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+) -> tuple[Float[Array, "q k"], Int[Array, "q k"]]:
+  """Exact inner-product top-`k` of `corpus` rows for every query.
+
+  Compiles once per (shapes, `k`, `block_size`, sharding). If `corpus` is
+  a `jax.Array` sharded by rows (and/or columns) over a mesh, the search
+  runs per shard under `jax.shard_map` and the shard results are merged
+  (see the module docstring); the outputs are then replicated over the mesh.
+  Otherwise it runs as one jitted computation on the arrays' device.
+
+  Args:
+    queries: `[Q, D]` query embeddings (replicated when `corpus` is
+      sharded).
+    corpus: `[N, D]` document embeddings, possibly sharded.
+    k: Results per query (static), `1 <= k <= N`.
+    block_size: Corpus rows per streaming step (per shard when sharded);
+      None scores all (local) rows at once. With a block size, score memory
+      is `O(Q * (block_size + k))`, so `N` can be much larger than one
+      `[Q, N]` buffer.
+    precision: Matmul precision. HIGHEST gives float32 scores that match
+      numpy's; lower settings allow TF32/bf16 passes on accelerators.
+
+  Returns:
+    `(scores, indices)`, both `[Q, k]`: float32 scores in descending order
+    and int32 row indices into `corpus`; ties: lower index first.
+
+  Raises:
+    ValueError: On rank or dimension mismatches, `k` outside `[1, N]`, or a
+      non-positive `block_size`.
+  """
+  if queries.ndim != 2 or corpus.ndim != 2:
+    raise ValueError(
+        "queries and corpus must be [Q, D] and [N, D]; got shapes "
+        f"{queries.shape} and {corpus.shape}"
+    )
+  if queries.shape[1] != corpus.shape[1]:
+    raise ValueError(
+        f"queries have dimension {queries.shape[1]} but corpus rows have "
+        f"{corpus.shape[1]}"
+    )
+  num_docs = corpus.shape[0]
+  if not 1 <= k <= num_docs:
+    raise ValueError(f"Need 1 <= k <= N = {num_docs}; got k = {k}")
+  if block_size is not None and block_size < 1:
+    raise ValueError(f"block_size must be positive or None; got {block_size}")
+  sharded = _sharded_axes(corpus)
+  if sharded is None:
+    return _topk_single(queries, corpus, k, block_size, precision)
+  mesh, row_axes, col_axes = sharded
+  queries = jax.device_put(
+      queries, jax.sharding.NamedSharding(mesh, P(None, col_axes or None))
+  )
+  return _topk_sharded(
+      queries, corpus, k, block_size, precision, mesh, row_axes, col_axes
+  )
 
 
 @functools.partial(
@@ -39,10 +291,11 @@ def exact_search(
     doc_chunk: int = 8192,
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
 ) -> tuple[Float[Array, "q k"], Int[Array, "q k"]]:
-  """Top-`k` documents by inner product for every query.
+  """Top-`k` documents by inner product for every query, in chunks.
 
   Compiles once per (shapes, `k`, chunk sizes); the loop bodies have fixed
-  shapes `[query_chunk, D]` x `[doc_chunk, D]`.
+  shapes `[query_chunk, D]` x `[doc_chunk, D]`. Same results as `topk`
+  (which does not chunk the queries but also runs sharded).
 
   Args:
     queries: `[Q, D]` query embeddings.
@@ -70,47 +323,15 @@ def exact_search(
     raise ValueError(f"Chunk sizes must be positive: {query_chunk, doc_chunk}")
   # Static: all of this is decided from shapes.
   query_chunk = min(query_chunk, num_queries)
-  doc_chunk = min(doc_chunk, num_docs)
   num_query_chunks = -(-num_queries // query_chunk)
-  num_doc_chunks = -(-num_docs // doc_chunk)
   padded = jnp.pad(
       queries, ((0, num_query_chunks * query_chunk - num_queries), (0, 0))
   )
   query_chunks = padded.reshape(num_query_chunks, query_chunk, dim)
-
-  def search_query_chunk(q):
-    def merge_doc_chunk(i, carry):
-      best_scores, best_indices = carry
-      nominal_start = i * doc_chunk
-      # The last chunk is clamped to end at N (no padded copy of `docs`);
-      # the documents it shares with the previous chunk are masked out.
-      start = jnp.minimum(nominal_start, num_docs - doc_chunk)
-      chunk = jax.lax.dynamic_slice_in_dim(docs, start, doc_chunk, axis=0)
-      scores = jnp.einsum(
-          "qd,nd->qn",
-          q,
-          chunk,
-          precision=precision,
-          preferred_element_type=jnp.float32,
-      )
-      indices = start + jnp.arange(doc_chunk, dtype=jnp.int32)
-      scores = jnp.where((indices >= nominal_start)[None, :], scores, -jnp.inf)
-      # Running results come first, so lax.top_k (which puts the lower
-      # position first among equal values) keeps ties in index order.
-      all_scores = jnp.concatenate([best_scores, scores], axis=1)
-      all_indices = jnp.concatenate(
-          [best_indices, jnp.broadcast_to(indices, scores.shape)], axis=1
-      )
-      top_scores, positions = jax.lax.top_k(all_scores, k)
-      return top_scores, jnp.take_along_axis(all_indices, positions, axis=1)
-
-    init = (
-        jnp.full((query_chunk, k), -jnp.inf, jnp.float32),
-        jnp.full((query_chunk, k), -1, jnp.int32),
-    )
-    return jax.lax.fori_loop(0, num_doc_chunks, merge_doc_chunk, init)
-
-  scores, indices = jax.lax.map(search_query_chunk, query_chunks)
+  score_fn = _inner_product(precision)
+  scores, indices = jax.lax.map(
+      lambda q: _streamed_topk(score_fn, q, docs, k, doc_chunk), query_chunks
+  )
   return (
       scores.reshape(-1, k)[:num_queries],
       indices.reshape(-1, k)[:num_queries],
