@@ -177,8 +177,19 @@ class EvaluateTest(parameterized.TestCase):
     self.assertAlmostEqual(values["map_cut_10"], (1 / 4) / 3)
 
   def test_errors(self):
-    with self.assertRaisesRegex(ValueError, "Unknown metric 'ndcg@10'"):
-      metrics.evaluate({"q": {"a": 1}}, {}, ["ndcg@10"])
+    with self.assertRaisesRegex(ValueError, "Unknown metric 'ndcg#10'"):
+      metrics.evaluate({"q": {"a": 1}}, {}, ["ndcg#10"])
+
+  def test_at_k_aliases(self):
+    qrels = {"q": {"a": 1, "b": 2}, "r": {"c": 1}}
+    run = {"q": {"a": 0.3, "x": 0.9, "b": 0.1}, "r": {"y": 1.0, "c": 0.5}}
+    got = metrics.evaluate(
+        qrels, run, ("ndcg@10", "MRR@10", "recall@100", "P@2", "map@100"))
+    want = metrics.evaluate(
+        qrels, run,
+        ("ndcg_cut_10", "mrr_cut_10", "recall_100", "P_2", "map_cut_100"))
+    self.assertEqual(list(got.values()), list(want.values()))
+    self.assertIn("ndcg@10", got)
     with self.assertRaisesRegex(ValueError, "Unknown metric"):
       metrics.evaluate({"q": {"a": 1}}, {}, ["recall_0"])
     with self.assertRaisesRegex(ValueError, "no queries"):

@@ -55,6 +55,9 @@ Metric names (trec_eval's output names, `k` a positive integer):
 | `recip_rank` | 1 / rank of the first relevant document (no cut) |
 | `mrr_cut_<k>` | `recip_rank`, but 0 beyond rank `k` (MS MARCO's MRR@10) |
 | `success_<k>` | 1 if a relevant document is in the top `k` |
+
+`ndcg@k`, `mrr@k`, `recall@k`, `p@k`, `map@k` and `success@k` are accepted
+as aliases of the cut measures; results are keyed by the name requested.
 """
 
 from collections.abc import Mapping, Sequence
@@ -75,8 +78,21 @@ _PLAIN_METRICS = ("ndcg", "map", "recip_rank")
 _CUT_RE = re.compile(r"^(" + "|".join(_CUT_METRICS) + r")_([1-9][0-9]*)$")
 
 
+_ALIASES = {"ndcg": "ndcg_cut", "mrr": "mrr_cut", "recall": "recall",
+            "p": "P", "map": "map_cut", "success": "success"}
+_ALIAS_RE = re.compile(r"^(ndcg|mrr|recall|p|map|success)@([1-9][0-9]*)$",
+                       re.IGNORECASE)
+
+
 def _parse_metric(name: str) -> tuple[str, int | None]:
-  """`"ndcg_cut_10"` -> `("ndcg_cut", 10)`; `"map"` -> `("map", None)`."""
+  """`"ndcg_cut_10"` -> `("ndcg_cut", 10)`; `"map"` -> `("map", None)`.
+
+  Also accepts the `<measure>@<k>` spellings (`ndcg@10`, `mrr@10`,
+  `recall@100`, `p@5`, `map@100`, `success@1`), case-insensitively.
+  """
+  alias = _ALIAS_RE.match(name)
+  if alias is not None:
+    return _ALIASES[alias.group(1).lower()], int(alias.group(2))
   if name in _PLAIN_METRICS:
     return name, None
   match = _CUT_RE.match(name)
