@@ -12,8 +12,10 @@ Every optimizer runs in this one process, interleaved, and the script prints:
 * optimizer-state bytes (all, and of the projected leaves only) vs AdamW;
 * compiled train-step memory (`memory_analysis()`, exact) vs AdamW;
 * median normal-step and refresh-step time and the amortised step time
-  `((gap − 1) · normal + refresh) / gap`, vs AdamW and vs
-  `optax.contrib.galore`;
+  `((gap − k) · normal + k · refresh) / gap` (k = refresh steps per gap:
+  1, or the number of stagger groups), vs AdamW and vs
+  `optax.contrib.galore`; the normal step also as the median of per-round
+  ratios to AdamW's (paired: both ran in the same round);
 * under FSDP on 8 (fake CPU) devices, per-device state bytes of the
   projected leaves vs sharded AdamW.
 """
@@ -23,6 +25,7 @@ import datetime
 import functools
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -101,8 +104,11 @@ def projected_mask(params):
 
 
 def optimizers(cfg, gap):
+  """Candidates: name -> (make(params) -> tx, refresh steps per gap)."""
   r = cfg["rank"]
   kw = dict(rank=r, update_gap=gap, scale=0.25)
+  num_leaves = len(PROJECTED)
+  num_matrices = num_leaves * cfg["layers"]
 
   def split(galore_tx):
     # Projected weights get `galore_tx`; the rest plain AdamW (the paper).
@@ -111,27 +117,28 @@ def optimizers(cfg, gap):
         jax.tree.map(lambda m: "proj" if m else "plain",
                      projected_mask(params)))
 
-  txs = {
-      "adamw": lambda params: optax.adamw(1e-3),
-      "optax.contrib.galore": split(optax.contrib.galore(
-          1e-3, rank=r, update_proj_gap=gap, scale=0.25)),
-      "galore (svd)": split(optim.galore_adamw(1e-3, **kw)),
-      "galore (rsvd, stagger 8)": split(optim.galore_adamw(
-          1e-3, projector="rsvd", stagger=8, **kw)),
-      "fira": split(optim.fira_adamw(1e-3, **kw)),
-      "frugal": split(optim.frugal_adamw(1e-3, rank=r, update_gap=gap)),
-      "q-galore (4-bit proj)": split(optim.q_galore_adamw(1e-3, **kw)),
+  # Staggered refreshes: one refresh step per non-empty group and gap.
+  leaf_groups = min(8, num_leaves)
+  return {
+      "adamw": (lambda params: optax.adamw(1e-3), 1),
+      "optax.contrib.galore": (split(optax.contrib.galore(
+          1e-3, rank=r, update_proj_gap=gap, scale=0.25)), 1),
+      "galore (svd)": (split(optim.galore_adamw(1e-3, **kw)), 1),
+      "galore (rsvd, stagger 8 leaves)": (split(optim.galore_adamw(
+          1e-3, projector="rsvd", stagger=8, **kw)), leaf_groups),
+      f"galore (rsvd, stagger {num_matrices} layers)": (
+          split(optim.galore_adamw(
+              1e-3, projector="rsvd", stagger=num_matrices,
+              stagger_layers=True, **kw)), num_matrices),
+      "fira": (split(optim.fira_adamw(1e-3, **kw)), 1),
+      "frugal": (split(optim.frugal_adamw(1e-3, rank=r, update_gap=gap)), 1),
+      "q-galore (4-bit proj)": (split(optim.q_galore_adamw(1e-3, **kw)), 1),
+      "q-galore + 8-bit adam": (split(optax.chain(
+          optim.scale_by_galore(optim.scale_by_adam8bit(), rank=r,
+                                update_gap=gap, scale=0.25, projector_bits=4,
+                                adaptive_gap=True),
+          optax.scale_by_learning_rate(1e-3))), 1),
   }
-  try:
-    from lowrank.optim import adam8bit  # pylint: disable=g-import-not-at-top
-    txs["q-galore + 8-bit adam"] = split(optax.chain(
-        optim.scale_by_galore(adam8bit.scale_by_adam8bit(), rank=r,
-                              update_gap=gap, scale=0.25, projector_bits=4,
-                              adaptive_gap=True),
-        optax.scale_by_learning_rate(1e-3)))
-  except ImportError:
-    pass
-  return txs
 
 
 def _projected_state_bytes(state, params):
@@ -147,24 +154,33 @@ def _projected_state_bytes(state, params):
   return total
 
 
-def _set_count(state, value):
-  """Sets every GaLore-style step counter to `value` (forces a refresh)."""
+def _set_count(state, value, refresh=False):
+  """Sets every step counter to `value`.
+
+  With `refresh`, Q-GaLore's per-layer `next_refresh` is set to `value` as
+  well, so that the next step recomputes every basis (otherwise only the
+  first forced refresh would be real: it moves `next_refresh` a gap on).
+  """
   def fix(path, x):
     name = jax.tree_util.keystr(path)
     if name.endswith(".count") and x.ndim == 0 and x.dtype == jnp.int32:
+      return jnp.full_like(x, value)
+    if refresh and name.endswith(".next_refresh"):
       return jnp.full_like(x, value)
     return x
   return jax.tree_util.tree_map_with_path(fix, state)
 
 
-def bench_single(cfg, gap, steps):
+def bench_single(cfg, gap, steps, only=None):
   params = init_params(cfg, jax.random.key(0))
   tokens = jax.random.randint(jax.random.key(1), (cfg["batch"],
                                                   cfg["seq"] + 1), 0,
                               cfg["vocab"])
   results = {}
   runners = {}
-  for name, make in optimizers(cfg, gap).items():
+  for name, (make, k) in optimizers(cfg, gap).items():
+    if only and name != "adamw" and not re.search(only, name):
+      continue
     tx = make(params)
     state = tx.init(params)
 
@@ -181,27 +197,27 @@ def bench_single(cfg, gap, steps):
         "proj_state": _projected_state_bytes(state, params),
         "step_mem": (mem.argument_size_in_bytes + mem.output_size_in_bytes
                      + mem.temp_size_in_bytes - mem.alias_size_in_bytes),
-        "normal": [], "refresh": [],
+        "normal": [], "refresh": [], "normal_cpu": [], "refresh_cpu": [],
+        "k": k,
     }
     p = jax.tree.map(jnp.copy, params)
     p, state, _ = compiled(p, state, tokens)  # step 0: initial refresh
     runners[name] = [compiled, p, state]
   # Interleave: every optimizer takes one normal and one refresh step per
-  # round, so machine noise hits all of them alike.
+  # round, so machine noise hits all of them alike. Wall and process CPU
+  # time are both kept: on a shared machine CPU time moves less with load.
   for round_ in range(steps + 1):  # Round 0 warms up (not recorded).
     for name, run in runners.items():
       compiled, p, state = run
-      t0 = time.perf_counter()
-      p, state, loss = compiled(p, state, tokens)
-      jax.block_until_ready(loss)
-      if round_:
-        results[name]["normal"].append(time.perf_counter() - t0)
-      state = _set_count(state, gap)  # next step is a refresh step
-      t0 = time.perf_counter()
-      p, state, loss = compiled(p, state, tokens)
-      jax.block_until_ready(loss)
-      if round_:
-        results[name]["refresh"].append(time.perf_counter() - t0)
+      for kind in ("normal", "refresh"):
+        if kind == "refresh":  # Force the next step to recompute bases.
+          state = _set_count(state, gap, refresh=True)
+        t0, c0 = time.perf_counter(), time.process_time()
+        p, state, loss = compiled(p, state, tokens)
+        jax.block_until_ready(loss)
+        if round_:
+          results[name][kind].append(time.perf_counter() - t0)
+          results[name][kind + "_cpu"].append(time.process_time() - c0)
       state = _set_count(state, gap + 1)
       run[1], run[2] = p, state
   return results
@@ -228,7 +244,7 @@ def bench_fsdp(cfg, gap):
       lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s)),
       params, specs)
   out = {}
-  for name, make in optimizers(cfg, gap).items():
+  for name, (make, _) in optimizers(cfg, gap).items():
     tx = make(params)
     sh = sharding.shardings_like_params(jax.eval_shape(tx.init, params),
                                         params)
@@ -246,42 +262,75 @@ def bench_fsdp(cfg, gap):
   return out
 
 
+def _load():
+  return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--smoke", action="store_true")
   parser.add_argument("--steps", type=int, default=5)
   parser.add_argument("--gap", type=int, default=200)
+  parser.add_argument("--batch", type=int, default=None,
+                      help="sequences per batch (default: the config's)")
+  parser.add_argument("--only", default=None,
+                      help="regex: run only matching optimizers (+ adamw)")
+  parser.add_argument("--skip_fsdp", action="store_true")
   parser.add_argument("--fsdp-child", action="store_true")
   args = parser.parse_args()
-  cfg = CONFIGS["smoke" if args.smoke else "60m"]
+  cfg = dict(CONFIGS["smoke" if args.smoke else "60m"])
+  if args.batch:
+    cfg["batch"] = args.batch
   if args.fsdp_child:
     for name, b in bench_fsdp(cfg, args.gap).items():
       print(f"FSDP\t{name}\t{b}")
     return
-  print(f"# galore_bench {datetime.date.today()} {platform.platform()} "
-        f"{os.cpu_count()} cpus, jax {jax.__version__}, optax "
-        f"{optax.__version__}; config {cfg}, gap {args.gap}")
-  res = bench_single(cfg, args.gap, args.steps)
+  start = datetime.datetime.now(datetime.timezone.utc)
+  print(f"# galore_bench {start:%Y-%m-%d %H:%M} UTC, load {_load()}; "
+        f"{platform.platform()} {os.cpu_count()} cpus, jax {jax.__version__},"
+        f" optax {optax.__version__}; config {cfg}, gap {args.gap}, "
+        f"steps {args.steps}")
+  res = bench_single(cfg, args.gap, args.steps, args.only)
+  end = datetime.datetime.now(datetime.timezone.utc)
+  print(f"# timed section ended {end:%H:%M} UTC "
+        f"({(end - start).total_seconds():.0f} s), load {_load()}")
   base = res["adamw"]
-  peer = res["optax.contrib.galore"]
-  med = lambda xs: statistics.median(xs)
-  # A staggered optimizer has `k` refresh steps per gap, each refreshing
-  # 1/k of the leaves (the measured refresh step is one of them).
-  stagger = lambda name: 8 if "stagger 8" in name else 1
-  amort = lambda r, k=1: ((args.gap - k) * med(r["normal"])
-                          + k * med(r["refresh"])) / args.gap
+  peer = res.get("optax.contrib.galore")
+  med = statistics.median
+
+  def amort(r, cpu=False):
+    normal = med(r["normal_cpu" if cpu else "normal"])
+    refresh = med(r["refresh_cpu" if cpu else "refresh"])
+    return ((args.gap - r["k"]) * normal + r["k"] * refresh) / args.gap
+
+  def ratios(r, other):
+    if other is None:
+      return "n/a"
+    return (f"{amort(r) / amort(other):.3f} / "
+            f"{amort(r, True) / amort(other, True):.3f}")
+
+  print("\nRatios are wall / CPU time unless marked; paired = median over "
+        "rounds of the per-round ratio.")
   print("\n| optimizer | state MiB | projected-leaf state vs AdamW | "
-        "step memory vs AdamW | normal step ms | refresh/normal | "
+        "step memory vs AdamW | normal step ms (range) | normal vs AdamW: "
+        "wall / paired / CPU | refresh/normal | refresh steps per gap | "
         "amortised vs AdamW | amortised vs optax galore |")
-  print("|---|---:|---:|---:|---:|---:|---:|---:|")
+  print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for name, r in res.items():
+    normal, cpu = med(r["normal"]), med(r["normal_cpu"])
+    paired = med([a / b for a, b in zip(r["normal"], base["normal"])])
     print(f"| {name} | {r['state'] / 2**20:.1f} | "
           f"{r['proj_state'] / base['proj_state']:.3f} | "
           f"{r['step_mem'] / base['step_mem']:.3f} | "
-          f"{1e3 * med(r['normal']):.0f} | "
-          f"{med(r['refresh']) / med(r['normal']):.2f} | "
-          f"{amort(r, stagger(name)) / amort(base):.3f} | "
-          f"{amort(r, stagger(name)) / amort(peer):.3f} |")
+          f"{1e3 * normal:.0f} ({1e3 * min(r['normal']):.0f}–"
+          f"{1e3 * max(r['normal']):.0f}) | "
+          f"{normal / med(base['normal']):.3f} / {paired:.3f} / "
+          f"{cpu / med(base['normal_cpu']):.3f} | "
+          f"{med(r['refresh']) / normal:.2f} / "
+          f"{med(r['refresh_cpu']) / cpu:.2f} | {r['k']} | "
+          f"{ratios(r, base)} | {ratios(r, peer)} |")
+  if args.skip_fsdp:
+    return
   import subprocess  # pylint: disable=g-import-not-at-top
   child = subprocess.run(
       [sys.executable, __file__, "--fsdp-child", f"--gap={args.gap}"]

