@@ -34,3 +34,14 @@ from lowrank.spectral.sst import SSTState
 from lowrank.spectral.sst import to_dense
 from lowrank.spectral.sst import to_sst
 from lowrank.spectral.sst import train_step
+from lowrank.spectral import compress
+from lowrank.spectral.compress import compress as lord_compress
+from lowrank.spectral.compress import decompress
+from lowrank.spectral.compress import eigen_compensate
+from lowrank.spectral.compress import eora
+from lowrank.spectral.compress import factorize
+from lowrank.spectral.compress import LowRankFactor
+from lowrank.spectral.compress import LowRankLinear
+from lowrank.spectral.compress import welore_compress
+from lowrank.spectral.compress import welore_ranks
+from lowrank.spectral.compress import welore_trainable
