@@ -2,6 +2,8 @@ r"""GaLore-family optimizers vs AdamW on the GaLore paper's 60M LLaMA config.
 
   python benchmarks/galore_bench.py            # full 60M config
   python benchmarks/galore_bench.py --smoke    # tiny, seconds
+  python benchmarks/galore_bench.py --only "svd|56 layers" --skip_fsdp
+  python benchmarks/galore_bench.py --batch 16 # 16 sequences per step
 
 A functional LLaMA-style decoder (RMSNorm, causal attention, SwiGLU; d_model
 512, 8 layers, MLP 1376, vocab 32000, stacked `[L, m, n]` layer weights) is
@@ -15,7 +17,8 @@ Every optimizer runs in this one process, interleaved, and the script prints:
   `((gap − k) · normal + k · refresh) / gap` (k = refresh steps per gap:
   1, or the number of stagger groups), vs AdamW and vs
   `optax.contrib.galore`; the normal step also as the median of per-round
-  ratios to AdamW's (paired: both ran in the same round);
+  ratios to AdamW's (paired: both ran in the same round); every time
+  ratio for wall time and for process CPU time;
 * under FSDP on 8 (fake CPU) devices, per-device state bytes of the
   projected leaves vs sharded AdamW.
 """
@@ -203,6 +206,7 @@ def bench_single(cfg, gap, steps, only=None):
     p = jax.tree.map(jnp.copy, params)
     p, state, _ = compiled(p, state, tokens)  # step 0: initial refresh
     runners[name] = [compiled, p, state]
+    print(f"compiled {name}", file=sys.stderr, flush=True)
   # Interleave: every optimizer takes one normal and one refresh step per
   # round, so machine noise hits all of them alike. Wall and process CPU
   # time are both kept: on a shared machine CPU time moves less with load.
@@ -220,6 +224,7 @@ def bench_single(cfg, gap, steps, only=None):
           results[name][kind + "_cpu"].append(time.process_time() - c0)
       state = _set_count(state, gap + 1)
       run[1], run[2] = p, state
+    print(f"round {round_} done", file=sys.stderr, flush=True)
   return results
 
 

@@ -481,6 +481,46 @@ class EquivalenceTest(parameterized.TestCase):
                          1.01 * float(state.residual_norm["w"]) + 1e-4)
 
 
+class RefreshOrderTest(parameterized.TestCase):
+
+  @parameterized.parameters(
+      dict(projector="svd"),
+      dict(projector="rsvd", stagger=4, stagger_layers=True),
+      dict(projector="svd", projector_bits=4, adaptive_gap=True),
+  )
+  def test_refresh_branches_run_one_after_another(self, **kwargs):
+    # Concurrent batched LAPACK calls can deadlock XLA:CPU's intra-op pool,
+    # so every leaf's refresh conditional must depend on the previous one's
+    # output in the compiled program (not just in the traced one).
+    params = {k: jnp.zeros((2, 24, 20)) for k in ("a", "b", "c")}
+    tx = optim.scale_by_galore(optax.scale_by_adam(), rank=4, update_gap=8,
+                               **kwargs)
+    hlo = jax.jit(tx.update).lower(params, tx.init(params)).compile()
+    entry = re.search(r"\nENTRY .*?\n}", hlo.as_text(), re.S).group(0)
+    deps, conds = {}, []
+    for line in entry.splitlines():
+      m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = .*?\)? ?([\w-]+)\((.*)", line)
+      if not m:
+        continue
+      deps[m.group(1)] = re.findall(r"%([\w.-]+)", m.group(3))
+      if m.group(2) == "conditional":
+        conds.append(m.group(1))
+
+    def ancestors(name, seen):
+      for d in deps.get(name, []):
+        if d not in seen:
+          seen.add(d)
+          ancestors(d, seen)
+      return seen
+
+    self.assertLen(conds, 3)
+    before = {c: ancestors(c, set()) for c in conds}
+    for i, a in enumerate(conds):
+      for b in conds[i + 1:]:
+        self.assertTrue(a in before[b] or b in before[a],
+                        msg=f"{a} and {b} may run concurrently")
+
+
 class ShardedTest(absltest.TestCase):
 
   def _step(self, mesh, projector, stacked=False):

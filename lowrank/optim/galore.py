@@ -146,6 +146,35 @@ def _refresh_flag(count, offset: int | np.ndarray, gap: int):
   return (count == 0) | periodic
 
 
+def _after(previous) -> jax.Array:
+  """A scalar True that cannot be computed before `previous` exists.
+
+  Refresh branches run one leaf after another: XLA:CPU runs independent
+  conditionals concurrently on its intra-op thread pool, and jaxlib's
+  batched LAPACK kernels (SVD, QR) block that pool's thread while waiting
+  for batch tasks queued to the same pool, so two decompositions at once
+  on a 2-thread pool deadlock (observed on jax 0.10.2 in
+  `benchmarks/galore_bench.py`: both pool threads parked in
+  `lapack_sgesdd_ffi` → `ParallelBatchMap`). Feeding one element of the
+  previous leaf's bases into the next predicate is a data dependency XLA
+  keeps (an optimization barrier is dropped before execution);
+  `(x == x) | (x != x)` is True for every float, NaN included.
+
+  Args:
+    previous: The previous projected leaf's stored bases (a pytree), or
+      None for the first projected leaf.
+
+  Returns:
+    A scalar bool array equal to True.
+  """
+  if previous is None:
+    return jnp.asarray(True)
+  x = next(leaf for leaf in jax.tree.leaves(previous)
+           if jnp.issubdtype(leaf.dtype, jnp.floating))
+  x = x.reshape(-1)[0]
+  return (x == x) | (x != x)
+
+
 def _rotate(x, c, side: str, squared: bool):
   """Re-express a low-rank moment in the new basis; `c = P_newᵀ P_old`."""
   c = c * c if squared else c
@@ -390,11 +419,12 @@ def scale_by_galore(
 
     return jax.tree_util.tree_map_with_path(_fix, inner_state)
 
-  def _refresh_leaf(g, p_stored, s, refresh, key):
+  def _refresh_leaf(g, p_stored, s, refresh, key, after):
     """Stored bases with the layers flagged in `refresh` recomputed.
 
     One `lax.cond` per leaf: the decomposition, the masked select and the
-    requantization run only on steps where some layer refreshes.
+    requantization run only on steps where some layer refreshes. `after`
+    (always True) orders this leaf's branch after the previous leaf's.
     """
     mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
 
@@ -402,9 +432,10 @@ def scale_by_galore(
       new = _store(projection.compute_projector(g, rank, s, projector, key))
       return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, p_stored)
 
-    return jax.lax.cond(jnp.any(refresh), _recompute, lambda: p_stored)
+    return jax.lax.cond(jnp.any(refresh) & after, _recompute,
+                        lambda: p_stored)
 
-  def _refresh_layers(g, p_stored, s, offsets, key, count):
+  def _refresh_layers(g, p_stored, s, offsets, key, count, after):
     """`stagger_layers`: recomputes only the layers whose turn it is.
 
     Args:
@@ -414,6 +445,7 @@ def scale_by_galore(
       offsets: Static refresh offset of each layer (flattened lead dims).
       key: This leaf's key at this step; layer `j` uses `fold_in(key, j)`.
       count: Step count (traced).
+      after: Always True; orders this leaf's branch after the previous one.
 
     Returns:
       The new stored bases and the per-layer refresh flags `[...]`.
@@ -455,11 +487,12 @@ def scale_by_galore(
       return out
 
     if len(rows) == 1:  # Every layer shares one offset: no slicing needed.
-      stored = jax.lax.cond((count == 0) | due, _all, lambda: pf)
+      stored = jax.lax.cond(((count == 0) | due) & after, _all, lambda: pf)
     else:
       whole = jnp.asarray(np.array([len(r) == num for r in rows]))
       branch = jnp.where((count == 0) | (due & whole[row]), 2,
                          jnp.where(due, 1, 0))
+      branch = jnp.where(after, branch, 0)
       stored = jax.lax.switch(branch, [lambda: pf, _some, _all])
     unflat = lambda x: x.reshape(lead + x.shape[1:])
     return jax.tree.map(unflat, stored), refresh.reshape(lead)
@@ -487,24 +520,18 @@ def scale_by_galore(
         bases.append(None)
         continue
       leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), count)
-      # Refreshes run one leaf after another: XLA:CPU runs independent
-      # branches concurrently on its intra-op pool, and jaxlib's batched
-      # LAPACK kernels (SVD, QR) wait on tasks queued to that same pool, so
-      # two concurrent decompositions on a 2-thread pool can deadlock.
-      g_in, p_in = g, p_stored
-      if previous is not None:
-        g_in, p_in, _ = jax.lax.optimization_barrier((g, p_stored, previous))
+      after = _after(previous)
       if isinstance(offset, tuple):  # stagger_layers
-        stored, refresh = _refresh_layers(g_in, p_in, s, offset, leaf_key,
-                                          count)
+        stored, refresh = _refresh_layers(g, p_stored, s, offset, leaf_key,
+                                          count, after)
       else:
         if adaptive_gap:  # One flag per layer of a stacked leaf.
           refresh = (count == 0) | (count >= sched.next_refresh)
         else:
           refresh = _refresh_flag(count, offset, update_gap)
         refresh = jnp.broadcast_to(refresh, g.shape[:-2])
-        stored = _refresh_leaf(g_in, p_in, s, refresh, leaf_key)
-      previous = jax.tree.leaves(stored)[0]
+        stored = _refresh_leaf(g, p_stored, s, refresh, leaf_key, after)
+      previous = stored
       mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
       q = _load(stored)
       # The previous basis is only read by the adaptive schedule and by
