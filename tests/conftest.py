@@ -16,3 +16,21 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 # Not `jax_numpy_dtype_promotion="strict"`: optax itself (scale_by_adam's
 # bias correction) relies on standard promotion.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+import gc  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_jax_memory_after_module():
+  """Drops compiled executables and dead arrays after each test module.
+
+  An xdist worker runs many modules in one process; without this, JAX's
+  compilation caches and arrays kept alive by them grew one worker past
+  10 GiB and the OOM killer took it on a 24 GiB machine.
+  """
+  yield
+  jax.clear_caches()
+  gc.collect()
