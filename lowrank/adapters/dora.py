@@ -157,10 +157,7 @@ class DoRA(layers.LoRAWrapper):
     """
     if self.merged:
       raise ValueError("reset_magnitude() needs an unmerged DoRA adapter.")
-    old = self.magnitude.get_value()
-    new = self.weight_norm().reshape(old.shape).astype(old.dtype)
-    sh = getattr(old, "sharding", None)
-    self.magnitude.set_value(jax.device_put(new, sh) if sh is not None else new)
+    layers.assign(self.magnitude, self.weight_norm())
 
   def _dense_adapted(self) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(`W`, `W + ΔW`, its column norms), float32 `[d_in, d_out]`."""
@@ -234,7 +231,7 @@ class DoRA(layers.LoRAWrapper):
       return
     _, v, norm = self._dense_adapted()
     m = self.magnitude[...].reshape(self.d_out).astype(jnp.float32)
-    self._set_2d_kernel(v * (m / norm)[None, :])
+    self.set_kernel_2d(v * (m / norm)[None, :])
     self._set_merge_norm(norm)
     self.merged = True
 
@@ -247,22 +244,12 @@ class DoRA(layers.LoRAWrapper):
     m = self.magnitude[...].reshape(self.d_out).astype(jnp.float32)
     a, b = self._factors_2d()
     w = w_merged * (norm / m)[None, :] - lora.lora_delta(a, b, self.scale)
-    self._set_2d_kernel(w)
+    self.set_kernel_2d(w)
     self._set_merge_norm(jnp.ones((self.d_out,), jnp.float32))
     self.merged = False
 
-  def _set_2d_kernel(self, w2: jax.Array) -> None:
-    shape = self.base.kernel.get_value().shape
-    self._set_kernel(layers._kernel_from_2d(  # pylint: disable=protected-access
-        w2, shape, self.in_dims, self.out_dims))
-
   def _set_merge_norm(self, norm: jax.Array) -> None:
-    old = self.merge_norm.get_value()
-    new = norm.reshape(old.shape).astype(old.dtype)
-    sh = getattr(old, "sharding", None)
-    self.merge_norm.set_value(
-        jax.device_put(new, sh) if sh is not None else new
-    )
+    layers.assign(self.merge_norm, norm)
 
 
 def trainable_parameters(d_in: int, d_out: int, rank: int) -> int:

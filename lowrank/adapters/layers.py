@@ -36,7 +36,6 @@ A fresh plain-LoRA wrapper is a drop-in replacement: `wrapper(x)` equals
 """
 
 import math
-import string
 from typing import Any
 
 from flax import nnx
@@ -331,11 +330,12 @@ class LoRAWrapper(nnx.Module):
     )
 
   def _set_kernel(self, w: jax.Array) -> None:
-    var = _kernel_var(self.base)
-    old = var.get_value()
-    w = w.astype(old.dtype)
-    sh = getattr(old, "sharding", None)
-    var.set_value(jax.device_put(w, sh) if sh is not None else w)
+    assign(_kernel_var(self.base), w)
+
+  def set_kernel_2d(self, w2: jax.Array) -> None:
+    """Writes `w2: [d_in, d_out]` into the base kernel (its dtype/sharding)."""
+    shape = _kernel_var(self.base).get_value().shape
+    self._set_kernel(_kernel_from_2d(w2, shape, self.in_dims, self.out_dims))
 
   # ------------------------------------------------------------- behaviour
   @property
@@ -385,12 +385,27 @@ class LoRAWrapper(nnx.Module):
 
   def set_peft_factors(self, a2: Any, b2: Any) -> None:
     """Inverse of `peft_factors`: sets `A`, `B` from 2-D arrays."""
-    a_old, b_old = self.lora_a.get_value(), self.lora_b.get_value()
-    a = jnp.asarray(a2, a_old.dtype).reshape(a_old.shape)
-    b = jnp.asarray(b2, b_old.dtype).reshape(b_old.shape)
-    for var, new, old in ((self.lora_a, a, a_old), (self.lora_b, b, b_old)):
-      sh = getattr(old, "sharding", None)
-      var.set_value(jax.device_put(new, sh) if sh is not None else new)
+    assign(self.lora_a, a2)
+    assign(self.lora_b, b2)
+
+
+def assign(var: nnx.Variable, value: Any) -> jax.Array:
+  """Sets `var` to `value` reshaped and cast like it, keeping its sharding.
+
+  The one way adapter code writes a variable in place: the stored array keeps
+  the old shape, dtype and (outside `jit`) mesh placement.
+
+  Returns:
+    The stored value (after the cast), e.g. for computing exact residuals.
+  """
+  old = var.get_value()
+  new = jnp.asarray(value).reshape(old.shape).astype(old.dtype)
+  sh = getattr(old, "sharding", None)
+  if isinstance(sh, jax.sharding.Sharding) and not isinstance(
+      new, jax.core.Tracer):
+    new = jax.device_put(new, sh)
+  var.set_value(new)
+  return new
 
 
 def _dims_like(var: nnx.Variable, wrapper: "LoRAWrapper"):

@@ -34,24 +34,13 @@ import safetensors.numpy
 
 from lowrank.adapters import injection
 from lowrank.adapters import layers
+from lowrank.adapters.peft_io import _atomic_write  # pylint: disable=g-importing-member
 
 CONFIG_NAME = "lowrank_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
 FORMAT = "lowrank-adapter"
 VERSION = 1
 SAVED = (nnx.LoRAParam, layers.AdapterState)
-
-
-def _atomic_write(path: str, write_fn) -> None:
-  directory = os.path.dirname(path) or "."
-  tmp = os.path.join(directory, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-  try:
-    write_fn(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def _jsonable(value: Any, where: str) -> Any:
@@ -272,17 +261,10 @@ def load_adapter(
     for vpath, var in nnx.iter_graph(m):
       if not vpath or vpath[0] == "base" or not isinstance(var, SAVED):
         continue
-      old = var.get_value()
-      new = jax.numpy.asarray(
-          tensors[f"{path}/{'/'.join(str(p) for p in vpath)}"], old.dtype
-      )
-      sh = getattr(old, "sharding", None)
-      var.set_value(jax.device_put(new, sh) if sh is not None else new)
+      layers.assign(var, tensors[f"{path}/{'/'.join(str(p) for p in vpath)}"])
   for path in rebased:
     # The init moved ΔW₀ out of the original base: redo that on this one.
     m = mods[path]
-    w = layers._kernel_var(m.base).get_value()  # pylint: disable=protected-access
-    m._set_kernel(  # pylint: disable=protected-access
-        w.astype(jax.numpy.float32) - layers._kernel_from_2d(  # pylint: disable=protected-access
-            m.initial_offset(), w.shape, m.in_dims, m.out_dims))
+    m.set_kernel_2d(m.kernel_2d().astype(jax.numpy.float32)
+                    - m.initial_offset())
   return model

@@ -20,7 +20,6 @@ import tempfile
 from typing import Any
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
@@ -73,13 +72,6 @@ def _atomic_write(path: str, write_fn) -> None:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-
-
-def _set_value(var, value) -> None:
-  old = var.get_value()
-  new = jnp.asarray(value, old.dtype).reshape(old.shape)
-  sh = getattr(old, "sharding", None)
-  var.set_value(jax.device_put(new, sh) if sh is not None else new)
 
 
 def _lora_tensors(path, m, convert_initialized):
@@ -455,11 +447,11 @@ def load_peft(
   for key, (m, role, _) in expected.items():
     t = tensors[key]
     if role == "a":
-      _set_value(m.lora_a, t.T)
+      layers.assign(m.lora_a, t.T)
     elif role == "b":
-      _set_value(m.lora_b, t.T)
+      layers.assign(m.lora_b, t.T)
     elif role == "e":
-      _set_value(m.lora_e, t.reshape(-1))
+      layers.assign(m.lora_e, t.reshape(-1))
     else:
-      _set_value(m.magnitude, t)
+      layers.assign(m.magnitude, t)
   return model

@@ -139,15 +139,7 @@ class RankControlWrapper(layers.LoRAWrapper):
     )
 
 
-def _set(var: nnx.Variable, value: jax.typing.ArrayLike) -> None:
-  """Sets a variable, keeping its dtype (and its sharding when eager)."""
-  old = var.get_value()
-  value = jnp.asarray(value).astype(old.dtype)
-  sh = getattr(old, "sharding", None)
-  if isinstance(sh, jax.sharding.NamedSharding) and not isinstance(
-      value, jax.core.Tracer):
-    value = jax.device_put(value, sh)
-  var.set_value(value)
+_set = layers.assign
 
 
 # ------------------------------------------------------------------ DyLoRA

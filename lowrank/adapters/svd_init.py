@@ -81,25 +81,10 @@ def kernel_to_2d(wrapper: layers.LoRAWrapper, kernel: Any) -> jax.Array:
 
 def set_kernel_2d(wrapper: layers.LoRAWrapper, w2: jax.Array) -> None:
   """Writes `w2: [d_in, d_out]` into the wrapped kernel (its dtype/sharding)."""
-  shape = wrapper.base.kernel.get_value().shape
-  wrapper._set_kernel(  # pylint: disable=protected-access
-      layers._kernel_from_2d(  # pylint: disable=protected-access
-          w2, shape, wrapper.in_dims, wrapper.out_dims
-      )
-  )
+  wrapper.set_kernel_2d(w2)
 
 
-def assign(var: nnx.Variable, value: jax.Array) -> jax.Array:
-  """Sets `var` to `value` reshaped/cast like it, keeping its sharding.
-
-  Returns:
-    The stored value (after the cast), for computing exact residuals.
-  """
-  old = var.get_value()
-  new = jnp.asarray(value).reshape(old.shape).astype(old.dtype)
-  sh = getattr(old, "sharding", None)
-  var.set_value(jax.device_put(new, sh) if sh is not None else new)
-  return new
+assign = layers.assign  # Kept as a public name of this module.
 
 
 def _check_factored(wrapper: layers.LoRAWrapper, init: str) -> None:
