@@ -218,7 +218,7 @@ def bench_single(cfg, gap, steps, only=None):
           state = _set_count(state, gap, refresh=True)
         t0, c0 = time.perf_counter(), time.process_time()
         p, state, loss = compiled(p, state, tokens)
-        jax.block_until_ready(loss)
+        jax.block_until_ready((p, state, loss))
         if round_:
           results[name][kind].append(time.perf_counter() - t0)
           results[name][kind + "_cpu"].append(time.process_time() - c0)

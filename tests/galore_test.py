@@ -75,6 +75,66 @@ class ProjectionTest(parameterized.TestCase):
     # Same subspace: projection matrices agree.
     np.testing.assert_allclose(approx @ approx.T, exact @ exact.T, atol=1e-3)
 
+  def test_rsvd_methods_agree_and_fix_signs(self):
+    # A gapped spectrum: both methods find the same top vectors, signs too.
+    k1, k2 = jax.random.split(jax.random.key(3))
+    u = jnp.linalg.qr(jax.random.normal(k1, (2, 90, 40)))[0]
+    v = jnp.linalg.qr(jax.random.normal(k2, (2, 60, 40)))[0]
+    s = 2.0 ** -jnp.arange(40.0)
+    g = jnp.einsum("lmr,r,lnr->lmn", u, s, v)
+    for side in ("left", "right"):
+      chol = projection.rsvd_projector(g, 6, side, jax.random.key(0))
+      house = projection.rsvd_projector(g, 6, side, jax.random.key(0),
+                                        method="householder")
+      np.testing.assert_allclose(chol, house, atol=1e-4)
+      exact = projection.svd_projector(g, 6, side)
+      np.testing.assert_allclose(jnp.abs(chol), jnp.abs(exact), atol=1e-4)
+      top = jnp.take_along_axis(
+          chol, jnp.argmax(jnp.abs(chol), axis=-2, keepdims=True), axis=-2)
+      self.assertTrue(bool(jnp.all(top > 0)))
+
+  def test_rsvd_cholesky_falls_back_on_rank_deficient_gradients(self):
+    # A zero layer, a rank-2 layer and a steep spectrum (κ of the sketch far
+    # beyond what CholeskyQR handles in float32) next to a normal layer: the
+    # basis is orthonormal and finite in every layer, and the non-degenerate
+    # directions are the exact ones.
+    key = jax.random.key(4)
+    k1, k2, k3 = jax.random.split(key, 3)
+    normal = jax.random.normal(k1, (50, 30))
+    low = jax.random.normal(k2, (50, 2)) @ jax.random.normal(k3, (2, 30))
+    u = jnp.linalg.qr(jax.random.normal(k1, (50, 30)))[0]
+    v = jnp.linalg.qr(jax.random.normal(k2, (30, 30)))[0]
+    steep = (u * ((1.0 + jnp.arange(30.0)) ** -6.0)[None, :]) @ v.T
+    g = jnp.stack([normal, jnp.zeros((50, 30)), low, steep])
+    p = jax.jit(lambda g: projection.rsvd_projector(
+        g, 8, "left", jax.random.key(1)))(g)
+    self.assertFalse(bool(jnp.isnan(p).any()))
+    np.testing.assert_allclose(jnp.einsum("ldr,lds->lrs", p, p),
+                               jnp.broadcast_to(jnp.eye(8), (4, 8, 8)),
+                               atol=1e-5)
+    exact = projection.svd_projector(g, 8, "left")
+    np.testing.assert_allclose(  # Rank-2 layer: its 2-D range is found.
+        p[2, :, :2] @ p[2, :, :2].T, exact[2, :, :2] @ exact[2, :, :2].T,
+        atol=1e-4)
+    np.testing.assert_allclose(  # Steep layer: its leading vectors.
+        jnp.abs(p[3, :, :3]), jnp.abs(exact[3, :, :3]), atol=1e-4)
+
+  def test_batched_keys_draw_like_vmap(self):
+    g = jax.random.normal(jax.random.key(1), (3, 40, 24))
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(2),
+                                                     jnp.arange(3))
+    for kind in ("rsvd", "random"):
+      batched = projection.compute_projector(g, 5, "left", kind, keys)
+      for i in range(3):
+        single = projection.compute_projector(g[i], 5, "left", kind, keys[i])
+        np.testing.assert_allclose(batched[i], single, atol=1e-5)
+    with self.assertRaisesRegex(ValueError, "keys of shape"):
+      projection.compute_projector(g, 5, "left", "rsvd", keys[:2])
+    with self.assertRaisesRegex(ValueError, "rsvd method"):
+      projection.rsvd_projector(g, 5, "left", keys[0], method="qr")
+    with self.assertRaisesRegex(ValueError, "rsvd_method"):
+      optim.galore_adamw(1e-3, rank=4, projector="rsvd", rsvd_method="lu")
+
   def test_per_layer_projectors_for_stacked_leaves(self):
     g = jax.random.normal(jax.random.key(1), (4, 30, 20))
     stacked = projection.svd_projector(g, 5, "left")

@@ -192,6 +192,7 @@ def scale_by_galore(
     scale: jax.typing.ArrayLike = 1.0,
     side: str = "auto",
     projector: str = "svd",
+    rsvd_method: str = "cholesky",
     on_refresh: str = "keep",
     residual: str | None = None,
     residual_scale: jax.typing.ArrayLike = 1.0,
@@ -218,6 +219,11 @@ def scale_by_galore(
     scale: GaLore's α, applied to the projected-back update.
     side: `"auto"`, `"left"`, `"right"` or `"torch"` (module docstring).
     projector: `"svd"`, `"rsvd"` or `"random"`.
+    rsvd_method: How `"rsvd"` orthonormalises its sketches: `"cholesky"`
+      (shifted CholeskyQR3 + `eigh` of a small Gram matrix; matmul-based,
+      18× faster than Householder on an H200 and 2.5× on CPU for the 60M
+      config's stacked MLP leaf) or `"householder"` (QR + small SVD). Same
+      basis up to rounding (see `lowrank.optim.projection`).
     on_refresh: `"keep"`, `"reset"` or `"rotate"` the inner state of a leaf
       whose basis changed.
     residual: `None`, `"fira"`, `"frugal_sign"` or `"frugal_sgd"`.
@@ -275,6 +281,9 @@ def scale_by_galore(
     raise ValueError(
         f"Unknown projector {projector!r}; expected {projection.PROJECTORS}."
     )
+  if rsvd_method not in projection.RSVD_METHODS:
+    raise ValueError(f"Unknown rsvd_method {rsvd_method!r}; expected "
+                     f"{projection.RSVD_METHODS}.")
   if on_refresh not in ON_REFRESH:
     raise ValueError(
         f"Unknown on_refresh {on_refresh!r}; expected {ON_REFRESH}."
@@ -429,7 +438,8 @@ def scale_by_galore(
     mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
 
     def _recompute():
-      new = _store(projection.compute_projector(g, rank, s, projector, key))
+      new = _store(projection.compute_projector(
+          g, rank, s, projector, key, rsvd_method=rsvd_method))
       return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, p_stored)
 
     return jax.lax.cond(jnp.any(refresh) & after, _recompute,
@@ -470,10 +480,16 @@ def scale_by_galore(
 
     def _basis(gj, j):
       return projection.compute_projector(
-          gj, rank, s, projector, jax.random.fold_in(key, j))
+          gj, rank, s, projector, jax.random.fold_in(key, j),
+          rsvd_method=rsvd_method)
 
     def _all():  # Step 0 (no basis yet) or a row that spans every layer.
-      return _store(jax.vmap(_basis)(gf, jnp.arange(num)))
+      # One key per layer, as `_some` uses; passed as a batch rather than
+      # vmapping `_basis`, whose rSVD fallback `lax.cond` would then
+      # compute both branches.
+      keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num))
+      return _store(projection.compute_projector(
+          gf, rank, s, projector, keys, rsvd_method=rsvd_method))
 
     def _some():  # Static shapes: one [m, n] slice per slot of the row.
       out, idx = pf, jnp.asarray(table)[row]
@@ -638,6 +654,7 @@ def galore_adamw(
     scale: jax.typing.ArrayLike = 1.0,
     side: str = "auto",
     projector: str = "svd",
+    rsvd_method: str = "cholesky",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
@@ -676,8 +693,8 @@ def galore_adamw(
   core = scale_by_galore(
       optax.scale_by_adam(b1, b2, eps),
       rank=rank, update_gap=update_gap, scale=scale, side=side,
-      projector=projector, on_refresh=on_refresh, residual=residual,
-      residual_scale=residual_scale, fira_gamma=fira_gamma,
+      projector=projector, rsvd_method=rsvd_method, on_refresh=on_refresh,
+      residual=residual, residual_scale=residual_scale, fira_gamma=fira_gamma,
       fira_leak=fira_leak, stagger=stagger, stagger_layers=stagger_layers,
       mask=mask, seed=seed,
       projector_bits=projector_bits,
@@ -701,6 +718,7 @@ def q_galore_adamw(
     cos_history: int = 5,
     side: str = "auto",
     projector: str = "svd",
+    rsvd_method: str = "cholesky",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     seed: int = 0,
@@ -719,7 +737,8 @@ def q_galore_adamw(
   """
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, scale=scale,
-      side=side, projector=projector, weight_decay=weight_decay, mask=mask,
+      side=side, projector=projector, rsvd_method=rsvd_method,
+      weight_decay=weight_decay, mask=mask,
       seed=seed, projector_bits=projector_bits,
       projector_group_size=projector_group_size, adaptive_gap=True,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
@@ -737,6 +756,7 @@ def fira_adamw(
     leak: bool = False,
     side: str = "auto",
     projector: str = "svd",
+    rsvd_method: str = "cholesky",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     stagger: int = 1,
@@ -749,7 +769,8 @@ def fira_adamw(
   """
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, scale=scale,
-      side=side, projector=projector, weight_decay=weight_decay, mask=mask,
+      side=side, projector=projector, rsvd_method=rsvd_method,
+      weight_decay=weight_decay, mask=mask,
       stagger=stagger, stagger_layers=stagger_layers, residual="fira",
       fira_gamma=gamma, fira_leak=leak,
   )
@@ -764,6 +785,7 @@ def frugal_adamw(
     inactive_lr_scale: jax.typing.ArrayLike = 1.0,
     side: str = "auto",
     projector: str = "random",
+    rsvd_method: str = "cholesky",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     stagger: int = 1,
@@ -783,7 +805,8 @@ def frugal_adamw(
     )
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, side=side,
-      projector=projector, weight_decay=weight_decay, mask=mask,
+      projector=projector, rsvd_method=rsvd_method,
+      weight_decay=weight_decay, mask=mask,
       stagger=stagger, stagger_layers=stagger_layers, seed=seed,
       on_refresh="reset",
       residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale,
