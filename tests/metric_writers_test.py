@@ -1,0 +1,92 @@
+"""Tests of lowrank.metric_writers: CSV/JSONL/TensorBoard, resume, plots."""
+
+import glob
+import json
+import os
+
+from absl.testing import absltest
+import jax.numpy as jnp
+
+from lowrank import metric_writers
+
+
+def _tb_scalars(logdir, tag):
+  """(step, value) pairs of `tag` in the event files, as TensorBoard reads."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  import struct  # pylint: disable=g-import-not-at-top
+  out = []
+  for path in sorted(glob.glob(os.path.join(logdir, "events.out.*"))):
+    with open(path, "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):  # TFRecord: len, crc, payload, crc.
+      (n,) = struct.unpack("<Q", data[pos:pos + 8])
+      payload = data[pos + 12:pos + 12 + n]
+      pos += 12 + n + 4
+      ev = event_pb2.Event.FromString(payload)
+      for v in ev.summary.value:
+        if v.tag == tag:
+          out.append((ev.step, v.simple_value))
+  return out
+
+
+class MetricWriterTest(absltest.TestCase):
+
+  def test_writes_csv_jsonl_and_tensorboard(self):
+    wd = self.create_tempdir().full_path
+    with metric_writers.MetricWriter(wd) as w:
+      w.write(1, {"loss": 2.5})
+      w.write(2, {"loss": jnp.float32(1.5), "lr": 0.1})  # A new column.
+    rows = metric_writers.read_csv(os.path.join(wd, "metrics.csv"))
+    self.assertEqual(rows, [{"step": 1, "loss": 2.5},
+                            {"step": 2, "loss": 1.5, "lr": 0.1}])
+    with open(os.path.join(wd, "metrics.jsonl")) as f:
+      self.assertEqual([json.loads(x)["step"] for x in f], [1, 2])
+    self.assertEqual(_tb_scalars(os.path.join(wd, "tensorboard"), "loss"),
+                     [(1, 2.5), (2, 1.5)])
+
+  def test_resume_drops_rows_after_the_checkpoint(self):
+    wd = self.create_tempdir().full_path
+    with metric_writers.MetricWriter(wd) as w:
+      for s in range(1, 6):
+        w.write(s, {"loss": float(s)})
+    # Killed after step 5; the checkpoint was at step 3: rerun from there.
+    with metric_writers.MetricWriter(wd, resume_step=3) as w:
+      for s in range(4, 7):
+        w.write(s, {"loss": 10.0 * s})
+    rows = metric_writers.read_csv(os.path.join(wd, "metrics.csv"))
+    self.assertEqual([(r["step"], r["loss"]) for r in rows],
+                     [(1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0), (5, 50.0),
+                      (6, 60.0)])
+
+  def test_bad_values_and_files(self):
+    wd = self.create_tempdir().full_path
+    w = metric_writers.MetricWriter(wd, tensorboard=False)
+    with self.assertRaisesRegex(ValueError, "must be a scalar"):
+      w.write(1, {"x": jnp.ones(3)})
+    with self.assertRaisesRegex(ValueError, "Bad metric name"):
+      w.write(1, {"a,b": 1.0})
+    path = os.path.join(wd, "bad.csv")
+    with open(path, "w") as f:
+      f.write("step,loss\n1,0.5\n2,oops\n")
+    with self.assertRaisesRegex(ValueError, "bad.csv:3: column 'loss'"):
+      metric_writers.read_csv(path)
+
+  def test_plot(self):
+    wd = self.create_tempdir().full_path
+    with metric_writers.MetricWriter(wd, tensorboard=False) as w:
+      for s in range(1, 4):
+        w.write(s, {"loss": 1.0 / s})
+    out = metric_writers.plot_metrics(
+        {"run": os.path.join(wd, "metrics.csv"),
+         "other": [{"step": 1, "loss": 0.7}]},
+        ["loss"], os.path.join(wd, "loss.png"))
+    with open(out, "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    with self.assertRaisesRegex(ValueError, "No run has"):
+      metric_writers.plot_metrics({"run": [{"step": 1}]}, ["acc"],
+                                  os.path.join(wd, "x.png"))
+
+
+if __name__ == "__main__":
+  absltest.main()
