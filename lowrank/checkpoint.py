@@ -37,11 +37,13 @@ Example:
 """
 
 from collections.abc import Callable, Mapping
+import math
 from typing import Any
 
 from etils import epath
 from flax import nnx
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
@@ -70,11 +72,23 @@ def _check_pure(tree: PyTree, what: str) -> None:
     )
 
 
+def _is_empty(x: Any) -> bool:
+  """A zero-size array (Orbax refuses to save those)."""
+  shape = getattr(x, "shape", None)
+  return shape is not None and math.prod(shape) == 0
+
+
 def _to_savable(tree: PyTree) -> PyTree:
-  """Replaces typed PRNG keys by their raw `uint32` key data."""
-  return jax.tree.map(
-      lambda x: jax.random.key_data(x) if _is_prng_key(x) else x, tree
-  )
+  """Typed PRNG keys → raw `uint32` key data; zero-size arrays → None.
+
+  Zero-size arrays (e.g. the placeholder projector of a GaLore leaf that is
+  not projected) carry no data; they are rebuilt from the restore target.
+  """
+  def conv(x):
+    if _is_empty(x):
+      return None
+    return jax.random.key_data(x) if _is_prng_key(x) else x
+  return jax.tree.map(conv, tree)
 
 
 def _abstract_key_data(key: Any) -> tuple[str, jax.ShapeDtypeStruct]:
@@ -113,7 +127,10 @@ def _abstract_target(target: PyTree) -> tuple[PyTree, list[str | None]]:
   leaves, treedef = jax.tree.flatten(target)
   abstract, impls = [], []
   for x in leaves:
-    if _is_prng_key(x):
+    if _is_empty(x):
+      abstract.append(None)
+      impls.append(None)
+    elif _is_prng_key(x):
       impl, data = _abstract_key_data(x)
       abstract.append(data)
       impls.append(impl)
@@ -128,10 +145,17 @@ def _rewrap_keys(
 ) -> PyTree:
   treedef = jax.tree.structure(target)
   leaves = treedef.flatten_up_to(restored)
-  return treedef.unflatten([
-      x if impl is None else jax.random.wrap_key_data(x, impl=impl)
-      for x, impl in zip(leaves, impls)
-  ])
+  out = []
+  for x, t, impl in zip(leaves, treedef.flatten_up_to(target), impls):
+    if _is_empty(t):  # Saved as None: rebuild the empty array.
+      x = jnp.zeros(t.shape, t.dtype)
+      sharding = getattr(t, "sharding", None)
+      if sharding is not None:
+        x = jax.device_put(x, sharding)
+    elif impl is not None:
+      x = jax.random.wrap_key_data(x, impl=impl)
+    out.append(x)
+  return treedef.unflatten(out)
 
 
 def _to_json_scalar(x: Any) -> Any:
