@@ -72,6 +72,23 @@ class LoadBeirSharedDataTest(parameterized.TestCase):
     )
     self.assertEqual(dataset.qrels["1"], {"31715818": 1})
 
+  def test_every_collection_and_split_loads(self):
+    if not _BEIR_DIR.is_dir():
+      self.skipTest(f"../shared/data not present ({_BEIR_DIR} missing)")
+    # The policy for real quirks: only Cranfield's two empty documents need
+    # an option; everything else loads with the strict default.
+    for directory in sorted(p for p in _BEIR_DIR.iterdir() if p.is_dir()):
+      with self.subTest(directory.name):
+        keep = directory.name == "cranfield"
+        raw = beir.read_directory(directory, keep_empty_documents=keep)
+        self.assertEmpty(raw.problems)
+        self.assertEqual(sorted(raw.qrels), beir.available_splits(directory))
+        for split in raw.qrels:
+          dataset = beir.load_beir(
+              directory, split, keep_empty_documents=keep
+          )
+          self.assertEqual(dataset.qrels, raw.qrels[split])
+
   def test_cranfield_empty_documents(self):
     directory = self._dir("cranfield")
     # Documents 471 and 995 are empty in the original collection.
@@ -254,6 +271,46 @@ class LoadBeirValidationTest(parameterized.TestCase):
       beir.load_beir(root, on_error="count")
     with self.assertRaisesRegex(FileNotFoundError, "no such dataset directory"):
       beir.load_beir(root / "nope")
+
+  def test_read_directory_keeps_titles_and_reads_every_split(self):
+    root = self._write()
+    (root / "qrels" / "train.tsv").write_text("q3\td2\t1\nq3\td7\t1\n")
+    with self.assertRaisesRegex(ValueError, r"train\.tsv:2: unknown document"):
+      beir.read_directory(root)
+    raw = beir.read_directory(root, on_error="count")
+    self.assertEqual(
+        raw.documents, {"d1": ("Title one", "text one"), "d2": ("", "text two")}
+    )
+    self.assertEqual(list(raw.queries), ["q1", "q2", "q3"])
+    self.assertEqual(
+        raw.qrels,
+        {
+            "test": {"q1": {"d1": 1}, "q2": {"d2": 0}},
+            "train": {"q3": {"d2": 1}},
+        },
+    )
+    self.assertLen(raw.problems, 1)
+    self.assertEqual(beir.read_directory(root, ["test"]).qrels.keys(), {"test"})
+
+  def test_load_returns_plain_dicts(self):
+    corpus, queries, qrels = beir.load(self._write())
+    self.assertEqual(corpus, {"d1": "Title one text one", "d2": "text two"})
+    self.assertEqual(queries, {"q1": "query one", "q2": "query two"})
+    self.assertEqual(qrels, {"q1": {"d1": 1}, "q2": {"d2": 0}})
+
+  def test_integer_ids_and_duplicate_after_conversion(self):
+    root = self._write(
+        corpus=_CORPUS
+        + ['{"_id": 7, "text": "seven"}', '{"_id": "7", "text": "x"}'],
+        qrels=_QRELS + ["q1\t7\t1"],
+    )
+    with self.assertRaisesRegex(
+        ValueError, r"corpus\.jsonl:4: duplicate document id '7'"
+    ):
+      beir.load_beir(root)
+    dataset = beir.load_beir(root, on_error="count")
+    self.assertEqual(dataset.corpus["7"], "seven")
+    self.assertEqual(dataset.qrels["q1"], {"d1": 1, "7": 1})
 
   def test_bad_on_error(self):
     # TypeError when the jaxtyping/beartype hook checks the Literal first.

@@ -15,7 +15,7 @@ line number, or, with `on_error="count"`, is skipped and reported in
 `Dataset.problems` (and in a logged summary); nothing is dropped silently.
 """
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator, Sequence
 import dataclasses
 import json
 import os
@@ -94,11 +94,21 @@ def _decode(raw: bytes, path, lineno, report) -> str | None:
     return None
 
 
+def join_title(title: str, text: str) -> str:
+  """`title + " " + text`, stripped (just `text` stripped without a title)."""
+  return f"{title} {text}".strip() if title else text.strip()
+
+
 def _read_jsonl(
     path: pathlib.Path, report: _Reporter, *, kind: str, keep_empty: bool
-) -> dict[str, str]:
-  """Reads `corpus.jsonl` (`kind="document"`) or `queries.jsonl`."""
-  records: dict[str, str] = {}
+) -> dict[str, tuple[str, str]]:
+  """Reads `corpus.jsonl` (`kind="document"`) or `queries.jsonl`.
+
+  Returns:
+    Id -> `(title, text)` as in the file (`""` for a missing title), in file
+    order; only valid lines.
+  """
+  records: dict[str, tuple[str, str]] = {}
   first_line: dict[str, int] = {}
   for lineno, raw in _lines(path):
     line = _decode(raw, path, lineno, report)
@@ -135,19 +145,19 @@ def _read_jsonl(
       )
       continue
     first_line[doc_id] = lineno
-    text = f"{title} {text}".strip() if title else text.strip()
-    if not text and not keep_empty:
+    title = title or ""
+    if not join_title(title, text) and not keep_empty:
       report(path, lineno, f"{kind} {doc_id!r} has an empty text")
       continue
-    records[doc_id] = text
+    records[doc_id] = (title, text)
   return records
 
 
 def _read_qrels(
     path: pathlib.Path,
     report: _Reporter,
-    queries: dict[str, str],
-    corpus: dict[str, str],
+    queries: Container[str],
+    corpus: Container[str],
 ) -> dict[str, dict[str, int]]:
   """Reads `qrels/<split>.tsv`, checking every id against queries/corpus."""
   qrels: dict[str, dict[str, int]] = {}
@@ -201,6 +211,98 @@ def available_splits(directory: str | os.PathLike[str]) -> list[str]:
   return sorted(p.stem for p in qrels_dir.glob("*.tsv") if p.is_file())
 
 
+@dataclasses.dataclass(frozen=True)
+class RawBeir:
+  """The validated content of a BEIR directory, before any joining.
+
+  Attributes:
+    documents: Document id -> `(title, text)` exactly as in `corpus.jsonl`
+      (`""` for a missing title), in file order.
+    queries: Query id -> text for every query of `queries.jsonl` (not only
+      judged ones), in file order.
+    qrels: Split -> query id -> {document id -> integer relevance}, for the
+      splits read.
+    problems: As `Dataset.problems`.
+  """
+
+  documents: dict[str, tuple[str, str]]
+  queries: dict[str, str]
+  qrels: dict[str, dict[str, dict[str, int]]]
+  problems: list[str] = dataclasses.field(default_factory=list)
+
+
+def read_directory(
+    directory: str | os.PathLike[str],
+    splits: Sequence[str] | None = None,
+    *,
+    on_error: Literal["raise", "count"] = "raise",
+    keep_empty_documents: bool = False,
+) -> RawBeir:
+  """Reads and validates a BEIR directory, keeping titles apart from texts.
+
+  The checks are those of `load_beir`, applied to every split read.
+
+  Args:
+    directory: Directory holding `corpus.jsonl`, `queries.jsonl`, `qrels/`.
+    splits: The qrels splits to read; all of `available_splits` by default.
+    on_error: As in `load_beir`.
+    keep_empty_documents: As in `load_beir`.
+
+  Returns:
+    A `RawBeir`.
+
+  Raises:
+    FileNotFoundError: If the directory, a data file or a requested split is
+      missing (the message lists the available splits), or if `splits` is
+      None and there is no `qrels/*.tsv` at all.
+    ValueError: With `on_error="raise"`, for the first problem line (the
+      message starts with `"<file>:<line number>: "`); for a bad `on_error`.
+  """
+  report = _Reporter(on_error)
+  root = pathlib.Path(directory)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{root}: no such dataset directory")
+  available = available_splits(root)
+  if splits is None:
+    if not available:
+      raise FileNotFoundError(f"{root / 'qrels'}: no qrels/<split>.tsv files")
+    splits = available
+  for split in splits:
+    if split not in available:
+      raise FileNotFoundError(
+          f"{root / 'qrels' / f'{split}.tsv'}: no qrels file for split "
+          f"{split!r}; available splits: {available}"
+      )
+  documents = _read_jsonl(
+      root / "corpus.jsonl",
+      report,
+      kind="document",
+      keep_empty=keep_empty_documents,
+  )
+  queries = {
+      qid: join_title(title, text)
+      for qid, (title, text) in _read_jsonl(
+          root / "queries.jsonl", report, kind="query", keep_empty=False
+      ).items()
+  }
+  qrels = {
+      split: _read_qrels(
+          root / "qrels" / f"{split}.tsv", report, queries, documents
+      )
+      for split in splits
+  }
+  if report.problems:
+    logging.warning(
+        "load_beir(%s, splits=%s): skipped %d problem line(s); "
+        "first: %s",
+        root,
+        list(splits),
+        len(report.problems),
+        "; ".join(report.problems[:5]),
+    )
+  return RawBeir(documents, queries, qrels, report.problems)
+
+
 def load_beir(
     directory: str | os.PathLike[str],
     split: str = "test",
@@ -225,6 +327,11 @@ def load_beir(
   - names a query or document that is not loaded, or repeats a
     (query, document) judgment.
 
+  The collections in `../shared/data/beir` (SciFact, ADI, CISI) load with no
+  problem line; Cranfield has two empty documents, one of them judged, so it
+  needs `keep_empty_documents=True` (or `on_error="count"`, which drops
+  them and their judgment and says so).
+
   Args:
     directory: Directory holding `corpus.jsonl`, `queries.jsonl`, `qrels/`.
     split: Name of the qrels file to load, `qrels/<split>.tsv`.
@@ -246,35 +353,16 @@ def load_beir(
       message starts with `"<file>:<line number>: "`. Also if `on_error` is
       neither `"raise"` nor `"count"`.
   """
-  report = _Reporter(on_error)
   root = pathlib.Path(directory)
-  if not root.is_dir():
-    raise FileNotFoundError(f"{root}: no such dataset directory")
-  qrels_path = root / "qrels" / f"{split}.tsv"
-  if not qrels_path.is_file():
-    raise FileNotFoundError(
-        f"{qrels_path}: no qrels file for split {split!r}; available splits: "
-        f"{available_splits(root)}"
-    )
-  corpus = _read_jsonl(
-      root / "corpus.jsonl",
-      report,
-      kind="document",
-      keep_empty=keep_empty_documents,
+  raw = read_directory(
+      root,
+      [split],
+      on_error=on_error,
+      keep_empty_documents=keep_empty_documents,
   )
-  all_queries = _read_jsonl(
-      root / "queries.jsonl", report, kind="query", keep_empty=False
-  )
-  qrels = _read_qrels(qrels_path, report, all_queries, corpus)
-  queries = {qid: all_queries[qid] for qid in qrels}
-  if report.problems:
-    logging.warning(
-        "load_beir(%s, split=%r): skipped %d problem line(s); first: %s",
-        root,
-        split,
-        len(report.problems),
-        "; ".join(report.problems[:5]),
-    )
+  corpus = {did: join_title(*tt) for did, tt in raw.documents.items()}
+  qrels = raw.qrels[split]
+  queries = {qid: raw.queries[qid] for qid in qrels}
   logging.info(
       "load_beir(%s, split=%r): %d documents, %d judged queries, %d judgments",
       root,
@@ -288,5 +376,25 @@ def load_beir(
       queries=queries,
       qrels=qrels,
       name=root.name,
-      problems=report.problems,
+      problems=raw.problems,
   )
+
+
+def load(
+    directory: str | os.PathLike[str],
+    split: str = "test",
+    **kwargs,
+) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+  """`load_beir` as plain dicts: `(corpus, queries, qrels)`.
+
+  Args:
+    directory: A BEIR-format directory.
+    split: The qrels split.
+    **kwargs: `on_error`, `keep_empty_documents` (see `load_beir`).
+
+  Returns:
+    `corpus[doc_id] = text`, `queries[query_id] = text` (judged queries),
+    `qrels[query_id][doc_id] = relevance` (pytrec_eval's layout).
+  """
+  dataset = load_beir(directory, split, **kwargs)
+  return dataset.corpus, dataset.queries, dataset.qrels
