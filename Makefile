@@ -26,10 +26,10 @@ $(VENV)/.installed-test: $(VENV)/.installed-base
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-# Fine-tunes all-MiniLM-L6-v2 with LoRA on stdlib code search; prints the table.
+# Fine-tunes all-MiniLM-L6-v2 with LoRA and with GaLore on stdlib code search;
+# prints the table, saves workdir/demo/demo.png.
 demo: $(VENV)/.installed-base
-	$(BIN)/python -m experiments.finetune_retriever \
-	    --config=experiments/configs/finetune_retriever.py --workdir=$(WORKDIR)
+	$(BIN)/python -m experiments.demo --workdir=$(WORKDIR)
 
 # The whole suite (8 fake CPU devices; tests needing ../shared skip without it).
 test: $(VENV)/.installed-test

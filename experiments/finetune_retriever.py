@@ -5,8 +5,10 @@ r"""Fine-tunes a BERT bi-encoder (LoRA or full) and evaluates retrieval.
 
 See the config file for data options. Everything but flag parsing lives in
 `train_and_evaluate`, which tests and notebooks call directly. The workdir
-holds orbax checkpoints (rerunning resumes), `metrics.jsonl`, `results.json`
-and `results.md`.
+holds orbax checkpoints (rerunning resumes), `metrics.csv` / `metrics.jsonl`
+and TensorBoard event files (`tensorboard/`), `results.json` and
+`results.md`. `--config.optimizer.name=galore --config.method=full` trains
+all weights with GaLore's low-rank optimizer state instead of LoRA.
 """
 
 import functools
@@ -30,6 +32,8 @@ import tqdm
 from lowrank import adapters
 from lowrank import assets
 from lowrank import checkpoint
+from lowrank import metric_writers
+from lowrank import optim
 from lowrank import sharding
 from lowrank.data import beir
 from lowrank.data import code_search
@@ -128,6 +132,48 @@ def compiled_memory(compiled) -> dict[str, int]:
   }
 
 
+OPTIMIZERS = ("adamw", "adamw8bit", "galore", "fira", "frugal", "q_galore")
+
+
+def make_optimizer(
+    config: ml_collections.ConfigDict,
+) -> optax.GradientTransformation:
+  """The optimizer named by `config.optimizer.name`, with a warmup-cosine LR.
+
+  `adamw` / `adamw8bit` take `learning_rate, b1, b2, weight_decay`; the
+  GaLore family (`galore`, `fira`, `frugal`, `q_galore`) additionally takes
+  `config.optimizer.galore` (`rank`, `update_gap`, `scale`, `projector`,
+  `mask`: a regex over parameter paths selecting the projected matrices).
+
+  Raises:
+    ValueError: On an unknown optimizer name.
+  """
+  o = config.optimizer
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, o.learning_rate, config.warmup_steps,
+      max(config.num_train_steps, config.warmup_steps + 1),
+  )
+  name = o.get("name", "adamw")
+  common = dict(b1=o.b1, b2=o.b2, weight_decay=o.weight_decay)
+  if name == "adamw":
+    return optax.adamw(schedule, **common)
+  if name == "adamw8bit":
+    return optim.adamw8bit(schedule, **common)
+  if name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer {name!r}; expected one of "
+                     f"{OPTIMIZERS}.")
+  g = dict(o.galore)
+  kwargs = dict(rank=g["rank"], update_gap=g["update_gap"],
+                scale=g["scale"], projector=g["projector"],
+                mask=g["mask"] or None, weight_decay=o.weight_decay)
+  factory = {"galore": optim.galore_adamw, "fira": optim.fira_adamw,
+             "frugal": optim.frugal_adamw,
+             "q_galore": optim.q_galore_adamw}[name]
+  if name == "galore":
+    kwargs.update(b1=o.b1, b2=o.b2)
+  return factory(schedule, **kwargs)
+
+
 def _write_json(path, obj):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
@@ -182,17 +228,12 @@ def train_and_evaluate(
   counts = adapters.count_parameters(model)
   if config.method == "full":
     counts["trainable"] = counts["total"]
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, config.optimizer.learning_rate, config.warmup_steps,
-      max(config.num_train_steps, config.warmup_steps + 1),
-  )
-  opt_kwargs = dict(config.optimizer)
-  opt_kwargs["learning_rate"] = schedule
-  tx = optax.adamw(**opt_kwargs)
+  tx = make_optimizer(config)
   opt_shardings = sharding.shardings_like_params(
       jax.eval_shape(tx.init, params), params
   )
   opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  state_bytes = optim.state_bytes(opt_state)
   data_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
 
   def loss_fn(params, rest, qs, ds):
@@ -233,11 +274,9 @@ def train_and_evaluate(
   memory = compiled_memory(compiled)
   logging.info("compiled step memory: %s", memory)
 
-  history = []
   t_train = time.perf_counter()
-  with jax.set_mesh(mesh), open(
-      os.path.join(workdir, "metrics.jsonl"), "a"
-  ) as log_file:
+  writer = metric_writers.MetricWriter(workdir, resume_step=start)
+  with jax.set_mesh(mesh), writer:
     bar = tqdm.tqdm(range(start + 1, config.num_train_steps + 1),
                     initial=start, total=config.num_train_steps,
                     desc=f"{config.method} fine-tune", unit="step")
@@ -250,9 +289,7 @@ def train_and_evaluate(
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        history.append({"step": step, **metrics})
-        log_file.write(json.dumps(history[-1]) + "\n")
-        log_file.flush()
+        writer.write(step, metrics)
   ckpt.wait_until_finished()
   ckpt.close()
   train_seconds = time.perf_counter() - t_train
@@ -262,6 +299,8 @@ def train_and_evaluate(
   results = {
       "data": config.data,
       "method": config.method,
+      "optimizer": config.optimizer.get("name", "adamw"),
+      "optimizer_state_bytes": int(state_bytes),
       "num_train_steps": config.num_train_steps,
       "train_pairs": len(pairs),
       "test_queries": len(test.qrels),
@@ -283,28 +322,39 @@ def train_and_evaluate(
   return results
 
 
-def format_results(r: dict[str, Any]) -> str:
-  """A Markdown table: zero-shot vs fine-tuned."""
-  mb = r["compiled_step_memory"]["total_bytes"] / 2**20
+def _label(r: dict[str, Any]) -> str:
+  opt = r.get("optimizer", "adamw")
+  return (f"{r['method']} + {opt}" if opt != "adamw" else r["method"]) + (
+      f" ({r['num_train_steps']} steps)")
+
+
+def format_results(runs: dict[str, Any] | list[dict[str, Any]]) -> str:
+  """A Markdown table: zero-shot, then one row per fine-tuned run."""
+  runs = [runs] if isinstance(runs, dict) else list(runs)
+  r0 = runs[0]
   rows = [
-      f"data: {r['data']} ({r['train_pairs']} train pairs; "
-      f"{r['test_queries']} test queries, {r['test_docs']} docs)",
+      f"data: {r0['data']} ({r0['train_pairs']} train pairs; "
+      f"{r0['test_queries']} test queries, {r0['test_docs']} docs)",
       "",
       "| model | nDCG@10 | Recall@10 | Recall@100 | trainable params |"
-      " step memory | train time |",
-      "|---|---:|---:|---:|---:|---:|---:|",
+      " optimizer state | step memory | train time |",
+      "|---|---:|---:|---:|---:|---:|---:|---:|",
   ]
-  z, f = r["zero_shot"], r["final"]
+  z = r0["zero_shot"]
   rows.append(
       f"| zero-shot | {z['ndcg_cut_10']:.4f} | {z['recall_10']:.4f} | "
-      f"{z['recall_100']:.4f} | 0 | - | - |"
+      f"{z['recall_100']:.4f} | 0 | - | - | - |"
   )
-  rows.append(
-      f"| {r['method']} ({r['num_train_steps']} steps) | "
-      f"{f['ndcg_cut_10']:.4f} | {f['recall_10']:.4f} | "
-      f"{f['recall_100']:.4f} | {r['trainable_params']:,} | {mb:.0f} MiB | "
-      f"{r['train_seconds']:.0f} s |"
-  )
+  for r in runs:
+    f = r["final"]
+    mb = r["compiled_step_memory"]["total_bytes"] / 2**20
+    state = r.get("optimizer_state_bytes")
+    state = "-" if state is None else f"{state / 2**20:.1f} MiB"
+    rows.append(
+        f"| {_label(r)} | {f['ndcg_cut_10']:.4f} | {f['recall_10']:.4f} | "
+        f"{f['recall_100']:.4f} | {r['trainable_params']:,} | {state} | "
+        f"{mb:.0f} MiB | {r['train_seconds']:.0f} s |"
+    )
   return "\n".join(rows)
 
 

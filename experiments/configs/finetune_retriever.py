@@ -14,7 +14,8 @@ Any BEIR-format directory (train on qrels/train.tsv, evaluate on test.tsv):
       --config.data=beir:../shared/data/beir/scifact
 
 Full fine-tuning instead of LoRA: `--config.method=full`.
-`--config=...finetune_retriever.py:smoke` selects the few-step test preset.
+`--config=...finetune_retriever.py:smoke` selects the few-step test preset;
+`:demo` the preset of `experiments/demo.py` (`make demo`).
 Rerunning the same command resumes from the latest checkpoint in --workdir.
 """
 
@@ -55,12 +56,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.adapter.init = "kaiming"
   config.adapter.options = ml_collections.ConfigDict()
 
-  # == optax.adamw keyword arguments (the schedule wraps learning_rate).
+  # == The optimizer (the warmup-cosine schedule wraps learning_rate):
+  # "adamw", "adamw8bit", or the GaLore family "galore", "fira", "frugal",
+  # "q_galore" (usually with method="full": GaLore trains full weights with
+  # low-rank optimizer state).
   config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = "adamw"
   config.optimizer.learning_rate = 1e-3
   config.optimizer.weight_decay = 0.0
   config.optimizer.b1 = 0.9
   config.optimizer.b2 = 0.999
+  config.optimizer.galore = ml_collections.ConfigDict()
+  config.optimizer.galore.rank = 64
+  config.optimizer.galore.update_gap = 50
+  config.optimizer.galore.scale = 0.25
+  config.optimizer.galore.projector = "rsvd"
+  # Regex over parameter paths: which matrices are projected (the rest,
+  # embeddings included, get plain AdamW).
+  config.optimizer.galore.mask = r"\['encoder'\]"
+
+  # == experiments/demo.py: which runs, and each run's learning rate.
+  config.demo = ml_collections.ConfigDict()
+  config.demo.runs = "lora,galore"  # Any of: lora, galore, full.
+  config.demo.lora_learning_rate = 1e-3
+  config.demo.galore_learning_rate = 1e-4
+  config.demo.full_learning_rate = 3e-5
 
   # Mesh axis sizes; one -1 absorbs the remaining devices.
   config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
@@ -76,6 +96,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_max_queries = 40
     config.eval_batch_size = 32
     config.eval_k = 20
+  elif arg == "demo":  # `make demo`: LoRA and GaLore runs in < 10 minutes.
+    config.num_train_steps = 60
+    config.warmup_steps = 6
+    config.checkpoint_every_steps = 20
   elif arg:
-    raise ValueError(f"Unknown preset {arg!r}; expected 'smoke' or none.")
+    raise ValueError(
+        f"Unknown preset {arg!r}; expected 'smoke', 'demo' or none.")
   return config
