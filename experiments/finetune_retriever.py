@@ -9,6 +9,16 @@ holds orbax checkpoints (rerunning resumes), `metrics.csv` / `metrics.jsonl`
 and TensorBoard event files (`tensorboard/`), `results.json` and
 `results.md`. `--config.optimizer.name=galore --config.method=full` trains
 all weights with GaLore's low-rank optimizer state instead of LoRA.
+
+Multi-process (multi-host): start the same command once per process with
+`--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or
+`--coordinator_address=auto` on a TPU pod slice / under SLURM, where JAX
+reads the rest from the environment); see `lowrank.distributed`. The mesh
+spans the devices of every process, each process builds the same host batch
+and places only its own devices' slices, checkpoints are written
+collectively into the shared workdir, every process evaluates the same
+gathered weights (so all return the same metrics) and process 0 alone writes
+files and prints. Losses equal a one-process run on as many devices.
 """
 
 import functools
@@ -22,7 +32,6 @@ from absl import flags
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -32,6 +41,7 @@ import tqdm
 from lowrank import adapters
 from lowrank import assets
 from lowrank import checkpoint
+from lowrank import distributed
 from lowrank import metric_writers
 from lowrank import optim
 from lowrank import sharding
@@ -47,6 +57,22 @@ _CONFIG = config_flags.DEFINE_config_file(
 )
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Checkpoints and metrics go here; reruns resume."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "Multi-process runs: 'host:port' of process 0 (the same for every "
+    "process), or 'auto' to let JAX detect a TPU pod slice / SLURM / Open "
+    "MPI job. Default: $LOWRANK_COORDINATOR, else a single process.",
+)
+_NUM_PROCESSES = flags.DEFINE_integer(
+    "num_processes", None,
+    "Multi-process runs: number of processes (default: "
+    "$LOWRANK_NUM_PROCESSES, else 1).",
+)
+_PROCESS_ID = flags.DEFINE_integer(
+    "process_id", None,
+    "Multi-process runs: this process's index in [0, num_processes) "
+    "(default: $LOWRANK_PROCESS_ID).",
 )
 
 P = jax.sharding.PartitionSpec
@@ -85,8 +111,47 @@ def load_data(spec: str, *, eval_max_queries: int = 0):
   )
 
 
-def evaluate(model, tokenizer, dataset, config) -> dict[str, float]:
-  """Encodes queries and corpus, exact top-k search, trec_eval metrics."""
+def evaluation_model(model):
+  """`(model, mesh)` for `evaluate`: `(model, None)`, or a process-local copy.
+
+  With several processes the parameters live on a mesh spanning all of
+  them, and `bert.embed` reads its results back to the host, which needs
+  fully addressable arrays. So every process gathers the weights (a
+  collective: all processes must call this) and evaluates on a mesh of its
+  own devices, with the weights replicated there. Every process then
+  computes the same metrics with no further communication.
+
+  Args:
+    model: The model, on any mesh.
+
+  Returns:
+    `(model, None)` with one process; otherwise a copy of the model with
+    every variable replicated on this process's devices, and their mesh
+    (pass it to `evaluate`).
+  """
+  if jax.process_count() == 1:
+    return model, None
+  graphdef, state = nnx.split(model)
+  state = distributed.to_host(state)
+  mesh = sharding.make_mesh(
+      [("data", -1), ("fsdp", 1), ("tensor", 1)], devices=jax.local_devices()
+  )
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  state = jax.tree.map(
+      lambda x: jax.device_put(x, replicated) if isinstance(x, np.ndarray)
+      else x, state)
+  return nnx.merge(graphdef, state), mesh
+
+
+def evaluate(model, tokenizer, dataset, config, mesh=None) -> dict[str, float]:
+  """Encodes queries and corpus, exact top-k search, trec_eval metrics.
+
+  `mesh`, when given, is set as the context mesh (the process-local one of
+  `evaluation_model`).
+  """
+  if mesh is not None:
+    with jax.set_mesh(mesh):
+      return evaluate(model, tokenizer, dataset, config)
   qids = sorted(dataset.qrels)
   dids = sorted(dataset.corpus)
   model.eval()
@@ -175,6 +240,8 @@ def make_optimizer(
 
 
 def _write_json(path, obj):
+  if not distributed.is_main_process():
+    return
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     json.dump(obj, f, indent=2, sort_keys=True, default=float)
@@ -205,12 +272,15 @@ def train_and_evaluate(
         config.model_path or assets.minilm_path()
     )
     zero_path = os.path.join(workdir, "zero_shot.json")
+    # Multi-process: a collective, so every process makes it unconditionally.
+    eval_model, eval_mesh = evaluation_model(model)
     if os.path.exists(zero_path):
       with open(zero_path) as f:
         zero_shot = json.load(f)
     else:
-      zero_shot = evaluate(model, tokenizer, test, config)
+      zero_shot = evaluate(eval_model, tokenizer, test, config, eval_mesh)
       _write_json(zero_path, zero_shot)
+    del eval_model  # A process-local copy of the weights, or `model`.
     logging.info("zero-shot: %s", zero_shot)
     if config.method != "full":
       kwargs = dict(config.adapter)
@@ -265,8 +335,8 @@ def train_and_evaluate(
     logging.info("Resumed from step %d.", start)
   params, opt_state = state["params"], state["opt_state"]
 
-  put = lambda x: jax.device_put(  # pylint: disable=g-long-lambda
-      {k: jnp.asarray(v) for k, v in x.items()}, data_sharding)
+  # Every process builds the same host batch and places its own slices.
+  put = lambda x: distributed.host_to_global(dict(x), data_sharding)
   qs0, ds0 = _batches(pairs, tokenizer, config, 1)
   with jax.set_mesh(mesh):
     compiled = train_step.lower(params, opt_state, rest, put(qs0),
@@ -279,7 +349,8 @@ def train_and_evaluate(
   with jax.set_mesh(mesh), writer:
     bar = tqdm.tqdm(range(start + 1, config.num_train_steps + 1),
                     initial=start, total=config.num_train_steps,
-                    desc=f"{config.method} fine-tune", unit="step")
+                    desc=f"{config.method} fine-tune", unit="step",
+                    disable=not distributed.is_main_process())
     for step in bar:
       qs, ds = _batches(pairs, tokenizer, config, step)
       params, opt_state, metrics = compiled(
@@ -287,15 +358,16 @@ def train_and_evaluate(
       ckpt.save(step, {"params": params, "opt_state": opt_state},
                 force=step == config.num_train_steps)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = {k: float(v)
+                   for k, v in distributed.to_host(metrics).items()}
         bar.set_postfix(loss=f"{metrics['loss']:.4f}")
         writer.write(step, metrics)
   ckpt.wait_until_finished()
   ckpt.close()
   train_seconds = time.perf_counter() - t_train
 
-  model = nnx.merge(graphdef, params, rest)
-  final = evaluate(model, tokenizer, test, config)
+  model, eval_mesh = evaluation_model(nnx.merge(graphdef, params, rest))
+  final = evaluate(model, tokenizer, test, config, eval_mesh)
   results = {
       "data": config.data,
       "method": config.method,
@@ -316,9 +388,12 @@ def train_and_evaluate(
   }
   _write_json(os.path.join(workdir, "results.json"), results)
   table = format_results(results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  if distributed.is_main_process():
+    with open(os.path.join(workdir, "results.md"), "w") as f:
+      f.write(table + "\n")
+    print(table)
+  # Nobody exits (tearing down the coordinator) while others still work.
+  distributed.barrier("finetune_retriever:done")
   return results
 
 
@@ -364,6 +439,12 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # orbax logs every write at INFO; the progress bar and table suffice.
     logging.set_verbosity(logging.WARNING)
+  # Before anything touches devices: the mesh must see every process's.
+  distributed.initialize(
+      coordinator_address=_COORDINATOR.value,
+      num_processes=_NUM_PROCESSES.value,
+      process_id=_PROCESS_ID.value,
+  )
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
