@@ -43,6 +43,7 @@ from typing import Any
 from etils import epath
 from flax import nnx
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
@@ -238,6 +239,9 @@ class Checkpointer:
       # Orbax's step listing already skips these; removing them keeps a
       # re-save of the same step from meeting a half-written tmp directory.
       _remove_unfinalized(self.directory)
+      if jax.process_count() > 1:  # Others wait until process 0 cleaned up.
+        multihost_utils.sync_global_devices(
+            f"lowrank.Checkpointer({self.directory})")
     policies = ocp.checkpoint_managers
     if best_fn is None:
       preservation = policies.LatestN(n=max_to_keep)
