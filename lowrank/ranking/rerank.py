@@ -1,0 +1,94 @@
+"""Reranking the top-k of a first-stage run with a pairwise scorer.
+
+`rerank` takes any run dict `run[qid][docid] = score` (BM25, a bi-encoder,
+...), keeps each query's top `k` documents in trec_eval's order (score
+descending, ties by document id descending) and replaces their scores with
+the scorer's. The scorer is any object with a method
+
+    model.score_pairs(tokenizer, queries, docs, **score_kwargs) -> [N] scores
+
+such as `lowrank.ranking.cross_encoder.CrossEncoder`; all pairs of all
+queries go to one `score_pairs` call, so length bucketing sees the whole
+workload.
+
+Reference: Nogueira & Cho, "Passage Re-ranking with BERT", 2019,
+https://arxiv.org/abs/1901.04085
+"""
+
+from collections.abc import Mapping
+import numbers
+from typing import Any
+
+Run = dict[str, dict[str, float]]
+
+
+def top_k(ranking: Mapping[str, Any], k: int) -> list[str]:
+  """Document ids of the `k` best entries, trec_eval's order."""
+  scored = sorted(((float(s), d) for d, s in ranking.items()), reverse=True)
+  return [d for _, d in scored[:k]]
+
+
+def rerank(
+    model: Any,
+    tokenizer: Any,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    run: Mapping[str, Mapping[str, Any]],
+    *,
+    k: int | float = 100,
+    **score_kwargs,
+) -> Run:
+  """Rescores the top-`k` documents of each query of a first-stage run.
+
+  Args:
+    model: A scorer with `score_pairs(tokenizer, queries, docs, **kw)`.
+    tokenizer: Passed to `score_pairs`.
+    queries: Query id -> text; must cover every query of `run`.
+    corpus: Document id -> text; must cover every document that enters a
+      top-`k`.
+    run: `{query id: {doc id: first-stage score}}`.
+    k: How many documents per query to rerank (documents below the top-`k`
+      are dropped from the output).
+    **score_kwargs: Passed to `score_pairs` (`batch_size`, `max_length`,
+      `buckets`, ...).
+
+  Returns:
+    `{query id: {doc id: float score}}` with exactly the top-`k` documents
+    of each query of `run` (fewer if it has fewer), scored by `model`.
+    Queries with an empty ranking map to `{}`.
+
+  Raises:
+    ValueError: If `k` is not a positive integer, a query or document id is
+      unknown, or `model` has no `score_pairs`.
+  """
+  if (isinstance(k, bool) or not isinstance(k, numbers.Integral)
+      or k <= 0):
+    raise ValueError(f"k must be a positive int; got {k!r}.")
+  if not callable(getattr(model, "score_pairs", None)):
+    raise ValueError(
+        f"model must have a score_pairs(tokenizer, queries, docs) method; "
+        f"got {type(model).__name__}.")
+  unknown_q = [q for q in run if q not in queries]
+  if unknown_q:
+    raise ValueError(
+        f"{len(unknown_q)} run queries are not in queries (first: "
+        f"{unknown_q[0]!r}).")
+  selected = {qid: top_k(run[qid], int(k)) for qid in run}
+  unknown_d = sorted({d for ds in selected.values() for d in ds
+                      if d not in corpus})
+  if unknown_d:
+    raise ValueError(
+        f"{len(unknown_d)} documents in the top-{k} are not in the corpus "
+        f"(first: {unknown_d[0]!r}).")
+  qids = [q for q, ds in selected.items() for _ in ds]
+  dids = [d for ds in selected.values() for d in ds]
+  scores = model.score_pairs(
+      tokenizer, [queries[q] for q in qids], [corpus[d] for d in dids],
+      **score_kwargs)
+  if len(scores) != len(dids):
+    raise ValueError(f"score_pairs returned {len(scores)} scores for "
+                     f"{len(dids)} pairs.")
+  out: Run = {qid: {} for qid in run}
+  for qid, did, s in zip(qids, dids, scores):
+    out[qid][did] = float(s)
+  return out
