@@ -41,7 +41,7 @@ class NotebooksTest(parameterized.TestCase):
 
   def test_expected_notebooks_exist(self):
     for name in ("quickstart.ipynb", "galore_vs_adam_memory.ipynb",
-                 "matryoshka_muvera.ipynb"):
+                 "matryoshka_muvera.ipynb", "rerank_cross_encoder.ipynb"):
       self.assertIn(name, _NOTEBOOKS)
 
   @parameterized.named_parameters(*_CASES)
