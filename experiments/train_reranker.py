@@ -12,8 +12,9 @@ listwise/pairwise loss of `lowrank.ranking.losses`. Then the first stage
 `rerank_k` and the cross-encoder rescores them; nDCG@10 / Recall@10 before
 and after, training time and trainable parameters go to `results.md` and
 `results.json`. The workdir also holds orbax checkpoints (rerunning resumes),
-`metrics.csv` / `metrics.jsonl` / TensorBoard logs and the cached first-stage
-run. Everything but flag parsing lives in `train_and_evaluate`.
+`metrics.csv` / `metrics.jsonl` / TensorBoard logs, the cached first-stage
+run and the reranked run (`reranked_run.json`). Everything but flag
+parsing lives in `train_and_evaluate`.
 
 References: Nogueira & Cho 2019, https://arxiv.org/abs/1901.04085; Gao et
 al. 2021 (LCE), https://arxiv.org/abs/2101.08751.
@@ -277,6 +278,8 @@ def train_and_evaluate(
       model, tokenizer, test.queries, test.corpus, run, k=config.rerank_k,
       batch_size=config.eval_batch_size, max_length=config.max_length)
   rerank_seconds = time.perf_counter() - t_rerank
+  # Kept so that fusion with the first stage can be studied without rescoring.
+  _write_json(os.path.join(workdir, "reranked_run.json"), reranked)
   after = metrics_lib.evaluate(test.qrels, reranked, EVAL_METRICS)
   num_pairs = sum(len(v) for v in reranked.values())
   results = {

@@ -77,7 +77,7 @@ class TrainAndEvaluateTest(absltest.TestCase):
                            full["after"]["recall_10"])
     self.assertEqual(full["rerank_pairs"], 12 * 5)
     for name in ("results.md", "results.json", "metrics.csv",
-                 "first_stage_bm25.json"):
+                 "first_stage_bm25.json", "reranked_run.json"):
       self.assertTrue(os.path.exists(os.path.join(straight, name)), name)
     self.assertEqual(sorted(_losses(straight)), [2, 4])
 
