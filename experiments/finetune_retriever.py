@@ -33,11 +33,11 @@ from absl import logging
 from flax import nnx
 import jax
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 import tqdm
 
+from experiments import common_flags
 from lowrank import adapters
 from lowrank import assets
 from lowrank import checkpoint
@@ -52,12 +52,7 @@ from lowrank.retrieval import losses
 from lowrank.retrieval import metrics as metrics_lib
 from lowrank.retrieval import search
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally `path:preset`.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Checkpoints and metrics go here; reruns resume."
-)
+_CONFIG, _WORKDIR = common_flags.config_and_workdir()
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "Multi-process runs: 'host:port' of process 0 (the same for every "

@@ -50,11 +50,11 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 import tqdm
 
+from experiments import common_flags
 from lowrank import adapters
 from lowrank import checkpoint
 from lowrank import metric_writers
@@ -65,12 +65,7 @@ from lowrank.spectral import relora
 from lowrank.spectral import sltrain
 from lowrank.spectral import sst
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally `path:preset`.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Checkpoints and metrics go here; reruns resume."
-)
+_CONFIG, _WORKDIR = common_flags.config_and_workdir()
 
 METHODS = ("full", "lora", "relora", "galore", "fira", "frugal", "q_galore",
            "sst", "sltrain")

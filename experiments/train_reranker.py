@@ -32,11 +32,11 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 import optax
 import tqdm
 
+from experiments import common_flags
 from lowrank import adapters
 from lowrank import assets
 from lowrank import checkpoint
@@ -51,12 +51,7 @@ from lowrank.retrieval import bm25 as bm25_lib
 from lowrank.retrieval import metrics as metrics_lib
 from lowrank.retrieval import search
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, optionally `path:preset`.", lock_config=True
-)
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Checkpoints and metrics go here; reruns resume."
-)
+_CONFIG, _WORKDIR = common_flags.config_and_workdir()
 
 EVAL_METRICS = ("ndcg_cut_10", "recall_10", "recall_100")
 FIRST_STAGES = ("bm25", "minilm")
