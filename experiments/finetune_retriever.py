@@ -317,7 +317,7 @@ def train_and_evaluate(
     loss, grads = jax.value_and_grad(loss_fn)(params, rest, qs, ds)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {
-        "loss": loss, "grad_norm": optax.global_norm(grads)}
+        "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
   state = {"params": params, "opt_state": opt_state}
   ckpt = checkpoint.Checkpointer(
