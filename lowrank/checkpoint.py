@@ -38,6 +38,7 @@ Example:
 
 from collections.abc import Callable, Mapping
 import math
+import os
 from typing import Any
 
 from etils import epath
@@ -234,6 +235,8 @@ class Checkpointer:
     """
     if best_mode not in ("min", "max"):
       raise ValueError(f"best_mode must be 'min' or 'max'; got {best_mode!r}.")
+    if "://" not in str(directory):  # Orbax needs absolute local paths.
+      directory = os.path.abspath(os.fspath(directory))
     self.directory = epath.Path(directory)
     if not read_only:
       # Orbax's step listing already skips these; removing them keeps a

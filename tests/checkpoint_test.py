@@ -124,6 +124,19 @@ class CheckpointerTest(parameterized.TestCase):
       self.assertEqual((a.shape, a.dtype), (b.shape, b.dtype))
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
+  def test_relative_directory(self):
+    d = self.create_tempdir().full_path
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+      with checkpoint.Checkpointer("ckpts") as ckpt:
+        ckpt.save(1, {"w": jnp.ones(3)}, force=True)
+        ckpt.wait_until_finished()
+        self.assertEqual(ckpt.latest_step(), 1)
+    finally:
+      os.chdir(cwd)
+    self.assertTrue(os.path.isdir(os.path.join(d, "ckpts", "1")))
+
   def test_restore_or_init_without_checkpoint(self):
     state = _train_state()
     with checkpoint.Checkpointer(self.create_tempdir().full_path) as ckpt:
