@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 import numpy as np
+import safetensors
 from safetensors import numpy as safetensors_numpy
 import tokenizers
 
@@ -822,6 +823,41 @@ def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
   raise FileNotFoundError(f"Weights file not found: {single}{hint}")
 
 
+def _shard_files(path: pathlib.Path) -> list[pathlib.Path]:
+  """The safetensors files of a checkpoint directory (single or sharded)."""
+  single = path / "model.safetensors"
+  index = path / "model.safetensors.index.json"
+  if single.is_file():
+    return [single]
+  if index.is_file():
+    return [path / s for s in
+            sorted(set(_read_json(index)["weight_map"].values()))]
+  raise FileNotFoundError(f"Weights file not found: {single}")
+
+
+def read_tensor(path: PathLike, name: str) -> np.ndarray | None:
+  """One tensor of a checkpoint directory by its file name, or `None`.
+
+  Reads only that tensor (safetensors, no code execution), e.g. a ColBERT
+  checkpoint's `linear.weight` next to its BERT weights.
+
+  Args:
+    path: HF-format checkpoint directory.
+    name: The tensor's name as stored (e.g. `"linear.weight"`).
+
+  Returns:
+    The array, or `None` when no file of the checkpoint has it.
+
+  Raises:
+    FileNotFoundError: If the directory has no safetensors weights.
+  """
+  for shard in _shard_files(pathlib.Path(path)):
+    with safetensors.safe_open(str(shard), framework="numpy") as f:
+      if name in f.keys():
+        return f.get_tensor(name)
+  return None
+
+
 def _canonical_names(
     tensors: Mapping[str, np.ndarray],
 ) -> dict[str, tuple[str, np.ndarray]]:
@@ -884,6 +920,7 @@ def load_pretrained(
     param_dtype: Any = jnp.float32,
     max_length: int | None = None,
     seed: int = 0,
+    ignore: Sequence[str] = (),
 ) -> tuple[BertModel, Tokenizer]:
   """Loads a local HF-format BERT checkpoint directory, strictly.
 
@@ -907,6 +944,10 @@ def load_pretrained(
     max_length: Tokenizer truncation length (default: the checkpoint's, see
       `Tokenizer.from_pretrained`).
     seed: Seed of the dropout RNG streams.
+    ignore: Names of non-BERT tensors the file may hold and that are left
+      out (e.g. `("linear.weight",)` for a ColBERT checkpoint, whose head
+      `ColBERT.from_pretrained` reads with `read_tensor`). Any other
+      unexpected tensor is still an error.
 
   Returns:
     `(model, tokenizer)`.
@@ -956,7 +997,7 @@ def load_pretrained(
             f"{tensors[tied][0]})."
         )
       del tensors[name]
-  for name in IGNORED_TENSORS:
+  for name in (*IGNORED_TENSORS, *ignore):
     tensors.pop(name, None)
 
   unexpected = set(tensors) - set(expected)

@@ -153,6 +153,9 @@ def _batch_sharding(state, shape):
   return None
 
 
+LINEAR_WEIGHT = "linear.weight"  # The projection's name in checkpoints.
+
+
 class ColBERT(nnx.Module):
   """BERT encoder + bias-free projection to `dim`, L2-normalised tokens.
 
@@ -276,25 +279,53 @@ class ColBERT(nnx.Module):
       param_dtype: Any = jnp.float32,
       **kwargs,
   ) -> "ColBERT":
-    """`bert.load_pretrained(path)` wrapped in a fresh ColBERT projection.
+    """A ColBERT model from a checkpoint directory.
 
-    The projection is new (random, see `projection_init`); loading a trained
-    ColBERT head (`linear.weight`) is not supported here.
+    Either a plain HF BERT checkpoint (e.g. `lowrank.assets.minilm_path()`),
+    which gets a fresh projection (see `projection_init`), or a ColBERT
+    checkpoint (BERT weights plus the projection `linear.weight`
+    `[dim, hidden]`, as the ColBERT library saves it), whose projection is
+    loaded and whose `dim` is read from it.
 
     Args:
-      path: A HF-format BERT checkpoint directory (e.g.
-        `lowrank.assets.minilm_path()`).
+      path: The checkpoint directory.
       dtype: Compute dtype of the encoder.
       param_dtype: Parameter dtype.
       **kwargs: `ColBERT` constructor options (`dim`, `query_maxlen`, ...).
 
     Returns:
       The model, in eval mode.
+
+    Raises:
+      ValueError: If a `dim` option contradicts the checkpoint's
+        `linear.weight`, or that tensor has the wrong shape (and see
+        `bert.load_pretrained`).
     """
+    head = bert.read_tensor(path, LINEAR_WEIGHT)
     encoder, tokenizer = bert.load_pretrained(
-        path, dtype=dtype, param_dtype=param_dtype
+        path, dtype=dtype, param_dtype=param_dtype, ignore=(LINEAR_WEIGHT,)
     )
+    if head is not None:
+      hidden = encoder.config.hidden_size
+      if head.ndim != 2 or head.shape[1] != hidden:
+        raise ValueError(
+            f"{LINEAR_WEIGHT}: expected shape [dim, {hidden}], found "
+            f"{tuple(head.shape)}."
+        )
+      if kwargs.get("dim", head.shape[0]) != head.shape[0]:
+        raise ValueError(
+            f"dim={kwargs['dim']} contradicts the checkpoint's "
+            f"{LINEAR_WEIGHT} of shape {tuple(head.shape)}."
+        )
+      kwargs["dim"] = int(head.shape[0])
     model = cls(encoder, tokenizer, **kwargs)
+    if head is not None:
+      kernel = model.linear.kernel
+      value = jnp.asarray(head.T, param_dtype)
+      sharding_ = getattr(kernel.get_value(), "sharding", None)
+      if sharding_ is not None:
+        value = jax.device_put(value, sharding_)
+      kernel.set_value(value)
     model.eval()
     return model
 
@@ -1019,7 +1050,7 @@ def search_muvera(
         f"doc_fdes must be [N, output_dim] = {(n, config.output_dim)}; got "
         f"{doc_fdes.shape}."
     )
-  if q.shape[0] == 0:  # (search.exact_search needs at least one query.)
+  if q.shape[0] == 0:  # Nothing to encode or rerank.
     return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
   q_fdes = muvera.encode_queries(q, q_mask, config)
   _, candidates = search.exact_search(q_fdes, doc_fdes, rerank)

@@ -10,23 +10,48 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 
+def _masked_self_scores(x: jax.Array, scale) -> jax.Array:
+  """`scale · x xᵀ` with the diagonal (an item against itself) at -inf."""
+  s = (x @ x.T).astype(jnp.float32) * scale
+  n = x.shape[0]
+  return jnp.where(jnp.eye(n, dtype=bool), -jnp.inf, s)
+
+
 def in_batch_softmax(
     q: Float[Array, "b d"],
     d: Float[Array, "n d"],
     scale: float | int | jax.Array = 20.0,
     *,
     symmetric: bool = False,
+    same_side: bool = False,
 ) -> Float[Array, ""]:
   """InfoNCE with in-batch negatives (MultipleNegativesRankingLoss).
 
   Query `i`'s positive is document `i`; every other document in the batch
   (and any extra hard negatives appended after the first `b`) is a negative.
 
+  With `same_side`, the other *queries* of the batch are negatives of query
+  `i` as well (and, with `symmetric`, the other documents are negatives of
+  document `i`): the "improved contrastive loss" of GTE (Li et al. 2023,
+  https://arxiv.org/abs/2308.03281), written per direction. For query `i`
+  with `s = scale · cosine`:
+
+      -log  e^{s(q_i,d_i)} / (Σ_j e^{s(q_i,d_j)} + Σ_{j≠i} e^{s(q_i,q_j)})
+
+  and the document direction (`symmetric`) is, over the first `b` documents
+  as anchors and all `n` documents as same-side negatives,
+
+      -log  e^{s(d_i,q_i)} / (Σ_j e^{s(d_i,q_j)} + Σ_{j≠i} e^{s(d_i,d_j)}).
+
+  With `symmetric` the result is the mean of the two directions.
+
   Args:
     q: Query embeddings `[b, d]` (L2-normalised for cosine similarity).
     d: Document embeddings `[n, d]`, `n >= b`; rows `0..b-1` are positives.
-    scale: Logit scale (1 / temperature).
+    scale: Logit scale (1 / temperature); may be a traced scalar (e.g. a
+      learned `BiEncoder` scale).
     symmetric: Also add the document-to-query term over the first `b` docs.
+    same_side: Add same-side negatives (query–query, document–document).
 
   Returns:
     The mean cross-entropy, a scalar.
@@ -39,10 +64,18 @@ def in_batch_softmax(
     raise ValueError(f"Need at least {b} documents; got {d.shape[0]}.")
   scores = (q @ d.T).astype(jnp.float32) * scale
   labels = jnp.arange(b)
-  logp = jax.nn.log_softmax(scores, axis=-1)
+  logits = scores
+  if same_side:
+    logits = jnp.concatenate([scores, _masked_self_scores(q, scale)], axis=1)
+  logp = jax.nn.log_softmax(logits, axis=-1)
   loss = -jnp.mean(logp[labels, labels])
   if symmetric:
-    logp_t = jax.nn.log_softmax(scores[:, :b].T, axis=-1)
+    logits_t = scores[:, :b].T
+    if same_side:
+      logits_t = jnp.concatenate(
+          [logits_t, _masked_self_scores(d, scale)[:b]], axis=1
+      )
+    logp_t = jax.nn.log_softmax(logits_t, axis=-1)
     loss = 0.5 * (loss - jnp.mean(logp_t[labels, labels]))
   return loss
 

@@ -321,6 +321,8 @@ def exact_search(
     raise ValueError(f"Need 1 <= k <= N = {num_docs}; got k = {k}")
   if query_chunk < 1 or doc_chunk < 1:
     raise ValueError(f"Chunk sizes must be positive: {query_chunk, doc_chunk}")
+  if num_queries == 0:  # Nothing to search (no chunk of size 0 exists).
+    return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
   # Static: all of this is decided from shapes.
   query_chunk = min(query_chunk, num_queries)
   num_query_chunks = -(-num_queries // query_chunk)
