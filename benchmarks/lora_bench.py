@@ -53,6 +53,7 @@ import optax
 from experiments.configs import finetune_retriever as ft_config
 from lowrank import adapters
 from lowrank import assets
+from lowrank import optim
 from lowrank.adapters import lora as lora_math
 from lowrank import sharding
 from lowrank.data import code_search
@@ -211,20 +212,9 @@ def machine_info() -> str:
 
 
 def compiled_memory(compiled) -> dict[str, int]:
-  """Bytes from `memory_analysis()`, as `experiments.finetune_retriever`."""
-  m = compiled.memory_analysis()
-  return {
-      "argument": int(m.argument_size_in_bytes),
-      "output": int(m.output_size_in_bytes),
-      "temp": int(m.temp_size_in_bytes),
-      "alias": int(m.alias_size_in_bytes),
-      "total": int(
-          m.argument_size_in_bytes
-          + m.output_size_in_bytes
-          + m.temp_size_in_bytes
-          - m.alias_size_in_bytes
-      ),
-  }
+  """`lowrank.optim.compiled_memory` with short keys (`"total"`, ...)."""
+  return {k.removesuffix("_bytes"): v
+          for k, v in optim.compiled_memory(compiled).items()}
 
 
 def _median_ms(xs: Sequence[float]) -> float:

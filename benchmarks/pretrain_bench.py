@@ -106,7 +106,7 @@ def main():
         return optax.apply_updates(params, u), state, loss
 
       compiled = step.lower(params, state, rest, tokens).compile()
-      mem = pretrain_lm.compiled_memory(compiled)
+      mem = optim.compiled_memory(compiled)
       rows[method] = {
           "state": optim.state_bytes(state),
           "trainable": sum(x.size for x in jax.tree.leaves(params)),

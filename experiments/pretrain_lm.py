@@ -301,28 +301,6 @@ def build_optimizer(
   raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
 
-def compiled_memory(compiled) -> dict[str, int]:
-  """Bytes of a compiled step: argument + output + temp - alias."""
-  m = compiled.memory_analysis()
-  return {
-      "argument_bytes": int(m.argument_size_in_bytes),
-      "output_bytes": int(m.output_size_in_bytes),
-      "temp_bytes": int(m.temp_size_in_bytes),
-      "alias_bytes": int(m.alias_size_in_bytes),
-      "total_bytes": int(
-          m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes - m.alias_size_in_bytes
-      ),
-  }
-
-
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
-
-
 def _size(tree) -> int:
   return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
 
@@ -386,7 +364,7 @@ def train_method(
 
   tokens0 = jnp.asarray(train_batch(train_tokens, 1, config))
   compiled = train_step.lower(params, opt_state, rest, tokens0).compile()
-  memory = compiled_memory(compiled)
+  memory = optim.compiled_memory(compiled)
   opt_bytes = optim.state_bytes(opt_state)
 
   writer = metric_writers.MetricWriter(workdir, resume_step=start)
@@ -449,7 +427,7 @@ def train_method(
       "wall_seconds": time.perf_counter() - t_start,
       "resumed_from_step": start,
   }
-  _write_json(results_path, results)
+  metric_writers.write_json(results_path, results)
   return results
 
 
@@ -565,7 +543,7 @@ def train_and_evaluate(
       "backend": jax.default_backend(),
   }
   out = {"info": info, "results": results}
-  _write_json(os.path.join(workdir, "results.json"), out)
+  metric_writers.write_json(os.path.join(workdir, "results.json"), out)
   table = format_results(results, info)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")

@@ -39,6 +39,16 @@ def _atomic_write(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` as indented, key-sorted JSON atomically (tmp + rename).
+
+  NumPy / JAX scalars are written as floats; a crash leaves either the old
+  file or the new one, never a torn one.
+  """
+  _atomic_write(path, json.dumps(obj, indent=2, sort_keys=True,
+                                 default=float) + "\n")
+
+
 def read_csv(path: str) -> list[dict[str, float | int]]:
   """Rows of a `metrics.csv` as dicts of floats (`step` as int).
 

@@ -88,5 +88,27 @@ class MetricWriterTest(absltest.TestCase):
                                   os.path.join(wd, "x.png"))
 
 
+class HelpersTest(absltest.TestCase):
+
+  def test_write_json_is_atomic_and_sorted(self):
+    path = os.path.join(self.create_tempdir().full_path, "r.json")
+    metric_writers.write_json(path, {"b": jnp.float32(0.5), "a": [1, 2]})
+    with open(path) as f:
+      text = f.read()
+    self.assertEqual(json.loads(text), {"a": [1, 2], "b": 0.5})
+    self.assertLess(text.index('"a"'), text.index('"b"'))
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["r.json"])
+
+  def test_compiled_memory(self):
+    import jax  # pylint: disable=g-import-not-at-top
+    from lowrank import optim  # pylint: disable=g-import-not-at-top
+    x = jnp.zeros((256, 256), jnp.float32)
+    m = optim.compiled_memory(jax.jit(lambda a: a @ a + 1).lower(x).compile())
+    self.assertEqual(m["argument_bytes"], 256 * 256 * 4)
+    self.assertEqual(m["output_bytes"], 256 * 256 * 4)
+    self.assertEqual(m["total_bytes"], m["argument_bytes"] + m["output_bytes"]
+                     + m["temp_bytes"] - m["alias_bytes"])
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -22,6 +22,7 @@ from lowrank.optim.galore import q_galore_adamw
 from lowrank.optim.galore import RefreshSchedule
 from lowrank.optim.galore import scale_by_galore
 from lowrank.optim.galore import STATIC_ARGS
+from lowrank.optim.memory import compiled_memory
 from lowrank.optim.memory import estimate_bytes
 from lowrank.optim.memory import state_bytes
 from lowrank.optim.memory import tree_bytes
