@@ -173,8 +173,9 @@ def tune_weight(
       averages over all of them).
     first: The run weighted by `a` (e.g. the reranker's).
     second: The run weighted by `1 - a` (e.g. the first stage's).
-    grid: A sequence of candidate weights in `[0, 1]` (`a = 1` is `first` alone, `a = 0`
-      `second` alone, up to normalisation, which keeps each run's order).
+    grid: A sequence of candidate weights in `[0, 1]` (`a = 1` is `first`
+      alone, `a = 0` `second` alone, up to normalisation, which keeps each
+      run's order).
     normalization: See `fuse`.
     metric: A `lowrank.retrieval.metrics` metric name; higher is better.
 
