@@ -33,7 +33,7 @@ demo: $(VENV)/.installed-base
 
 # The whole suite (8 fake CPU devices; tests needing ../shared skip without it).
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)
 
 # Side-by-side ratio benchmarks (results go to BENCHMARKS.md by hand).
 bench: $(VENV)/.installed-test
