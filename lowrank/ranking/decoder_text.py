@@ -1,0 +1,227 @@
+"""Token-level prompt helpers shared by the decoder rerankers (FIRST, ICR).
+
+The decoder rerankers build their prompts segment by segment as token ids
+(instruction, query, one segment per candidate, answer prefix) instead of
+tokenizing one long string, so that
+
+* an identifier such as `A` is guaranteed to be the single token the scorer
+  reads, whatever surrounds it in the prompt (BPE merges across a boundary
+  cannot change it);
+* the rerankers know which prompt positions belong to which document (ICR
+  sums attention over a document's tokens).
+
+Any tokenizer with `encode(text) -> list[int]` works (a Hugging Face
+`tokenizers.Tokenizer` too: its `Encoding.ids` are used and no special
+tokens are added). `ByteTokenizer` is the byte-level vocabulary (256 ids,
+the UTF-8 bytes) that `experiments/pretrain_lm.py` trains the LLaMA-style
+decoder with.
+
+`select_top_k` is the input contract of `lowrank.ranking.rerank` (same
+validation, same trec_eval order), shared by `first.rerank` and
+`icr.rerank`.
+"""
+
+from collections.abc import Mapping, Sequence
+import numbers
+from typing import Any
+
+import numpy as np
+
+# The package re-exports the function `rerank`, which shadows the module of
+# the same name as an attribute; import the helper from the module itself.
+from lowrank.ranking.rerank import top_k  # pylint: disable=g-importing-member
+
+Run = dict[str, dict[str, float]]
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids (vocabulary 256, no special tokens).
+
+  Attributes:
+    vocab_size: 256.
+    pad_id: Id used for padding (0, the NUL byte; padded slots are masked).
+  """
+
+  vocab_size = 256
+  pad_id = 0
+
+  def encode(self, text: str) -> list[int]:
+    """The UTF-8 bytes of `text`."""
+    if not isinstance(text, str):
+      raise ValueError(f"text must be a str; got {type(text).__name__}.")
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Sequence[int] | np.ndarray) -> str:
+    """Bytes back to text (invalid UTF-8, e.g. a cut character, -> U+FFFD)."""
+    return bytes(int(i) for i in np.asarray(ids).reshape(-1)).decode(
+        "utf-8", errors="replace")
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+  """`tokenizer`'s ids of `text`, without special tokens, as a list of ints.
+
+  Args:
+    tokenizer: An object with `encode(text)` returning a list of ints or an
+      object with `.ids` (Hugging Face `tokenizers`).
+    text: The text.
+
+  Returns:
+    The token ids.
+
+  Raises:
+    ValueError: If the tokenizer has no `encode` method.
+  """
+  fn = getattr(tokenizer, "encode", None)
+  if not callable(fn):
+    raise ValueError(
+        f"tokenizer must have an encode(text) method; got "
+        f"{type(tokenizer).__name__}.")
+  try:
+    out = fn(text, add_special_tokens=False)
+  except TypeError:
+    out = fn(text)
+  ids = getattr(out, "ids", out)
+  return [int(i) for i in ids]
+
+
+def single_token_ids(
+    tokenizer: Any, identifiers: Sequence[str]
+) -> list[int]:
+  """The one token id of each identifier string; validates uniqueness.
+
+  Args:
+    tokenizer: See `encode`.
+    identifiers: Identifier strings, e.g. `("A", "B", ...)`.
+
+  Returns:
+    One token id per identifier.
+
+  Raises:
+    ValueError: If an identifier is not exactly one token, or two
+      identifiers share a token.
+  """
+  ids = []
+  for ident in identifiers:
+    toks = encode(tokenizer, ident)
+    if len(toks) != 1:
+      raise ValueError(
+          f"Identifier {ident!r} must be exactly one token of the tokenizer; "
+          f"it encodes to {len(toks)} tokens {toks}. Use identifiers that "
+          "are single tokens (e.g. capital letters for a byte-level or "
+          "LLaMA vocabulary).")
+    ids.append(toks[0])
+  if len(set(ids)) != len(ids):
+    dup = [ident for ident, i in zip(identifiers, ids) if ids.count(i) > 1]
+    raise ValueError(f"Identifiers {dup} map to the same token id.")
+  return ids
+
+
+def bucket_length(n: int, multiple: int) -> int:
+  """`n` rounded up to a multiple of `multiple` (at least `multiple`)."""
+  if multiple < 1:
+    raise ValueError(f"multiple must be >= 1; got {multiple}.")
+  return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def pad_right(
+    seqs: Sequence[Sequence[int]], length: int, *, rows: int | None = None,
+    pad_id: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+  """Right-pads token lists to `[rows, length]` int32 ids and a bool mask.
+
+  Right padding suits a causal decoder scored without a cache: a real token
+  never attends to a later pad, so it computes what it would alone.
+
+  Args:
+    seqs: Token id lists, each at most `length` long.
+    length: Padded length.
+    rows: Padded batch size (default `len(seqs)`); extra rows are empty.
+    pad_id: Id written into padded slots.
+
+  Returns:
+    `(ids [rows, length] int32, mask [rows, length] bool)`.
+
+  Raises:
+    ValueError: If a sequence is longer than `length` or `rows` is too small.
+  """
+  rows = len(seqs) if rows is None else rows
+  if rows < len(seqs):
+    raise ValueError(f"rows ({rows}) < number of sequences ({len(seqs)}).")
+  ids = np.full((rows, length), pad_id, np.int32)
+  mask = np.zeros((rows, length), bool)
+  for i, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"Sequence {i} has {len(s)} tokens > length {length}.")
+    ids[i, :len(s)] = s
+    mask[i, :len(s)] = True
+  return ids, mask
+
+
+def pad_left(
+    seqs: Sequence[Sequence[int]], length: int, *, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+  """Left-pads token lists (what `llama.generate` needs); see `pad_right`."""
+  ids = np.full((len(seqs), length), pad_id, np.int32)
+  mask = np.zeros((len(seqs), length), np.int32)
+  for i, s in enumerate(seqs):
+    if len(s) > length:
+      raise ValueError(f"Sequence {i} has {len(s)} tokens > length {length}.")
+    if s:
+      ids[i, length - len(s):] = s
+      mask[i, length - len(s):] = 1
+  return ids, mask
+
+
+def select_top_k(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    run: Mapping[str, Mapping[str, Any]],
+    k: Any,
+) -> dict[str, list[str]]:
+  """Each run query's top-`k` document ids in trec_eval order, validated.
+
+  The checks and messages are those of `lowrank.ranking.rerank`.
+
+  Args:
+    queries: Query id -> text; must cover every query of `run`.
+    corpus: Document id -> text; must cover every selected document.
+    run: `{query id: {doc id: first-stage score}}`.
+    k: Documents kept per query (a positive int).
+
+  Returns:
+    `{query id: [doc ids, best first]}` for every query of `run`.
+
+  Raises:
+    ValueError: If `k` is not a positive integer or an id is unknown.
+  """
+  if (isinstance(k, bool) or not isinstance(k, numbers.Integral)
+      or k <= 0):
+    raise ValueError(f"k must be a positive int; got {k!r}.")
+  unknown_q = [q for q in run if q not in queries]
+  if unknown_q:
+    raise ValueError(
+        f"{len(unknown_q)} run queries are not in queries (first: "
+        f"{unknown_q[0]!r}).")
+  selected = {qid: top_k(run[qid], int(k)) for qid in run}
+  unknown_d = sorted({d for ds in selected.values() for d in ds
+                      if d not in corpus})
+  if unknown_d:
+    raise ValueError(
+        f"{len(unknown_d)} documents in the top-{k} are not in the corpus "
+        f"(first: {unknown_d[0]!r}).")
+  return selected
+
+
+def group_consecutive(queries: Sequence[str]) -> list[tuple[int, int]]:
+  """`[start, end)` spans of equal consecutive query texts.
+
+  `lowrank.ranking.rerank` sends all pairs of one query consecutively; the
+  listwise scorers' `score_pairs` rebuild the lists from these spans.
+  """
+  spans = []
+  start = 0
+  for i in range(1, len(queries) + 1):
+    if i == len(queries) or queries[i] != queries[start]:
+      spans.append((start, i))
+      start = i
+  return spans if queries else []
