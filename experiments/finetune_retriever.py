@@ -1,14 +1,21 @@
-r"""Fine-tunes a BERT bi-encoder (LoRA or full) and evaluates retrieval.
+r"""Fine-tunes a retrieval model (LoRA, any adapter, or full) and evaluates it.
 
   python -m experiments.finetune_retriever --workdir=$WORKDIR \
       --config=experiments/configs/finetune_retriever.py
 
-See the config file for data options. Everything but flag parsing lives in
-`train_and_evaluate`, which tests and notebooks call directly. The workdir
-holds orbax checkpoints (rerunning resumes), `metrics.csv` / `metrics.jsonl`
-and TensorBoard event files (`tensorboard/`), `results.json` and
-`results.md`. `--config.optimizer.name=galore --config.method=full` trains
-all weights with GaLore's low-rank optimizer state instead of LoRA.
+`--config.model` picks the model (`experiments/retrieval_models.py` holds
+the per-model loss, encoders and evaluation): `biencoder` (default; MiniLM,
+in-batch softmax), `matryoshka` (the bi-encoder with the Matryoshka loss,
+evaluated at every embedding prefix size, plus a plot), `colbert` (late
+interaction, exact MaxSim vs MUVERA) or `splade` (SPLADE-tiny with the FLOPS
+regulariser, inverted-index retrieval). See the config file for data
+options. Everything but flag parsing lives in `train_and_evaluate`, which
+tests and notebooks call directly. The workdir holds orbax checkpoints
+(rerunning resumes), `metrics.csv` / `metrics.jsonl` and TensorBoard event
+files (`tensorboard/`), `results.json` and `results.md` (and
+`prefix_curve.png` when prefix sizes are evaluated).
+`--config.optimizer.name=galore --config.method=full` trains all weights
+with GaLore's low-rank optimizer state instead of LoRA.
 
 Multi-process (multi-host): start the same command once per process with
 `--coordinator_address=HOST:PORT --num_processes=N --process_id=I` (or
@@ -24,6 +31,7 @@ files and prints. Losses equal a one-process run on as many devices.
 import functools
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -38,8 +46,8 @@ import optax
 import tqdm
 
 from experiments import common_flags
+from experiments import retrieval_models
 from lowrank import adapters
-from lowrank import assets
 from lowrank import checkpoint
 from lowrank import distributed
 from lowrank import metric_writers
@@ -47,10 +55,6 @@ from lowrank import optim
 from lowrank import sharding
 from lowrank.data import beir
 from lowrank.data import code_search
-from lowrank.models import bert
-from lowrank.retrieval import losses
-from lowrank.retrieval import metrics as metrics_lib
-from lowrank.retrieval import search
 
 _CONFIG, _WORKDIR = common_flags.config_and_workdir()
 _COORDINATOR = flags.DEFINE_string(
@@ -71,18 +75,67 @@ _PROCESS_ID = flags.DEFINE_integer(
 )
 
 P = jax.sharding.PartitionSpec
-EVAL_METRICS = ("ndcg_cut_10", "recall_10", "recall_100")
+EVAL_METRICS = retrieval_models.EVAL_METRICS
 
 
-def load_data(spec: str, *, eval_max_queries: int = 0):
-  """`(train_pairs, test Dataset)` for `"code_search"` or `"beir:<dir>"`."""
+def _subset(dataset: beir.Dataset, max_queries: int,
+            max_docs: int) -> beir.Dataset:
+  """The first `max_queries` judged queries (by id) and a corpus subset.
+
+  The corpus keeps every document judged for a kept query, then the others
+  in id order until `max_docs` (0: all documents).
+  """
+  qids = sorted(dataset.qrels)
+  if max_queries:
+    qids = qids[:max_queries]
+  corpus = dataset.corpus
+  if max_docs and max_docs < len(corpus):
+    judged = {d for q in qids for d in dataset.qrels[q] if d in corpus}
+    keep = set(judged)
+    for d in sorted(corpus):
+      if len(keep) >= max_docs:
+        break
+      keep.add(d)
+    corpus = {d: t for d, t in corpus.items() if d in keep}
+  if len(qids) == len(dataset.qrels) and corpus is dataset.corpus:
+    return dataset
+  return beir.Dataset(
+      name=dataset.name,
+      corpus=corpus,
+      queries={q: dataset.queries[q] for q in qids},
+      qrels={q: dataset.qrels[q] for q in qids},
+  )
+
+
+def load_data(spec: str, *, eval_max_queries: int = 0,
+              eval_max_docs: int = 0):
+  """`(train_pairs, test Dataset)` for `"code_search"` or `"beir:<dir>"`.
+
+  Args:
+    spec: `"code_search"` or `"beir:<directory>"`.
+    eval_max_queries: Keep the first N judged test queries by id (0: all).
+    eval_max_docs: Keep N test documents, the kept queries' judged ones
+      first (0: the whole corpus; smaller corpora make metrics optimistic).
+
+  Returns:
+    `(pairs, test)`: `(query, positive document)` training texts and the
+    test `Dataset`.
+
+  Raises:
+    ValueError: On an unknown spec, negative limits or an empty test set.
+  """
+  if eval_max_queries < 0 or eval_max_docs < 0:
+    raise ValueError(
+        f"eval_max_queries and eval_max_docs must be >= 0; got "
+        f"{eval_max_queries}, {eval_max_docs}."
+    )
   if spec == "code_search":
     train = code_search.load_code_search("train")
     test = code_search.load_code_search(
         "test", max_queries=eval_max_queries or None
     )
-    return list(train.train_pairs), test
-  if spec.startswith("beir:"):
+    pairs = list(train.train_pairs)
+  elif spec.startswith("beir:"):
     directory = spec.split(":", 1)[1]
     test = beir.load_beir(directory, "test")
     train = beir.load_beir(directory, "train")
@@ -92,18 +145,17 @@ def load_data(spec: str, *, eval_max_queries: int = 0):
         for d, rel in sorted(train.qrels[q].items())
         if rel > 0
     ]
-    if eval_max_queries:
-      keep = sorted(test.qrels)[:eval_max_queries]
-      test = beir.Dataset(
-          name=test.name,
-          corpus=test.corpus,
-          queries={q: test.queries[q] for q in keep},
-          qrels={q: test.qrels[q] for q in keep},
-      )
-    return pairs, test
-  raise ValueError(
-      f"Unknown data spec {spec!r}; expected 'code_search' or 'beir:<dir>'."
-  )
+  else:
+    raise ValueError(
+        f"Unknown data spec {spec!r}; expected 'code_search' or 'beir:<dir>'."
+    )
+  test = _subset(test, eval_max_queries, eval_max_docs)
+  if not test.qrels or not test.corpus:
+    raise ValueError(
+        f"{spec}: the test split has {len(test.qrels)} judged queries and "
+        f"{len(test.corpus)} documents; evaluation needs at least one each."
+    )
+  return pairs, test
 
 
 def evaluation_model(model):
@@ -138,44 +190,42 @@ def evaluation_model(model):
   return nnx.merge(graphdef, state), mesh
 
 
-def evaluate(model, tokenizer, dataset, config, mesh=None) -> dict[str, float]:
-  """Encodes queries and corpus, exact top-k search, trec_eval metrics.
+def evaluate_with_info(
+    model, tokenizer, dataset, config, mesh=None
+) -> tuple[dict[str, float], dict[str, Any]]:
+  """`retrieval_models.evaluate` (metrics and timing info) under `mesh`.
 
   `mesh`, when given, is set as the context mesh (the process-local one of
   `evaluation_model`).
   """
   if mesh is not None:
     with jax.set_mesh(mesh):
-      return evaluate(model, tokenizer, dataset, config)
-  qids = sorted(dataset.qrels)
-  dids = sorted(dataset.corpus)
-  model.eval()
-  q = bert.embed(
-      model, tokenizer, [dataset.queries[i] for i in qids],
-      pooling=config.pooling, batch_size=config.eval_batch_size,
-      max_length=config.query_max_length,
-  )
-  d = bert.embed(
-      model, tokenizer, [dataset.corpus[i] for i in dids],
-      pooling=config.pooling, batch_size=config.eval_batch_size,
-      max_length=config.doc_max_length,
-  )
-  run = search.search_run(qids, q, dids, d, min(config.eval_k, len(dids)))
-  return metrics_lib.evaluate(dataset.qrels, run, EVAL_METRICS)
+      return retrieval_models.evaluate(model, tokenizer, dataset, config)
+  return retrieval_models.evaluate(model, tokenizer, dataset, config)
 
 
-def _batches(pairs, tokenizer, config, step):
-  """The batch for `step` (1-based): a deterministic per-epoch permutation."""
+def evaluate(model, tokenizer, dataset, config, mesh=None) -> dict[str, float]:
+  """Encodes queries and corpus, searches, trec_eval metrics.
+
+  For the default bi-encoder: exact top-k over mean-pooled embeddings,
+  nDCG@10, Recall@10 and Recall@100; other models (`config.model`) and
+  prefix sizes add keys (`experiments.retrieval_models`). `mesh`, when
+  given, is set as the context mesh (see `evaluation_model`).
+  """
+  return evaluate_with_info(model, tokenizer, dataset, config, mesh)[0]
+
+
+def _batches(pairs, tokenize, config, step):
+  """The batch for `step` (1-based): a deterministic per-epoch permutation.
+
+  `tokenize(queries, docs) -> (qs, ds)` (`retrieval_models.make_tokenize`).
+  """
   b = config.batch_size
   per_epoch = len(pairs) // b
   epoch, i = divmod(step - 1, per_epoch)
   perm = np.random.default_rng([config.seed, epoch]).permutation(len(pairs))
   idx = perm[i * b:(i + 1) * b]
-  qs = tokenizer([pairs[j][0] for j in idx], max_length=config.query_max_length,
-                 pad_to=config.query_max_length)
-  ds = tokenizer([pairs[j][1] for j in idx], max_length=config.doc_max_length,
-                 pad_to=config.doc_max_length)
-  return qs, ds
+  return tokenize([pairs[j][0] for j in idx], [pairs[j][1] for j in idx])
 
 
 def compiled_memory(compiled) -> dict[str, int]:
@@ -234,6 +284,44 @@ def make_optimizer(
   return factory(schedule, **kwargs)
 
 
+GALORE_FAMILY = ("galore", "fira", "frugal", "q_galore")
+
+
+def check_optimizer(config: ml_collections.ConfigDict, params: Any) -> None:
+  """Rejects a GaLore-family optimizer that would project no parameter.
+
+  GaLore keeps low-rank optimizer state only for the matrices selected by
+  `config.optimizer.galore.mask` whose sides both exceed its `rank`; the
+  rest get plain AdamW. With an adapter method the trained leaves are the
+  adapter factors (rank `config.adapter.rank`), so GaLore would silently be
+  AdamW: an error instead.
+
+  Raises:
+    ValueError: If the optimizer is GaLore-family and no trained leaf would
+      be projected.
+  """
+  name = config.optimizer.get("name", "adamw")
+  if name not in GALORE_FAMILY:
+    return
+  g = config.optimizer.galore
+  rx = re.compile(g.mask) if g.mask else None
+  fits = optim.default_mask(g.rank)
+  projected = [
+      p for p, x in jax.tree_util.tree_leaves_with_path(params)
+      if (rx is None or rx.search(jax.tree_util.keystr(p))) and fits("", x)
+  ]
+  if not projected:
+    raise ValueError(
+        f"optimizer {name!r} would project no parameter: of the "
+        f"{len(jax.tree.leaves(params))} leaves trained by method="
+        f"{config.method!r} (model {config.model!r}), none is a matrix "
+        f"matched by optimizer.galore.mask={g.mask!r} with both sides > "
+        f"optimizer.galore.rank={g.rank}, so it would be plain AdamW. Use "
+        f"method='full' (GaLore trains all weights with low-rank state) or "
+        f"a smaller optimizer.galore.rank."
+    )
+
+
 def _write_json(path, obj):
   if not distributed.is_main_process():
     return
@@ -243,10 +331,23 @@ def _write_json(path, obj):
   os.replace(tmp, path)
 
 
+def _read_json(path, default=None):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
-  """Runs (or resumes) training; returns zero-shot and final metrics."""
+  """Runs (or resumes) training; returns zero-shot and final metrics.
+
+  Raises:
+    ValueError: On an unknown method, model or optimizer, an option that
+      does not fit the model, a GaLore-family optimizer with nothing to
+      project, or fewer training pairs than `batch_size`.
+  """
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
   if config.method != "full" and config.method not in adapters.METHODS:
@@ -254,8 +355,10 @@ def train_and_evaluate(
         f"method must be 'full' or an adapter method "
         f"{sorted(adapters.METHODS)}; got {config.method!r}."
     )
+  retrieval_models.validate_config(config)
   mesh = sharding.make_mesh(tuple(config.mesh.items()))
-  pairs, test = load_data(config.data, eval_max_queries=config.eval_max_queries)
+  pairs, test = load_data(config.data, eval_max_queries=config.eval_max_queries,
+                          eval_max_docs=config.eval_max_docs)
   if len(pairs) < config.batch_size:
     raise ValueError(
         f"{len(pairs)} training pairs < batch_size {config.batch_size}."
@@ -263,17 +366,18 @@ def train_and_evaluate(
   logging.info("%d training pairs; test: %d queries, %d docs.", len(pairs),
                len(test.qrels), len(test.corpus))
   with sharding.use_mesh(mesh):
-    model, tokenizer = bert.load_pretrained(
-        config.model_path or assets.minilm_path()
-    )
+    model, tokenizer = retrieval_models.load_model(config)
     zero_path = os.path.join(workdir, "zero_shot.json")
+    zero_info_path = os.path.join(workdir, "zero_shot_info.json")
     # Multi-process: a collective, so every process makes it unconditionally.
     eval_model, eval_mesh = evaluation_model(model)
     if os.path.exists(zero_path):
-      with open(zero_path) as f:
-        zero_shot = json.load(f)
+      zero_shot = _read_json(zero_path)
+      zero_info = _read_json(zero_info_path, {})
     else:
-      zero_shot = evaluate(eval_model, tokenizer, test, config, eval_mesh)
+      zero_shot, zero_info = evaluate_with_info(
+          eval_model, tokenizer, test, config, eval_mesh)
+      _write_json(zero_info_path, zero_info)
       _write_json(zero_path, zero_shot)
     del eval_model  # A process-local copy of the weights, or `model`.
     logging.info("zero-shot: %s", zero_shot)
@@ -282,17 +386,18 @@ def train_and_evaluate(
       options = dict(kwargs.pop("options", None) or {})
       adapters.inject(model, method=config.method, rngs=config.seed,
                       **kwargs, **options)
-      wrt = nnx.LoRAParam
-    else:
-      wrt = nnx.Param
+    wrt = retrieval_models.trainable_filter(config)
     model.eval()  # No dropout: deterministic, resumable runs.
     graphdef, params, rest = nnx.split(model, wrt, ...)
     param_shardings = sharding.state_shardings(params, mesh)
     params, rest = nnx.as_pure(params), nnx.as_pure(rest)
 
+  check_optimizer(config, params)
   counts = adapters.count_parameters(model)
-  if config.method == "full":
-    counts["trainable"] = counts["total"]
+  counts["trainable"] = sum(x.size for x in jax.tree.leaves(params))
+  tokenize = retrieval_models.make_tokenize(config, model, tokenizer)
+  model_loss = retrieval_models.make_loss(
+      config, tokenizer, [d for _, d in pairs])
   tx = make_optimizer(config)
   opt_shardings = sharding.shardings_like_params(
       jax.eval_shape(tx.init, params), params
@@ -301,23 +406,21 @@ def train_and_evaluate(
   state_bytes = optim.state_bytes(opt_state)
   data_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp")))
 
-  def loss_fn(params, rest, qs, ds):
+  def loss_fn(params, rest, qs, ds, step):
     m = nnx.merge(graphdef, params, rest)
-    q = bert.encode(m, qs, pooling=config.pooling, normalize=True)
-    d = bert.encode(m, ds, pooling=config.pooling, normalize=True)
-    return losses.in_batch_softmax(q, d, config.scale,
-                                   symmetric=config.symmetric)
+    return model_loss(m, qs, ds, step)
 
   @functools.partial(
       jax.jit,
       donate_argnums=(0, 1),
       out_shardings=(param_shardings, opt_shardings, None),
   )
-  def train_step(params, opt_state, rest, qs, ds):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, qs, ds)
+  def train_step(params, opt_state, rest, qs, ds, step):
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, rest, qs, ds, step)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {
-        "loss": loss, "grad_norm": optax.tree.norm(grads)}
+        "loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
   state = {"params": params, "opt_state": opt_state}
   ckpt = checkpoint.Checkpointer(
@@ -332,24 +435,31 @@ def train_and_evaluate(
 
   # Every process builds the same host batch and places its own slices.
   put = lambda x: distributed.host_to_global(dict(x), data_sharding)
-  qs0, ds0 = _batches(pairs, tokenizer, config, 1)
+  # The step (a replicated scalar) only for losses that read it, so the
+  # other models' compiled step is exactly the step without it.
+  put_step = lambda step: (
+      distributed.host_to_global(np.int32(step), data_sharding)
+      if retrieval_models.uses_step(config) else None)
+  qs0, ds0 = _batches(pairs, tokenize, config, 1)
   with jax.set_mesh(mesh):
     compiled = train_step.lower(params, opt_state, rest, put(qs0),
-                                put(ds0)).compile()
+                                put(ds0), put_step(1)).compile()
   memory = compiled_memory(compiled)
   logging.info("compiled step memory: %s", memory)
 
   t_train = time.perf_counter()
   writer = metric_writers.MetricWriter(workdir, resume_step=start)
+  label = (config.method if config.model == "biencoder"
+           else f"{config.model} {config.method}")
   with jax.set_mesh(mesh), writer:
     bar = tqdm.tqdm(range(start + 1, config.num_train_steps + 1),
                     initial=start, total=config.num_train_steps,
-                    desc=f"{config.method} fine-tune", unit="step",
+                    desc=f"{label} fine-tune", unit="step",
                     disable=not distributed.is_main_process())
     for step in bar:
-      qs, ds = _batches(pairs, tokenizer, config, step)
+      qs, ds = _batches(pairs, tokenize, config, step)
       params, opt_state, metrics = compiled(
-          params, opt_state, rest, put(qs), put(ds))
+          params, opt_state, rest, put(qs), put(ds), put_step(step))
       ckpt.save(step, {"params": params, "opt_state": opt_state},
                 force=step == config.num_train_steps)
       if step % config.log_every_steps == 0 or step == config.num_train_steps:
@@ -362,9 +472,11 @@ def train_and_evaluate(
   train_seconds = time.perf_counter() - t_train
 
   model, eval_mesh = evaluation_model(nnx.merge(graphdef, params, rest))
-  final = evaluate(model, tokenizer, test, config, eval_mesh)
+  final, final_info = evaluate_with_info(model, tokenizer, test, config,
+                                         eval_mesh)
   results = {
       "data": config.data,
+      "model": config.model,
       "method": config.method,
       "optimizer": config.optimizer.get("name", "adamw"),
       "optimizer_state_bytes": int(state_bytes),
@@ -374,6 +486,8 @@ def train_and_evaluate(
       "test_docs": len(test.corpus),
       "zero_shot": zero_shot,
       "final": final,
+      "zero_shot_info": zero_info,
+      "final_info": final_info,
       "trainable_params": int(counts["trainable"]),
       "total_params": int(counts["total"]),
       "compiled_step_memory": memory,
@@ -383,7 +497,14 @@ def train_and_evaluate(
   }
   _write_json(os.path.join(workdir, "results.json"), results)
   table = format_results(results)
+  extra = retrieval_models.format_extra(results)
+  if extra:
+    table += "\n\n" + extra
   if distributed.is_main_process():
+    if retrieval_models.prefix_curve(final):
+      png = retrieval_models.plot_prefix_curves(
+          [results], os.path.join(workdir, "prefix_curve.png"))
+      table += f"\n\nplot: {png}"
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(table + "\n")
     print(table)
@@ -394,7 +515,9 @@ def train_and_evaluate(
 
 def _label(r: dict[str, Any]) -> str:
   opt = r.get("optimizer", "adamw")
-  return (f"{r['method']} + {opt}" if opt != "adamw" else r["method"]) + (
+  model = r.get("model", "biencoder")
+  name = r["method"] if model == "biencoder" else f"{model} {r['method']}"
+  return (f"{name} + {opt}" if opt != "adamw" else name) + (
       f" ({r['num_train_steps']} steps)")
 
 
