@@ -404,11 +404,23 @@ def train_and_evaluate(
     return {name: to_run([r - f for r, f in zip(raw, free)]),
             name + "_uncalibrated": to_run(raw)}
 
+  # What the sliding windows alone do to the first stage's order.
+  rng = np.random.default_rng([config.seed, 5])
+  orders = first.sliding_window_orders(
+      [len(d) for d in doc_lists], config.window, config.stride,
+      lambda jobs: rng.normal(size=(len(jobs), config.window)))
+  rows["windows_random"] = metrics_lib.evaluate(
+      test.qrels, to_run([first.order_scores(o) for o in orders]),
+      EVAL_METRICS)
+
   for name in _parse_rerankers(config.rerankers):
     t0 = time.perf_counter()
-    if name == "first":
+    if name in ("first", "first_shuffled"):
+      # "first_shuffled" feeds the top-k in a random order: what is left
+      # is the model's own (content) signal, not the first stage's order.
+      source = run if name == "first" else _shuffled(run, config.seed)
       runs = {name: first.rerank(
-          first_model, TOKENIZER, queries, test.corpus, run,
+          first_model, TOKENIZER, queries, test.corpus, source,
           k=config.rerank_k, window=config.window, stride=config.stride,
           prompt_format=first_fmt, batch_size=config.eval_batch_size)}
       seconds[name] = time.perf_counter() - t0
@@ -447,7 +459,7 @@ def train_and_evaluate(
   return results
 
 
-RERANKERS = ("first", "icr_pretrained", "icr_first")
+RERANKERS = ("first", "first_shuffled", "icr_pretrained", "icr_first")
 
 
 def _parse_rerankers(spec: str) -> list[str]:
@@ -462,7 +474,11 @@ _LABELS = {
     "bm25": "BM25 (first stage)",
     "shuffled": "BM25 top-k, random order (reference)",
     "oracle": "BM25 top-k, judged documents first (upper bound)",
+    "windows_random": "BM25 top-k through the sliding windows, random "
+                      "window scores (reference)",
     "first": "FIRST (fine-tuned decoder, single pass per window)",
+    "first_shuffled": "FIRST on the top-k in random order (content signal "
+                      "only)",
     "icr_pretrained": "ICR (pretrained decoder, zero-shot)",
     "icr_pretrained_uncalibrated": "ICR without calibration (pretrained "
                                    "decoder)",

@@ -67,6 +67,34 @@ class WindowsTest(absltest.TestCase):
       self.assertEqual(covered, set(range(n)))
       self.assertEqual(wins[-1][0] if wins else 0, 0)
 
+  def test_sliding_window_orders_with_a_value_scorer(self):
+    rng = np.random.default_rng(0)
+    values = [rng.permutation(n).astype(float) for n in (20, 7, 3)]
+    calls = []
+
+    def by_value(jobs):
+      calls.append(len(jobs))
+      out = np.full((len(jobs), 5), -np.inf)
+      for row, (i, members) in enumerate(jobs):
+        out[row, :len(members)] = values[i][members]
+      return out
+
+    orders = first.sliding_window_orders([20, 7, 3], 5, 2, by_value)
+    # One scorer call per step, holding every list that has a window left.
+    self.assertEqual(calls, [3, 2, 1, 1, 1, 1, 1, 1, 1])
+    for v, order in zip(values, orders):
+      self.assertEqual(sorted(order), list(range(len(v))))
+      self.assertEqual(order[0], int(np.argmax(v)))  # The best bubbles up.
+    self.assertEqual(orders[2], list(np.argsort(-values[2])))  # One window.
+    # 20 candidates, window 10, stride 5: (10, 20), (5, 15), (0, 10). The
+    # first stage's top 5 is only touched by the last window, so it stays
+    # in the top 10 whatever the scores.
+    noise = lambda jobs: rng.normal(size=(len(jobs), 10))
+    for _ in range(5):
+      order = first.sliding_window_orders([20], 10, 5, noise)[0]
+      self.assertContainsSubset(set(range(5)), set(order[:10]))
+    np.testing.assert_array_equal(first.order_scores([2, 0, 1]), [2, 1, 3])
+
   def test_bad_stride_or_window(self):
     with self.assertRaisesRegex(ValueError, "stride must be in"):
       first.sliding_windows(30, 20, 0)  # RankLLM's stride-0 hang.

@@ -66,8 +66,9 @@ class TrainAndEvaluateTest(absltest.TestCase):
     full = rerank_decoder.train_and_evaluate(config, straight)
     rows = full["metrics"]
     self.assertEqual(set(rows), {
-        "bm25", "shuffled", "oracle", "first", "icr_pretrained",
-        "icr_pretrained_uncalibrated", "icr_first", "icr_first_uncalibrated"})
+        "bm25", "shuffled", "oracle", "windows_random", "first",
+        "first_shuffled", "icr_pretrained", "icr_pretrained_uncalibrated",
+        "icr_first", "icr_first_uncalibrated"})
     for name, vals in rows.items():
       self.assertBetween(vals["ndcg_cut_10"], 0.0, 1.0)
       # Reranking only reorders BM25's top-k: the judged documents found

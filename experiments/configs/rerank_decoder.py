@@ -79,10 +79,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.eval_batch_size = 8
   config.icr_batch_size = 4
   config.icr_query_reduction = "mean"
-  # Comma-separated: "first" (the FIRST-tuned decoder), "icr_pretrained"
-  # (ICR on the pretrained decoder, zero-shot), "icr_first" (ICR on the
-  # FIRST-tuned decoder). ICR rows come calibrated and uncalibrated.
-  config.rerankers = "first,icr_pretrained"
+  # Comma-separated: "first" (the FIRST-tuned decoder), "first_shuffled"
+  # (the same on the top-k in a random order: the model's content signal
+  # without the first stage's order), "icr_pretrained" (ICR on the
+  # pretrained decoder, zero-shot), "icr_first" (ICR on the FIRST-tuned
+  # decoder). ICR rows come calibrated and uncalibrated.
+  config.rerankers = "first,first_shuffled,icr_pretrained"
 
   if arg == "smoke":
     config.model.hidden_size = 32
@@ -109,7 +111,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.stride = 2
     config.eval_batch_size = 4
     config.icr_batch_size = 4
-    config.rerankers = "first,icr_pretrained,icr_first"
+    config.rerankers = "first,first_shuffled,icr_pretrained,icr_first"
   elif arg:
     raise ValueError(f"Unknown preset {arg!r}; expected 'smoke' or none.")
   return config

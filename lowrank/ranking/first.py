@@ -377,30 +377,66 @@ def rank_lists(
     raise ValueError(
         f"window ({window}) exceeds the number of identifiers "
         f"({len(pieces.ident)}).")
-  plans = [sliding_windows(len(d), window, stride) for d in doc_lists]
   query_ids = [pieces.query(q) for q in queries]
   doc_ids = [[pieces.doc(d) for d in docs] for docs in doc_lists]
-  orders = [list(range(len(d))) for d in doc_lists]
+
+  def score(jobs):
+    prompts = [pieces.prompt(query_ids[i], [doc_ids[i][j] for j in members])
+               for i, members in jobs]
+    return _batched_first_logits(
+        model, prompts, pieces.ident[:window], batch_size=batch_size,
+        length_multiple=length_multiple)
+
+  orders = sliding_window_orders([len(d) for d in doc_lists], window, stride,
+                                 score)
+  return [order_scores(order) for order in orders]
+
+
+def sliding_window_orders(
+    lengths: Sequence[int],
+    window: int,
+    stride: int,
+    score_windows: Callable[[list[tuple[int, list[int]]]], Any],
+) -> list[list[int]]:
+  """Sliding-window reranking of several lists with any window scorer.
+
+  At each step, every list that still has a window (`sliding_windows`)
+  contributes one job `(list index, candidate indices in the window, in
+  their current order)`; `score_windows(jobs)` returns one score row per
+  job (`[len(jobs), >= window size]`, higher is better), and each window
+  is reordered by it (stable: ties keep the current order).
+
+  Args:
+    lengths: Number of candidates of each list.
+    window: Window size.
+    stride: Window stride.
+    score_windows: The scorer of one step's jobs.
+
+  Returns:
+    Per list, the candidate indices best first.
+
+  Raises:
+    ValueError: On invalid window settings (see `sliding_windows`).
+  """
+  plans = [sliding_windows(n, window, stride) for n in lengths]
+  orders = [list(range(n)) for n in lengths]
   for step in range(max((len(p) for p in plans), default=0)):
     jobs = [(i, *plan[step]) for i, plan in enumerate(plans)
             if step < len(plan)]
-    prompts = [
-        pieces.prompt(query_ids[i],
-                      [doc_ids[i][j] for j in orders[i][start:end]])
-        for i, start, end in jobs]
-    logits = _batched_first_logits(
-        model, prompts, pieces.ident[:window], batch_size=batch_size,
-        length_multiple=length_multiple)
+    logits = np.asarray(score_windows(
+        [(i, orders[i][start:end]) for i, start, end in jobs]))
     for row, (i, start, end) in enumerate(jobs):
       perm = np.argsort(-logits[row, :end - start], kind="stable")
       current = orders[i][start:end]
       orders[i][start:end] = [current[p] for p in perm]
-  out = []
-  for order in orders:
-    scores = np.zeros(len(order), np.float32)
-    scores[order] = len(order) - np.arange(len(order), dtype=np.float32)
-    out.append(scores)
-  return out
+  return orders
+
+
+def order_scores(order: Sequence[int]) -> np.ndarray:
+  """Float32 scores in input order: `n - rank` of each index of `order`."""
+  scores = np.zeros(len(order), np.float32)
+  scores[list(order)] = len(order) - np.arange(len(order), dtype=np.float32)
+  return scores
 
 
 def generate_permutations(
