@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import shutil
 
 from absl.testing import absltest
 import numpy as np
@@ -157,15 +158,16 @@ class TrainAndEvaluateTest(absltest.TestCase):
     for key, value in full["fused"].items():
       self.assertAlmostEqual(recomputed[key], value, places=9)
 
-    # Interrupted after step 2, then the same command again: it resumes.
-    resumed = self.create_tempdir().full_path
-    with config.unlocked():
-      config.num_train_steps = 2
-    train_reranker.train_and_evaluate(config, resumed)
-    with config.unlocked():
-      config.num_train_steps = 4
+    # Killed after step 3 (the last checkpoint is step 2's; its outputs not
+    # written yet), then the same command again: it resumes from step 2.
+    resumed = os.path.join(self.create_tempdir().full_path, "workdir")
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+    for name in ("results.json", "reranked_run.json", "fused_run.json"):
+      os.remove(os.path.join(resumed, name))
     again = train_reranker.train_and_evaluate(config, resumed)
     self.assertEqual(again["resumed_from_step"], 2)
+    self.assertEqual(sorted(_losses(resumed)), [2, 4])
     self.assertEqual(_losses(resumed)[4], _losses(straight)[4])
     for part in ("after", "fused"):
       for key, value in full[part].items():
