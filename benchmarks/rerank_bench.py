@@ -12,9 +12,9 @@ of each (compilation excluded) and reported as a ratio of medians.
   `--ce_queries` code-search test queries x their BM25 top `--ce_depth`
   documents (Python functions; most are shorter than `--ce_max_length`
   tokens, some longer). `score_pairs` with length bucketing
-  (`DEFAULT_BUCKETS`: 64/128/256, capped at the max length) vs
-  `buckets=None` (every batch padded to the max length); same pairs, same
-  batch size. Throughput in pairs per second.
+  (`DEFAULT_BUCKETS`: 64/128/256, capped at the max length; and buckets
+  every 32 tokens) vs `buckets=None` (every batch padded to the max
+  length); same pairs, same batch size. Throughput in pairs per second.
 * `first`: the decoder of `experiments/configs/rerank_decoder.py` (byte
   vocabulary; random init, or with `--first_workdir` the FIRST-tuned
   weights of an `experiments/rerank_decoder.py` run: timing does not
@@ -23,7 +23,9 @@ of each (compilation excluded) and reported as a ratio of medians.
   bytes): `first.window_scores` (one forward pass, identifier logits at
   the first position) vs `first.generate_permutations` (greedy decoding of
   the whole permutation `A > B > ...`, `n + 3 (n - 1)` tokens with a KV
-  cache, `llama.generate`).
+  cache, `llama.generate`). Agreement columns: the decoded first identifier
+  vs the single pass's arg-max, the whole decoded permutation vs the
+  single pass's logit order, and the Kendall τ between those two orders.
 """
 
 import datetime
@@ -53,7 +55,7 @@ from lowrank.retrieval import bm25 as bm25_lib
 _PARTS = flags.DEFINE_list("parts", ["cross_encoder", "first"],
                            "Parts to run.")
 _ROUNDS = flags.DEFINE_integer("rounds", 3, "Timed rounds per comparison.")
-_CE_QUERIES = flags.DEFINE_integer("ce_queries", 32, "Queries.")
+_CE_QUERIES = flags.DEFINE_integer("ce_queries", 24, "Queries.")
 _CE_DEPTH = flags.DEFINE_integer("ce_depth", 8, "BM25 documents per query.")
 _CE_MAX_LENGTH = flags.DEFINE_integer("ce_max_length", 256,
                                       "Pair truncation length.")
@@ -107,6 +109,15 @@ def _fmt(ts: list[float]) -> str:
   return f"{statistics.median(ts):.3f} ({min(ts):.3f}–{max(ts):.3f})"
 
 
+def _kendall(a: list[int], b: list[int]) -> float:
+  """Kendall's tau between two orders of the same items."""
+  pos = {x: i for i, x in enumerate(b)}
+  n = len(a)
+  c = sum(1 if pos[a[i]] < pos[a[j]] else -1
+          for i in range(n) for j in range(i + 1, n))
+  return c / max(n * (n - 1) / 2, 1)
+
+
 def _bm25_lists(num_queries: int, depth: int):
   test = code_search.load_code_search("test")
   index = bm25_lib.BM25(test.corpus)
@@ -137,9 +148,12 @@ def bench_cross_encoder() -> None:
                                        **kw)
     return fn
 
+  fine = tuple(range(32, max_length + 1, 32))
   times = _interleaved({"bucketed": run(cross_encoder.DEFAULT_BUCKETS),
+                        "fine": run(fine),
                         "unbucketed": run(None)}, _ROUNDS.value)
-  diff = float(np.abs(out[cross_encoder.DEFAULT_BUCKETS] - out[None]).max())
+  diff = max(float(np.abs(out[b] - out[None]).max())
+             for b in (cross_encoder.DEFAULT_BUCKETS, fine))
   n = len(qs)
   _print(f"### cross-encoder: {n} pairs ({len(queries)} queries x BM25 top "
          f"{_CE_DEPTH.value}), MiniLM-L6, batch {_CE_BATCH.value}, max "
@@ -153,10 +167,13 @@ def bench_cross_encoder() -> None:
   _print("| scoring | seconds, median (min–max) | pairs/s | speed-up |")
   _print("|---|---:|---:|---:|")
   base = statistics.median(times["unbucketed"])
-  for name in ("unbucketed", "bucketed"):
+  labels = {
+      "unbucketed": "buckets=None (pad to max length)",
+      "bucketed": f"DEFAULT_BUCKETS {cross_encoder.bucket_lengths(max_length)}",
+      "fine": "buckets every 32 tokens",
+  }
+  for name, label in labels.items():
     med = statistics.median(times[name])
-    label = ("buckets=None (pad to max length)" if name == "unbucketed"
-             else f"buckets {cross_encoder.bucket_lengths(max_length)}")
     _print(f"| {label} | {_fmt(times[name])} | {n / med:.0f} | "
            f"{base / med:.2f}× |")
   _print()
@@ -182,8 +199,9 @@ def bench_first() -> None:
          f"call, batch {_FIRST_BATCH.value}")
   _print()
   _print("| window | prompt bytes (mean) | decoded tokens | single pass, s "
-         "| generate, s | generate / single pass | same top-1 | same order |")
-  _print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+         "| generate, s | generate / single pass | same top-1 | same order "
+         "| Kendall τ |")
+  _print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
   for window in (int(w) for w in _WINDOWS.value):
     queries, lists = _bm25_lists(_FIRST_PROMPTS.value * 3, window)
     queries = queries[:_FIRST_PROMPTS.value]
@@ -207,12 +225,15 @@ def bench_first() -> None:
     same = np.mean([int(np.argmax(s)) == g[0] for s, g in
                     zip(out["single"], out["generate"])])
     # The whole decoded permutation vs the single pass's logit order.
-    order = np.mean([list(np.argsort(-s, kind="stable")) == g for s, g in
-                     zip(out["single"], out["generate"])])
+    pairs = list(zip(out["single"], out["generate"]))
+    order = np.mean([list(np.argsort(-s, kind="stable")) == g
+                     for s, g in pairs])
+    tau = np.mean([_kendall(list(np.argsort(-s, kind="stable")), g)
+                   for s, g in pairs])
     s, g = (statistics.median(times[k]) for k in ("single", "generate"))
     _print(f"| {window} | {prompt_len:.0f} | {window + 3 * (window - 1)} | "
            f"{_fmt(times['single'])} | {_fmt(times['generate'])} | "
-           f"{g / s:.1f}× | {same:.0%} | {order:.0%} |")
+           f"{g / s:.1f}× | {same:.0%} | {order:.0%} | {tau:.2f} |")
   _print()
 
 

@@ -170,6 +170,16 @@ def build_prompt(
 ) -> list[int]:
   """Token ids of the FIRST prompt for `query` and candidates `docs`.
 
+  Args:
+    tokenizer: See `decoder_text.encode`.
+    query: The query text (cut to `max_query_tokens`).
+    docs: Candidate texts (each cut to `max_doc_tokens`), labelled `A, B,
+      ...` in this order.
+    prompt_format: The prompt pieces (default `PromptFormat()`).
+
+  Returns:
+    The prompt's token ids, ending with the answer prefix.
+
   Raises:
     ValueError: If an identifier is not a single token, or `docs` is empty
       or has more entries than identifiers.
@@ -301,6 +311,15 @@ def window_scores(
 
   Each list must fit one window (at most `len(identifiers)` candidates).
   The FIRST ranking of list `i` is `argsort(-scores[i])`.
+
+  Args:
+    model: The decoder.
+    tokenizer: Its tokenizer (see `decoder_text.encode`).
+    queries: One query text per list.
+    doc_lists: Candidate texts per query, in prompt order.
+    prompt_format: The prompt pieces (default `PromptFormat()`).
+    batch_size: Prompts per forward pass.
+    length_multiple: Prompts are right-padded to a multiple of this.
 
   Returns:
     Per list, float32 `[n_i]` logits of identifiers `A, B, ...` at the
@@ -454,6 +473,16 @@ def generate_permutations(
   The slow path FIRST avoids: `llama.generate` writes `A > C > B ...`
   (`n + (n - 1) * len(separator)` tokens for `n` candidates) and the
   identifiers are read back with `parse_permutation`.
+
+  Args:
+    model: The decoder.
+    tokenizer: Its tokenizer.
+    queries: One query text per list.
+    doc_lists: Candidate texts per query (each fits one window).
+    prompt_format: The prompt pieces.
+    batch_size: Prompts per `generate` call (a short last batch is padded
+      with copies, so every call has the same shape).
+    length_multiple: Prompts are left-padded to a multiple of this.
 
   Returns:
     Per list, the candidate indices best first (always a permutation).

@@ -95,6 +95,12 @@ def build_prompt(
 ) -> tuple[list[int], list[int], list[bool]]:
   """Token ids of the ICR prompt with the document and query positions.
 
+  Args:
+    tokenizer: See `decoder_text.encode`.
+    query: The query text (cut to `max_query_tokens`).
+    docs: The documents (each cut to `max_doc_tokens`), in prompt order.
+    prompt_format: The prompt pieces (default `PromptFormat()`).
+
   Returns:
     `(ids, segment, is_query)`: per token, the index of the document it
     belongs to (`-1` outside document text) and whether it is a query
