@@ -1,17 +1,29 @@
-"""Ranking: learning-to-rank losses, cross-encoder rerankers, `rerank`."""
+"""Ranking: learning-to-rank losses, cross-encoder and decoder rerankers.
+
+* `losses`: the LTR losses with optax's ranking signature.
+* `cross_encoder.CrossEncoder`: BERT over `[CLS] q [SEP] d [SEP]`.
+* `first` (FIRST single-token listwise reranking) and `icr` (attention-based
+  in-context reranking) on the LLaMA-style decoder; `decoder_text` holds
+  their byte tokenizer and prompt helpers.
+* `fusion`: per-query normalisation and weighted interpolation of runs.
+* `rerank(model, tokenizer, queries, corpus, run, *, k)`: rescoring the
+  top-`k` of a first-stage run with any `score_pairs` scorer. (The name is
+  the function; its module is `lowrank.ranking.rerank` only for imports of
+  its other members, e.g. `from lowrank.ranking.rerank import top_k`.)
+"""
 
 from lowrank.ranking import cross_encoder
-from lowrank.ranking import losses
-from lowrank.ranking.cross_encoder import CrossEncoder
-from lowrank.ranking.rerank import rerank
-
-__all__ = ["CrossEncoder", "cross_encoder", "losses", "rerank"]
-# Decoder rerankers (FIRST, ICR) and their prompt helpers.
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
+from lowrank.ranking import fusion
 from lowrank.ranking import icr
+from lowrank.ranking import losses
+from lowrank.ranking.cross_encoder import CrossEncoder
 from lowrank.ranking.first import FirstReranker
 from lowrank.ranking.icr import IcrReranker
+from lowrank.ranking.rerank import rerank
 
-__all__ += ["FirstReranker", "IcrReranker", "decoder_text", "first", "icr"]
+__all__ = [
+    "CrossEncoder", "FirstReranker", "IcrReranker", "cross_encoder",
+    "decoder_text", "first", "fusion", "icr", "losses", "rerank",
+]
