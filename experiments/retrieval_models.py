@@ -453,8 +453,7 @@ def _evaluate_colbert(model, dataset, config, qids, dids):
 
 
 def _on_one_device(model: nnx.Module) -> tuple[nnx.Module, Any]:
-  """`(copy, mesh)`: `model` replicated on a mesh of this process's first
-  device."""
+  """`(copy, mesh)`: `model` replicated on this process's first device."""
   mesh = sharding.make_mesh([("data", -1), ("fsdp", 1), ("tensor", 1)],
                             devices=jax.local_devices()[:1])
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -685,10 +684,3 @@ def plot_prefix_curves(
   plt.close(fig)
   os.replace(tmp, path)
   return path
-
-
-def summary(metrics: Mapping[str, float]) -> str:
-  """`nDCG@10 x, R@100 y` (for log lines)."""
-  return (f"nDCG@10 {metrics['ndcg_cut_10']:.4f}, "
-          f"Recall@100 {metrics['recall_100']:.4f}")
-
