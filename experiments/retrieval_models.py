@@ -58,6 +58,7 @@ import numpy as np
 from lowrank import assets
 from lowrank import sharding
 from lowrank.models import bert
+from lowrank.retrieval import biencoder
 from lowrank.retrieval import colbert
 from lowrank.retrieval import losses
 from lowrank.retrieval import metrics as metrics_lib
@@ -128,6 +129,24 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
           f"model {model!r}."
       )
   _ints("eval_dims", config.eval_dims)
+  if config.towers not in biencoder.TOWERS:
+    raise ValueError(
+        f"towers must be one of {biencoder.TOWERS}; got {config.towers!r}."
+    )
+  options = dict(towers=config.towers != "shared",
+                 learn_scale=bool(config.learn_scale),
+                 same_side=bool(config.same_side))
+  used = [k for k, v in options.items() if v]
+  if model not in DENSE_MODELS and used:
+    raise ValueError(
+        f"{used} apply to the bi-encoder models {DENSE_MODELS}; got model "
+        f"{model!r}."
+    )
+  if config.learn_scale and not 0 < config.scale <= config.max_scale:
+    raise ValueError(
+        f"learn_scale needs 0 < scale <= max_scale; got scale={config.scale}, "
+        f"max_scale={config.max_scale}."
+    )
   if model == "matryoshka":
     dims = _ints("matryoshka.dims", config.matryoshka.dims)
     if not dims:
@@ -223,7 +242,34 @@ def load_model(
         f"Prefix sizes {too_big} exceed the embedding size {hidden} of "
         f"{path}."
     )
-  return encoder, tokenizer
+  if config.towers == "shared" and not config.learn_scale:
+    return encoder, tokenizer  # Plain BERT: the default, bit for bit.
+  doc_encoder = (bert.load_pretrained(path)[0]
+                 if config.towers == "separate" else None)
+  model = biencoder.BiEncoder(
+      encoder, doc_encoder, pooling=config.pooling,
+      scale=float(config.scale), learn_scale=bool(config.learn_scale),
+      max_scale=float(config.max_scale))
+  model.eval()
+  return model, tokenizer
+
+
+def towers(model: nnx.Module) -> tuple[bert.BertModel, bert.BertModel]:
+  """`(query encoder, document encoder)` of a dense model.
+
+  A plain `BertModel` (the default: one shared tower, fixed scale) is both;
+  a `biencoder.BiEncoder` has its own.
+  """
+  if isinstance(model, biencoder.BiEncoder):
+    return model.query_encoder, model.document_encoder
+  return model, model
+
+
+def logit_scale(model: nnx.Module, config: ml_collections.ConfigDict) -> Any:
+  """The similarity scale: the learned one of a `BiEncoder`, else fixed."""
+  if isinstance(model, biencoder.BiEncoder):
+    return model.scale()
+  return config.scale
 
 
 def trainable_filter(config: ml_collections.ConfigDict) -> Any:
@@ -236,6 +282,8 @@ def trainable_filter(config: ml_collections.ConfigDict) -> Any:
     return nnx.Param
   if config.model == "colbert":
     return colbert.ADAPTERS_AND_PROJECTION
+  if config.learn_scale:
+    return nnx.Any(nnx.LoRAParam, biencoder.ScaleParam)
   return nnx.LoRAParam
 
 
@@ -300,24 +348,30 @@ def make_loss(
   if model_name == "biencoder":
     def biencoder_loss(m, qs, ds, step):
       del step
-      q = bert.encode(m, qs, pooling=config.pooling, normalize=True)
-      d = bert.encode(m, ds, pooling=config.pooling, normalize=True)
-      return losses.in_batch_softmax(q, d, config.scale,
-                                     symmetric=config.symmetric), {}
+      q_enc, d_enc = towers(m)
+      q = bert.encode(q_enc, qs, pooling=config.pooling, normalize=True)
+      d = bert.encode(d_enc, ds, pooling=config.pooling, normalize=True)
+      scale = logit_scale(m, config)
+      loss = losses.in_batch_softmax(q, d, scale, symmetric=config.symmetric,
+                                     same_side=config.same_side)
+      aux = {"logit_scale": scale} if config.learn_scale else {}
+      return loss, aux
     return biencoder_loss
 
   if model_name == "matryoshka":
     dims = _ints("matryoshka.dims", config.matryoshka.dims)
     weights = tuple(float(w) for w in config.matryoshka.weights) or None
-    per_prefix = functools.partial(
-        losses.in_batch_softmax, scale=config.scale,
-        symmetric=config.symmetric)
-
     def matryoshka_loss(m, qs, ds, step):
       del step
-      q = bert.encode(m, qs, pooling=config.pooling, normalize=False)
-      d = bert.encode(m, ds, pooling=config.pooling, normalize=False)
-      return losses.matryoshka(per_prefix, q, d, dims, weights), {}
+      q_enc, d_enc = towers(m)
+      q = bert.encode(q_enc, qs, pooling=config.pooling, normalize=False)
+      d = bert.encode(d_enc, ds, pooling=config.pooling, normalize=False)
+      scale = logit_scale(m, config)
+      per_prefix = functools.partial(
+          losses.in_batch_softmax, scale=scale, symmetric=config.symmetric,
+          same_side=config.same_side)
+      aux = {"logit_scale": scale} if config.learn_scale else {}
+      return losses.matryoshka(per_prefix, q, d, dims, weights), aux
     return matryoshka_loss
 
   if model_name == "colbert":
@@ -373,13 +427,14 @@ def _timed(fn, *args, **kwargs):
 def _evaluate_dense(model, tokenizer, dataset, config, qids, dids):
   info: dict[str, Any] = {}
   t = time.perf_counter()
+  q_enc, d_enc = towers(model)
   q = bert.embed(
-      model, tokenizer, [dataset.queries[i] for i in qids],
+      q_enc, tokenizer, [dataset.queries[i] for i in qids],
       pooling=config.pooling, batch_size=config.eval_batch_size,
       max_length=config.query_max_length,
   )
   d = bert.embed(
-      model, tokenizer, [dataset.corpus[i] for i in dids],
+      d_enc, tokenizer, [dataset.corpus[i] for i in dids],
       pooling=config.pooling, batch_size=config.eval_batch_size,
       max_length=config.doc_max_length,
   )

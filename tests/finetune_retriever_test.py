@@ -12,7 +12,10 @@ import numpy as np
 from experiments import finetune_retriever
 from experiments import retrieval_models
 from experiments.configs import finetune_retriever as config_lib
+from lowrank import adapters
 from lowrank import metric_writers
+from lowrank import sharding as sharding_lib
+from lowrank.retrieval import biencoder
 
 _SHARED = pathlib.Path(
     os.environ.get(
@@ -106,6 +109,10 @@ class ConfigTest(absltest.TestCase):
     check(">= 0", model="splade", **{"splade.lambda_d": -1.0})
     check("num_simhash_projections", model="colbert",
           **{"colbert.muvera.num_simhash_projections": 40})
+    check("towers must be one of", towers="two")
+    check(r"\['towers', 'same_side'\] apply to the bi-encoder",
+          model="colbert", towers="separate", same_side=True)
+    check("scale <= max_scale", learn_scale=True, scale=200.0)
 
   def test_galore_with_nothing_to_project_is_an_error(self):
     config = config_lib.get_config("smoke")
@@ -213,6 +220,35 @@ class TrainAndEvaluateTest(absltest.TestCase):
       table = f.read()
     self.assertIn("| matryoshka lora (2 steps) |", table)
     self.assertIn("by embedding prefix size", table)
+
+  def test_separate_towers_learned_scale_same_side_smoke(self):
+    config = self._small("biencoder", towers="separate", learn_scale=True,
+                         same_side=True, symmetric=True)
+    with config.unlocked():
+      config.optimizer.learning_rate = 0.05  # Moves the scale visibly.
+      config.num_train_steps = 3  # Step 1 has lr 0 (warm-up).
+    workdir = self.create_tempdir().full_path
+    out = finetune_retriever.train_and_evaluate(config, workdir)
+    shared = self._small("biencoder")
+    with sharding_lib.use_mesh(
+        sharding_lib.make_mesh(devices=jax.devices()[:1])):
+      model, _ = retrieval_models.load_model(config)
+      plain, _ = retrieval_models.load_model(shared)
+    self.assertIsInstance(model, biencoder.BiEncoder)
+    self.assertIsNot(model.query_encoder, model.doc_encoder)
+    kwargs = dict(shared.adapter)
+    options = dict(kwargs.pop("options", None) or {})
+    adapters.inject(plain, method=shared.method, rngs=shared.seed, **kwargs,
+                    **options)
+    lora = adapters.count_parameters(plain)["trainable"]
+    # Both towers carry adapters, plus the one-number scale.
+    self.assertEqual(out["trainable_params"], 2 * lora + 1)
+    rows = metric_writers.read_csv(os.path.join(workdir, "metrics.csv"))
+    scales = [r["logit_scale"] for r in rows]
+    self.assertAlmostEqual(scales[0], 20.0, delta=2.0)
+    self.assertNotAlmostEqual(scales[-1], scales[0], places=3)
+    for value in out["final"].values():
+      self.assertBetween(value, 0.0, 1.0)
 
   def test_prefix_evaluation_is_truncate_and_renormalise(self):
     from lowrank import sharding  # pylint: disable=g-import-not-at-top
