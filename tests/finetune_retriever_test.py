@@ -336,13 +336,16 @@ class TrainAndEvaluateTest(absltest.TestCase):
       config.data = f"beir:{scifact}"
       config.num_train_steps = 2
       config.eval_max_queries = 10
-      config.eval_max_docs = 0  # The whole corpus.
+      config.eval_max_docs = 600  # Judged docs + others (whole: 5,183).
       config.doc_max_length = 16
     out = finetune_retriever.train_and_evaluate(
         config, self.create_tempdir().full_path)
     self.assertEqual(out["train_pairs"], 919)
-    self.assertEqual(out["test_docs"], 5183)
+    self.assertEqual(out["test_docs"], 600)
     self.assertEqual(out["test_queries"], 10)
+    train, test = finetune_retriever.load_data(config.data)
+    self.assertLen(train, 919)
+    self.assertLen(test.corpus, 5183)  # The loader reads the whole corpus.
 
 
 if __name__ == "__main__":
