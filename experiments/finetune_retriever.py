@@ -228,20 +228,6 @@ def _batches(pairs, tokenize, config, step):
   return tokenize([pairs[j][0] for j in idx], [pairs[j][1] for j in idx])
 
 
-def compiled_memory(compiled) -> dict[str, int]:
-  m = compiled.memory_analysis()
-  return {
-      "argument_bytes": int(m.argument_size_in_bytes),
-      "output_bytes": int(m.output_size_in_bytes),
-      "temp_bytes": int(m.temp_size_in_bytes),
-      "alias_bytes": int(m.alias_size_in_bytes),
-      "total_bytes": int(
-          m.argument_size_in_bytes + m.output_size_in_bytes
-          + m.temp_size_in_bytes - m.alias_size_in_bytes
-      ),
-  }
-
-
 OPTIMIZERS = ("adamw", "adamw8bit", "galore", "fira", "frugal", "q_galore")
 
 
@@ -323,12 +309,8 @@ def check_optimizer(config: ml_collections.ConfigDict, params: Any) -> None:
 
 
 def _write_json(path, obj):
-  if not distributed.is_main_process():
-    return
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
+  if distributed.is_main_process():
+    metric_writers.write_json(path, obj)
 
 
 def _read_json(path, default=None):
@@ -444,7 +426,7 @@ def train_and_evaluate(
   with jax.set_mesh(mesh):
     compiled = train_step.lower(params, opt_state, rest, put(qs0),
                                 put(ds0), put_step(1)).compile()
-  memory = compiled_memory(compiled)
+  memory = optim.compiled_memory(compiled)
   logging.info("compiled step memory: %s", memory)
 
   t_train = time.perf_counter()

@@ -264,7 +264,7 @@ class FirstStage:
       model, tokenizer, dids, d = self._minilm(dataset.corpus)
       q = bert.embed(model, tokenizer, [queries[i] for i in qids])
       run = search.search_run(list(qids), q, dids, d, k)
-    _write_json(path, run)
+    metric_writers.write_json(path, run)
     return run
 
 
@@ -290,13 +290,6 @@ def make_optimizer(config) -> optax.GradientTransformation:
   if config.grad_clip_norm > 0:
     tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
   return tx
-
-
-def _write_json(path, obj):
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True, default=float)
-  os.replace(tmp, path)
 
 
 def _validate(config) -> None:
@@ -440,7 +433,7 @@ def train_and_evaluate(
   dev_ce = ranking.rerank(model, tokenizer, train.queries, train.corpus,
                           dev_first, **score_kwargs)
   dev_rerank_seconds = time.perf_counter() - t_dev
-  _write_json(os.path.join(workdir, "dev_reranked_run.json"), dev_ce)
+  metric_writers.write_json(os.path.join(workdir, "dev_reranked_run.json"), dev_ce)
   dev_first_k = _restrict(dev_first, dev_ce)
 
   # Test: rerank, fuse with the dev-chosen weights.
@@ -451,7 +444,7 @@ def train_and_evaluate(
                            test_first, **score_kwargs)
   rerank_seconds = time.perf_counter() - t_rerank
   # Kept so that other fusions can be studied without rescoring.
-  _write_json(os.path.join(workdir, "reranked_run.json"), test_ce)
+  metric_writers.write_json(os.path.join(workdir, "reranked_run.json"), test_ce)
   test_first_k = _restrict(test_first, test_ce)
 
   by_normalization = {}
@@ -470,7 +463,7 @@ def train_and_evaluate(
         "run": fused,
     }
   chosen = by_normalization[config.fusion_normalization]
-  _write_json(os.path.join(workdir, "fused_run.json"), chosen["run"])
+  metric_writers.write_json(os.path.join(workdir, "fused_run.json"), chosen["run"])
 
   rng = np.random.default_rng(config.seed)
   shuffled = {q: {d: float(rng.random()) for d in sorted(ds)}
@@ -522,7 +515,7 @@ def train_and_evaluate(
       "resumed_from_step": start,
       "final_loss": final[-1]["loss"] if final else None,
   }
-  _write_json(os.path.join(workdir, "results.json"), results)
+  metric_writers.write_json(os.path.join(workdir, "results.json"), results)
   table = format_results(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table + "\n")
