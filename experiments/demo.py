@@ -27,6 +27,7 @@ from absl import logging
 import jax
 import ml_collections
 
+from experiments import config_checks
 from experiments import finetune_retriever
 from experiments.configs import finetune_retriever as config_lib
 from lowrank import metric_writers
@@ -58,6 +59,53 @@ def run_config(config: ml_collections.ConfigDict,
     else:
       raise ValueError(f"Unknown demo run {run!r}; expected one of {RUNS}.")
   return c
+
+
+def validate_config(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any] | None = None) -> list[str]:
+  """Checks the config of every run before any of them starts.
+
+  Args:
+    config: The demo config (`experiments/configs/finetune_retriever.py`).
+    overrides: The `--config.<key>` flags given on the command line; each
+      must be read by at least one run (the demo sets `method`,
+      `optimizer.name` and `optimizer.learning_rate` per run itself).
+
+  Returns:
+    The run names of `config.demo.runs`.
+
+  Raises:
+    ValueError: On an unknown, repeated or missing run name, or any error
+      of `finetune_retriever.validate_config` for one of the runs.
+  """
+  runs = [r.strip() for r in config.demo.runs.split(",") if r.strip()]
+  for r in runs:
+    if r not in RUNS:
+      raise ValueError(f"Unknown demo run {r!r}; expected some of {RUNS}.")
+  if not runs or len(set(runs)) != len(runs):
+    raise ValueError(
+        f"config.demo.runs must name each run at most once and at least one "
+        f"of {RUNS}; found {config.demo.runs!r}. Set e.g. "
+        f"--config.demo.runs=lora,galore.")
+  config_checks.Checker(config).positive_number(
+      *(f"demo.{r}_learning_rate" for r in runs))
+  run_configs = [run_config(config, r) for r in runs]
+  for c in run_configs:
+    finetune_retriever.validate_config(c)
+  if overrides:
+    per_run = "the demo sets it per run (demo.runs)"
+    own = {"method": per_run, "optimizer.name": per_run,
+           "optimizer.learning_rate": (
+               f"{per_run}; use --config.demo.<run>_learning_rate")}
+    own.update({f"demo.{r}_learning_rate": f"{r!r} is not in demo.runs"
+                for r in RUNS if r not in runs})
+    unused = []
+    for c in run_configs:
+      u = finetune_retriever.unused_keys(c)
+      del u["demo"]
+      unused.append({**own, **u})
+    config_checks.unused_overrides(config, overrides, *unused)
+  return runs
 
 
 def _loss_rows(workdir: str) -> list[dict[str, Any]]:
@@ -98,10 +146,7 @@ def plot(results: list[dict[str, Any]], workdirs: list[str],
 def run_demo(config: ml_collections.ConfigDict,
              workdir: str) -> list[dict[str, Any]]:
   """Trains and evaluates every run; returns their results."""
-  runs = [r.strip() for r in config.demo.runs.split(",") if r.strip()]
-  for r in runs:
-    if r not in RUNS:
-      raise ValueError(f"Unknown demo run {r!r}; expected some of {RUNS}.")
+  runs = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   results, dirs = [], []
   zero_shot = None
@@ -137,6 +182,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
   config = flags.FLAGS["config"].value or config_lib.get_config("demo")
+  validate_config(config, config_checks.overrides(flags.FLAGS["config"]))
   run_demo(config, flags.FLAGS["workdir"].value)
 
 

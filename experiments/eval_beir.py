@@ -32,6 +32,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import config_checks
 from lowrank import assets
 from lowrank import sharding
 from lowrank.data import beir
@@ -193,6 +194,40 @@ def _retrieve_splade(path, dataset, qids, dids, k, batch_size, max_length,
   return run, stats
 
 
+def validate_args(
+    data_dir: str | os.PathLike | None,
+    model: str,
+    split: str = "test",
+    *,
+    max_queries: int = 0,
+    batch_size: int = 32,
+    max_length: int = 0,
+    k: int = 1000,
+) -> None:
+  """Checks the arguments of `evaluate_beir` before anything is loaded.
+
+  Raises:
+    ValueError: On a non-positive size or an unknown model.
+    TypeError: On a size that is not an integer.
+    FileNotFoundError: If `data_dir`, its `corpus.jsonl` / `queries.jsonl`
+      or `qrels/<split>.tsv` is missing (the message names the path and
+      the available splits).
+  """
+  values = dict(data_dir=data_dir, max_queries=max_queries,
+                batch_size=batch_size, max_length=max_length, k=k)
+  defaults = dict(max_queries=_MAX_QUERIES.default,
+                  batch_size=_BATCH_SIZE.default,
+                  max_length=_MAX_LENGTH.default, k=_K.default)
+  check = config_checks.Checker(values, defaults, label="--{}", flag="--{}")
+  check.positive_int("batch_size", "k")
+  check.non_negative_int("max_queries", "max_length")
+  if data_dir is None:
+    raise ValueError("--data_dir is required: a BEIR-format directory "
+                     "(corpus.jsonl, queries.jsonl, qrels/<split>.tsv).")
+  check.beir_directory("data_dir", data_dir, (split,))
+  resolve_model(model)
+
+
 def evaluate_beir(
     data_dir: str | os.PathLike,
     model: str,
@@ -227,6 +262,8 @@ def evaluate_beir(
         f"Need k >= 1, batch_size >= 1, max_queries >= 0, max_length >= 0; "
         f"got {k}, {batch_size}, {max_queries}, {max_length}."
     )
+  validate_args(data_dir, model, split, max_queries=max_queries,
+                batch_size=batch_size, max_length=max_length, k=k)
   kind, path = resolve_model(model)
   t_start = time.perf_counter()
   timing: dict[str, float] = {}

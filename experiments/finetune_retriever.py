@@ -46,7 +46,9 @@ import optax
 import tqdm
 
 from experiments import common_flags
+from experiments import config_checks
 from experiments import retrieval_models
+from experiments.configs import finetune_retriever as config_lib
 from lowrank import adapters
 from lowrank import checkpoint
 from lowrank import distributed
@@ -55,6 +57,8 @@ from lowrank import optim
 from lowrank import sharding
 from lowrank.data import beir
 from lowrank.data import code_search
+from lowrank.models import bert
+from lowrank.optim import projection
 
 _CONFIG, _WORKDIR = common_flags.config_and_workdir()
 _COORDINATOR = flags.DEFINE_string(
@@ -308,6 +312,82 @@ def check_optimizer(config: ml_collections.ConfigDict, params: Any) -> None:
     )
 
 
+def validate_config(
+    config: ml_collections.ConfigDict,
+    overrides: dict[str, Any] | None = None,
+) -> None:
+  """Checks `config` before any data or model is loaded.
+
+  Args:
+    config: The experiment config.
+    overrides: The `--config.<key>` flags given on the command line
+      (`config_checks.overrides`); each must be one this run reads.
+
+  Raises:
+    ValueError: On an unknown key or name (method, model, optimizer,
+      pooling, ...), a non-positive size, a mesh that does not fit the
+      devices or split the batch, or an override this run ignores.
+    TypeError: On a value of the wrong type.
+    FileNotFoundError: On a data or model directory that does not exist.
+  """
+  check = config_checks.Checker(config, config_lib.get_config())
+  check.known_keys(open_keys=("adapter.options",))
+  check.choice("method", ("full", *sorted(adapters.METHODS)))
+  check.choice("model", retrieval_models.MODELS)
+  check.choice("optimizer.name", OPTIMIZERS)
+  check.positive_int("num_train_steps", "batch_size", "query_max_length",
+                     "doc_max_length", "log_every_steps",
+                     "checkpoint_every_steps", "eval_batch_size", "eval_k")
+  check.non_negative_int("seed", "warmup_steps", "eval_max_queries",
+                         "eval_max_docs")
+  check.not_greater("warmup_steps", "num_train_steps")
+  check.choice("pooling", bert.POOLINGS)
+  check.positive_number("scale", "max_scale", "optimizer.learning_rate")
+  check.non_negative_number("optimizer.weight_decay")
+  check.in_range("optimizer.b1", 0.0, 1.0)
+  check.in_range("optimizer.b2", 0.0, 1.0)
+  check.boolean("symmetric", "same_side", "learn_scale")
+  if config.method != "full":
+    check.positive_int("adapter.rank")
+    check.positive_number("adapter.alpha")
+    check.in_range("adapter.dropout", 0.0, 1.0)
+    check.regex("adapter.targets")
+    check.boolean("adapter.use_rslora")
+  if config.optimizer.name in GALORE_FAMILY:
+    check.positive_int("optimizer.galore.rank", "optimizer.galore.update_gap")
+    check.positive_number("optimizer.galore.scale")
+    check.choice("optimizer.galore.projector", projection.PROJECTORS)
+  check.data_spec("data", splits=("train", "test"))
+  check.model_dir("model_path")
+  check.mesh("mesh", batch=("batch_size",))
+  retrieval_models.validate_config(config)
+  if overrides:
+    config_checks.unused_overrides(config, overrides, unused_keys(config))
+
+
+def unused_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """Config keys (or blocks) this run does not read -> why not."""
+  model, dense = config.model, config.model in retrieval_models.DENSE_MODELS
+  unused = {"demo": "demo.* configures experiments/demo.py only"}
+  for block in ("matryoshka", "colbert", "splade"):
+    if model != block:
+      unused[block] = f"{block}.* applies to model={block!r}, not {model!r}"
+  if not dense:
+    for key in ("scale", "max_scale", "pooling", "learn_scale", "same_side",
+                "towers", "symmetric", "eval_dims"):
+      unused[key] = (f"{key} applies to the bi-encoder models "
+                     f"{retrieval_models.DENSE_MODELS}, not {model!r}")
+  elif not config.learn_scale:
+    unused["max_scale"] = "max_scale clips a learned scale (learn_scale=False)"
+  if config.method == "full":
+    unused["adapter"] = "method='full' trains every weight, with no adapter"
+  if config.optimizer.name not in GALORE_FAMILY:
+    unused["optimizer.galore"] = (
+        f"optimizer.galore.* applies to {GALORE_FAMILY}, not "
+        f"optimizer.name={config.optimizer.name!r}")
+  return unused
+
+
 def _write_json(path, obj):
   if distributed.is_main_process():
     metric_writers.write_json(path, obj)
@@ -330,6 +410,7 @@ def train_and_evaluate(
       does not fit the model, a GaLore-family optimizer with nothing to
       project, or fewer training pairs than `batch_size`.
   """
+  validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
   if config.method != "full" and config.method not in adapters.METHODS:
@@ -345,6 +426,8 @@ def train_and_evaluate(
     raise ValueError(
         f"{len(pairs)} training pairs < batch_size {config.batch_size}."
     )
+  config_checks.retrieval_depth("config.eval_k", config.eval_k,
+                                EVAL_METRICS, len(test.corpus))
   logging.info("%d training pairs; test: %d queries, %d docs.", len(pairs),
                len(test.qrels), len(test.corpus))
   with sharding.use_mesh(mesh):
@@ -545,6 +628,7 @@ def main(argv):
       num_processes=_NUM_PROCESSES.value,
       process_id=_PROCESS_ID.value,
   )
+  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

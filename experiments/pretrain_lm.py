@@ -55,12 +55,16 @@ import optax
 import tqdm
 
 from experiments import common_flags
+from experiments import config_checks
+from experiments.configs import pretrain_lm as config_lib
 from lowrank import adapters
 from lowrank import checkpoint
 from lowrank import metric_writers
 from lowrank import optim
 from lowrank import sharding
 from lowrank.models import llama
+from lowrank.optim import projection
+from lowrank.optim import quantize
 from lowrank.spectral import relora
 from lowrank.spectral import sltrain
 from lowrank.spectral import sst
@@ -204,11 +208,21 @@ def parse_methods(spec: str) -> list[str]:
   return names
 
 
-def validate_config(config: ml_collections.ConfigDict) -> list[str]:
+def validate_config(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any] | None = None) -> list[str]:
   """Checks the config; returns the methods to run.
 
+  Args:
+    config: The experiment config.
+    overrides: The `--config.<key>` flags given on the command line
+      (`config_checks.overrides`); each must be one the selected methods
+      read.
+
   Raises:
-    ValueError: On an unknown method or an inconsistent setting.
+    ValueError: On an unknown method, key or name, an inconsistent setting
+      or an override no selected method reads.
+    TypeError: On a value of the wrong type.
+    FileNotFoundError: On a corpus file that does not exist.
   """
   methods = parse_methods(config.methods)
   for name in ("num_train_steps", "batch_size", "seq_len", "rank",
@@ -231,7 +245,84 @@ def validate_config(config: ml_collections.ConfigDict) -> list[str]:
   missing = [m for m in methods if m not in config.lr]
   if missing:
     raise ValueError(f"config.lr has no learning rate for {missing}.")
+  _check_values(config, methods, overrides)
   return methods
+
+
+_GALORE_FAMILY = ("galore", "fira", "frugal", "q_galore")
+# Which methods read each block or key (the rest of the config is common).
+_READ_BY = {
+    "lora": ("lora", "relora"), "relora": ("relora",),
+    "galore": _GALORE_FAMILY, "galore.scale": ("galore", "fira", "q_galore"),
+    "galore.frugal_inactive_lr_scale": ("frugal",),
+    "galore.q_bits": ("q_galore",), "sst": ("sst",), "sltrain": ("sltrain",),
+    "targets": ("lora", "relora", "sst", "sltrain"),
+}
+
+
+def _check_values(config, methods, overrides) -> None:
+  """The per-key checks of `validate_config` (after its own)."""
+  check = config_checks.Checker(config, config_lib.get_config())
+  check.known_keys()
+  spec = check.get("data")
+  if spec == "tinyshakespeare":
+    check.file("data", shared_dir() / _TINYSHAKESPEARE)
+  elif isinstance(spec, str) and spec.startswith("file:"):
+    check.file("data", spec.split(":", 1)[1])
+  elif spec not in ("auto", "lee"):
+    raise ValueError(
+        f"config.data must be 'auto', 'tinyshakespeare', 'lee' or "
+        f"'file:<path>'; found {spec!r}. Fix --config.data.")
+  check.positive_int("model.hidden_size", "model.intermediate_size",
+                     "model.num_layers", "model.num_heads",
+                     "model.num_kv_heads")
+  m = config.model
+  if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
+    raise ValueError(
+        f"config.model.hidden_size ({m.hidden_size}) must be divisible by "
+        f"model.num_heads ({m.num_heads}), and num_heads by "
+        f"model.num_kv_heads ({m.num_kv_heads}). Fix --config.model.*.")
+  check.non_negative_int("seed", "warmup_steps")
+  check.in_range("val_fraction", 0.0, 1.0, low_closed=False)
+  check.in_range("min_lr_ratio", 0.0, 1.0, high_closed=True)
+  check.non_negative_number("weight_decay")
+  check.positive_number(*(f"lr.{name}" for name in methods))
+
+  def used(key):
+    return set(_READ_BY[key]) & set(methods)
+
+  if used("targets"):
+    check.regex("targets")
+  if used("lora"):
+    check.positive_number("lora.alpha")
+  if used("relora"):
+    check.positive_int("relora.reset_every")
+    check.non_negative_int("relora.restart_warmup_steps")
+    check.in_range("relora.prune_ratio", 0.0, 1.0)
+  if used("galore"):
+    check.positive_int("galore.update_gap")
+    check.choice("galore.projector", projection.PROJECTORS)
+  if used("galore.scale"):
+    check.positive_number("galore.scale")
+  if used("galore.frugal_inactive_lr_scale"):
+    check.non_negative_number("galore.frugal_inactive_lr_scale")
+  if used("galore.q_bits"):
+    check.choice("galore.q_bits", quantize.BITS)
+  if used("sst"):
+    check.positive_int("sst.resample_every", "sst.round_length")
+  if used("sltrain"):
+    check.in_range("sltrain.density", 0.0, 1.0, low_closed=False,
+                   high_closed=True)
+    check.positive_number("sltrain.alpha")
+  if overrides:
+    unused = {f"lr.{name}": f"method {name!r} is not in methods="
+                            f"{config.methods!r}"
+              for name in METHODS if name not in methods}
+    for key, readers in _READ_BY.items():
+      if not used(key):
+        unused[key] = (f"it is read by {list(readers)}, none of which is in "
+                       f"methods={config.methods!r}")
+    config_checks.unused_overrides(config, overrides, unused)
 
 
 def model_config(config: ml_collections.ConfigDict) -> llama.LlamaConfig:
@@ -562,6 +653,7 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     # orbax logs every write at INFO; the progress bar and table suffice.
     logging.set_verbosity(logging.WARNING)
+  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

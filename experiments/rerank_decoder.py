@@ -56,6 +56,8 @@ import optax
 import tqdm
 
 from experiments import common_flags
+from experiments import config_checks
+from experiments.configs import rerank_decoder as config_lib
 from lowrank import checkpoint
 from lowrank import metric_writers
 from lowrank import sharding
@@ -298,6 +300,61 @@ def _validate(config) -> None:
                      f"got {config.window}.")
 
 
+def validate_config(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any] | None = None) -> None:
+  """Checks `config` before any data or model is loaded.
+
+  Args:
+    config: The experiment config.
+    overrides: The `--config.<key>` flags given on the command line
+      (`config_checks.overrides`); each must be one this run reads.
+
+  Raises:
+    ValueError: On an unknown key or name, a non-positive size, head counts
+      that do not divide, or an override this run ignores.
+    TypeError: On a value of the wrong type.
+  """
+  _validate(config)
+  check = config_checks.Checker(config, config_lib.get_config())
+  check.known_keys()
+  check.positive_int("model.hidden_size", "model.intermediate_size",
+                     "model.num_layers", "model.num_heads",
+                     "model.num_kv_heads", "max_query_bytes", "max_doc_bytes",
+                     "pretrain.seq_len", "window", "stride")
+  check.non_negative_int("seed", "pretrain.warmup_steps",
+                         "first.warmup_steps", "first.max_train_queries",
+                         "eval_max_queries")
+  for phase in ("pretrain", "first"):
+    check.not_greater(f"{phase}.warmup_steps", f"{phase}.num_train_steps")
+    check.positive_number(f"{phase}.learning_rate")
+  m = config.model
+  if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
+    raise ValueError(
+        f"config.model.hidden_size ({m.hidden_size}) must be divisible by "
+        f"model.num_heads ({m.num_heads}), and num_heads by "
+        f"model.num_kv_heads ({m.num_kv_heads}). Fix --config.model.*.")
+  check.non_negative_number("first.lm_weight", "first.ltr_weight",
+                            "weight_decay")
+  if not config.first.lm_weight and not config.first.ltr_weight:
+    raise ValueError(
+        "config.first.lm_weight and config.first.ltr_weight are both 0, so "
+        "FIRST fine-tuning would train nothing. Set --config.first.ltr_weight "
+        "to e.g. 1.0.")
+  check.boolean("first.shuffle_candidates")
+  check.choice("icr_query_reduction", icr.QUERY_REDUCTIONS)
+  if overrides:
+    rerankers = _parse_rerankers(config.rerankers)
+    unused = {}
+    if not any(r.startswith("icr") for r in rerankers):
+      for key in ("icr_batch_size", "icr_query_reduction"):
+        unused[key] = f"no ICR reranker in rerankers={config.rerankers!r}"
+    if not any(r.startswith("first") for r in rerankers):
+      unused["eval_batch_size"] = (
+          f"it batches FIRST reranking; no FIRST reranker in "
+          f"rerankers={config.rerankers!r}")
+    config_checks.unused_overrides(config, overrides, unused)
+
+
 # ----------------------------------------------------------------------------
 # Evaluation.
 
@@ -321,7 +378,7 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
   """Runs (or resumes) both phases, then reranks; returns the results."""
-  _validate(config)
+  validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
   train = code_search.load_code_search("train")
@@ -521,6 +578,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

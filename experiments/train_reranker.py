@@ -53,6 +53,8 @@ import optax
 import tqdm
 
 from experiments import common_flags
+from experiments import config_checks
+from experiments.configs import train_reranker as config_lib
 from lowrank import adapters
 from lowrank import assets
 from lowrank import checkpoint
@@ -326,6 +328,53 @@ def _validate(config) -> None:
                      f"{config.grad_clip_norm}.")
 
 
+def validate_config(config: ml_collections.ConfigDict,
+                    overrides: dict[str, Any] | None = None) -> None:
+  """Checks `config` before any data or model is loaded.
+
+  Args:
+    config: The experiment config.
+    overrides: The `--config.<key>` flags given on the command line
+      (`config_checks.overrides`); each must be one this run reads.
+
+  Raises:
+    ValueError: On an unknown key or name, a non-positive size, an
+      inconsistent pair of sizes, or an override this run ignores.
+    TypeError: On a value of the wrong type.
+    FileNotFoundError: On a data or model directory that does not exist.
+  """
+  _validate(config)
+  check = config_checks.Checker(config, config_lib.get_config())
+  check.known_keys(open_keys=("adapter.options", "optimizer.options"))
+  check.choice("optimizer.name", OPTIMIZERS)
+  check.choice("pooling", cross_encoder.POOLINGS)
+  check.positive_int("num_train_steps", "queries_per_batch", "group_size",
+                     "negatives_depth", "negatives_pool", "max_length",
+                     "log_every_steps", "checkpoint_every_steps",
+                     "dev_every_steps", "first_stage_depth", "rerank_k",
+                     "eval_batch_size")
+  check.non_negative_int("seed", "warmup_steps", "max_train_queries",
+                         "eval_max_queries")
+  check.not_greater("warmup_steps", "num_train_steps")
+  check.not_greater("negatives_pool", "negatives_depth")
+  check.positive_number("optimizer.learning_rate")
+  check.non_negative_number("optimizer.weight_decay", "grad_clip_norm")
+  check.in_range("optimizer.b1", 0.0, 1.0)
+  check.in_range("optimizer.b2", 0.0, 1.0)
+  if config.method != "full":
+    check.positive_int("adapter.rank")
+    check.positive_number("adapter.alpha")
+    check.in_range("adapter.dropout", 0.0, 1.0)
+    check.regex("adapter.targets")
+  check.data_spec("data", splits=("train", "test"))
+  check.model_dir("model_path")
+  if overrides:
+    unused = {}
+    if config.method == "full":
+      unused["adapter"] = "method='full' trains every weight, with no adapter"
+    config_checks.unused_overrides(config, overrides, unused)
+
+
 def _restrict(run: Run, like: Run) -> Run:
   """`run`'s scores of exactly the documents `like` holds per query."""
   return {q: {d: float(run[q][d]) for d in docs} for q, docs in like.items()}
@@ -343,7 +392,7 @@ def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str
 ) -> dict[str, Any]:
   """Runs (or resumes) training, then reranks and fuses; returns results."""
-  _validate(config)
+  validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   t_start = time.perf_counter()
   train, test = load_data(config.data,
@@ -566,6 +615,7 @@ def main(argv):
     raise app.UsageError("Too many command-line arguments.")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)
+  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
   train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 

@@ -65,6 +65,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 0 = the whole test corpus; N keeps the kept queries' judged documents
   # and then the first others by id, up to N (smoke tests; optimistic).
   config.eval_max_docs = 0
+  # Results per query; at least 100 (or the corpus size): Recall@100 reads
+  # the top 100.
   config.eval_k = 100
   # Bi-encoder / Matryoshka: also report nDCG@10 and Recall@100 of the
   # embedding prefixes of these sizes (truncate + renormalise).
@@ -156,7 +158,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_max_queries = 40
     config.eval_max_docs = 300  # The 40 queries' documents + others.
     config.eval_batch_size = 32
-    config.eval_k = 20
   elif arg == "demo":  # `make demo`: LoRA and GaLore runs in < 10 minutes.
     config.num_train_steps = 60
     config.warmup_steps = 6

@@ -1,0 +1,360 @@
+"""Bad experiment configs fail fast, before any data or model is loaded.
+
+Each case takes a binary's preset, changes one thing, and expects the
+binary's `validate_config` (which its `train_and_evaluate` and `main` call
+first) to raise the given error type with a message naming the key, what
+was found and the way out. `PresetsTest` validates every preset of every
+config file, so a preset broken by a later edit fails here.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import ml_collections
+
+from experiments import config_checks
+from experiments import demo
+from experiments import eval_beir
+from experiments import finetune_retriever
+from experiments import pretrain_lm
+from experiments import rerank_decoder
+from experiments import train_reranker
+from experiments.configs import finetune_retriever as finetune_config
+from experiments.configs import pretrain_lm as pretrain_config
+from experiments.configs import rerank_decoder as rerank_config
+from experiments.configs import train_reranker as reranker_config
+
+_REPO = pathlib.Path(__file__).resolve().parents[1]
+_CONFIG_DIR = _REPO / "experiments" / "configs"
+_MISSING = "/nonexistent/boundaries_configs_test"
+
+_BINARIES = {
+    "finetune_retriever": (finetune_retriever, finetune_config),
+    "train_reranker": (train_reranker, reranker_config),
+    "rerank_decoder": (rerank_decoder, rerank_config),
+    "pretrain_lm": (pretrain_lm, pretrain_config),
+}
+
+
+def _config(binary: str, preset: str | None = "smoke",
+            **changes) -> ml_collections.ConfigDict:
+  """`binary`'s preset with dotted keys (`"adapter__rank"`) changed."""
+  config = _BINARIES[binary][1].get_config(preset)
+  with config.unlocked():
+    for key, value in changes.items():
+      *parents, leaf = key.split("__")
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+def _validate(binary: str, config, overrides=None):
+  return _BINARIES[binary][0].validate_config(config, overrides)
+
+
+class BadConfigTest(parameterized.TestCase):
+  """One boundary case per parameterized case."""
+
+  @parameterized.named_parameters(
+      # -- finetune_retriever.
+      ("ft_batch_size_zero", "finetune_retriever", dict(batch_size=0),
+       ValueError, r"config\.batch_size must be a positive integer; found 0\. "
+       r"Set --config\.batch_size to e\.g\. 32\."),
+      ("ft_batch_not_divisible_by_mesh", "finetune_retriever",
+       dict(batch_size=12), ValueError,
+       r"config\.batch_size \(12\) must be divisible by the data x fsdp mesh "
+       r"size 8 .* e\.g\. 16"),
+      ("ft_mesh_wrong_device_count", "finetune_retriever",
+       dict(mesh__data=3), ValueError,
+       r"config\.mesh .*'data': 3.* needs 3 devices; 8 are available"),
+      ("ft_mesh_two_inferred_axes", "finetune_retriever",
+       dict(mesh__fsdp=-1), ValueError, r"at most one -1"),
+      ("ft_unknown_method", "finetune_retriever", dict(method="lorax"),
+       ValueError, r"config\.method must be one of \['full', .*'lora'.*\]; "
+       r"found 'lorax'"),
+      ("ft_unknown_optimizer", "finetune_retriever",
+       dict(optimizer__name="sgd"), ValueError,
+       r"config\.optimizer\.name must be one of \['adamw', 'adamw8bit', "
+       r"'galore'.*found 'sgd'"),
+      ("ft_missing_beir_dir", "finetune_retriever",
+       dict(data=f"beir:{_MISSING}"), FileNotFoundError,
+       rf"config\.data: directory '{_MISSING}' does not exist"),
+      ("ft_missing_model_path", "finetune_retriever",
+       dict(model_path=_MISSING), FileNotFoundError,
+       rf"config\.model_path: directory '{_MISSING}' does not exist"),
+      ("ft_warmup_longer_than_run", "finetune_retriever",
+       dict(warmup_steps=10), ValueError,
+       r"config\.warmup_steps \(10\) must be <= config\.num_train_steps "
+       r"\(4\)"),
+      ("ft_dropout_one", "finetune_retriever", dict(adapter__dropout=1.0),
+       ValueError, r"config\.adapter\.dropout must be a number in "
+       r"\[0\.0, 1\.0\); found 1\.0"),
+      ("ft_unknown_pooling", "finetune_retriever", dict(pooling="max"),
+       ValueError, r"config\.pooling must be one of \['mean', 'cls', "
+       r"'last'\]"),
+      ("ft_galore_rank_zero", "finetune_retriever",
+       dict(optimizer__name="galore", method="full",
+            optimizer__galore__rank=0), ValueError,
+       r"config\.optimizer\.galore\.rank must be a positive integer"),
+      # -- train_reranker.
+      ("rr_unknown_pooling", "train_reranker", dict(pooling="max"),
+       ValueError, r"config\.pooling must be one of \['cls', 'pooler', "
+       r"'mean'\]"),
+      ("rr_pool_deeper_than_depth", "train_reranker",
+       dict(negatives_depth=5), ValueError,
+       r"config\.negatives_pool \(6\) must be <= config\.negatives_depth "
+       r"\(5\)"),
+      ("rr_unknown_optimizer", "train_reranker",
+       dict(optimizer__name="sgd"), ValueError,
+       r"config\.optimizer\.name must be one of \['adamw', "
+       r"'galore_adamw'\]"),
+      ("rr_zero_learning_rate", "train_reranker",
+       dict(optimizer__learning_rate=0.0), ValueError,
+       r"config\.optimizer\.learning_rate must be a finite number > 0; "
+       r"found 0\.0"),
+      ("rr_missing_beir_split", "train_reranker", "beir_without_train",
+       FileNotFoundError, r"has no train\.tsv \(available splits: "
+       r"\['test'\]\)"),
+      # -- rerank_decoder.
+      ("rd_heads_do_not_divide", "rerank_decoder",
+       dict(model__num_kv_heads=3, model__num_heads=2), ValueError,
+       r"num_heads by model\.num_kv_heads \(3\)"),
+      ("rd_no_training_signal", "rerank_decoder",
+       dict(first__lm_weight=0.0, first__ltr_weight=0.0), ValueError,
+       r"both 0, so FIRST fine-tuning would train nothing"),
+      ("rd_zero_pretrain_lr", "rerank_decoder",
+       dict(pretrain__learning_rate=0.0), ValueError,
+       r"config\.pretrain\.learning_rate must be a finite number > 0"),
+      ("rd_unknown_icr_reduction", "rerank_decoder",
+       dict(icr_query_reduction="max"), ValueError,
+       r"config\.icr_query_reduction must be one of \['mean', 'sum'\]"),
+      # -- pretrain_lm.
+      ("lm_missing_corpus_file", "pretrain_lm",
+       dict(data=f"file:{_MISSING}.txt"), FileNotFoundError,
+       rf"config\.data: file '{_MISSING}\.txt' does not exist"),
+      ("lm_zero_method_lr", "pretrain_lm", dict(lr__galore=0.0),
+       ValueError, r"config\.lr\.galore must be a finite number > 0"),
+      ("lm_heads_do_not_divide", "pretrain_lm", dict(model__hidden_size=33),
+       ValueError, r"hidden_size \(33\) must be divisible by "
+       r"model\.num_heads \(2\)"),
+      ("lm_unknown_projector", "pretrain_lm", dict(galore__projector="qr"),
+       ValueError, r"config\.galore\.projector must be one of \['svd', "
+       r"'rsvd', 'random'\]"),
+  )
+  def test_bad_value(self, binary, changes, error, pattern):
+    if changes == "beir_without_train":
+      root = pathlib.Path(self.create_tempdir().full_path)
+      (root / "qrels").mkdir()
+      for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
+        (root / name).write_text("")
+      changes = dict(data=f"beir:{root}")
+    with self.assertRaisesRegex(error, pattern):
+      _validate(binary, _config(binary, **changes))
+
+  def test_key_at_the_wrong_level_is_named(self):
+    # `--config.rank=8` is refused by ml_collections; a config built in
+    # code (or another config file) is checked here.
+    config = _config("finetune_retriever")
+    with config.unlocked():
+      config.rank = 8
+    with self.assertRaisesRegex(
+        ValueError, r"config\.rank is not a key this binary reads, so it "
+        r"would be ignored\. Did you mean config\.adapter\.rank or "
+        r"config\.optimizer\.galore\.rank\?"):
+      finetune_retriever.validate_config(config)
+
+  def test_wrong_type_from_a_plain_dict(self):
+    # E.g. a config rebuilt from JSON, where 32 became 32.0.
+    values = _config("finetune_retriever").to_dict()
+    values["batch_size"] = 32.0
+    with self.assertRaisesRegex(
+        TypeError, r"config\.batch_size must be a positive integer; found "
+        r"32\.0 \(float\)"):
+      finetune_retriever.validate_config(ml_collections.ConfigDict(values))
+
+  @parameterized.named_parameters(
+      ("ft_top_level_scale_for_colbert", "finetune_retriever",
+       dict(model="colbert"), {"scale": 1.0},
+       r"--config\.scale=1\.0 has no effect in this run: scale applies to "
+       r"the bi-encoder models .* not 'colbert'\. Did you mean "
+       r"--config\.colbert\.scale\?"),
+      ("ft_galore_rank_with_adamw", "finetune_retriever", {},
+       {"optimizer.galore.rank": 16},
+       r"--config\.optimizer\.galore\.rank=16 has no effect .* not "
+       r"optimizer\.name='adamw'\. Did you mean --config\.adapter\.rank\?"),
+      ("rr_adapter_rank_with_full", "train_reranker", dict(method="full"),
+       {"adapter.rank": 8}, r"--config\.adapter\.rank=8 has no effect .* "
+       r"method='full'"),
+      ("rd_icr_batch_without_icr", "rerank_decoder", dict(rerankers="first"),
+       {"icr_batch_size": 8}, r"--config\.icr_batch_size=8 has no effect .* "
+       r"no ICR reranker"),
+      ("lm_relora_option_without_relora", "pretrain_lm", {},
+       {"relora.reset_every": 10}, r"--config\.relora\.reset_every=10 has no "
+       r"effect .* read by \['relora'\], none of which is in "
+       r"methods='full,galore,lora'"),
+  )
+  def test_override_with_no_effect(self, binary, changes, given, pattern):
+    config = _config(binary, **changes)
+    _validate(binary, config)  # Valid as a config; only the flag is unused.
+    with self.assertRaisesRegex(ValueError, pattern):
+      _validate(binary, config, given)
+
+  def test_used_override_is_accepted(self):
+    config = _config("finetune_retriever", model="colbert")
+    finetune_retriever.validate_config(config, {"colbert.scale": 2.0,
+                                                "batch_size": 8})
+
+  def test_recall_depth_deeper_than_eval_k(self):
+    metrics = finetune_retriever.EVAL_METRICS
+    with self.assertRaisesRegex(
+        ValueError, r"config\.eval_k=20 retrieves fewer results than the "
+        r"metrics read .* Set config\.eval_k to at least 100\."):
+      config_checks.retrieval_depth("config.eval_k", 20, metrics, 300)
+    # A corpus no larger than k is retrieved whole: Recall@100 is exact.
+    config_checks.retrieval_depth("config.eval_k", 48, metrics, 48)
+
+  def test_train_and_evaluate_fails_before_touching_the_workdir(self):
+    workdir = os.path.join(self.create_tempdir().full_path, "never_made")
+    start = time.perf_counter()
+    with self.assertRaisesRegex(ValueError,
+                                r"config\.batch_size must be a positive"):
+      finetune_retriever.train_and_evaluate(
+          _config("finetune_retriever", batch_size=0), workdir)
+    self.assertLess(time.perf_counter() - start, 10.0)
+    self.assertFalse(os.path.exists(workdir))
+
+
+class DemoTest(absltest.TestCase):
+
+  def test_repeated_run(self):
+    config = _config("finetune_retriever", demo__runs="lora,lora")
+    with self.assertRaisesRegex(ValueError, r"config\.demo\.runs must name "
+                                r"each run at most once"):
+      demo.validate_config(config)
+
+  def test_second_run_invalid_fails_before_the_first_starts(self):
+    config = _config("finetune_retriever", optimizer__galore__rank=0)
+    workdir = os.path.join(self.create_tempdir().full_path, "never_made")
+    with self.assertRaisesRegex(
+        ValueError, r"config\.optimizer\.galore\.rank must be a positive "
+        r"integer; found 0"):
+      demo.run_demo(config, workdir)
+    self.assertFalse(os.path.exists(workdir))
+
+  def test_learning_rate_override_is_replaced_per_run(self):
+    config = finetune_config.get_config("demo")
+    with self.assertRaisesRegex(
+        ValueError, r"--config\.optimizer\.learning_rate=0\.0001 has no "
+        r"effect .* use --config\.demo\.<run>_learning_rate"):
+      demo.validate_config(config, {"optimizer.learning_rate": 1e-4})
+    # Read by the lora run only: accepted.
+    demo.validate_config(config, {"adapter.rank": 16})
+
+
+class EvalBeirTest(absltest.TestCase):
+
+  def _beir(self, splits=("test",)) -> str:
+    root = pathlib.Path(self.create_tempdir().full_path)
+    (root / "qrels").mkdir()
+    for name in ("corpus.jsonl", "queries.jsonl",
+                 *(f"qrels/{s}.tsv" for s in splits)):
+      (root / name).write_text("")
+    return str(root)
+
+  def test_missing_directory(self):
+    with self.assertRaisesRegex(
+        FileNotFoundError, rf"--data_dir: directory '{_MISSING}' does not "
+        r"exist\. Fix --data_dir\."):
+      eval_beir.validate_args(_MISSING, "bm25")
+
+  def test_missing_split(self):
+    with self.assertRaisesRegex(
+        FileNotFoundError, r"has no dev\.tsv \(available splits: "
+        r"\['test'\]\)"):
+      eval_beir.validate_args(self._beir(), "bm25", "dev")
+
+  def test_missing_corpus_file(self):
+    root = self._beir()
+    os.remove(os.path.join(root, "corpus.jsonl"))
+    with self.assertRaisesRegex(FileNotFoundError, r"corpus\.jsonl' does "
+                                r"not exist"):
+      eval_beir.validate_args(root, "bm25")
+
+  def test_zero_batch_size(self):
+    with self.assertRaisesRegex(
+        ValueError, r"--batch_size must be a positive integer; found 0\. "
+        r"Set --batch_size to e\.g\. 32\."):
+      eval_beir.validate_args(self._beir(), "bm25", batch_size=0)
+
+  def test_valid_arguments(self):
+    eval_beir.validate_args(self._beir(), "minilm", k=100)
+
+
+class PresetsTest(parameterized.TestCase):
+  """Every preset of every config file validates (or names missing data)."""
+
+  def test_every_config_file_has_a_validating_binary(self):
+    names = sorted(p.stem for p in _CONFIG_DIR.glob("*.py")
+                   if p.name != "__init__.py")
+    self.assertEqual(names, sorted(_BINARIES))
+
+  @parameterized.parameters(sorted(_BINARIES))
+  def test_presets_validate(self, binary):
+    source = (_CONFIG_DIR / f"{binary}.py").read_text()
+    presets = sorted(set(re.findall(r'arg == "(\w+)"', source)))
+    self.assertIn("smoke", presets)
+    for preset in [None, *presets]:
+      config = _config(binary, preset)
+      spec = config.get("data", "")
+      directory = spec.split(":", 1)[1] if spec.startswith("beir:") else None
+      with self.subTest(preset=preset):
+        if directory and not os.path.isdir(directory):
+          # Needs ../shared/data: it must say so, not pass or fail later.
+          with self.assertRaisesRegex(FileNotFoundError,
+                                      re.escape(directory)):
+            _validate(binary, config)
+        else:
+          _validate(binary, config)
+    if binary == "finetune_retriever":
+      for preset in [None, *presets]:
+        demo.validate_config(_config(binary, preset))
+
+
+class CommandLineTest(absltest.TestCase):
+  """The binaries' `main` checks flags before loading anything."""
+
+  def _run(self, module, *flags):
+    workdir = os.path.join(self.create_tempdir().full_path, "never_made")
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    out = subprocess.run(
+        [sys.executable, "-m", f"experiments.{module}",
+         f"--config=experiments/configs/{module}.py:smoke",
+         f"--workdir={workdir}", *flags],
+        cwd=_REPO, env=env, capture_output=True, text=True, timeout=300,
+        check=False)
+    self.assertNotEqual(out.returncode, 0)
+    self.assertFalse(os.path.exists(workdir))
+    return out.stderr
+
+  def test_batch_size_zero(self):
+    stderr = self._run("finetune_retriever", "--config.batch_size=0")
+    self.assertRegex(stderr, r"ValueError: config\.batch_size must be a "
+                             r"positive integer; found 0")
+
+  def test_override_with_no_effect(self):
+    stderr = self._run("pretrain_lm", "--config.sltrain.density=0.1")
+    self.assertRegex(stderr, r"ValueError: --config\.sltrain\.density=0\.1 "
+                             r"has no effect in this run")
+
+
+if __name__ == "__main__":
+  absltest.main()
