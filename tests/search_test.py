@@ -75,11 +75,12 @@ class ExactSearchTest(parameterized.TestCase):
   def test_compiles_once_per_shape(self):
     rng = np.random.default_rng(0)
     docs = rng.normal(size=(50, 8)).astype(np.float32)
-    before = search.exact_search._cache_size()
+    jitted = search._exact_search  # pylint: disable=protected-access
+    before = jitted._cache_size()
     for _ in range(3):
       queries = rng.normal(size=(6, 8)).astype(np.float32)
       search.exact_search(queries, docs, 7, query_chunk=4, doc_chunk=16)
-    self.assertEqual(search.exact_search._cache_size(), before + 1)
+    self.assertEqual(jitted._cache_size(), before + 1)
 
   def test_bfloat16_inputs_give_float32_scores(self):
     queries = jnp.ones((3, 8), jnp.bfloat16)

@@ -31,8 +31,25 @@ concatenated before each new block, and gathered shard results are in shard
 (= row) order. The sharded, streamed and plain modes therefore return
 identical indices. trec_eval orders ties by document id descending instead;
 `lowrank.retrieval.metrics` re-sorts runs that way, so only ties that
-straddle the k-th place can change a metric. Scores must not be NaN or
--inf (-inf marks masked rows while streaming).
+straddle the k-th place can change a metric.
+
+Input checks (`topk`, `exact_search`, `search_run`): 2-D real (float or
+integer) arrays with equal embedding dimensions and an integer
+`1 <= k <= N`, else ValueError/TypeError before anything is compiled. A NaN
+or inf embedding would score NaN/inf against every query and take the top
+places (or, as -inf, collide with the mask value of the streamed search),
+so results with a non-finite score raise ValueError naming the first
+non-finite row of `queries` or of the corpus. The check reads only the
+`[Q, k]` output scores (one `jnp.isfinite` reduction and one host sync):
+a non-finite query always shows there, and so does every non-finite corpus
+row that can change the result (one whose scores are all -inf and stay out
+of the top k cannot, and is not reported). Only then are the inputs
+scanned, to name the row; if both are finite the scores overflowed float32
+and the message says so. The output check costs tens of microseconds;
+checking the inputs up front would read the whole corpus again on every
+call (on CPU about 20 ms for 100k x 384 float32, as long as the search of
+one query). Under `jax.jit` (traced inputs) nothing can be raised and the
+check is skipped; `check_finite=False` skips it (and the sync) too.
 
 `_streamed_topk` takes any scoring function, so `lowrank.retrieval.codes`
 reuses it for Hamming, int8 and product-quantisation search.
@@ -40,6 +57,8 @@ reuses it for Hamming, int8 and product-quantisation search.
 
 from collections.abc import Callable, Sequence
 import functools
+import operator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +77,118 @@ def _lowest(dtype) -> jax.Array:
   if jnp.issubdtype(dtype, jnp.floating):
     return jnp.array(-jnp.inf, dtype)
   return jnp.array(jnp.iinfo(dtype).min, dtype)
+
+
+def _as_array(x: Any) -> jax.Array | np.ndarray:
+  return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
+
+
+def _as_int(value: Any, name: str) -> int:
+  """`value` as an int (numpy integers too); TypeError for bool/float."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be an integer; got {value!r}")
+  try:
+    return operator.index(value)
+  except TypeError:
+    raise TypeError(
+        f"{name} must be an integer; got {value!r} "
+        f"({type(value).__name__}). Pass e.g. int({value!r})."
+    ) from None
+
+
+def _check_2d(x: jax.Array | np.ndarray, name: str) -> None:
+  if x.ndim != 2:
+    hint = " (one vector v: pass v[None, :])" if x.ndim == 1 else ""
+    raise ValueError(
+        f"{name} must be a 2-D [rows, dim] array; got shape "
+        f"{tuple(x.shape)}{hint}"
+    )
+
+
+def _check_search_args(
+    queries: jax.Array | np.ndarray,
+    corpus: jax.Array | np.ndarray,
+    k: Any,
+    corpus_name: str,
+) -> int:
+  """Ranks, dtypes, dimensions and `k` of a search; returns `k` as int."""
+  for name, x in (("queries", queries), (corpus_name, corpus)):
+    _check_2d(x, name)
+    dtype = jnp.dtype(x.dtype)
+    if dtype == jnp.bool_ or not (
+        jnp.issubdtype(dtype, jnp.floating)
+        or jnp.issubdtype(dtype, jnp.integer)
+    ):
+      raise TypeError(
+          f"{name} must hold real floats or integers; got dtype {dtype}. "
+          "Convert it, e.g. x.astype(np.float32) (for complex data, decide "
+          "what the inner product should mean first)."
+      )
+  if queries.shape[1] != corpus.shape[1]:
+    raise ValueError(
+        f"queries have dimension {queries.shape[1]} but {corpus_name} rows "
+        f"have {corpus.shape[1]}; embed both with the same model (or cut "
+        "both to the same Matryoshka prefix)."
+    )
+  k = _as_int(k, "k")
+  num_docs = corpus.shape[0]
+  if not 1 <= k <= num_docs:
+    if num_docs == 0:
+      way_out = f"{corpus_name} is empty: there is nothing to search."
+    elif k < 1:
+      way_out = "Ask for at least one result."
+    else:
+      way_out = "Ask for at most N results (search_run clips k to N)."
+    raise ValueError(
+        f"Need 1 <= k <= N = {num_docs} ({corpus_name} rows); got k = {k}. "
+        f"{way_out}"
+    )
+  return k
+
+
+def _nonfinite_rows(x: jax.Array | np.ndarray) -> np.ndarray:
+  """Indices of the rows of `x` holding a NaN or an inf."""
+  if not jnp.issubdtype(jnp.dtype(x.dtype), jnp.floating):
+    return np.zeros(0, np.int64)
+  return np.flatnonzero(~np.asarray(jnp.isfinite(x).all(axis=1)))
+
+
+def _check_finite(
+    scores: jax.Array,
+    queries: jax.Array | np.ndarray,
+    corpus: jax.Array | np.ndarray,
+    corpus_name: str,
+) -> None:
+  """ValueError if the top-k scores are not all finite (see module doc)."""
+  if isinstance(scores, jax.core.Tracer):
+    return  # Under jit: nothing can be raised (documented).
+  if bool(jnp.isfinite(scores).all()):
+    return
+  problems = []
+  for name, x in (("queries", queries), (corpus_name, corpus)):
+    rows = _nonfinite_rows(x)
+    if rows.size:
+      first = int(rows[0])
+      row = np.asarray(jnp.asarray(x[first]))  # As the search read it.
+      bad = row[~np.isfinite(row)]
+      value = bad[0] if bad.size else "a value beyond float32's range"
+      problems.append(
+          f"{name} row {first} is not finite (it holds {value}; "
+          f"non-finite rows of {name}: {rows.size} of {x.shape[0]})"
+      )
+  if not problems:
+    raise ValueError(
+        "The search produced non-finite scores although queries and "
+        f"{corpus_name} are finite: their inner products overflow float32. "
+        "Scale the embeddings down, e.g. L2-normalise them."
+    )
+  raise ValueError(
+      "; ".join(problems)
+      + ". A NaN or inf embedding scores NaN or inf against the other side "
+      "and would take (or corrupt) the top places. Remove or repair those "
+      "rows before searching (e.g. keep x[np.isfinite(x).all(axis=1)] and "
+      "the matching ids), or pass check_finite=False to skip this check."
+  )
 
 
 def _streamed_topk(
@@ -217,12 +348,13 @@ def _sharded_axes(
 
 
 def topk(
-    queries: Float[_AnyArray, "q d"],
-    corpus: Float[_AnyArray, "n _d"],
-    k: int,
+    queries: jax.typing.ArrayLike,
+    corpus: jax.typing.ArrayLike,
+    k: Any,
     *,
-    block_size: int | None = None,
+    block_size: Any = None,
     precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+    check_finite: bool = True,
 ) -> tuple[Float[Array, "q k"], Int[Array, "q k"]]:
   """Exact inner-product top-`k` of `corpus` rows for every query.
 
@@ -234,93 +366,63 @@ def topk(
 
   Args:
     queries: `[Q, D]` query embeddings (replicated when `corpus` is
-      sharded).
+      sharded); real floats or integers.
     corpus: `[N, D]` document embeddings, possibly sharded.
-    k: Results per query (static), `1 <= k <= N`.
+    k: Results per query (static), an integer `1 <= k <= N`. `k`,
+      `block_size` and the arrays are checked here, with clear errors, not
+      by annotations.
     block_size: Corpus rows per streaming step (per shard when sharded);
       None scores all (local) rows at once. With a block size, score memory
       is `O(Q * (block_size + k))`, so `N` can be much larger than one
       `[Q, N]` buffer.
     precision: Matmul precision. HIGHEST gives float32 scores that match
       numpy's; lower settings allow TF32/bf16 passes on accelerators.
+    check_finite: Raise if a returned score is NaN or inf (see the module
+      docstring; one reduction over the `[Q, k]` scores and a host sync).
+      Skipped under `jax.jit`.
 
   Returns:
     `(scores, indices)`, both `[Q, k]`: float32 scores in descending order
     and int32 row indices into `corpus`; ties: lower index first.
 
   Raises:
-    ValueError: On rank or dimension mismatches, `k` outside `[1, N]`, or a
-      non-positive `block_size`.
+    ValueError: On inputs that are not 2-D, a dimension mismatch, `k`
+      outside `[1, N]`, a non-positive `block_size`, or (with
+      `check_finite`) a NaN/inf query or corpus row that reaches the top k,
+      or scores that overflow float32.
+    TypeError: If `k` or `block_size` is not an integer, or an input is not
+      real (complex, bool, object).
   """
-  if queries.ndim != 2 or corpus.ndim != 2:
-    raise ValueError(
-        "queries and corpus must be [Q, D] and [N, D]; got shapes "
-        f"{queries.shape} and {corpus.shape}"
-    )
-  if queries.shape[1] != corpus.shape[1]:
-    raise ValueError(
-        f"queries have dimension {queries.shape[1]} but corpus rows have "
-        f"{corpus.shape[1]}"
-    )
-  num_docs = corpus.shape[0]
-  if not 1 <= k <= num_docs:
-    raise ValueError(f"Need 1 <= k <= N = {num_docs}; got k = {k}")
-  if block_size is not None and block_size < 1:
-    raise ValueError(f"block_size must be positive or None; got {block_size}")
+  queries, corpus = _as_array(queries), _as_array(corpus)
+  k = _check_search_args(queries, corpus, k, "corpus")
+  if block_size is not None:
+    block_size = _as_int(block_size, "block_size")
+    if block_size < 1:
+      raise ValueError(
+          f"block_size must be positive or None; got {block_size}"
+      )
   sharded = _sharded_axes(corpus)
   if sharded is None:
-    return _topk_single(queries, corpus, k, block_size, precision)
-  mesh, row_axes, col_axes = sharded
-  queries = jax.device_put(
-      queries, jax.sharding.NamedSharding(mesh, P(None, col_axes or None))
-  )
-  return _topk_sharded(
-      queries, corpus, k, block_size, precision, mesh, row_axes, col_axes
-  )
+    scores, indices = _topk_single(queries, corpus, k, block_size, precision)
+  else:
+    mesh, row_axes, col_axes = sharded
+    queries = jax.device_put(
+        queries, jax.sharding.NamedSharding(mesh, P(None, col_axes or None))
+    )
+    scores, indices = _topk_sharded(
+        queries, corpus, k, block_size, precision, mesh, row_axes, col_axes
+    )
+  if check_finite:
+    _check_finite(scores, queries, corpus, "corpus")
+  return scores, indices
 
 
 @functools.partial(
     jax.jit, static_argnames=("k", "query_chunk", "doc_chunk", "precision")
 )
-def exact_search(
-    queries: Float[Array, "q d"],
-    docs: Float[Array, "n d"],
-    k: int,
-    *,
-    query_chunk: int = 512,
-    doc_chunk: int = 8192,
-    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
-) -> tuple[Float[Array, "q k"], Int[Array, "q k"]]:
-  """Top-`k` documents by inner product for every query, in chunks.
-
-  Compiles once per (shapes, `k`, chunk sizes); the loop bodies have fixed
-  shapes `[query_chunk, D]` x `[doc_chunk, D]`. Same results as `topk`
-  (which does not chunk the queries but also runs sharded).
-
-  Args:
-    queries: `[Q, D]` query embeddings.
-    docs: `[N, D]` document embeddings.
-    k: Number of results per query (static), `1 <= k <= N`. It may exceed
-      `doc_chunk`.
-    query_chunk: Queries per step (static); clipped to `Q`. The query matrix
-      is zero-padded to a multiple of it.
-    doc_chunk: Documents per step (static); clipped to `N`.
-    precision: Matmul precision (static). HIGHEST gives float32 scores that
-      match numpy's; lower settings allow TF32/bf16 passes on accelerators.
-
-  Returns:
-    `(scores, indices)`, both `[Q, k]`: float32 scores in descending order,
-    and int32 row indices into `docs` (ties: lower index first).
-
-  Raises:
-    ValueError: If `k` is not in `[1, N]` or a chunk size is not positive.
-  """
+def _exact_search(queries, docs, k, query_chunk, doc_chunk, precision):
+  """`exact_search` after its checks (jitted)."""
   num_queries, dim = queries.shape
-  num_docs = docs.shape[0]
-  if not 1 <= k <= num_docs:
-    raise ValueError(f"Need 1 <= k <= N = {num_docs}; got k = {k}")
-  if query_chunk < 1 or doc_chunk < 1:
-    raise ValueError(f"Chunk sizes must be positive: {query_chunk, doc_chunk}")
   if num_queries == 0:  # Nothing to search (no chunk of size 0 exists).
     return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
   # Static: all of this is decided from shapes.
@@ -340,16 +442,78 @@ def exact_search(
   )
 
 
-def search_run(
-    query_ids: Sequence[str],
-    query_embeddings: jax.typing.ArrayLike,
-    doc_ids: Sequence[str],
-    doc_embeddings: jax.typing.ArrayLike,
-    k: int,
+def exact_search(
+    queries: jax.typing.ArrayLike,
+    docs: jax.typing.ArrayLike,
+    k: Any,
     *,
-    query_chunk: int = 512,
-    doc_chunk: int = 8192,
-) -> dict[str, dict[str, float]]:
+    query_chunk: Any = 512,
+    doc_chunk: Any = 8192,
+    precision: jax.lax.Precision = jax.lax.Precision.HIGHEST,
+    check_finite: bool = True,
+) -> tuple[Float[Array, "q k"], Int[Array, "q k"]]:
+  """Top-`k` documents by inner product for every query, in chunks.
+
+  Compiles once per (shapes, `k`, chunk sizes); the loop bodies have fixed
+  shapes `[query_chunk, D]` x `[doc_chunk, D]`. Same results and checks as
+  `topk` (which does not chunk the queries but also runs sharded).
+
+  Args:
+    queries: `[Q, D]` query embeddings; real floats or integers.
+    docs: `[N, D]` document embeddings.
+    k: Number of results per query (static), an integer `1 <= k <= N`. It
+      may exceed `doc_chunk`.
+    query_chunk: Queries per step (static); clipped to `Q`. The query matrix
+      is zero-padded to a multiple of it.
+    doc_chunk: Documents per step (static); clipped to `N`.
+    precision: Matmul precision (static). HIGHEST gives float32 scores that
+      match numpy's; lower settings allow TF32/bf16 passes on accelerators.
+    check_finite: Raise if a returned score is NaN or inf (as `topk`).
+
+  Returns:
+    `(scores, indices)`, both `[Q, k]`: float32 scores in descending order,
+    and int32 row indices into `docs` (ties: lower index first).
+
+  Raises:
+    ValueError: If the inputs are not 2-D or their dimensions differ, `k`
+      is not in `[1, N]`, a chunk size is not positive, or (with
+      `check_finite`) on a NaN/inf query or document row (see `topk`).
+    TypeError: If `k` or a chunk size is not an integer, or an input is not
+      real.
+  """
+  queries, docs = _as_array(queries), _as_array(docs)
+  k = _check_search_args(queries, docs, k, "docs")
+  query_chunk = _as_int(query_chunk, "query_chunk")
+  doc_chunk = _as_int(doc_chunk, "doc_chunk")
+  if query_chunk < 1 or doc_chunk < 1:
+    raise ValueError(
+        f"Chunk sizes must be positive: query_chunk={query_chunk}, "
+        f"doc_chunk={doc_chunk}"
+    )
+  scores, indices = _exact_search(
+      queries,
+      docs,
+      k=k,
+      query_chunk=query_chunk,
+      doc_chunk=doc_chunk,
+      precision=precision,
+  )
+  if check_finite:
+    _check_finite(scores, queries, docs, "docs")
+  return scores, indices
+
+
+def search_run(
+    query_ids: Sequence[Any],
+    query_embeddings: jax.typing.ArrayLike,
+    doc_ids: Sequence[Any],
+    doc_embeddings: jax.typing.ArrayLike,
+    k: Any,
+    *,
+    query_chunk: Any = 512,
+    doc_chunk: Any = 8192,
+    check_finite: bool = True,
+) -> dict[Any, dict[Any, float]]:
   """Runs `exact_search` and returns a run dict for `metrics.evaluate`.
 
   Args:
@@ -357,19 +521,24 @@ def search_run(
     query_embeddings: `[Q, D]`.
     doc_ids: `N` ids, one per row of `doc_embeddings`.
     doc_embeddings: `[N, D]`.
-    k: Results per query; clipped to `N` (so `k=100` works on an 82-document
-      corpus).
+    k: Results per query, a positive integer; clipped to `N` (so `k=100`
+      works on an 82-document corpus).
     query_chunk: See `exact_search`.
     doc_chunk: See `exact_search`.
+    check_finite: See `exact_search`.
 
   Returns:
     `{query id: {doc id: score}}` with `min(k, N)` documents per query.
 
   Raises:
-    ValueError: If the id lists and embedding rows disagree.
+    ValueError: If the id lists and embedding rows disagree, `k < 1`, the
+      corpus is empty, and as `exact_search`.
+    TypeError: As `exact_search`.
   """
-  query_embeddings = jnp.asarray(query_embeddings)
-  doc_embeddings = jnp.asarray(doc_embeddings)
+  query_embeddings = _as_array(query_embeddings)
+  doc_embeddings = _as_array(doc_embeddings)
+  _check_2d(query_embeddings, "query_embeddings")
+  _check_2d(doc_embeddings, "doc_embeddings")
   if len(query_ids) != query_embeddings.shape[0]:
     raise ValueError(
         f"{len(query_ids)} query ids for {query_embeddings.shape[0]} rows"
@@ -378,12 +547,16 @@ def search_run(
     raise ValueError(
         f"{len(doc_ids)} doc ids for {doc_embeddings.shape[0]} rows"
     )
+  k = _as_int(k, "k")
+  if k < 1:
+    raise ValueError(f"k must be a positive integer; got {k}")
   scores, indices = exact_search(
       query_embeddings,
       doc_embeddings,
       min(k, len(doc_ids)),
       query_chunk=query_chunk,
       doc_chunk=doc_chunk,
+      check_finite=check_finite,
   )
   return metrics.run_from_scores(
       query_ids, doc_ids, np.asarray(scores), np.asarray(indices)
