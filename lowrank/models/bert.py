@@ -898,9 +898,9 @@ def hf_param_names(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
 
 
 def _current_mesh_and_rules():
-  """The active mesh (or a default one) and the active axis rules."""
+  """The active mesh (`None` when none is active) and the axis rules."""
   if jax.sharding.get_abstract_mesh().empty:
-    mesh = sharding.make_mesh()
+    mesh = None
   else:
     mesh = jax.sharding.get_mesh()
   rules = flax_spmd.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
@@ -932,10 +932,13 @@ def load_pretrained(
   `pooler.dense.*`; the MLM head iff `architectures` names BertForMaskedLM
   (or BertForPreTraining).
 
-  The model is built under the active mesh and logical-axis rules (inside
-  `sharding.use_mesh(...)`), or on a default mesh over all devices when none
-  is active; each parameter is placed with the sharding its logical axes
-  give. It is returned in eval mode (dropout off).
+  Under an active mesh (inside `sharding.use_mesh(...)`) each parameter is
+  placed with the sharding its logical axes give under the active rules (and
+  the dropout RNG state is replicated on that mesh). With no active mesh
+  nothing is placed on a mesh: the values are ordinary (uncommitted) arrays
+  on the default device, as in any NNX module built outside a mesh, so a
+  plain `nnx.jit` train step with an `nnx.Optimizer` compiles once. It is
+  returned in eval mode (dropout off).
 
   Args:
     path: The checkpoint directory.
@@ -974,6 +977,8 @@ def load_pretrained(
   )
 
   mesh, rules = _current_mesh_and_rules()
+  # Without an active mesh the abstract model is built on a default one (for
+  # its shapes only) and nothing is placed on a mesh; see the docstring.
   with sharding.use_mesh(mesh, rules):
     model = nnx.eval_shape(
         lambda: BertModel(config, rngs=nnx.Rngs(params=0, dropout=seed))
@@ -1029,13 +1034,17 @@ def load_pretrained(
     if not np.issubdtype(arr.dtype, np.floating):
       raise ValueError(f"{key}: expected a floating tensor, found {arr.dtype}")
     value = (arr.T if is_kernel else arr).astype(param_dtype)
+    if mesh is None:
+      var.set_value(jnp.asarray(value))
+      continue
     spec = sharding.logical_to_spec(
         var.get_metadata().get("out_sharding"), rules, mesh=mesh, shape=shape
     )
     var.set_value(
         jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
     )
-  # The dropout streams are the only other variables; give them real keys.
+  # The dropout streams are the only other variables; give them real keys
+  # (under an active mesh NNX commits them to it, replicated).
   nnx.reseed(model, dropout=seed)
   for var_path, node in nnx.graph.iter_graph(model):
     if isinstance(node, nnx.Variable) and not isinstance(

@@ -992,7 +992,7 @@ def _entry_shape(e: _Entry) -> tuple[int, ...]:
 
 
 def _mesh_and_rules(model: nnx.Module | None = None):
-  """The mesh of `model`'s parameters, else the active (or a default) one."""
+  """The mesh of `model`'s parameters, else the active one, else `None`."""
   rules = flax_spmd.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
   if model is not None:
     for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
@@ -1000,21 +1000,22 @@ def _mesh_and_rules(model: nnx.Module | None = None):
       if isinstance(sh, jax.sharding.NamedSharding):
         return sh.mesh, tuple(rules)
   if jax.sharding.get_abstract_mesh().empty:
-    return sharding.make_mesh(), tuple(rules)
+    return None, tuple(rules)
   return jax.sharding.get_mesh(), tuple(rules)
 
 
 def _build_from(
     config: LlamaConfig,
     get: Callable[[str, _Entry], Any],
-    mesh: jax.sharding.Mesh,
+    mesh: jax.sharding.Mesh | None,
     rules: Any,
 ) -> LlamaForCausalLM:
   """Builds a model without random init; `get(name, entry)` gives values.
 
   `get` returns each tensor in Flax layout (already transposed), per layer
   for stacked leaves; values are cast to `config.param_dtype` and placed
-  with the sharding of the parameter's logical axes.
+  with the sharding of the parameter's logical axes (`mesh=None`: ordinary
+  arrays on the default device, placed on no mesh).
   """
   with sharding.use_mesh(mesh, rules):
     model = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
@@ -1031,6 +1032,9 @@ def _build_from(
       numpy = all(isinstance(v, np.ndarray) for v in values)
       value = np.stack(values) if numpy else jnp.stack(values)
     shape = tuple(var.get_value().shape)
+    if mesh is None:
+      var.set_value(jnp.asarray(value).astype(config.param_dtype))
+      continue
     spec = sharding.logical_to_spec(
         var.get_metadata().get("out_sharding"), rules, mesh=mesh, shape=shape)
     value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
@@ -1153,9 +1157,10 @@ def load_pretrained(
   are stacked. A tied checkpoint may carry `lm_head.weight` only if it
   equals `model.embed_tokens.weight`.
 
-  The model is built under the active mesh and logical-axis rules (inside
-  `sharding.use_mesh(...)`), or on a default mesh over all devices, each
-  parameter placed with the sharding of its logical axes.
+  Under an active mesh (inside `sharding.use_mesh(...)`) each parameter is
+  placed with the sharding of its logical axes; with none, nothing is placed
+  on a mesh (ordinary arrays on the default device, so a plain `nnx.jit`
+  train step with an `nnx.Optimizer` compiles once).
 
   Args:
     path: The checkpoint directory.

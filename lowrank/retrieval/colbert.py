@@ -266,6 +266,9 @@ class ColBERT(nnx.Module):
     mesh = _encoder_mesh(encoder)
     if not jax.sharding.get_abstract_mesh().empty:
       self.linear = build()
+    elif mesh is None:  # An encoder on no mesh: the head on none either.
+      with nnx.use_eager_sharding(False):
+        self.linear = build()
     else:
       with sharding.use_mesh(mesh):
         self.linear = build()
