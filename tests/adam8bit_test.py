@@ -166,7 +166,7 @@ class QuantizeTest(parameterized.TestCase):
 
 
 class ContractTest(parameterized.TestCase):
-  """The contract every transform passes (STYLE.md C8)."""
+  """The contract every transform passes (as in optax contrib's tests)."""
 
   TXS = {
       "adamw8bit": lambda: adam8bit.adamw8bit(5e-2, **_SMALL),

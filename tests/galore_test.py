@@ -145,7 +145,7 @@ class ProjectionTest(parameterized.TestCase):
 
 
 class ContractTest(parameterized.TestCase):
-  """The contract every transform passes (STYLE.md C8)."""
+  """The contract every transform passes (as in optax contrib's tests)."""
 
   TXS = {
       "galore": lambda: optim.galore_adamw(5e-2, rank=4, update_gap=3),

@@ -65,7 +65,7 @@ def _core(inner=None, **kwargs):
 
 
 class ContractTest(parameterized.TestCase):
-  """The contract every transform passes (STYLE.md C8)."""
+  """The contract every transform passes (as in optax contrib's tests)."""
 
   TXS = {
       "lisa": lambda: ls.lisa_adamw(

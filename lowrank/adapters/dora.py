@@ -28,7 +28,7 @@ recomputed from the dropped input as PEFT does.
 
 so the forward only forms `AᵀW: [r, d_out]`, `AᵀA: [r, r]` and
 `(AᵀA) B: [r, d_out]` besides the reduction `Σ_i W_ij²`, which XLA fuses
-(REFERENCE.md §4 item 11; proposed for PEFT in PR #3387, never merged).
+(proposed for Hugging Face PEFT in huggingface/peft PR #3387, never merged).
 
 Merging folds `g ⊙ (W + ΔW)` into the kernel and remembers the column norms
 (`merge_norm`, an `AdapterState`) that `unmerge` needs, because they cannot be

@@ -3,7 +3,8 @@ r"""Sparse Spectral Training (SST): layers, conversion and the optimizer.
 A linear layer is reparameterised in spectral form, `W = U diag(s) Vᵀ`
 (kernel layout `[d_in, d_out]`: `U: [d_in, m]`, `s: [m]`, `V: [d_out, m]`,
 `m = min(d_in, d_out)`), initialised from the SVD of the dense weight.
-Training (Zhao et al., REFERENCE.md §3.1):
+Training (Zhao et al., Sparse Spectral Training and Inference on Euclidean
+and Hyperbolic Architectures, https://arxiv.org/abs/2405.15481):
 
 * all singular values `s` are updated every step and clamped at 0;
 * only `r` singular-vector pairs are updated per iteration. They are sampled
