@@ -80,3 +80,7 @@ from lowrank.adapters.random_basis import NOLAWrapper
 from lowrank.adapters.random_basis import RandLoRAWrapper
 from lowrank.adapters.random_basis import share_bases
 from lowrank.adapters.random_basis import VeRAWrapper
+
+# The public API: every name imported above, and every submodule (each is
+# imported by the lines above, directly or through another submodule).
+__all__ = sorted(n for n in dir() if not n.startswith("_"))

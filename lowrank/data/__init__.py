@@ -14,4 +14,15 @@
 - `lowrank.data.hard_negatives`: BM25- and model-mined hard negatives,
   `(query, positive, negatives)` text batches, and length-bucketed batching
   of tokenised inputs.
+
+Submodules are imported on first use (`lowrank.data.beir` after
+`import lowrank.data`).
 """
+
+import lowrank
+
+# pylint: disable-next=protected-access
+__getattr__, __dir__, __all__ = lowrank._attach(
+    __name__,
+    submodules=("beir", "code_search", "hard_negatives", "tfds_builders"),
+)

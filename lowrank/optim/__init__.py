@@ -46,3 +46,7 @@ from lowrank.optim.sora import sora_adamw
 from lowrank.optim.sora import sora_proximal
 from lowrank.optim.sora import SoRAProximalState
 from lowrank.optim.sora import STATIC_ARGS as SORA_STATIC_ARGS
+
+# The public API: every name imported above, and every submodule (each is
+# imported by the lines above, directly or through another submodule).
+__all__ = sorted(n for n in dir() if not n.startswith("_"))

@@ -45,3 +45,7 @@ from lowrank.spectral.compress import LowRankLinear
 from lowrank.spectral.compress import welore_compress
 from lowrank.spectral.compress import welore_ranks
 from lowrank.spectral.compress import welore_trainable
+
+# The public API: every name imported above, and every submodule (each is
+# imported by the lines above, directly or through another submodule).
+__all__ = sorted(n for n in dir() if not n.startswith("_"))
