@@ -309,7 +309,14 @@ def _check_values(config, methods, overrides) -> None:
   if used("galore.q_bits"):
     check.choice("galore.q_bits", quantize.BITS)
   if used("sst"):
-    check.positive_int("sst.resample_every", "sst.round_length")
+    check.positive_int("sst.resample_every")
+    check.non_negative_int("sst.round_length", "sst.rewarm_steps")
+    check.not_greater("sst.rewarm_steps", "sst.resample_every")
+    if config.sst.round_length % config.sst.resample_every:
+      raise ValueError(
+          f"config.sst.round_length ({config.sst.round_length}) must be a "
+          f"multiple of sst.resample_every ({config.sst.resample_every}), "
+          "or 0 for (m/r)·resample_every. Fix --config.sst.round_length.")
   if used("sltrain"):
     check.in_range("sltrain.density", 0.0, 1.0, low_closed=False,
                    high_closed=True)
@@ -388,7 +395,8 @@ def build_optimizer(
     return sst.sst_adamw(
         schedule, rank=config.rank, weight_decay=wd,
         resample_every=config.sst.resample_every,
-        round_length=config.sst.round_length, seed=config.seed)
+        round_length=config.sst.round_length or None,
+        rewarm_steps=config.sst.rewarm_steps, seed=config.seed)
   raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
 
 

@@ -79,9 +79,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.galore.frugal_inactive_lr_scale = 0.1
   config.galore.q_bits = 4
 
+  # SST (lowrank.spectral.sst_adamw): iterations of resample_every steps
+  # (the paper's T3) with the same sampled vectors, so Adam's moments
+  # accumulate; round_length 0 = (m/r) iterations per round (200 steps
+  # here, m = 128, r = 32); the active block's rate re-warms over
+  # rewarm_steps after every resample (library default: T3 // 10).
   config.sst = ml_collections.ConfigDict()
-  config.sst.resample_every = 1
-  config.sst.round_length = 50
+  config.sst.resample_every = 50
+  config.sst.round_length = 0
+  config.sst.rewarm_steps = 5
 
   config.sltrain = ml_collections.ConfigDict()
   config.sltrain.density = 0.03
@@ -106,7 +112,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.relora.reset_every = 2
     config.relora.restart_warmup_steps = 1
     config.galore.update_gap = 2
-    config.sst.round_length = 2
+    config.sst.resample_every = 2
+    config.sst.round_length = 4
+    config.sst.rewarm_steps = 1
   elif arg:
     raise ValueError(f"Unknown preset {arg!r}; expected 'smoke' or none.")
   return config
