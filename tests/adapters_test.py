@@ -115,9 +115,10 @@ class LoraMathTest(parameterized.TestCase):
   def test_scaling(self, r, alpha, rs, want):
     self.assertAlmostEqual(lora.scaling(r, alpha, rslora=rs), want)
 
-  @parameterized.parameters(0, -1, 2.5, True)
-  def test_bad_rank(self, r):
-    with self.assertRaisesRegex(ValueError, "rank must be a positive"):
+  @parameterized.parameters((0, ValueError), (-1, ValueError),
+                            (2.5, TypeError), (True, TypeError))
+  def test_bad_rank(self, r, error):
+    with self.assertRaisesRegex(error, "rank must be a positive"):
       lora.scaling(r, 1.0)
 
   def test_kaiming_bound_and_gaussian_std(self):

@@ -225,20 +225,18 @@ class DoRA(layers.LoRAWrapper):
     base_out = y if bias is None else y - bias.astype(y.dtype)
     return y + (g - 1) * base_out + g * lora_out.astype(y.dtype)
 
-  def merge(self) -> None:
+  def _fold(self) -> None:
     """Kernel `← m/‖W+ΔW‖_c ⊙ (W + ΔW)` (fp32, cast back); keeps the norms."""
-    if self.merged:
-      return
     _, v, norm = self._dense_adapted()
     m = self.magnitude[...].reshape(self.d_out).astype(jnp.float32)
     self.set_kernel_2d(v * (m / norm)[None, :])
     self._set_merge_norm(norm)
-    self.merged = True
 
-  def unmerge(self) -> None:
-    """Inverse of `merge`: kernel `← W' ‖W+ΔW‖_c / m - ΔW`."""
-    if not self.merged:
-      return
+  def _unfold(self) -> None:
+    """Inverse of `_fold`: kernel `← W' ‖W+ΔW‖_c / m - ΔW`.
+
+    `unmerge` runs this with `m`, `A`, `B` as they were at `merge` time.
+    """
     w_merged = self.kernel_2d().astype(jnp.float32)
     norm = self.merge_norm[...].reshape(self.d_out).astype(jnp.float32)
     m = self.magnitude[...].reshape(self.d_out).astype(jnp.float32)
@@ -246,7 +244,6 @@ class DoRA(layers.LoRAWrapper):
     w = w_merged * (norm / m)[None, :] - lora.lora_delta(a, b, self.scale)
     self.set_kernel_2d(w)
     self._set_merge_norm(jnp.ones((self.d_out,), jnp.float32))
-    self.merged = False
 
   def _set_merge_norm(self, norm: jax.Array) -> None:
     layers.assign(self.merge_norm, norm)

@@ -118,20 +118,47 @@ def _listing(paths: Sequence[str], limit: int = 40) -> str:
   return ", ".join(shown) + more
 
 
+def _check_hyperparameters(rank, alpha, rank_pattern, alpha_pattern) -> None:
+  """Type and range checks of `inject`'s rank / alpha arguments.
+
+  Raises:
+    TypeError: A rank that is not an int (`2.5`, `True`, `None`, `"8"`), an
+      alpha that is not a real number, or a pattern that is not a mapping.
+    ValueError: A rank below 1 or a non-finite alpha.
+  """
+  rank = lora.check_rank(rank)
+  lora.check_alpha(alpha, rank)
+  for what, patterns in (("rank_pattern", rank_pattern),
+                         ("alpha_pattern", alpha_pattern)):
+    if patterns is not None and not isinstance(patterns, Mapping):
+      raise TypeError(
+          f"{what} must be a dict {{regex: value}} or None; got "
+          f"{patterns!r} of type {type(patterns).__name__}."
+      )
+  for pattern, value in (rank_pattern or {}).items():
+    _compile(pattern, "rank_pattern")
+    lora.check_rank(value, name=f"rank_pattern[{pattern!r}]")
+  for pattern, value in (alpha_pattern or {}).items():
+    _compile(pattern, "alpha_pattern")
+    lora.check_alpha(value, rank, name=f"alpha_pattern[{pattern!r}]")
+
+
 def inject(
     model: nnx.Module,
     *,
     targets: str | Sequence[str],
     method: str = "lora",
+    # rank, alpha, dropout and the patterns are checked by hand: the errors
+    # then name the argument and the way out.
     rank,
-    alpha: float | int | None = None,
-    dropout: float | int = 0.0,
+    alpha=None,
+    dropout=0.0,
     init: str = "kaiming",
     init_data: Mapping[str, Any] | None = None,
     use_rslora: bool = False,
     exclude: str | Sequence[str] | None = None,
-    rank_pattern: Mapping[str, int] | None = None,
-    alpha_pattern: Mapping[str, float | int] | None = None,
+    rank_pattern=None,
+    alpha_pattern=None,
     rngs: nnx.Rngs | int = 0,
     quantize_base: str | None = None,
     **method_options,
@@ -147,9 +174,10 @@ def inject(
       `nnx.Einsum` or `nnx.Embed` submodules.
     targets: Which modules (see the module docstring for the semantics).
     method: Adapter family (`"lora"`; variants register in `METHODS`).
-    rank: Adapter rank `r`.
-    alpha: `lora_alpha`; default `rank` (scale 1).
-    dropout: Dropout on the adapter input (active in `model.train()` mode).
+    rank: Adapter rank `r`, a positive int (Python or NumPy integer).
+    alpha: `lora_alpha`, a finite number; default `rank` (scale 1).
+    dropout: Dropout rate in `[0, 1)` on the adapter input (active in
+      `model.train()` mode).
     init: `"kaiming"` (PEFT default) or `"gaussian"` for `A` with `B = 0`,
       or a data/SVD initialisation registered in `layers.INITIALIZERS`
       (`"pissa"`, `"olora"`, `"corda"`, `"lora_sb"`, ...), which is applied
@@ -158,8 +186,8 @@ def inject(
       (CorDA's input covariance, LoRA-SB's first gradient).
     use_rslora: Scale `alpha / sqrt(r)` instead of `alpha / r`.
     exclude: Modules to leave alone even if they match `targets`.
-    rank_pattern: `{regex: rank}` overrides, PEFT semantics.
-    alpha_pattern: `{regex: alpha}` overrides, PEFT semantics.
+    rank_pattern: `{regex: rank}` overrides (ints), PEFT semantics.
+    alpha_pattern: `{regex: alpha}` overrides (numbers), PEFT semantics.
     rngs: `nnx.Rngs` or an int seed for the adapter initialisation.
     quantize_base: `"nf4"` or `"int8"`: first replace the targeted base
       layers by frozen block-quantised ones that dequantise on the fly
@@ -171,12 +199,15 @@ def inject(
     `model`, with adapters.
 
   Raises:
+    TypeError: If `rank` (or a `rank_pattern` value) is not an int, or
+      `alpha` (or an `alpha_pattern` value) is not a real number.
     ValueError: On a bad regex, a target that matches nothing, a matched
-      module that cannot be adapted, or bad hyperparameters; the message
-      lists the module paths that exist.
+      module that cannot be adapted, or bad hyperparameters (rank < 1,
+      non-finite alpha, ...); the message lists the module paths that exist.
   """
   if method not in METHODS:
     raise ValueError(f"Unknown method {method!r}; known: {sorted(METHODS)}.")
+  _check_hyperparameters(rank, alpha, rank_pattern, alpha_pattern)
   if quantize_base is not None:
     # Local import: `quantized` builds on this module.
     from lowrank.adapters import quantized  # pylint: disable=g-import-not-at-top
@@ -240,7 +271,7 @@ def inject(
     name = path_str(p)
     new = cls(
         m,
-        rank=int(pattern_value(rank_pattern, name, rank)),
+        rank=pattern_value(rank_pattern, name, rank),
         alpha=pattern_value(alpha_pattern, name, alpha),
         rslora=use_rslora,
         dropout=dropout,
@@ -272,21 +303,37 @@ def merge(model: nnx.Module) -> nnx.Module:
 
 
 def unmerge(model: nnx.Module) -> nnx.Module:
-  """Subtracts every merged adapter back out of its base weight, in place."""
-  for m in adapter_modules(model).values():
-    m.unmerge()
+  """Subtracts every merged adapter back out of its base weight, in place.
+
+  Each adapter subtracts exactly the update its `merge` added (see
+  `LoRAWrapper.unmerge`), so the base weights come back even if the model
+  was trained while merged; one `UserWarning` then lists the adapters whose
+  values changed since `merge`.
+  """
+  changed = {}
+  for name, m in adapter_modules(model).items():
+    names = m.unmerge_exact()
+    if names:
+      changed[name] = names
+  if changed:
+    layers.warn_changed_while_merged(changed, stacklevel=2)
   return model
 
 
 def unload(model: nnx.Module, *, merge_first: bool = True) -> nnx.Module:
   """Replaces every wrapper by its base module (merged first by default)."""
+  changed = {}
   for name, m in adapter_modules(model).items():
     if merge_first:
       m.merge()
     elif m.merged:
-      m.unmerge()
+      names = m.unmerge_exact()
+      if names:
+        changed[name] = names
     path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
     _set_child(model, path, m.base)
+  if changed:
+    layers.warn_changed_while_merged(changed, stacklevel=2)
   return model
 
 

@@ -21,7 +21,8 @@ hooks on 2-D arrays and works on every kind:
   * `delta_weight() -> [d_in, d_out]` float32: `ΔW2`, for merging.
 
 Variants whose output is not `base(x) + x ΔW` (DoRA) override `__call__`,
-`merge` and `unmerge`. `options()` returns the constructor keywords that
+`_fold` and `_unfold` (the kernel arithmetic of `merge` and `unmerge`).
+`options()` returns the constructor keywords that
 `lowrank.adapters.save_adapter` records so the same adapter can be rebuilt.
 
 Sharding: trainable factors inherit the base kernel's logical axes
@@ -36,7 +37,9 @@ A fresh plain-LoRA wrapper is a drop-in replacement: `wrapper(x)` equals
 """
 
 import math
+import numbers
 from typing import Any
+import warnings
 
 from flax import nnx
 import jax
@@ -54,6 +57,42 @@ class Basis(nnx.Variable):
   `wrt=nnx.LoRAParam` never see it and adapter checkpoints
   (`lowrank.checkpoint.save_adapters`) do not store it.
   """
+
+
+class MergeRecord(nnx.Variable):
+  """Copy of an adapter value at `merge` time (see `LoRAWrapper.merge`).
+
+  Exists only while the adapter is merged; neither trained nor saved in
+  adapter files.
+  """
+
+
+def _record_key(path: str) -> str:
+  return path.replace("/", ".")
+
+
+def _copy_variable(kind: type, var: nnx.Variable) -> nnx.Variable:
+  """A `kind` variable holding a copy of `var`'s value (same sharding)."""
+  value = var.get_value()
+  if not isinstance(value, jax.core.Tracer):
+    # A fresh buffer: a train step that donates the adapter parameters must
+    # not free the record with them.
+    value = jnp.array(value, copy=True)
+  logical = var.get_metadata().get("out_sharding")
+  kwargs = {} if logical is None else {"out_sharding": logical}
+  with nnx.use_eager_sharding(False):
+    return kind(value, **kwargs)
+
+
+def _same_array(x, y) -> bool:
+  """Whether two arrays are equal (`True` while tracing: cannot tell)."""
+  if x is y:
+    return True
+  if isinstance(x, jax.core.Tracer) or isinstance(y, jax.core.Tracer):
+    return True
+  if getattr(x, "shape", None) != getattr(y, "shape", None):
+    return False
+  return bool(jnp.array_equal(x, y))
 
 
 class AdapterState(nnx.Variable):
@@ -159,15 +198,21 @@ class LoRAWrapper(nnx.Module):
       self,
       base: nnx.Module,
       *,
-      rank: int,
-      alpha: float | int | None = None,
+      rank,  # Checked by hand (see `lora.check_rank`), as are the next.
+      alpha=None,
       rslora: bool = False,
-      dropout: float | int = 0.0,
+      dropout=0.0,
       init: str = "kaiming",
       rngs: nnx.Rngs,
       **options,
   ):
-    lora.check_rank(rank)
+    rank = lora.check_rank(rank)
+    alpha = lora.check_alpha(alpha, rank)
+    if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real):
+      raise TypeError(
+          f"dropout must be a float in [0, 1); got {dropout!r} of type "
+          f"{type(dropout).__name__}."
+      )
     if not 0.0 <= dropout < 1.0:
       raise ValueError(f"dropout must be in [0, 1); got {dropout}.")
     unknown = sorted(set(options) - set(self.option_names))
@@ -178,11 +223,11 @@ class LoRAWrapper(nnx.Module):
       )
     self.base = base
     self.rank = rank
-    self.alpha = float(rank if alpha is None else alpha)
+    self.alpha = alpha
     self.rslora = bool(rslora)
     self.scale = lora.scaling(rank, self.alpha, rslora=rslora)
     self.init = init
-    self.merged = False
+    self._merged = False
     self.enabled = True
     self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout else None
     kernel = _kernel_var(base)
@@ -354,21 +399,106 @@ class LoRAWrapper(nnx.Module):
     x2, batch = self._to_2d(x.astype(self._compute_dtype(x)))
     return y + self._from_2d(self.adapter_out(x2), batch).astype(y.dtype)
 
-  def merge(self) -> None:
-    """Folds `ΔW` into the base kernel (fp32 accumulate, cast back)."""
-    if self.merged:
-      return
+  @property
+  def merged(self) -> bool:
+    """Whether the adapter is folded into the base kernel (`merge`)."""
+    return self._merged
+
+  @merged.setter
+  def merged(self, value: bool) -> None:
+    # Code that folds the adapter in and then starts a fresh one (ReLoRA
+    # restarts) sets `merged = False` itself: the record of the merge-time
+    # values is then stale and is dropped.
+    self._merged = bool(value)
+    if not value and "merge_record" in vars(self):
+      del self.merge_record
+
+  def _fold(self) -> None:
+    """Adds `ΔW` to the base kernel (fp32 accumulate, cast back)."""
     w = _kernel_var(self.base).get_value()
     self._set_kernel(w.astype(jnp.float32) + self._delta_kernel())
+
+  def _unfold(self) -> None:
+    """Inverse of `_fold` for the adapter's current values."""
+    w = _kernel_var(self.base).get_value()
+    self._set_kernel(w.astype(jnp.float32) - self._delta_kernel())
+
+  def _recorded_variables(self) -> dict[str, nnx.Variable]:
+    """`{path: variable}` of what `ΔW` depends on (see `merge`).
+
+    Every variable of the wrapper outside `base`, except frozen `Basis`
+    arrays (never trained, possibly shared and large), RNG state and the
+    merge record itself.
+    """
+    out = {}
+    for path, var in nnx.iter_graph(self):
+      if not path or path[0] in ("base", "merge_record"):
+        continue
+      if isinstance(var, nnx.Variable) and not isinstance(
+          var, (Basis, nnx.RngState)):
+        out["/".join(str(p) for p in path)] = var
+    return out
+
+  def merge(self) -> None:
+    """Folds `ΔW` into the base kernel (fp32 accumulate, cast back).
+
+    Also records copies of the adapter values `ΔW` was computed from
+    (`merge_record`, a `MergeRecord` dict; small: the size of the factors),
+    so that `unmerge` subtracts exactly what was added even if an optimizer
+    changed the factors while merged (while merged they get no gradient,
+    but momentum and weight decay still move them).
+    """
+    if self.merged:
+      return
+    self._fold()
+    self.merge_record = nnx.Dict({
+        _record_key(k): _copy_variable(MergeRecord, v)
+        for k, v in self._recorded_variables().items()
+    })
     self.merged = True
 
   def unmerge(self) -> None:
-    """Inverse of `merge`."""
+    """Inverse of `merge`: restores the base kernel `merge` started from.
+
+    The update subtracted is the one `merge` added, computed from the values
+    recorded at merge time, so the base weights come back (up to float32
+    rounding) even if the adapter was trained while merged. The adapter
+    then keeps its current values; if they differ from the merged ones a
+    `UserWarning` says which (the model's outputs change accordingly).
+    """
+    changed = self.unmerge_exact()
+    if changed:
+      warn_changed_while_merged({type(self).__name__: changed}, stacklevel=3)
+
+  def unmerge_exact(self) -> list[str]:
+    """`unmerge` without the warning; returns the values changed since merge.
+
+    For callers that unmerge many adapters and report once
+    (`lowrank.adapters.unmerge`).
+    """
     if not self.merged:
-      return
-    w = _kernel_var(self.base).get_value()
-    self._set_kernel(w.astype(jnp.float32) - self._delta_kernel())
+      return []
+    record = vars(self).get("merge_record")
+    if record is None:  # `merged` set by hand: undo the current values.
+      self._unfold()
+      self.merged = False
+      return []
+    swapped, changed = [], []
+    for key, var in self._recorded_variables().items():
+      saved = record[_record_key(key)].get_value()
+      current = var.get_value()
+      if not _same_array(current, saved):
+        changed.append(key)
+      var.set_value(saved)
+      swapped.append((var, current, saved))
+    try:
+      self._unfold()
+    finally:
+      for var, current, saved in swapped:
+        if var.get_value() is saved:  # Not rewritten by `_unfold`.
+          var.set_value(current)
     self.merged = False
+    return changed
 
   def num_trainable(self) -> int:
     """Number of trainable (`nnx.LoRAParam`) elements of this adapter."""
@@ -387,6 +517,30 @@ class LoRAWrapper(nnx.Module):
     """Inverse of `peft_factors`: sets `A`, `B` from 2-D arrays."""
     assign(self.lora_a, a2)
     assign(self.lora_b, b2)
+
+
+def warn_changed_while_merged(
+    changed: dict[str, list[str]], stacklevel: int = 2
+) -> None:
+  """Warns that adapters were changed while merged (see `unmerge`).
+
+  Args:
+    changed: `{adapter (path or class): names of the changed values}`.
+    stacklevel: Passed to `warnings.warn`.
+  """
+  listing = "; ".join(f"{k}: {v}" for k, v in list(changed.items())[:10])
+  more = f" (+{len(changed) - 10} more)" if len(changed) > 10 else ""
+  warnings.warn(
+      f"unmerge(): adapter values changed while the adapter was merged "
+      f"({listing}{more}). A merged adapter gets no gradient, but optimizer "
+      "momentum or weight decay still move it. The base weights were "
+      "restored exactly by subtracting the update that merge() added; the "
+      "adapter keeps its changed values, so the model's outputs now differ "
+      "from the merged model's. Train only unmerged adapters, or call "
+      "adapters.unload(model) to keep the merged weights.",
+      UserWarning,
+      stacklevel=stacklevel + 1,
+  )
 
 
 def assign(var: nnx.Variable, value: Any) -> jax.Array:

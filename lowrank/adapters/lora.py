@@ -12,9 +12,11 @@ References:
 """
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 INITS = ("kaiming", "gaussian", "zeros")
@@ -32,18 +34,72 @@ def scaling(rank, alpha=None, *, rslora: bool = False) -> float:
     The scale as a Python float.
 
   Raises:
-    ValueError: If `rank` is not a positive int or `alpha` is not finite.
+    TypeError: If `rank` is not an int or `alpha` not a real number.
+    ValueError: If `rank` is not positive or `alpha` is not finite.
   """
-  check_rank(rank)
-  alpha = float(rank if alpha is None else alpha)
-  if not math.isfinite(alpha):
-    raise ValueError(f"alpha must be finite; got {alpha}.")
+  rank = check_rank(rank)
+  alpha = check_alpha(alpha, rank)
   return alpha / (math.sqrt(rank) if rslora else rank)
 
 
-def check_rank(rank) -> None:
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-    raise ValueError(f"rank must be a positive Python int; got {rank!r}.")
+def _type_name(value) -> str:
+  return type(value).__name__
+
+
+def check_rank(rank, name: str = "rank") -> int:
+  """Validates an adapter rank and returns it as a Python `int`.
+
+  Python ints and NumPy integer scalars are accepted; `bool`, floats (even
+  whole ones such as `8.0`), strings and `None` are not, since truncating
+  them would silently build an adapter of another rank.
+
+  Args:
+    rank: The value to check.
+    name: How the value is called in error messages (e.g. `rank_pattern`).
+
+  Returns:
+    `int(rank)`.
+
+  Raises:
+    TypeError: If `rank` is not an int.
+    ValueError: If `rank < 1`.
+  """
+  if isinstance(rank, (bool, np.bool_)) or not isinstance(
+      rank, (int, np.integer)):
+    raise TypeError(
+        f"{name} must be a positive int (Python int or NumPy integer); got "
+        f"{rank!r} of type {_type_name(rank)}. Pass a whole number, e.g. "
+        f"{name}=8."
+    )
+  if rank <= 0:
+    raise ValueError(
+        f"{name} must be a positive int (>= 1); got {rank!r}."
+    )
+  return int(rank)
+
+
+def check_alpha(alpha, rank: int, name: str = "alpha") -> float:
+  """Validates `lora_alpha` (`None`: `rank`) and returns it as a float.
+
+  Raises:
+    TypeError: If `alpha` is not a real number (`bool` and strings are not).
+    ValueError: If `alpha` is not finite.
+  """
+  if alpha is None:
+    return float(rank)
+  is_scalar_array = (
+      isinstance(alpha, (np.ndarray, jax.Array)) and alpha.shape == ()
+      and alpha.dtype.kind in "iuf")
+  if isinstance(alpha, (bool, np.bool_)) or not (
+      isinstance(alpha, numbers.Real) or is_scalar_array):
+    raise TypeError(
+        f"{name} must be a finite real number (int or float) or None "
+        f"(meaning alpha = rank); got {alpha!r} of type {_type_name(alpha)}."
+    )
+  alpha = float(alpha)
+  if not math.isfinite(alpha):
+    raise ValueError(f"{name} must be finite; got {alpha}.")
+  return alpha
 
 
 def init_a(
