@@ -34,6 +34,7 @@ import safetensors.numpy
 
 from lowrank.adapters import injection
 from lowrank.adapters import layers
+from lowrank.adapters import peft_io
 from lowrank.adapters.peft_io import _atomic_write  # pylint: disable=g-importing-member
 
 CONFIG_NAME = "lowrank_adapter.json"
@@ -137,14 +138,8 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
       entry lacks a field.
   """
   path = os.path.join(directory, CONFIG_NAME)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}.")
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
-  if not isinstance(config, dict) or config.get("format") != FORMAT:
+  config = peft_io.read_json(path, "lowrank adapter config")
+  if config.get("format") != FORMAT:
     raise ValueError(f"{path}: not a {FORMAT!r} file.")
   if config.get("version") != VERSION:
     raise ValueError(
@@ -156,9 +151,19 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
     raise ValueError(f"{path}: 'modules' must be a non-empty object.")
   fields = ("method", "rank", "alpha", "rslora", "dropout", "init", "options")
   for name, entry in modules.items():
+    if not isinstance(entry, dict):
+      raise ValueError(
+          f"{path}: module {name!r} must be a JSON object; found "
+          f"{type(entry).__name__}."
+      )
     missing = [k for k in fields if k not in entry]
     if missing:
       raise ValueError(f"{path}: module {name!r} lacks {missing}.")
+    if not isinstance(entry["options"], dict):
+      raise ValueError(
+          f"{path}: module {name!r} 'options' must be a JSON object; found "
+          f"{entry['options']!r}."
+      )
     if entry["method"] not in layers.METHODS:
       raise ValueError(
           f"{path}: module {name!r} uses unknown method "
@@ -194,9 +199,7 @@ def load_adapter(
   """
   config = read_config(directory)
   wpath = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.exists(wpath):
-    raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory}.")
-  tensors = safetensors.numpy.load_file(wpath)
+  tensors = peft_io.read_safetensors(wpath)
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
   modules = config["modules"]
   mods = injection.adapter_modules(model)
@@ -212,16 +215,18 @@ def load_adapter(
             targets=re.escape(path),
             **quant_kwargs,
             method=entry["method"],
-            rank=int(entry["rank"]),
+            rank=entry["rank"],
             alpha=entry["alpha"],
             use_rslora=bool(entry["rslora"]),
             dropout=float(entry["dropout"]),
             rngs=rngs,
             **entry["options"],
         )
-      except ValueError as e:
-        raise ValueError(
-            f"Adapter {path!r} in {directory} does not fit the model: {e}"
+      except (TypeError, ValueError) as e:
+        kind = TypeError if isinstance(e, TypeError) else ValueError
+        raise kind(
+            f"Adapter {path!r} in {os.path.join(directory, CONFIG_NAME)} "
+            f"does not fit the model: {e}"
         ) from e
       wrapper = injection.adapter_modules(model)[path]
       wrapper.init = entry["init"]
@@ -229,6 +234,13 @@ def load_adapter(
         wrapper.snapshot_initial()  # Filled from the file below.
         rebased.append(path)
     mods = injection.adapter_modules(model)
+  merged = sorted(p for p, m in mods.items() if m.merged)
+  if merged:
+    raise ValueError(
+        f"Cannot load {directory} into merged adapters {merged[:10]}: the "
+        "new values would not match what is folded into the base weights. "
+        "Call lowrank.adapters.unmerge(model) first."
+    )
   if set(mods) != set(modules):
     raise ValueError(
         f"The model's adapters do not match {directory}: only in the model "

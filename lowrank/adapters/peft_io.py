@@ -61,6 +61,58 @@ def _target_modules(paths: list[str], all_paths: list[str]) -> list[str]:
   return names if selected == set(paths) else sorted(paths)
 
 
+def read_json(path: str, what: str) -> dict[str, Any]:
+  """Reads a JSON object from `path`; errors name the file and the fix.
+
+  Raises:
+    FileNotFoundError: If `path` does not exist.
+    ValueError: If it is not UTF-8 JSON or not a JSON object.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"No {what} file {path}; expected an adapter directory written by "
+        "save_peft / save_adapter (or by Hugging Face PEFT)."
+    )
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(
+        f"{path} is not valid JSON ({e}); the file is truncated or corrupt. "
+        "Re-save the adapter."
+    ) from e
+  if not isinstance(config, dict):
+    raise ValueError(
+        f"{path}: expected a JSON object (the {what}); found a "
+        f"{type(config).__name__}."
+    )
+  return config
+
+
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """Reads a safetensors file; errors name the file and what is wrong.
+
+  Raises:
+    FileNotFoundError: If `path` does not exist.
+    ValueError: If the file is truncated or not a safetensors file.
+  """
+  if not os.path.isfile(path):
+    raise FileNotFoundError(
+        f"No weights file {path}; the adapter directory is incomplete "
+        "(both the config and the weights file are needed)."
+    )
+  try:
+    return safetensors.numpy.load_file(path)
+  except Exception as e:  # pylint: disable=broad-except
+    # safetensors raises its own SafetensorError (e.g. "invalid header
+    # length", "incomplete metadata, file not fully covered").
+    raise ValueError(
+        f"{path} is not a readable safetensors file "
+        f"({type(e).__name__}: {e}); it is truncated or corrupt. Re-save "
+        "the adapter."
+    ) from e
+
+
 def _atomic_write(path: str, write_fn) -> None:
   directory = os.path.dirname(path) or "."
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
@@ -283,13 +335,7 @@ def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
       modules_to_save, ...).
   """
   path = os.path.join(directory, CONFIG_NAME)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"No {CONFIG_NAME} in {directory}.")
-  try:
-    with open(path) as f:
-      config = json.load(f)
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{path} is not valid JSON: {e}") from e
+  config = read_json(path, "PEFT adapter config")
   if config.get("peft_type") not in PEFT_TYPES:
     raise ValueError(
         f"{path}: peft_type is {config.get('peft_type')!r}; supported: "
@@ -327,7 +373,7 @@ def _inject_from_config(config, model, rngs) -> None:
     inject_lib.inject(
         model,
         method="dora" if config.get("use_dora") else "lora",
-        rank=int(config["r"]),
+        rank=config["r"],
         alpha=config.get("lora_alpha", 8),
         use_rslora=bool(config.get("use_rslora", False)),
         rank_pattern=config.get("rank_pattern"),
@@ -338,15 +384,25 @@ def _inject_from_config(config, model, rngs) -> None:
     inject_lib.inject(
         model,
         method="adalora",
-        rank=int(config["init_r"]),
+        rank=config["init_r"],
         alpha=config.get("lora_alpha", 8),
         use_rslora=bool(config.get("use_rslora", False)),
         target_rank=config.get("target_r"),
         total_step=config.get("total_step"),
-        tinit=int(config.get("tinit", 0)),
-        tfinal=int(config.get("tfinal", 0)),
-        delta_t=int(config.get("deltaT", 1)),
+        tinit=config.get("tinit", 0),
+        tfinal=config.get("tfinal", 0),
+        delta_t=config.get("deltaT", 1),
         **common,
+    )
+
+
+def _check_unmerged(mods, directory) -> None:
+  merged = sorted(p for p, m in mods.items() if m.merged)
+  if merged:
+    raise ValueError(
+        f"Cannot load {directory} into merged adapters {merged[:10]}: the "
+        "new values would not match what is folded into the base weights. "
+        "Call lowrank.adapters.unmerge(model) first."
     )
 
 
@@ -402,9 +458,7 @@ def load_peft(
   """
   config = read_config(directory)
   wpath = os.path.join(directory, WEIGHTS_NAME)
-  if not os.path.exists(wpath):
-    raise FileNotFoundError(f"No {WEIGHTS_NAME} in {directory}.")
-  tensors = safetensors.numpy.load_file(wpath)
+  tensors = read_safetensors(wpath)
   peft_type = config["peft_type"]
   if peft_type == "VERA":
     from lowrank.adapters import random_basis  # pylint: disable=g-import-not-at-top
@@ -420,11 +474,14 @@ def load_peft(
   if not mods:
     try:
       _inject_from_config(config, model, rngs)
-    except ValueError as e:
-      raise ValueError(
-          f"Adapter in {directory} does not fit the model: {e}"
+    except (TypeError, ValueError) as e:
+      kind = TypeError if isinstance(e, TypeError) else ValueError
+      raise kind(
+          f"Adapter config {os.path.join(directory, CONFIG_NAME)} does not "
+          f"fit the model: {e}"
       ) from e
     mods = inject_lib.adapter_modules(model)
+  _check_unmerged(mods, directory)
   expected = {}
   for path, m in mods.items():
     expected.update(_expected(peft_type, path, m))

@@ -1158,17 +1158,28 @@ def vera_load_peft(
     )
   mods = injection.adapter_modules(model)
   if not mods:
-    injection.inject(
-        model,
-        method="vera",
-        targets=config["target_modules"],
-        rank=int(config["r"]),
-        dropout=float(config.get("vera_dropout") or 0.0),
-        seed=int(config.get("projection_prng_key", 0)),
-        d_initial=float(config.get("d_initial", 0.1)),
-        rngs=rngs,
-    )
+    try:
+      injection.inject(
+          model,
+          method="vera",
+          targets=config["target_modules"],
+          rank=config["r"],
+          dropout=float(config.get("vera_dropout") or 0.0),
+          seed=config.get("projection_prng_key", 0),
+          d_initial=float(config.get("d_initial", 0.1)),
+          rngs=rngs,
+      )
+    except (TypeError, ValueError) as e:
+      kind = TypeError if isinstance(e, TypeError) else ValueError
+      raise kind(
+          f"VeRA adapter of {where} does not fit the model: {e}") from e
     mods = injection.adapter_modules(model)
+  merged = sorted(p for p, m in mods.items() if m.merged)
+  if merged:
+    raise ValueError(
+        f"Cannot load {where} into merged adapters {merged[:10]}; call "
+        "lowrank.adapters.unmerge(model) first."
+    )
   expected = set()
   for path, m in mods.items():
     if not isinstance(m, VeRAWrapper):
@@ -1183,9 +1194,13 @@ def vera_load_peft(
         f"{sorted(per_layer - expected)[:10]}."
     )
   for path, m in mods.items():
-    m.set_peft_tensors(
-        tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_d"],
-        tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_b"],
-    )
-    m.set_peft_bases(tensors["base_model.vera_A"], tensors["base_model.vera_B"])
+    try:
+      m.set_peft_tensors(
+          tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_d"],
+          tensors[f"{_PEFT_PREFIX}{path}.vera_lambda_b"],
+      )
+      m.set_peft_bases(
+          tensors["base_model.vera_A"], tensors["base_model.vera_B"])
+    except ValueError as e:
+      raise ValueError(f"{where}: module {path!r}: {e}") from e
   return model
