@@ -342,19 +342,81 @@ class Checkpointer:
       The restored state, laid out like `target` (typed keys re-wrapped).
 
     Raises:
-      FileNotFoundError: If `step` is `None` and there is no checkpoint.
+      FileNotFoundError: If there is no checkpoint (`step=None`) or no
+        checkpoint `step`; the message lists the steps on disk.
       TypeError: If `target` holds `nnx.Variable`s.
+      ValueError: If `target` does not fit the checkpoint (the message names
+        every parameter path whose shape differs, with both shapes, or the
+        paths only on one side), or the step directory is incomplete or
+        corrupt (the message names it and how to recover).
     """
     _check_pure(target, "target")
     if step is None:
       step = self.latest_step()
       if step is None:
         raise FileNotFoundError(f"No checkpoint in {self.directory}.")
+    step = int(step)
+    steps = self.all_steps()
+    if step not in steps:
+      raise FileNotFoundError(
+          f"No checkpoint for step {step} in {self.directory}; steps on "
+          f"disk: {steps or 'none'}."
+      )
     abstract, impls = _abstract_target(target)
-    restored = self.manager.restore(
-        int(step), args=ocp.args.StandardRestore(abstract)
-    )
+    try:
+      restored = self.manager.restore(
+          step, args=ocp.args.StandardRestore(abstract)
+      )
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._restore_error(step, abstract, steps, e) from e
     return _rewrap_keys(restored, target, impls)
+
+  def _restore_error(
+      self, step: int, abstract: PyTree, steps: list[int], error: Exception
+  ) -> Exception:
+    """A clear error for a failed restore of `step` (see `restore`)."""
+    step_dir = self.directory / str(step)
+    earlier = [s for s in steps if s < step]
+    try:
+      meta = self.manager.item_metadata(step)
+      saved = _shapes_by_path(getattr(meta, "tree", meta))
+    except Exception:  # pylint: disable=broad-except
+      saved = None  # The metadata itself is unreadable: corrupt.
+    if saved:
+      wanted = _shapes_by_path(abstract)
+      problems = [
+          p for p in _shape_problems(saved, wanted, "checkpoint", "target")
+          if p.startswith("shape mismatch")
+      ]
+      if problems:
+        return ValueError(
+            f"The restore target does not fit checkpoint {step_dir}: "
+            + "; ".join(problems[:20])
+            + (f" (+{len(problems) - 20} more)" if len(problems) > 20
+               else "")
+            + ". Build the target with the configuration the checkpoint "
+            "was saved with, or start from a fresh checkpoint directory."
+        )
+      if "tree structures do not match" in str(error):
+        return ValueError(
+            f"The restore target does not fit checkpoint {step_dir}: "
+            f"{error}"
+        )
+    if earlier:
+      fix = (
+          f"delete {step_dir} to resume from step {earlier[-1]}, or restore "
+          f"an earlier step explicitly (restore(step={earlier[-1]}, ...))"
+      )
+    else:
+      fix = (f"delete {step_dir} (there is no earlier step; training will "
+             "start from scratch)")
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return ValueError(
+        f"Checkpoint step {step} in {self.directory} is incomplete or "
+        f"corrupt ({type(error).__name__}: {reason[:400]}). It was probably "
+        f"damaged after it was written (a finished save is atomic). To "
+        f"recover, {fix}. Steps on disk: {steps}."
+    )
 
   def restore_or_init(self, init_state: PyTree) -> tuple[PyTree, int]:
     """The latest checkpoint restored into `init_state`'s layout, or init.
@@ -416,6 +478,30 @@ def _shapes_by_path(tree: PyTree) -> dict[str, tuple[int, ...]]:
       tree, is_leaf=lambda x: hasattr(x, "shape") and hasattr(x, "dtype")
   )
   return {_path_str(p): tuple(x.shape) for p, x in leaves}
+
+
+def _shape_problems(
+    saved: Mapping[str, tuple[int, ...]],
+    wanted: Mapping[str, tuple[int, ...]],
+    saved_name: str,
+    wanted_name: str,
+) -> list[str]:
+  """Paths only on one side, and per-path shape mismatches, as sentences."""
+  problems = []
+  missing = sorted(set(wanted) - set(saved))
+  extra = sorted(set(saved) - set(wanted))
+  if missing:
+    problems.append(f"missing from the {saved_name}: {missing[:20]}")
+  if extra:
+    problems.append(
+        f"in the {saved_name} but not in the {wanted_name}: {extra[:20]}")
+  for path in sorted(set(saved) & set(wanted)):
+    if saved[path] != wanted[path]:
+      problems.append(
+          f"shape mismatch at {path!r}: {saved_name} {saved[path]} vs "
+          f"{wanted_name} {wanted[path]}"
+      )
+  return problems
 
 
 def _check_adapters_match(
@@ -507,7 +593,11 @@ def restore_adapters(
       raise FileNotFoundError(
           f"No adapter checkpoint{which} in {ckpt.directory}."
       )
-    meta = ckpt.manager.item_metadata(step)
+    try:
+      meta = ckpt.manager.item_metadata(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise ckpt._restore_error(  # pylint: disable=protected-access
+          step, target, ckpt.all_steps(), e) from e
     _check_adapters_match(
         _shapes_by_path(getattr(meta, "tree", meta)),
         _shapes_by_path(target),
