@@ -15,6 +15,7 @@ from absl.testing import parameterized
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import safetensors.numpy
@@ -105,6 +106,14 @@ class RankAndAlphaTest(parameterized.TestCase):
       _model(rank_pattern={"gen": 1.5})
     with self.assertRaisesRegex(ValueError, "Invalid rank_pattern regex"):
       _model(rank_pattern={"gen(": 1})
+
+  def test_rank_pattern_container(self):
+    # A ConfigDict (what configs hold) works; a list of pairs does not.
+    model = _model(rank_pattern=ml_collections.ConfigDict({"gen": 3}))
+    self.assertEqual(adapters.adapter_modules(model)["gen"].rank, 3)
+    self.assertEqual(adapters.adapter_modules(model)["l1"].rank, 2)
+    with self.assertRaisesRegex(TypeError, "rank_pattern must be a dict"):
+      _model(rank_pattern=[("gen", 3)])
 
   @parameterized.named_parameters(
       ("string", "16", TypeError, "alpha must be a finite real number.*str"),

@@ -92,8 +92,11 @@ def _matcher(targets, what: str):
   )
 
 
-def pattern_value(patterns: Mapping[str, Any] | None, path: str, default):
-  """PEFT's `rank_pattern` / `alpha_pattern` lookup for one module path."""
+def pattern_value(patterns: Any, path: str, default):
+  """PEFT's `rank_pattern` / `alpha_pattern` lookup for one module path.
+
+  `patterns` is `None` or anything with `items()` (a dict, a ConfigDict).
+  """
   for pattern, value in (patterns or {}).items():
     rx = _compile(rf"(.*\.)?({pattern})$", "pattern")
     if rx.match(path):
@@ -130,7 +133,8 @@ def _check_hyperparameters(rank, alpha, rank_pattern, alpha_pattern) -> None:
   lora.check_alpha(alpha, rank)
   for what, patterns in (("rank_pattern", rank_pattern),
                          ("alpha_pattern", alpha_pattern)):
-    if patterns is not None and not isinstance(patterns, Mapping):
+    # Duck-typed: ml_collections' ConfigDict is no `Mapping` but has items().
+    if patterns is not None and not callable(getattr(patterns, "items", None)):
       raise TypeError(
           f"{what} must be a dict {{regex: value}} or None; got "
           f"{patterns!r} of type {type(patterns).__name__}."
