@@ -62,7 +62,8 @@ def build(config, method, model_cfg):
                        alpha=config.sltrain.alpha, rngs=1)
   graphdef, params, rest = nnx.split(model, wrt, ...)
   params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-  return graphdef, params, rest, pretrain_lm.build_optimizer(config, method)
+  return graphdef, params, rest, pretrain_lm.build_optimizer(config, method,
+                                                           model)
 
 
 def main():

@@ -31,7 +31,6 @@ files and prints. Losses equal a one-process run on as many devices.
 import functools
 import json
 import os
-import re
 import time
 from typing import Any
 
@@ -243,7 +242,8 @@ def make_optimizer(
   `adamw` / `adamw8bit` take `learning_rate, b1, b2, weight_decay`; the
   GaLore family (`galore`, `fira`, `frugal`, `q_galore`) additionally takes
   `config.optimizer.galore` (`rank`, `update_gap`, `scale`, `projector`,
-  `mask`: a regex over parameter paths selecting the projected matrices).
+  `project`: a regex over parameter paths selecting the projected
+  matrices; `lowrank.optim.galore_adamw`'s `project=`).
 
   Raises:
     ValueError: On an unknown optimizer name.
@@ -265,7 +265,7 @@ def make_optimizer(
   g = dict(o.galore)
   kwargs = dict(rank=g["rank"], update_gap=g["update_gap"],
                 scale=g["scale"], projector=g["projector"],
-                mask=g["mask"] or None, weight_decay=o.weight_decay)
+                project=g["project"] or None, weight_decay=o.weight_decay)
   factory = {"galore": optim.galore_adamw, "fira": optim.fira_adamw,
              "frugal": optim.frugal_adamw,
              "q_galore": optim.q_galore_adamw}[name]
@@ -281,34 +281,31 @@ def check_optimizer(config: ml_collections.ConfigDict, params: Any) -> None:
   """Rejects a GaLore-family optimizer that would project no parameter.
 
   GaLore keeps low-rank optimizer state only for the matrices selected by
-  `config.optimizer.galore.mask` whose sides both exceed its `rank`; the
-  rest get plain AdamW. With an adapter method the trained leaves are the
+  `config.optimizer.galore.project` whose sides both exceed its `rank`
+  (`optim.projected_leaves`, the selection the optimizer makes); the rest
+  get plain AdamW. With an adapter method the trained leaves are the
   adapter factors (rank `config.adapter.rank`), so GaLore would silently be
   AdamW: an error instead.
 
   Raises:
     ValueError: If the optimizer is GaLore-family and no trained leaf would
-      be projected.
+      be projected (or `project` matches none of them).
   """
   name = config.optimizer.get("name", "adamw")
   if name not in GALORE_FAMILY:
     return
   g = config.optimizer.galore
-  rx = re.compile(g.mask) if g.mask else None
-  fits = optim.default_mask(g.rank)
-  projected = [
-      p for p, x in jax.tree_util.tree_leaves_with_path(params)
-      if (rx is None or rx.search(jax.tree_util.keystr(p))) and fits("", x)
-  ]
+  projected = optim.projected_leaves(params, rank=g.rank,
+                                     project=g.project or None)
   if not projected:
     raise ValueError(
         f"optimizer {name!r} would project no parameter: of the "
         f"{len(jax.tree.leaves(params))} leaves trained by method="
         f"{config.method!r} (model {config.model!r}), none is a matrix "
-        f"matched by optimizer.galore.mask={g.mask!r} with both sides > "
-        f"optimizer.galore.rank={g.rank}, so it would be plain AdamW. Use "
-        f"method='full' (GaLore trains all weights with low-rank state) or "
-        f"a smaller optimizer.galore.rank."
+        f"matched by optimizer.galore.project={g.project!r} with both "
+        f"sides > optimizer.galore.rank={g.rank}, so it would be plain "
+        f"AdamW. Use method='full' (GaLore trains all weights with low-rank "
+        f"state) or a smaller optimizer.galore.rank."
     )
 
 
@@ -357,6 +354,7 @@ def validate_config(
     check.positive_int("optimizer.galore.rank", "optimizer.galore.update_gap")
     check.positive_number("optimizer.galore.scale")
     check.choice("optimizer.galore.projector", projection.PROJECTORS)
+    check.regex("optimizer.galore.project")
   check.data_spec("data", splits=("train", "test"))
   check.model_dir("model_path")
   check.mesh("mesh", batch=("batch_size",))

@@ -360,9 +360,14 @@ def build_model(config: ml_collections.ConfigDict, method: str):
 
 
 def build_optimizer(
-    config: ml_collections.ConfigDict, method: str
+    config: ml_collections.ConfigDict, method: str, model: Any = None
 ) -> optax.GradientTransformation:
-  """The method's optax transformation with its learning-rate schedule."""
+  """The method's optax transformation with its learning-rate schedule.
+
+  `model` (the `nnx.Module` being trained) gives the GaLore family its
+  stacked-layer axes (`optim.stacked_axes_from`: one projector per layer
+  of scan-stacked `[L, m, n]` kernels).
+  """
   peak = config.lr[method]
   total = config.num_train_steps
   if method == "relora":
@@ -378,7 +383,9 @@ def build_optimizer(
   wd = config.weight_decay
   g = config.galore
   common = dict(rank=config.rank, update_gap=g.update_gap,
-                projector=g.projector, weight_decay=wd, mask=r"_proj")
+                projector=g.projector, weight_decay=wd, project=r"_proj",
+                stacked_axes=None if model is None else
+                optim.stacked_axes_from(model))
   if method in ("full", "lora", "relora", "sltrain"):
     return optax.adamw(schedule, weight_decay=wd)
   if method == "galore":
@@ -430,7 +437,7 @@ def train_method(
   params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   total_params = _size(nnx.as_pure(nnx.state(model, nnx.Param)))
   trainable_params = _size(params)
-  tx = build_optimizer(config, method)
+  tx = build_optimizer(config, method, model)
   # Some states alias parameter buffers at init; copy so both can be donated.
   opt_state = jax.tree.map(lambda x: jnp.array(x, copy=True),
                            tx.init(params))

@@ -175,7 +175,8 @@ class ContractTest(parameterized.TestCase):
           **_SMALL),
       "galore_inner": lambda: optax.chain(
           optim.scale_by_galore(adam8bit.scale_by_adam8bit(
-              block_size=8, min_size=32), rank=4, update_gap=3),
+              block_size=8, min_size=32), rank=4, update_gap=3,
+                                stacked_axes=r"\['stack'\]"),
           optax.scale_by_learning_rate(5e-2)),
   }
 

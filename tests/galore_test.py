@@ -16,6 +16,8 @@ from lowrank.optim import projection
 from lowrank.optim import quantize as quant
 
 P = jax.sharding.PartitionSpec
+# `_params()["stack"]` is three stacked [24, 20] layers.
+STACKED = r"\['stack'\]"
 
 
 def _params(dtype=jnp.float32):
@@ -148,20 +150,31 @@ class ContractTest(parameterized.TestCase):
   """The contract every transform passes (as in optax contrib's tests)."""
 
   TXS = {
-      "galore": lambda: optim.galore_adamw(5e-2, rank=4, update_gap=3),
+      "galore": lambda: optim.galore_adamw(
+          5e-2, rank=4, update_gap=3, stacked_axes=STACKED),
       "rsvd_rotate": lambda: optim.galore_adamw(
-          5e-2, rank=4, update_gap=3, projector="rsvd", on_refresh="rotate"),
-      "fira": lambda: optim.fira_adamw(5e-2, rank=4, update_gap=3),
-      "frugal": lambda: optim.frugal_adamw(5e-2, rank=4, update_gap=3),
+          5e-2, rank=4, update_gap=3, projector="rsvd", on_refresh="rotate",
+          stacked_axes=STACKED),
+      "fira": lambda: optim.fira_adamw(
+          5e-2, rank=4, update_gap=3, stacked_axes=STACKED),
+      "frugal": lambda: optim.frugal_adamw(
+          5e-2, rank=4, update_gap=3, stacked_axes=STACKED),
       "torch_staggered": lambda: optim.galore_adamw(
-          5e-2, rank=4, update_gap=4, side="torch", stagger=2),
+          5e-2, rank=4, update_gap=4, side="torch", stagger=2,
+          stacked_axes=STACKED),
       "q_galore": lambda: optim.q_galore_adamw(
-          5e-2, rank=4, update_gap=3, cos_threshold=0.2, cos_history=2),
+          5e-2, rank=4, update_gap=3, cos_threshold=0.2, cos_history=2,
+          stacked_axes=STACKED),
       # Layers of `stack` refresh one at a time (dynamic slices), with
       # 8-bit projectors updated in place.
       "layer_staggered_8bit": lambda: optim.galore_adamw(
           5e-2, rank=4, update_gap=3, projector="rsvd", stagger=3,
-          stagger_layers=True, projector_bits=8, projector_group_size=4),
+          stagger_layers=True, projector_bits=8, projector_group_size=4,
+          stacked_axes=STACKED),
+      # `stack` as one [72, 20] matrix (no stacked axes declared).
+      "unstacked_3d": lambda: optim.galore_adamw(
+          5e-2, rank=4, update_gap=3, input_axes={
+              "w": None, "tall": None, "stack": (0, 1), "b": None}),
   }
 
   @parameterized.parameters(*TXS)
@@ -217,14 +230,16 @@ class ContractTest(parameterized.TestCase):
         "inject": optax.inject_hyperparams(
             optim.galore_adamw,
             static_args=optim.STATIC_ARGS)(
-                learning_rate=1e-2, rank=4),
+                learning_rate=1e-2, rank=4, stacked_axes=STACKED,
+                project=lambda path, leaf: "b" not in path),
         "masked": optax.masked(
             optim.scale_by_galore(optax.scale_by_adam(), rank=4),
             {"w": True, "tall": True, "stack": False, "b": False}),
         "multi_steps": optax.MultiSteps(
-            optim.galore_adamw(1e-2, rank=4), every_k_schedule=2),
+            optim.galore_adamw(1e-2, rank=4, stacked_axes=STACKED),
+            every_k_schedule=2),
         "multi_transform": optax.multi_transform(
-            {"galore": optim.galore_adamw(1e-2, rank=4),
+            {"galore": optim.galore_adamw(1e-2, rank=4, stacked_axes=STACKED),
              "adam": optax.adam(1e-2)},
             {"w": "galore", "tall": "galore", "stack": "galore",
              "b": "adam"}),
@@ -256,7 +271,8 @@ class StateTest(absltest.TestCase):
     params = {"w": jnp.zeros((64, 32)), "v": jnp.zeros((16, 48)),
               "s": jnp.zeros((3, 40, 24)), "b": jnp.zeros((32,))}
     r = 4
-    state = optim.galore_adamw(1e-3, rank=r).init(params)[0]
+    state = optim.galore_adamw(
+        1e-3, rank=r, stacked_axes=r"\['s'\]").init(params)[0]
     mu = state.inner_state.mu
     self.assertEqual(mu["w"].shape, (r, 32))   # left: r x n
     self.assertEqual(mu["v"].shape, (16, r))   # right: m x r
@@ -279,14 +295,17 @@ class StateTest(absltest.TestCase):
     state = optim.galore_adamw(1e-3, rank=4, side="torch").init(params)[0]
     self.assertEqual(state.inner_state.mu["w"].shape, (64, 4))
 
-  def test_mask_regex_and_callable(self):
+  def test_project_regex_and_callable(self):
     params = {"embed": jnp.zeros((64, 32)), "mlp": jnp.zeros((64, 32))}
-    st = optim.galore_adamw(1e-3, rank=4, mask="mlp").init(params)[0]
+    st = optim.galore_adamw(1e-3, rank=4, project="mlp").init(params)[0]
     self.assertEqual(st.projector["embed"].shape, (0,))
     self.assertEqual(st.projector["mlp"].shape, (64, 4))
     st = optim.galore_adamw(
-        1e-3, rank=4, mask=lambda path, x: "embed" in path).init(params)[0]
+        1e-3, rank=4, project=lambda path, x: "embed" in path).init(params)[0]
     self.assertEqual(st.projector["mlp"].shape, (0,))
+    self.assertEqual(
+        optim.projected_leaves(params, rank=4, project="mlp"),
+        {"['mlp']": (64, 32)})
 
 
 def _run(tx, grads_seq, params):
@@ -300,20 +319,24 @@ def _run(tx, grads_seq, params):
 
 class EquivalenceTest(parameterized.TestCase):
 
-  @parameterized.parameters("keep", "rotate")
-  def test_full_rank_equals_inner_on_full_gradient(self, on_refresh):
-    # With rank = m = n the basis is orthogonal, so a rotation-equivariant
-    # inner transform (momentum) is unchanged by projecting.
-    shapes = {"w": (16, 16)}
-    seq = [_grads(i, shapes) for i in range(6)]
-    params = {"w": jnp.zeros((16, 16))}
-    gap = 1 if on_refresh == "rotate" else 1000
-    ours, _ = _run(optim.scale_by_galore(
-        optax.trace(0.9), rank=16, update_gap=gap, on_refresh=on_refresh),
-                   seq, params)
-    ref, _ = _run(optax.trace(0.9), seq, params)
-    for a, b in zip(ours, ref):
-      np.testing.assert_allclose(a["w"], b["w"], atol=2e-5)
+  @parameterized.parameters("keep", "rotate", "reset")
+  def test_on_refresh_momentum_in_the_new_basis(self, on_refresh):
+    # Momentum, a basis refresh at every step: the old low-rank momentum is
+    # kept as is, rotated by P_newᵀ P_old, or dropped.
+    seq = [_grads(i, {"w": (16, 12)}) for i in range(2)]
+    params = {"w": jnp.zeros((16, 12))}
+    tx = optim.scale_by_galore(optax.trace(0.9), rank=4, update_gap=1,
+                               on_refresh=on_refresh)
+    state = tx.init(params)
+    _, state = tx.update(seq[0], state, params)
+    p0, m0 = state.projector["w"], state.inner_state.trace["w"]
+    np.testing.assert_allclose(m0, p0.T @ seq[0]["w"], atol=1e-5)
+    u1, state = tx.update(seq[1], state, params)
+    p1 = state.projector["w"]
+    old = {"keep": m0, "rotate": (p1.T @ p0) @ m0, "reset": 0 * m0}
+    want = 0.9 * old[on_refresh] + p1.T @ seq[1]["w"]
+    np.testing.assert_allclose(state.inner_state.trace["w"], want, atol=1e-5)
+    np.testing.assert_allclose(u1["w"], p1 @ want, atol=1e-5)
 
   def test_adam_inside_equals_adam_on_projected_gradient(self):
     shapes = {"w": (24, 16)}
@@ -387,8 +410,10 @@ class EquivalenceTest(parameterized.TestCase):
 
   def test_stacked_leaf_equals_per_layer_runs(self):
     seq = [_grads(i, {"s": (3, 20, 12)}) for i in range(5)]
+    stacked, _ = _run(
+        optim.galore_adamw(1e-2, rank=3, update_gap=2, stacked_axes="s"),
+        seq, {"s": jnp.zeros((3, 20, 12))})
     tx = optim.galore_adamw(1e-2, rank=3, update_gap=2)
-    stacked, _ = _run(tx, seq, {"s": jnp.zeros((3, 20, 12))})
     for layer in range(3):
       single, _ = _run(tx, [{"s": g["s"][layer]} for g in seq],
                        {"s": jnp.zeros((20, 12))})
@@ -436,7 +461,7 @@ class EquivalenceTest(parameterized.TestCase):
     tx = optim.scale_by_galore(
         optax.scale_by_adam(), rank=4, update_gap=10, stagger=stagger,
         stagger_layers=True, projector="rsvd", projector_bits=bits,
-        projector_group_size=4 if bits else None)
+        projector_group_size=4 if bits else None, stacked_axes=r"\['a'\]")
     state = tx.init(params)
     update = jax.jit(tx.update)
     changed = {}
@@ -472,7 +497,7 @@ class EquivalenceTest(parameterized.TestCase):
     seq = [_grads(i, {"s": (3, 20, 12)}) for i in range(8)]
     kw = dict(rank=3, update_gap=6, stagger=stagger, on_refresh=on_refresh)
     stacked = optim.scale_by_galore(optax.scale_by_adam(), **kw,
-                                    stagger_layers=True)
+                                    stagger_layers=True, stacked_axes="s")
     split = optim.scale_by_galore(optax.scale_by_adam(), **kw)
     names = ["l0", "l1", "l2"]
     state_a = stacked.init({"s": jnp.zeros((3, 20, 12))})
@@ -489,9 +514,9 @@ class EquivalenceTest(parameterized.TestCase):
 
   def test_stagger_layers_with_one_group_equals_default(self):
     params = {"s": jnp.zeros((3, 20, 12)), "w": jnp.zeros((16, 24))}
-    ref = optim.galore_adamw(1e-2, rank=3, update_gap=2)
+    ref = optim.galore_adamw(1e-2, rank=3, update_gap=2, stacked_axes="s")
     ours = optim.galore_adamw(1e-2, rank=3, update_gap=2,
-                              stagger_layers=True)
+                              stagger_layers=True, stacked_axes="s")
     state_ref, state_ours = ref.init(params), ours.init(params)
     update_ref, update_ours = jax.jit(ref.update), jax.jit(ours.update)
     for i in range(5):
@@ -541,6 +566,125 @@ class EquivalenceTest(parameterized.TestCase):
                          1.01 * float(state.residual_norm["w"]) + 1e-4)
 
 
+def _frugal_reference(w0, grads, *, lr, rank, gap, b1, b2, eps, wd,
+                      inactive_lr_scale):
+  """FRUGAL's `GaloreAdamW.step`, transcribed to numpy (float64).
+
+  One projected matrix with `proj_type="svd"`, `proj_side="std"`,
+  `inactive_update_rule="sign_sgd"`, `reset_statistics=True` and
+  `proj_params_lr_scale=1`, following `frugal/proj_optimizer_templates.py`
+  (`ProjOptimizer.step`, `_update_states_if_necessary`,
+  `GaloreOptimizer._update_states`, `_proj_params_update`) at
+  hungquangbui02022003/FRUGAL@6d7bf46dfc079c3e2269df3f876538d673f1f3ba,
+  `frugal/galore_projector.py` and `frugal/adamw.py` (`_init_state`,
+  `_compute_update`) at
+  hungquangbui02022003/FRUGAL@08f514226d1caf973c548d96e8305ee7266a4d71, a
+  fork of philip-zmushko/FRUGAL whose `frugal/` optimizer code at these
+  commits is the upstream one.
+  """
+  w, state, out = np.array(w0, np.float64), {}, []
+  for g in grads:
+    g = np.asarray(g, np.float64)
+    m, n = g.shape
+    # `_update_states_if_necessary`: a new projector when there is no state
+    # yet or `step % update_gap == 0`; with reset_statistics `_init_state`
+    # sets step = 0 and zeroes both moments.
+    if "step" not in state or state["step"] % gap == 0:
+      u, _, vh = np.linalg.svd(g, full_matrices=False)
+      right = m >= n  # GaLoreProjector, proj_side="std".
+      ortho = vh[:rank] if right else u[:, :rank]
+      low_shape = (m, rank) if right else (rank, n)
+      state = {"ortho": ortho, "right": right, "step": 0,
+               "exp_avg": np.zeros(low_shape),
+               "exp_avg_sq": np.zeros(low_shape)}
+    ortho, right = state["ortho"], state["right"]
+    w *= 1 - lr * wd  # `p.mul_(1 - lr * weight_decay)`, then step += 1.
+    state["step"] += 1
+    down = g @ ortho.T if right else ortho.T @ g
+    state["exp_avg"] = b1 * state["exp_avg"] + (1 - b1) * down
+    state["exp_avg_sq"] = b2 * state["exp_avg_sq"] + (1 - b2) * down**2
+    step_size = lr / (1 - b1 ** state["step"])
+    denom = (np.sqrt(state["exp_avg_sq"])
+             / np.sqrt(1 - b2 ** state["step"]) + eps)
+    update = -step_size * state["exp_avg"] / denom
+    update = update @ ortho if right else ortho @ update
+    inactive = g - (down @ ortho if right else ortho @ down)
+    update += -lr * inactive_lr_scale * np.sign(inactive)
+    w += update
+    out.append(w.copy())
+  return out
+
+
+class FrugalTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("random", {}), ("svd", dict(projector="svd")),
+      # Two stacked layers refreshing on different steps: counts per layer.
+      ("stacked_layers", dict(stacked_axes="w", stagger=2,
+                              stagger_layers=True)))
+  def test_step_after_refresh_is_as_large_as_the_first(self, kw):
+    # Adam on a constant gradient moves every coordinate by exactly the
+    # learning rate when its bias correction is right: |update| is the same
+    # at every step, the steps right after a refresh (moments reset)
+    # included. A count that kept running through the reset gave 0.58x.
+    shape = (2, 24, 16) if "stacked_axes" in kw else (24, 16)
+    g = {"w": jax.random.normal(jax.random.key(0), shape)}
+    params = {"w": jnp.zeros(shape)}
+    tx = optim.frugal_adamw(1.0, rank=4, update_gap=4, inactive_lr_scale=0.0,
+                            **kw)
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    norms = []
+    for _ in range(10):  # Refreshes at 4 and 8 (and 2, 6 for layer 1).
+      u, state = update(g, state, params)
+      norms.append(np.linalg.norm(np.asarray(u["w"]).reshape(
+          -1, shape[-2] * shape[-1]), axis=-1))
+    np.testing.assert_allclose(np.array(norms) / norms[0], 1.0, atol=0.01)
+    np.testing.assert_allclose(norms[0], np.sqrt(4 * 16), rtol=1e-3)
+
+  @parameterized.parameters((20, 12), (12, 20))
+  def test_matches_numpy_transcription_of_frugal(self, m, n):
+    r, gap, lr, b1, b2, eps, wd, scale = 4, 3, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.5
+
+    def spiky(i):  # Well-separated singular values: float32 SVD is exact.
+      k1, k2 = jax.random.split(jax.random.key(200 + i))
+      u = jnp.linalg.qr(jax.random.normal(k1, (m, min(m, n))))[0]
+      v = jnp.linalg.qr(jax.random.normal(k2, (n, min(m, n))))[0]
+      spectrum = 0.7 ** jnp.arange(min(m, n), dtype=jnp.float32)
+      return {"w": (u * spectrum[None, :]) @ v.T}
+
+    seq = [spiky(i) for i in range(8)]  # Refreshes at steps 0, 3, 6.
+    w0 = np.asarray(jax.random.normal(jax.random.key(9), (m, n)))
+    tx = optim.frugal_adamw(lr, rank=r, update_gap=gap, side="torch",
+                            projector="svd", weight_decay=wd,
+                            inactive_lr_scale=scale)
+    w = {"w": jnp.asarray(w0)}
+    state = tx.init(w)
+    ours = []
+    for g in seq:
+      u, state = tx.update(g, state, w)
+      w = optax.apply_updates(w, u)
+      ours.append(np.asarray(w["w"]))
+    ref = _frugal_reference(
+        w0, [g["w"] for g in seq], lr=lr, rank=r, gap=gap, b1=b1, b2=b2,
+        eps=eps, wd=wd, inactive_lr_scale=scale)
+    for t, (a, b) in enumerate(zip(ours, ref)):
+      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=f"step {t}")
+
+  def test_adam_per_matrix_equals_optax_adam_without_resets(self):
+    shapes = {"w": (6, 5), "s": (3, 4, 5), "b": (5,)}
+    seq = [_grads(i, shapes) for i in range(4)]
+    params = {k: jnp.zeros(s) for k, s in shapes.items()}
+    ours, state = _run(optim.scale_by_adam_per_matrix(), seq, params)
+    ref, _ = _run(optax.scale_by_adam(), seq, params)
+    for a, b in zip(ours, ref):
+      for k in shapes:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-6)
+    self.assertEqual({k: v.shape for k, v in state.count.items()},
+                     {"w": (), "s": (3,), "b": ()})
+    self.assertEqual(int(state.count["w"]), 4)
+
+
 class RefreshOrderTest(parameterized.TestCase):
 
   @parameterized.parameters(
@@ -554,7 +698,7 @@ class RefreshOrderTest(parameterized.TestCase):
     # output in the compiled program (not just in the traced one).
     params = {k: jnp.zeros((2, 24, 20)) for k in ("a", "b", "c")}
     tx = optim.scale_by_galore(optax.scale_by_adam(), rank=4, update_gap=8,
-                               **kwargs)
+                               stacked_axes=r"\['[abc]'\]", **kwargs)
     hlo = jax.jit(tx.update).lower(params, tx.init(params)).compile()
     entry = re.search(r"\nENTRY .*?\n}", hlo.as_text(), re.S).group(0)
     deps, conds = {}, []
@@ -593,7 +737,8 @@ class ShardedTest(absltest.TestCase):
       params["s"] = jax.random.normal(jax.random.key(2), (2, m, n)) * 0.1
     params = {k: jax.device_put(x, jax.sharding.NamedSharding(mesh, specs[k]))
               for k, x in params.items()}
-    tx = optim.galore_adamw(1e-2, rank=8, update_gap=10, projector=projector)
+    tx = optim.galore_adamw(1e-2, rank=8, update_gap=10, projector=projector,
+                            stacked_axes=r"\['s'\]" if stacked else None)
     opt_sh = sharding.shardings_like_params(jax.eval_shape(tx.init, params),
                                             params)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
@@ -645,7 +790,7 @@ class ShardedTest(absltest.TestCase):
     params = {"s": jax.device_put(
         jnp.ones((2, 256, 128)),
         jax.sharding.NamedSharding(mesh, P(None, "fsdp", None)))}
-    tx = optim.galore_adamw(1e-2, rank=8, projector="rsvd")
+    tx = optim.galore_adamw(1e-2, rank=8, projector="rsvd", stacked_axes="s")
     sh = sharding.shardings_like_params(jax.eval_shape(tx.init, params),
                                         params)
     self.assertEqual(sh[0].projector["s"].spec, P(None, "fsdp", None))
@@ -657,7 +802,7 @@ class ShardedTest(absltest.TestCase):
     # Layer-staggered refreshes slice one layer out with a traced index;
     # the sliced [256, 128] gradient stays sharded (no full all-gather).
     tx = optim.galore_adamw(1e-2, rank=8, projector="rsvd", stagger=2,
-                            stagger_layers=True)
+                            stagger_layers=True, stacked_axes="s")
     sh = sharding.shardings_like_params(jax.eval_shape(tx.init, params),
                                         params)
     with jax.set_mesh(mesh):
@@ -722,7 +867,7 @@ class QGaLoreTest(absltest.TestCase):
     fixed = jax.random.normal(jax.random.key(0), (24, 16))
     core = optim.scale_by_galore(
         optax.scale_by_adam(), rank=2, update_gap=1, adaptive_gap=True,
-        cos_threshold=0.9, cos_history=2)
+        cos_threshold=0.9, cos_history=2, stacked_axes="s")
     params = {"s": jnp.zeros((2, 24, 16))}
     state = core.init(params)
     for i in range(12):

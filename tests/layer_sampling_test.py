@@ -268,7 +268,7 @@ class SamplingTest(parameterized.TestCase):
   def test_galore_projectors_of_frozen_layers_are_kept(self):
     tx = ls.owlore_adamw(1e-2, num_layers=L, active_layers=2, period=2,
                          stacked=STACKED, rank=2, probabilities="uniform",
-                         galore_mask=r"stack")
+                         galore_project=r"stack")
     params = _params()
     state = tx.init(params)
     update = jax.jit(tx.update)

@@ -410,7 +410,10 @@ class TrainingTest(parameterized.TestCase):
     if opt == "adamw":
       tx = optax.adamw(3e-3)
     else:  # Per-layer projection of the stacked [L, m, n] leaves.
-      tx = optim.galore_adamw(1e-2, rank=8, update_gap=4, mask=r"layers")
+      # The layer axis has no logical name in llama.py, so it is named here
+      # (optim.stacked_axes_from(model) reads a "layers" logical axis).
+      tx = optim.galore_adamw(1e-2, rank=8, update_gap=4, project=r"layers",
+                              stacked_axes=r"\['layers'\]")
     graphdef, params = nnx.split(model)
     params = nnx.as_pure(params)  # Plain arrays, as optax expects.
     opt_state = tx.init(params)

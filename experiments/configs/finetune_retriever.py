@@ -134,8 +134,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.galore.scale = 0.25
   config.optimizer.galore.projector = "rsvd"
   # Regex over parameter paths: which matrices are projected (the rest,
-  # embeddings included, get plain AdamW).
-  config.optimizer.galore.mask = r"\['encoder'\]"
+  # embeddings included, get plain AdamW); galore_adamw's `project=`.
+  config.optimizer.galore.project = r"\['encoder'\]"
 
   # == experiments/demo.py: which runs, and each run's learning rate.
   config.demo = ml_collections.ConfigDict()

@@ -13,15 +13,19 @@ from lowrank.optim.adam8bit import BlockQuantized
 from lowrank.optim.adam8bit import scale_by_adam8bit
 from lowrank.optim.adam8bit import ScaleByAdam8bitState
 from lowrank.optim.adam8bit import STATIC_ARGS as ADAM8BIT_STATIC_ARGS
-from lowrank.optim.galore import default_mask
 from lowrank.optim.galore import fira_adamw
 from lowrank.optim.galore import frugal_adamw
 from lowrank.optim.galore import galore_adamw
 from lowrank.optim.galore import GaLoreState
+from lowrank.optim.galore import projected_leaves
 from lowrank.optim.galore import q_galore_adamw
 from lowrank.optim.galore import RefreshSchedule
+from lowrank.optim.galore import scale_by_adam_per_matrix
 from lowrank.optim.galore import scale_by_galore
+from lowrank.optim.galore import ScaleByAdamPerMatrixState
 from lowrank.optim.galore import STATIC_ARGS
+from lowrank.optim.matrix_view import input_axes_from
+from lowrank.optim.matrix_view import stacked_axes_from
 from lowrank.optim.memory import compiled_memory
 from lowrank.optim.memory import estimate_bytes
 from lowrank.optim.memory import state_bytes

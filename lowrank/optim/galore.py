@@ -17,14 +17,42 @@ family:
 * `residual`: what the projection drops, `G − P Pᵀ G`, can be ignored
   (GaLore), added with Fira's norm-based scaling and norm-growth limiter, or
   added as state-free signSGD / SGD (FRUGAL).
-* Stacked layers: a `[L, m, n]` leaf (from `nnx.scan` or vmapped layers)
-  gets one projector per layer.
+* N-D leaves (`lowrank.optim.matrix_view`): each leaf is projected as a
+  matrix view `[..., m, n]`. Axes that index stacked layers get one
+  projector per index; they come only from `stacked_axes` (metadata the
+  model declares: `stacked_axes_from(model)` reads the `layers` logical
+  axis; or a regex / callable / pytree), never from `ndim`. The other axes
+  are split into input (rows) and output (columns) axes by `input_axes`
+  (`input_axes_from(model)` reads `nnx.LinearGeneral` / `MultiHeadAttention`
+  / `Einsum` metadata) or, by default, all but the last non-stacked axis
+  are inputs. Biases (any leaf named `bias`) and leaves with fewer than two
+  non-stacked axes are not projected by default.
 * `stagger=k`: leaf `i` refreshes at steps `≡ (i mod k)·gap/k (mod gap)`,
   which spreads the SVD cost over the period. With `stagger_layers=True`
   the groups are single matrices, i.e. `(leaf, layer)` pairs of stacked
   leaves: a refresh step recomputes only the layers whose turn it is
   (picked with a traced index; shapes stay static), so one `[L, m, n]`
   leaf no longer costs `L` decompositions in a single step.
+
+Changed:
+  * The projection selector is `project=` (a regex, callable or bool
+    pytree); it used to be `mask=`. On the AdamW-style wrappers
+    (`galore_adamw`, `q_galore_adamw`, `fira_adamw`, `frugal_adamw`) `mask`
+    now has optax's meaning, the weight-decay mask passed to
+    `optax.add_decayed_weights` (it was `weight_decay_mask=` on
+    `galore_adamw`); `scale_by_galore` has no `mask`. `default_mask` is
+    gone: `projected_leaves` reports what a configuration projects.
+  * A 3-D leaf is no longer taken for `[L, m, n]` stacked layers: pass
+    `stacked_axes=` (e.g. `stacked_axes_from(model)`). Without it an N-D
+    leaf is one matrix (`input_axes`).
+  * A selected leaf with `rank >= min(m, n)` falls back to full inner state
+    with one warning per `init` listing such leaves (it used to be silent);
+    a `project` / `stacked_axes` regex that matches no leaf raises.
+  * On a refresh with `on_refresh="reset"`, per-matrix step counts kept by
+    the inner transform (`scale_by_adam_per_matrix`, which `galore_adamw`
+    and `frugal_adamw` use then) restart with the moments, as FRUGAL's
+    `reset_statistics=True` does; the Adam count used to keep running, so
+    bias correction shrank the first steps after every refresh.
 
 References:
   Zhao et al. 2024, GaLore, https://arxiv.org/abs/2403.03507
@@ -36,21 +64,27 @@ from collections.abc import Callable
 import math
 import re
 from typing import Any, NamedTuple
+import warnings
 
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from lowrank.optim import _nnx as nnx_interop
+from lowrank.optim import matrix_view
 from lowrank.optim import projection
 from lowrank.optim import quantize as quant
 
 ON_REFRESH = ("keep", "reset", "rotate")
 # Arguments that fix shapes or Python-side schedules: pass them as
 # `optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)`.
+# The selectors are static too: `inject_hyperparams` would call a callable
+# `project` as a schedule.
 STATIC_ARGS = ("rank", "update_gap", "stagger", "seed", "projector_bits",
-               "projector_group_size", "cos_history")
+               "projector_group_size", "cos_history", "project",
+               "stacked_axes", "input_axes", "mask")
 RESIDUALS = (None, "fira", "frugal_sign", "frugal_sgd")
 _SECOND_MOMENT_NAMES = ("nu", "v", "exp_avg_sq", "sum_of_squares")
 
@@ -97,43 +131,178 @@ class RefreshSchedule(NamedTuple):
   num_history: jax.Array
 
 
-MaskFn = Callable[[str, Any], bool]
+ProjectFn = Callable[[str, Any], bool]
 
 
-def default_mask(rank: int) -> MaskFn:
-  """Projects 2-D leaves and stacked `[L, m, n]` leaves with `min(m, n) > r`.
+class _Leaf(NamedTuple):
+  """Static per-leaf selection (from key paths, shapes and arguments).
 
-  Embeddings and output heads are 2-D as well; pass `mask` (a regex over
-  key paths, a callable or a bool tree) to route them to the plain branch.
+  Attributes:
+    path: The leaf's key path (`jax.tree_util.keystr`).
+    view: Its matrix view, or None when it is not a matrix.
+    selected: Whether `project` (or the default rule) selects it.
+    projected: `selected` and `rank < min(m, n)`.
   """
 
-  def mask(path: str, leaf) -> bool:
-    del path
-    return leaf.ndim in (2, 3) and min(leaf.shape[-2:]) > rank
+  path: str
+  view: matrix_view.MatrixView | None
+  selected: bool
+  projected: bool
 
-  return mask
+
+def _leaf_name(path) -> str:
+  if not path:
+    return ""
+  k = path[-1]
+  for attr in ("key", "name", "idx"):
+    if hasattr(k, attr):
+      return str(getattr(k, attr))
+  return str(k)
 
 
-def _mask_tree(mask, params, rank: int) -> list[bool]:
-  """Flattened per-leaf booleans from a regex, callable, bool tree or None."""
-  leaves_with_path = jax.tree_util.tree_leaves_with_path(params)
-  if mask is None:
-    mask = default_mask(rank)
-  if isinstance(mask, str):
-    rx = re.compile(mask)
-    base = default_mask(rank)
-    return [
-        bool(rx.search(jax.tree_util.keystr(p))) and base("", x)
-        for p, x in leaves_with_path
-    ]
-  if callable(mask):
-    return [bool(mask(jax.tree_util.keystr(p), x)) for p, x in leaves_with_path]
-  flags = jax.tree.leaves(mask)
-  if len(flags) != len(leaves_with_path):
-    raise ValueError(
-        f"mask has {len(flags)} leaves; params have {len(leaves_with_path)}."
-    )
-  return [bool(f) for f in flags]
+def _select(params, rank: int, project, stacked_axes,
+            input_axes) -> list[_Leaf]:
+  """Which leaves are projected, and as which matrix view.
+
+  The default rule selects every leaf with at least two non-stacked axes
+  that is not named `bias`. A regex `project` narrows the default rule to
+  leaves whose key path it matches; a callable or a bool pytree selects
+  explicitly (an explicitly selected leaf must be a matrix).
+
+  Raises:
+    ValueError: On a regex that selects nothing, a bool pytree of the
+      wrong size, an explicitly selected non-matrix leaf, or bad axes.
+  """
+  with_path = jax.tree_util.tree_leaves_with_path(params)
+  paths = [jax.tree_util.keystr(p) for p, _ in with_path]
+  leaves = [x for _, x in with_path]
+  stacked = matrix_view.stacked_per_leaf(stacked_axes, paths, leaves)
+  inputs = matrix_view.inputs_per_leaf(input_axes, paths, leaves, stacked)
+  views = [matrix_view.make_view(np.shape(x), s, i)
+           for x, s, i in zip(leaves, stacked, inputs)]
+  default = [v is not None and _leaf_name(p) != "bias"
+             for (p, _), v in zip(with_path, views)]
+  if project is None:
+    flags = default
+  elif isinstance(project, re.Pattern):
+    hits = [bool(project.search(p)) for p in paths]
+    flags = [h and d for h, d in zip(hits, default)]
+    if not any(flags):
+      eligible = [p for p, d in zip(paths, default) if d]
+      matched = [p for p, h in zip(paths, hits) if h]
+      found = (f"it matches only leaves that are not projected (biases or "
+               f"fewer than 2 non-stacked axes): "
+               f"{matrix_view.candidates(matched, 5)}" if matched
+               else "it matches no leaf")
+      raise ValueError(
+          f"project={project.pattern!r} selects no leaf to project: "
+          f"{found}. Candidate paths: {matrix_view.candidates(eligible)}.")
+  else:
+    if callable(project):
+      flags = [bool(project(p, x)) for p, x in zip(paths, leaves)]
+    else:
+      flat = jax.tree.leaves(project)
+      if len(flat) != len(leaves):
+        raise ValueError(
+            f"project has {len(flat)} leaves; params have {len(leaves)}. "
+            "Expected a bool pytree with the structure of params, a regex "
+            "or a callable (path, leaf) -> bool.")
+      flags = [bool(f) for f in flat]
+    bad = [f"{p} {tuple(np.shape(x))}"
+           for p, x, f, v in zip(paths, leaves, flags, views)
+           if f and v is None]
+    if bad:
+      raise ValueError(
+          f"project selects leaves with fewer than 2 non-stacked axes, which "
+          f"cannot be projected: {matrix_view.candidates(bad, 5)}. Leave "
+          "them out of project (stacked axes come from stacked_axes).")
+  return [
+      _Leaf(path=p, view=v, selected=f,
+            projected=f and rank < min(v.m, v.n))
+      for p, v, f in zip(paths, views, flags)
+  ]
+
+
+def _compile_arguments(project, stacked_axes, input_axes):
+  """Validates regexes and reads nnx metadata once, at construction."""
+  if isinstance(stacked_axes, nnx.Module) or (
+      stacked_axes is not None and not isinstance(stacked_axes, str)
+      and not callable(stacked_axes)
+      and matrix_view.has_variables(stacked_axes)):
+    stacked_axes = matrix_view.stacked_axes_from(stacked_axes)
+  if isinstance(input_axes, nnx.Module):
+    input_axes = matrix_view.input_axes_from(input_axes)
+  if isinstance(input_axes, str):
+    raise TypeError(
+        f"input_axes takes a callable (path, leaf) -> axes, a pytree of axes "
+        f"(optim.input_axes_from(model)) or an nnx.Module; got the string "
+        f"{input_axes!r}.")
+  return (matrix_view.compile_selector(project, "project"),
+          matrix_view.compile_selector(stacked_axes, "stacked_axes"),
+          input_axes)
+
+
+def projected_leaves(
+    params: Any,
+    *,
+    rank: int,
+    project: str | ProjectFn | Any | None = None,
+    stacked_axes: Any = None,
+    input_axes: Any = None,
+) -> dict[str, tuple[int, ...]]:
+  """The leaves `scale_by_galore` projects, with their matrix-view shapes.
+
+  The same selection the transform makes at `init` (see `scale_by_galore`
+  for the arguments), without building it: use it to check a configuration
+  (e.g. that a regex selects the intended matrices).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from lowrank import optim
+    >>> params = {"attn": {"kernel": jnp.zeros((64, 4, 16)),
+    ...                    "bias": jnp.zeros((4, 16))},
+    ...           "norm": jnp.zeros(64)}
+    >>> optim.projected_leaves(params, rank=8,
+    ...                        input_axes={"attn": {"kernel": 0, "bias": None},
+    ...                                    "norm": None})
+    {"['attn']['kernel']": (64, 64)}
+
+  Returns:
+    `{key path: lead + (m, n)}` for each leaf whose gradient is projected
+    (selected and `rank < min(m, n)`), in leaf order.
+
+  Raises:
+    ValueError: As `scale_by_galore` / its `init` do on bad selectors.
+  """
+  project, stacked_axes, input_axes = _compile_arguments(
+      project, stacked_axes, input_axes)
+  params = nnx_interop.unbox(params)
+  return {leaf.path: leaf.view.matrix_shape
+          for leaf in _select(params, rank, project, stacked_axes, input_axes)
+          if leaf.projected}
+
+
+def _warn_about(plan: list[_Leaf], rank: int) -> None:
+  """One warning per kind of silent surprise in a plan (at `init`)."""
+  full = [f"{x.path} {x.view.lead + (x.view.m, x.view.n)}"
+          for x in plan if x.selected and not x.projected]
+  if full:
+    warnings.warn(
+        f"GaLore: {len(full)} selected leaves have rank={rank} >= min(m, n) "
+        "of their matrix view and get full (unprojected) optimizer state: "
+        f"{matrix_view.candidates(full)}. Lower rank, or leave them out "
+        "with project=.", UserWarning, stacklevel=3)
+  split = [f"{x.path} {x.view.shape} -> {x.view.matrix_shape}"
+           for x in plan if x.projected and x.view.default_split]
+  if split:
+    warnings.warn(
+        f"GaLore: {len(split)} projected leaves have more than 2 non-stacked "
+        "axes and no input_axes, so the default rule views them as [all but "
+        f"the last axis] x [last axis]: {matrix_view.candidates(split)}. "
+        "Pass input_axes= (optim.input_axes_from(model) for nnx "
+        "LinearGeneral / MultiHeadAttention / Einsum kernels) and, for "
+        "scan-stacked layers, stacked_axes= (optim.stacked_axes_from(model)).",
+        UserWarning, stacklevel=3)
 
 
 def _refresh_flag(count, offset: int | np.ndarray, gap: int):
@@ -200,7 +369,9 @@ def scale_by_galore(
     fira_leak: bool = False,
     stagger: int = 1,
     stagger_layers: bool = False,
-    mask: str | MaskFn | Any | None = None,
+    project: str | ProjectFn | Any | None = None,
+    stacked_axes: Any = None,
+    input_axes: Any = None,
     seed: int = 0,
     projector_bits: int | None = None,
     projector_group_size: int | None = None,
@@ -225,7 +396,13 @@ def scale_by_galore(
       config's stacked MLP leaf) or `"householder"` (QR + small SVD). Same
       basis up to rounding (see `lowrank.optim.projection`).
     on_refresh: `"keep"`, `"reset"` or `"rotate"` the inner state of a leaf
-      whose basis changed.
+      whose basis changed. `"reset"` zeroes the inner state leaves shaped
+      like the projected gradient and, with them, integer step counts the
+      inner transform keeps per matrix (shaped like the leaf's stacked
+      axes, under the parameter's key path, as `scale_by_adam_per_matrix`
+      does), so bias correction restarts with the moments (FRUGAL's
+      `reset_statistics=True`). A count shared by all leaves (as in
+      `optax.scale_by_adam`) cannot be reset per leaf and keeps running.
     residual: `None`, `"fira"`, `"frugal_sign"` or `"frugal_sgd"`.
     residual_scale: Multiplier of the residual branch (FRUGAL's
       `inactive_lr_scale`; 1.0 for Fira).
@@ -246,10 +423,25 @@ def scale_by_galore(
       projectors then draw one key per layer, so a layer's basis does not
       depend on which layers refresh with it. Not combinable with
       `adaptive_gap`, which keeps its own per-layer schedule.
-    mask: Which leaves to project: a regex searched in each leaf's key path
-      (combined with the default shape rule), a callable
-      `(path, leaf) -> bool`, a bool pytree like `params`, or None (default
-      shape rule, see `default_mask`).
+    project: Which leaves to project (formerly `mask`). None: every leaf
+      with at least two non-stacked axes that is not named `bias`. A regex
+      searched in each leaf's key path narrows that rule (ValueError if it
+      then selects nothing, listing candidate paths); a callable
+      `(path, leaf) -> bool` or a bool pytree like `params` selects
+      explicitly. A selected leaf with `rank >= min(m, n)` gets full inner
+      state, with one warning per `init` listing such leaves.
+      `projected_leaves` shows the selection.
+    stacked_axes: Axes that index independent matrices (scan-stacked
+      layers), each with its own projector: an `nnx.Module` or `nnx.State`
+      (read with `stacked_axes_from`: the `layers` logical axis), a pytree
+      like `params` of ints / int tuples / None (matched by key path), a
+      callable `(path, leaf) -> axes`, or a regex (matching leaves have
+      their leading axis stacked). None: no stacked axes.
+    input_axes: Which non-stacked axes are the matrix's input (row) axes,
+      numbered among the non-stacked axes: an `nnx.Module` (read with
+      `input_axes_from`), a pytree like `params` or a callable
+      `(path, leaf) -> axes`; None (or a None entry) uses the default rule,
+      all but the last non-stacked axis (see `lowrank.optim.matrix_view`).
     seed: Seed for randomized projectors.
     projector_bits: Store projectors as 8- or 4-bit codes with per-group
       scales (Q-GaLore); dequantized on use. None keeps float32.
@@ -269,7 +461,9 @@ def scale_by_galore(
   Raises:
     ValueError: On a non-positive `rank` / `update_gap` / `stagger`, or an
       unknown `side`, `projector`, `on_refresh` or `residual`, or an invalid
-      quantization layout, or `stagger_layers` with `adaptive_gap`.
+      quantization layout, or `stagger_layers` with `adaptive_gap`, or an
+      invalid `project` / `stacked_axes` regex; at `init`, on a selector
+      that selects nothing or does not fit `params`.
   """
   for name, v in (("rank", rank), ("update_gap", update_gap),
                   ("stagger", stagger)):
@@ -300,6 +494,8 @@ def scale_by_galore(
         "stagger_layers=True needs the fixed refresh schedule; got "
         "adaptive_gap=True, whose layers refresh on their own schedules."
     )
+  project, stacked_axes, input_axes = _compile_arguments(
+      project, stacked_axes, input_axes)
   inner = optax.with_extra_args_support(inner)
 
   def _store(p):
@@ -308,46 +504,43 @@ def scale_by_galore(
   def _load(p):
     return quant.dequantize(p, projector_bits, group) if projector_bits else p
 
-  def _plan(params):
-    """Static per-leaf plan: (projected, side, offset) from shapes only.
+  def _plan(params, warn=False):
+    """Static per-leaf plan `(projected, side, offset, view)`.
 
     `offset` is an int (the leaf's refresh offset) or, with
     `stagger_layers`, a tuple with one offset per layer of the leaf.
     """
-    flags = _mask_tree(mask, params, rank)
-    leaves = jax.tree.leaves(params)
+    leaves_plan = _select(params, rank, project, stacked_axes, input_axes)
+    if warn:
+      _warn_about(leaves_plan, rank)
     plan, k = [], 0
     spacing = update_gap // stagger
-    for leaf, flag in zip(leaves, flags):
-      if flag and leaf.ndim < 2:
-        raise ValueError(f"Cannot project a {leaf.ndim}-D leaf.")
-      if flag and min(leaf.shape[-2:]) < rank:
-        flag = False  # Rank would exceed the matrix; plain branch.
-      s = projection.resolve_side(leaf.shape, side) if flag else None
+    for leaf in leaves_plan:
+      flag, view = leaf.projected, leaf.view
+      s = projection.resolve_side(view.matrix_shape, side) if flag else None
       if flag and stagger_layers:
-        num = math.prod(leaf.shape[:-2])
+        num = math.prod(view.lead)
         offset = tuple(((k + j) % stagger) * spacing for j in range(num))
         k += num
       else:
         offset = (k % stagger) * spacing if flag else 0
         k += bool(flag)
-      plan.append((flag, s, offset))
+      plan.append((flag, s, offset, view))
     return plan
 
-  def _low_shape(leaf, s):
-    lead, (m, n) = leaf.shape[:-2], leaf.shape[-2:]
-    return lead + ((rank, n) if s == "left" else (m, rank))
+  def _low_shape(view, s):
+    return view.lead + ((rank, view.n) if s == "left" else (view.m, rank))
 
   def init_fn(params):
     params = nnx_interop.unbox(params)  # See `lowrank.optim._nnx`.
-    plan = _plan(params)
+    plan = _plan(params, warn=True)
     leaves, treedef = jax.tree.flatten(params)
     proj, norms, sched, low = [], [], [], []
-    for leaf, (flag, s, _) in zip(leaves, plan):
+    for leaf, (flag, s, _, view) in zip(leaves, plan):
       placeholder = jnp.zeros((0,), jnp.float32)
       if flag:
-        lead = leaf.shape[:-2]
-        shape = lead + (projection.basis_dim(leaf.shape, s), rank)
+        lead = view.lead
+        shape = lead + (projection.basis_dim(view.matrix_shape, s), rank)
         proj.append(
             quant.zeros(shape, projector_bits, group)
             if projector_bits else jnp.zeros(shape, jnp.float32)
@@ -361,7 +554,7 @@ def scale_by_galore(
                 num_history=jnp.zeros(lead, jnp.int32),
             ) if adaptive_gap else placeholder
         )
-        low.append(jnp.zeros(_low_shape(leaf, s), leaf.dtype))
+        low.append(jnp.zeros(_low_shape(view, s), leaf.dtype))
       else:
         proj.append(placeholder)
         norms.append(placeholder)
@@ -377,7 +570,10 @@ def scale_by_galore(
     )
 
   def _transform_inner_state(inner_state, params_like, plan, refreshed, rot):
-    """Applies `on_refresh` to the inner-state leaves of refreshed leaves."""
+    """Applies `on_refresh` to the inner-state leaves of refreshed leaves.
+
+    `refreshed[i]` is the leaf's lead-shaped refresh flag (one per matrix).
+    """
     if on_refresh == "keep":
       return inner_state
     by_path = sorted(
@@ -400,9 +596,17 @@ def scale_by_galore(
       for param_path, i in by_path:
         if not name.endswith(param_path):
           continue
-        flag, s, _ = plan[i]
+        flag, s, _, view = plan[i]
         if not flag:
           return x
+        if (not fields and jnp.issubdtype(x.dtype, jnp.integer)
+            and x.shape == view.lead):
+          # A per-matrix step count (`scale_by_adam_per_matrix`): restarts
+          # with the moments, so bias correction counts from the reset.
+          if on_refresh == "reset":
+            return jnp.where(refreshed[i], jnp.zeros_like(x), x)
+          return x
+        mask = jnp.expand_dims(refreshed[i], (-2, -1))  # Over [d, r].
         if fields:  # A quantized moment (e.g. 8-bit Adam's BlockQuantized).
           if on_refresh == "rotate":
             raise ValueError(
@@ -413,7 +617,7 @@ def scale_by_galore(
           if fields[-1] != "scale":
             return x
           # A zero block scale decodes every code of the block to zero.
-          return jnp.where(refreshed[i], jnp.zeros_like(x), x)
+          return jnp.where(mask, jnp.zeros_like(x), x)
         if x.shape != low_shapes[i]:
           return x
         if on_refresh == "reset":
@@ -423,7 +627,7 @@ def scale_by_galore(
               getattr(k, "name", None) in _SECOND_MOMENT_NAMES for k in path
           )
           new = _rotate(x, rot[i], s, squared)
-        return jnp.where(refreshed[i], new, x)
+        return jnp.where(mask, new, x)
       return x
 
     return jax.tree_util.tree_map_with_path(_fix, inner_state)
@@ -523,11 +727,13 @@ def scale_by_galore(
     key = jax.random.wrap_key_data(state.key)
     count = state.count
     new_proj, new_sched, low, refreshed, rot, bases = [], [], [], [], [], []
+    mats = []  # Gradients of projected leaves as `[..., m, n]` views.
     previous = None  # The last projected leaf's new bases.
-    for i, (g, p_stored, sched, (flag, s, offset)) in enumerate(
+    for i, (g, p_stored, sched, (flag, s, offset, view)) in enumerate(
         zip(leaves, proj_leaves, sched_leaves, plan)
     ):
       if not flag:
+        mats.append(None)
         new_proj.append(p_stored)
         new_sched.append(sched)
         low.append(g)
@@ -535,6 +741,8 @@ def scale_by_galore(
         rot.append(None)
         bases.append(None)
         continue
+      g = matrix_view.to_matrix(g, view)
+      mats.append(g)
       leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), count)
       after = _after(previous)
       if isinstance(offset, tuple):  # stagger_layers
@@ -548,7 +756,6 @@ def scale_by_galore(
         refresh = jnp.broadcast_to(refresh, g.shape[:-2])
         stored = _refresh_leaf(g, p_stored, s, refresh, leaf_key, after)
       previous = stored
-      mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
       q = _load(stored)
       # The previous basis is only read by the adaptive schedule and by
       # rotation.
@@ -573,7 +780,7 @@ def scale_by_galore(
         )
       new_proj.append(stored)
       new_sched.append(sched)
-      refreshed.append(mask)
+      refreshed.append(refresh)
       bases.append(q)
       rot.append(
           jnp.einsum("...dr,...ds->...rs", q, p)
@@ -588,8 +795,8 @@ def scale_by_galore(
         low_tree, inner_state, None, **extra_args
     )
     out, new_norms = [], []
-    for i, (g, u, q, nrm, (flag, s, _)) in enumerate(
-        zip(leaves, treedef.flatten_up_to(low_updates), bases,
+    for i, (g, u, q, nrm, (flag, s, _, view)) in enumerate(
+        zip(mats, treedef.flatten_up_to(low_updates), bases,
             norm_leaves, plan)
     ):
       if not flag:
@@ -625,7 +832,7 @@ def scale_by_galore(
         full = full + jnp.asarray(residual_scale, jnp.float32) * res
       else:
         new_norms.append(nrm)
-      out.append(full.astype(g.dtype))
+      out.append(matrix_view.from_matrix(full.astype(g.dtype), view))
     return treedef.unflatten(out), GaLoreState(
         count=optax.safe_int32_increment(count),
         key=state.key,
@@ -638,7 +845,87 @@ def scale_by_galore(
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
+class ScaleByAdamPerMatrixState(NamedTuple):
+  """State for `scale_by_adam_per_matrix`.
+
+  Attributes:
+    count: Per leaf, int32 steps since the moments were last reset, one per
+      matrix: shape `leaf.shape[:-2]` (`()` for a leaf with fewer than three
+      axes).
+    mu: First moments, like the updates.
+    nu: Second moments, like the updates.
+  """
+
+  count: optax.Updates
+  mu: optax.Updates
+  nu: optax.Updates
+
+
+def scale_by_adam_per_matrix(
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
+    eps_root: jax.typing.ArrayLike = 0.0,
+) -> optax.GradientTransformation:
+  """`optax.scale_by_adam` with one bias-correction count per matrix.
+
+  Equal to `optax.scale_by_adam` on its own. As the `inner` of
+  `scale_by_galore(on_refresh="reset")`, each matrix's count restarts with
+  its moments at a refresh (torch's per-parameter `state["step"] = 0` in
+  FRUGAL's `reset_statistics`), so the first step after a refresh has the
+  bias correction of a first step: on a constant gradient every step,
+  refresh or not, moves each low-rank coordinate by exactly the learning
+  rate. Matrices are the last two axes of each (projected) leaf; the
+  leading axes are stacked layers with counts of their own.
+
+  Args:
+    b1: Decay of the first moment.
+    b2: Decay of the second moment.
+    eps: Added to the denominator outside the square root.
+    eps_root: Added to the second moment inside the square root.
+
+  Returns:
+    An `optax.GradientTransformation`.
+  """
+
+  def init_fn(params):
+    return ScaleByAdamPerMatrixState(
+        count=jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p)[:-2], jnp.int32), params),
+        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params),
+        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params),
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    # Cast back: array hyperparameters (`inject_hyperparams`) are float32.
+    mu = jax.tree.map(
+        lambda g, m: (b1 * m + (1 - b1) * g).astype(m.dtype), updates,
+        state.mu)
+    nu = jax.tree.map(
+        lambda g, v: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
+        updates, state.nu)
+    count = jax.tree.map(optax.safe_int32_increment, state.count)
+
+    def _step(g, m, v, c):
+      c = c.reshape(c.shape + (1,) * (g.ndim - c.ndim))
+      m_hat = m / (1 - b1**c).astype(m.dtype)
+      v_hat = v / (1 - b2**c).astype(v.dtype)
+      return (m_hat / (jnp.sqrt(v_hat + eps_root) + eps)).astype(g.dtype)
+
+    updates = jax.tree.map(_step, updates, mu, nu, count)
+    return updates, ScaleByAdamPerMatrixState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _adamw(core, learning_rate, weight_decay, mask):
+  if isinstance(mask, str):
+    raise ValueError(
+        f"mask={mask!r}: mask is the weight-decay mask (optax's meaning: a "
+        "bool pytree or a callable params -> bool pytree), not a regex. The "
+        "projection selector is project= (formerly mask=): pass "
+        f"project={mask!r}.")
   return optax.chain(
       core,
       optax.add_decayed_weights(weight_decay, mask),
@@ -660,7 +947,9 @@ def galore_adamw(
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
-    weight_decay_mask: Any = None,
+    project: str | ProjectFn | Any | None = None,
+    stacked_axes: Any = None,
+    input_axes: Any = None,
     on_refresh: str = "keep",
     residual: str | None = None,
     residual_scale: jax.typing.ArrayLike = 1.0,
@@ -678,8 +967,14 @@ def galore_adamw(
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a low-rank gradient subspace (GaLore).
 
-  Weight decay is decoupled and applied in full parameter space. Arguments
-  after `weight_decay_mask` are those of `scale_by_galore`.
+  Weight decay is decoupled and applied in full parameter space to the
+  leaves selected by `mask`, which has optax's meaning (as in
+  `optax.adamw` and `optax.contrib.galore`): a bool pytree or a callable
+  `params -> bool pytree`; None decays every leaf. Which gradients are
+  projected is `project` (formerly `mask`); see `scale_by_galore` for it,
+  `stacked_axes`, `input_axes` and the arguments after them. With
+  `on_refresh="reset"` the inner Adam is `scale_by_adam_per_matrix`, whose
+  step counts restart with the moments.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -689,20 +984,26 @@ def galore_adamw(
     >>> state = tx.init(params)
     >>> state[0].inner_state.mu["w"].shape  # r x min(m, n)
     (2, 4)
+
+  Raises:
+    ValueError: As `scale_by_galore`, or on a string `mask` (a projection
+      regex belongs in `project`).
   """
+  adam = (scale_by_adam_per_matrix(b1, b2, eps) if on_refresh == "reset"
+          else optax.scale_by_adam(b1, b2, eps))
   core = scale_by_galore(
-      optax.scale_by_adam(b1, b2, eps),
+      adam,
       rank=rank, update_gap=update_gap, scale=scale, side=side,
       projector=projector, rsvd_method=rsvd_method, on_refresh=on_refresh,
       residual=residual, residual_scale=residual_scale, fira_gamma=fira_gamma,
       fira_leak=fira_leak, stagger=stagger, stagger_layers=stagger_layers,
-      mask=mask, seed=seed,
-      projector_bits=projector_bits,
+      project=project, stacked_axes=stacked_axes, input_axes=input_axes,
+      seed=seed, projector_bits=projector_bits,
       projector_group_size=projector_group_size, adaptive_gap=adaptive_gap,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
       cos_history=cos_history,
   )
-  return _adamw(core, learning_rate, weight_decay, weight_decay_mask)
+  return _adamw(core, learning_rate, weight_decay, mask)
 
 
 def q_galore_adamw(
@@ -721,6 +1022,9 @@ def q_galore_adamw(
     rsvd_method: str = "cholesky",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
+    project: str | ProjectFn | Any | None = None,
+    stacked_axes: Any = None,
+    input_axes: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore: low-bit projectors and lazy, layer-adaptive refresh.
@@ -730,7 +1034,8 @@ def q_galore_adamw(
   basis is stable (mean cosine similarity of consecutive first basis vectors
   over the last `cos_history` refreshes `>= cos_threshold`). Q-GaLore's INT8
   weights with stochastic rounding are a model-side choice and not part of
-  this transform.
+  this transform. `mask` is the weight-decay mask and `project` the
+  projection selector, as in `galore_adamw`.
 
   References:
     Zhang et al. 2024, Q-GaLore, https://arxiv.org/abs/2407.08296
@@ -738,7 +1043,8 @@ def q_galore_adamw(
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, scale=scale,
       side=side, projector=projector, rsvd_method=rsvd_method,
-      weight_decay=weight_decay, mask=mask,
+      weight_decay=weight_decay, mask=mask, project=project,
+      stacked_axes=stacked_axes, input_axes=input_axes,
       seed=seed, projector_bits=projector_bits,
       projector_group_size=projector_group_size, adaptive_gap=True,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
@@ -759,18 +1065,24 @@ def fira_adamw(
     rsvd_method: str = "cholesky",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
+    project: str | ProjectFn | Any | None = None,
+    stacked_axes: Any = None,
+    input_axes: Any = None,
     stagger: int = 1,
     stagger_layers: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Fira: GaLore-AdamW plus the norm-scaled residual with a growth limiter.
 
   `leak=True` reproduces Fira's reference code (residual `G − α P Pᵀ G`);
-  the default is the paper's true orthogonal complement.
+  the default is the paper's true orthogonal complement. `mask` is the
+  weight-decay mask and `project` the projection selector, as in
+  `galore_adamw`.
   """
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, scale=scale,
       side=side, projector=projector, rsvd_method=rsvd_method,
-      weight_decay=weight_decay, mask=mask,
+      weight_decay=weight_decay, mask=mask, project=project,
+      stacked_axes=stacked_axes, input_axes=input_axes,
       stagger=stagger, stagger_layers=stagger_layers, residual="fira",
       fira_gamma=gamma, fira_leak=leak,
   )
@@ -788,16 +1100,27 @@ def frugal_adamw(
     rsvd_method: str = "cholesky",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
+    project: str | ProjectFn | Any | None = None,
+    stacked_axes: Any = None,
+    input_axes: Any = None,
     stagger: int = 1,
     stagger_layers: bool = False,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """FRUGAL: state-full AdamW in the subspace, state-free rule outside.
 
-  The subspace's Adam moments are reset at each refresh (FRUGAL's
-  `reset_statistics=True`; the shared Adam step count is not, so the first
-  steps after a reset are smaller, like a short warm-up). The residual gets
-  signSGD (`"sign"`, default) or SGD (`"sgd"`) scaled by `inactive_lr_scale`.
+  At each refresh the subspace's Adam state is re-initialised, moments and
+  step count alike (FRUGAL's `reset_statistics=True`, whose `_init_state`
+  sets `step = 0`): the count is kept per matrix
+  (`scale_by_adam_per_matrix`), so the first step after a refresh is
+  bias-corrected as a first step. The residual gets signSGD (`"sign"`,
+  default) or SGD (`"sgd"`) scaled by `inactive_lr_scale` (FRUGAL's
+  pretraining scripts use 1.0, its fine-tuning ones 0.1). `mask` is the
+  weight-decay mask and `project` the projection selector, as in
+  `galore_adamw`.
+
+  References:
+    Zmushko et al. 2024, FRUGAL, https://arxiv.org/abs/2411.07837
   """
   if residual_rule not in ("sign", "sgd"):
     raise ValueError(
@@ -806,7 +1129,8 @@ def frugal_adamw(
   return galore_adamw(
       learning_rate, rank=rank, update_gap=update_gap, side=side,
       projector=projector, rsvd_method=rsvd_method,
-      weight_decay=weight_decay, mask=mask,
+      weight_decay=weight_decay, mask=mask, project=project,
+      stacked_axes=stacked_axes, input_axes=input_axes,
       stagger=stagger, stagger_layers=stagger_layers, seed=seed,
       on_refresh="reset",
       residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale,

@@ -62,7 +62,8 @@ from lowrank.optim import galore
 # `OWLORE_STATIC_ARGS` for `owlore_adamw`.
 LISA_STATIC_ARGS = ("num_layers", "active_layers", "period", "seed",
                     "stacked", "layer_of", "weight_decay_mask")
-OWLORE_STATIC_ARGS = LISA_STATIC_ARGS + ("rank", "update_gap", "galore_mask")
+OWLORE_STATIC_ARGS = LISA_STATIC_ARGS + ("rank", "update_gap",
+                                         "galore_project")
 PROBABILITIES = ("uniform", "owlore")
 
 _STACKED = "stacked"  # Plan entry of a leaf with a leading layer axis.
@@ -555,7 +556,7 @@ def _sampled_adamw(
     learning_rate, *, num_layers, active_layers, period, stacked, layer_of,
     probabilities, owlore_alpha, owlore_floor, seed, b1, b2, eps,
     weight_decay, weight_decay_mask, rank, update_gap, galore_scale,
-    galore_mask,
+    galore_project,
 ):
   inner = scale_by_adam_per_slice(b1, b2, eps)
   if rank is not None:
@@ -568,9 +569,14 @@ def _sampled_adamw(
       raise ValueError(
           f"update_gap={update_gap} must divide period={period}."
       )
+    # GaLore's per-layer projectors: the layer axis of stacked leaves.
+    if stacked is None or isinstance(stacked, str):
+      stacked_axes = stacked
+    else:
+      stacked_axes = lambda path, leaf: (0,) if stacked(path, leaf) else ()
     inner = galore.scale_by_galore(
         inner, rank=rank, update_gap=update_gap, scale=galore_scale,
-        mask=galore_mask,
+        project=galore_project, stacked_axes=stacked_axes,
     )
   # Decay inside the sampled part: a frozen layer gets no update at all,
   # as torch's AdamW skips parameters without a gradient.
@@ -628,7 +634,7 @@ def lisa_adamw(
       probabilities="uniform", owlore_alpha=13.0, owlore_floor=0.01,
       seed=seed, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
       weight_decay_mask=weight_decay_mask, rank=None, update_gap=None,
-      galore_scale=1.0, galore_mask=None,
+      galore_scale=1.0, galore_project=None,
   )
 
 
@@ -646,7 +652,7 @@ def owlore_adamw(
     rank: int | None = None,
     update_gap: int | None = None,
     galore_scale: jax.typing.ArrayLike = 1.0,
-    galore_mask: Any = None,
+    galore_project: Any = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
@@ -660,9 +666,11 @@ def owlore_adamw(
   (`outlier_ratios`, recomputed from `params` at each draw). With `rank`
   set, the sampled layers' Adam runs in a GaLore subspace
   (`galore.scale_by_galore(rank=rank, update_gap=update_gap,
-  scale=galore_scale, mask=galore_mask)`), as in the paper (the OwLore code
-  uses rank 256, `update_proj_gap=100`, scale 1). Frozen layers' projectors
-  and moments are kept unchanged until the layer is drawn again.
+  scale=galore_scale, project=galore_project)`, with one projector per
+  layer of each `stacked` leaf; `galore_project` was `galore_mask`), as in
+  the paper (the OwLore code uses rank 256, `update_proj_gap=100`, scale
+  1). Frozen layers' projectors and moments are kept unchanged until the
+  layer is drawn again.
 
   GaLore refreshes its bases on the shared step count, so `update_gap`
   (default: `period`) must divide `period`: every draw then refreshes the
@@ -692,5 +700,5 @@ def owlore_adamw(
       owlore_floor=owlore_floor, seed=seed, b1=b1, b2=b2, eps=eps,
       weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
       rank=rank, update_gap=update_gap, galore_scale=galore_scale,
-      galore_mask=galore_mask,
+      galore_project=galore_project,
   )
