@@ -36,6 +36,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("type", None),
     ("norm", None),
     ("lowrank", None),  # Adapter / projector rank axis: always replicated.
+    ("layers", None),  # Scan-stacked layer axis: replicated.
 )
 MESH_AXES = ("data", "fsdp", "tensor")
 

@@ -202,7 +202,7 @@ class ForwardTest(parameterized.TestCase):
     q = stacked.model.layers.self_attn.q_proj.kernel
     self.assertEqual(q.get_value().shape, (2, 64, 64))
     self.assertEqual(q.get_metadata()["out_sharding"],
-                     (None, "embed", "heads"))
+                     ("layers", "embed", "heads"))
     np.testing.assert_array_equal(
         q.get_value()[1],
         listed.model.layers[1].self_attn.q_proj.kernel.get_value())
@@ -409,11 +409,10 @@ class TrainingTest(parameterized.TestCase):
     model = _model(seed=16, scan_layers=scan_layers, initializer_range=0.02)
     if opt == "adamw":
       tx = optax.adamw(3e-3)
-    else:  # Per-layer projection of the stacked [L, m, n] leaves.
-      # The layer axis has no logical name in llama.py, so it is named here
-      # (optim.stacked_axes_from(model) reads a "layers" logical axis).
+    else:  # Per-layer projection of the stacked [L, m, n] leaves, read
+      # from the model's `layers` logical axis (no regex, no ndim guess).
       tx = optim.galore_adamw(1e-2, rank=8, update_gap=4, project=r"layers",
-                              stacked_axes=r"\['layers'\]")
+                              stacked_axes=optim.stacked_axes_from(model))
     graphdef, params = nnx.split(model)
     params = nnx.as_pure(params)  # Plain arrays, as optax expects.
     opt_state = tx.init(params)

@@ -69,9 +69,10 @@ _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Flax parameter name -> HF suffix (`kernel`s are stored transposed).
 _SUFFIX = {"kernel": "weight", "embedding": "weight", "scale": "weight",
            "bias": "bias"}
-# Transform metadata for the stacked layer axis: no logical name (replicated),
-# since `sharding.LOGICAL_AXIS_RULES` has no layer axis.
-_LAYER_AXIS = {nnx.PARTITION_NAME: None}
+# Transform metadata for the stacked layer axis: the logical name `layers`
+# (replicated by `sharding.LOGICAL_AXIS_RULES`), which is also how the GaLore
+# family finds one matrix per layer (`optim.stacked_axes_from(model)`).
+_LAYER_AXIS = {nnx.PARTITION_NAME: "layers"}
 _MASK_VALUE = 0.5 * float(np.finfo(np.float32).min)
 
 
