@@ -32,6 +32,7 @@ _EXTERNAL = {  # name -> the module that defines it
     "Embed": "flax.nnx",
     "Linear": "flax.nnx",
     "LinearGeneral": "flax.nnx",
+    "MultiHeadAttention": "flax.nnx",
 }
 _NOT_PYTHON = {
     "A", "B",     # the LoRA factors in prose
