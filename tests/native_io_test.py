@@ -47,8 +47,15 @@ class _Scaled(layers.LoRAWrapper):
     return (a * d[None, :]) @ b * self.scale
 
 
-if "test_scaled" not in layers.METHODS:
-  layers.register("test_scaled", _Scaled)
+def setUpModule():
+  # Registered for this module only: the registry is process-global, and
+  # other modules in the same xdist worker (readme_test) list its methods.
+  if "test_scaled" not in layers.METHODS:
+    layers.register("test_scaled", _Scaled)
+
+
+def tearDownModule():
+  layers.METHODS.pop("test_scaled", None)
 
 
 class _Model(nnx.Module):
