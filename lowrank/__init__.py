@@ -4,6 +4,7 @@ Subpackages and modules (importing a subpackage makes all of its submodules
 reachable as attributes, e.g. `lowrank.retrieval.metrics`; the light ones
 import them on first use):
   lowrank.sharding         logical-axis rules, meshes, derived shardings
+  lowrank.quantize         block-wise 8-bit quantiser (8-bit Adam, QLoRA)
   lowrank.checkpoint       orbax checkpoints that resume; adapter-only saves
   lowrank.distributed      multi-process start-up (`jax.distributed`)
   lowrank.metric_writers   CSV / TensorBoard / JSON metric writers
@@ -79,7 +80,7 @@ __getattr__, __dir__, __all__ = _attach(
     __name__,
     submodules=(
         "adapters", "assets", "checkpoint", "data", "distributed",
-        "metric_writers", "models", "optim", "ranking", "retrieval",
-        "sharding", "spectral",
+        "metric_writers", "models", "optim", "quantize", "ranking",
+        "retrieval", "sharding", "spectral",
     ),
 )

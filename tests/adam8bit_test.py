@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from lowrank import optim
+from lowrank import quantize
 from lowrank import sharding
 from lowrank.optim import adam8bit
 
@@ -100,7 +101,7 @@ class QuantizeTest(parameterized.TestCase):
     ]).astype(np.float32)
     x = np.clip(np.abs(x) if second_moment else x, -1, 1)
     x = x[(x == 0) | (np.abs(x) >= np.finfo(np.float32).tiny)]  # XLA: FTZ.
-    codes = np.asarray(adam8bit._encode(  # pylint: disable=protected-access
+    codes = np.asarray(quantize._encode(  # pylint: disable=protected-access
         jnp.asarray(x), second_moment, "dynamic", None))
     err = np.abs(table[codes] - x)
     best = np.min(np.abs(table[None, :] - x[:, None]), axis=1)

@@ -24,9 +24,9 @@ quantized: its mean is subtracted (the absmaxes are positive, so centring
 makes symmetric quantisation usable) and the centred values are quantized
 blockwise with 8-bit codes of bitsandbytes' signed dynamic map, one float32
 scale per `dq_block_size` (256) absmaxes, as bitsandbytes does
-(`lowrank.optim.adam8bit.quantize`, reused). Cost per parameter with the
-defaults: `4 + 8/64 + 32/(64·256)` = 4.127 bits, plus one float32 offset
-per tensor.
+(`lowrank.quantize.quantize`, the quantiser 8-bit Adam also uses). Cost
+per parameter with the defaults: `4 + 8/64 + 32/(64·256)` = 4.127 bits,
+plus one float32 offset per tensor.
 
 **int8**: symmetric absmax per block, `code = round(127 · x / absmax)` in
 `[-127, 127]`, one float32 absmax per block: `8 + 32/64` = 8.5 bits per
@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank.optim import adam8bit
+from lowrank import quantize as blockwise
 
 SCHEMES = ("nf4", "int8")
 
@@ -221,7 +221,7 @@ def _quantize_nf4(w, block_size, double_quant, dq_block_size) -> NF4Tensor:
   scale = offset = None
   if double_quant:
     offset = jnp.mean(absmax)
-    dq = adam8bit.quantize(
+    dq = blockwise.quantize(
         absmax - offset, second_moment=False, scheme="dynamic",
         block_size=dq_block_size,
     )
@@ -241,8 +241,8 @@ def nf4_absmax(q: NF4Tensor) -> jax.Array:
   """The (dequantized, if double-quantized) float32 absmax of each block."""
   if q.absmax_scale is None:
     return jnp.asarray(q.absmax, jnp.float32)
-  centred = adam8bit.dequantize(
-      adam8bit.BlockQuantized(codes=q.absmax, scale=q.absmax_scale),
+  centred = blockwise.dequantize(
+      blockwise.BlockQuantized(codes=q.absmax, scale=q.absmax_scale),
       second_moment=False, scheme="dynamic",
   )
   return centred + q.absmax_offset
