@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank.optim import _adam as adam_lib
 from lowrank.optim import _nnx as nnx_interop
 from lowrank.optim import matrix_view
 from lowrank.optim import projection
@@ -888,35 +889,9 @@ def scale_by_adam_per_matrix(
     An `optax.GradientTransformation`.
   """
 
-  def init_fn(params):
-    return ScaleByAdamPerMatrixState(
-        count=jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p)[:-2], jnp.int32), params),
-        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params),
-        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params),
-    )
-
-  def update_fn(updates, state, params=None):
-    del params
-    # Cast back: array hyperparameters (`inject_hyperparams`) are float32.
-    mu = jax.tree.map(
-        lambda g, m: (b1 * m + (1 - b1) * g).astype(m.dtype), updates,
-        state.mu)
-    nu = jax.tree.map(
-        lambda g, v: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
-        updates, state.nu)
-    count = jax.tree.map(optax.safe_int32_increment, state.count)
-
-    def _step(g, m, v, c):
-      c = c.reshape(c.shape + (1,) * (g.ndim - c.ndim))
-      m_hat = m / (1 - b1**c).astype(m.dtype)
-      v_hat = v / (1 - b2**c).astype(v.dtype)
-      return (m_hat / (jnp.sqrt(v_hat + eps_root) + eps)).astype(g.dtype)
-
-    updates = jax.tree.map(_step, updates, mu, nu, count)
-    return updates, ScaleByAdamPerMatrixState(count=count, mu=mu, nu=nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return adam_lib.scale_by_adam_counted(
+      b1, b2, eps, eps_root, count_shape=lambda shape: shape[:-2],
+      state=ScaleByAdamPerMatrixState)
 
 
 def _adamw(core, learning_rate, weight_decay, mask):
