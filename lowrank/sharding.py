@@ -169,6 +169,32 @@ def logical_to_spec(
   return P(*out)
 
 
+def batch_sharding_like(
+    tree: Any, shape: Sequence[int]
+) -> NamedSharding | None:
+  """A sharding for a `[batch, ...]` input on the mesh of `tree`'s arrays.
+
+  The batch axis follows the `batch` logical rule where it divides
+  `shape[0]` (else it is replicated); the other axes are replicated.
+
+  Args:
+    tree: A pytree of arrays, e.g. a model's `nnx.State`; the mesh is that
+      of its first leaf with a `NamedSharding`.
+    shape: The input's shape.
+
+  Returns:
+    The `NamedSharding`, or None when no leaf of `tree` is placed on a mesh
+    (then leave the input on the default device).
+  """
+  for leaf in jax.tree.leaves(tree):
+    sh = getattr(leaf, "sharding", None)
+    if isinstance(sh, NamedSharding):
+      spec = logical_to_spec(
+          ("batch",) + (None,) * (len(shape) - 1), mesh=sh.mesh, shape=shape)
+      return NamedSharding(sh.mesh, spec)
+  return None
+
+
 def _variable_spec(var, mesh, rules) -> NamedSharding:
   logical = var.get_metadata().get("out_sharding")
   return NamedSharding(

@@ -322,6 +322,8 @@ class MaxSimTest(absltest.TestCase):
     self.assertAlmostEqual(float(got), want, places=5)
     with self.assertRaisesRegex(ValueError, "teacher_scores must be"):
       colbert.distillation_loss(q, qm, d, dm, teacher[:, :2])
+    with self.assertRaisesRegex(ValueError, "temperature must be > 0"):
+      colbert.distillation_loss(q, qm, d, dm, teacher, temperature=0.0)
 
 
 def _lee_sentences():

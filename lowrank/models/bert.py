@@ -1164,18 +1164,6 @@ def bucket_length(n: int, max_length: int) -> int:
   return max_length
 
 
-def _batch_sharding(state, shape):
-  """Shards the batch axis like the params' mesh does, if there is one."""
-  for leaf in jax.tree.leaves(state):
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, jax.sharding.NamedSharding):
-      spec = sharding.logical_to_spec(
-          ("batch", None), mesh=sh.mesh, shape=shape
-      )
-      return jax.sharding.NamedSharding(sh.mesh, spec)
-  return None
-
-
 def embed(
     model: BertModel,
     tokenizer: Tokenizer,
@@ -1230,7 +1218,7 @@ def embed(
     chunk = [encoded[i] for i in idx]
     length = bucket_length(max(len(ids) for ids, _ in chunk), max_length)
     batch = tokenizer.pad(chunk, length=length, batch=batch_size)
-    batch_sharding = _batch_sharding(state, (batch_size, length))
+    batch_sharding = sharding.batch_sharding_like(state, (batch_size, length))
     if batch_sharding is not None:
       batch = jax.device_put(batch, batch_sharding)
     result = _embed_step_jit(

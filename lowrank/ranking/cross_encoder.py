@@ -292,7 +292,7 @@ def place_batch(state: Any, batch: dict[str, Any]) -> dict[str, jax.Array]:
   as `jnp` arrays on the default device.
   """
   shape = next(iter(batch.values())).shape
-  shard = bert._batch_sharding(state, shape)  # pylint: disable=protected-access
+  shard = sharding.batch_sharding_like(state, shape)
   if shard is None:
     return {k: jnp.asarray(v) for k, v in batch.items()}
   return jax.device_put(dict(batch), shard)

@@ -102,7 +102,6 @@ import numpy as np
 
 from lowrank import sharding
 from lowrank.models import bert
-from lowrank.ranking import losses as ranking_losses
 from lowrank.retrieval import muvera
 from lowrank.retrieval import search
 
@@ -138,18 +137,6 @@ def _encoder_mesh(encoder: nnx.Module) -> jax.sharding.Mesh | None:
     sh = getattr(leaf, "sharding", None)
     if isinstance(sh, jax.sharding.NamedSharding):
       return sh.mesh
-  return None
-
-
-def _batch_sharding(state, shape):
-  """Shards the batch axis like the params' mesh does, if there is one."""
-  for leaf in jax.tree.leaves(state):
-    sh = getattr(leaf, "sharding", None)
-    if isinstance(sh, jax.sharding.NamedSharding):
-      spec = sharding.logical_to_spec(
-          ("batch", None), mesh=sh.mesh, shape=shape
-      )
-      return jax.sharding.NamedSharding(sh.mesh, spec)
   return None
 
 
@@ -534,7 +521,8 @@ class ColBERT(nnx.Module):
       else:
         length = bert.bucket_length(max(len(r) for r in chunk), maxlen)
         batch = self._pad_docs(chunk, length, batch_size)
-      batch_sharding = _batch_sharding(state, batch["input_ids"].shape)
+      batch_sharding = sharding.batch_sharding_like(
+          state, batch["input_ids"].shape)
       if batch_sharding is not None:
         batch = jax.device_put(batch, batch_sharding)
       v, m = _encode_step_jit(
@@ -767,7 +755,8 @@ def distillation_loss(
     The loss, a float32 scalar.
 
   Raises:
-    ValueError: If `teacher_scores` is not `[b, n]`.
+    ValueError: If `teacher_scores` is not `[b, n]`, or `temperature` is
+      not positive.
   """
   b, n = d.shape[:2]
   if tuple(teacher_scores.shape) != (b, n):
@@ -775,11 +764,16 @@ def distillation_loss(
         f"teacher_scores must be [b, n] = {(b, n)}; got "
         f"{tuple(teacher_scores.shape)}."
     )
+  if isinstance(temperature, (int, float)) and not temperature > 0:
+    raise ValueError(
+        f"distillation_loss: temperature must be > 0; got {temperature}.")
   student = group_scores(q, q_mask, d, d_mask)
-  loss = ranking_losses.kl_distill(
-      student, jnp.asarray(teacher_scores, jnp.float32),
-      temperature=temperature,
-  )
+  # Every candidate is valid, so this is `ranking.losses.kl_distill` without
+  # its masking (retrieval sits below ranking and does not import it).
+  log_p = jax.nn.log_softmax(
+      jnp.asarray(teacher_scores, jnp.float32) / temperature, axis=-1)
+  log_q = jax.nn.log_softmax(student / temperature, axis=-1)
+  loss = jnp.mean(jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1))
   if isinstance(in_batch_weight, (int, float)) and in_batch_weight == 0:
     return loss
   flat = d.reshape((b * n,) + d.shape[2:])
