@@ -154,7 +154,7 @@ class DoraTest(parameterized.TestCase):
     for p, m in adapters.adapter_modules(model).items():
       self.assertTrue(m.merged)
       # The merged kernel is W + delta_weight(), and its column norms are m.
-      w2 = layers._kernel_to_2d(  # pylint: disable=protected-access
+      w2 = layers.kernel_to_2d(
           kernels[p], m.in_dims, m.out_dims)
       np.testing.assert_allclose(m.kernel_2d(), w2 + deltas[p], atol=1e-6)
       np.testing.assert_allclose(

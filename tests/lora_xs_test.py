@@ -242,7 +242,7 @@ class LoraSbTest(_MeshTest):
       self.assertEqual(m.init, "lora_sb")
       np.testing.assert_array_equal(m.base.kernel[...], kernels[p])
       delta = np.asarray(m.delta_weight())
-      g2d = np.asarray(layers._kernel_to_2d(  # pylint: disable=protected-access
+      g2d = np.asarray(layers.kernel_to_2d(
           grads[p], m.in_dims, m.out_dims))
       step = -lr * (np.sign(g2d) if update == "sign" else g2d)
       u, s, vt = np.linalg.svd(step, full_matrices=False)

@@ -120,7 +120,7 @@ class DoRA(layers.LoRAWrapper):
     self.magnitude = self._param(
         norm.reshape(self.out_shape).astype(dtype), self.out_dims
     )
-    self.merge_norm = layers._make_variable(  # pylint: disable=protected-access
+    self.merge_norm = layers.make_variable(
         layers.AdapterState,
         jnp.ones(self.out_shape, jnp.float32),
         self.base.kernel,

@@ -100,8 +100,12 @@ class AdapterState(nnx.Variable):
 
   For example a rank mask or a pruning budget: not updated by the optimizer
   (not `nnx.LoRAParam`) but needed to reproduce the adapter's output, so
-  `lowrank.adapters.save_adapter` stores it next to the trainable factors.
+  `lowrank.adapters.save_adapter` stores it next to the trainable factors,
+  and `lowrank.checkpoint.save_adapters` saves it (it selects variables by
+  this class attribute; the checkpoint module does not import adapters).
   """
+
+  saved_with_adapters = True
 
 
 def _kernel_var(base: nnx.Module) -> nnx.Variable:
@@ -162,7 +166,8 @@ def kernel_dims(base: nnx.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
   raise ValueError(f"Cannot wrap a {type(base).__name__} with an adapter.")
 
 
-def _kernel_to_2d(w: jax.Array, in_dims, out_dims) -> jax.Array:
+def kernel_to_2d(w: jax.Array, in_dims, out_dims) -> jax.Array:
+  """A kernel as the `[prod(in_dims), prod(out_dims)]` matrix it applies."""
   d_in = math.prod(w.shape[d] for d in in_dims)
   return jnp.transpose(w, tuple(in_dims) + tuple(out_dims)).reshape(d_in, -1)
 
@@ -288,7 +293,7 @@ class LoRAWrapper(nnx.Module):
       if isinstance(var, nnx.LoRAParam) and not name.startswith("initial_"):
         # A copy: sharing the buffer with the trainable leaf would break
         # donation of the parameters in a train step.
-        setattr(self, f"initial_{name}", _make_variable(
+        setattr(self, f"initial_{name}", make_variable(
             AdapterState, jnp.array(var.get_value(), copy=True),
             _kernel_var(self.base), _dims_like(var, self)))
 
@@ -328,11 +333,11 @@ class LoRAWrapper(nnx.Module):
     `dims[i]` is the kernel dimension that dimension `i` of `value` shares,
     or `None` for an adapter-only axis (logical axis `lowrank`).
     """
-    return _make_variable(nnx.LoRAParam, value, _kernel_var(self.base), dims)
+    return make_variable(nnx.LoRAParam, value, _kernel_var(self.base), dims)
 
   def _basis(self, value: jax.Array, dims: tuple[int | None, ...]):
     """A frozen `Basis` variable, sharded like `_param`."""
-    return _make_variable(Basis, value, _kernel_var(self.base), dims)
+    return make_variable(Basis, value, _kernel_var(self.base), dims)
 
   def _to_2d(self, x: jax.Array) -> tuple[jax.Array, tuple[int, ...]]:
     """Input in the base layer's layout -> (`[..., d_in]`, batch shape)."""
@@ -363,7 +368,7 @@ class LoRAWrapper(nnx.Module):
 
   def kernel_2d(self) -> jax.Array:
     """The base kernel as `[d_in, d_out]` (its own dtype)."""
-    return _kernel_to_2d(
+    return kernel_to_2d(
         _kernel_var(self.base).get_value(), self.in_dims, self.out_dims
     )
 
@@ -574,7 +579,7 @@ def _dims_like(var: nnx.Variable, wrapper: "LoRAWrapper"):
       else None for ax in logical)
 
 
-def _make_variable(
+def make_variable(
     kind: type,
     value: jax.Array,
     like: nnx.Variable,
@@ -738,3 +743,9 @@ def wrapper_for(module: nnx.Module, method: str = "lora") -> type | None:
     if cls in table:
       return table[cls]
   return None
+
+
+# The former private names, for modules not yet moved to the public ones
+# (spectral/, svd_init.py); remove once nothing uses them.
+_make_variable = make_variable
+_kernel_to_2d = kernel_to_2d

@@ -78,7 +78,7 @@ def _check_rank(wrapper: layers.LoRAWrapper) -> None:
 
 
 def _state(wrapper, value, dims):
-  return layers._make_variable(  # pylint: disable=protected-access
+  return layers.make_variable(
       layers.AdapterState, value, wrapper.base.kernel, dims
   )
 
