@@ -6,6 +6,7 @@ import them on first use):
   lowrank.sharding         logical-axis rules, meshes, derived shardings
   lowrank.quantize         block-wise 8-bit quantiser (8-bit Adam, QLoRA)
   lowrank.checkpoint       orbax checkpoints that resume; adapter-only saves
+  lowrank.surgery          NNX module surgery: match targets, walk, replace
   lowrank.distributed      multi-process start-up (`jax.distributed`)
   lowrank.metric_writers   CSV / TensorBoard / JSON metric writers
   lowrank.assets           paths of the bundled real models and data
@@ -81,6 +82,6 @@ __getattr__, __dir__, __all__ = _attach(
     submodules=(
         "adapters", "assets", "checkpoint", "data", "distributed",
         "metric_writers", "models", "optim", "quantize", "ranking",
-        "retrieval", "sharding", "spectral",
+        "retrieval", "sharding", "spectral", "surgery",
     ),
 )

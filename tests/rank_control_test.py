@@ -21,6 +21,7 @@ import pytest
 
 from lowrank import adapters
 from lowrank import sharding
+from lowrank import surgery
 from lowrank.adapters import layers
 from lowrank.adapters import rank_control as rc
 from lowrank.optim import sora
@@ -226,7 +227,7 @@ class CommonTest(parameterized.TestCase):
       new = type(m)(m.base, rank=m.rank, alpha=m.alpha, rslora=m.rslora,
                     init=m.init, rngs=nnx.Rngs(3), **m.options())
       nnx.update(new, *nnx.state(m, nnx.LoRAParam, layers.AdapterState))
-      rc._set_child(fresh, path, new)  # pylint: disable=protected-access
+      surgery.set_submodule(fresh, path, new)
     np.testing.assert_allclose(fresh(_X), y, atol=1e-6)
 
 

@@ -16,9 +16,8 @@ Target semantics follow PEFT:
 matched as PEFT does: `re.match(rf"(.*\\.)?({pattern})$", path)`.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
-import re
 from typing import Any
 
 from flax import nnx
@@ -26,70 +25,41 @@ import jax
 
 from lowrank.adapters import layers
 from lowrank.adapters import lora
+from lowrank import surgery
 
 # method name -> module type -> wrapper class (`layers.register` adds to it).
 METHODS = layers.METHODS
-_LINEAR_KINDS = layers.LINEAR_KINDS
 
 
-def path_str(path: Sequence[Any]) -> str:
-  return ".".join(str(p) for p in path)
+path_str = surgery.path_str
+
+# `inject(..., quantize_base=scheme)` delegates to the function registered
+# here: `lowrank.adapters.quantized.inject_quantized`, which builds on this
+# module (so this module does not import it).
+_BASE_QUANTIZER: list[Callable[..., nnx.Module]] = []
 
 
-def _walk(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], nnx.Module]]:
-  """(path, module) pairs, not descending into existing adapter wrappers.
+def register_base_quantizer(fn: Callable[..., nnx.Module]) -> None:
+  """Sets the function that runs `inject(..., quantize_base=scheme)`.
 
-  `nnx.iter_graph` yields children before their parents, so the wrappers
-  are found first and everything strictly below one is then skipped.
+  Args:
+    fn: Called as `fn(model, targets=, scheme=, init=, exclude=, method=,
+      rank=, alpha=, dropout=, init_data=, use_rslora=, rank_pattern=,
+      alpha_pattern=, rngs=, **method_options)`; it returns the model.
+      `lowrank.adapters.quantized` registers `inject_quantized` when
+      imported. A later registration replaces an earlier one.
   """
-  nodes = [
-      (tuple(path), node)
-      for path, node in nnx.iter_graph(model)
-      if isinstance(node, nnx.Module)
-  ]
-  wrappers = [p for p, n in nodes if isinstance(n, layers.LoRAWrapper)]
-  for path, node in sorted(nodes, key=lambda pn: len(pn[0])):
-    if any(path[: len(w)] == w and path != w for w in wrappers):
-      continue
-    yield path, node
+  _BASE_QUANTIZER[:] = [fn]
 
 
 def adapter_modules(model: nnx.Module) -> dict[str, layers.LoRAWrapper]:
   """Dotted path -> adapter wrapper, for every adapter in `model`."""
   return {
       path_str(p): m
-      for p, m in _walk(model)
-      if isinstance(m, layers.LoRAWrapper)
+      for p, m in surgery.iter_modules(
+          model, kind=layers.LoRAWrapper, opaque=(layers.LoRAWrapper,),
+          include_root=True)
   }
-
-
-def _compile(pattern: str, what: str) -> re.Pattern[str]:
-  try:
-    return re.compile(pattern)
-  except re.error as e:
-    raise ValueError(f"Invalid {what} regex {pattern!r}: {e}") from e
-
-
-def _matcher(targets, what: str):
-  if isinstance(targets, str) and targets != "all-linear":
-    rx = _compile(targets, what)
-    return lambda path, m: rx.fullmatch(path) is not None
-  if targets == "all-linear":
-    # Wrapped linears match too, so adapting them again is a clear error.
-    return lambda path, m: isinstance(m, _LINEAR_KINDS) or (
-        isinstance(m, layers.LoRAWrapper)
-        and isinstance(m.base, _LINEAR_KINDS))
-  if isinstance(targets, Sequence) and targets and all(
-      isinstance(t, str) for t in targets
-  ):
-    names = tuple(targets)
-    return lambda path, m: any(
-        path == t or path.endswith("." + t) for t in names
-    )
-  raise ValueError(
-      f"{what} must be a regex string, 'all-linear', or a non-empty list of "
-      f"module names; got {targets!r}."
-  )
 
 
 def pattern_value(patterns: Any, path: str, default):
@@ -98,27 +68,10 @@ def pattern_value(patterns: Any, path: str, default):
   `patterns` is `None` or anything with `items()` (a dict, a ConfigDict).
   """
   for pattern, value in (patterns or {}).items():
-    rx = _compile(rf"(.*\.)?({pattern})$", "pattern")
+    rx = surgery.compile_regex(rf"(.*\.)?({pattern})$", "pattern")
     if rx.match(path):
       return value
   return default
-
-
-def _set_child(model: nnx.Module, path: tuple[Any, ...], new: nnx.Module):
-  parent = model
-  for p in path[:-1]:
-    parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-  last = path[-1]
-  if isinstance(last, int):
-    parent[last] = new
-  else:
-    setattr(parent, last, new)
-
-
-def _listing(paths: Sequence[str], limit: int = 40) -> str:
-  shown = list(paths[:limit])
-  more = f" ... (+{len(paths) - limit} more)" if len(paths) > limit else ""
-  return ", ".join(shown) + more
 
 
 def _check_hyperparameters(rank, alpha, rank_pattern, alpha_pattern) -> None:
@@ -140,10 +93,10 @@ def _check_hyperparameters(rank, alpha, rank_pattern, alpha_pattern) -> None:
           f"{patterns!r} of type {type(patterns).__name__}."
       )
   for pattern, value in (rank_pattern or {}).items():
-    _compile(pattern, "rank_pattern")
+    surgery.compile_regex(pattern, "rank_pattern")
     lora.check_rank(value, name=f"rank_pattern[{pattern!r}]")
   for pattern, value in (alpha_pattern or {}).items():
-    _compile(pattern, "alpha_pattern")
+    surgery.compile_regex(pattern, "alpha_pattern")
     lora.check_alpha(value, rank, name=f"alpha_pattern[{pattern!r}]")
 
 
@@ -213,9 +166,13 @@ def inject(
     raise ValueError(f"Unknown method {method!r}; known: {sorted(METHODS)}.")
   _check_hyperparameters(rank, alpha, rank_pattern, alpha_pattern)
   if quantize_base is not None:
-    # Local import: `quantized` builds on this module.
-    from lowrank.adapters import quantized  # pylint: disable=g-import-not-at-top
-    return quantized.inject_quantized(
+    if not _BASE_QUANTIZER:
+      raise ValueError(
+          f"quantize_base={quantize_base!r} needs a quantizer; none is "
+          "registered. Import lowrank.adapters (its quantized module "
+          "registers one), or call register_base_quantizer."
+      )
+    return _BASE_QUANTIZER[0](
         model, targets=targets, scheme=quantize_base, init=init,
         exclude=exclude, method=method, rank=rank, alpha=alpha,
         dropout=dropout, init_data=init_data, use_rslora=use_rslora,
@@ -228,11 +185,11 @@ def inject(
         f"{sorted(set(lora.INITS) | set(layers.INITIALIZERS))}."
     )
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
-  match = _matcher(targets, "targets")
-  skip = (lambda p, m: False) if exclude is None else _matcher(
+  match = surgery.match(targets, "targets", wrappers=(layers.LoRAWrapper,))
+  skip = (lambda p, m: False) if exclude is None else surgery.match(
       exclude, "exclude"
   )
-  modules = [(p, m) for p, m in _walk(model) if p]
+  modules = list(surgery.iter_modules(model, opaque=(layers.LoRAWrapper,)))
   all_paths = [path_str(p) for p, _ in modules]
   adaptable = [
       path_str(p)
@@ -255,13 +212,14 @@ def inject(
   if unadaptable:
     raise ValueError(
         f"targets={targets!r} matched modules that method {method!r} cannot "
-        f"adapt: {_listing(unadaptable)}. Adaptable modules: "
-        f"{_listing(adaptable)}."
+        f"adapt: {surgery.listing(unadaptable)}. Adaptable modules: "
+        f"{surgery.listing(adaptable)}."
     )
   if not chosen:
     raise ValueError(
         f"targets={targets!r} matched no module. Adaptable modules: "
-        f"{_listing(adaptable)}. All module paths: {_listing(all_paths)}."
+        f"{surgery.listing(adaptable)}. All module paths: "
+        f"{surgery.listing(all_paths)}."
     )
   if init_data is not None:
     names = {path_str(p) for p, _, _ in chosen}
@@ -269,7 +227,7 @@ def inject(
     if extra:
       raise ValueError(
           f"init_data has entries for modules that are not adapted: "
-          f"{_listing(extra)}. Adapted: {_listing(sorted(names))}."
+          f"{surgery.listing(extra)}. Adapted: {surgery.listing(sorted(names))}."
       )
   for p, m, cls in chosen:
     name = path_str(p)
@@ -295,7 +253,7 @@ def inject(
       new.init = init
       if not bool(jax.numpy.array_equal(before, new.kernel_2d())):
         new.snapshot_initial()
-    _set_child(model, p, new)
+    surgery.set_submodule(model, p, new)
   return model
 
 
@@ -335,7 +293,7 @@ def unload(model: nnx.Module, *, merge_first: bool = True) -> nnx.Module:
       if names:
         changed[name] = names
     path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-    _set_child(model, path, m.base)
+    surgery.set_submodule(model, path, m.base)
   if changed:
     layers.warn_changed_while_merged(changed, stacklevel=2)
   return model

@@ -50,7 +50,6 @@ References:
 
 from collections.abc import Iterator, Mapping, Sequence
 import contextlib
-import re
 from typing import Any
 
 from flax import nnx
@@ -58,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import surgery
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 from lowrank.adapters import lora
@@ -557,47 +557,8 @@ def adapter_ids(model: nnx.Module, ids: Any) -> Iterator[nnx.Module]:
 
 def _modules_by_path(model: nnx.Module) -> dict[str, nnx.Module]:
   """Every submodule by dotted path, not descending into adapter wrappers."""
-  out, skip = {}, []
-  for path, node in nnx.iter_graph(model):
-    path = tuple(path)
-    if not path or not isinstance(node, nnx.Module):
-      continue
-    if any(path[: len(s)] == s for s in skip):
-      continue
-    out[injection.path_str(path)] = node
-    if isinstance(node, layers.LoRAWrapper):
-      skip.append(path)
-  return out
-
-
-def _matches(targets: Any, path: str, module: nnx.Module) -> bool:
-  """`inject`'s target semantics (regex fullmatch / names / all-linear)."""
-  kind = module.base if isinstance(module, layers.LoRAWrapper) else module
-  if targets == "all-linear":
-    return isinstance(kind, layers.LINEAR_KINDS)
-  if isinstance(targets, str):
-    try:
-      return re.fullmatch(targets, path) is not None
-    except re.error as e:
-      raise ValueError(f"Invalid targets regex {targets!r}: {e}") from e
-  if (isinstance(targets, Sequence) and targets
-      and all(isinstance(t, str) for t in targets)):
-    return any(path == t or path.endswith("." + t) for t in targets)
-  raise ValueError(
-      "targets must be a regex string, 'all-linear', or a non-empty list of "
-      f"module names; got {targets!r}."
-  )
-
-
-def _set_child(model: nnx.Module, path: str, new: nnx.Module) -> None:
-  parts = [int(p) if p.isdigit() else p for p in path.split(".")]
-  parent = model
-  for p in parts[:-1]:
-    parent = parent[p] if isinstance(p, int) else getattr(parent, p)
-  if isinstance(parts[-1], int):
-    parent[parts[-1]] = new
-  else:
-    setattr(parent, parts[-1], new)
+  return {surgery.path_str(p): m for p, m in surgery.iter_modules(
+      model, opaque=(layers.LoRAWrapper,), graph_order=True)}
 
 
 def _check_factors(
@@ -691,7 +652,9 @@ def add_adapter(
     lora.check_rank(rank)
     if init not in lora.INITS:
       raise ValueError(f"Unknown init {init!r}; expected one of {lora.INITS}.")
-    chosen = [p for p, m in modules.items() if _matches(targets, p, m)]
+    match = surgery.match(targets, "targets",
+                          wrappers=(layers.LoRAWrapper,))
+    chosen = [p for p, m in modules.items() if match(p, m)]
   adaptable = [
       p for p, m in modules.items()
       if isinstance(m, MultiLoRA)
@@ -760,7 +723,7 @@ def add_adapter(
     new.append_slot(name, r, al, rs, rngs.params(), fac)
     _routing_value(new.adapter_index, index)
     _routing_value(new.adapter_on, on)
-    _set_child(model, path, new)
+    surgery.set_submodule(model, path, new)
   return model
 
 
@@ -781,7 +744,7 @@ def delete_adapter(model: nnx.Module, name: str) -> nnx.Module:
   for path, m in mods.items():
     m.remove_slot(i)
     if not any(m.ranks):
-      _set_child(model, path, m.base)
+      surgery.set_submodule(model, path, m.base)
     else:
       _routing_value(m.adapter_index, new)
   return model
@@ -817,5 +780,5 @@ def from_lora(model: nnx.Module, name: str = "default") -> nnx.Module:
     a2, b2 = m.peft_factors()
     factors[p] = (a2, b2, m.scale)
   for p, m in plain.items():
-    _set_child(model, p, m.base)
+    surgery.set_submodule(model, p, m.base)
   return add_adapter(model, name, factors=factors)

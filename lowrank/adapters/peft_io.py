@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
+from lowrank import surgery
 from lowrank.adapters import injection as inject_lib
 from lowrank.adapters import layers
 
@@ -242,9 +243,7 @@ def save_peft(
         mods, base_model_name_or_path=base_model_name_or_path)
     _write(directory, config, tensors)
     return
-  all_paths = [
-      inject_lib.path_str(p) for p, _ in inject_lib._walk(model) if p  # pylint: disable=protected-access
-  ]
+  all_paths = surgery.paths(model, opaque=(layers.LoRAWrapper,))
   rslora = {m.rslora for m in mods.values()}
   if len(rslora) != 1:
     raise ValueError("Mixed use_rslora across adapters cannot be expressed.")

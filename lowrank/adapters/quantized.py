@@ -52,6 +52,7 @@ import jax.numpy as jnp
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 from lowrank.adapters import nf4
+from lowrank import surgery
 
 P = jax.sharding.PartitionSpec
 SCHEMES = nf4.SCHEMES
@@ -446,21 +447,6 @@ def _quantize_module(module: nnx.Module, scheme: str, options, kernel=None):
                                  **options)
 
 
-def _modules(model: nnx.Module) -> list[tuple[tuple[Any, ...], Any]]:
-  """(path, module) pairs, not descending into adapter wrappers.
-
-  (`nnx.iter_graph` yields children before their parent, so the wrappers
-  are collected first.)
-  """
-  items = [(tuple(p), m) for p, m in nnx.iter_graph(model)
-           if isinstance(m, nnx.Module) and p]
-  wrapped = [p for p, m in items if isinstance(m, layers.LoRAWrapper)]
-  return [
-      (p, m) for p, m in items
-      if not any(len(p) > len(w) and p[: len(w)] == w for w in wrapped)
-  ]
-
-
 def quantize_base(
     model: nnx.Module,
     targets: str | Sequence[str] = "all-linear",
@@ -504,15 +490,15 @@ def quantize_base(
   options = {"block_size": block_size}
   if scheme == "nf4":
     options.update(double_quant=double_quant, dq_block_size=dq_block_size)
-  # pylint: disable=protected-access
-  match = injection._matcher(targets, "targets")
-  skip = (lambda p, m: False) if exclude is None else injection._matcher(
-      exclude, "exclude")
-  # pylint: enable=protected-access
-  modules = _modules(model)
+  wrappers = (layers.LoRAWrapper,)
+  match = surgery.match(targets, "targets", wrappers=wrappers)
+  skip = (lambda p, m: False) if exclude is None else surgery.match(
+      exclude, "exclude", wrappers=wrappers)
+  modules = list(surgery.iter_modules(model, opaque=wrappers,
+                                      graph_order=True))
   chosen, bad, quantizable = [], [], []
   for p, m in modules:
-    name = injection.path_str(p)
+    name = surgery.path_str(p)
     inner = m.base if isinstance(m, layers.LoRAWrapper) else m
     if type(inner) in QUANTIZED:
       quantizable.append(name)
@@ -526,7 +512,7 @@ def quantize_base(
       bad.append(f"{name} (adapter merged into it; unmerge first)")
     else:
       chosen.append((p, m))
-  listing = injection._listing  # pylint: disable=protected-access
+  listing = surgery.listing
   if bad:
     raise ValueError(
         f"targets={targets!r} matched modules that cannot be quantized: "
@@ -542,8 +528,7 @@ def quantize_base(
     if isinstance(m, layers.LoRAWrapper):
       m.base = _quantize_module(m.base, scheme, options)
     else:
-      injection._set_child(  # pylint: disable=protected-access
-          model, p, _quantize_module(m, scheme, options))
+      surgery.set_submodule(model, p, _quantize_module(m, scheme, options))
   return model
 
 
@@ -776,3 +761,7 @@ def inject_quantized(
       lq_lora_init(m, scheme=scheme, iters=lq_iters, **options)
       m.init = "lq_lora"
   return model
+
+
+# `inject(..., quantize_base=scheme)` runs `inject_quantized`.
+injection.register_base_quantizer(inject_quantized)

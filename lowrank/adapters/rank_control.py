@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import surgery
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 from lowrank.adapters import lora
@@ -920,17 +921,6 @@ def prune(
   return active_ranks(model)
 
 
-def _set_child(model: nnx.Module, path: str, new: nnx.Module) -> None:
-  keys = [int(k) if k.isdigit() else k for k in path.split(".")]
-  parent = model
-  for k in keys[:-1]:
-    parent = parent[k] if isinstance(k, int) else getattr(parent, k)
-  if isinstance(keys[-1], int):
-    parent[keys[-1]] = new
-  else:
-    setattr(parent, keys[-1], new)
-
-
 def export_pruned(model: nnx.Module, *, seed: int = 0) -> nnx.Module:
   """Replaces every rank-controlled adapter by plain LoRA at its active rank.
 
@@ -961,7 +951,7 @@ def export_pruned(model: nnx.Module, *, seed: int = 0) -> nnx.Module:
     col = np.asarray(m.component_scales())
     keep = np.flatnonzero(col != 0)
     if keep.size == 0:
-      _set_child(model, p, m.base)
+      surgery.set_submodule(model, p, m.base)
       continue
     a2, b2 = m.factors_2d()
     a_new = (a2.astype(jnp.float32)[:, keep] * jnp.asarray(col[keep])[None, :])
@@ -974,5 +964,5 @@ def export_pruned(model: nnx.Module, *, seed: int = 0) -> nnx.Module:
     )
     new.set_peft_factors(a_new, b2[keep, :])
     new.enabled = m.enabled
-    _set_child(model, p, new)
+    surgery.set_submodule(model, p, new)
   return model

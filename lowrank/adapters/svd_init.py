@@ -53,6 +53,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lowrank import surgery
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 
@@ -314,17 +315,6 @@ class _InputProbe(layers.LoRAWrapper):
     return self.base(x, *args, **kwargs)
 
 
-def _set_child(model: nnx.Module, path: str, new: nnx.Module) -> None:
-  keys = [int(p) if p.isdigit() else p for p in path.split(".")]
-  parent = model
-  for k in keys[:-1]:
-    parent = parent[k] if isinstance(k, int) else getattr(parent, k)
-  if isinstance(keys[-1], int):
-    parent[keys[-1]] = new
-  else:
-    setattr(parent, keys[-1], new)
-
-
 @contextlib.contextmanager
 def _probes(model: nnx.Module, targets):
   """Temporarily wraps the modules `inject(targets=...)` would adapt."""
@@ -343,7 +333,7 @@ def _probes(model: nnx.Module, targets):
     yield found
   finally:
     for p, m in found.items():
-      _set_child(model, p, m.base)
+      surgery.set_submodule(model, p, m.base)
 
 
 def matched_paths(model: nnx.Module, targets: str | Sequence[str]) -> list[str]:

@@ -72,7 +72,7 @@ References:
     rank, Psychometrika 1(3).
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 import math
 import re
 from typing import Any
@@ -82,6 +82,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import surgery
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 
@@ -91,7 +92,6 @@ RANK_AXIS = "lowrank"
 MEASURES = ("rank", "params")
 COMPENSATIONS = ("eigen", "svd")
 _INPUT_KINDS = ("auto", "activations", "covariance")
-_set_child = injection._set_child  # pylint: disable=protected-access
 
 
 # ---------------------------------------------------------------- pure math
@@ -744,15 +744,8 @@ class LowRankLinear(nnx.Module):
 
 
 # ------------------------------------------------------ model-level helpers
-def _walk(model: nnx.Module) -> Iterator[tuple[tuple[Any, ...], Any]]:
-  """(path, module), skipping the insides of wrappers and LowRankLinears."""
-  nodes = [(tuple(p), n) for p, n in nnx.iter_graph(model)
-           if isinstance(n, nnx.Module)]
-  stops = [p for p, n in nodes
-           if isinstance(n, (layers.LoRAWrapper, LowRankLinear))]
-  for path, node in sorted(nodes, key=lambda pn: len(pn[0])):
-    if path and not any(path[:len(s)] == s and path != s for s in stops):
-      yield path, node
+# What the model-level helpers do not descend into.
+_OPAQUE = (layers.LoRAWrapper, LowRankLinear)
 
 
 def _select(
@@ -763,17 +756,17 @@ def _select(
     exclude: Any = None,
 ) -> list[tuple[tuple[Any, ...], str, Any]]:
   """Modules matching `targets` (inject's semantics) that pass `ok`."""
-  # pylint: disable=protected-access
-  match = injection._matcher(targets, "targets")
+  wrappers = (layers.LoRAWrapper,)
+  match = surgery.match(targets, "targets", wrappers=wrappers)
   if exclude is not None:
-    keep, skip = match, injection._matcher(exclude, "exclude")
+    keep = match
+    skip = surgery.match(exclude, "exclude", wrappers=wrappers)
     match = lambda p, m: keep(p, m) and not skip(p, m)
-  # pylint: enable=protected-access
-  modules = list(_walk(model))
-  eligible = [injection.path_str(p) for p, m in modules if ok(m)]
+  modules = list(surgery.iter_modules(model, opaque=_OPAQUE))
+  eligible = [surgery.path_str(p) for p, m in modules if ok(m)]
   chosen, bad = [], []
   for p, m in modules:
-    name = injection.path_str(p)
+    name = surgery.path_str(p)
     if not match(name, m):
       continue
     if ok(m):
@@ -782,7 +775,7 @@ def _select(
       bad.append(f"{name} (has an adapter; unload it first)")
     elif targets != "all-linear" or isinstance(m, layers.LINEAR_KINDS):
       bad.append(f"{name} ({type(m).__name__})")
-  listing = injection._listing  # pylint: disable=protected-access
+  listing = surgery.listing
   if bad:
     raise ValueError(
         f"targets={targets!r} matched modules that {what}: {listing(bad)}. "
@@ -893,7 +886,7 @@ def compress(
       r, e = None, energy
     down, up, s = _factors(w, r, e)
     new = LowRankLinear.from_linear(lin, down, up)
-    _set_child(model, path, new)
+    surgery.set_submodule(model, path, new)
     k = new.rank
     err, norm = _frobenius_error(
         _as_matrix(w), _one_device(new.down.kernel.get_value()),
@@ -935,13 +928,14 @@ def to_dense(
     ValueError: If `targets` matches nothing or matches other modules.
   """
   if targets is None:
-    chosen = [(p, m) for p, m in _walk(model) if isinstance(m, LowRankLinear)]
+    chosen = list(surgery.iter_modules(model, kind=LowRankLinear,
+                                       opaque=_OPAQUE))
   else:
     chosen = [(p, m) for p, _, m in _select(
         model, targets, lambda m: isinstance(m, LowRankLinear),
         "are not LowRankLinear")]
   for path, m in chosen:
-    _set_child(model, path, m.to_linear())
+    surgery.set_submodule(model, path, m.to_linear())
   return model
 
 
@@ -950,7 +944,8 @@ decompress = to_dense
 
 def low_rank_layers(model: nnx.Module) -> dict[str, LowRankLinear]:
   """`{dotted path: LowRankLinear}` for every factorised layer."""
-  return {injection.path_str(p): m for p, m in _walk(model)
+  return {surgery.path_str(p): m
+          for p, m in surgery.iter_modules(model, opaque=_OPAQUE)
           if isinstance(m, LowRankLinear)}
 
 
@@ -1029,7 +1024,8 @@ def welore_compress(
   layers_out = dict(report["layers"])
   before, after, pruned, total = (report["params_before"],
                                   report["params_after"], 0, 0)
-  modules = dict((injection.path_str(p), m) for p, m in _walk(model))
+  modules = {surgery.path_str(p): m
+             for p, m in surgery.iter_modules(model, opaque=_OPAQUE)}
   for p, (d_in, d_out) in shapes.items():
     full = min(d_in, d_out)
     total += full
@@ -1197,7 +1193,7 @@ def eora(
           jnp.concatenate([_as_matrix(m.down.kernel.get_value()), a],
                           axis=1),
           jnp.concatenate([_as_matrix(m.up.kernel.get_value()), b], axis=0))
-      _set_child(model, path_t, new)
+      surgery.set_submodule(model, path_t, new)
     else:
       wrapper = wrappers[name]
       wrapper.set_peft_factors(a, b / wrapper.scale)

@@ -49,7 +49,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from lowrank.adapters import injection
+from lowrank import surgery
+from lowrank.adapters import layers
 from lowrank.adapters import lora
 from lowrank.spectral import sst
 
@@ -407,12 +408,11 @@ def to_sltrain(
     new = SLTrainLinear.from_linear(m, rank=rank, density=density,
                                     alpha=alpha, chunk_size=chunk_size,
                                     rngs=rngs)
-    sst._set_child(model, p, new)  # pylint: disable=protected-access
+    surgery.set_submodule(model, p, new)
   return model
 
 
 def sltrain_modules(model: nnx.Module) -> dict[str, SLTrainLinear]:
   """Dotted path -> `SLTrainLinear` for every SLTrain layer of `model`."""
-  return {injection.path_str(p): m
-          for p, m in sst._modules(model)  # pylint: disable=protected-access
-          if isinstance(m, SLTrainLinear)}
+  return {surgery.path_str(p): m for p, m in surgery.iter_modules(
+      model, kind=SLTrainLinear, opaque=(layers.LoRAWrapper,))}

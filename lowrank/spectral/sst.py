@@ -136,7 +136,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank import sharding
-from lowrank.adapters import injection
+from lowrank import surgery
 from lowrank.adapters import layers
 
 U_NAME, UF_NAME, S_NAME = "sst_u", "sst_u_frozen", "sst_s"
@@ -147,14 +147,7 @@ SST_NAMES = (U_NAME, UF_NAME, S_NAME, V_NAME, VF_NAME)
 DEFAULT_RESAMPLE_EVERY = 100
 BLOCK_RESETS = ("new", "all")
 
-# Shared with adapter injection, so targets mean the same thing everywhere.
-# pylint: disable=protected-access
-_matcher = injection._matcher
-_walk = injection._walk
-_set_child = injection._set_child
-_listing = injection._listing
-_make_variable = layers._make_variable
-# pylint: enable=protected-access
+_make_variable = layers._make_variable  # pylint: disable=protected-access
 
 
 # ----------------------------------------------------------------------------
@@ -597,10 +590,6 @@ class SSTLinear(nnx.Module):
 
 
 
-def _modules(model: nnx.Module):
-  return [(p, m) for p, m in _walk(model) if p]
-
-
 def select_linears(
     model: nnx.Module,
     targets: str | Sequence[str],
@@ -627,15 +616,17 @@ def select_linears(
       module that is not exactly an `nnx.Linear`; the message lists the
       linear layers that exist.
   """
-  match = _matcher(targets, "targets")
-  skip = (lambda p, m: False) if exclude is None else _matcher(
-      exclude, "exclude")
-  modules = _modules(model)
-  linears = [injection.path_str(p) for p, m in modules
+  # Targets mean what they mean for adapter injection.
+  wrappers = (layers.LoRAWrapper,)
+  match = surgery.match(targets, "targets", wrappers=wrappers)
+  skip = (lambda p, m: False) if exclude is None else surgery.match(
+      exclude, "exclude", wrappers=wrappers)
+  modules = list(surgery.iter_modules(model, opaque=wrappers))
+  linears = [surgery.path_str(p) for p, m in modules
              if isinstance(m, nnx.Linear)]
   chosen, bad = [], []
   for p, m in modules:
-    name = injection.path_str(p)
+    name = surgery.path_str(p)
     if isinstance(m, skip_types) or not match(name, m) or skip(name, m):
       continue
     if type(m) is nnx.Linear:  # pylint: disable=unidiomatic-typecheck
@@ -645,12 +636,12 @@ def select_linears(
   if bad:
     raise ValueError(
         f"targets={targets!r} matched modules that are not nnx.Linear: "
-        f"{_listing(bad)}. Linear layers: {_listing(linears)}."
+        f"{surgery.listing(bad)}. Linear layers: {surgery.listing(linears)}."
     )
   if not chosen:
     raise ValueError(
         f"targets={targets!r} matched no nnx.Linear. Linear layers: "
-        f"{_listing(linears)}."
+        f"{surgery.listing(linears)}."
     )
   return chosen
 
@@ -698,15 +689,15 @@ def to_sst(
       new = SSTLinear.from_linear(m, rank=rank, enhanced_grad=enhanced_grad,
                                   sample_key=key)
     except ValueError as e:
-      raise ValueError(f"{injection.path_str(p)}: {e}") from e
-    _set_child(model, p, new)
+      raise ValueError(f"{surgery.path_str(p)}: {e}") from e
+    surgery.set_submodule(model, p, new)
   return model
 
 
 def sst_modules(model: nnx.Module) -> dict[str, SSTLinear]:
   """Dotted path -> `SSTLinear`, for every spectral layer of `model`."""
-  return {injection.path_str(p): m for p, m in _modules(model)
-          if isinstance(m, SSTLinear)}
+  return {surgery.path_str(p): m for p, m in surgery.iter_modules(
+      model, kind=SSTLinear, opaque=(layers.LoRAWrapper,))}
 
 
 def ranks(model: nnx.Module) -> dict[str, int]:
@@ -756,7 +747,7 @@ def to_dense(model: nnx.Module) -> nnx.Module:
     raise ValueError("The model has no SSTLinear layer to convert.")
   for name, m in mods.items():
     path = tuple(int(p) if p.isdigit() else p for p in name.split("."))
-    _set_child(model, path, _dense_linear(m))
+    surgery.set_submodule(model, path, _dense_linear(m))
   return model
 
 
