@@ -26,58 +26,26 @@ import them on first use):
   lowrank.ranking          learning-to-rank losses, CrossEncoder, FIRST / ICR
                            decoder reranking, fusion, `rerank`
 
+Layers: imports point downward only, from a layer to a lower one (checked,
+with cycles and cross-module use of `_private` names, by
+tests/layering_test.py):
+  1  sharding, quantize, assets, distributed, metric_writers (leaves)
+  2  checkpoint, surgery (infrastructure)
+  3  adapters, optim
+  4  spectral (built on the adapter layers)
+  5  models
+  6  retrieval
+  7  ranking (uses retrieval's metrics), data (mines negatives with BM25)
+Experiments and notebooks, outside the package, sit on top.
+
 Nothing heavy is imported by `import lowrank` itself.
 """
 
-from collections.abc import Callable, Iterable, Mapping
-import importlib
-from typing import Any
+from lowrank import _lazy
 
 __version__ = "0.1.0"
 
-
-def _attach(
-    package: str,
-    submodules: Iterable[str],
-    attributes: Mapping[str, str] | None = None,
-) -> tuple[Callable[[str], Any], Callable[[], list[str]], list[str]]:
-  """Module `__getattr__`, `__dir__` and `__all__` for lazy submodules.
-
-  The PEP 562 pattern (as scientific-python's `lazy_loader.attach`): a
-  subpackage lists its submodules and re-exported names; each is imported on
-  first attribute access, so `import lowrank.retrieval` stays cheap and
-  submodules that import each other's packages cannot form an import cycle.
-
-  Args:
-    package: The subpackage's `__name__`.
-    submodules: Names of its submodules.
-    attributes: Re-exported name -> the submodule that defines it.
-
-  Returns:
-    `(__getattr__, __dir__, __all__)` for the subpackage's namespace.
-  """
-  submodules = tuple(submodules)
-  attributes = dict(attributes or {})
-  names = sorted({*submodules, *attributes})
-
-  def __getattr__(name: str) -> Any:  # pylint: disable=invalid-name
-    if name in submodules:
-      return importlib.import_module(f"{package}.{name}")
-    if name in attributes:
-      module = importlib.import_module(f"{package}.{attributes[name]}")
-      return getattr(module, name)
-    raise AttributeError(
-        f"module {package!r} has no attribute {name!r}; it has: "
-        f"{', '.join(names)}."
-    )
-
-  def __dir__() -> list[str]:  # pylint: disable=invalid-name
-    return sorted({*vars(importlib.import_module(package)), *names})
-
-  return __getattr__, __dir__, list(names)
-
-
-__getattr__, __dir__, __all__ = _attach(
+__getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=(
         "adapters", "assets", "checkpoint", "data", "distributed",

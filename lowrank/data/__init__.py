@@ -19,10 +19,9 @@ Submodules are imported on first use (`lowrank.data.beir` after
 `import lowrank.data`).
 """
 
-import lowrank
+from lowrank import _lazy
 
-# pylint: disable-next=protected-access
-__getattr__, __dir__, __all__ = lowrank._attach(
+__getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=("beir", "code_search", "hard_negatives", "tfds_builders"),
 )

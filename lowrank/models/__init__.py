@@ -9,9 +9,8 @@ Submodules are imported on first use: `from lowrank.models import bert`, or
 `lowrank.models.bert` after `import lowrank.models`.
 """
 
-import lowrank
+from lowrank import _lazy
 
-# pylint: disable-next=protected-access
-__getattr__, __dir__, __all__ = lowrank._attach(
+__getattr__, __dir__, __all__ = _lazy.attach(
     __name__, submodules=("bert", "llama")
 )

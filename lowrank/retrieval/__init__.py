@@ -15,10 +15,9 @@ Submodules (imported on first use, e.g. `lowrank.retrieval.metrics` after
   (`BM25`), `codes` (binary / int8 / PQ / JPQ codes).
 """
 
-import lowrank
+from lowrank import _lazy
 
-# pylint: disable-next=protected-access
-__getattr__, __dir__, __all__ = lowrank._attach(
+__getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=(
         "biencoder", "bm25", "codes", "colbert", "losses", "metrics",

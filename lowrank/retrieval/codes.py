@@ -214,7 +214,7 @@ def hamming_search(
     )
   _check_k(k, doc_codes.shape[0])
   _check_block_size(block_size)
-  neg, indices = search._streamed_topk(  # pylint: disable=protected-access
+  neg, indices = search.streamed_topk(
       lambda q, d: -_hamming(q, d), query_codes, doc_codes, k, block_size
   )
   return -neg, indices
@@ -414,7 +414,7 @@ def int8_search(
   _check_k(k, index.codes.shape[0])
   _check_block_size(block_size)
   e, t = int8_quantize_queries(queries, index.scale)
-  dots, indices = search._streamed_topk(  # pylint: disable=protected-access
+  dots, indices = search.streamed_topk(
       _int8_dot, e, index.codes, k, block_size
   )
   return t[:, None] * dots.astype(jnp.float32), indices
@@ -657,7 +657,7 @@ def pq_search(
   _check_k(k, index.codes.shape[0])
   _check_block_size(block_size)
   tables = adc_tables(queries, index.codebooks)
-  return search._streamed_topk(  # pylint: disable=protected-access
+  return search.streamed_topk(
       _adc, tables, index.codes, k, block_size
   )
 

@@ -51,7 +51,7 @@ call (on CPU about 20 ms for 100k x 384 float32, as long as the search of
 one query). Under `jax.jit` (traced inputs) nothing can be raised and the
 check is skipped; `check_finite=False` skips it (and the sync) too.
 
-`_streamed_topk` takes any scoring function, so `lowrank.retrieval.codes`
+`streamed_topk` takes any scoring function, so `lowrank.retrieval.codes`
 reuses it for Hamming, int8 and product-quantisation search.
 """
 
@@ -191,7 +191,7 @@ def _check_finite(
   )
 
 
-def _streamed_topk(
+def streamed_topk(
     score_fn: Callable[[jax.Array, jax.Array], jax.Array],
     queries: jax.Array,
     docs: jax.Array,
@@ -277,7 +277,7 @@ def _inner_product(precision):
     jax.jit, static_argnames=("k", "block_size", "precision")
 )
 def _topk_single(queries, corpus, k, block_size, precision):
-  return _streamed_topk(
+  return streamed_topk(
       _inner_product(precision), queries, corpus, k, block_size
   )
 
@@ -305,7 +305,7 @@ def _topk_sharded(
       partial_fn = score_fn
       score_fn = lambda q, r: jax.lax.psum(partial_fn(q, r), col_axes)
     offset = jax.lax.axis_index(row_axes) * local_rows if row_axes else 0
-    scores, indices = _streamed_topk(
+    scores, indices = streamed_topk(
         score_fn, q, rows, local_k, block_size, offset
     )
     if not row_axes:
@@ -434,7 +434,7 @@ def _exact_search(queries, docs, k, query_chunk, doc_chunk, precision):
   query_chunks = padded.reshape(num_query_chunks, query_chunk, dim)
   score_fn = _inner_product(precision)
   scores, indices = jax.lax.map(
-      lambda q: _streamed_topk(score_fn, q, docs, k, doc_chunk), query_chunks
+      lambda q: streamed_topk(score_fn, q, docs, k, doc_chunk), query_chunks
   )
   return (
       scores.reshape(-1, k)[:num_queries],
