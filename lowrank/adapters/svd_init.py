@@ -75,7 +75,7 @@ def kernel_to_2d(wrapper: layers.LoRAWrapper, kernel: Any) -> jax.Array:
         f"Expected an array of the kernel's shape {tuple(shape)}; got "
         f"{tuple(kernel.shape)}."
     )
-  return layers._kernel_to_2d(  # pylint: disable=protected-access
+  return layers.kernel_to_2d(
       kernel, wrapper.in_dims, wrapper.out_dims
   )
 

@@ -1092,7 +1092,7 @@ def _effective_kernel(m: Any) -> jax.Array:
   if isinstance(m, LowRankLinear):
     return m.dense_kernel()
   in_dims, out_dims = layers.kernel_dims(m)
-  return layers._kernel_to_2d(  # pylint: disable=protected-access
+  return layers.kernel_to_2d(
       m.kernel.get_value(), in_dims, out_dims).astype(jnp.float32)
 
 

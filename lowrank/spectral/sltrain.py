@@ -55,9 +55,6 @@ from lowrank.adapters import lora
 from lowrank.spectral import sst
 
 
-_make_variable = sst._make_variable  # pylint: disable=protected-access
-
-
 class SparseIndex(nnx.Variable):
   """Fixed support of a sparse matrix (int32; neither trained nor decayed)."""
 
@@ -286,7 +283,7 @@ class SLTrainLinear(nnx.Module):
         k, (nnz,), kernel.dtype, -bound, bound), key_v)
     lead = tuple(range(len(lead_shape)))
     i, o = len(lead_shape), len(lead_shape) + 1
-    make = functools.partial(_make_variable, like=kvar)
+    make = functools.partial(layers.make_variable, like=kvar)
     self.lora_a = make(nnx.Param, a, dims=lead + (i, None))
     self.lora_b = make(nnx.Param, b, dims=lead + (None, o))
     self.sparse_values = make(nnx.Param, values, dims=lead + (None,))

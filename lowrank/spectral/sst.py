@@ -147,8 +147,6 @@ SST_NAMES = (U_NAME, UF_NAME, S_NAME, V_NAME, VF_NAME)
 DEFAULT_RESAMPLE_EVERY = 100
 BLOCK_RESETS = ("new", "all")
 
-_make_variable = layers._make_variable  # pylint: disable=protected-access
-
 
 # ----------------------------------------------------------------------------
 # Pure math.
@@ -516,7 +514,7 @@ class SSTLinear(nnx.Module):
     u, s, v = (_take_columns(x, order) for x in (u, s, v))
     lead = tuple(range(kernel.ndim - 2))
     i, o = kernel.ndim - 2, kernel.ndim - 1
-    make = functools.partial(_make_variable, nnx.Param, like=kvar)
+    make = functools.partial(layers.make_variable, nnx.Param, like=kvar)
     cast = lambda x: x.astype(kernel.dtype)
     self.sst_u = make(cast(u[..., :rank]), dims=lead + (i, None))
     self.sst_u_frozen = make(cast(u[..., rank:]), dims=lead + (i, None))
