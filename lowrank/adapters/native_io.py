@@ -35,7 +35,6 @@ import safetensors.numpy
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 from lowrank.adapters import peft_io
-from lowrank.adapters.peft_io import _atomic_write  # pylint: disable=g-importing-member
 
 CONFIG_NAME = "lowrank_adapter.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -122,11 +121,11 @@ def save_adapter(directory: str | os.PathLike[str], model: nnx.Module) -> None:
     with open(tmp, "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
 
-  _atomic_write(
+  peft_io.atomic_write(
       os.path.join(directory, WEIGHTS_NAME),
       lambda tmp: safetensors.numpy.save_file(tensors, tmp),
   )
-  _atomic_write(os.path.join(directory, CONFIG_NAME), _write_json)
+  peft_io.atomic_write(os.path.join(directory, CONFIG_NAME), _write_json)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:

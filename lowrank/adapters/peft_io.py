@@ -114,7 +114,8 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     ) from e
 
 
-def _atomic_write(path: str, write_fn) -> None:
+def atomic_write(path: str, write_fn) -> None:
+  """Writes `path` all at once: `write_fn(tmp)` then a rename onto `path`."""
   directory = os.path.dirname(path) or "."
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
   os.close(fd)
@@ -315,13 +316,13 @@ def _write(directory, config, tensors) -> None:
     with open(tmp, "w") as f:
       json.dump(config, f, indent=2, sort_keys=True)
 
-  _atomic_write(
+  atomic_write(
       os.path.join(directory, WEIGHTS_NAME),
       lambda tmp: safetensors.numpy.save_file(
           tensors, tmp, metadata={"format": "pt"}
       ),
   )
-  _atomic_write(os.path.join(directory, CONFIG_NAME), _write_json)
+  atomic_write(os.path.join(directory, CONFIG_NAME), _write_json)
 
 
 def read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
