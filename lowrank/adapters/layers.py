@@ -743,9 +743,3 @@ def wrapper_for(module: nnx.Module, method: str = "lora") -> type | None:
     if cls in table:
       return table[cls]
   return None
-
-
-# The former private names, for modules not yet moved to the public ones
-# (spectral/, svd_init.py); remove once nothing uses them.
-_make_variable = make_variable
-_kernel_to_2d = kernel_to_2d
