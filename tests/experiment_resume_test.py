@@ -37,10 +37,7 @@ _FLAGS = (
 def _env():
   return dict(
       os.environ,
-      # Backend optimisation level 0 compiles several times faster; the
-      # straight and the resumed runs use the same flags, so they compare.
-      XLA_FLAGS=("--xla_force_host_platform_device_count=2 "
-                 "--xla_backend_optimization_level=0"),
+      XLA_FLAGS="--xla_force_host_platform_device_count=2",
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.pathsep.join(
           [_REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
