@@ -7,20 +7,19 @@
   backticked `lowrank.*` name anywhere, resolves by import / getattr.
 """
 
-import contextlib
 import importlib
 import inspect
-import logging
 import os
 import pathlib
 import re
 
 from absl.testing import absltest
-import jax
 import numpy as np
 from safetensors import numpy as safetensors_numpy
 
 import lowrank
+
+import jax_compiles
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _README = _ROOT / "README.md"
@@ -86,31 +85,6 @@ def _parameter_names(module) -> set[str]:
   return names
 
 
-class _CompileCounter(logging.Handler):
-
-  def __init__(self, name: str):
-    super().__init__()
-    self.target = f"({name})"
-    self.count = 0
-
-  def emit(self, record):
-    message = record.getMessage()
-    if message.startswith("Compiling ") and self.target in message:
-      self.count += 1
-
-
-@contextlib.contextmanager
-def _count_compiles(name: str):
-  counter = _CompileCounter(name)
-  logger = logging.getLogger("jax")
-  logger.addHandler(counter)
-  try:
-    with jax.log_compiles(True):
-      yield counter
-  finally:
-    logger.removeHandler(counter)
-
-
 class ReadmeTest(absltest.TestCase):
 
   @classmethod
@@ -133,7 +107,7 @@ class ReadmeTest(absltest.TestCase):
     os.chdir(self.create_tempdir().full_path)
     self.addCleanup(os.chdir, cwd)
     env = {"__name__": "__readme__"}
-    with _count_compiles("train_step") as compiles:
+    with jax_compiles.count_compiles("train_step") as compiles:
       for i, code in enumerate(blocks):
         code = compile(code, f"README.md python block {i}", "exec")
         exec(code, env)  # pylint: disable=exec-used

@@ -8,8 +8,6 @@ first step returned those on the mesh, so the second step missed the cache
 and compiled again. These tests count compilations of the step.
 """
 
-import contextlib
-import logging
 
 from absl.testing import absltest
 from flax import nnx
@@ -23,32 +21,7 @@ from lowrank import sharding
 from lowrank.models import bert
 from lowrank.models import llama
 
-
-class _CompileCounter(logging.Handler):
-  """Counts JAX's "Compiling <name>" log lines for one function name."""
-
-  def __init__(self, name: str):
-    super().__init__()
-    self.name_ = name
-    self.count = 0
-
-  def emit(self, record):
-    message = record.getMessage()
-    if message.startswith("Compiling ") and f"({self.name_})" in message:
-      self.count += 1
-
-
-@contextlib.contextmanager
-def count_compiles(name: str):
-  """Yields a counter of compilations of jitted functions called `name`."""
-  counter = _CompileCounter(name)
-  logger = logging.getLogger("jax")
-  logger.addHandler(counter)
-  try:
-    with jax.log_compiles(True):
-      yield counter
-  finally:
-    logger.removeHandler(counter)
+import jax_compiles
 
 
 class MLP(nnx.Module):
@@ -91,7 +64,7 @@ class RecompileTest(absltest.TestCase):
     adapters.inject(model, targets=r"up|down", rank=4, alpha=8)
     model.train()
     optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-    with count_compiles("train_step") as compiles:
+    with jax_compiles.count_compiles("train_step") as compiles:
       losses = _train(model, optimizer, 4)
     self.assertEqual(compiles.count, 1)
     self.assertLess(losses[-1], losses[0])
@@ -104,7 +77,7 @@ class RecompileTest(absltest.TestCase):
       adapters.inject(model, targets=r"up|down", rank=4, alpha=8)
       optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
     model.train()
-    with count_compiles("train_step") as compiles:
+    with jax_compiles.count_compiles("train_step") as compiles:
       _train(model, optimizer, 3)
     self.assertEqual(compiles.count, 1)
 
@@ -151,7 +124,7 @@ class RecompileTest(absltest.TestCase):
       optimizer.update(model, grads)
       return loss
 
-    with count_compiles("train_step") as compiles:
+    with jax_compiles.count_compiles("train_step") as compiles:
       losses = [float(train_step(model, optimizer, ids)) for _ in range(3)]
     self.assertEqual(compiles.count, 1)
     self.assertLess(losses[-1], losses[0])
@@ -172,7 +145,7 @@ class RecompileTest(absltest.TestCase):
       optimizer.update(model, grads)
       return loss
 
-    with count_compiles("train_step") as compiles:
+    with jax_compiles.count_compiles("train_step") as compiles:
       for _ in range(3):
         train_step(model, optimizer, batch)
     self.assertEqual(compiles.count, 1)

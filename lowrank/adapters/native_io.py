@@ -233,13 +233,7 @@ def load_adapter(
         wrapper.snapshot_initial()  # Filled from the file below.
         rebased.append(path)
     mods = injection.adapter_modules(model)
-  merged = sorted(p for p, m in mods.items() if m.merged)
-  if merged:
-    raise ValueError(
-        f"Cannot load {directory} into merged adapters {merged[:10]}: the "
-        "new values would not match what is folded into the base weights. "
-        "Call lowrank.adapters.unmerge(model) first."
-    )
+  peft_io.check_unmerged(mods, directory)
   if set(mods) != set(modules):
     raise ValueError(
         f"The model's adapters do not match {directory}: only in the model "

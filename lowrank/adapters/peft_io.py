@@ -396,7 +396,9 @@ def _inject_from_config(config, model, rngs) -> None:
     )
 
 
-def _check_unmerged(mods, directory) -> None:
+def check_unmerged(mods, directory) -> None:
+  """Raises if any of `mods` (path -> adapter) is merged: a load would not
+  match what is folded into the base weights."""
   merged = sorted(p for p, m in mods.items() if m.merged)
   if merged:
     raise ValueError(
@@ -481,7 +483,7 @@ def load_peft(
           f"fit the model: {e}"
       ) from e
     mods = inject_lib.adapter_modules(model)
-  _check_unmerged(mods, directory)
+  check_unmerged(mods, directory)
   expected = {}
   for path, m in mods.items():
     expected.update(_expected(peft_type, path, m))
