@@ -21,7 +21,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-import _ckpt_child  # tests/ helper: the SIGKILLed child process.
+from tests import _ckpt_child  # The SIGKILLed child process.
 from lowrank import checkpoint
 from lowrank import optim
 from lowrank import sharding

@@ -19,7 +19,7 @@ from safetensors import numpy as safetensors_numpy
 
 import lowrank
 
-import jax_compiles
+from tests import jax_compiles
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _README = _ROOT / "README.md"

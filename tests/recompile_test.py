@@ -21,7 +21,7 @@ from lowrank import sharding
 from lowrank.models import bert
 from lowrank.models import llama
 
-import jax_compiles
+from tests import jax_compiles
 
 
 class MLP(nnx.Module):

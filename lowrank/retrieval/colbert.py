@@ -47,8 +47,8 @@ batch, softmax cross-entropy over MaxSim scores) and `distillation_loss`
 an optional in-batch term, as ColBERTv2).
 
 Example: LoRA on the encoder's query/value projections, ColBERT projection
-trained fully, in-batch loss (as `tests/colbert_test.py`; the shardings are
-passed so that step 2 reuses step 1's compilation)::
+trained fully, in-batch loss (as `tests/retrieval/colbert_test.py`; the
+shardings are passed so that step 2 reuses step 1's compilation)::
 
   mesh = sharding.make_mesh()
   with sharding.use_mesh(mesh):

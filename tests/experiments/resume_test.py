@@ -19,7 +19,7 @@ from absl.testing import absltest
 
 from lowrank import metric_writers
 
-_REPO = str(pathlib.Path(__file__).resolve().parents[1])
+_REPO = str(pathlib.Path(__file__).resolve().parents[2])
 _FLAGS = (
     "--config=experiments/configs/finetune_retriever.py:smoke",
     "--config.method=full",

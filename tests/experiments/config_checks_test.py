@@ -30,7 +30,7 @@ from experiments.configs import pretrain_lm as pretrain_config
 from experiments.configs import rerank_decoder as rerank_config
 from experiments.configs import train_reranker as reranker_config
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 _CONFIG_DIR = _REPO / "experiments" / "configs"
 _MISSING = "/nonexistent/boundaries_configs_test"
 

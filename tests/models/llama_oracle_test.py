@@ -7,7 +7,7 @@ and give HF's logits; what `llama.save_pretrained` writes must load in
 pick HF's tokens. Needs the `oracle` extra (torch, transformers); the module
 is skipped without it.
 
-    /work/oracle-venv/bin/python -m pytest -q tests/llama_oracle_test.py
+    /work/oracle-venv/bin/python -m pytest -q tests/models/llama_oracle_test.py
 """
 
 import os

@@ -4,7 +4,7 @@ The `oracle` tests compare AdaLoRA with Hugging Face PEFT (forward pass,
 orthogonal regulariser, budget schedule and the budget allocation itself) and
 are skipped without torch / peft:
 
-    /work/oracle-venv/bin/python -m pytest tests/rank_control_test.py -m oracle
+    /work/oracle-venv/bin/python -m pytest tests/adapters/rank_control_test.py -m oracle
 """
 
 import os

@@ -4,7 +4,7 @@ The `oracle` tests compare with Hugging Face PEFT's `vera` and `randlora`
 tuners on the same weights and bases; they skip without torch and peft:
 
     /work/oracle-venv/bin/python -m pytest -m oracle \
-        -o addopts="-p no:cacheprovider" tests/random_basis_test.py
+        -o addopts="-p no:cacheprovider" tests/adapters/random_basis_test.py
 """
 
 import json

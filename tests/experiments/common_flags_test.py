@@ -10,7 +10,7 @@ from experiments import common_flags
 from experiments.configs import finetune_retriever as finetune_config
 from experiments.configs import pretrain_lm as pretrain_config
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
+_REPO = pathlib.Path(__file__).resolve().parents[2]
 _FINETUNE = os.path.realpath(finetune_config.__file__)
 
 

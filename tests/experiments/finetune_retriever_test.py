@@ -20,7 +20,7 @@ from lowrank.retrieval import biencoder
 _SHARED = pathlib.Path(
     os.environ.get(
         "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[2] / "shared",
+        pathlib.Path(__file__).resolve().parents[3] / "shared",
     )
 )
 

@@ -17,7 +17,7 @@ from lowrank.retrieval import bm25
 _SHARED_DIR = pathlib.Path(
     os.environ.get(
         "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[2] / "shared",
+        pathlib.Path(__file__).resolve().parents[3] / "shared",
     )
 )
 

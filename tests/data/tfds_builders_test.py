@@ -15,7 +15,7 @@ from lowrank.data import tfds_builders
 _SHARED_DIR = pathlib.Path(
     os.environ.get(
         "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[2] / "shared",
+        pathlib.Path(__file__).resolve().parents[3] / "shared",
     )
 )
 

@@ -41,7 +41,7 @@ from lowrank.retrieval import muvera
 _SHARED_DIR = pathlib.Path(
     os.environ.get(
         "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[2] / "shared",
+        pathlib.Path(__file__).resolve().parents[3] / "shared",
     )
 )
 _BEIR_DIR = _SHARED_DIR / "data" / "beir"
