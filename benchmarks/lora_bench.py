@@ -21,8 +21,8 @@ full / all-linear LoRA with every `BertLayer` rematerialised. The candidates
 are defined in this file and patched in only while tracing; the library is
 not modified.
 
-Part 2 compares `lowrank.models.bert.embed` with sentence-transformers on the
-same checkpoint, texts, max length, batch size and normalisation, both
+Part 2 compares `lowrank.models.bert.embed_texts` with sentence-transformers
+on the same checkpoint, texts, max length, batch size and normalisation, both
 interleaved in this process on the same cores; it is skipped (with the
 reason printed) when torch or sentence-transformers cannot be imported.
 
@@ -391,7 +391,8 @@ class TrainConfig:
 
 def _build_model(name: str) -> tuple[bert.BertModel, bert.Tokenizer]:
   """A fresh model (built inside the active mesh) and the MiniLM tokenizer."""
-  model, tokenizer = bert.load_pretrained(assets.minilm_path())
+  model = bert.load_pretrained(assets.minilm_path())
+  tokenizer = bert.load_tokenizer(assets.minilm_path())
   if name == "minilm":
     return model, tokenizer
   if name == "bert_base":
@@ -743,7 +744,7 @@ def _padded_tokens(texts, lengths, max_length, batch_size) -> dict[str, int]:
 def bench_embed(
     texts: list[str], max_length: int, batch_size: int, repeats: int
 ) -> str:
-  """Interleaved `bert.embed` vs `SentenceTransformer.encode`; Markdown."""
+  """Interleaved `bert.embed_texts` vs `SentenceTransformer.encode`."""
   os.environ.setdefault("HF_HUB_OFFLINE", "1")
   try:
     import sentence_transformers  # pylint: disable=g-import-not-at-top
@@ -752,13 +753,14 @@ def bench_embed(
     return f"Part 2 skipped: {e} (install the `bench` extra)."
   path = assets.minilm_path()
   with sharding.use_mesh():
-    model, tokenizer = bert.load_pretrained(path)
+    model = bert.load_pretrained(path)
+    tokenizer = bert.load_tokenizer(path)
   st = sentence_transformers.SentenceTransformer(str(path), device="cpu")
   st.max_seq_length = max_length
   hf_model = st[0].auto_model
 
   def run_jax(texts=texts):
-    return bert.embed(
+    return bert.embed_texts(
         model,
         tokenizer,
         texts,
@@ -850,7 +852,7 @@ def bench_embed(
   fwd_cos = cosines(fj_name, ft_name)
   lengths = [
       len(ids)
-      for ids, _ in tokenizer.encode_unpadded(texts, max_length=max_length)
+      for ids, _ in tokenizer.tokenize_unpadded(texts, max_length=max_length)
   ]
   tokens = _padded_tokens(texts, lengths, max_length, batch_size)
   rate = {

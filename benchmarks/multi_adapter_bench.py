@@ -112,8 +112,8 @@ def main(argv):
   load_start = _load()
   rng = np.random.default_rng(_SEED.value)
   with sharding.use_mesh():
-    model, _ = bert.load_pretrained(assets.minilm_path())
-    base_model, _ = bert.load_pretrained(assets.minilm_path())
+    model = bert.load_pretrained(assets.minilm_path())
+    base_model = bert.load_pretrained(assets.minilm_path())
     names = [f"task{i}" for i in range(n)]
     for i, name in enumerate(names):
       multi.add_adapter(model, name, targets=TARGETS, rank=_RANK.value,

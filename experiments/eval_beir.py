@@ -145,18 +145,21 @@ def _retrieve_bm25(dataset, qids, k, timing):
 def _retrieve_dense(path, dataset, qids, dids, k, batch_size, max_length,
                     timing):
   t = time.perf_counter()
-  model, tokenizer = bert.load_pretrained(path)
+  model = bert.load_pretrained(path)
+  tokenizer = bert.load_tokenizer(path)
   timing["load_model_s"] = time.perf_counter() - t
   pooling = _pooling(path)
   max_length = max_length or tokenizer.max_length
   t = time.perf_counter()
-  d = bert.embed(model, tokenizer, [dataset.corpus[i] for i in dids],
-                 pooling=pooling, batch_size=batch_size,
-                 max_length=max_length)
+  d = bert.embed_texts(model, tokenizer,
+                       [dataset.corpus[i] for i in dids],
+                       pooling=pooling, batch_size=batch_size,
+                       max_length=max_length)
   timing["index_s"] = time.perf_counter() - t
   t = time.perf_counter()
-  q = bert.embed(model, tokenizer, [dataset.queries[i] for i in qids],
-                 pooling=pooling, batch_size=batch_size)
+  q = bert.embed_texts(model, tokenizer,
+                       [dataset.queries[i] for i in qids],
+                       pooling=pooling, batch_size=batch_size)
   run = search.search_run(qids, q, dids, d, min(k, len(dids)))
   timing["search_s"] = time.perf_counter() - t
   stats = {"pooling": pooling, "dim": int(d.shape[1]),
@@ -168,7 +171,8 @@ def _retrieve_dense(path, dataset, qids, dids, k, batch_size, max_length,
 def _retrieve_splade(path, dataset, qids, dids, k, batch_size, max_length,
                      timing):
   t = time.perf_counter()
-  model, tokenizer = bert.load_pretrained(path)
+  model = bert.load_pretrained(path)
+  tokenizer = bert.load_tokenizer(path)
   timing["load_model_s"] = time.perf_counter() - t
   max_length = max_length or SPLADE_MAX_LENGTH
   t = time.perf_counter()

@@ -165,8 +165,8 @@ def evaluation_model(model):
   """`(model, mesh)` for `evaluate`: `(model, None)`, or a process-local copy.
 
   With several processes the parameters live on a mesh spanning all of
-  them, and `bert.embed` reads its results back to the host, which needs
-  fully addressable arrays. So every process gathers the weights (a
+  them, and `bert.embed_texts` reads its results back to the host, which
+  needs fully addressable arrays. So every process gathers the weights (a
   collective: all processes must call this) and evaluates on a mesh of its
   own devices, with the weights replicated there. Every process then
   computes the same metrics with no further communication.

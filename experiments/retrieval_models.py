@@ -216,7 +216,8 @@ def load_model(
     path = config.model_path or assets.splade_tiny_path()
   else:
     path = config.model_path or assets.minilm_path()
-  encoder, tokenizer = bert.load_pretrained(path)
+  encoder = bert.load_pretrained(path)
+  tokenizer = bert.load_tokenizer(path)
   if config.model == "splade":
     if not encoder.config.add_mlm_head:
       raise ValueError(
@@ -244,7 +245,7 @@ def load_model(
     )
   if config.towers == "shared" and not config.learn_scale:
     return encoder, tokenizer  # Plain BERT: the default, bit for bit.
-  doc_encoder = (bert.load_pretrained(path)[0]
+  doc_encoder = (bert.load_pretrained(path)
                  if config.towers == "separate" else None)
   model = biencoder.BiEncoder(
       encoder, doc_encoder, pooling=config.pooling,
@@ -428,12 +429,12 @@ def _evaluate_dense(model, tokenizer, dataset, config, qids, dids):
   info: dict[str, Any] = {}
   t = time.perf_counter()
   q_enc, d_enc = towers(model)
-  q = bert.embed(
+  q = bert.embed_texts(
       q_enc, tokenizer, [dataset.queries[i] for i in qids],
       pooling=config.pooling, batch_size=config.eval_batch_size,
       max_length=config.query_max_length,
   )
-  d = bert.embed(
+  d = bert.embed_texts(
       d_enc, tokenizer, [dataset.corpus[i] for i in dids],
       pooling=config.pooling, batch_size=config.eval_batch_size,
       max_length=config.doc_max_length,

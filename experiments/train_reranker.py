@@ -243,9 +243,10 @@ class FirstStage:
 
   def _minilm(self, corpus: dict[str, str]):
     def build(corpus):
-      model, tokenizer = bert.load_pretrained(assets.minilm_path())
+      model = bert.load_pretrained(assets.minilm_path())
+      tokenizer = bert.load_tokenizer(assets.minilm_path())
       dids = sorted(corpus)
-      return model, tokenizer, dids, bert.embed(
+      return model, tokenizer, dids, bert.embed_texts(
           model, tokenizer, [corpus[i] for i in dids])
     return self._get("minilm", corpus, build)
 
@@ -264,7 +265,7 @@ class FirstStage:
       run = self.bm25(dataset.corpus).search_run(queries, k)
     else:
       model, tokenizer, dids, d = self._minilm(dataset.corpus)
-      q = bert.embed(model, tokenizer, [queries[i] for i in qids])
+      q = bert.embed_texts(model, tokenizer, [queries[i] for i in qids])
       run = search.search_run(list(qids), q, dids, d, k)
     metric_writers.write_json(path, run)
     return run

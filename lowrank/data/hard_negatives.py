@@ -144,9 +144,9 @@ def mine_dense(
 
   Give either `encode` (texts -> `[n, d]` array; called on the corpus values
   and the query values, in order), e.g.
-  `lambda texts: bert.embed(model, tokenizer, texts)`, or both embedding
-  arrays, whose rows follow `queries` and `corpus` order. Normalise them
-  first for cosine (`bert.embed` does by default).
+  `lambda texts: bert.embed_texts(model, tokenizer, texts)`, or both
+  embedding arrays, whose rows follow `queries` and `corpus` order. Normalise
+  them first for cosine (`bert.embed_texts` does by default).
 
   Args:
     queries: Query id -> text; every query needs a `qrels` entry.
@@ -445,7 +445,7 @@ def bucket_batches(
 
   Args:
     encoded: Per input, a token id list, or `(ids, type_ids)` as returned
-      by `bert.Tokenizer.encode_unpadded`.
+      by `bert.Tokenizer.tokenize_unpadded`.
     batch_size: Rows per batch.
     boundaries: Increasing padded lengths.
     pad_id: Padding token id.
@@ -542,7 +542,7 @@ def bucket_texts(
 
   Args:
     tokenizer: A `lowrank.models.bert.Tokenizer` (anything with
-      `encode_unpadded(texts, max_length=)` and `pad_token_id`).
+      `tokenize_unpadded(texts, max_length=)` and `pad_token_id`).
     texts: The texts.
     batch_size: Rows per batch.
     boundaries: Increasing padded lengths.
@@ -552,7 +552,8 @@ def bucket_texts(
   Returns:
     The `bucket_batches` iterator; `index` refers to positions in `texts`.
   """
-  encoded = tokenizer.encode_unpadded(list(texts), max_length=max(boundaries))
+  encoded = tokenizer.tokenize_unpadded(list(texts),
+                                       max_length=max(boundaries))
   return bucket_batches(
       encoded,
       batch_size=batch_size,

@@ -1,7 +1,7 @@
 """Model definitions (Flax NNX) and their checkpoint loaders.
 
-* `bert`: BERT encoder (`BertModel`, `load_pretrained`, `Tokenizer`,
-  `encode`, `embed`).
+* `bert`: BERT encoder (`BertModel`, `load_pretrained`, `load_tokenizer`,
+  `Tokenizer`, `encode`, `embed_texts`).
 * `llama`: LLaMA-style decoder (`LlamaForCausalLM`, `load_pretrained`,
   `save_pretrained`, `generate`).
 

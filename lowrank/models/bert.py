@@ -1,4 +1,4 @@
-"""BERT encoder in Flax NNX, a safetensors loader, a tokenizer and `embed`.
+"""BERT encoder in Flax NNX, a safetensors loader, a tokenizer, `embed_texts`.
 
 The module tree mirrors Hugging Face's `BertModel` state-dict names, so the
 NNX graph path of every layer joined with dots is the HF / PEFT module name
@@ -10,13 +10,14 @@ path. `BertForMaskedLM` checkpoints (SPLADE) get an optional MLM head at
 `bert.` prefix is stripped when loading.
 
 `load_pretrained` reads a local HF-format directory (`config.json`,
-`model.safetensors`, `tokenizer.json`) with `safetensors.numpy`: no torch, no
-pickle, no remote code. Every tensor is accounted for: a missing, unexpected
-or mis-shaped tensor raises a `ValueError` that names it.
+`model.safetensors`) with `safetensors.numpy`: no torch, no pickle, no remote
+code; `load_tokenizer` reads its `tokenizer.json`. Every tensor is accounted
+for: a missing, unexpected or mis-shaped tensor raises a `ValueError` that
+names it.
 
-`embed` encodes many texts with a jitted forward whose input shapes come from
-a small fixed set (batch padded to `batch_size`, length padded to a bucket),
-so encoding 10k texts compiles at most once per length bucket.
+`embed_texts` encodes many texts with a jitted forward whose input shapes
+come from a small fixed set (batch padded to `batch_size`, length padded to a
+bucket), so encoding 10k texts compiles at most once per length bucket.
 
 The numerics follow HF's post-LN BERT: exact-erf GELU, learned absolute
 positions, token-type embeddings and an additive attention mask.
@@ -29,6 +30,7 @@ import math
 import os
 import pathlib
 from typing import Any
+import warnings
 
 from flax import nnx
 from flax.core import spmd as flax_spmd
@@ -46,7 +48,7 @@ _AnyArray = jax.Array | np.ndarray
 PathLike = str | os.PathLike
 
 POOLINGS = ("mean", "cls", "last")
-# Sequence-length buckets for `embed` (capped at `max_length`).
+# Sequence-length buckets for `embed_texts` (capped at `max_length`).
 LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 # Checkpoint tensors that carry no weights we need (buffers, the NSP head).
 IGNORED_TENSORS = (
@@ -692,7 +694,7 @@ class Tokenizer:
         [int(i) for i in ids], skip_special_tokens=skip_special_tokens
     )
 
-  def encode_unpadded(
+  def tokenize_unpadded(
       self,
       texts: Sequence[str],
       *,
@@ -774,7 +776,7 @@ class Tokenizer:
       pairs = [pairs] if isinstance(pairs, str) else pairs
     if pad_to is not None and max_length is None:
       max_length = min(self.max_length, int(pad_to))
-    encoded = self.encode_unpadded(texts, pairs=pairs, max_length=max_length)
+    encoded = self.tokenize_unpadded(texts, pairs=pairs, max_length=max_length)
     longest = max((len(ids) for ids, _ in encoded), default=0)
     if pad_to is not None:
       if pad_to < longest:
@@ -918,14 +920,14 @@ def load_pretrained(
     *,
     dtype: Any = None,
     param_dtype: Any = jnp.float32,
-    max_length: int | None = None,
     seed: int = 0,
     ignore: Sequence[str] = (),
-) -> tuple[BertModel, Tokenizer]:
+) -> BertModel:
   """Loads a local HF-format BERT checkpoint directory, strictly.
 
-  Reads `config.json`, `model.safetensors` (or a sharded index) and
-  `tokenizer.json` with no torch, no pickle and no code execution. Torch
+  Reads `config.json` and `model.safetensors` (or a sharded index) with no
+  torch, no pickle and no code execution (`load_tokenizer` reads the
+  checkpoint's `tokenizer.json`). Torch
   `[out, in]` Linear weights become Flax `[in, out]` kernels; `bert.`
   prefixes (BertForMaskedLM) are stripped; old `LayerNorm.gamma/beta` names
   are accepted. The pooler is built iff the checkpoint has
@@ -944,8 +946,6 @@ def load_pretrained(
     path: The checkpoint directory.
     dtype: Compute dtype (`None`: float32).
     param_dtype: Parameter dtype (checkpoint values are cast to it).
-    max_length: Tokenizer truncation length (default: the checkpoint's, see
-      `Tokenizer.from_pretrained`).
     seed: Seed of the dropout RNG streams.
     ignore: Names of non-BERT tensors the file may hold and that are left
       out (e.g. `("linear.weight",)` for a ColBERT checkpoint, whose head
@@ -953,20 +953,20 @@ def load_pretrained(
       unexpected tensor is still an error.
 
   Returns:
-    `(model, tokenizer)`.
+    The model.
 
   Raises:
-    FileNotFoundError: If the directory or one of the files is missing (the
-      message names the file).
+    FileNotFoundError: If the directory, `config.json` or the weights are
+      missing (the message names the file).
     ValueError: On a missing tensor, an unexpected tensor, or a shape
       mismatch (the message names the tensor), or an invalid config.
   """
   path = pathlib.Path(path)
   if not path.is_dir():
     raise FileNotFoundError(f"Checkpoint directory not found: {path}")
-  for name in ("config.json", "tokenizer.json"):
-    if not (path / name).is_file():
-      raise FileNotFoundError(f"Checkpoint file not found: {path / name}")
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(
+        f"Checkpoint file not found: {path / 'config.json'}")
   raw_config = _read_json(path / "config.json")
   tensors = _canonical_names(_load_tensors(path))
   config = BertConfig.from_dict(
@@ -1052,12 +1052,39 @@ def load_pretrained(
     ):
       raise AssertionError(f"Variable {var_path} was not initialized.")
   model.eval()
-  tokenizer = Tokenizer.from_pretrained(
-      path,
-      max_length=max_length,
-      max_position_embeddings=config.max_position_embeddings,
-  )
-  return model, tokenizer
+  return model
+
+
+def load_tokenizer(
+    path: PathLike, *, max_length: int | None = None
+) -> Tokenizer:
+  """Loads the WordPiece tokenizer of a local HF-format BERT checkpoint.
+
+  Reads `tokenizer.json` (and, for the default length, the optional
+  `sentence_bert_config.json` / `tokenizer_config.json`); the default
+  truncation length is capped at `config.json`'s `max_position_embeddings`
+  when that file is present.
+
+  Args:
+    path: The checkpoint directory.
+    max_length: Truncation length (default: the checkpoint's, see
+      `Tokenizer.from_pretrained`).
+
+  Returns:
+    The tokenizer.
+
+  Raises:
+    FileNotFoundError: If the directory or `tokenizer.json` is missing.
+  """
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"Checkpoint directory not found: {path}")
+  max_positions = None
+  if (path / "config.json").is_file():
+    max_positions = _read_json(path / "config.json").get(
+        "max_position_embeddings")
+  return Tokenizer.from_pretrained(
+      path, max_length=max_length, max_position_embeddings=max_positions)
 
 
 # ----------------------------------------------------------------------------
@@ -1141,7 +1168,7 @@ _TRACES = [0]
 
 
 def embed_trace_count() -> int:
-  """How many times `embed`'s jitted forward has been traced (compiled)."""
+  """How many times `embed_texts`' jitted forward has been traced."""
   return _TRACES[0]
 
 
@@ -1164,7 +1191,7 @@ def bucket_length(n: int, max_length: int) -> int:
   return max_length
 
 
-def embed(
+def embed_texts(
     model: BertModel,
     tokenizer: Tokenizer,
     texts: Sequence[str],
@@ -1210,7 +1237,7 @@ def embed(
   out = np.zeros((len(texts), model.config.hidden_size), np.float32)
   if not texts:
     return out
-  encoded = tokenizer.encode_unpadded(texts, max_length=max_length)
+  encoded = tokenizer.tokenize_unpadded(texts, max_length=max_length)
   order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
   graphdef, state = nnx.split(nnx.view(model, deterministic=True))
   for start in range(0, len(order), batch_size):
@@ -1230,3 +1257,14 @@ def embed(
     )
     out[np.asarray(idx)] = np.asarray(result[: len(idx)], np.float32)
   return out
+
+
+def embed(*args, **kwargs) -> np.ndarray:
+  """Deprecated alias of `embed_texts` (same arguments)."""
+  warnings.warn(
+      "lowrank.models.bert.embed is deprecated; use "
+      "lowrank.models.bert.embed_texts (same arguments).",
+      DeprecationWarning,
+      stacklevel=2,
+  )
+  return embed_texts(*args, **kwargs)

@@ -169,10 +169,9 @@ def from_pretrained(
   Returns:
     `(model, tokenizer)`, the model in eval mode.
   """
-  encoder, tokenizer = bert.load_pretrained(
-      assets.minilm_path() if path is None else path,
-      dtype=dtype, max_length=max_length, seed=seed,
-  )
+  path = assets.minilm_path() if path is None else path
+  encoder = bert.load_pretrained(path, dtype=dtype, seed=seed)
+  tokenizer = bert.load_tokenizer(path, max_length=max_length)
   model = CrossEncoder(encoder, pooling=pooling,
                        rngs=nnx.Rngs(params=seed, dropout=seed))
   model.eval()
@@ -234,8 +233,8 @@ def encode_pairs(
   if len(queries) != len(docs):
     raise ValueError(f"Need one document per query; got {len(queries)} "
                      f"queries and {len(docs)} documents.")
-  return tokenizer.encode_unpadded(list(queries), pairs=list(docs),
-                                   max_length=max_length)
+  return tokenizer.tokenize_unpadded(list(queries), pairs=list(docs),
+                                     max_length=max_length)
 
 
 def bucket_lengths(

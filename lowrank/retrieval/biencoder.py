@@ -207,9 +207,10 @@ class BiEncoder(nnx.Module):
     if towers not in TOWERS:
       raise ValueError(f"towers must be one of {TOWERS}; got {towers!r}.")
     load = lambda: bert.load_pretrained(
-        path, dtype=dtype, param_dtype=param_dtype, max_length=max_length)
-    query_encoder, tokenizer = load()
-    doc_encoder = load()[0] if towers == "separate" else None
+        path, dtype=dtype, param_dtype=param_dtype)
+    query_encoder = load()
+    doc_encoder = load() if towers == "separate" else None
+    tokenizer = bert.load_tokenizer(path, max_length=max_length)
     model = cls(query_encoder, doc_encoder, **kwargs)
     model.eval()
     return model, tokenizer
@@ -239,9 +240,10 @@ def embed_queries(
     texts: Sequence[str],
     **kwargs,
 ) -> np.ndarray:
-  """`bert.embed` of queries with the query tower and the model's pooling."""
-  return bert.embed(model.query_encoder, tokenizer, texts,
-                    pooling=model.pooling, normalize=model.normalize, **kwargs)
+  """`bert.embed_texts` of queries with the query tower and pooling."""
+  return bert.embed_texts(model.query_encoder, tokenizer, texts,
+                          pooling=model.pooling, normalize=model.normalize,
+                          **kwargs)
 
 
 def embed_docs(
@@ -250,6 +252,7 @@ def embed_docs(
     texts: Sequence[str],
     **kwargs,
 ) -> np.ndarray:
-  """`bert.embed` of documents with the document tower."""
-  return bert.embed(model.document_encoder, tokenizer, texts,
-                    pooling=model.pooling, normalize=model.normalize, **kwargs)
+  """`bert.embed_texts` of documents with the document tower."""
+  return bert.embed_texts(model.document_encoder, tokenizer, texts,
+                          pooling=model.pooling, normalize=model.normalize,
+                          **kwargs)

@@ -292,9 +292,10 @@ class ColBERT(nnx.Module):
         `bert.load_pretrained`).
     """
     head = bert.read_tensor(path, LINEAR_WEIGHT)
-    encoder, tokenizer = bert.load_pretrained(
+    encoder = bert.load_pretrained(
         path, dtype=dtype, param_dtype=param_dtype, ignore=(LINEAR_WEIGHT,)
     )
+    tokenizer = bert.load_tokenizer(path)
     if head is not None:
       hidden = encoder.config.hidden_size
       if head.ndim != 2 or head.shape[1] != hidden:
@@ -327,7 +328,8 @@ class ColBERT(nnx.Module):
   ) -> list[list[int]]:
     if isinstance(texts, str):
       raise TypeError("texts must be a sequence of strings, not one string.")
-    encoded = self.tokenizer.encode_unpadded(list(texts), max_length=maxlen - 1)
+    encoded = self.tokenizer.tokenize_unpadded(list(texts),
+                                               max_length=maxlen - 1)
     out = []
     for i, (ids, _) in enumerate(encoded):
       if not ids or ids[0] != self.cls_id or ids[-1] != self.sep_id:

@@ -144,7 +144,7 @@ def encode_texts(
 ) -> sparse_index.SparseMatrix:
   """Encodes texts to sparse SPLADE vectors (CSR), jitted and bucketed.
 
-  As `bert.embed`: texts are tokenized once, sorted by length, batched
+  As `bert.embed_texts`: texts are tokenized once, sorted by length, batched
   (the last batch padded with empty rows) and padded to the smallest of
   `bert.LENGTH_BUCKETS` that fits, so there is one compilation per bucket.
   Each `[batch, V]` result is sparsified on the host with `to_sparse`, so
@@ -176,7 +176,7 @@ def encode_texts(
   max_length = min(max_length, model.config.max_position_embeddings)
   rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
   if texts:
-    encoded = tokenizer.encode_unpadded(texts, max_length=max_length)
+    encoded = tokenizer.tokenize_unpadded(texts, max_length=max_length)
     order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
     graphdef, state = nnx.split(nnx.view(model, deterministic=True))
     for start in range(0, len(order), batch_size):
@@ -314,7 +314,7 @@ def token_idf(
   if not texts:
     raise ValueError("token_idf needs at least one text.")
   df = np.zeros(tokenizer.vocab_size, np.int64)
-  for ids, _ in tokenizer.encode_unpadded(texts, max_length=max_length):
+  for ids, _ in tokenizer.tokenize_unpadded(texts, max_length=max_length):
     df[np.unique(np.asarray(ids, np.int64))] += 1
   n = len(texts)
   return np.log1p((n - df + 0.5) / (df + 0.5)).astype(np.float32)

@@ -271,7 +271,8 @@ class BertParityTest(absltest.TestCase):
 
   def _models(self):
     bert, path = _bert_or_skip(self)
-    model, tokenizer = bert.load_pretrained(path)
+    model = bert.load_pretrained(path)
+    tokenizer = bert.load_tokenizer(path)
     batch = tokenizer(list(_SENTENCES))
     self.assertGreater(int((batch["attention_mask"] == 0).sum()), 0)
     hf = transformers.BertModel.from_pretrained(
@@ -329,7 +330,7 @@ class BertParityTest(absltest.TestCase):
     y_torch2 = self._torch_hidden(peft_model2, torch_inputs)
     d2 = self.create_tempdir().full_path
     peft_model2.save_pretrained(d2)
-    fresh, _ = bert.load_pretrained(path)
+    fresh = bert.load_pretrained(path)
     adapters.load_peft(d2, fresh)
     self._assert_hidden_close(self._jax_hidden(fresh, batch), y_torch2,
                               batch, "PEFT -> JAX")

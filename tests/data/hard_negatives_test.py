@@ -297,7 +297,8 @@ class MiniLMTest(absltest.TestCase):
     self.assertEqual(seen, {i: t.strip().lower() for i, t in enumerate(texts)})
 
   def test_model_mined_negatives(self):
-    model, tokenizer = bert.load_pretrained(self.path)
+    model = bert.load_pretrained(self.path)
+    tokenizer = bert.load_tokenizer(self.path)
     corpus = {
         "cat": "The cat sat on the mat.",
         "kitten": "A kitten is sitting on a rug.",
@@ -309,7 +310,7 @@ class MiniLMTest(absltest.TestCase):
     qrels = {"q": {"cat": 1}}
 
     def encode(texts):
-      return bert.embed(model, tokenizer, texts, batch_size=8)
+      return bert.embed_texts(model, tokenizer, texts, batch_size=8)
 
     mined = hn.mine_dense(queries, corpus, qrels, encode=encode, depth=2)
     self.assertEqual(mined, {"q": ["kitten", "dog"]})

@@ -261,10 +261,12 @@ class TrainAndEvaluateTest(absltest.TestCase):
       model, tokenizer = retrieval_models.load_model(config)
       out, info = retrieval_models.evaluate(model, tokenizer, test, config)
       qids, dids = sorted(test.qrels), sorted(test.corpus)
-      q = bert.embed(model, tokenizer, [test.queries[i] for i in qids],
-                     max_length=config.query_max_length)
-      d = bert.embed(model, tokenizer, [test.corpus[i] for i in dids],
-                     max_length=config.doc_max_length)
+      q = bert.embed_texts(model, tokenizer,
+                           [test.queries[i] for i in qids],
+                           max_length=config.query_max_length)
+      d = bert.embed_texts(model, tokenizer,
+                           [test.corpus[i] for i in dids],
+                           max_length=config.doc_max_length)
     self.assertEqual(info["dim"], 384)
     self.assertEqual(out["ndcg_cut_10@384"], out["ndcg_cut_10"])
     q32, d32 = q[:, :32], d[:, :32]

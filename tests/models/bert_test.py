@@ -83,9 +83,14 @@ class BertGoldenTest(absltest.TestCase):
 
   def test_minilm_matches_reference(self):
     self.enter_context(sharding.use_mesh())
-    model, tokenizer = bert.load_pretrained(assets.minilm_path())
+    model = bert.load_pretrained(assets.minilm_path())
+    self.assertIsInstance(model, bert.BertModel)
+    tokenizer = bert.load_tokenizer(assets.minilm_path())
     self.assertEqual(tokenizer.max_length, 256)  # sentence_bert_config.json
-    emb = bert.embed(model, tokenizer, [QUERY, *DOCS], batch_size=8)
+    self.assertEqual(
+        bert.load_tokenizer(assets.minilm_path(), max_length=64).max_length,
+        64)
+    emb = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
     self.assertEqual(emb.shape, (5, 384))
     self.assertEqual(emb.dtype, np.float32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -94,7 +99,8 @@ class BertGoldenTest(absltest.TestCase):
 
   def test_splade_tiny_top_terms(self):
     self.enter_context(sharding.use_mesh())
-    model, tokenizer = bert.load_pretrained(assets.splade_tiny_path())
+    model = bert.load_pretrained(assets.splade_tiny_path())
+    tokenizer = bert.load_tokenizer(assets.splade_tiny_path())
     self.assertIsNone(model.pooler)
     self.assertIsNotNone(model.cls)
     batch = tokenizer(["what causes aging fast"])
@@ -112,7 +118,7 @@ class BertGoldenTest(absltest.TestCase):
 
 
 class EmbedTest(parameterized.TestCase):
-  """`embed`, `encode` and `pool` on a random tiny BERT (fast on CPU)."""
+  """`embed_texts`, `encode` and `pool` on a random tiny BERT (fast)."""
 
   @classmethod
   def setUpClass(cls):
@@ -126,12 +132,21 @@ class EmbedTest(parameterized.TestCase):
     super().setUp()
     self.enter_context(sharding.use_mesh(_one_device_mesh()))
 
+  def test_embed_is_a_deprecated_alias_of_embed_texts(self):
+    texts = ["a red planet", "rings"]
+    want = bert.embed_texts(self.model, self.tokenizer, texts, batch_size=2)
+    with self.assertWarnsRegex(DeprecationWarning,
+                               r"bert\.embed is deprecated.*embed_texts"):
+      got = bert.embed(self.model, self.tokenizer, texts, batch_size=2)
+    np.testing.assert_array_equal(got, want)
+
   def test_embed_buckets_order_and_unbatched_equality(self):
     texts = _varied_texts(300)
-    lengths = [len(ids) for ids, _ in self.tokenizer.encode_unpadded(texts)]
+    encoded = self.tokenizer.tokenize_unpadded(texts)
+    lengths = [len(ids) for ids, _ in encoded]
     self.assertGreater(max(lengths), 128)
     before = bert.embed_trace_count()
-    emb = bert.embed(self.model, self.tokenizer, texts, batch_size=64)
+    emb = bert.embed_texts(self.model, self.tokenizer, texts, batch_size=64)
     traces = bert.embed_trace_count() - before
     # Batches hold length-sorted texts; count the buckets they can touch.
     sorted_lengths = sorted(lengths)
@@ -145,7 +160,7 @@ class EmbedTest(parameterized.TestCase):
     # Same shapes again: no new trace; output follows input order.
     perm = np.random.default_rng(1).permutation(300)
     before = bert.embed_trace_count()
-    emb_perm = bert.embed(
+    emb_perm = bert.embed_texts(
         self.model, self.tokenizer, [texts[i] for i in perm], batch_size=64
     )
     self.assertEqual(bert.embed_trace_count(), before)
@@ -161,12 +176,12 @@ class EmbedTest(parameterized.TestCase):
       np.testing.assert_allclose(emb[i], np.asarray(ref)[0], atol=1e-5)
 
   def test_embed_empty(self):
-    out = bert.embed(self.model, self.tokenizer, [])
+    out = bert.embed_texts(self.model, self.tokenizer, [])
     self.assertEqual(out.shape, (0, 32))
 
   def test_embed_unknown_pooling(self):
     with self.assertRaisesRegex(ValueError, "mean.*cls.*last"):
-      bert.embed(self.model, self.tokenizer, ["x"], pooling="max")
+      bert.embed_texts(self.model, self.tokenizer, ["x"], pooling="max")
 
   @parameterized.parameters("mean", "cls", "last")
   def test_pool_matches_numpy(self, pooling):
@@ -291,12 +306,31 @@ class LoaderErrorTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, pattern):
       bert.load_pretrained(path)
 
-  @parameterized.parameters("config.json", "tokenizer.json",
-                            "model.safetensors")
+  @parameterized.parameters("config.json", "model.safetensors")
   def test_missing_file(self, name):
     path = self._checkpoint(skip=(name,))
     with self.assertRaisesRegex(FileNotFoundError, name):
       bert.load_pretrained(path)
+
+  def test_model_loads_without_tokenizer_files(self):
+    path = self._checkpoint(skip=("tokenizer.json", "tokenizer_config.json",
+                                  "vocab.txt"))
+    self.enter_context(sharding.use_mesh(_one_device_mesh()))
+    model = bert.load_pretrained(path)
+    self.assertIsInstance(model, bert.BertModel)
+
+  def test_missing_tokenizer_file(self):
+    path = self._checkpoint(skip=("tokenizer.json",))
+    with self.assertRaisesRegex(FileNotFoundError, "tokenizer.json"):
+      bert.load_tokenizer(path)
+
+  def test_missing_directory(self):
+    missing = pathlib.Path(self.create_tempdir().full_path) / "absent"
+    for load in (bert.load_pretrained, bert.load_tokenizer):
+      with self.subTest(load=load.__name__):
+        with self.assertRaisesRegex(FileNotFoundError,
+                                    "directory not found.*absent"):
+          load(missing)
 
 
 class ConfigTest(parameterized.TestCase):
@@ -367,11 +401,13 @@ class ShardingAndDtypeTest(absltest.TestCase):
 
   def test_fsdp_mesh_matches_one_device(self):
     with sharding.use_mesh(_one_device_mesh()):
-      model, tokenizer = bert.load_pretrained(assets.minilm_path())
-      ref = bert.embed(model, tokenizer, [QUERY, DOCS[1]], batch_size=8)
+      model = bert.load_pretrained(assets.minilm_path())
+      tokenizer = bert.load_tokenizer(assets.minilm_path())
+      ref = bert.embed_texts(model, tokenizer, [QUERY, DOCS[1]], batch_size=8)
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
     with sharding.use_mesh(mesh):
-      model, tokenizer = bert.load_pretrained(assets.minilm_path())
+      model = bert.load_pretrained(assets.minilm_path())
+      tokenizer = bert.load_tokenizer(assets.minilm_path())
       kernel = model.encoder.layer[0].attention.self.query.kernel.get_value()
       self.assertEqual(kernel.sharding.mesh.shape, mesh.shape)
       self.assertIn(
@@ -379,19 +415,18 @@ class ShardingAndDtypeTest(absltest.TestCase):
       )
       word = model.embeddings.word_embeddings.embedding.get_value()
       self.assertEqual(tuple(word.sharding.spec), ("tensor", "fsdp"))
-      out = bert.embed(model, tokenizer, [QUERY, DOCS[1]], batch_size=8)
+      out = bert.embed_texts(model, tokenizer, [QUERY, DOCS[1]], batch_size=8)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
   def test_bf16_compute_close_to_fp32(self):
     self.enter_context(sharding.use_mesh(_one_device_mesh()))
-    model, tokenizer = bert.load_pretrained(assets.minilm_path())
-    ref = bert.embed(model, tokenizer, [QUERY, *DOCS], batch_size=8)
-    model, tokenizer = bert.load_pretrained(
-        assets.minilm_path(), dtype=jnp.bfloat16
-    )
+    model = bert.load_pretrained(assets.minilm_path())
+    tokenizer = bert.load_tokenizer(assets.minilm_path())
+    ref = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
+    model = bert.load_pretrained(assets.minilm_path(), dtype=jnp.bfloat16)
     batch = tokenizer([QUERY])
     self.assertEqual(model(batch["input_ids"]).dtype, jnp.bfloat16)
-    out = bert.embed(model, tokenizer, [QUERY, *DOCS], batch_size=8)
+    out = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
     self.assertEqual(out.dtype, np.float32)
     np.testing.assert_allclose(out, ref, atol=1e-2)
     np.testing.assert_allclose(out[1:] @ out[0], ref[1:] @ ref[0], atol=1e-2)

@@ -189,8 +189,8 @@ class BiEncoderTest(absltest.TestCase):
     model, tok = biencoder.BiEncoder.from_pretrained(path, towers="separate")
     self.assertIsNot(model.query_encoder, model.doc_encoder)
     texts = ["what causes aging fast", "the cell cycle"]
-    enc, _ = bert.load_pretrained(path)
-    want = bert.embed(enc, tok, texts)
+    enc = bert.load_pretrained(path)
+    want = bert.embed_texts(enc, tok, texts)
     np.testing.assert_allclose(biencoder.embed_queries(model, tok, texts),
                                want, atol=1e-5)
     np.testing.assert_allclose(biencoder.embed_docs(model, tok, texts), want,
@@ -231,7 +231,7 @@ class ColbertCheckpointTest(absltest.TestCase):
     model = colbert.ColBERT.from_pretrained(tmp, doc_maxlen=32)
     self.assertEqual(model.dim, 24)
     np.testing.assert_array_equal(model.linear.kernel.get_value(), head.T)
-    plain, _ = bert.load_pretrained(src)
+    plain = bert.load_pretrained(src)
     np.testing.assert_array_equal(
         model.bert.embeddings.word_embeddings.embedding.get_value(),
         plain.embeddings.word_embeddings.embedding.get_value())

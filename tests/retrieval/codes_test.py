@@ -29,11 +29,12 @@ def _real_embeddings():
   positives = [next(iter(data.qrels[q])) for q in query_ids]
   taken = set(positives)
   others = [d for d in data.corpus if d not in taken][:100]
-  model, tokenizer = bert.load_pretrained(assets.minilm_path())
-  queries = bert.embed(
+  model = bert.load_pretrained(assets.minilm_path())
+  tokenizer = bert.load_tokenizer(assets.minilm_path())
+  queries = bert.embed_texts(
       model, tokenizer, [data.queries[q] for q in query_ids], max_length=32
   )
-  docs = bert.embed(
+  docs = bert.embed_texts(
       model, tokenizer, [data.corpus[d] for d in positives + others],
       max_length=48,
   )

@@ -96,7 +96,7 @@ class TokenizationTest(absltest.TestCase):
 
   def test_query_markers_and_mask_augmentation(self):
     text = "what is information retrieval?"
-    words = self.tok.encode_unpadded([text])[0][0][1:-1]
+    words = self.tok.tokenize_unpadded([text])[0][0][1:-1]
     b = self.model.tokenize_queries([text, "word " * 60], batch=3)
     ids, attn = b["input_ids"], b["attention_mask"]
     self.assertEqual(ids.shape, (3, 32))

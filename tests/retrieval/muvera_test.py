@@ -139,7 +139,8 @@ class RealTokensTest(absltest.TestCase):
     # Query: the second sentence of each document (real paraphrase-free
     # overlap); the relevant document is the one it came from.
     queries = [d.split(". ")[1] if ". " in d else d[:120] for d in docs]
-    model, tok = bert.load_pretrained(assets.minilm_path())
+    model = bert.load_pretrained(assets.minilm_path())
+    tok = bert.load_tokenizer(assets.minilm_path())
     model.eval()
 
     @jax.jit

@@ -45,9 +45,8 @@ class SpladeTinyTest(parameterized.TestCase):
   def setUpClass(cls):
     super().setUpClass()
     with sharding.use_mesh(_one_device_mesh()):
-      cls.model, cls.tokenizer = bert.load_pretrained(
-          assets.splade_tiny_path()
-      )
+      cls.model = bert.load_pretrained(assets.splade_tiny_path())
+    cls.tokenizer = bert.load_tokenizer(assets.splade_tiny_path())
 
   def setUp(self):
     super().setUp()

@@ -561,7 +561,8 @@ class MiniLMTest(absltest.TestCase):
     sents = [s.strip() for d in text.splitlines() for s in d.split(". ")
              if len(s.split()) > 5]
     with _one_device_mesh():
-      cls.model, cls.tok = bert.load_pretrained(assets.minilm_path())
+      cls.model = bert.load_pretrained(assets.minilm_path())
+      cls.tok = bert.load_tokenizer(assets.minilm_path())
     cls.model.eval()
     cls.calib = cls.tok(sents[:48], max_length=40, pad_to=40)
     cls.held = cls.tok(sents[100:124], max_length=40, pad_to=40)
