@@ -25,6 +25,9 @@ import them on first use):
                            binary / int8 / PQ codes
   lowrank.ranking          learning-to-rank losses, CrossEncoder, FIRST / ICR
                            decoder reranking, fusion, `rerank`
+  lowrank.train            one train step and loop (resume, checkpoints,
+                           metrics, progress); optimizers and adapters
+                           from config sections
 
 Layers: imports point downward only, from a layer to a lower one (checked,
 with cycles and cross-module use of `_private` names, by
@@ -33,7 +36,7 @@ tests/layering_test.py):
   2  checkpoint, surgery (infrastructure)
   3  adapters, optim
   4  spectral (built on the adapter layers)
-  5  models
+  5  models, train
   6  retrieval
   7  ranking (uses retrieval's metrics), data (mines negatives with BM25)
 Experiments and notebooks, outside the package, sit on top.
@@ -50,6 +53,6 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     submodules=(
         "adapters", "assets", "checkpoint", "data", "distributed",
         "metric_writers", "models", "optim", "quantize", "ranking",
-        "retrieval", "sharding", "spectral", "surgery",
+        "retrieval", "sharding", "spectral", "surgery", "train",
     ),
 )

@@ -57,6 +57,7 @@ _LAYERS = {
     "lowrank.optim": 3,
     "lowrank.spectral": 4,
     "lowrank.models": 5,
+    "lowrank.train": 5,
     "lowrank.retrieval": 6,
     "lowrank.ranking": 7,
     "lowrank.data": 7,

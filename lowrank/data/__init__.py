@@ -8,6 +8,8 @@
 - `lowrank.data.code_search`: `load_code_search` builds a deterministic
   docstring-to-code retrieval task from the running interpreter's standard
   library (no download needed).
+- `lowrank.data.specs`: one string names a dataset in every binary
+  (`"code_search"`, `"beir:<dir>"`): `load`, one `subset`, `positive_pairs`.
 - `lowrank.data.tfds_builders`: tensorflow-datasets builders (array_record,
   no TensorFlow) for any BEIR directory, the code-search task and gensim's
   Lee corpus; `load(name, ...)` prepares once and reads back.
@@ -23,5 +25,6 @@ from lowrank import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=("beir", "code_search", "hard_negatives", "tfds_builders"),
+    submodules=("beir", "code_search", "hard_negatives", "specs",
+                "tfds_builders"),
 )
