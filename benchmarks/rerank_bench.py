@@ -7,7 +7,7 @@ Everything runs in this one process; each comparison is timed interleaved
 (A, B, A, B, ...; the order alternates each round) after one warm-up call
 of each (compilation excluded) and reported as a ratio of medians.
 
-* `cross_encoder`: `lowrank.ranking.cross_encoder.from_pretrained()`
+* `cross_encoder`: `lowrank.ranking.CrossEncoder.from_pretrained()`
   (all-MiniLM-L6-v2 + a scoring head) scoring real pairs of varied length:
   `--ce_queries` code-search test queries x their BM25 top `--ce_depth`
   documents (Python functions; most are shorter than `--ce_max_length`
@@ -132,12 +132,12 @@ def _bm25_lists(num_queries: int, depth: int):
 
 
 def bench_cross_encoder() -> None:
-  model, tokenizer = cross_encoder.from_pretrained()
+  model, tokenizer = cross_encoder.CrossEncoder.from_pretrained()
   queries, lists = _bm25_lists(_CE_QUERIES.value, _CE_DEPTH.value)
   qs = [q for q, docs in zip(queries, lists) for _ in docs]
   ds = [d for docs in lists for d in docs]
   max_length = _CE_MAX_LENGTH.value
-  lengths = np.array([len(ids) for ids, _ in cross_encoder.encode_pairs(
+  lengths = np.array([len(ids) for ids, _ in cross_encoder.tokenize_pairs(
       tokenizer, qs, ds, max_length=max_length)])
   kw = dict(batch_size=_CE_BATCH.value, max_length=max_length)
   out = {}

@@ -176,16 +176,16 @@ def _retrieve_splade(path, dataset, qids, dids, k, batch_size, max_length,
   timing["load_model_s"] = time.perf_counter() - t
   max_length = max_length or SPLADE_MAX_LENGTH
   t = time.perf_counter()
-  docs = splade.encode_texts(model, tokenizer,
-                             [dataset.corpus[i] for i in dids],
-                             batch_size=batch_size, max_length=max_length)
+  docs = splade.embed_texts(model, tokenizer,
+                            [dataset.corpus[i] for i in dids],
+                            batch_size=batch_size, max_length=max_length)
   index = sparse_index.build(docs)
   timing["index_s"] = time.perf_counter() - t
   t = time.perf_counter()
-  queries = splade.encode_texts(model, tokenizer,
-                                [dataset.queries[i] for i in qids],
-                                batch_size=batch_size,
-                                max_length=max_length)
+  queries = splade.embed_texts(model, tokenizer,
+                               [dataset.queries[i] for i in qids],
+                               batch_size=batch_size,
+                               max_length=max_length)
   run = sparse_index.search_run(index, qids, queries, dids, k)
   timing["search_s"] = time.perf_counter() - t
   stats = {

@@ -380,8 +380,8 @@ def make_loss(
 
     def colbert_loss(m, qs, ds, step):
       del step
-      q, q_mask = m.query(qs)
-      d, d_mask = m.doc(ds)
+      q, q_mask = m.encode_queries(qs)
+      d, d_mask = m.encode_documents(ds)
       return colbert.in_batch_loss(q, q_mask, d, d_mask, scale=scale), {}
     return colbert_loss
 
@@ -462,10 +462,10 @@ def _evaluate_colbert(model, dataset, config, qids, dids):
   info: dict[str, Any] = {}
   bs = config.eval_batch_size
   t = time.perf_counter()
-  qv, qm = model.encode_queries([dataset.queries[i] for i in qids],
-                                batch_size=bs)
-  dv, dm = model.encode_documents([dataset.corpus[i] for i in dids],
-                                  batch_size=bs)
+  qv, qm = model.embed_queries([dataset.queries[i] for i in qids],
+                               batch_size=bs)
+  dv, dm = model.embed_documents([dataset.corpus[i] for i in dids],
+                                 batch_size=bs)
   info["encode_s"] = time.perf_counter() - t
   info["doc_vectors"] = int(dm.sum())
   info["doc_vector_bytes"] = int(dm.sum()) * int(dv.shape[-1]) * 4
@@ -521,7 +521,7 @@ def _on_one_device(model: nnx.Module) -> tuple[nnx.Module, Any]:
 
 
 def _evaluate_splade(model, tokenizer, dataset, config, qids, dids):
-  # `splade.encode_texts` does not shard its batches: on a mesh of several
+  # `splade.embed_texts` does not shard its batches: on a mesh of several
   # devices every device would compute the whole batch (8 fake CPU devices:
   # 10x slower). One device does the work once.
   if len(jax.local_devices()) > 1:
@@ -535,16 +535,16 @@ def _evaluate_sparse(model, tokenizer, dataset, config, qids, dids):
   info: dict[str, Any] = {}
   bs = config.eval_batch_size
   t = time.perf_counter()
-  docs = splade.encode_texts(model, tokenizer,
-                             [dataset.corpus[i] for i in dids],
-                             batch_size=bs, max_length=config.doc_max_length)
+  docs = splade.embed_texts(model, tokenizer,
+                            [dataset.corpus[i] for i in dids],
+                            batch_size=bs, max_length=config.doc_max_length)
   index = sparse_index.build(docs)
   info["index_s"] = time.perf_counter() - t
   t = time.perf_counter()
-  queries = splade.encode_texts(model, tokenizer,
-                                [dataset.queries[i] for i in qids],
-                                batch_size=bs,
-                                max_length=config.query_max_length)
+  queries = splade.embed_texts(model, tokenizer,
+                               [dataset.queries[i] for i in qids],
+                               batch_size=bs,
+                               max_length=config.query_max_length)
   info["encode_queries_s"] = time.perf_counter() - t
   t = time.perf_counter()
   k = min(config.eval_k, len(dids))

@@ -176,8 +176,8 @@ def make_batch(groups, train, tokenizer, config, step: int):
     chosen += [pool[k] for k in rng.choice(len(pool), g - 1, replace=False)]
     queries += [train.queries[qid]] * g
     docs += [train.corpus[d] for d in chosen]
-  encoded = cross_encoder.encode_pairs(tokenizer, queries, docs,
-                                       max_length=config.max_length)
+  encoded = cross_encoder.tokenize_pairs(tokenizer, queries, docs,
+                                         max_length=config.max_length)
   lengths = cross_encoder.bucket_lengths(config.max_length)
   length = next(b for b in lengths
                 if b >= max(len(ids) for ids, _ in encoded))
@@ -409,7 +409,7 @@ def train_and_evaluate(
   logging.info("%d training queries, %d dev; test: %d queries, %d docs.",
                len(groups), len(dev_ids), len(test.qrels), len(test.corpus))
 
-  model, tokenizer = cross_encoder.from_pretrained(
+  model, tokenizer = cross_encoder.CrossEncoder.from_pretrained(
       config.model_path or None, pooling=config.pooling, seed=config.seed)
   if config.method != "full":
     kwargs = dict(config.adapter)

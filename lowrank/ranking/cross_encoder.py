@@ -8,10 +8,11 @@ with token type 0 for `[CLS] query [SEP]` and 1 for `document [SEP]`, so
 every layer attends across the two texts; a linear scoring head maps the
 `[CLS]` state (or the HF pooler output, or the masked mean) to one relevance
 logit. The encoder is any `lowrank.models.bert.BertModel`, normally a
-pretrained one (`from_pretrained`, all-MiniLM-L6-v2 by default), and the
-model can be trained fully, with adapters (`lowrank.adapters.inject` on the
-`bert.*` linears; the head stays trainable, see `trainable_filter`) or with
-any optax optimizer, e.g. `lowrank.optim.galore_adamw` (`make_train_step`).
+pretrained one (`CrossEncoder.from_pretrained`, all-MiniLM-L6-v2 by
+default), and the model can be trained fully, with adapters
+(`lowrank.adapters.inject` on the `bert.*` linears; the head stays
+trainable, see `trainable_filter`) or with any optax optimizer, e.g.
+`lowrank.optim.galore_adamw` (`make_train_step`).
 
 Scoring (`score_pairs`) is jitted and length-bucketed: pairs are tokenized
 once, sorted by length, cut into fixed-size batches and each batch is padded
@@ -30,6 +31,7 @@ References:
 from collections.abc import Callable, Sequence
 import functools
 from typing import Any
+import warnings
 
 from flax import nnx
 import jax
@@ -137,6 +139,37 @@ class CrossEncoder(nnx.Module):
       pooled = bert.pool(hidden, attention_mask, "mean")
     return self.head(pooled.astype(jnp.float32))[:, 0].astype(jnp.float32)
 
+  @classmethod
+  def from_pretrained(
+      cls,
+      path: bert.PathLike | None = None,
+      *,
+      pooling: str = "cls",
+      seed: int = 0,
+      max_length: int | None = None,
+      dtype: Any = None,
+  ) -> tuple["CrossEncoder", bert.Tokenizer]:
+    """A cross-encoder on a pretrained BERT checkpoint (default: MiniLM).
+
+    Args:
+      path: HF-format BERT directory (`None`: `assets.minilm_path()`).
+      pooling: See `CrossEncoder`.
+      seed: Seeds the head initialisation and dropout.
+      max_length: Tokenizer truncation length for the pair (default: the
+        checkpoint's).
+      dtype: Compute dtype of the encoder (`None`: float32).
+
+    Returns:
+      `(model, tokenizer)`, the model in eval mode.
+    """
+    path = assets.minilm_path() if path is None else path
+    encoder = bert.load_pretrained(path, dtype=dtype, seed=seed)
+    tokenizer = bert.load_tokenizer(path, max_length=max_length)
+    model = cls(encoder, pooling=pooling,
+                rngs=nnx.Rngs(params=seed, dropout=seed))
+    model.eval()
+    return model, tokenizer
+
   def score_pairs(
       self,
       tokenizer: bert.Tokenizer,
@@ -146,36 +179,6 @@ class CrossEncoder(nnx.Module):
   ) -> np.ndarray:
     """`score_pairs(self, tokenizer, queries, docs, **kwargs)`."""
     return score_pairs(self, tokenizer, queries, docs, **kwargs)
-
-
-def from_pretrained(
-    path: bert.PathLike | None = None,
-    *,
-    pooling: str = "cls",
-    seed: int = 0,
-    max_length: int | None = None,
-    dtype: Any = None,
-) -> tuple[CrossEncoder, bert.Tokenizer]:
-  """A cross-encoder on a pretrained BERT checkpoint (default: MiniLM).
-
-  Args:
-    path: HF-format BERT directory (`None`: `assets.minilm_path()`).
-    pooling: See `CrossEncoder`.
-    seed: Seeds the head initialisation and dropout.
-    max_length: Tokenizer truncation length for the pair (default: the
-      checkpoint's).
-    dtype: Compute dtype of the encoder (`None`: float32).
-
-  Returns:
-    `(model, tokenizer)`, the model in eval mode.
-  """
-  path = assets.minilm_path() if path is None else path
-  encoder = bert.load_pretrained(path, dtype=dtype, seed=seed)
-  tokenizer = bert.load_tokenizer(path, max_length=max_length)
-  model = CrossEncoder(encoder, pooling=pooling,
-                       rngs=nnx.Rngs(params=seed, dropout=seed))
-  model.eval()
-  return model, tokenizer
 
 
 def trainable_filter(method: str) -> Any:
@@ -213,7 +216,7 @@ def count_parameters(model: CrossEncoder, method: str) -> dict[str, int]:
 # Tokenization and bucketing.
 
 
-def encode_pairs(
+def tokenize_pairs(
     tokenizer: bert.Tokenizer,
     queries: Sequence[str],
     docs: Sequence[str],
@@ -235,6 +238,15 @@ def encode_pairs(
                      f"queries and {len(docs)} documents.")
   return tokenizer.tokenize_unpadded(list(queries), pairs=list(docs),
                                      max_length=max_length)
+
+
+def encode_pairs(*args, **kwargs) -> list[tuple[list[int], list[int]]]:
+  """Deprecated alias of `tokenize_pairs` (same arguments)."""
+  warnings.warn(
+      "lowrank.ranking.cross_encoder.encode_pairs is deprecated: it "
+      "tokenizes, so it is now tokenize_pairs (same arguments).",
+      DeprecationWarning, stacklevel=2)
+  return tokenize_pairs(*args, **kwargs)
 
 
 def bucket_lengths(
@@ -358,7 +370,7 @@ def score_pairs(
   if max_length < 2:
     raise ValueError(f"max_length must be >= 2; got {max_length}.")
   lengths = bucket_lengths(max_length, buckets)
-  encoded = encode_pairs(tokenizer, queries, docs, max_length=max_length)
+  encoded = tokenize_pairs(tokenizer, queries, docs, max_length=max_length)
   out = np.zeros(len(encoded), np.float32)
   if not encoded:
     return out

@@ -57,7 +57,7 @@ class ByteTokenizer:
         "utf-8", errors="replace")
 
 
-def encode(tokenizer: Any, text: str) -> list[int]:
+def tokenize(tokenizer: Any, text: str) -> list[int]:
   """`tokenizer`'s ids of `text`, without special tokens, as a list of ints.
 
   Args:
@@ -90,7 +90,7 @@ def single_token_ids(
   """The one token id of each identifier string; validates uniqueness.
 
   Args:
-    tokenizer: See `encode`.
+    tokenizer: See `tokenize`.
     identifiers: Identifier strings, e.g. `("A", "B", ...)`.
 
   Returns:
@@ -102,7 +102,7 @@ def single_token_ids(
   """
   ids = []
   for ident in identifiers:
-    toks = encode(tokenizer, ident)
+    toks = tokenize(tokenizer, ident)
     if len(toks) != 1:
       raise ValueError(
           f"Identifier {ident!r} must be exactly one token of the tokenizer; "

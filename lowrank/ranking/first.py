@@ -115,7 +115,7 @@ class _Pieces:
   """A `PromptFormat` tokenized once for one tokenizer."""
 
   def __init__(self, tokenizer: Any, fmt: PromptFormat):
-    enc = functools.partial(decoder_text.encode, tokenizer)
+    enc = functools.partial(decoder_text.tokenize, tokenizer)
     self.fmt = fmt
     self.tokenizer = tokenizer
     self.ident = decoder_text.single_token_ids(tokenizer, fmt.identifiers)
@@ -130,16 +130,17 @@ class _Pieces:
 
   def instruction(self, n: int) -> list[int]:
     if n not in self._instruction:
-      self._instruction[n] = decoder_text.encode(
+      self._instruction[n] = decoder_text.tokenize(
           self.tokenizer, self.fmt.instruction.format(n=n))
     return self._instruction[n]
 
   def query(self, text: str) -> list[int]:
-    return decoder_text.encode(self.tokenizer,
-                               text)[:self.fmt.max_query_tokens]
+    ids = decoder_text.tokenize(self.tokenizer, text)
+    return ids[:self.fmt.max_query_tokens]
 
   def doc(self, text: str) -> list[int]:
-    return decoder_text.encode(self.tokenizer, text)[:self.fmt.max_doc_tokens]
+    ids = decoder_text.tokenize(self.tokenizer, text)
+    return ids[:self.fmt.max_doc_tokens]
 
   def prompt(self, query_ids: list[int], doc_ids: Sequence[list[int]]
              ) -> list[int]:
@@ -171,7 +172,7 @@ def build_prompt(
   """Token ids of the FIRST prompt for `query` and candidates `docs`.
 
   Args:
-    tokenizer: See `decoder_text.encode`.
+    tokenizer: See `decoder_text.tokenize`.
     query: The query text (cut to `max_query_tokens`).
     docs: Candidate texts (each cut to `max_doc_tokens`), labelled `A, B,
       ...` in this order.
@@ -314,7 +315,7 @@ def window_scores(
 
   Args:
     model: The decoder.
-    tokenizer: Its tokenizer (see `decoder_text.encode`).
+    tokenizer: Its tokenizer (see `decoder_text.tokenize`).
     queries: One query text per list.
     doc_lists: Candidate texts per query, in prompt order.
     prompt_format: The prompt pieces (default `PromptFormat()`).
@@ -373,7 +374,7 @@ def rank_lists(
 
   Args:
     model: The decoder.
-    tokenizer: Its tokenizer (see `decoder_text.encode`).
+    tokenizer: Its tokenizer (see `decoder_text.tokenize`).
     queries: One query text per list.
     doc_lists: Candidate texts per query, in first-stage order (best first).
     window: Candidates per prompt (at most the number of identifiers).

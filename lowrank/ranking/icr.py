@@ -96,7 +96,7 @@ def build_prompt(
   """Token ids of the ICR prompt with the document and query positions.
 
   Args:
-    tokenizer: See `decoder_text.encode`.
+    tokenizer: See `decoder_text.tokenize`.
     query: The query text (cut to `max_query_tokens`).
     docs: The documents (each cut to `max_doc_tokens`), in prompt order.
     prompt_format: The prompt pieces (default `PromptFormat()`).
@@ -112,7 +112,7 @@ def build_prompt(
   fmt = prompt_format or PromptFormat()
   if not docs:
     raise ValueError("An ICR prompt needs at least one document.")
-  enc = functools.partial(decoder_text.encode, tokenizer)
+  enc = functools.partial(decoder_text.tokenize, tokenizer)
   ids: list[int] = []
   segment: list[int] = []
 
@@ -307,7 +307,7 @@ def attention_scores(
 
   Args:
     model: The decoder.
-    tokenizer: Its tokenizer (see `decoder_text.encode`).
+    tokenizer: Its tokenizer (see `decoder_text.tokenize`).
     queries: One query per list (pass the content-free query to get the
       calibration term).
     doc_lists: The documents of each list (all go into one prompt).

@@ -146,7 +146,9 @@ class BiEncoder(nnx.Module):
     return bert.encode(self.query_encoder, batch, self.pooling,
                        self.normalize)
 
-  def encode_docs(self, batch: Mapping[str, _AnyArray]) -> Float[Array, "n h"]:
+  def encode_documents(
+      self, batch: Mapping[str, _AnyArray]
+  ) -> Float[Array, "n h"]:
     """Embeds a tokenized document batch with the document tower."""
     return bert.encode(self.document_encoder, batch, self.pooling,
                        self.normalize)
@@ -172,8 +174,8 @@ class BiEncoder(nnx.Module):
       The scalar loss (see `losses.in_batch_softmax`).
     """
     return losses.in_batch_softmax(
-        self.encode_queries(queries), self.encode_docs(docs), self.scale(),
-        symmetric=symmetric, same_side=same_side)
+        self.encode_queries(queries), self.encode_documents(docs),
+        self.scale(), symmetric=symmetric, same_side=same_side)
 
   @classmethod
   def from_pretrained(
@@ -246,7 +248,7 @@ def embed_queries(
                           **kwargs)
 
 
-def embed_docs(
+def embed_documents(
     model: BiEncoder,
     tokenizer: bert.Tokenizer,
     texts: Sequence[str],

@@ -23,12 +23,12 @@ Tokenisation follows ColBERT (v1/v2):
   right after `[CLS]` (the text is truncated so the total fits the maximum
   length).
 
-Encoding texts (`ColBERT.encode_queries` / `encode_documents`) is jitted with
+Embedding texts (`ColBERT.embed_queries` / `embed_documents`) is jitted with
 length bucketing (queries always have `query_maxlen` tokens; documents are
 padded to the smallest of `bert.LENGTH_BUCKETS` that fits), so there is at
 most one compilation per bucket, and returns padded arrays plus boolean
-masks. `ColBERT.query` / `ColBERT.doc` are the differentiable versions on
-tokenised batches, for training.
+masks. `ColBERT.encode_queries` / `ColBERT.encode_documents` are the
+differentiable versions on tokenised batches, for training.
 
 Scoring and search (pure functions on arrays):
 
@@ -65,8 +65,8 @@ shardings are passed so that step 2 reuses step 1's compilation)::
 
   def loss_fn(params, qs, ds):
     m = nnx.merge(graphdef, params, rest)
-    q, q_mask = m.query(qs)
-    d, d_mask = m.doc(ds)
+    q, q_mask = m.encode_queries(qs)
+    d, d_mask = m.encode_documents(ds)
     return colbert.in_batch_loss(q, q_mask, d, d_mask)
 
   @functools.partial(
@@ -93,6 +93,7 @@ import functools
 import os
 import string
 from typing import Any
+import warnings
 
 from flax import nnx
 import jax
@@ -141,6 +142,29 @@ def _encoder_mesh(encoder: nnx.Module) -> jax.sharding.Mesh | None:
 
 
 LINEAR_WEIGHT = "linear.weight"  # The projection's name in checkpoints.
+
+
+def _is_texts(batch: Any) -> bool:
+  """Whether `batch` is texts (a str or a sequence of str), not a batch."""
+  if isinstance(batch, str):
+    return True
+  return (isinstance(batch, Sequence) and bool(batch)
+          and all(isinstance(t, str) for t in batch))
+
+
+def _warn_texts(old: str, new: str) -> None:
+  warnings.warn(
+      f"ColBERT.{old}(texts) is deprecated: `{old}` now takes a tokenized "
+      f"batch; call ColBERT.{new}(texts) for texts.",
+      DeprecationWarning, stacklevel=3)
+
+
+def _no_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+  if kwargs:
+    raise TypeError(
+        f"ColBERT.{name}(batch) takes no options (they belong to the "
+        f"text embedders embed_queries/embed_documents); got "
+        f"{sorted(kwargs)}.")
 
 
 class ColBERT(nnx.Module):
@@ -423,25 +447,54 @@ class ColBERT(nnx.Module):
                        token_type_ids=token_type_ids)
     return bert.l2_normalize(self.linear(hidden).astype(jnp.float32))
 
-  def query(
-      self, batch: dict[str, _AnyArray]
-  ) -> tuple[Float[Array, "b l dim"], Bool[Array, "b l"]]:
+  def encode_queries(
+      self, batch: dict[str, _AnyArray] | Sequence[str], **kwargs
+  ) -> tuple[Float[_AnyArray, "b l dim"], Bool[_AnyArray, "b l"]]:
     """Query token vectors and their mask from `tokenize_queries` output.
 
     Every non-`[PAD]` position is a query vector, `[MASK]`s included.
+
+    Args:
+      batch: `tokenize_queries` output.
+      **kwargs: Only with the deprecated call on texts (see below).
+
+    Returns:
+      `(vectors [b, l, dim], mask [b, l] bool)`; masked positions are zero.
+
+    A sequence of strings instead of a batch is the deprecated spelling of
+    `embed_queries(texts, **kwargs)` (this method embedded texts before
+    `encode_*` came to mean token-id batches); it warns and forwards.
     """
+    if _is_texts(batch):
+      _warn_texts("encode_queries", "embed_queries")
+      return self.embed_queries(batch, **kwargs)
+    _no_kwargs("encode_queries", kwargs)
     ids = jnp.asarray(batch["input_ids"])
     vecs = self(ids, batch["attention_mask"], batch.get("token_type_ids"))
     mask = ids != self.pad_id
     return vecs * mask[..., None].astype(vecs.dtype), mask
 
-  def doc(
-      self, batch: dict[str, _AnyArray]
-  ) -> tuple[Float[Array, "b l dim"], Bool[Array, "b l"]]:
+  def encode_documents(
+      self, batch: dict[str, _AnyArray] | Sequence[str], **kwargs
+  ) -> tuple[Float[_AnyArray, "b l dim"], Bool[_AnyArray, "b l"]]:
     """Document token vectors and mask from `tokenize_documents` output.
 
     Padding and skiplist (punctuation) positions are masked out and zeroed.
+
+    Args:
+      batch: `tokenize_documents` output.
+      **kwargs: Only with the deprecated call on texts (see below).
+
+    Returns:
+      `(vectors [b, l, dim], mask [b, l] bool)`.
+
+    A sequence of strings instead of a batch is the deprecated spelling of
+    `embed_documents(texts, **kwargs)`; it warns and forwards.
     """
+    if _is_texts(batch):
+      _warn_texts("encode_documents", "embed_documents")
+      return self.embed_documents(batch, **kwargs)
+    _no_kwargs("encode_documents", kwargs)
     ids = jnp.asarray(batch["input_ids"])
     attn = jnp.asarray(batch["attention_mask"]) != 0
     vecs = self(ids, attn.astype(jnp.int32), batch.get("token_type_ids"))
@@ -454,14 +507,14 @@ class ColBERT(nnx.Module):
   # --------------------------------------------------------------------------
   # Jitted, bucketed encoding of texts.
 
-  def encode_queries(
+  def embed_queries(
       self,
       texts: Sequence[str],
       *,
       batch_size: int = 32,
       dtype: Any = np.float32,
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes query texts (jitted; one compilation per batch size).
+    """Embeds query texts (jitted; one compilation per batch size).
 
     Args:
       texts: Query texts.
@@ -473,14 +526,14 @@ class ColBERT(nnx.Module):
     """
     return self._encode(texts, True, batch_size, dtype)
 
-  def encode_documents(
+  def embed_documents(
       self,
       texts: Sequence[str],
       *,
       batch_size: int = 32,
       dtype: Any = np.float32,
   ) -> tuple[np.ndarray, np.ndarray]:
-    """Encodes documents (jitted, length-bucketed).
+    """Embeds document texts (jitted, length-bucketed).
 
     Texts are tokenized once, sorted by length, batched (the last batch
     padded with empty rows) and padded to the smallest `bert.LENGTH_BUCKETS`
@@ -547,7 +600,9 @@ def encode_trace_count() -> int:
 def _encode_step(graphdef, state, batch, is_query):
   _TRACES[0] += 1  # Python side effect: runs once per trace.
   model = nnx.merge(graphdef, state)
-  return model.query(batch) if is_query else model.doc(batch)
+  if is_query:
+    return model.encode_queries(batch)
+  return model.encode_documents(batch)
 
 
 _encode_step_jit = jax.jit(
@@ -562,7 +617,7 @@ def index(
     batch_size: int = 32,
     dtype: Any = np.float32,
 ) -> tuple[np.ndarray, np.ndarray]:
-  """Encodes a corpus: `model.encode_documents(corpus_texts)`.
+  """Embeds a corpus: `model.embed_documents(corpus_texts)`.
 
   Args:
     model: The ColBERT model.
@@ -573,8 +628,8 @@ def index(
   Returns:
     `(doc vectors [N, L, dim], masks [N, L] bool)`.
   """
-  return model.encode_documents(corpus_texts, batch_size=batch_size,
-                                dtype=dtype)
+  return model.embed_documents(corpus_texts, batch_size=batch_size,
+                               dtype=dtype)
 
 
 # ----------------------------------------------------------------------------

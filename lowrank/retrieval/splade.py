@@ -115,7 +115,7 @@ _TRACES = [0]
 
 
 def encode_trace_count() -> int:
-  """How many times `encode_texts`'s jitted step has been traced."""
+  """How many times `embed_texts`'s jitted step has been traced."""
   return _TRACES[0]
 
 
@@ -130,7 +130,7 @@ _encode_step_jit = jax.jit(
 )
 
 
-def encode_texts(
+def embed_texts(
     model: bert.BertModel,
     tokenizer: bert.Tokenizer,
     texts: Sequence[str],
@@ -142,7 +142,7 @@ def encode_texts(
     top_k: int | None = None,
     token_chunk: int | None = 64,
 ) -> sparse_index.SparseMatrix:
-  """Encodes texts to sparse SPLADE vectors (CSR), jitted and bucketed.
+  """Embeds texts as sparse SPLADE vectors (CSR), jitted and bucketed.
 
   As `bert.embed_texts`: texts are tokenized once, sorted by length, batched
   (the last batch padded with empty rows) and padded to the smallest of

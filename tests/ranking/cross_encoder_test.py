@@ -59,7 +59,7 @@ class LayoutTest(absltest.TestCase):
 
   def test_cls_query_sep_doc_sep_with_token_types(self):
     tok = _Tokenizer.get()
-    (ids, types), = cross_encoder.encode_pairs(
+    (ids, types), = cross_encoder.tokenize_pairs(
         tok, ["gene expression"], ["protein folding in cells"])
     cls_id, sep_id = tok.cls_token_id, tok.sep_token_id
     self.assertEqual(ids[0], cls_id)
@@ -74,7 +74,7 @@ class LayoutTest(absltest.TestCase):
 
   def test_truncation_keeps_both_segments(self):
     tok = _Tokenizer.get()
-    (ids, types), = cross_encoder.encode_pairs(
+    (ids, types), = cross_encoder.tokenize_pairs(
         tok, ["short query"], [" ".join(["word"] * 300)], max_length=32)
     self.assertLen(ids, 32)
     self.assertEqual(ids[-1], tok.sep_token_id)
@@ -83,9 +83,19 @@ class LayoutTest(absltest.TestCase):
   def test_mismatched_inputs(self):
     tok = _Tokenizer.get()
     with self.assertRaisesRegex(ValueError, "one document per query"):
-      cross_encoder.encode_pairs(tok, ["a", "b"], ["c"])
+      cross_encoder.tokenize_pairs(tok, ["a", "b"], ["c"])
     with self.assertRaisesRegex(ValueError, "not a str"):
-      cross_encoder.encode_pairs(tok, "a", "b")
+      cross_encoder.tokenize_pairs(tok, "a", "b")
+
+  def test_encode_pairs_is_a_deprecated_tokenize_pairs(self):
+    tok = _Tokenizer.get()
+    with self.assertWarnsRegex(DeprecationWarning, "tokenize_pairs"):
+      got = cross_encoder.encode_pairs(tok, ["q"], ["d"], max_length=16)
+    self.assertEqual(
+        got, cross_encoder.tokenize_pairs(tok, ["q"], ["d"], max_length=16))
+
+  def test_no_module_level_from_pretrained(self):
+    self.assertFalse(hasattr(cross_encoder, "from_pretrained"))
 
   def test_bucket_lengths(self):
     self.assertEqual(cross_encoder.bucket_lengths(128), (64, 128))
@@ -130,7 +140,7 @@ class ScoringTest(parameterized.TestCase):
     self.assertEqual(cross_encoder.score_trace_count(), before)
 
   def test_matches_direct_forward(self):
-    enc = cross_encoder.encode_pairs(self.tok, self.queries[:3],
+    enc = cross_encoder.tokenize_pairs(self.tok, self.queries[:3],
                                      self.docs[:3], max_length=96)
     batch = self.tok.pad(enc, length=96)
     direct = self.model(batch["input_ids"], batch["attention_mask"],
@@ -140,7 +150,7 @@ class ScoringTest(parameterized.TestCase):
     np.testing.assert_allclose(got, np.asarray(direct), atol=1e-5, rtol=1e-5)
 
   def test_token_types_matter(self):
-    enc = cross_encoder.encode_pairs(self.tok, self.queries[:2],
+    enc = cross_encoder.tokenize_pairs(self.tok, self.queries[:2],
                                      self.docs[:2], max_length=64)
     batch = self.tok.pad(enc, length=64)
     a = self.model(batch["input_ids"], batch["attention_mask"],
@@ -226,7 +236,8 @@ class RerankTest(absltest.TestCase):
                          max_length=64)
     self.assertEqual(list(out["q1"]), ["d1"])
     with self.assertRaisesRegex(ValueError, "score_pairs"):
-      ranking.rerank(object(), self.tok, self.queries, self.corpus, self.first_stage)
+      ranking.rerank(object(), self.tok, self.queries, self.corpus,
+                     self.first_stage)
 
 
 class TrainingTest(absltest.TestCase):
@@ -239,7 +250,7 @@ class TrainingTest(absltest.TestCase):
     docs = ["gene protein cell expression", "matrix train", "sparse vector",
             "test score", "low rank adapter model", "protein cell",
             "query document", "index retrieval"]
-    enc = cross_encoder.encode_pairs(cls.tok, queries, docs, max_length=16)
+    enc = cross_encoder.tokenize_pairs(cls.tok, queries, docs, max_length=16)
     cls.batch = {k: jnp.asarray(v)
                  for k, v in cls.tok.pad(enc, length=16).items()}
     cls.labels = jnp.asarray([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])
@@ -275,7 +286,7 @@ class TrainingTest(absltest.TestCase):
     counts = cross_encoder.count_parameters(model, "full")
     self.assertEqual(counts["trainable"], counts["total"])
     losses = self._train(model, "full",
-                         optim.galore_adamw(1e-2, rank=4, update_gap=3))
+                         optim.galore_adamw(1e-2, rank=4, refresh_every=3))
     self.assertLess(losses[-1], losses[0])
 
   def test_group_loss_names(self):
@@ -293,8 +304,8 @@ class TrainingTest(absltest.TestCase):
 class PretrainedTest(absltest.TestCase):
 
   def test_from_pretrained_minilm(self):
-    model, tok = cross_encoder.from_pretrained(pooling="cls", seed=0,
-                                               max_length=64)
+    model, tok = cross_encoder.CrossEncoder.from_pretrained(
+        pooling="cls", seed=0, max_length=64)
     self.assertIsNone(model.bert.pooler)
     self.assertEqual(model.head.kernel.shape, (384, 1))
     scores = model.score_pairs(tok, ["what is a gene"],

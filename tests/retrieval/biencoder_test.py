@@ -103,7 +103,7 @@ class BiEncoderTest(absltest.TestCase):
     self.assertEqual(model.towers, "shared")
     batch = _batch(0)
     np.testing.assert_array_equal(model.encode_queries(batch),
-                                  model.encode_docs(batch))
+                                  model.encode_documents(batch))
     self.assertEqual(float(model.scale()), 20.0)
 
   def test_separate_towers_are_independent(self):
@@ -111,7 +111,7 @@ class BiEncoderTest(absltest.TestCase):
     self.assertEqual(model.towers, "separate")
     batch = _batch(1)
     q0 = np.asarray(model.encode_queries(batch))
-    self.assertFalse(np.allclose(q0, model.encode_docs(batch)))
+    self.assertFalse(np.allclose(q0, model.encode_documents(batch)))
     emb = model.doc_encoder.embeddings.word_embeddings.embedding
     emb.set_value(emb.get_value() * 2.0)
     np.testing.assert_array_equal(model.encode_queries(batch), q0)
@@ -132,7 +132,7 @@ class BiEncoderTest(absltest.TestCase):
       g = grads[tower]["encoder"]["layer"][0]["attention"]["self"]["query"]
       self.assertGreater(float(jnp.abs(g["kernel"].get_value()).sum()), 0.0)
     m = nnx.merge(graphdef, params, rest)
-    want = losses.in_batch_softmax(m.encode_queries(q), m.encode_docs(d),
+    want = losses.in_batch_softmax(m.encode_queries(q), m.encode_documents(d),
                                    10.0, symmetric=True, same_side=True)
     np.testing.assert_allclose(jax.jit(loss_fn)(params), want, rtol=1e-5)
 
@@ -193,8 +193,8 @@ class BiEncoderTest(absltest.TestCase):
     want = bert.embed_texts(enc, tok, texts)
     np.testing.assert_allclose(biencoder.embed_queries(model, tok, texts),
                                want, atol=1e-5)
-    np.testing.assert_allclose(biencoder.embed_docs(model, tok, texts), want,
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        biencoder.embed_documents(model, tok, texts), want, atol=1e-5)
 
 
 class ZeroQueriesTest(absltest.TestCase):

@@ -112,7 +112,7 @@ class TokenizationTest(absltest.TestCase):
     # The batch padding row is all [PAD] (it gets no query vectors).
     self.assertTrue(np.all(ids[2] == self.tok.pad_token_id))
     self.assertTrue(np.all(attn[2] == 0))
-    _, mask = self.model.encode_queries([text])
+    _, mask = self.model.embed_queries([text])
     self.assertTrue(np.all(mask))  # [MASK]s are query vectors.
 
     no_attend = colbert.ColBERT(self.model.bert, self.tok,
@@ -133,7 +133,7 @@ class TokenizationTest(absltest.TestCase):
     punct = {self.tok.token_to_id(c) for c in string.punctuation}
     self.assertEqual(set(self.model.skiplist), punct)
     self.assertLen(punct, len(string.punctuation))
-    vecs, mask = self.model.encode_documents([text, "short"])
+    vecs, mask = self.model.embed_documents([text, "short"])
     length = int(b["attention_mask"][0].sum())
     self.assertEqual(vecs.shape, (2, length, 128))
     is_punct = np.isin(ids[0], list(punct))
@@ -146,26 +146,47 @@ class TokenizationTest(absltest.TestCase):
     # Queries keep punctuation (the skiplist is for documents only).
     qb = self.model.tokenize_queries([text])
     self.assertTrue(np.isin(qb["input_ids"][0], list(punct)).any())
-    _, qmask = self.model.encode_queries([text])
+    _, qmask = self.model.embed_queries([text])
     self.assertTrue(np.all(qmask))
 
   def test_bucketing_and_order(self):
     texts = ["a b c", "one two three four five six seven " * 5,
              "x", "the quick brown fox jumps over the lazy dog " * 3]
-    vecs, mask = self.model.encode_documents(texts)
+    vecs, mask = self.model.embed_documents(texts)
     before = colbert.encode_trace_count()
-    vecs2, mask2 = self.model.encode_documents(texts[::-1])
+    vecs2, mask2 = self.model.embed_documents(texts[::-1])
     self.assertEqual(colbert.encode_trace_count(), before)  # Cached.
     np.testing.assert_allclose(vecs2[::-1], vecs, atol=1e-5)
     np.testing.assert_array_equal(mask2[::-1], mask)
     # Batches of 2: a different batch and bucket composition, same vectors.
-    alone, alone_mask = self.model.encode_documents(texts[1:2], batch_size=2)
+    alone, alone_mask = self.model.embed_documents(texts[1:2], batch_size=2)
     np.testing.assert_allclose(alone[0], vecs[1, :alone.shape[1]], atol=1e-5)
     np.testing.assert_array_equal(alone_mask[0], mask[1, :alone.shape[1]])
     self.assertFalse(np.any(mask[1, alone.shape[1]:]))
-    q, qm = self.model.encode_queries(texts)
+    q, qm = self.model.embed_queries(texts)
     self.assertEqual(q.shape, (4, 32, 128))
     self.assertTrue(np.all(qm))
+
+  def test_encode_of_texts_is_a_deprecated_embed(self):
+    texts = ["a b c", "x y"]
+    with self.assertWarnsRegex(DeprecationWarning, "embed_queries"):
+      q, qm = self.model.encode_queries(texts, batch_size=2)
+    want_q, want_qm = self.model.embed_queries(texts, batch_size=2)
+    np.testing.assert_array_equal(q, want_q)
+    np.testing.assert_array_equal(qm, want_qm)
+    with self.assertWarnsRegex(DeprecationWarning, "embed_documents"):
+      d, _ = self.model.encode_documents(texts)
+    np.testing.assert_array_equal(d, self.model.embed_documents(texts)[0])
+
+  def test_encode_of_a_batch_takes_no_options(self):
+    batch = self.model.tokenize_queries(["a b c"])
+    with self.assertRaisesRegex(TypeError, "takes no options.*batch_size"):
+      self.model.encode_queries(batch, batch_size=2)
+    # The batch method and the text method agree.
+    vecs, mask = self.model.encode_queries(batch)
+    want, want_mask = self.model.embed_queries(["a b c"])
+    np.testing.assert_allclose(vecs, want, atol=1e-5)
+    np.testing.assert_array_equal(mask, want_mask)
 
   def test_projection_is_an_isometry(self):
     w = np.asarray(self.model.linear.kernel[...])
@@ -353,7 +374,7 @@ class RealCorpusTest(absltest.TestCase):
     self.assertLen(queries, 50)
     self.assertLen(sentences, 151)
     docs, dmask = colbert.index(self.model, sentences)
-    q, qmask = self.model.encode_queries(queries)
+    q, qmask = self.model.embed_queries(queries)
     _, exact = colbert.search_exact(q, qmask, docs, dmask, 10)
     exact = np.asarray(exact)
     # Each query is the start of one of its document's sentences.
@@ -383,7 +404,7 @@ class RealCorpusTest(absltest.TestCase):
     doc_ids, query_ids = list(ds.corpus), list(ds.queries)
     self.assertEqual((len(doc_ids), len(query_ids)), (82, 35))
     docs, dmask = colbert.index(self.model, [ds.corpus[i] for i in doc_ids])
-    q, qmask = self.model.encode_queries([ds.queries[i] for i in query_ids])
+    q, qmask = self.model.embed_queries([ds.queries[i] for i in query_ids])
     exact = colbert.search_exact(q, qmask, docs, dmask, 10)
     approx = colbert.search_muvera(q, qmask, docs, dmask, 10, _FDE,
                                    rerank=20)
@@ -425,8 +446,8 @@ class TrainingTest(absltest.TestCase):
 
     def loss_fn(params, qs, ds):
       m = nnx.merge(graphdef, params, rest)
-      q, q_mask = m.query(qs)
-      d, d_mask = m.doc(ds)
+      q, q_mask = m.encode_queries(qs)
+      d, d_mask = m.encode_documents(ds)
       return colbert.in_batch_loss(q, q_mask, d, d_mask)
 
     @functools.partial(

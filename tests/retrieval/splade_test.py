@@ -62,8 +62,8 @@ class SpladeTinyTest(parameterized.TestCase):
       self.assertAlmostEqual(top[term], value, delta=0.01, msg=term)
 
   def test_query_document_score_ordering(self):
-    q = splade.encode_texts(self.model, self.tokenizer, [QUERY])
-    d = splade.encode_texts(self.model, self.tokenizer, list(DOCS),
+    q = splade.embed_texts(self.model, self.tokenizer, [QUERY])
+    d = splade.embed_texts(self.model, self.tokenizer, list(DOCS),
                             batch_size=4)
     scores = (q.to_dense() @ d.to_dense().T)[0]
     # Relevant > related (expansion terms only) > off-topic; the stock
@@ -80,9 +80,9 @@ class SpladeTinyTest(parameterized.TestCase):
     np.testing.assert_array_equal(ids, [0, 1, 2])
     np.testing.assert_allclose(top_scores, scores[:3], rtol=1e-5)
 
-  def test_encode_texts_matches_encode_and_chunking(self):
+  def test_embed_texts_matches_encode_and_chunking(self):
     texts = [QUERY, *DOCS, "a " * 150 + "aging"]
-    sparse = splade.encode_texts(self.model, self.tokenizer, texts,
+    sparse = splade.embed_texts(self.model, self.tokenizer, texts,
                                  batch_size=3, token_chunk=16)
     encode = nnx.jit(splade.encode, static_argnames=("token_chunk",))
     # One batch padded far beyond the longest text, chunked differently:
