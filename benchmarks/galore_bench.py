@@ -111,7 +111,7 @@ def optimizers(cfg, gap):
   r = cfg["rank"]
   # `init_params` stacks the layers: one projector per layer.
   stacked = r"\['layers'\]"
-  kw = dict(rank=r, update_gap=gap, scale=0.25, stacked_axes=stacked)
+  kw = dict(rank=r, refresh_every=gap, scale=0.25, stacked_axes=stacked)
   num_leaves = len(PROJECTED)
   num_matrices = num_leaves * cfg["layers"]
 
@@ -136,12 +136,12 @@ def optimizers(cfg, gap):
               1e-3, projector="rsvd", stagger=num_matrices,
               stagger_layers=True, **kw)), num_matrices),
       "fira": (split(optim.fira_adamw(1e-3, **kw)), 1),
-      "frugal": (split(optim.frugal_adamw(1e-3, rank=r, update_gap=gap,
+      "frugal": (split(optim.frugal_adamw(1e-3, rank=r, refresh_every=gap,
                                           stacked_axes=stacked)), 1),
       "q-galore (4-bit proj)": (split(optim.q_galore_adamw(1e-3, **kw)), 1),
       "q-galore + 8-bit adam": (split(optax.chain(
           optim.scale_by_galore(optim.scale_by_adam8bit(), rank=r,
-                                update_gap=gap, scale=0.25, projector_bits=4,
+                                refresh_every=gap, scale=0.25, projector_bits=4,
                                 adaptive_gap=True, stacked_axes=stacked),
           optax.scale_by_learning_rate(1e-3))), 1),
   }

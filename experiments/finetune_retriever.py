@@ -241,7 +241,7 @@ def make_optimizer(
 
   `adamw` / `adamw8bit` take `learning_rate, b1, b2, weight_decay`; the
   GaLore family (`galore`, `fira`, `frugal`, `q_galore`) additionally takes
-  `config.optimizer.galore` (`rank`, `update_gap`, `scale`, `projector`,
+  `config.optimizer.galore` (`rank`, `refresh_every`, `scale`, `projector`,
   `project`: a regex over parameter paths selecting the projected
   matrices; `lowrank.optim.galore_adamw`'s `project=`).
 
@@ -263,7 +263,7 @@ def make_optimizer(
     raise ValueError(f"Unknown optimizer {name!r}; expected one of "
                      f"{OPTIMIZERS}.")
   g = dict(o.galore)
-  kwargs = dict(rank=g["rank"], update_gap=g["update_gap"],
+  kwargs = dict(rank=g["rank"], refresh_every=g["refresh_every"],
                 scale=g["scale"], projector=g["projector"],
                 project=g["project"] or None, weight_decay=o.weight_decay)
   factory = {"galore": optim.galore_adamw, "fira": optim.fira_adamw,
@@ -351,7 +351,8 @@ def validate_config(
     check.regex("adapter.targets")
     check.boolean("adapter.use_rslora")
   if config.optimizer.name in GALORE_FAMILY:
-    check.positive_int("optimizer.galore.rank", "optimizer.galore.update_gap")
+    check.positive_int("optimizer.galore.rank",
+                       "optimizer.galore.refresh_every")
     check.positive_number("optimizer.galore.scale")
     check.choice("optimizer.galore.projector", projection.PROJECTORS)
     check.regex("optimizer.galore.project")

@@ -13,7 +13,7 @@ and every low-rank method uses the same rank `config.rank`:
 * `lora`: LoRA adapters (`lowrank.adapters.inject`) on the attention/MLP
   projections, whose random-init base weights stay frozen; embeddings,
   norms and the head train (as in the ReLoRA/GaLore baselines).
-* `relora`: the same plus merge-and-restart every `relora.reset_every`
+* `relora`: the same plus merge-and-restart every `relora.refresh_every`
   steps with magnitude-pruned moments and a jagged cosine schedule
   (Lialin et al. 2023, https://arxiv.org/abs/2307.05695).
 * `galore`, `fira`, `frugal`, `q_galore`: full-rank weights with the
@@ -296,11 +296,11 @@ def _check_values(config, methods, overrides) -> None:
   if used("lora"):
     check.positive_number("lora.alpha")
   if used("relora"):
-    check.positive_int("relora.reset_every")
+    check.positive_int("relora.refresh_every")
     check.non_negative_int("relora.restart_warmup_steps")
     check.in_range("relora.prune_ratio", 0.0, 1.0)
   if used("galore"):
-    check.positive_int("galore.update_gap")
+    check.positive_int("galore.refresh_every")
     check.choice("galore.projector", projection.PROJECTORS)
   if used("galore.scale"):
     check.positive_number("galore.scale")
@@ -309,14 +309,14 @@ def _check_values(config, methods, overrides) -> None:
   if used("galore.q_bits"):
     check.choice("galore.q_bits", quantize.BITS)
   if used("sst"):
-    check.positive_int("sst.resample_every")
+    check.positive_int("sst.refresh_every")
     check.non_negative_int("sst.round_length", "sst.rewarm_steps")
-    check.not_greater("sst.rewarm_steps", "sst.resample_every")
-    if config.sst.round_length % config.sst.resample_every:
+    check.not_greater("sst.rewarm_steps", "sst.refresh_every")
+    if config.sst.round_length % config.sst.refresh_every:
       raise ValueError(
           f"config.sst.round_length ({config.sst.round_length}) must be a "
-          f"multiple of sst.resample_every ({config.sst.resample_every}), "
-          "or 0 for (m/r)·resample_every. Fix --config.sst.round_length.")
+          f"multiple of sst.refresh_every ({config.sst.refresh_every}), "
+          "or 0 for (m/r)·refresh_every. Fix --config.sst.round_length.")
   if used("sltrain"):
     check.in_range("sltrain.density", 0.0, 1.0, low_closed=False,
                    high_closed=True)
@@ -373,7 +373,7 @@ def build_optimizer(
   if method == "relora":
     schedule = relora.jagged_cosine_schedule(
         peak, total_steps=total, warmup_steps=config.warmup_steps,
-        restart_every=config.relora.reset_every,
+        refresh_every=config.relora.refresh_every,
         restart_warmup_steps=config.relora.restart_warmup_steps,
         min_ratio=config.min_lr_ratio)
   else:
@@ -382,7 +382,7 @@ def build_optimizer(
         end_value=peak * config.min_lr_ratio)
   wd = config.weight_decay
   g = config.galore
-  common = dict(rank=config.rank, update_gap=g.update_gap,
+  common = dict(rank=config.rank, refresh_every=g.refresh_every,
                 projector=g.projector, weight_decay=wd, project=r"_proj",
                 stacked_axes=None if model is None else
                 optim.stacked_axes_from(model))
@@ -401,7 +401,7 @@ def build_optimizer(
   if method == "sst":
     return sst.sst_adamw(
         schedule, rank=config.rank, weight_decay=wd,
-        resample_every=config.sst.resample_every,
+        refresh_every=config.sst.refresh_every,
         round_length=config.sst.round_length or None,
         rewarm_steps=config.sst.rewarm_steps, seed=config.seed)
   raise ValueError(f"Unknown method {method!r}; expected one of {METHODS}.")
@@ -480,9 +480,9 @@ def train_method(
                   desc=f"{LABELS[method]:>9}", unit="step")
   val_loss = None
   for step in bar:
-    if method == "relora" and (step - 1) % config.relora.reset_every == 0 \
+    if method == "relora" and (step - 1) % config.relora.refresh_every == 0 \
         and step > 1:
-      # Restart after every `reset_every` steps, done at the start of the
+      # Restart after every `refresh_every` steps, done at the start of the
       # next step (so checkpoints hold the pre-restart state and a resumed
       # run restarts exactly where an uninterrupted one does): merge,
       # re-initialise, prune the moments. The key is a function of the step.

@@ -109,7 +109,7 @@ class CheckpointerTest(parameterized.TestCase):
     # Orbax refuses zero-size arrays, so they are saved as nothing and
     # rebuilt from the target.
     params = {"w": jnp.ones((16, 8)), "b": jnp.zeros(8)}
-    tx = optim.galore_adamw(1e-2, rank=2, update_gap=2)
+    tx = optim.galore_adamw(1e-2, rank=2, refresh_every=2)
     state = tx.init(params)
     grads = jax.tree.map(lambda x: jnp.full_like(x, 0.5), params)
     _, state = tx.update(grads, state, params)

@@ -130,7 +130,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.b2 = 0.999
   config.optimizer.galore = ml_collections.ConfigDict()
   config.optimizer.galore.rank = 64
-  config.optimizer.galore.update_gap = 50
+  config.optimizer.galore.refresh_every = 50
   config.optimizer.galore.scale = 0.25
   config.optimizer.galore.projector = "rsvd"
   # Regex over parameter paths: which matrices are projected (the rest,

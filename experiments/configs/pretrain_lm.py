@@ -67,13 +67,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lora.alpha = 32.0
 
   config.relora = ml_collections.ConfigDict()
-  config.relora.reset_every = 100
+  config.relora.refresh_every = 100
   config.relora.restart_warmup_steps = 10
   config.relora.prune_ratio = 0.999
 
   # GaLore, Fira, FRUGAL, Q-GaLore (lowrank.optim).
   config.galore = ml_collections.ConfigDict()
-  config.galore.update_gap = 50
+  config.galore.refresh_every = 50
   config.galore.scale = 0.25
   config.galore.projector = "rsvd"
   # FRUGAL's pretraining scripts use 1.0 (0.1 is its fine-tuning value):
@@ -83,13 +83,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.galore.frugal_inactive_lr_scale = 1.0
   config.galore.q_bits = 4
 
-  # SST (lowrank.spectral.sst_adamw): iterations of resample_every steps
+  # SST (lowrank.spectral.sst_adamw): iterations of refresh_every steps
   # (the paper's T3) with the same sampled vectors, so Adam's moments
   # accumulate; round_length 0 = (m/r) iterations per round (200 steps
   # here, m = 128, r = 32); the active block's rate re-warms over
   # rewarm_steps after every resample (library default: T3 // 10).
   config.sst = ml_collections.ConfigDict()
-  config.sst.resample_every = 50
+  config.sst.refresh_every = 50
   config.sst.round_length = 0
   config.sst.rewarm_steps = 5
 
@@ -113,10 +113,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_batches = 2
     config.checkpoint_every_steps = 2
     config.rank = 8
-    config.relora.reset_every = 2
+    config.relora.refresh_every = 2
     config.relora.restart_warmup_steps = 1
-    config.galore.update_gap = 2
-    config.sst.resample_every = 2
+    config.galore.refresh_every = 2
+    config.sst.refresh_every = 2
     config.sst.round_length = 4
     config.sst.rewarm_steps = 1
   elif arg:

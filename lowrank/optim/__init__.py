@@ -5,7 +5,7 @@ layer sampling (OwLore, LISA) and adapter-specific transforms (ALLoRA, the
 SoRA proximal gate step).
 
     from lowrank import optim
-    tx = optim.galore_adamw(1e-2, rank=128, update_gap=200, scale=0.25)
+    tx = optim.galore_adamw(1e-2, rank=128, refresh_every=200, scale=0.25)
 """
 
 from lowrank.optim.adam8bit import adamw8bit

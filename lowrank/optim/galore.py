@@ -83,9 +83,11 @@ ON_REFRESH = ("keep", "reset", "rotate")
 # `optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)`.
 # The selectors are static too: `inject_hyperparams` would call a callable
 # `project` as a schedule.
-STATIC_ARGS = ("rank", "update_gap", "stagger", "seed", "projector_bits",
-               "projector_group_size", "cos_history", "project",
-               "stacked_axes", "input_axes", "mask")
+STATIC_ARGS = ("rank", "refresh_every", "stagger", "seed",
+               "projector_bits", "projector_group_size", "cos_history",
+               "project", "stacked_axes", "input_axes", "mask",
+               "update_gap")
+_DEFAULT_REFRESH_EVERY = 200
 RESIDUALS = (None, "fira", "frugal_sign", "frugal_sgd")
 _SECOND_MOMENT_NAMES = ("nu", "v", "exp_avg_sq", "sum_of_squares")
 
@@ -358,7 +360,7 @@ def scale_by_galore(
     inner: optax.GradientTransformation,
     *,
     rank: int,
-    update_gap: int = 200,
+    refresh_every: int = _DEFAULT_REFRESH_EVERY,
     scale: jax.typing.ArrayLike = 1.0,
     side: str = "auto",
     projector: str = "svd",
@@ -387,7 +389,7 @@ def scale_by_galore(
     inner: Gradient-only transformation (e.g. `optax.scale_by_adam()`); it
       must not read `params` (it only sees projected shapes).
     rank: Subspace dimension (Python int; static).
-    update_gap: Steps between basis refreshes (Python int; static).
+    refresh_every: Steps between basis refreshes (Python int; static).
     scale: GaLore's α, applied to the projected-back update.
     side: `"auto"`, `"left"`, `"right"` or `"torch"` (module docstring).
     projector: `"svd"`, `"rsvd"` or `"random"`.
@@ -414,8 +416,8 @@ def scale_by_galore(
       the default.
     stagger: Spread refreshes over `stagger` groups of leaves (or of
       layers, see `stagger_layers`): group `j` refreshes at steps
-      `≡ (j mod stagger)·(update_gap // stagger) (mod update_gap)`, and
-      every basis is computed at step 0.
+      `≡ (j mod stagger)·(refresh_every // stagger) (mod refresh_every)`,
+      and every basis is computed at step 0.
     stagger_layers: Number the refresh groups by matrix, counting each
       layer of a stacked `[L, m, n]` leaf (leaf order, then layer order),
       instead of by leaf. On a refresh step only the layers whose turn it
@@ -460,13 +462,13 @@ def scale_by_galore(
     An `optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: On a non-positive `rank` / `update_gap` / `stagger`, or an
+    ValueError: On a non-positive `rank` / `refresh_every` / `stagger`, or an
       unknown `side`, `projector`, `on_refresh` or `residual`, or an invalid
       quantization layout, or `stagger_layers` with `adaptive_gap`, or an
       invalid `project` / `stacked_axes` regex; at `init`, on a selector
       that selects nothing or does not fit `params`.
   """
-  for name, v in (("rank", rank), ("update_gap", update_gap),
+  for name, v in (("rank", rank), ("refresh_every", refresh_every),
                   ("stagger", stagger)):
     if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
       raise ValueError(f"{name} must be a positive Python int; got {v!r}.")
@@ -515,7 +517,7 @@ def scale_by_galore(
     if warn:
       _warn_about(leaves_plan, rank)
     plan, k = [], 0
-    spacing = update_gap // stagger
+    spacing = refresh_every // stagger
     for leaf in leaves_plan:
       flag, view = leaf.projected, leaf.view
       s = projection.resolve_side(view.matrix_shape, side) if flag else None
@@ -550,7 +552,7 @@ def scale_by_galore(
         sched.append(
             RefreshSchedule(
                 next_refresh=jnp.zeros(lead, jnp.int32),
-                gap=jnp.full(lead, update_gap, jnp.int32),
+                gap=jnp.full(lead, refresh_every, jnp.int32),
                 history=jnp.zeros(lead + (cos_history,), jnp.float32),
                 num_history=jnp.zeros(lead, jnp.int32),
             ) if adaptive_gap else placeholder
@@ -668,18 +670,18 @@ def scale_by_galore(
     lead, num = g.shape[:-2], len(offsets)
     flat = lambda x: x.reshape((num,) + x.shape[len(lead):])
     gf, pf = flat(g), jax.tree.map(flat, p_stored)
-    refresh = _refresh_flag(count, np.asarray(offsets, np.int32), update_gap)
+    refresh = _refresh_flag(count, np.asarray(offsets, np.int32), refresh_every)
     # Static: the layers sharing each distinct offset form a row of `table`,
     # padded to the widest row by repeating its first layer (recomputing a
     # layer twice writes the same basis twice, since keys depend on the
-    # layer only). Distinct offsets are distinct mod `update_gap`, so at
+    # layer only). Distinct offsets are distinct mod `refresh_every`, so at
     # most one row is due per step.
     starts = sorted(set(offsets))
     rows = [[j for j, o in enumerate(offsets) if o == u] for u in starts]
     width = max(len(r) for r in rows)
     table = np.array([r + r[:1] * (width - len(r)) for r in rows], np.int32)
     starts = np.asarray(starts, np.int32)
-    hits = (count >= starts) & ((count - starts) % update_gap == 0)
+    hits = (count >= starts) & ((count - starts) % refresh_every == 0)
     row = jnp.argmax(hits)
     due = jnp.any(hits)
 
@@ -753,7 +755,7 @@ def scale_by_galore(
         if adaptive_gap:  # One flag per layer of a stacked leaf.
           refresh = (count == 0) | (count >= sched.next_refresh)
         else:
-          refresh = _refresh_flag(count, offset, update_gap)
+          refresh = _refresh_flag(count, offset, refresh_every)
         refresh = jnp.broadcast_to(refresh, g.shape[:-2])
         stored = _refresh_leaf(g, p_stored, s, refresh, leaf_key, after)
       previous = stored
@@ -908,11 +910,37 @@ def _adamw(core, learning_rate, weight_decay, mask):
   )
 
 
+# The keyword arguments every GaLore-family AdamW alias (`galore_adamw`,
+# `q_galore_adamw`, `fira_adamw`, `frugal_adamw`) takes, with the same
+# meaning and defaults (except `projector`, `"random"` in FRUGAL, and
+# `projector_bits`, 4 in Q-GaLore); each alias adds its own extras.
+FAMILY_ARGS = ("rank", "refresh_every", "scale", "side", "projector",
+               "rsvd_method", "b1", "b2", "eps", "weight_decay", "mask",
+               "project", "stacked_axes", "input_axes", "seed",
+               "projector_bits", "projector_group_size", "update_gap")
+
+
+def _renamed_refresh_every(refresh_every: int, update_gap: int | None,
+                           caller: str) -> int:
+  """`refresh_every`, or the deprecated `update_gap` if that was passed."""
+  if update_gap is None:
+    return refresh_every
+  warnings.warn(
+      f"{caller}(update_gap=...) is deprecated; pass refresh_every= (the "
+      "steps between basis refreshes) instead.", DeprecationWarning,
+      stacklevel=3)
+  if refresh_every != _DEFAULT_REFRESH_EVERY and refresh_every != update_gap:
+    raise TypeError(
+        f"{caller} got refresh_every={refresh_every} and its deprecated "
+        f"alias update_gap={update_gap}; pass only refresh_every.")
+  return update_gap
+
+
 def galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     rank: int,
-    update_gap: int = 200,
+    refresh_every: int = _DEFAULT_REFRESH_EVERY,
     scale: jax.typing.ArrayLike = 1.0,
     side: str = "auto",
     projector: str = "svd",
@@ -939,6 +967,7 @@ def galore_adamw(
     cos_threshold: jax.typing.ArrayLike = 0.4,
     gap_growth: jax.typing.ArrayLike = 2,
     cos_history: int = 5,
+    update_gap: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a low-rank gradient subspace (GaLore).
 
@@ -947,14 +976,15 @@ def galore_adamw(
   `optax.adamw` and `optax.contrib.galore`): a bool pytree or a callable
   `params -> bool pytree`; None decays every leaf. Which gradients are
   projected is `project` (formerly `mask`); see `scale_by_galore` for it,
-  `stacked_axes`, `input_axes` and the arguments after them. With
-  `on_refresh="reset"` the inner Adam is `scale_by_adam_per_matrix`, whose
-  step counts restart with the moments.
+  `stacked_axes`, `input_axes` and the arguments after them. `b1`, `b2`
+  and `eps` are Adam's. With `on_refresh="reset"` the inner Adam is
+  `scale_by_adam_per_matrix`, whose step counts restart with the moments.
+  `update_gap` is the deprecated name of `refresh_every` (it warns).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from lowrank import optim
-    >>> tx = optim.galore_adamw(1e-2, rank=2, update_gap=10)
+    >>> tx = optim.galore_adamw(1e-2, rank=2, refresh_every=10)
     >>> params = {"w": jnp.ones((8, 4)), "b": jnp.zeros(4)}
     >>> state = tx.init(params)
     >>> state[0].inner_state.mu["w"].shape  # r x min(m, n)
@@ -963,12 +993,15 @@ def galore_adamw(
   Raises:
     ValueError: As `scale_by_galore`, or on a string `mask` (a projection
       regex belongs in `project`).
+    TypeError: On both `refresh_every` and `update_gap` (different values).
   """
+  refresh_every = _renamed_refresh_every(refresh_every, update_gap,
+                                         "galore_adamw")
   adam = (scale_by_adam_per_matrix(b1, b2, eps) if on_refresh == "reset"
           else optax.scale_by_adam(b1, b2, eps))
   core = scale_by_galore(
       adam,
-      rank=rank, update_gap=update_gap, scale=scale, side=side,
+      rank=rank, refresh_every=refresh_every, scale=scale, side=side,
       projector=projector, rsvd_method=rsvd_method, on_refresh=on_refresh,
       residual=residual, residual_scale=residual_scale, fira_gamma=fira_gamma,
       fira_leak=fira_leak, stagger=stagger, stagger_layers=stagger_layers,
@@ -985,40 +1018,48 @@ def q_galore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     rank: int,
-    update_gap: int = 200,
+    refresh_every: int = _DEFAULT_REFRESH_EVERY,
     scale: jax.typing.ArrayLike = 1.0,
-    projector_bits: int = 4,
-    projector_group_size: int | None = None,
-    cos_threshold: jax.typing.ArrayLike = 0.4,
-    gap_growth: jax.typing.ArrayLike = 2,
-    cos_history: int = 5,
     side: str = "auto",
     projector: str = "svd",
     rsvd_method: str = "cholesky",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     project: str | ProjectFn | Any | None = None,
     stacked_axes: Any = None,
     input_axes: Any = None,
     seed: int = 0,
+    projector_bits: int = 4,
+    projector_group_size: int | None = None,
+    cos_threshold: jax.typing.ArrayLike = 0.4,
+    gap_growth: jax.typing.ArrayLike = 2,
+    cos_history: int = 5,
+    update_gap: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore: low-bit projectors and lazy, layer-adaptive refresh.
 
   Projectors are stored as `projector_bits`-bit codes with per-group scales
-  (Q-GaLore's default: 4 bits) and each layer's refresh gap doubles once its
-  basis is stable (mean cosine similarity of consecutive first basis vectors
-  over the last `cos_history` refreshes `>= cos_threshold`). Q-GaLore's INT8
-  weights with stochastic rounding are a model-side choice and not part of
-  this transform. `mask` is the weight-decay mask and `project` the
-  projection selector, as in `galore_adamw`.
+  (Q-GaLore's default: 4 bits) and each layer's refresh gap, starting at
+  `refresh_every`, doubles once its basis is stable (mean cosine similarity
+  of consecutive first basis vectors over the last `cos_history` refreshes
+  `>= cos_threshold`). Q-GaLore's INT8 weights with stochastic rounding are
+  a model-side choice and not part of this transform. The other arguments
+  are `galore_adamw`'s (`mask` is the weight-decay mask and `project` the
+  projection selector); `update_gap` is the deprecated name of
+  `refresh_every` (it warns).
 
   References:
     Zhang et al. 2024, Q-GaLore, https://arxiv.org/abs/2407.08296
   """
+  refresh_every = _renamed_refresh_every(refresh_every, update_gap,
+                                         "q_galore_adamw")
   return galore_adamw(
-      learning_rate, rank=rank, update_gap=update_gap, scale=scale,
-      side=side, projector=projector, rsvd_method=rsvd_method,
-      weight_decay=weight_decay, mask=mask, project=project,
+      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
+      side=side, projector=projector, rsvd_method=rsvd_method, b1=b1, b2=b2,
+      eps=eps, weight_decay=weight_decay, mask=mask, project=project,
       stacked_axes=stacked_axes, input_axes=input_axes,
       seed=seed, projector_bits=projector_bits,
       projector_group_size=projector_group_size, adaptive_gap=True,
@@ -1031,33 +1072,45 @@ def fira_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     rank: int,
-    update_gap: int = 200,
+    refresh_every: int = _DEFAULT_REFRESH_EVERY,
     scale: jax.typing.ArrayLike = 1.0,
-    gamma: jax.typing.ArrayLike = 1.01,
-    leak: bool = False,
     side: str = "auto",
     projector: str = "svd",
     rsvd_method: str = "cholesky",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     project: str | ProjectFn | Any | None = None,
     stacked_axes: Any = None,
     input_axes: Any = None,
+    seed: int = 0,
+    projector_bits: int | None = None,
+    projector_group_size: int | None = None,
     stagger: int = 1,
     stagger_layers: bool = False,
+    gamma: jax.typing.ArrayLike = 1.01,
+    leak: bool = False,
+    update_gap: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Fira: GaLore-AdamW plus the norm-scaled residual with a growth limiter.
 
-  `leak=True` reproduces Fira's reference code (residual `G − α P Pᵀ G`);
-  the default is the paper's true orthogonal complement. `mask` is the
-  weight-decay mask and `project` the projection selector, as in
-  `galore_adamw`.
+  `gamma` is Fira's norm-growth limit γ. `leak=True` reproduces Fira's
+  reference code (residual `G − α P Pᵀ G`); the default is the paper's true
+  orthogonal complement. The other arguments are `galore_adamw`'s (`mask`
+  is the weight-decay mask and `project` the projection selector);
+  `update_gap` is the deprecated name of `refresh_every` (it warns).
   """
+  refresh_every = _renamed_refresh_every(refresh_every, update_gap,
+                                         "fira_adamw")
   return galore_adamw(
-      learning_rate, rank=rank, update_gap=update_gap, scale=scale,
-      side=side, projector=projector, rsvd_method=rsvd_method,
-      weight_decay=weight_decay, mask=mask, project=project,
-      stacked_axes=stacked_axes, input_axes=input_axes,
+      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
+      side=side, projector=projector, rsvd_method=rsvd_method, b1=b1, b2=b2,
+      eps=eps, weight_decay=weight_decay, mask=mask, project=project,
+      stacked_axes=stacked_axes, input_axes=input_axes, seed=seed,
+      projector_bits=projector_bits,
+      projector_group_size=projector_group_size,
       stagger=stagger, stagger_layers=stagger_layers, residual="fira",
       fira_gamma=gamma, fira_leak=leak,
   )
@@ -1067,20 +1120,27 @@ def frugal_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
     rank: int,
-    update_gap: int = 200,
-    residual_rule: str = "sign",
-    inactive_lr_scale: jax.typing.ArrayLike = 1.0,
+    refresh_every: int = _DEFAULT_REFRESH_EVERY,
+    scale: jax.typing.ArrayLike = 1.0,
     side: str = "auto",
     projector: str = "random",
     rsvd_method: str = "cholesky",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     project: str | ProjectFn | Any | None = None,
     stacked_axes: Any = None,
     input_axes: Any = None,
+    seed: int = 0,
+    projector_bits: int | None = None,
+    projector_group_size: int | None = None,
     stagger: int = 1,
     stagger_layers: bool = False,
-    seed: int = 0,
+    residual_rule: str = "sign",
+    inactive_lr_scale: jax.typing.ArrayLike = 1.0,
+    update_gap: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """FRUGAL: state-full AdamW in the subspace, state-free rule outside.
 
@@ -1090,23 +1150,28 @@ def frugal_adamw(
   (`scale_by_adam_per_matrix`), so the first step after a refresh is
   bias-corrected as a first step. The residual gets signSGD (`"sign"`,
   default) or SGD (`"sgd"`) scaled by `inactive_lr_scale` (FRUGAL's
-  pretraining scripts use 1.0, its fine-tuning ones 0.1). `mask` is the
-  weight-decay mask and `project` the projection selector, as in
-  `galore_adamw`.
+  pretraining scripts use 1.0, its fine-tuning ones 0.1). The other
+  arguments are `galore_adamw`'s (`mask` is the weight-decay mask and
+  `project` the projection selector; FRUGAL's default projector is
+  `"random"`); `update_gap` is the deprecated name of `refresh_every` (it
+  warns).
 
   References:
     Zmushko et al. 2024, FRUGAL, https://arxiv.org/abs/2411.07837
   """
+  refresh_every = _renamed_refresh_every(refresh_every, update_gap,
+                                         "frugal_adamw")
   if residual_rule not in ("sign", "sgd"):
     raise ValueError(
         f"residual_rule must be 'sign' or 'sgd'; got {residual_rule!r}."
     )
   return galore_adamw(
-      learning_rate, rank=rank, update_gap=update_gap, side=side,
-      projector=projector, rsvd_method=rsvd_method,
-      weight_decay=weight_decay, mask=mask, project=project,
-      stacked_axes=stacked_axes, input_axes=input_axes,
-      stagger=stagger, stagger_layers=stagger_layers, seed=seed,
-      on_refresh="reset",
+      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
+      side=side, projector=projector, rsvd_method=rsvd_method, b1=b1, b2=b2,
+      eps=eps, weight_decay=weight_decay, mask=mask, project=project,
+      stacked_axes=stacked_axes, input_axes=input_axes, seed=seed,
+      projector_bits=projector_bits,
+      projector_group_size=projector_group_size,
+      stagger=stagger, stagger_layers=stagger_layers, on_refresh="reset",
       residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale,
   )

@@ -1,9 +1,10 @@
 """Layerwise sampled training (LISA, OwLore) as optax transformations.
 
-`scale_by_layer_sampling(inner, num_layers=L, active_layers=k, period=T)`
-runs any optax transform `inner` but lets only `k` of the model's `L`
-layers train at a time: every `T` steps a PRNG held in the state draws `k`
-distinct layers (without replacement), stored as a boolean `[L]` mask.
+`scale_by_layer_sampling(inner, num_layers=L, active_layers=k,
+refresh_every=T)` runs any optax transform `inner` but lets only `k` of the
+model's `L` layers train at a time: every `T` steps a PRNG held in the
+state draws `k` distinct layers (without replacement), stored as a boolean
+`[L]` mask.
 
 * Which leaves belong to which layer is decided once, from key paths and
   shapes: a *stacked* leaf (`stacked=`, e.g. from `nnx.scan`) has a leading
@@ -61,10 +62,10 @@ from lowrank.optim import galore
 # `inject_hyperparams` would mistake for schedules: pass them as
 # `optax.inject_hyperparams(lisa_adamw, static_args=LISA_STATIC_ARGS)`, or
 # `OWLORE_STATIC_ARGS` for `owlore_adamw`.
-LISA_STATIC_ARGS = ("num_layers", "active_layers", "period", "seed",
-                    "stacked", "layer_of", "weight_decay_mask")
-OWLORE_STATIC_ARGS = LISA_STATIC_ARGS + ("rank", "update_gap",
-                                         "galore_project")
+LISA_STATIC_ARGS = ("num_layers", "active_layers", "refresh_every", "seed",
+                    "stacked", "layer_of", "mask")
+OWLORE_STATIC_ARGS = LISA_STATIC_ARGS + ("rank", "galore_refresh_every",
+                                         "project", "input_axes")
 PROBABILITIES = ("uniform", "owlore")
 
 _STACKED = "stacked"  # Plan entry of a leaf with a leading layer axis.
@@ -81,7 +82,7 @@ class LayerSamplingState(NamedTuple):
 
   Attributes:
     count: Number of `update` calls so far; shape `()`, int32. Layers are
-      re-drawn when `count % period == 0`.
+      re-drawn when `count % refresh_every == 0`.
     key: Raw PRNG key data (`jax.random.key_data`, uint32) for the draws.
     active: `[num_layers]` bool mask of the layers trained by the last
       `update` (all False after `init`: nothing has been drawn yet).
@@ -380,7 +381,7 @@ def scale_by_layer_sampling(
     *,
     num_layers: int,
     active_layers: int,
-    period: int,
+    refresh_every: int,
     stacked: Stacked = None,
     layer_of: LayerOf | None = default_layer_of,
     probabilities: str | jax.typing.ArrayLike = "uniform",
@@ -388,7 +389,7 @@ def scale_by_layer_sampling(
     owlore_floor: jax.typing.ArrayLike = 0.01,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
-  """Trains `active_layers` of `num_layers` layers, re-drawn every `period`.
+  """Trains `active_layers` of `num_layers` layers, re-drawn periodically.
 
   Args:
     inner: Any optax transform (it receives `params` and `**extra_args`);
@@ -396,8 +397,8 @@ def scale_by_layer_sampling(
       them are restored after each step (module docstring).
     num_layers: Number of layers `L` (Python int; static).
     active_layers: Layers trained at a time, `1 <= k <= L` (static).
-    period: Steps between draws (static); draws happen at `count % period
-      == 0`, including the first step.
+    refresh_every: Steps between draws (static); draws happen at
+      `count % refresh_every == 0`, including the first step.
     stacked: Leaves with a leading `[L, ...]` layer axis: a regex searched in
       the key path (`jax.tree_util.keystr`), a predicate `(path, leaf) ->
       bool`, or None. Their leading dimension must equal `num_layers`.
@@ -415,7 +416,7 @@ def scale_by_layer_sampling(
 
   Raises:
     ValueError: On `active_layers > num_layers`, a non-positive count or
-      period, an unknown `probabilities`, a stacked leaf whose leading
+      refresh_every, an unknown `probabilities`, a stacked leaf whose leading
       dimension is not `num_layers`, a `layer_of` index out of range, or
       parameters with no layer at all.
 
@@ -425,7 +426,7 @@ def scale_by_layer_sampling(
   """
   _check_int("num_layers", num_layers, 1)
   _check_int("active_layers", active_layers, 1)
-  _check_int("period", period, 1)
+  _check_int("refresh_every", refresh_every, 1)
   _check_int("seed", seed, 0)
   if active_layers > num_layers:
     raise ValueError(
@@ -482,7 +483,8 @@ def scale_by_layer_sampling(
       return jax.random.key_data(key), active
 
     key, active = jax.lax.cond(
-        state.count % period == 0, _redraw, lambda: (state.key, state.active)
+        state.count % refresh_every == 0, _redraw,
+        lambda: (state.key, state.active)
     )
 
     def _zero_inactive(x, kind):
@@ -525,40 +527,38 @@ sample_layers = scale_by_layer_sampling
 
 
 def _sampled_adamw(
-    learning_rate, *, num_layers, active_layers, period, stacked, layer_of,
-    probabilities, owlore_alpha, owlore_floor, seed, b1, b2, eps,
-    weight_decay, weight_decay_mask, rank, update_gap, galore_scale,
-    galore_project,
+    learning_rate, *, num_layers, active_layers, refresh_every, stacked,
+    layer_of, probabilities, owlore_alpha, owlore_floor, seed, b1, b2, eps,
+    weight_decay, mask, galore_args,
 ):
   inner = scale_by_adam_per_slice(b1, b2, eps)
-  if rank is not None:
-    update_gap = period if update_gap is None else update_gap
-    _check_int("update_gap", update_gap, 1)
-    if period % update_gap:
+  if galore_args is not None:
+    galore_args = dict(galore_args)
+    gap = galore_args.pop("galore_refresh_every")
+    gap = refresh_every if gap is None else gap
+    _check_int("galore_refresh_every", gap, 1)
+    if refresh_every % gap:
       # GaLore refreshes on the shared step count; a refresh at every draw
       # gives each newly drawn layer a basis before its first step (torch
       # GaLore's per-parameter step does this implicitly).
       raise ValueError(
-          f"update_gap={update_gap} must divide period={period}."
-      )
+          f"galore_refresh_every={gap} must divide "
+          f"refresh_every={refresh_every}, so that every layer draw "
+          "refreshes the bases; pass a divisor, or leave it None.")
     # GaLore's per-layer projectors: the layer axis of stacked leaves.
     if stacked is None or isinstance(stacked, str):
       stacked_axes = stacked
     else:
       stacked_axes = lambda path, leaf: (0,) if stacked(path, leaf) else ()
     inner = galore.scale_by_galore(
-        inner, rank=rank, update_gap=update_gap, scale=galore_scale,
-        project=galore_project, stacked_axes=stacked_axes,
-    )
+        inner, refresh_every=gap, stacked_axes=stacked_axes, **galore_args)
   # Decay inside the sampled part: a frozen layer gets no update at all,
   # as torch's AdamW skips parameters without a gradient.
-  inner = optax.chain(
-      inner, optax.add_decayed_weights(weight_decay, weight_decay_mask)
-  )
+  inner = optax.chain(inner, optax.add_decayed_weights(weight_decay, mask))
   return optax.chain(
       scale_by_layer_sampling(
           inner, num_layers=num_layers, active_layers=active_layers,
-          period=period, stacked=stacked, layer_of=layer_of,
+          refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
           probabilities=probabilities, owlore_alpha=owlore_alpha,
           owlore_floor=owlore_floor, seed=seed,
       ),
@@ -571,27 +571,29 @@ def lisa_adamw(
     *,
     num_layers: int,
     active_layers: int,
-    period: int,
+    refresh_every: int,
     stacked: Stacked = None,
     layer_of: LayerOf | None = default_layer_of,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    weight_decay_mask: Any = None,
+    mask: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """LISA: AdamW on `active_layers` uniformly sampled layers at a time.
 
   Leaves without a layer (embeddings, head, final norm) always train.
   Frozen layers get no update and no weight decay, and their Adam moments
-  are kept unchanged until they are drawn again.
+  are kept unchanged until they are drawn again. Layers are re-drawn every
+  `refresh_every` steps; `mask` is the weight-decay mask (optax's meaning).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from lowrank.optim import layer_sampling
     >>> tx = layer_sampling.lisa_adamw(
-    ...     1e-2, num_layers=4, active_layers=2, period=5, stacked="layers")
+    ...     1e-2, num_layers=4, active_layers=2, refresh_every=5,
+    ...     stacked="layers")
     >>> params = {"layers": jnp.ones((4, 3, 3)), "head": jnp.ones(3)}
     >>> updates, state = tx.update(params, tx.init(params), params)
     >>> int(state[0].active.sum())
@@ -602,11 +604,10 @@ def lisa_adamw(
   """
   return _sampled_adamw(
       learning_rate, num_layers=num_layers, active_layers=active_layers,
-      period=period, stacked=stacked, layer_of=layer_of,
+      refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
       probabilities="uniform", owlore_alpha=13.0, owlore_floor=0.01,
       seed=seed, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      weight_decay_mask=weight_decay_mask, rank=None, update_gap=None,
-      galore_scale=1.0, galore_project=None,
+      mask=mask, galore_args=None,
   )
 
 
@@ -615,48 +616,56 @@ def owlore_adamw(
     *,
     num_layers: int,
     active_layers: int,
-    period: int,
+    refresh_every: int,
     stacked: Stacked = None,
     layer_of: LayerOf | None = default_layer_of,
     probabilities: str | jax.typing.ArrayLike = "owlore",
     owlore_alpha: jax.typing.ArrayLike = 13.0,
     owlore_floor: jax.typing.ArrayLike = 0.01,
     rank: int | None = None,
-    update_gap: int | None = None,
-    galore_scale: jax.typing.ArrayLike = 1.0,
-    galore_project: Any = None,
+    galore_refresh_every: int | None = None,
+    scale: jax.typing.ArrayLike = 1.0,
+    side: str = "auto",
+    projector: str = "svd",
+    rsvd_method: str = "cholesky",
+    project: Any = None,
+    input_axes: Any = None,
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    weight_decay_mask: Any = None,
+    mask: Any = None,
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """OwLore: outlier-weighted layer sampling, optionally with GaLore.
 
-  Layers are drawn with probabilities proportional to their outlier ratio
-  (`outlier_ratios`, recomputed from `params` at each draw). With `rank`
-  set, the sampled layers' Adam runs in a GaLore subspace
-  (`galore.scale_by_galore(rank=rank, update_gap=update_gap,
-  scale=galore_scale, project=galore_project)`, with one projector per
-  layer of each `stacked` leaf; `galore_project` was `galore_mask`), as in
-  the paper (the OwLore code uses rank 256, `update_proj_gap=100`, scale
-  1). Frozen layers' projectors and moments are kept unchanged until the
-  layer is drawn again.
+  Layers are drawn every `refresh_every` steps with probabilities
+  proportional to their outlier ratio (`outlier_ratios`, recomputed from
+  `params` at each draw). With `rank` set, the sampled layers' Adam runs in
+  a GaLore subspace (`galore.scale_by_galore(rank=rank,
+  refresh_every=galore_refresh_every, scale=scale, side=side,
+  projector=projector, rsvd_method=rsvd_method, project=project,
+  input_axes=input_axes)`, as in `galore_adamw`, with one projector per
+  layer of each `stacked` leaf), as in the paper (the OwLore code uses rank
+  256, `update_proj_gap=100`, scale 1). Frozen layers' projectors and
+  moments are kept unchanged until the layer is drawn again. `mask` is the
+  weight-decay mask (optax's meaning).
 
-  GaLore refreshes its bases on the shared step count, so `update_gap`
-  (default: `period`) must divide `period`: every draw then refreshes the
-  bases and a newly drawn layer never steps with a stale or all-zero
-  projector. (Torch GaLore counts steps per parameter instead; a layer's
-  basis there is refreshed on its first active step and every
-  `update_proj_gap` of its own steps.) The refresh computes bases for all
-  layers; those of inactive layers are discarded.
+  GaLore refreshes its bases on the shared step count, so
+  `galore_refresh_every` (default: `refresh_every`) must divide
+  `refresh_every`: every draw then refreshes the bases and a newly drawn
+  layer never steps with a stale or all-zero projector. (Torch GaLore
+  counts steps per parameter instead; a layer's basis there is refreshed
+  on its first active step and every `update_proj_gap` of its own steps.)
+  The refresh computes bases for all layers; those of inactive layers are
+  discarded.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from lowrank.optim import layer_sampling
     >>> tx = layer_sampling.owlore_adamw(
-    ...     1e-2, num_layers=4, active_layers=1, period=5, stacked="layers")
+    ...     1e-2, num_layers=4, active_layers=1, refresh_every=5,
+    ...     stacked="layers")
     >>> params = {"layers": jnp.ones((4, 3, 3)), "head": jnp.ones(3)}
     >>> updates, state = tx.update(params, tx.init(params), params)
     >>> updates["layers"].shape
@@ -665,12 +674,14 @@ def owlore_adamw(
   References:
     Li et al. 2024, OwLore, https://arxiv.org/abs/2405.18380
   """
+  galore_args = None if rank is None else dict(
+      rank=rank, galore_refresh_every=galore_refresh_every, scale=scale,
+      side=side, projector=projector, rsvd_method=rsvd_method,
+      project=project, input_axes=input_axes)
   return _sampled_adamw(
       learning_rate, num_layers=num_layers, active_layers=active_layers,
-      period=period, stacked=stacked, layer_of=layer_of,
+      refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
       probabilities=probabilities, owlore_alpha=owlore_alpha,
       owlore_floor=owlore_floor, seed=seed, b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay, weight_decay_mask=weight_decay_mask,
-      rank=rank, update_gap=update_gap, galore_scale=galore_scale,
-      galore_project=galore_project,
+      weight_decay=weight_decay, mask=mask, galore_args=galore_args,
   )

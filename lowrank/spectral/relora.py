@@ -1,6 +1,6 @@
 r"""ReLoRA: LoRA with periodic merge-and-restart, as a train-loop helper.
 
-Every `reset_every` steps the LoRA adapters (`lowrank.adapters.inject`,
+Every `refresh_every` steps the LoRA adapters (`lowrank.adapters.inject`,
 plain `"lora"` method) are merged into their base weights, re-initialised
 (`A` kaiming-uniform, `B = 0`, so the model's function is unchanged), and
 the optimizer moments of the adapter parameters are pruned (magnitude
@@ -13,12 +13,12 @@ high-rank total update.
 
     adapters.inject(model, targets=r".*_proj", rank=8, alpha=32)
     schedule = relora.jagged_cosine_schedule(
-        1e-3, total_steps=10_000, warmup_steps=500, restart_every=2_000,
+        1e-3, total_steps=10_000, warmup_steps=500, refresh_every=2_000,
         restart_warmup_steps=50)
     optimizer = nnx.Optimizer(model, optax.adamw(schedule),
                               wrt=relora.trainable())
     losses = relora.train(model, optimizer, loss_fn, batches,
-                          reset_every=2_000, prune_ratio=0.999)
+                          refresh_every=2_000, prune_ratio=0.999)
 
 `restart(model, optimizer_or_state, key, prune_ratio=...)` is the restart
 alone, for custom loops.
@@ -225,7 +225,7 @@ def jagged_cosine_schedule(
     *,
     total_steps: int,
     warmup_steps: int,
-    restart_every: int,
+    refresh_every: int,
     restart_warmup_steps: int,
     min_ratio: float | int = 0.1,
 ) -> optax.Schedule:
@@ -234,7 +234,7 @@ def jagged_cosine_schedule(
   The envelope is `peak · (min_ratio + (1 - min_ratio) · ½(1 + cos(π t')))`
   with `t' = (t - warmup_steps) / (total_steps - warmup_steps)` clipped to
   `[0, 1]`. Steps `t < warmup_steps` warm up linearly from 0 to `peak`.
-  After each restart (`t = k · restart_every`, `k >= 1`) the rate restarts
+  After each restart (`t = k · refresh_every`, `k >= 1`) the rate restarts
   at 0 and rises linearly over `restart_warmup_steps` to the envelope's
   value at the end of that warm-up, then follows the envelope.
 
@@ -242,10 +242,10 @@ def jagged_cosine_schedule(
     peak_value: Peak learning rate.
     total_steps: Steps in the run (the cosine reaches `min_ratio` there).
     warmup_steps: Initial warm-up steps.
-    restart_every: Steps between restarts (ReLoRA's `relora`/reset
-      interval; the restart happens after steps `k · restart_every`).
+    refresh_every: Steps between restarts (ReLoRA's `relora`/reset
+      interval; the restart happens after steps `k · refresh_every`).
     restart_warmup_steps: Warm-up steps after each restart,
-      `<= restart_every`.
+      `<= refresh_every`.
     min_ratio: Final rate as a fraction of the peak.
 
   Returns:
@@ -256,7 +256,7 @@ def jagged_cosine_schedule(
   """
   for name, value, low in (("total_steps", total_steps, 1),
                            ("warmup_steps", warmup_steps, 0),
-                           ("restart_every", restart_every, 1),
+                           ("refresh_every", refresh_every, 1),
                            ("restart_warmup_steps", restart_warmup_steps, 0)):
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ValueError(f"{name} must be an int >= {low}; got {value!r}.")
@@ -265,10 +265,10 @@ def jagged_cosine_schedule(
         f"warmup_steps ({warmup_steps}) must be < total_steps "
         f"({total_steps})."
     )
-  if restart_warmup_steps > restart_every:
+  if restart_warmup_steps > refresh_every:
     raise ValueError(
         f"restart_warmup_steps ({restart_warmup_steps}) must be <= "
-        f"restart_every ({restart_every})."
+        f"refresh_every ({refresh_every})."
     )
   if not 0.0 <= min_ratio <= 1.0:
     raise ValueError(f"min_ratio must be in [0, 1]; got {min_ratio!r}.")
@@ -283,11 +283,11 @@ def jagged_cosine_schedule(
 
   def schedule(count):
     t = jnp.asarray(count, jnp.float32)
-    cycle = jnp.floor(t / restart_every)
-    offset = t - cycle * restart_every
+    cycle = jnp.floor(t / refresh_every)
+    offset = t - cycle * refresh_every
     first = t / max(warmup_steps, 1)
     rewarm = (offset / max(restart_warmup_steps, 1)) * envelope(
-        cycle * restart_every + restart_warmup_steps)
+        cycle * refresh_every + restart_warmup_steps)
     in_rewarm = (cycle >= 1) & (offset < restart_warmup_steps)
     factor = jnp.where(t < warmup_steps, first,
                        jnp.where(in_rewarm, rewarm, envelope(t)))
@@ -310,7 +310,7 @@ def train(
     loss_fn: Callable[..., jax.Array],
     batches: Iterable[Any],
     *,
-    reset_every: int,
+    refresh_every: int,
     prune_ratio: float | int = 0.999,
     method: str = "magnitude",
     seed: int = 0,
@@ -321,12 +321,12 @@ def train(
   Args:
     model: A model with plain LoRA adapters (updated in place).
     optimizer: `nnx.Optimizer(model, tx, wrt=...)` (`trainable()` or
-      `nnx.LoRAParam`); give `tx` a `jagged_cosine_schedule` with
-      `restart_every=reset_every`.
+      `nnx.LoRAParam`); give `tx` a `jagged_cosine_schedule` with the
+      same `refresh_every`.
     loss_fn: `(model, *batch) -> scalar` (a static jit argument: pass the
       same function object every time).
     batches: Iterable of batches; a tuple/list is unpacked into `loss_fn`.
-    reset_every: Restart after every `reset_every` steps.
+    refresh_every: Restart after every `refresh_every` steps.
     prune_ratio: See `restart`.
     method: See `restart`.
     seed: Seed of the restart keys.
@@ -336,12 +336,12 @@ def train(
     The loss of every step, before its update.
 
   Raises:
-    ValueError: On a bad `reset_every` (and see `restart`).
+    ValueError: On a bad `refresh_every` (and see `restart`).
   """
-  if (isinstance(reset_every, bool) or not isinstance(reset_every, int)
-      or reset_every <= 0):
+  if (isinstance(refresh_every, bool) or not isinstance(refresh_every, int)
+      or refresh_every <= 0):
     raise ValueError(
-        f"reset_every must be a positive int; got {reset_every!r}.")
+        f"refresh_every must be a positive int; got {refresh_every!r}.")
   _adapters(model)
   key = jax.random.key(seed)
   losses = []
@@ -351,7 +351,7 @@ def train(
     losses.append(loss)
     if callback is not None:
       callback(step, loss)
-    if step % reset_every == 0:
+    if step % refresh_every == 0:
       restart(model, optimizer, jax.random.fold_in(key, step),
               prune_ratio=prune_ratio, method=method)
   return losses

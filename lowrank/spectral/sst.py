@@ -7,7 +7,7 @@ Training (Zhao et al. 2024, Algorithm 1 and §4):
 
 * all singular values `s` are updated every step and clamped at 0;
 * training runs in *rounds*; a round is `m/r` *iterations* and ends in a
-  re-SVD of `U diag(s) Vᵀ`; an iteration is `T3` steps (`resample_every`)
+  re-SVD of `U diag(s) Vᵀ`; an iteration is `T3` steps (`refresh_every`)
   during which the same `r` singular-vector pairs are trained;
 * at the start of every iteration `r` indices are sampled without
   replacement from `p_i = ½(1/m + s_i/Σs)`; the sampled vectors are updated
@@ -68,7 +68,7 @@ moments (`optimizer_reset`, 99.9% random pruning) but keeps PyTorch's
 per-tensor `step`, and its `cosine_restarts` schedule warms the learning
 rate up linearly after each reset (`restart_warmup_steps`).
 
-* `resample_every` (T3) = 100 steps. The paper's value could not be
+* `refresh_every` (T3) = 100 steps. The paper's value could not be
   checked. Measured with `experiments/pretrain_lm.py` (300 steps,
   r = m/4): T3 = 1 (the former default) made every U/V update
   `lr·sign(g)` (Adam's first step after a reset, then renormalised) and
@@ -94,7 +94,7 @@ the other behaviour):
    reset (the active block after every resample, `s` after every re-SVD);
    ReLoRA's schedule re-warms the global learning rate, so embeddings,
    norms and the head also slow down. For that, pass
-   `lowrank.spectral.jagged_cosine_schedule(..., restart_every=T3,
+   `lowrank.spectral.jagged_cosine_schedule(..., refresh_every=T3,
    restart_warmup_steps=W)` as `learning_rate` and `rewarm_steps=0`.
    ReLoRA's ramp also ends at the envelope value at the end of the warm-up
    and has a zero-rate step just before each reset; here the ramp
@@ -114,7 +114,7 @@ the other behaviour):
    function or the update.
 6. `block_reset="all"` gives the previous behaviour of this module: every
    resample re-initialises the whole active block's `inner` state, count
-   included (bias correction restarts; with `resample_every=1` that is
+   included (bias correction restarts; with `refresh_every=1` that is
    sign-SGD).
 
 References:
@@ -144,7 +144,7 @@ V_NAME, VF_NAME = "sst_v", "sst_v_frozen"
 SST_NAMES = (U_NAME, UF_NAME, S_NAME, V_NAME, VF_NAME)
 
 # Library defaults (see the module docstring for their sources).
-DEFAULT_RESAMPLE_EVERY = 100
+DEFAULT_REFRESH_EVERY = 100
 BLOCK_RESETS = ("new", "all")
 
 
@@ -865,16 +865,18 @@ def _normalize_columns(x: jax.Array) -> jax.Array:
   return (x / jnp.maximum(norm, 1e-12).astype(x.dtype)).astype(x.dtype)
 
 
-def _warm(count: jax.Array, period: int, rewarm_steps: int):
+def _warm(count: jax.Array, refresh_every: int, rewarm_steps: int):
   """Re-warm-up factor `min(1, j / rewarm_steps)`, `j` steps since a reset.
 
-  Resets happen after every `period` steps; the first `period` steps (before
-  any reset) get 1 (the learning-rate schedule's own warm-up covers them).
+  Resets happen after every `refresh_every` steps; the first
+  `refresh_every` steps (before any reset) get 1 (the learning-rate
+  schedule's own warm-up covers them).
   """
   if rewarm_steps == 0:
     return 1.0
-  j = (count % period + 1).astype(jnp.float32)
-  return jnp.where(count < period, 1.0, jnp.minimum(1.0, j / rewarm_steps))
+  j = (count % refresh_every + 1).astype(jnp.float32)
+  return jnp.where(count < refresh_every, 1.0,
+                   jnp.minimum(1.0, j / rewarm_steps))
 
 
 def _merge_state(old, fresh, columns: Mapping[str, tuple[Any, Callable]],
@@ -907,7 +909,7 @@ def sst_optimizer(
     learning_rate: optax.ScalarOrSchedule,
     *,
     rank: int | Mapping[str, int] | None = None,
-    resample_every: int = DEFAULT_RESAMPLE_EVERY,
+    refresh_every: int = DEFAULT_REFRESH_EVERY,
     round_length: int | None = None,
     rewarm_steps: int | None = None,
     block_reset: str = "new",
@@ -934,7 +936,7 @@ def sst_optimizer(
      V_frozen]ᵀ` is re-decomposed (`resvd`); `inner`'s per-value state of
      `s` and of the blocks is zeroed (counts kept, unless
      `block_reset="all"`).
-  4. If `(c + 1) % resample_every == 0` (always at a round end): layer `i`
+  4. If `(c + 1) % refresh_every == 0` (always at a round end): layer `i`
      (layers sorted by module path) draws `r` indices
      `sample_indices(fold_in(fold_in(key(seed), c + 1), i), s, r)` over its
      current columns (active first). Re-drawn active columns stay in place
@@ -946,7 +948,7 @@ def sst_optimizer(
      whole block state is re-initialised (`block_reset="all"`). The
      per-value state of `s` moves with the values.
   5. Re-warm-up: on the `j`-th step after a resample (`j = 1, 2, ...`,
-     i.e. `j = c % resample_every + 1` for `c >= resample_every`) the active
+     i.e. `j = c % refresh_every + 1` for `c >= refresh_every`) the active
      block's step is scaled by `w_u = min(1, j / rewarm_steps)`; after a
      re-SVD, `s`'s step likewise by `w_s` (with `round_length`). Steps
      before the first reset get 1.
@@ -963,13 +965,13 @@ def sst_optimizer(
     rank: Optional check of the active block widths: one int, or
       `{module path: int}` (e.g. `ranks(model)`); `None` reads them from the
       layers (the rank is fixed by `to_sst`).
-    resample_every: Steps per iteration (the paper's T3), Python int.
+    refresh_every: Steps per iteration (the paper's T3), Python int.
     round_length: Steps per round (between re-SVDs), a multiple of
-      `resample_every`; `None`: `resample_every · max ⌈m / r⌉` over the
+      `refresh_every`; `None`: `refresh_every · max ⌈m / r⌉` over the
       spectral layers (the paper's `m/r` iterations per round).
     rewarm_steps: Length of the re-warm-up after each reset, `0 <=
-      rewarm_steps <= resample_every` (0 disables it); `None`:
-      `resample_every // 10`.
+      rewarm_steps <= refresh_every` (0 disables it); `None`:
+      `refresh_every // 10`.
     block_reset: `"new"` (zero the moments of swapped-in columns, keep the
       rest and the count) or `"all"` (re-initialise the block state).
     weight_decay: Decoupled weight decay on `s` and non-spectral leaves.
@@ -985,22 +987,22 @@ def sst_optimizer(
       shapes or a rank that differs from `rank`, or when `params` is not
       given to `update`.
   """
-  _check_int("resample_every", resample_every, 1)
+  _check_int("refresh_every", refresh_every, 1)
   if round_length is not None:
     _check_int("round_length", round_length, 1)
-    if round_length % resample_every:
+    if round_length % refresh_every:
       raise ValueError(
           f"round_length ({round_length}) must be a multiple of "
-          f"resample_every ({resample_every}), so that a round ends on a "
-          "resample; or pass round_length=None for (m/r)·resample_every."
+          f"refresh_every ({refresh_every}), so that a round ends on a "
+          "resample; or pass round_length=None for (m/r)·refresh_every."
       )
   if rewarm_steps is None:
-    rewarm_steps = resample_every // 10
+    rewarm_steps = refresh_every // 10
   _check_int("rewarm_steps", rewarm_steps, 0)
-  if rewarm_steps > resample_every:
+  if rewarm_steps > refresh_every:
     raise ValueError(
-        f"rewarm_steps ({rewarm_steps}) must be <= resample_every "
-        f"({resample_every}): the warm-up restarts at every resample."
+        f"rewarm_steps ({rewarm_steps}) must be <= refresh_every "
+        f"({refresh_every}): the warm-up restarts at every resample."
     )
   if block_reset not in BLOCK_RESETS:
     raise ValueError(
@@ -1025,10 +1027,10 @@ def sst_optimizer(
     dense = {p: x for p, x in table.items() if p not in spectral}
     return paths, treedef, groups, table, dense
 
-  def period(groups) -> int:
+  def round_steps_of(groups) -> int:
     if round_length is not None:
       return round_length
-    return resample_every * max([-(-g.m // g.rank) for g in groups] or [1])
+    return refresh_every * max([-(-g.m // g.rank) for g in groups] or [1])
 
   def blocks(groups, table):
     return {g.key(n): table[g.key(n)]
@@ -1059,10 +1061,10 @@ def sst_optimizer(
           f"{sorted(set(g_table) ^ set(p_table))[:5]}."
       )
     count = state.count
-    round_steps = period(groups)
+    round_steps = round_steps_of(groups)
     lr = learning_rate(count) if callable(learning_rate) else learning_rate
     wd = weight_decay
-    warm_u = _warm(count, resample_every, rewarm_steps)
+    warm_u = _warm(count, refresh_every, rewarm_steps)
     warm_s = _warm(count, round_steps, rewarm_steps)
 
     out: dict[str, jax.Array] = {}
@@ -1128,7 +1130,7 @@ def sst_optimizer(
       return vals, b_state, s_state
 
     vals, block_state, s_state = jax.lax.cond(
-        (count + 1) % resample_every == 0, swap, lambda o: o,
+        (count + 1) % refresh_every == 0, swap, lambda o: o,
         (vals, block_state, s_state))
     for k, v in vals.items():
       out[k] = (v - p_table[k]).astype(p_table[k].dtype)
@@ -1149,7 +1151,7 @@ def sst_adamw(
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
     weight_decay: jax.typing.ArrayLike = 0.0,
-    resample_every: int = DEFAULT_RESAMPLE_EVERY,
+    refresh_every: int = DEFAULT_REFRESH_EVERY,
     round_length: int | None = None,
     rewarm_steps: int | None = None,
     block_reset: str = "new",
@@ -1160,7 +1162,7 @@ def sst_adamw(
   Examples:
     >>> import optax
     >>> from lowrank.spectral import sst
-    >>> tx = sst.sst_adamw(1e-3, resample_every=50)
+    >>> tx = sst.sst_adamw(1e-3, refresh_every=50)
     >>> isinstance(tx, optax.GradientTransformation)
     True
 
@@ -1169,7 +1171,7 @@ def sst_adamw(
     rank: See `sst_optimizer`.
     b1, b2, eps: Adam hyperparameters.
     weight_decay: Decoupled weight decay (not on `U`, `V`).
-    resample_every, round_length, rewarm_steps, block_reset, seed: See
+    refresh_every, round_length, rewarm_steps, block_reset, seed: See
       `sst_optimizer` (defaults: 100-step iterations, `m/r` iterations per
       round, a 10-step re-warm-up, zeroed moments for new columns only).
 
@@ -1178,7 +1180,7 @@ def sst_adamw(
   """
   return sst_optimizer(
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps), learning_rate, rank=rank,
-      resample_every=resample_every, round_length=round_length,
+      refresh_every=refresh_every, round_length=round_length,
       rewarm_steps=rewarm_steps, block_reset=block_reset,
       weight_decay=weight_decay, seed=seed)
 

@@ -197,8 +197,9 @@ class BadConfigTest(parameterized.TestCase):
        {"icr_batch_size": 8}, r"--config\.icr_batch_size=8 has no effect .* "
        r"no ICR reranker"),
       ("lm_relora_option_without_relora", "pretrain_lm", {},
-       {"relora.reset_every": 10}, r"--config\.relora\.reset_every=10 has no "
-       r"effect .* read by \['relora'\], none of which is in "
+       {"relora.refresh_every": 10},
+       r"--config\.relora\.refresh_every=10 has no effect .* "
+       r"read by \['relora'\], none of which is in "
        r"methods='full,galore,lora'"),
   )
   def test_override_with_no_effect(self, binary, changes, given, pattern):

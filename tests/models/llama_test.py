@@ -411,7 +411,7 @@ class TrainingTest(parameterized.TestCase):
       tx = optax.adamw(3e-3)
     else:  # Per-layer projection of the stacked [L, m, n] leaves, read
       # from the model's `layers` logical axis (no regex, no ndim guess).
-      tx = optim.galore_adamw(1e-2, rank=8, update_gap=4, project=r"layers",
+      tx = optim.galore_adamw(1e-2, rank=8, refresh_every=4, project=r"layers",
                               stacked_axes=optim.stacked_axes_from(model))
     graphdef, params = nnx.split(model)
     params = nnx.as_pure(params)  # Plain arrays, as optax expects.

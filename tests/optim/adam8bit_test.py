@@ -176,7 +176,7 @@ class ContractTest(parameterized.TestCase):
           **_SMALL),
       "galore_inner": lambda: optax.chain(
           optim.scale_by_galore(adam8bit.scale_by_adam8bit(
-              block_size=8, min_size=32), rank=4, update_gap=3,
+              block_size=8, min_size=32), rank=4, refresh_every=3,
                                 stacked_axes=r"\['stack'\]"),
           optax.scale_by_learning_rate(5e-2)),
   }
@@ -451,7 +451,7 @@ class MemoryTest(absltest.TestCase):
     params = {"w": jax.random.normal(jax.random.key(0), (512, 512)) * 0.05}
     tx = optax.chain(
         optim.scale_by_galore(adam8bit.scale_by_adam8bit(), rank=8,
-                              update_gap=50, projector_bits=8),
+                              refresh_every=50, projector_bits=8),
         optax.scale_by_learning_rate(0.1))
     abstract = jax.eval_shape(tx.init, params)
     inner = abstract[0].inner_state
@@ -479,7 +479,7 @@ class MemoryTest(absltest.TestCase):
     params = {"w": jnp.zeros((48, 32))}
 
     def run(inner):
-      tx = optim.scale_by_galore(inner, rank=4, update_gap=2)
+      tx = optim.scale_by_galore(inner, rank=4, refresh_every=2)
       state, outs, step = tx.init(params), [], jax.jit(tx.update)
       for g in seq:
         u, state = step(g, state, params)

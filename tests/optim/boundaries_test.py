@@ -5,6 +5,7 @@ selector, the rank fallback and the meaning of `mask`. Each case gives an
 input and asserts a clear error (type and message) or the correct answer.
 """
 
+import inspect
 import warnings
 
 from absl.testing import absltest
@@ -139,9 +140,9 @@ class NDKernelTest(parameterized.TestCase):
     # update of the [d, n·h] matrix, mapped back.
     seq = [jax.random.normal(jax.random.key(i), (4, 32, 8)) for i in range(4)]
     to2d = lambda x: jnp.transpose(x, (1, 0, 2)).reshape(32, 32)
-    nd = optim.galore_adamw(1e-2, rank=4, update_gap=2,
+    nd = optim.galore_adamw(1e-2, rank=4, refresh_every=2,
                             input_axes=lambda path, leaf: 1)
-    flat = optim.galore_adamw(1e-2, rank=4, update_gap=2)
+    flat = optim.galore_adamw(1e-2, rank=4, refresh_every=2)
     p_nd, p_flat = {"k": jnp.zeros((4, 32, 8))}, {"k": jnp.zeros((32, 32))}
     s_nd, s_flat = nd.init(p_nd), flat.init(p_flat)
     for g in seq:
@@ -293,6 +294,87 @@ class MaskMeaningTest(parameterized.TestCase):
     with self.assertRaisesRegex(TypeError, "mask"):
       # pylint: disable-next=unexpected-keyword-arg
       optim.scale_by_galore(optax.scale_by_adam(), rank=2, mask=r"w")
+
+
+_FAMILY = {"galore": optim.galore_adamw, "q_galore": optim.q_galore_adamw,
+           "fira": optim.fira_adamw, "frugal": optim.frugal_adamw}
+
+
+class FamilyArgumentsTest(parameterized.TestCase):
+  """Every GaLore-family alias takes `galore_adamw`'s shared arguments."""
+
+  @parameterized.named_parameters(*_FAMILY.items())
+  def test_takes_the_shared_arguments(self, factory):
+    names = inspect.signature(factory).parameters
+    self.assertEmpty(set(optim.galore.FAMILY_ARGS) - set(names))
+    for name in optim.galore.FAMILY_ARGS:
+      self.assertEqual(names[name].kind, inspect.Parameter.KEYWORD_ONLY)
+
+  @parameterized.named_parameters(
+      *_FAMILY.items(),
+      ("owlore", lambda lr, **kw: optim.owlore_adamw(
+          lr, num_layers=1, active_layers=1, refresh_every=2,
+          probabilities="uniform", **kw)),
+      ("lisa", lambda lr, rank, **kw: optim.lisa_adamw(
+          lr, num_layers=1, active_layers=1, refresh_every=2, **kw)),
+  )
+  def test_adam_arguments_and_mask_act_as_in_optax_adamw(self, factory):
+    # `b` is not projected (a bias), so each alias is AdamW on it.
+    params = {"layers_0": jnp.ones((16, 8)), "b": jnp.full((8,), 2.0)}
+    mask = {"layers_0": False, "b": True}
+    kw = dict(b1=0.5, b2=0.75, eps=1e-2, weight_decay=0.1, mask=mask)
+    ours = factory(1e-1, rank=2, **kw)
+    want = optax.adamw(1e-1, **kw)
+    s_ours, s_want = ours.init(params), want.init(params)
+    p_ours = p_want = params
+    for t in range(3):
+      g = jax.tree.map(lambda x, t=t: jnp.sin(x + t), params)
+      u, s_ours = ours.update(g, s_ours, p_ours)
+      p_ours = optax.apply_updates(p_ours, u)
+      u, s_want = want.update(g, s_want, p_want)
+      p_want = optax.apply_updates(p_want, u)
+    np.testing.assert_allclose(p_ours["b"], p_want["b"], rtol=1e-6)
+    self.assertFalse(np.allclose(p_ours["b"], params["b"]))
+
+  @parameterized.named_parameters(*_FAMILY.items())
+  def test_update_gap_is_a_deprecated_alias_of_refresh_every(self, factory):
+    params = {"w": jnp.ones((16, 8))}
+    g = {"w": jnp.arange(128.0).reshape(16, 8) / 128}
+    with self.assertWarnsRegex(DeprecationWarning,
+                               r"update_gap=.*deprecated.*refresh_every="):
+      old = factory(1e-2, rank=2, update_gap=3)
+    new = factory(1e-2, rank=2, refresh_every=3)
+    s_old, s_new = old.init(params), new.init(params)
+    for _ in range(4):
+      u_old, s_old = old.update(g, s_old, params)
+      u_new, s_new = new.update(g, s_new, params)
+      np.testing.assert_array_equal(u_old["w"], u_new["w"])
+
+  @parameterized.named_parameters(*_FAMILY.items())
+  def test_refresh_every_and_a_different_update_gap_raise(self, factory):
+    with self.assertWarns(DeprecationWarning), self.assertRaisesRegex(
+        TypeError, r"refresh_every=5 and its deprecated alias update_gap=3.*"
+        r"pass only refresh_every"):
+      factory(1e-2, rank=2, refresh_every=5, update_gap=3)
+
+  @parameterized.named_parameters(
+      ("scale_by_galore", lambda: optim.scale_by_galore(
+          optax.scale_by_adam(), rank=2, update_gap=3), "update_gap"),
+      ("layer_sampling_period", lambda: optim.scale_by_layer_sampling(
+          optax.scale_by_adam(), num_layers=2, active_layers=1,
+          refresh_every=3, period=3),
+       "period"),
+      ("owlore_update_gap", lambda: optim.owlore_adamw(
+          1e-2, num_layers=2, active_layers=1, refresh_every=4, rank=2,
+          update_gap=2), "update_gap"),
+      ("owlore_weight_decay_mask", lambda: optim.owlore_adamw(
+          1e-2, num_layers=2, active_layers=1, refresh_every=4,
+          weight_decay_mask=None), "weight_decay_mask"),
+  )
+  def test_old_names_without_an_alias_raise(self, build, name):
+    # pylint: disable=unexpected-keyword-arg
+    with self.assertRaisesRegex(TypeError, name):
+      build()
 
 
 if __name__ == "__main__":

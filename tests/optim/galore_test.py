@@ -151,29 +151,29 @@ class ContractTest(parameterized.TestCase):
 
   TXS = {
       "galore": lambda: optim.galore_adamw(
-          5e-2, rank=4, update_gap=3, stacked_axes=STACKED),
+          5e-2, rank=4, refresh_every=3, stacked_axes=STACKED),
       "rsvd_rotate": lambda: optim.galore_adamw(
-          5e-2, rank=4, update_gap=3, projector="rsvd", on_refresh="rotate",
+          5e-2, rank=4, refresh_every=3, projector="rsvd", on_refresh="rotate",
           stacked_axes=STACKED),
       "fira": lambda: optim.fira_adamw(
-          5e-2, rank=4, update_gap=3, stacked_axes=STACKED),
+          5e-2, rank=4, refresh_every=3, stacked_axes=STACKED),
       "frugal": lambda: optim.frugal_adamw(
-          5e-2, rank=4, update_gap=3, stacked_axes=STACKED),
+          5e-2, rank=4, refresh_every=3, stacked_axes=STACKED),
       "torch_staggered": lambda: optim.galore_adamw(
-          5e-2, rank=4, update_gap=4, side="torch", stagger=2,
+          5e-2, rank=4, refresh_every=4, side="torch", stagger=2,
           stacked_axes=STACKED),
       "q_galore": lambda: optim.q_galore_adamw(
-          5e-2, rank=4, update_gap=3, cos_threshold=0.2, cos_history=2,
+          5e-2, rank=4, refresh_every=3, cos_threshold=0.2, cos_history=2,
           stacked_axes=STACKED),
       # Layers of `stack` refresh one at a time (dynamic slices), with
       # 8-bit projectors updated in place.
       "layer_staggered_8bit": lambda: optim.galore_adamw(
-          5e-2, rank=4, update_gap=3, projector="rsvd", stagger=3,
+          5e-2, rank=4, refresh_every=3, projector="rsvd", stagger=3,
           stagger_layers=True, projector_bits=8, projector_group_size=4,
           stacked_axes=STACKED),
       # `stack` as one [72, 20] matrix (no stacked axes declared).
       "unstacked_3d": lambda: optim.galore_adamw(
-          5e-2, rank=4, update_gap=3, input_axes={
+          5e-2, rank=4, refresh_every=3, input_axes={
               "w": None, "tall": None, "stack": (0, 1), "b": None}),
   }
 
@@ -253,7 +253,7 @@ class ContractTest(parameterized.TestCase):
   def test_bad_arguments(self):
     for kwargs, msg in (
         (dict(rank=0), "rank must be"),
-        (dict(rank=4, update_gap=0), "update_gap must be"),
+        (dict(rank=4, refresh_every=0), "refresh_every must be"),
         (dict(rank=4, side="up"), "Unknown side"),
         (dict(rank=4, projector="qr"), "Unknown projector"),
         (dict(rank=4, on_refresh="drop"), "Unknown on_refresh"),
@@ -325,7 +325,7 @@ class EquivalenceTest(parameterized.TestCase):
     # kept as is, rotated by P_newᵀ P_old, or dropped.
     seq = [_grads(i, {"w": (16, 12)}) for i in range(2)]
     params = {"w": jnp.zeros((16, 12))}
-    tx = optim.scale_by_galore(optax.trace(0.9), rank=4, update_gap=1,
+    tx = optim.scale_by_galore(optax.trace(0.9), rank=4, refresh_every=1,
                                on_refresh=on_refresh)
     state = tx.init(params)
     _, state = tx.update(seq[0], state, params)
@@ -343,7 +343,7 @@ class EquivalenceTest(parameterized.TestCase):
     seq = [_grads(i, shapes) for i in range(5)]
     params = {"w": jnp.zeros((24, 16))}
     ours, state = _run(optim.scale_by_galore(
-        optax.scale_by_adam(), rank=4, update_gap=100, scale=0.5),
+        optax.scale_by_adam(), rank=4, refresh_every=100, scale=0.5),
                        seq, params)
     p = state.projector["w"]  # Fixed after step 0 (gap 100).
     np.testing.assert_allclose(
@@ -357,8 +357,9 @@ class EquivalenceTest(parameterized.TestCase):
     shapes = {"a": (40, 24), "b": (24, 40)}
     seq = [_grads(i, shapes) for i in range(7)]
     params = {k: jnp.ones(s) for k, s in shapes.items()}
-    ours, _ = _run(optim.galore_adamw(1e-2, rank=4, update_gap=3, scale=0.25),
-                   seq, params)
+    ours, _ = _run(
+        optim.galore_adamw(1e-2, rank=4, refresh_every=3, scale=0.25), seq,
+        params)
     ref, _ = _run(optax.contrib.galore(1e-2, rank=4, update_proj_gap=3,
                                        scale=0.25), seq, params)
     for a, b in zip(ours, ref):
@@ -380,7 +381,7 @@ class EquivalenceTest(parameterized.TestCase):
 
     seq = [spiky(i) for i in range(7)]
     w0 = np.asarray(jax.random.normal(jax.random.key(9), (m, n)))
-    tx = optim.galore_adamw(lr, rank=r, update_gap=gap, scale=scale,
+    tx = optim.galore_adamw(lr, rank=r, refresh_every=gap, scale=scale,
                             side="torch", eps=eps, weight_decay=wd)
     w, state = {"w": jnp.asarray(w0)}, None
     state = tx.init(w)
@@ -411,9 +412,9 @@ class EquivalenceTest(parameterized.TestCase):
   def test_stacked_leaf_equals_per_layer_runs(self):
     seq = [_grads(i, {"s": (3, 20, 12)}) for i in range(5)]
     stacked, _ = _run(
-        optim.galore_adamw(1e-2, rank=3, update_gap=2, stacked_axes="s"),
+        optim.galore_adamw(1e-2, rank=3, refresh_every=2, stacked_axes="s"),
         seq, {"s": jnp.zeros((3, 20, 12))})
-    tx = optim.galore_adamw(1e-2, rank=3, update_gap=2)
+    tx = optim.galore_adamw(1e-2, rank=3, refresh_every=2)
     for layer in range(3):
       single, _ = _run(tx, [{"s": g["s"][layer]} for g in seq],
                        {"s": jnp.zeros((20, 12))})
@@ -423,7 +424,7 @@ class EquivalenceTest(parameterized.TestCase):
   def test_stagger_spreads_refreshes(self):
     shapes = {f"w{i}": (16, 12) for i in range(4)}
     seq = [_grads(i, shapes) for i in range(9)]
-    tx = optim.scale_by_galore(optax.scale_by_adam(), rank=2, update_gap=4,
+    tx = optim.scale_by_galore(optax.scale_by_adam(), rank=2, refresh_every=4,
                                stagger=2)
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
     state = tx.init(params)
@@ -459,7 +460,7 @@ class EquivalenceTest(parameterized.TestCase):
     names = ["a0", "a1", "a2", "a3", "b"]
     params = {k: jnp.zeros(s) for k, s in shapes.items()}
     tx = optim.scale_by_galore(
-        optax.scale_by_adam(), rank=4, update_gap=10, stagger=stagger,
+        optax.scale_by_adam(), rank=4, refresh_every=10, stagger=stagger,
         stagger_layers=True, projector="rsvd", projector_bits=bits,
         projector_group_size=4 if bits else None, stacked_axes=r"\['a'\]")
     state = tx.init(params)
@@ -495,7 +496,7 @@ class EquivalenceTest(parameterized.TestCase):
     # A stacked leaf whose layers are refresh groups behaves like one 2-D
     # leaf per layer with per-leaf staggering (exact SVD is deterministic).
     seq = [_grads(i, {"s": (3, 20, 12)}) for i in range(8)]
-    kw = dict(rank=3, update_gap=6, stagger=stagger, on_refresh=on_refresh)
+    kw = dict(rank=3, refresh_every=6, stagger=stagger, on_refresh=on_refresh)
     stacked = optim.scale_by_galore(optax.scale_by_adam(), **kw,
                                     stagger_layers=True, stacked_axes="s")
     split = optim.scale_by_galore(optax.scale_by_adam(), **kw)
@@ -514,8 +515,8 @@ class EquivalenceTest(parameterized.TestCase):
 
   def test_stagger_layers_with_one_group_equals_default(self):
     params = {"s": jnp.zeros((3, 20, 12)), "w": jnp.zeros((16, 24))}
-    ref = optim.galore_adamw(1e-2, rank=3, update_gap=2, stacked_axes="s")
-    ours = optim.galore_adamw(1e-2, rank=3, update_gap=2,
+    ref = optim.galore_adamw(1e-2, rank=3, refresh_every=2, stacked_axes="s")
+    ours = optim.galore_adamw(1e-2, rank=3, refresh_every=2,
                               stagger_layers=True, stacked_axes="s")
     state_ref, state_ours = ref.init(params), ours.init(params)
     update_ref, update_ours = jax.jit(ref.update), jax.jit(ours.update)
@@ -529,7 +530,7 @@ class EquivalenceTest(parameterized.TestCase):
   def test_frugal_residual_is_sign_of_complement_and_resets(self):
     seq = [_grads(i, {"w": (20, 12)}) for i in range(4)]
     params = {"w": jnp.zeros((20, 12))}
-    core = optim.scale_by_galore(optax.scale_by_adam(), rank=3, update_gap=2,
+    core = optim.scale_by_galore(optax.scale_by_adam(), rank=3, refresh_every=2,
                                  projector="svd", residual="frugal_sign",
                                  residual_scale=0.1, on_refresh="reset")
     outs, _ = _run(core, seq[:1], params)
@@ -550,7 +551,7 @@ class EquivalenceTest(parameterized.TestCase):
     g = _grads(0, {"w": (20, 12)})["w"]
     params = {"w": jnp.zeros((20, 12))}
     core = optim.scale_by_galore(optax.scale_by_adam(), rank=3,
-                                 update_gap=100, residual="fira",
+                                 refresh_every=100, residual="fira",
                                  fira_gamma=1.01)
     state = core.init(params)
     u1, state = core.update({"w": g}, state, params)
@@ -587,7 +588,7 @@ def _frugal_reference(w0, grads, *, lr, rank, gap, b1, b2, eps, wd,
     g = np.asarray(g, np.float64)
     m, n = g.shape
     # `_update_states_if_necessary`: a new projector when there is no state
-    # yet or `step % update_gap == 0`; with reset_statistics `_init_state`
+    # yet or `step % refresh_every == 0`; with reset_statistics `_init_state`
     # sets step = 0 and zeroes both moments.
     if "step" not in state or state["step"] % gap == 0:
       u, _, vh = np.linalg.svd(g, full_matrices=False)
@@ -630,7 +631,7 @@ class FrugalTest(parameterized.TestCase):
     shape = (2, 24, 16) if "stacked_axes" in kw else (24, 16)
     g = {"w": jax.random.normal(jax.random.key(0), shape)}
     params = {"w": jnp.zeros(shape)}
-    tx = optim.frugal_adamw(1.0, rank=4, update_gap=4, inactive_lr_scale=0.0,
+    tx = optim.frugal_adamw(1.0, rank=4, refresh_every=4, inactive_lr_scale=0.0,
                             **kw)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -655,7 +656,7 @@ class FrugalTest(parameterized.TestCase):
 
     seq = [spiky(i) for i in range(8)]  # Refreshes at steps 0, 3, 6.
     w0 = np.asarray(jax.random.normal(jax.random.key(9), (m, n)))
-    tx = optim.frugal_adamw(lr, rank=r, update_gap=gap, side="torch",
+    tx = optim.frugal_adamw(lr, rank=r, refresh_every=gap, side="torch",
                             projector="svd", weight_decay=wd,
                             inactive_lr_scale=scale)
     w = {"w": jnp.asarray(w0)}
@@ -697,7 +698,7 @@ class RefreshOrderTest(parameterized.TestCase):
     # so every leaf's refresh conditional must depend on the previous one's
     # output in the compiled program (not just in the traced one).
     params = {k: jnp.zeros((2, 24, 20)) for k in ("a", "b", "c")}
-    tx = optim.scale_by_galore(optax.scale_by_adam(), rank=4, update_gap=8,
+    tx = optim.scale_by_galore(optax.scale_by_adam(), rank=4, refresh_every=8,
                                stacked_axes=r"\['[abc]'\]", **kwargs)
     hlo = jax.jit(tx.update).lower(params, tx.init(params)).compile()
     entry = re.search(r"\nENTRY .*?\n}", hlo.as_text(), re.S).group(0)
@@ -737,7 +738,7 @@ class ShardedTest(absltest.TestCase):
       params["s"] = jax.random.normal(jax.random.key(2), (2, m, n)) * 0.1
     params = {k: jax.device_put(x, jax.sharding.NamedSharding(mesh, specs[k]))
               for k, x in params.items()}
-    tx = optim.galore_adamw(1e-2, rank=8, update_gap=10, projector=projector,
+    tx = optim.galore_adamw(1e-2, rank=8, refresh_every=10, projector=projector,
                             stacked_axes=r"\['s'\]" if stacked else None)
     opt_sh = sharding.shardings_like_params(jax.eval_shape(tx.init, params),
                                             params)
@@ -842,9 +843,9 @@ class QGaLoreTest(absltest.TestCase):
   def test_projector_bytes_shrink_and_updates_stay_close(self):
     params = {"w": jnp.zeros((256, 128))}
     seq = [_grads(i, {"w": (256, 128)}) for i in range(3)]
-    f32 = optim.galore_adamw(1e-2, rank=32, update_gap=2)
-    b8 = optim.galore_adamw(1e-2, rank=32, update_gap=2, projector_bits=8)
-    b4 = optim.q_galore_adamw(1e-2, rank=32, update_gap=2)
+    f32 = optim.galore_adamw(1e-2, rank=32, refresh_every=2)
+    b8 = optim.galore_adamw(1e-2, rank=32, refresh_every=2, projector_bits=8)
+    b4 = optim.q_galore_adamw(1e-2, rank=32, refresh_every=2)
     proj_bytes = lambda tx: optim.tree_bytes(  # pylint: disable=g-long-lambda
         tx.init(params)[0].projector)
     self.assertEqual(proj_bytes(f32), 256 * 32 * 4)
@@ -866,7 +867,7 @@ class QGaLoreTest(absltest.TestCase):
     # fresh random one (unstable): only layer 0's gap grows.
     fixed = jax.random.normal(jax.random.key(0), (24, 16))
     core = optim.scale_by_galore(
-        optax.scale_by_adam(), rank=2, update_gap=1, adaptive_gap=True,
+        optax.scale_by_adam(), rank=2, refresh_every=1, adaptive_gap=True,
         cos_threshold=0.9, cos_history=2, stacked_axes="s")
     params = {"s": jnp.zeros((2, 24, 16))}
     state = core.init(params)
@@ -896,7 +897,7 @@ class QuantizedInnerTest(absltest.TestCase):
     params = {"w": jnp.zeros((128, 96))}
     seq = [_grads(i, {"w": (128, 96)}) for i in range(3)]
     inner = optim.scale_by_adam8bit(min_size=1)
-    core = optim.scale_by_galore(inner, rank=64, update_gap=2,
+    core = optim.scale_by_galore(inner, rank=64, refresh_every=2,
                                  on_refresh="reset")
     state = core.init(params)
     for g in seq[:2]:
@@ -909,7 +910,7 @@ class QuantizedInnerTest(absltest.TestCase):
     p2 = state.projector["w"]
     want = 0.1 * jnp.abs(p2.T @ seq[2]["w"]).max(axis=-1)
     np.testing.assert_allclose(mu.scale.max(axis=-1), want, rtol=1e-5)
-    rot = optim.scale_by_galore(inner, rank=64, update_gap=2,
+    rot = optim.scale_by_galore(inner, rank=64, refresh_every=2,
                                 on_refresh="rotate")
     with self.assertRaisesRegex(ValueError, "cannot rotate quantized"):
       rot.update(seq[0], rot.init(params), params)

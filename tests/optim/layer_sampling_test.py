@@ -59,7 +59,7 @@ def _layer_norms(updates):
 
 
 def _core(inner=None, **kwargs):
-  kwargs = {"num_layers": L, "active_layers": 2, "period": 3,
+  kwargs = {"num_layers": L, "active_layers": 2, "refresh_every": 3,
             "stacked": STACKED, **kwargs}
   return ls.scale_by_layer_sampling(inner or optax.scale_by_adam(), **kwargs)
 
@@ -69,13 +69,14 @@ class ContractTest(parameterized.TestCase):
 
   TXS = {
       "lisa": lambda: ls.lisa_adamw(
-          3e-2, num_layers=L, active_layers=2, period=5, stacked=STACKED),
+          3e-2, num_layers=L, active_layers=2, refresh_every=5,
+          stacked=STACKED),
       "owlore": lambda: ls.owlore_adamw(
-          3e-2, num_layers=L, active_layers=2, period=5, stacked=STACKED,
-          owlore_alpha=3.0, weight_decay=1e-3),
+          3e-2, num_layers=L, active_layers=2, refresh_every=5,
+          stacked=STACKED, owlore_alpha=3.0, weight_decay=1e-3),
       "owlore_galore": lambda: ls.owlore_adamw(
-          3e-2, num_layers=L, active_layers=3, period=4, stacked=STACKED,
-          rank=2, update_gap=2),
+          3e-2, num_layers=L, active_layers=3, refresh_every=4,
+          stacked=STACKED, rank=2, galore_refresh_every=2),
       "core_fixed_probs": lambda: optax.chain(
           _core(probabilities=np.arange(1.0, L + 1.0)),
           optax.scale_by_learning_rate(3e-2)),
@@ -142,11 +143,11 @@ class ContractTest(parameterized.TestCase):
         # Callables (`layer_of`) and shape-fixing ints must be static.
         "inject": optax.inject_hyperparams(
             ls.owlore_adamw, static_args=ls.OWLORE_STATIC_ARGS)(
-                learning_rate=1e-2, num_layers=L, active_layers=2, period=3,
-                stacked=STACKED, owlore_alpha=3.0),
+                learning_rate=1e-2, num_layers=L, active_layers=2,
+                refresh_every=3, stacked=STACKED, owlore_alpha=3.0),
         "masked": optax.masked(_core(), mask),
         "multi_steps": optax.MultiSteps(
-            ls.lisa_adamw(1e-2, num_layers=L, active_layers=2, period=3,
+            ls.lisa_adamw(1e-2, num_layers=L, active_layers=2, refresh_every=3,
                           stacked=STACKED), every_k_schedule=2),
     }
     for name, tx in txs.items():
@@ -163,7 +164,7 @@ class ContractTest(parameterized.TestCase):
   def test_bad_arguments(self):
     for kwargs, msg in (
         (dict(active_layers=L + 1), "exceeds num_layers"),
-        (dict(period=0), "period must be"),
+        (dict(refresh_every=0), "refresh_every must be"),
         (dict(active_layers=0), "active_layers must be"),
         (dict(probabilities="owl"), "Unknown probabilities"),
         (dict(probabilities=np.ones(L - 1)), "must have shape"),
@@ -172,9 +173,9 @@ class ContractTest(parameterized.TestCase):
     ):
       with self.subTest(msg), self.assertRaisesRegex(ValueError, msg):
         _core(**kwargs)
-    with self.assertRaisesRegex(ValueError, "must divide period"):
-      ls.owlore_adamw(1e-2, num_layers=L, active_layers=1, period=4, rank=2,
-                      update_gap=3)
+    with self.assertRaisesRegex(ValueError, "must divide refresh_every"):
+      ls.owlore_adamw(1e-2, num_layers=L, active_layers=1, refresh_every=4,
+                      rank=2, galore_refresh_every=3)
     params = _params()
     for kwargs, msg in (
         (dict(stacked=r"\['stack'\]|embed"), "leading \\(layer\\) dimension"),
@@ -183,7 +184,8 @@ class ContractTest(parameterized.TestCase):
         (dict(stacked=r"\['stack'\]|blocks_1"), "also mapped"),
     ):
       with self.subTest(msg), self.assertRaisesRegex(ValueError, msg):
-        kwargs = {"num_layers": L, "active_layers": 1, "period": 2, **kwargs}
+        kwargs = {"num_layers": L, "active_layers": 1, "refresh_every": 2,
+                  **kwargs}
         jax.eval_shape(  # Validation runs while tracing: nothing compiles.
             ls.scale_by_layer_sampling(optax.identity(), **kwargs).init,
             params)
@@ -195,7 +197,7 @@ class ContractTest(parameterized.TestCase):
 class SamplingTest(parameterized.TestCase):
 
   def test_active_set_updates_moments_and_period(self):
-    tx = _core(period=3)
+    tx = _core(refresh_every=3)
     params = _params()
     state = tx.init(params)
     self.assertFalse(np.any(state.active))
@@ -227,7 +229,7 @@ class SamplingTest(parameterized.TestCase):
           self.assertEqual(same_blk, not active[i])
         self.assertFalse(bool(jnp.all(old["head"] == cur["head"])))
       state = new
-    for t in range(1, 12):  # The set changes only at multiples of period.
+    for t in range(1, 12):  # The set changes every refresh_every (3) steps.
       if t % 3:
         np.testing.assert_array_equal(actives[t], actives[t - 1])
     self.assertGreater(len({a.tobytes() for a in actives}), 1)
@@ -236,7 +238,7 @@ class SamplingTest(parameterized.TestCase):
     # lisa_adamw's Adam counts each layer's own steps: a layer's updates
     # equal plain Adam run on its active steps only (torch's `step`).
     params = {"stack": jnp.zeros((L, 3))}
-    tx = ls.lisa_adamw(1.0, num_layers=L, active_layers=1, period=2,
+    tx = ls.lisa_adamw(1.0, num_layers=L, active_layers=1, refresh_every=2,
                        stacked="stack", b2=0.99)
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -252,7 +254,7 @@ class SamplingTest(parameterized.TestCase):
 
   def test_all_layers_active_equals_adamw(self):
     params = _params()
-    tx = ls.lisa_adamw(1e-2, num_layers=L, active_layers=L, period=2,
+    tx = ls.lisa_adamw(1e-2, num_layers=L, active_layers=L, refresh_every=2,
                        stacked=STACKED, weight_decay=0.1)
     ref = optax.adamw(1e-2, weight_decay=0.1)
     state, ref_state = tx.init(params), ref.init(params)
@@ -266,9 +268,9 @@ class SamplingTest(parameterized.TestCase):
       params = optax.apply_updates(params, updates)
 
   def test_galore_projectors_of_frozen_layers_are_kept(self):
-    tx = ls.owlore_adamw(1e-2, num_layers=L, active_layers=2, period=2,
+    tx = ls.owlore_adamw(1e-2, num_layers=L, active_layers=2, refresh_every=2,
                          stacked=STACKED, rank=2, probabilities="uniform",
-                         galore_project=r"stack")
+                         project=r"stack")
     params = _params()
     state = tx.init(params)
     update = jax.jit(tx.update)
@@ -287,7 +289,7 @@ class SamplingTest(parameterized.TestCase):
 
   def _frequencies(self, params, draws=600, **kwargs):
     tx = ls.scale_by_layer_sampling(
-        optax.identity(), num_layers=L, period=1, **kwargs)
+        optax.identity(), num_layers=L, refresh_every=1, **kwargs)
 
     def body(state, _):
       _, state = tx.update(params, state, params)
@@ -339,7 +341,7 @@ class SamplingTest(parameterized.TestCase):
     self.assertIsNone(ls.default_layer_of("['layers_norm']", None))
     # layers_0 -> 0, layers[0] -> 0, layers[1] -> 1; pin layer 1.
     tx = ls.scale_by_layer_sampling(
-        optax.scale_by_adam(), num_layers=2, active_layers=1, period=1,
+        optax.scale_by_adam(), num_layers=2, active_layers=1, refresh_every=1,
         probabilities=np.array([0.0, 1.0]))
     state = tx.init(params)
     for _ in range(3):
@@ -354,7 +356,7 @@ class SamplingTest(parameterized.TestCase):
     # Adafactor's row/column statistics are `[L, m]` / `[L, n]` per stacked
     # leaf; `optax.tree_map_params` finds them and they are frozen too.
     tx = _core(optax.scale_by_factored_rms(min_dim_size_to_factor=2),
-               period=1)
+               refresh_every=1)
     params = _params()
     state = tx.init(params)
     _, new = jax.jit(tx.update)(_grad(params), state, params)

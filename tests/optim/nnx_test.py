@@ -35,10 +35,10 @@ def _loss(model):
 
 _CASES = (
     ("adamw8bit", lambda: optim.adamw8bit(1e-2, min_size=256)),
-    ("galore", lambda: optim.galore_adamw(1e-2, rank=4, update_gap=2)),
-    ("q_galore", lambda: optim.q_galore_adamw(1e-2, rank=4, update_gap=2)),
+    ("galore", lambda: optim.galore_adamw(1e-2, rank=4, refresh_every=2)),
+    ("q_galore", lambda: optim.q_galore_adamw(1e-2, rank=4, refresh_every=2)),
     # Per-matrix Adam step counts (int32 leaves under the parameters' paths).
-    ("frugal", lambda: optim.frugal_adamw(1e-2, rank=4, update_gap=2)),
+    ("frugal", lambda: optim.frugal_adamw(1e-2, rank=4, refresh_every=2)),
     ("allora", lambda: optim.allora_adamw(1e-2, eta=1.0)),
 )
 

@@ -102,7 +102,7 @@ class RestartTest(parameterized.TestCase):
     with _mesh():
       opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=relora.trainable())
     ids = _ids()
-    relora.train(model, opt, _loss_fn, [(ids,)] * 2, reset_every=100)
+    relora.train(model, opt, _loss_fn, [(ids,)] * 2, refresh_every=100)
     before = nnx.as_pure(opt.opt_state)
     relora.restart(model, opt, jax.random.key(1), prune_ratio=0.99)
     after = nnx.as_pure(opt.opt_state)
@@ -150,7 +150,7 @@ class ScheduleTest(parameterized.TestCase):
   def test_jagged_shape(self):
     peak, total, warm, every, rewarm, floor = 1.0, 100, 10, 25, 5, 0.1
     fn = relora.jagged_cosine_schedule(
-        peak, total_steps=total, warmup_steps=warm, restart_every=every,
+        peak, total_steps=total, warmup_steps=warm, refresh_every=every,
         restart_warmup_steps=rewarm, min_ratio=floor)
     lr = np.asarray([float(fn(t)) for t in range(total + 1)])
 
@@ -183,7 +183,7 @@ class ScheduleTest(parameterized.TestCase):
     np.testing.assert_allclose(upd["w"], -lr[0] * np.ones(2))
 
   def test_schedule_errors(self):
-    kw = dict(total_steps=100, warmup_steps=10, restart_every=20,
+    kw = dict(total_steps=100, warmup_steps=10, refresh_every=20,
               restart_warmup_steps=5)
     with self.assertRaisesRegex(ValueError, "restart_warmup_steps"):
       relora.jagged_cosine_schedule(1.0, **(kw | {"restart_warmup_steps": 30}))
@@ -197,10 +197,10 @@ class TrainingTest(absltest.TestCase):
 
   def test_cycles_reduce_loss(self):
     model = _model(seed=7)
-    reset_every, cycles = 4, 3
+    refresh_every, cycles = 4, 3
     schedule = relora.jagged_cosine_schedule(
-        1e-2, total_steps=reset_every * cycles, warmup_steps=1,
-        restart_every=reset_every, restart_warmup_steps=1, min_ratio=0.3)
+        1e-2, total_steps=refresh_every * cycles, warmup_steps=1,
+        refresh_every=refresh_every, restart_warmup_steps=1, min_ratio=0.3)
     with _mesh():
       opt = nnx.Optimizer(model, optax.adamw(schedule),
                           wrt=relora.trainable())
@@ -209,14 +209,14 @@ class TrainingTest(absltest.TestCase):
 
     def callback(step, loss):
       del loss
-      if step % reset_every == 0:
+      if step % refresh_every == 0:
         restarts.append(step)
 
     losses = relora.train(model, opt, _loss_fn,
-                          [(ids,)] * (reset_every * cycles),
-                          reset_every=reset_every, prune_ratio=0.99,
+                          [(ids,)] * (refresh_every * cycles),
+                          refresh_every=refresh_every, prune_ratio=0.99,
                           callback=callback)
-    self.assertLen(losses, reset_every * cycles)
+    self.assertLen(losses, refresh_every * cycles)
     self.assertEqual(restarts, [4, 8, 12])
     self.assertLess(losses[-1], 0.7 * losses[0], losses)
     # After the last restart the adapters are fresh and the merged model

@@ -102,7 +102,7 @@ def _normalize(x):
   return x / np.linalg.norm(x, axis=0, keepdims=True)
 
 
-def _reference(params, grads, *, lr, resample_every, rewarm_steps, seed=0,
+def _reference(params, grads, *, lr, refresh_every, rewarm_steps, seed=0,
                b1=0.9, b2=0.999, eps=1e-8):
   """NumPy (float64) transcription of SST's update with torch AdamW.
 
@@ -136,13 +136,13 @@ def _reference(params, grads, *, lr, resample_every, rewarm_steps, seed=0,
 
   for c, g in enumerate(grads):
     g = {k: np.asarray(v, np.float64) for k, v in g["l"].items()}
-    warm = 1.0 if c < resample_every or not rewarm_steps else min(
-        1.0, (c % resample_every + 1) / rewarm_steps)
+    warm = 1.0 if c < refresh_every or not rewarm_steps else min(
+        1.0, (c % refresh_every + 1) / rewarm_steps)
     p["sst_s"] = np.maximum(p["sst_s"] - lr * adam("sst_s", g["sst_s"]),
                             0.0)
     for k in ("sst_u", "sst_v"):
       p[k] = _normalize(p[k] - lr * warm * adam(k, g[k]))
-    if (c + 1) % resample_every:
+    if (c + 1) % refresh_every:
       continue
     key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), c + 1),
                              0)
@@ -452,7 +452,7 @@ class OptimizerTest(parameterized.TestCase):
     self.assertFalse(np.allclose(model.head.kernel.get_value(), head))
 
   def test_resample_swaps_in_new_vectors_and_keeps_the_others_state(self):
-    model, opt, (x, y) = self._setup(resample_every=2, round_length=100)
+    model, opt, (x, y) = self._setup(refresh_every=2, round_length=100)
     swaps = 0
     for _ in range(8):
       u_prev = _factors(model.layer)[0]
@@ -484,7 +484,7 @@ class OptimizerTest(parameterized.TestCase):
     self.assertGreater(swaps, 0)
 
   def test_block_reset_all_reinitialises_the_block_state(self):
-    model, opt, (x, y) = self._setup(resample_every=2, round_length=4,
+    model, opt, (x, y) = self._setup(refresh_every=2, round_length=4,
                                      block_reset="all")
     sst.train_step(model, opt, _mse, x, y)
     self.assertEqual(int(opt.opt_state.block_state.count.get_value()), 1)
@@ -503,7 +503,7 @@ class OptimizerTest(parameterized.TestCase):
 
   def test_round_length_is_m_over_r_iterations(self):
     # m = 8, r = 3: ceil(8 / 3) = 3 iterations of 2 steps, re-SVD at 6.
-    model, opt, (x, y) = self._setup(resample_every=2)
+    model, opt, (x, y) = self._setup(refresh_every=2)
     for step in range(1, 7):
       sst.train_step(model, opt, _mse, x, y)
       mu_s = np.asarray(opt.opt_state.s_state.mu["layer.sst_s"].get_value())
@@ -527,7 +527,7 @@ class OptimizerTest(parameterized.TestCase):
     model.layer.sst_u_frozen.set_value(u[:, 2:])
     w = np.asarray(model.layer.kernel())
     # lr 0: only the re-SVD and the swap (which keeps the function).
-    tx = sst.sst_adamw(0.0, resample_every=1, round_length=1)
+    tx = sst.sst_adamw(0.0, refresh_every=1, round_length=1)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     sst.train_step(model, opt, _mse, *_regression(model))
     np.testing.assert_allclose(model.layer.kernel(), w, atol=1e-5)
@@ -539,14 +539,14 @@ class OptimizerTest(parameterized.TestCase):
   @parameterized.named_parameters(
       # Library defaults: T3 = 100, 10-step re-warm-up, round 400 steps.
       ("defaults", {}, 103, 100, 10),
-      ("short_iterations", dict(resample_every=3, rewarm_steps=2,
+      ("short_iterations", dict(refresh_every=3, rewarm_steps=2,
                                 round_length=30), 10, 3, 2))
   def test_matches_numpy_reference(self, kwargs, steps, t3, warm):
     params = _layer_params(8, 6, 2)
     grads = _grad_sequence(params, steps)
     lr = 1e-2
     got, state = _run(sst.sst_adamw(lr, **kwargs), params, grads)
-    want, mom = _reference(params, grads, lr=lr, resample_every=t3,
+    want, mom = _reference(params, grads, lr=lr, refresh_every=t3,
                            rewarm_steps=warm)
     for k, v in want.items():
       np.testing.assert_allclose(got["l"][k], v, atol=2e-5, rtol=1e-4,
@@ -576,7 +576,7 @@ class OptimizerTest(parameterized.TestCase):
     self.assertGreater(np.abs(np.asarray(got["l"]["sst_u"]) - sign_u).max(),
                        1e-3)
     # The former configuration is still reachable and is sign-SGD.
-    old, _ = _run(sst.sst_adamw(lr, resample_every=1, round_length=10**6,
+    old, _ = _run(sst.sst_adamw(lr, refresh_every=1, round_length=10**6,
                                 rewarm_steps=0, block_reset="all"),
                   params, grads[:1])
     step = np.asarray(params["l"]["sst_u"]) - lr * np.sign(
@@ -598,7 +598,7 @@ class OptimizerTest(parameterized.TestCase):
     # effective rate a is read off p_new · p.
     lr = 0.2
     params = _layer_params(8, 6, 2)
-    tx = sst.sst_optimizer(optax.identity(), lr, resample_every=t3,
+    tx = sst.sst_optimizer(optax.identity(), lr, refresh_every=t3,
                            rewarm_steps=warm, round_length=1000)
     update = jax.jit(tx.update)
     state = tx.init(params)
@@ -644,7 +644,7 @@ class OptimizerTest(parameterized.TestCase):
   def test_a_bare_layer_is_a_model(self):
     # The root module has the empty path: its leaves are "sst_u", ...
     layer = sst.SSTLinear(6, 5, rank=2, rngs=nnx.Rngs(0))
-    opt = nnx.Optimizer(layer, sst.sst_adamw(1e-2, resample_every=2),
+    opt = nnx.Optimizer(layer, sst.sst_adamw(1e-2, refresh_every=2),
                         wrt=nnx.Param)
     x = jax.random.normal(jax.random.key(0), (8, 6))
     loss = lambda m, x: jnp.mean((m(x) - 1.0) ** 2)
@@ -655,8 +655,8 @@ class OptimizerTest(parameterized.TestCase):
   def test_seed_as_key_equals_int_seed(self):
     params = _layer_params(8, 6, 2)
     grads = _grad_sequence(params, 2)
-    a, _ = _run(sst.sst_adamw(1e-2, resample_every=1, seed=7), params, grads)
-    b, _ = _run(sst.sst_adamw(1e-2, resample_every=1,
+    a, _ = _run(sst.sst_adamw(1e-2, refresh_every=1, seed=7), params, grads)
+    b, _ = _run(sst.sst_adamw(1e-2, refresh_every=1,
                               seed=jax.random.key(7)), params, grads)
     for k in a["l"]:
       np.testing.assert_array_equal(a["l"][k], b["l"][k])
@@ -668,17 +668,17 @@ class OptimizerErrorTest(parameterized.TestCase):
   @parameterized.named_parameters(
       ("seed_array", dict(seed=jnp.zeros(2, jnp.uint32)), "scalar PRNG key"),
       ("seed_bool", dict(seed=True), "scalar PRNG key"),
-      ("resample_every_zero", dict(resample_every=0),
-       r"resample_every must be an int >= 1"),
-      ("resample_every_bool", dict(resample_every=True),
-       r"resample_every must be an int >= 1"),
-      ("round_not_multiple", dict(resample_every=3, round_length=10),
-       "multiple of resample_every"),
+      ("refresh_every_zero", dict(refresh_every=0),
+       r"refresh_every must be an int >= 1"),
+      ("refresh_every_bool", dict(refresh_every=True),
+       r"refresh_every must be an int >= 1"),
+      ("round_not_multiple", dict(refresh_every=3, round_length=10),
+       "multiple of refresh_every"),
       ("round_zero", dict(round_length=0), r"round_length must be an int >= 1"),
       ("rewarm_negative", dict(rewarm_steps=-1),
        r"rewarm_steps must be an int >= 0"),
-      ("rewarm_too_long", dict(resample_every=4, rewarm_steps=5),
-       r"must be <= resample_every \(4\)"),
+      ("rewarm_too_long", dict(refresh_every=4, rewarm_steps=5),
+       r"must be <= refresh_every \(4\)"),
       ("block_reset", dict(block_reset="old"), "block_reset must be one of"),
   )
   def test_constructor_errors(self, kwargs, message):
@@ -724,7 +724,7 @@ class TrainingTest(parameterized.TestCase):
   def test_tiny_lm_loss_decreases(self, scan_layers):
     model = _llama(scan_layers, seed=5)
     sst.to_sst(model, targets=r".*(q_proj|down_proj)", rank=4)
-    tx = sst.sst_adamw(1e-2, rank=sst.ranks(model), resample_every=2,
+    tx = sst.sst_adamw(1e-2, rank=sst.ranks(model), refresh_every=2,
                        round_length=4, rewarm_steps=1)
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     ids = np.asarray(jax.random.randint(jax.random.key(6), (4, 16), 0, 32))
