@@ -4,6 +4,8 @@
   `Tokenizer`, `encode`, `embed_texts`).
 * `llama`: LLaMA-style decoder (`LlamaForCausalLM`, `load_pretrained`,
   `save_pretrained`, `generate`).
+* `hf_io`: reading Hugging Face checkpoint directories (`config.json` and
+  safetensors weights, single or sharded) into numpy, for both loaders.
 
 Submodules are imported on first use: `from lowrank.models import bert`, or
 `lowrank.models.bert` after `import lowrank.models`.
@@ -12,5 +14,5 @@ Submodules are imported on first use: `from lowrank.models import bert`, or
 from lowrank import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
-    __name__, submodules=("bert", "llama")
+    __name__, submodules=("bert", "hf_io", "llama")
 )

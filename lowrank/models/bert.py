@@ -10,10 +10,10 @@ path. `BertForMaskedLM` checkpoints (SPLADE) get an optional MLM head at
 `bert.` prefix is stripped when loading.
 
 `load_pretrained` reads a local HF-format directory (`config.json`,
-`model.safetensors`) with `safetensors.numpy`: no torch, no pickle, no remote
-code; `load_tokenizer` reads its `tokenizer.json`. Every tensor is accounted
-for: a missing, unexpected or mis-shaped tensor raises a `ValueError` that
-names it.
+`model.safetensors`) with `hf_io` (safetensors): no torch, no pickle, no
+remote code; `load_tokenizer` reads its `tokenizer.json`. Every tensor is
+accounted for: a missing, unexpected or mis-shaped tensor raises a
+`ValueError` that names it.
 
 `embed_texts` encodes many texts with a jitted forward whose input shapes
 come from a small fixed set (batch padded to `batch_size`, length padded to a
@@ -25,7 +25,6 @@ positions, token-type embeddings and an additive attention mask.
 
 from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -38,11 +37,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 import numpy as np
-import safetensors
-from safetensors import numpy as safetensors_numpy
 import tokenizers
 
 from lowrank import sharding
+from lowrank.models import hf_io
 
 _AnyArray = jax.Array | np.ndarray
 PathLike = str | os.PathLike
@@ -206,11 +204,7 @@ class BertConfig:
   @classmethod
   def from_json_file(cls, path: PathLike, **overrides) -> "BertConfig":
     """Reads and validates a HF `config.json`; see `from_dict`."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-      raise FileNotFoundError(f"BERT config file not found: {path}")
-    with path.open() as f:
-      return cls.from_dict(json.load(f), **overrides)
+    return cls.from_dict(hf_io.read_json(path), **overrides)
 
 
 # ----------------------------------------------------------------------------
@@ -569,11 +563,6 @@ def attention_bias(
 # Tokenizer.
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  with path.open() as f:
-    return json.load(f)
-
-
 class Tokenizer:
   """`tokenizers.Tokenizer` wrapper returning padded int32 numpy batches.
 
@@ -640,23 +629,17 @@ class Tokenizer:
     path = pathlib.Path(path)
     cap = max_position_embeddings or 512
     if max_length is None:
-      st_config = path / "sentence_bert_config.json"
-      tok_config = path / "tokenizer_config.json"
-      if st_config.is_file() and _read_json(st_config).get("max_seq_length"):
-        max_length = int(_read_json(st_config)["max_seq_length"])
-      elif (
-          tok_config.is_file()
-          and _read_json(tok_config).get("model_max_length")
-      ):
-        max_length = int(min(_read_json(tok_config)["model_max_length"], cap))
+      st_config = _optional_json(path / "sentence_bert_config.json")
+      tok_config = _optional_json(path / "tokenizer_config.json")
+      if st_config.get("max_seq_length"):
+        max_length = int(st_config["max_seq_length"])
+      elif tok_config.get("model_max_length"):
+        max_length = int(min(tok_config["model_max_length"], cap))
       else:
         max_length = cap
       max_length = min(max_length, cap)
-    pad_token = "[PAD]"
-    tok_config = path / "tokenizer_config.json"
-    if tok_config.is_file():
-      pad = _read_json(tok_config).get("pad_token")
-      pad_token = pad if isinstance(pad, str) else pad_token
+    pad = _optional_json(path / "tokenizer_config.json").get("pad_token")
+    pad_token = pad if isinstance(pad, str) else "[PAD]"
     return cls(path / "tokenizer.json", max_length=max_length,
                pad_token=pad_token)
 
@@ -792,6 +775,11 @@ class Tokenizer:
     return self.pad(encoded, length=length)
 
 
+def _optional_json(path: pathlib.Path) -> dict[str, Any]:
+  """The JSON object in `path`, or `{}` when there is no such file."""
+  return hf_io.read_json(path) if path.is_file() else {}
+
+
 def _as_text_list(texts: Any, name: str) -> list[str]:
   texts = list(texts)
   for i, t in enumerate(texts):
@@ -804,68 +792,18 @@ def _as_text_list(texts: Any, name: str) -> list[str]:
 # Loading.
 
 
-def _load_tensors(path: pathlib.Path) -> dict[str, np.ndarray]:
-  """All tensors of `model.safetensors` (or its sharded index)."""
-  single = path / "model.safetensors"
-  index = path / "model.safetensors.index.json"
-  if single.is_file():
-    return safetensors_numpy.load_file(str(single))
-  if index.is_file():
-    tensors = {}
-    for shard in sorted(set(_read_json(index)["weight_map"].values())):
-      shard_path = path / shard
-      if not shard_path.is_file():
-        raise FileNotFoundError(f"Checkpoint shard not found: {shard_path}")
-      tensors.update(safetensors_numpy.load_file(str(shard_path)))
-    return tensors
-  hint = ""
-  if (path / "pytorch_model.bin").exists():
-    hint = (" (pytorch_model.bin is present, but pickled checkpoints are "
-            "never loaded; convert it to safetensors)")
-  raise FileNotFoundError(f"Weights file not found: {single}{hint}")
+# A ColBERT head next to BERT weights is read with it (`hf_io.read_tensor`).
+read_tensor = hf_io.read_tensor
 
 
-def _shard_files(path: pathlib.Path) -> list[pathlib.Path]:
-  """The safetensors files of a checkpoint directory (single or sharded)."""
-  single = path / "model.safetensors"
-  index = path / "model.safetensors.index.json"
-  if single.is_file():
-    return [single]
-  if index.is_file():
-    return [path / s for s in
-            sorted(set(_read_json(index)["weight_map"].values()))]
-  raise FileNotFoundError(f"Weights file not found: {single}")
+def _canonical_names(names: Iterable[str]) -> dict[str, str]:
+  """Canonical HF name -> stored name.
 
-
-def read_tensor(path: PathLike, name: str) -> np.ndarray | None:
-  """One tensor of a checkpoint directory by its file name, or `None`.
-
-  Reads only that tensor (safetensors, no code execution), e.g. a ColBERT
-  checkpoint's `linear.weight` next to its BERT weights.
-
-  Args:
-    path: HF-format checkpoint directory.
-    name: The tensor's name as stored (e.g. `"linear.weight"`).
-
-  Returns:
-    The array, or `None` when no file of the checkpoint has it.
-
-  Raises:
-    FileNotFoundError: If the directory has no safetensors weights.
+  The canonical name drops a `bert.` prefix and spells old LayerNorm
+  `gamma` / `beta` as `weight` / `bias`.
   """
-  for shard in _shard_files(pathlib.Path(path)):
-    with safetensors.safe_open(str(shard), framework="numpy") as f:
-      if name in f.keys():
-        return f.get_tensor(name)
-  return None
-
-
-def _canonical_names(
-    tensors: Mapping[str, np.ndarray],
-) -> dict[str, tuple[str, np.ndarray]]:
-  """HF name without `bert.` prefix and with `weight`/`bias` -> (orig, arr)."""
-  out: dict[str, tuple[str, np.ndarray]] = {}
-  for key, arr in tensors.items():
+  out: dict[str, str] = {}
+  for key in names:
     name = key.removeprefix("bert.")
     if name.endswith("LayerNorm.gamma"):
       name = name.removesuffix("gamma") + "weight"
@@ -873,9 +811,10 @@ def _canonical_names(
       name = name.removesuffix("beta") + "bias"
     if name in out:
       raise ValueError(
-          f"Tensors {out[name][0]!r} and {key!r} both map to {name!r}."
+          f"Tensors {out[name]!r} and {key!r} both map to {name!r}; keep "
+          "one of them in the checkpoint."
       )
-    out[name] = (key, arr)
+    out[name] = key
   return out
 
 
@@ -909,12 +848,6 @@ def _current_mesh_and_rules():
   return mesh, tuple(rules)
 
 
-def _fmt_names(names: Iterable[str], limit: int = 10) -> str:
-  names = sorted(names)
-  more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
-
-
 def load_pretrained(
     path: PathLike,
     *,
@@ -925,14 +858,13 @@ def load_pretrained(
 ) -> BertModel:
   """Loads a local HF-format BERT checkpoint directory, strictly.
 
-  Reads `config.json` and `model.safetensors` (or a sharded index) with no
-  torch, no pickle and no code execution (`load_tokenizer` reads the
-  checkpoint's `tokenizer.json`). Torch
-  `[out, in]` Linear weights become Flax `[in, out]` kernels; `bert.`
-  prefixes (BertForMaskedLM) are stripped; old `LayerNorm.gamma/beta` names
-  are accepted. The pooler is built iff the checkpoint has
-  `pooler.dense.*`; the MLM head iff `architectures` names BertForMaskedLM
-  (or BertForPreTraining).
+  Reads `config.json` and `model.safetensors` (or a sharded index) with
+  `hf_io`: no torch, no pickle and no code execution (`load_tokenizer` reads
+  the checkpoint's `tokenizer.json`). Torch `[out, in]` Linear weights
+  become Flax `[in, out]` kernels; `bert.` prefixes (BertForMaskedLM) are
+  stripped; old `LayerNorm.gamma/beta` names are accepted. The pooler is
+  built iff the checkpoint has `pooler.dense.*`; the MLM head iff
+  `architectures` names BertForMaskedLM (or BertForPreTraining).
 
   Under an active mesh (inside `sharding.use_mesh(...)`) each parameter is
   placed with the sharding its logical axes give under the active rules (and
@@ -958,17 +890,14 @@ def load_pretrained(
   Raises:
     FileNotFoundError: If the directory, `config.json` or the weights are
       missing (the message names the file).
-    ValueError: On a missing tensor, an unexpected tensor, or a shape
-      mismatch (the message names the tensor), or an invalid config.
+    ValueError: On a missing tensor, an unexpected tensor, a shape
+      mismatch or a non-floating tensor (the message names the tensor), a
+      corrupt weights file, or an invalid config.
   """
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"Checkpoint directory not found: {path}")
-  if not (path / "config.json").is_file():
-    raise FileNotFoundError(
-        f"Checkpoint file not found: {path / 'config.json'}")
-  raw_config = _read_json(path / "config.json")
-  tensors = _canonical_names(_load_tensors(path))
+  path = hf_io.checkpoint_dir(path)
+  raw_config = hf_io.read_config(path)
+  file_tensors = hf_io.open_tensors(path)
+  tensors = _canonical_names(file_tensors)
   config = BertConfig.from_dict(
       raw_config,
       dtype=dtype,
@@ -993,47 +922,34 @@ def load_pretrained(
   # Tied decoder copies: accepted only when they equal the tied tensor.
   for name, tied in _TIED_DECODER.items():
     if name in tensors and config.add_mlm_head and tied in tensors:
-      key, arr = tensors[name]
-      if arr.shape != tensors[tied][1].shape or not np.array_equal(
-          arr, tensors[tied][1]
-      ):
+      arr, tied_arr = file_tensors[tensors[name]], file_tensors[tensors[tied]]
+      if arr.shape != tied_arr.shape or not np.array_equal(arr, tied_arr):
         raise ValueError(
-            f"{key}: untied MLM decoder is not supported (it differs from "
-            f"{tensors[tied][0]})."
+            f"{tensors[name]}: untied MLM decoder is not supported (it "
+            f"differs from {tensors[tied]})."
         )
       del tensors[name]
   for name in (*IGNORED_TENSORS, *ignore):
     tensors.pop(name, None)
-
-  unexpected = set(tensors) - set(expected)
-  missing = set(expected) - set(tensors)
-  problems = []
-  if unexpected:
-    problems.append(
-        "unexpected tensors: "
-        + _fmt_names(tensors[n][0] for n in unexpected)
-    )
-  if missing:
-    problems.append("missing tensors: " + _fmt_names(missing))
-  if problems:
-    raise ValueError(
-        f"Checkpoint {path} does not match the BERT config; "
-        + "; ".join(problems)
-    )
+  hf_io.check_names(path, tensors, expected, "the BERT config")
 
   for name, var_path in expected.items():
-    key, arr = tensors[name]
+    key = tensors[name]
     var = variables[var_path]
     shape = tuple(var.get_value().shape)
     is_kernel = var_path[-1] == "kernel"
     file_shape = shape[::-1] if is_kernel else shape
-    if tuple(arr.shape) != file_shape:
+    stored_shape, stored_dtype = file_tensors.shape_dtype(key)
+    if stored_shape != file_shape:
       raise ValueError(
-          f"{key}: expected shape {file_shape}, found {tuple(arr.shape)}"
+          f"{key}: expected shape {file_shape}, found {stored_shape}"
       )
-    if not np.issubdtype(arr.dtype, np.floating):
-      raise ValueError(f"{key}: expected a floating tensor, found {arr.dtype}")
-    value = (arr.T if is_kernel else arr).astype(param_dtype)
+    if not hf_io.is_floating(stored_dtype):
+      raise ValueError(
+          f"{key}: expected a floating tensor, found {stored_dtype}"
+      )
+    value = file_tensors.read(key, param_dtype)
+    value = value.T if is_kernel else value
     if mesh is None:
       var.set_value(jnp.asarray(value))
       continue
@@ -1076,13 +992,10 @@ def load_tokenizer(
   Raises:
     FileNotFoundError: If the directory or `tokenizer.json` is missing.
   """
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"Checkpoint directory not found: {path}")
+  path = hf_io.checkpoint_dir(path)
   max_positions = None
-  if (path / "config.json").is_file():
-    max_positions = _read_json(path / "config.json").get(
-        "max_position_embeddings")
+  if (path / hf_io.CONFIG_NAME).is_file():
+    max_positions = hf_io.read_config(path).get("max_position_embeddings")
   return Tokenizer.from_pretrained(
       path, max_length=max_length, max_position_embeddings=max_positions)
 

@@ -39,7 +39,7 @@ Decoding uses a fixed-size `KVCache` (static shapes, updated with
 `lax.dynamic_update_slice`), and `generate` is one jit-compiled greedy loop.
 """
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 import json
 import math
@@ -54,16 +54,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 import numpy as np
 import optax
-import safetensors
 from safetensors import numpy as safetensors_numpy
 
 from lowrank import sharding
+from lowrank.models import hf_io
 
 _AnyArray = jax.Array | np.ndarray
 PathLike = str | os.PathLike
 
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = hf_io.WEIGHTS_NAME
+WEIGHTS_INDEX_NAME = hf_io.WEIGHTS_INDEX_NAME
 # Buffers some older checkpoints carry; they hold no weights.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 # Flax parameter name -> HF suffix (`kernel`s are stored transposed).
@@ -260,11 +260,7 @@ class LlamaConfig:
   @classmethod
   def from_json_file(cls, path: PathLike, **overrides) -> "LlamaConfig":
     """Reads and validates a HF `config.json`; see `from_dict`."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-      raise FileNotFoundError(f"LLaMA config file not found: {path}")
-    with path.open() as f:
-      return cls.from_dict(json.load(f), **overrides)
+    return cls.from_dict(hf_io.read_json(path), **overrides)
 
   def to_dict(self) -> dict[str, Any]:
     """The HF `config.json` dict (transformers 4 and 5 spellings)."""
@@ -1076,72 +1072,6 @@ def convert_layout(
 # Hugging Face checkpoints.
 
 
-def _read_json(path: pathlib.Path) -> dict[str, Any]:
-  with path.open() as f:
-    return json.load(f)
-
-
-def _tensor_files(path: pathlib.Path) -> list[pathlib.Path]:
-  """The safetensors files of a checkpoint directory (single or sharded)."""
-  single = path / WEIGHTS_NAME
-  index = path / WEIGHTS_INDEX_NAME
-  if single.is_file():
-    return [single]
-  if index.is_file():
-    weight_map = _read_json(index).get("weight_map")
-    if not isinstance(weight_map, dict):
-      raise ValueError(f"{index} has no 'weight_map' dict.")
-    files = []
-    for shard in sorted(set(weight_map.values())):
-      shard_path = path / shard
-      if not shard_path.is_file():
-        raise FileNotFoundError(f"Checkpoint shard not found: {shard_path}")
-      files.append(shard_path)
-    return files
-  hint = ""
-  if (path / "pytorch_model.bin").exists():
-    hint = (" (pytorch_model.bin is present, but pickled checkpoints are "
-            "never loaded; convert it to safetensors)")
-  raise FileNotFoundError(
-      f"Weights not found: neither {single} nor {index} exists{hint}.")
-
-
-class _LazyTensors(Mapping):
-  """Read-on-demand view of the tensors in several safetensors files."""
-
-  def __init__(self, files: list[pathlib.Path]):
-    self._where: dict[str, pathlib.Path] = {}
-    for f in files:
-      with safetensors.safe_open(str(f), framework="np") as handle:
-        for key in handle.keys():
-          if key in self._where:
-            raise ValueError(
-                f"Tensor {key!r} is in both {self._where[key]} and {f}.")
-          self._where[key] = f
-
-  def shape_dtype(self, key: str) -> tuple[tuple[int, ...], str]:
-    """Shape and safetensors dtype name (`"F32"`, `"BF16"`, ...)."""
-    with safetensors.safe_open(str(self._where[key]), framework="np") as h:
-      info = h.get_slice(key)
-      return tuple(info.get_shape()), info.get_dtype()
-
-  def __getitem__(self, key: str) -> np.ndarray:
-    with safetensors.safe_open(str(self._where[key]), framework="np") as h:
-      return h.get_tensor(key)
-
-  def __iter__(self) -> Iterator[str]:
-    return iter(self._where)
-
-  def __len__(self) -> int:
-    return len(self._where)
-
-
-def _fmt_names(names, limit: int = 10) -> str:
-  names = sorted(names)
-  more = f" (+{len(names) - limit} more)" if len(names) > limit else ""
-  return ", ".join(names[:limit]) + more
-
-
 def load_pretrained(
     path: PathLike,
     *,
@@ -1178,13 +1108,11 @@ def load_pretrained(
     ValueError: On an invalid config, a missing or unexpected tensor, a
       mis-shaped or non-floating tensor (the message names the tensor).
   """
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise FileNotFoundError(f"Checkpoint directory not found: {path}")
+  path = hf_io.checkpoint_dir(path)
   config = LlamaConfig.from_json_file(
-      path / "config.json", dtype=dtype, param_dtype=param_dtype,
+      path / hf_io.CONFIG_NAME, dtype=dtype, param_dtype=param_dtype,
       scan_layers=scan_layers)
-  tensors = _LazyTensors(_tensor_files(path))
+  tensors = hf_io.open_tensors(path)
   names = {n for n in tensors if not n.endswith(_IGNORED_SUFFIXES)}
 
   mesh, rules = _mesh_and_rules()
@@ -1194,32 +1122,26 @@ def load_pretrained(
   expected = _entries(abstract)
   if config.tie_embeddings and "lm_head.weight" in names:
     head = tensors["lm_head.weight"]
-    embed = tensors.get("model.embed_tokens.weight")
+    embed = (tensors["model.embed_tokens.weight"]
+             if "model.embed_tokens.weight" in tensors else None)
     if embed is None or head.shape != embed.shape or not np.array_equal(
         head, embed):
       raise ValueError(
           f"{path}: lm_head.weight differs from model.embed_tokens.weight, "
           "but the config ties the embeddings (tie_word_embeddings=true).")
     names.discard("lm_head.weight")
-  problems = []
-  if unexpected := names - set(expected):
-    problems.append("unexpected tensors: " + _fmt_names(unexpected))
-  if missing := set(expected) - names:
-    problems.append("missing tensors: " + _fmt_names(missing))
-  if problems:
-    raise ValueError(f"Checkpoint {path} does not match its LLaMA config; "
-                     + "; ".join(problems))
+  hf_io.check_names(path, names, expected, "its LLaMA config")
   for name, e in expected.items():
     shape, file_dtype = tensors.shape_dtype(name)
     if shape != _entry_shape(e):
       raise ValueError(
           f"{name}: expected shape {_entry_shape(e)}, found {shape}.")
-    if not file_dtype.startswith(("F", "BF")):  # F16, BF16, F32, F8_*, ...
+    if not hf_io.is_floating(file_dtype):
       raise ValueError(
           f"{name}: expected a floating tensor, found {file_dtype}.")
 
   def get(name: str, e: _Entry) -> np.ndarray:
-    arr = tensors[name].astype(np.dtype(param_dtype))
+    arr = tensors.read(name, param_dtype)
     return arr.T if e.transpose else arr
 
   return _build_from(config, get, mesh, rules)
