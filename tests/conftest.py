@@ -1,12 +1,39 @@
 """pytest setup for all tests; runs before any test module imports JAX."""
 
 import os
+import sys
 
 from absl import flags
 
 # 8 fake CPU devices, so sharding tests run anywhere. Must precede JAX init.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def _compilation_cache_dir() -> str | None:
+  """`<venv>/jax-cache` when pytest runs in a venv (`make test`'s .venv).
+
+  So `make clean` drops it with the venv, a clean clone starts empty, and a
+  second run reads what the first compiled. Outside a venv, no cache: the
+  interpreter's prefix may be a system directory.
+  """
+  if sys.prefix == sys.base_prefix:
+    return None
+  return os.path.join(sys.prefix, "jax-cache")
+
+
+# JAX's persistent compilation cache, shared by the xdist workers and, through
+# the environment, by the processes the tests start (binaries, notebook
+# kernels, the wheel's venv). Within one run it serves the programs that
+# several test modules compile (each module ends with `jax.clear_caches()`).
+# The cache is looked up after tracing and lowering, where JAX logs
+# "Compiling <name>", so tests/jax_compiles.py still counts every compile.
+# Every entry is written (JAX's default skips compiles under 1 s, most of a
+# test suite's). An empty JAX_COMPILATION_CACHE_DIR turns the cache off.
+if _compilation_cache_dir() is not None:
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _compilation_cache_dir())
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "-1")
 # absltest helpers (create_tempdir, ...) read flags that pytest never parses.
 flags.FLAGS.mark_as_parsed()
 
@@ -16,6 +43,17 @@ import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
 # Not `jax_numpy_dtype_promotion="strict"`: optax itself (scale_by_adam's
 # bias correction) relies on standard promotion.
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# The environment is read when JAX is first imported; a plugin may have
+# imported it before this file ran.
+if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+  jax.config.update("jax_compilation_cache_dir",
+                    os.environ["JAX_COMPILATION_CACHE_DIR"])
+  jax.config.update(
+      "jax_persistent_cache_min_compile_time_secs",
+      float(os.environ.get("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", 0)))
+  jax.config.update(
+      "jax_persistent_cache_min_entry_size_bytes",
+      int(os.environ.get("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", -1)))
 
 
 import gc  # pylint: disable=g-import-not-at-top,wrong-import-position,wrong-import-order
@@ -34,3 +72,28 @@ def _release_jax_memory_after_module():
   yield
   jax.clear_caches()
   gc.collect()
+
+
+# Files that take minutes, longest first. `make test` runs `--dist loadfile`:
+# xdist hands whole files to its workers in collection order, and these would
+# otherwise come late (tests/wheel_test.py sorts last), leaving one worker
+# idle while the other runs them. Moving them to the front is longest-first
+# scheduling; the rest keeps its order.
+_LONG_FILES = (
+    "tests/wheel_test.py",
+    "tests/experiments/",
+    "tests/notebooks_test.py",
+    "tests/distributed_test.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config  # Unused.
+
+  def rank(item):
+    for i, prefix in enumerate(_LONG_FILES):
+      if item.nodeid.startswith(prefix):
+        return i
+    return len(_LONG_FILES)
+
+  items.sort(key=rank)  # Stable: the order within each group is kept.
