@@ -35,6 +35,11 @@ demo: $(VENV)/.installed-base
 	$(BIN)/python -m experiments.demo --workdir=$(WORKDIR)
 
 # The whole suite (8 fake CPU devices; tests needing ../shared skip without it).
+# Whole files per worker (loadfile), not worksteal: a file split across the
+# two workers runs its class/module setup twice (tests/wheel_test.py's builds
+# and installs the wheel). tests/conftest.py collects the files that take
+# minutes first, and keeps JAX's compilation cache in $(VENV)/jax-cache
+# (`make clean` drops it; a second run compiles less).
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=20 $(PYTEST_ARGS)
 
