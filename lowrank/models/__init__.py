@@ -4,6 +4,9 @@
   `Tokenizer`, `encode`, `embed_texts`).
 * `llama`: LLaMA-style decoder (`LlamaForCausalLM`, `load_pretrained`,
   `save_pretrained`, `generate`).
+* `wordpiece`: the BERT tokenizer (`Tokenizer`, padded numpy batches).
+* `encoding`: sentence embeddings (`pool`, `encode` on token ids,
+  `embed_texts` on strings); also re-exported by `bert`.
 * `hf_io`: reading Hugging Face checkpoint directories (`config.json` and
   safetensors weights, single or sharded) into numpy, for both loaders.
 
@@ -14,5 +17,5 @@ Submodules are imported on first use: `from lowrank.models import bert`, or
 from lowrank import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
-    __name__, submodules=("bert", "hf_io", "llama")
+    __name__, submodules=("bert", "encoding", "hf_io", "llama", "wordpiece")
 )

@@ -1,4 +1,4 @@
-"""BERT encoder in Flax NNX, a safetensors loader, a tokenizer, `embed_texts`.
+"""BERT encoder in Flax NNX and its Hugging Face checkpoint loader.
 
 The module tree mirrors Hugging Face's `BertModel` state-dict names, so the
 NNX graph path of every layer joined with dots is the HF / PEFT module name
@@ -11,13 +11,14 @@ path. `BertForMaskedLM` checkpoints (SPLADE) get an optional MLM head at
 
 `load_pretrained` reads a local HF-format directory (`config.json`,
 `model.safetensors`) with `hf_io` (safetensors): no torch, no pickle, no
-remote code; `load_tokenizer` reads its `tokenizer.json`. Every tensor is
-accounted for: a missing, unexpected or mis-shaped tensor raises a
-`ValueError` that names it.
+remote code; `load_tokenizer` reads its `tokenizer.json` into a
+`wordpiece.Tokenizer`. Every tensor is accounted for: a missing, unexpected
+or mis-shaped tensor raises a `ValueError` that names it.
 
-`embed_texts` encodes many texts with a jitted forward whose input shapes
-come from a small fixed set (batch padded to `batch_size`, length padded to a
-bucket), so encoding 10k texts compiles at most once per length bucket.
+The embedding helpers live in `lowrank.models.encoding` (`encode` on
+token-id batches, `embed_texts` on strings, `pool`) and the tokenizer in
+`lowrank.models.wordpiece`; both are re-exported here (`bert.encode`,
+`bert.embed_texts`, `bert.Tokenizer`, ...).
 
 The numerics follow HF's post-LN BERT: exact-erf GELU, learned absolute
 positions, token-type embeddings and an additive attention mask.
@@ -27,9 +28,7 @@ from collections.abc import Iterable, Mapping, Sequence
 import dataclasses
 import math
 import os
-import pathlib
 from typing import Any
-import warnings
 
 from flax import nnx
 from flax.core import spmd as flax_spmd
@@ -37,17 +36,15 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 import numpy as np
-import tokenizers
 
 from lowrank import sharding
+from lowrank.models import encoding
 from lowrank.models import hf_io
+from lowrank.models import wordpiece
 
 _AnyArray = jax.Array | np.ndarray
 PathLike = str | os.PathLike
 
-POOLINGS = ("mean", "cls", "last")
-# Sequence-length buckets for `embed_texts` (capped at `max_length`).
-LENGTH_BUCKETS = (16, 32, 64, 128, 256, 512)
 # Checkpoint tensors that carry no weights we need (buffers, the NSP head).
 IGNORED_TENSORS = (
     "embeddings.position_ids",
@@ -560,235 +557,6 @@ def attention_bias(
 
 
 # ----------------------------------------------------------------------------
-# Tokenizer.
-
-
-class Tokenizer:
-  """`tokenizers.Tokenizer` wrapper returning padded int32 numpy batches.
-
-  The `tokenizer.json`'s own padding / truncation settings are ignored
-  (all-MiniLM's pads every text to 128): truncation is at `max_length`
-  (longest-first for pairs, special tokens included) and padding is done
-  here, on the right, with `pad_token_id` and token type 0.
-  """
-
-  def __init__(
-      self,
-      tokenizer_file: PathLike,
-      *,
-      max_length: int = 512,
-      pad_token: str = "[PAD]",
-  ):
-    """Loads `tokenizer.json`.
-
-    Args:
-      tokenizer_file: Path of `tokenizer.json`.
-      max_length: Default truncation length (special tokens included).
-      pad_token: The padding token.
-
-    Raises:
-      FileNotFoundError: If the file does not exist.
-      ValueError: If `max_length < 2` or `pad_token` is not in the vocab.
-    """
-    path = pathlib.Path(tokenizer_file)
-    if not path.is_file():
-      raise FileNotFoundError(f"Tokenizer file not found: {path}")
-    if max_length < 2:
-      raise ValueError(f"max_length must be >= 2; got {max_length}.")
-    self._tok = tokenizers.Tokenizer.from_file(str(path))
-    self._tok.no_padding()
-    self._tok.no_truncation()
-    self.max_length = int(max_length)
-    pad_id = self._tok.token_to_id(pad_token)
-    if pad_id is None:
-      raise ValueError(f"Pad token {pad_token!r} is not in the vocabulary.")
-    self._pad_id = pad_id
-
-  @classmethod
-  def from_pretrained(
-      cls,
-      path: PathLike,
-      *,
-      max_length: int | None = None,
-      max_position_embeddings: int | None = None,
-  ) -> "Tokenizer":
-    """Loads `path/tokenizer.json` with the checkpoint's default length.
-
-    The default `max_length` is `sentence_bert_config.json`'s
-    `max_seq_length` if present, else `tokenizer_config.json`'s
-    `model_max_length`, else 512; capped at `max_position_embeddings`.
-
-    Args:
-      path: A HF-format checkpoint directory.
-      max_length: Overrides the default truncation length.
-      max_position_embeddings: Upper bound for the default (the model's).
-
-    Returns:
-      The tokenizer.
-    """
-    path = pathlib.Path(path)
-    cap = max_position_embeddings or 512
-    if max_length is None:
-      st_config = _optional_json(path / "sentence_bert_config.json")
-      tok_config = _optional_json(path / "tokenizer_config.json")
-      if st_config.get("max_seq_length"):
-        max_length = int(st_config["max_seq_length"])
-      elif tok_config.get("model_max_length"):
-        max_length = int(min(tok_config["model_max_length"], cap))
-      else:
-        max_length = cap
-      max_length = min(max_length, cap)
-    pad = _optional_json(path / "tokenizer_config.json").get("pad_token")
-    pad_token = pad if isinstance(pad, str) else "[PAD]"
-    return cls(path / "tokenizer.json", max_length=max_length,
-               pad_token=pad_token)
-
-  @property
-  def vocab_size(self) -> int:
-    return self._tok.get_vocab_size(with_added_tokens=True)
-
-  @property
-  def pad_token_id(self) -> int:
-    return self._pad_id
-
-  @property
-  def cls_token_id(self) -> int | None:
-    return self._tok.token_to_id("[CLS]")
-
-  @property
-  def sep_token_id(self) -> int | None:
-    return self._tok.token_to_id("[SEP]")
-
-  @property
-  def mask_token_id(self) -> int | None:
-    return self._tok.token_to_id("[MASK]")
-
-  def token_to_id(self, token: str) -> int | None:
-    return self._tok.token_to_id(token)
-
-  def id_to_token(self, token_id: int) -> str | None:
-    return self._tok.id_to_token(int(token_id))
-
-  def decode(
-      self, ids: Iterable[int] | np.ndarray, *, skip_special_tokens: bool = True
-  ) -> str:
-    """Decodes ids (padding and special tokens skipped by default)."""
-    return self._tok.decode(
-        [int(i) for i in ids], skip_special_tokens=skip_special_tokens
-    )
-
-  def tokenize_unpadded(
-      self,
-      texts: Sequence[str],
-      *,
-      pairs: Sequence[str] | None = None,
-      max_length: int | None = None,
-  ) -> list[tuple[list[int], list[int]]]:
-    """Token ids and type ids per text, truncated, not padded."""
-    texts = _as_text_list(texts, "texts")
-    max_length = self.max_length if max_length is None else int(max_length)
-    if max_length < 2:
-      raise ValueError(f"max_length must be >= 2; got {max_length}.")
-    if not texts:
-      return []
-    self._tok.enable_truncation(max_length, strategy="longest_first")
-    try:
-      if pairs is None:
-        encs = self._tok.encode_batch(texts)
-      else:
-        pairs = _as_text_list(pairs, "pairs")
-        if len(pairs) != len(texts):
-          raise ValueError(
-              f"len(pairs)={len(pairs)} != len(texts)={len(texts)}."
-          )
-        encs = self._tok.encode_batch(list(zip(texts, pairs)))
-    finally:
-      self._tok.no_truncation()
-    return [(e.ids, e.type_ids) for e in encs]
-
-  def pad(
-      self,
-      encoded: Sequence[tuple[Sequence[int], Sequence[int]]],
-      *,
-      length: int,
-      batch: int | None = None,
-  ) -> dict[str, np.ndarray]:
-    """Right-pads encodings to `[batch, length]` int32 arrays."""
-    batch = len(encoded) if batch is None else batch
-    ids = np.full((batch, length), self._pad_id, np.int32)
-    mask = np.zeros((batch, length), np.int32)
-    types = np.zeros((batch, length), np.int32)
-    for i, (tok_ids, type_ids) in enumerate(encoded):
-      n = len(tok_ids)
-      ids[i, :n] = tok_ids
-      mask[i, :n] = 1
-      types[i, :n] = type_ids
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
-
-  def __call__(
-      self,
-      texts: Sequence[str] | str,
-      *,
-      pairs: Sequence[str] | str | None = None,
-      max_length: int | None = None,
-      pad_to_multiple_of: int | None = None,
-      pad_to: int | None = None,
-  ) -> dict[str, np.ndarray]:
-    """Tokenizes a batch.
-
-    Args:
-      texts: Texts (a single `str` is treated as a batch of one).
-      pairs: Optional second segments (token type 1), one per text.
-      max_length: Truncation length, special tokens included (default
-        `self.max_length`); pairs are truncated longest-first.
-      pad_to_multiple_of: Round the padded length up to a multiple of this.
-      pad_to: Pad to exactly this length (fixed shapes for `jit`). Without
-        `max_length`, texts are also truncated to `pad_to` tokens.
-
-    Returns:
-      `{"input_ids", "attention_mask", "token_type_ids"}`, each an int32
-      `[N, L]` array. An empty `texts` gives `[0, 0]` arrays (`[0, pad_to]`
-      if `pad_to` is set).
-
-    Raises:
-      ValueError: If `pad_to` is shorter than an encoding, or `pairs` has a
-        different length from `texts`.
-    """
-    if isinstance(texts, str):
-      texts = [texts]
-      pairs = [pairs] if isinstance(pairs, str) else pairs
-    if pad_to is not None and max_length is None:
-      max_length = min(self.max_length, int(pad_to))
-    encoded = self.tokenize_unpadded(texts, pairs=pairs, max_length=max_length)
-    longest = max((len(ids) for ids, _ in encoded), default=0)
-    if pad_to is not None:
-      if pad_to < longest:
-        raise ValueError(
-            f"pad_to={pad_to} is shorter than the longest encoding "
-            f"({longest} tokens); raise it or lower max_length."
-        )
-      length = pad_to
-    else:
-      length = longest
-      if pad_to_multiple_of and length % pad_to_multiple_of:
-        length += pad_to_multiple_of - length % pad_to_multiple_of
-    return self.pad(encoded, length=length)
-
-
-def _optional_json(path: pathlib.Path) -> dict[str, Any]:
-  """The JSON object in `path`, or `{}` when there is no such file."""
-  return hf_io.read_json(path) if path.is_file() else {}
-
-
-def _as_text_list(texts: Any, name: str) -> list[str]:
-  texts = list(texts)
-  for i, t in enumerate(texts):
-    if not isinstance(t, str):
-      raise TypeError(f"{name}[{i}] must be a str; got {type(t).__name__}.")
-  return texts
-
-
-# ----------------------------------------------------------------------------
 # Loading.
 
 
@@ -973,7 +741,7 @@ def load_pretrained(
 
 def load_tokenizer(
     path: PathLike, *, max_length: int | None = None
-) -> Tokenizer:
+) -> wordpiece.Tokenizer:
   """Loads the WordPiece tokenizer of a local HF-format BERT checkpoint.
 
   Reads `tokenizer.json` (and, for the default length, the optional
@@ -984,7 +752,7 @@ def load_tokenizer(
   Args:
     path: The checkpoint directory.
     max_length: Truncation length (default: the checkpoint's, see
-      `Tokenizer.from_pretrained`).
+      `wordpiece.Tokenizer.from_pretrained`).
 
   Returns:
     The tokenizer.
@@ -996,188 +764,21 @@ def load_tokenizer(
   max_positions = None
   if (path / hf_io.CONFIG_NAME).is_file():
     max_positions = hf_io.read_config(path).get("max_position_embeddings")
-  return Tokenizer.from_pretrained(
+  return wordpiece.Tokenizer.from_pretrained(
       path, max_length=max_length, max_position_embeddings=max_positions)
 
 
 # ----------------------------------------------------------------------------
-# Pooling and encoding.
+# The tokenizer and the embedding helpers live in their own modules; these
+# names keep `bert.<name>` working (README, notebooks, call sites).
 
-
-def pool(
-    hidden: Float[_AnyArray, "b l h"],
-    attention_mask: Shaped[_AnyArray, "b l"],
-    pooling: str = "mean",
-) -> Float[Array, "b h"]:
-  """Pools hidden states `[B, L, H]` to `[B, H]` float32.
-
-  Args:
-    hidden: Last hidden states.
-    attention_mask: `[B, L]`, nonzero for real tokens.
-    pooling: `"mean"` (mask-weighted mean, as sentence-transformers), `"cls"`
-      (position 0) or `"last"` (the last position whose mask is set; works
-      for left or right padding).
-
-  Returns:
-    Float32 `[B, H]`. All-padding rows give finite values.
-
-  Raises:
-    ValueError: On an unknown `pooling`.
-  """
-  if pooling not in POOLINGS:
-    raise ValueError(f"Unknown pooling {pooling!r}; options: {POOLINGS}.")
-  hidden = jnp.asarray(hidden).astype(jnp.float32)
-  mask = (jnp.asarray(attention_mask) != 0).astype(jnp.float32)
-  if pooling == "mean":
-    total = jnp.einsum("blh,bl->bh", hidden, mask)
-    count = jnp.maximum(mask.sum(axis=1, keepdims=True), 1e-9)
-    return total / count
-  if pooling == "cls":
-    return hidden[:, 0]
-  length = hidden.shape[1]
-  last = length - 1 - jnp.argmax(mask[:, ::-1], axis=1)
-  return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
-
-
-def l2_normalize(
-    x: Float[_AnyArray, "*b h"], eps: float = 1e-12
-) -> Float[Array, "*b h"]:
-  """`x / max(||x||, eps)` along the last axis (as torch's F.normalize)."""
-  x = jnp.asarray(x)
-  norm = jnp.linalg.norm(x, axis=-1, keepdims=True)
-  return x / jnp.maximum(norm, eps)
-
-
-def encode(
-    model: BertModel,
-    batch: Mapping[str, _AnyArray],
-    pooling: str = "mean",
-    normalize: bool = True,
-) -> Float[Array, "b h"]:
-  """Forward + `pool` (+ L2 norm) on a tokenized batch; jittable.
-
-  Args:
-    model: The encoder (its train / eval mode decides dropout).
-    batch: `{"input_ids", "attention_mask"[, "token_type_ids"]}` `[B, L]`.
-    pooling: See `pool`.
-    normalize: L2-normalise the result.
-
-  Returns:
-    Float32 `[B, H]` embeddings.
-  """
-  if pooling not in POOLINGS:
-    raise ValueError(f"Unknown pooling {pooling!r}; options: {POOLINGS}.")
-  mask = batch["attention_mask"]
-  hidden = model(
-      batch["input_ids"],
-      attention_mask=mask,
-      token_type_ids=batch.get("token_type_ids"),
-  )
-  out = pool(hidden, mask, pooling)
-  return l2_normalize(out) if normalize else out
-
-
-_TRACES = [0]
-
-
-def embed_trace_count() -> int:
-  """How many times `embed_texts`' jitted forward has been traced."""
-  return _TRACES[0]
-
-
-def _embed_step(graphdef, state, batch, pooling, normalize):
-  _TRACES[0] += 1  # Python side effect: runs once per trace.
-  model = nnx.merge(graphdef, state)
-  return encode(model, batch, pooling, normalize)
-
-
-_embed_step_jit = jax.jit(
-    _embed_step, static_argnames=("graphdef", "pooling", "normalize")
-)
-
-
-def bucket_length(n: int, max_length: int) -> int:
-  """Smallest `LENGTH_BUCKETS` entry >= `n`, capped at `max_length`."""
-  for b in LENGTH_BUCKETS:
-    if b >= n:
-      return min(b, max_length)
-  return max_length
-
-
-def embed_texts(
-    model: BertModel,
-    tokenizer: Tokenizer,
-    texts: Sequence[str],
-    *,
-    pooling: str = "mean",
-    normalize: bool = True,
-    batch_size: int = 64,
-    max_length: int | None = None,
-) -> np.ndarray:
-  """Embeds texts with a jitted, shape-bucketed forward (eval mode).
-
-  Texts are tokenized once, sorted by length, cut into batches of
-  `batch_size` (the last one padded with empty rows) and each batch is
-  padded to the smallest of `LENGTH_BUCKETS` that fits, capped at
-  `max_length`; so there is at most one compilation per bucket. When the
-  parameters live on a mesh, the batch axis is sharded by the `batch`
-  logical rule. The model itself is not modified (a dropout-off view is
-  used).
-
-  Args:
-    model: The encoder.
-    tokenizer: Its tokenizer.
-    texts: The texts.
-    pooling: `"mean"`, `"cls"` or `"last"` (see `pool`).
-    normalize: L2-normalise the embeddings.
-    batch_size: Rows per forward call.
-    max_length: Truncation length (default `tokenizer.max_length`, capped
-      at `max_position_embeddings`).
-
-  Returns:
-    Float32 `[N, H]` embeddings in the order of `texts`.
-
-  Raises:
-    ValueError: On an unknown pooling or a non-positive `batch_size`.
-  """
-  if pooling not in POOLINGS:
-    raise ValueError(f"Unknown pooling {pooling!r}; options: {POOLINGS}.")
-  if batch_size <= 0:
-    raise ValueError(f"batch_size must be positive; got {batch_size}.")
-  texts = _as_text_list([texts] if isinstance(texts, str) else texts, "texts")
-  max_length = tokenizer.max_length if max_length is None else max_length
-  max_length = min(max_length, model.config.max_position_embeddings)
-  out = np.zeros((len(texts), model.config.hidden_size), np.float32)
-  if not texts:
-    return out
-  encoded = tokenizer.tokenize_unpadded(texts, max_length=max_length)
-  order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
-  graphdef, state = nnx.split(nnx.view(model, deterministic=True))
-  for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
-    chunk = [encoded[i] for i in idx]
-    length = bucket_length(max(len(ids) for ids, _ in chunk), max_length)
-    batch = tokenizer.pad(chunk, length=length, batch=batch_size)
-    batch_sharding = sharding.batch_sharding_like(state, (batch_size, length))
-    if batch_sharding is not None:
-      batch = jax.device_put(batch, batch_sharding)
-    result = _embed_step_jit(
-        graphdef=graphdef,
-        state=state,
-        batch=batch,
-        pooling=pooling,
-        normalize=normalize,
-    )
-    out[np.asarray(idx)] = np.asarray(result[: len(idx)], np.float32)
-  return out
-
-
-def embed(*args, **kwargs) -> np.ndarray:
-  """Deprecated alias of `embed_texts` (same arguments)."""
-  warnings.warn(
-      "lowrank.models.bert.embed is deprecated; use "
-      "lowrank.models.bert.embed_texts (same arguments).",
-      DeprecationWarning,
-      stacklevel=2,
-  )
-  return embed_texts(*args, **kwargs)
+Tokenizer = wordpiece.Tokenizer
+POOLINGS = encoding.POOLINGS
+LENGTH_BUCKETS = encoding.LENGTH_BUCKETS
+pool = encoding.pool
+l2_normalize = encoding.l2_normalize
+encode = encoding.encode
+embed_texts = encoding.embed_texts
+embed = encoding.embed
+embed_trace_count = encoding.embed_trace_count
+bucket_length = encoding.bucket_length
