@@ -47,9 +47,10 @@ _DIST = "lowrank-jax"
 _UNCAPPED = ("jax", "flax", "optax", "orbax-checkpoint")
 _KERNEL = "lowrank-wheel-test"
 # The notebook run from the installed wheel: the fastest of the four
-# (tests/notebooks_test.py runs all four from the checkout). Its install cell
-# is the same as every notebook's.
-_NOTEBOOK = "rerank_cross_encoder.ipynb"
+# (tests/notebooks_test.py runs the other three from the checkout, and this
+# one too when this test is not in the session). Its install cell is the same
+# as every notebook's.
+NOTEBOOK = "rerank_cross_encoder.ipynb"
 # Fast compiles, one CPU device (conftest's 8 fake devices are not inherited).
 _RUN_ENV = {
     "JAX_PLATFORMS": "cpu",
@@ -108,7 +109,7 @@ def _scratch() -> str | None:
 
 
 def _install_cell() -> str:
-  with open(_REPO / "colab" / _NOTEBOOK) as f:
+  with open(_REPO / "colab" / NOTEBOOK) as f:
     nb = json.load(f)
   return "".join(next(c for c in nb["cells"]
                       if c["cell_type"] == "code")["source"])
@@ -263,7 +264,7 @@ class WheelTest(absltest.TestCase):
     self.addCleanup(
         lambda: os.environ.__setitem__("JUPYTER_PATH", old) if old is not None
         else os.environ.pop("JUPYTER_PATH", None))
-    nb = nbformat.read(str(_REPO / "colab" / _NOTEBOOK), as_version=4)
+    nb = nbformat.read(str(_REPO / "colab" / NOTEBOOK), as_version=4)
     workdir = self.create_tempdir("run").full_path
     nb.cells.insert(0, nbformat.v4.new_code_cell(
         "import lowrank, sys\n"
