@@ -586,10 +586,6 @@ def _canonical_names(names: Iterable[str]) -> dict[str, str]:
   return out
 
 
-_SUFFIX = {"kernel": "weight", "embedding": "weight", "scale": "weight",
-           "bias": "bias"}
-
-
 def hf_param_names(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
   """HF state-dict name of every `nnx.Param` of `model` -> its NNX path.
 
@@ -599,10 +595,11 @@ def hf_param_names(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
   names = {}
   for path, node in nnx.graph.iter_graph(model):
     if isinstance(node, nnx.Param):
-      if path[-1] not in _SUFFIX:
+      if path[-1] not in hf_io.PARAM_SUFFIX:
         raise ValueError(f"No HF name for parameter path {path}.")
       prefix = ".".join(str(p) for p in path[:-1])
-      names[f"{prefix}.{_SUFFIX[path[-1]]}"] = tuple(path)
+      suffix = hf_io.PARAM_SUFFIX[path[-1]]
+      names[f"{prefix}.{suffix}"] = tuple(path)
   return names
 
 
@@ -782,3 +779,4 @@ embed_texts = encoding.embed_texts
 embed = encoding.embed
 embed_trace_count = encoding.embed_trace_count
 bucket_length = encoding.bucket_length
+bucketed_batches = encoding.bucketed_batches

@@ -13,7 +13,7 @@ The model is a `lowrank.models.bert.BertModel` (anything called as
 `lowrank.models.bert.<name>`.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 import warnings
 
 from flax import nnx
@@ -132,6 +132,39 @@ def bucket_length(n: int, max_length: int) -> int:
   return max_length
 
 
+def bucketed_batches(
+    tokenizer: wordpiece.Tokenizer,
+    texts: Sequence[str],
+    *,
+    batch_size: int,
+    max_length: int,
+) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
+  """Length-sorted, bucket-padded batches of `texts` for a jitted forward.
+
+  Texts are tokenized once (truncated at `max_length`), sorted by length and
+  cut into batches of `batch_size` rows (the last one padded with empty
+  rows); each batch is padded to `bucket_length` of its longest text, so a
+  jitted forward sees at most one shape per length bucket.
+
+  Args:
+    tokenizer: The tokenizer.
+    texts: The texts (already checked to be strings).
+    batch_size: Rows per batch.
+    max_length: Truncation length, special tokens included.
+
+  Yields:
+    `(indices, batch)`: the positions in `texts` of the batch's first
+    `len(indices)` rows, and the padded `[batch_size, L]` int32 arrays.
+  """
+  encoded = tokenizer.tokenize_unpadded(texts, max_length=max_length)
+  order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
+  for start in range(0, len(order), batch_size):
+    idx = order[start:start + batch_size]
+    chunk = [encoded[i] for i in idx]
+    length = bucket_length(max(len(ids) for ids, _ in chunk), max_length)
+    yield idx, tokenizer.pad(chunk, length=length, batch=batch_size)
+
+
 def embed_texts(
     model: nnx.Module,
     tokenizer: wordpiece.Tokenizer,
@@ -179,15 +212,11 @@ def embed_texts(
   out = np.zeros((len(texts), model.config.hidden_size), np.float32)
   if not texts:
     return out
-  encoded = tokenizer.tokenize_unpadded(texts, max_length=max_length)
-  order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
   graphdef, state = nnx.split(nnx.view(model, deterministic=True))
-  for start in range(0, len(order), batch_size):
-    idx = order[start:start + batch_size]
-    chunk = [encoded[i] for i in idx]
-    length = bucket_length(max(len(ids) for ids, _ in chunk), max_length)
-    batch = tokenizer.pad(chunk, length=length, batch=batch_size)
-    batch_sharding = sharding.batch_sharding_like(state, (batch_size, length))
+  for idx, batch in bucketed_batches(tokenizer, texts, batch_size=batch_size,
+                                     max_length=max_length):
+    batch_sharding = sharding.batch_sharding_like(
+        state, batch["input_ids"].shape)
     if batch_sharding is not None:
       batch = jax.device_put(batch, batch_sharding)
     result = _embed_step_jit(

@@ -30,6 +30,12 @@ WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 # Pickled weights: named in errors, never opened.
 PICKLED_WEIGHTS_NAME = "pytorch_model.bin"
+# Flax parameter name -> HF state-dict suffix (`kernel`s are stored
+# transposed, as torch `[out, in]` weights).
+PARAM_SUFFIX = {
+    "kernel": "weight", "embedding": "weight", "scale": "weight",
+    "bias": "bias",
+}
 
 
 def checkpoint_dir(path: PathLike) -> pathlib.Path:

@@ -66,9 +66,6 @@ WEIGHTS_NAME = hf_io.WEIGHTS_NAME
 WEIGHTS_INDEX_NAME = hf_io.WEIGHTS_INDEX_NAME
 # Buffers some older checkpoints carry; they hold no weights.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
-# Flax parameter name -> HF suffix (`kernel`s are stored transposed).
-_SUFFIX = {"kernel": "weight", "embedding": "weight", "scale": "weight",
-           "bias": "bias"}
 # Transform metadata for the stacked layer axis: the logical name `layers`
 # (replicated by `sharding.LOGICAL_AXIS_RULES`), which is also how the GaLore
 # family finds one matrix per layer (`optim.stacked_axes_from(model)`).
@@ -954,9 +951,10 @@ def _entries(model: LlamaForCausalLM) -> dict[str, _Entry]:
     if not isinstance(node, nnx.Param):
       continue
     path = tuple(path)
-    if path[-1] not in _SUFFIX:
+    if path[-1] not in hf_io.PARAM_SUFFIX:
       raise ValueError(f"No HF name for parameter path {path}.")
-    parts = [str(p) for p in path[:-1]] + [_SUFFIX[path[-1]]]
+    parts = [str(p) for p in path[:-1]]
+    parts.append(hf_io.PARAM_SUFFIX[path[-1]])
     transpose = path[-1] == "kernel"
     if stacked and path[:2] == ("model", "layers"):
       for i in range(model.config.num_layers):
