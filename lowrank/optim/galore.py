@@ -356,6 +356,498 @@ def _rotate(x, c, side: str, squared: bool):
   return jnp.einsum("...mj,...ij->...mi", x, c)  # x: [..., m, r]
 
 
+class _Options(NamedTuple):
+  """`scale_by_galore`'s arguments after validation (see its docstring).
+
+  `group` is the resolved `projector_group_size`; the selectors are
+  compiled (`_compile_arguments`). `scale`, `residual_scale`, `fira_gamma`,
+  `cos_threshold` and `gap_growth` may be traced (`inject_hyperparams`).
+  """
+
+  rank: int
+  refresh_every: int
+  scale: Any
+  side: str
+  projector: str
+  rsvd_method: str
+  on_refresh: str
+  residual: str | None
+  residual_scale: Any
+  fira_gamma: Any
+  fira_leak: bool
+  stagger: int
+  stagger_layers: bool
+  project: Any
+  stacked_axes: Any
+  input_axes: Any
+  seed: int
+  projector_bits: int | None
+  group: int
+  adaptive_gap: bool
+  cos_threshold: Any
+  gap_growth: Any
+  cos_history: int
+
+
+class _LeafPlan(NamedTuple):
+  """Static per-leaf plan of `scale_by_galore`.
+
+  Attributes:
+    projected: Whether the leaf's gradient is projected.
+    side: Resolved side (`"left"` / `"right"`), None when not projected.
+    offset: The leaf's refresh offset, or with `stagger_layers` a tuple
+      with one offset per layer of the leaf.
+    view: The leaf's matrix view (None when it is not a matrix).
+  """
+
+  projected: bool
+  side: str | None
+  offset: int | tuple[int, ...]
+  view: matrix_view.MatrixView | None
+
+
+# Refreshing the bases: pure functions of the gradient, the stored bases and
+# the step count.
+
+
+def _store(p, opts: _Options):
+  """Bases as stored in the state (quantized with `projector_bits`)."""
+  if opts.projector_bits:
+    return quant.quantize(p, opts.projector_bits, opts.group)
+  return p
+
+
+def _load(p, opts: _Options):
+  """Float32 bases from their stored form."""
+  if opts.projector_bits:
+    return quant.dequantize(p, opts.projector_bits, opts.group)
+  return p
+
+
+def _plan(params, opts: _Options, warn: bool = False) -> list[_LeafPlan]:
+  """The static per-leaf plan (selection, side and refresh offsets)."""
+  leaves_plan = _select(params, opts.rank, opts.project, opts.stacked_axes,
+                        opts.input_axes)
+  if warn:
+    _warn_about(leaves_plan, opts.rank)
+  plan, k = [], 0
+  spacing = opts.refresh_every // opts.stagger
+  for leaf in leaves_plan:
+    flag, view = leaf.projected, leaf.view
+    s = projection.resolve_side(view.matrix_shape, opts.side) if flag else None
+    if flag and opts.stagger_layers:
+      num = math.prod(view.lead)
+      offset = tuple(((k + j) % opts.stagger) * spacing for j in range(num))
+      k += num
+    else:
+      offset = (k % opts.stagger) * spacing if flag else 0
+      k += bool(flag)
+    plan.append(_LeafPlan(flag, s, offset, view))
+  return plan
+
+
+def _low_shape(view: matrix_view.MatrixView, s: str, rank: int):
+  """Shape of a projected gradient: `[..., r, n]` or `[..., m, r]`."""
+  return view.lead + ((rank, view.n) if s == "left" else (view.m, rank))
+
+
+def _init_leaf(leaf, lp: _LeafPlan, opts: _Options):
+  """`(projector, residual norm, schedule, inner-state template)` of a leaf."""
+  placeholder = jnp.zeros((0,), jnp.float32)
+  if not lp.projected:
+    return (placeholder, placeholder, placeholder,
+            jnp.zeros(leaf.shape, leaf.dtype))
+  lead = lp.view.lead
+  shape = lead + (projection.basis_dim(lp.view.matrix_shape, lp.side),
+                  opts.rank)
+  proj = (quant.zeros(shape, opts.projector_bits, opts.group)
+          if opts.projector_bits else jnp.zeros(shape, jnp.float32))
+  sched = RefreshSchedule(
+      next_refresh=jnp.zeros(lead, jnp.int32),
+      gap=jnp.full(lead, opts.refresh_every, jnp.int32),
+      history=jnp.zeros(lead + (opts.cos_history,), jnp.float32),
+      num_history=jnp.zeros(lead, jnp.int32),
+  ) if opts.adaptive_gap else placeholder
+  return (proj, jnp.zeros(lead, jnp.float32), sched,
+          jnp.zeros(_low_shape(lp.view, lp.side, opts.rank), leaf.dtype))
+
+
+def _refresh_leaf(g, p_stored, s, refresh, key, after, opts: _Options):
+  """Stored bases with the layers flagged in `refresh` recomputed.
+
+  One `lax.cond` per leaf: the decomposition, the masked select and the
+  requantization run only on steps where some layer refreshes. `after`
+  (always True) orders this leaf's branch after the previous leaf's.
+  """
+  mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
+
+  def _recompute():
+    new = _store(projection.compute_projector(
+        g, opts.rank, s, opts.projector, key,
+        rsvd_method=opts.rsvd_method), opts)
+    return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, p_stored)
+
+  return jax.lax.cond(jnp.any(refresh) & after, _recompute,
+                      lambda: p_stored)
+
+
+def _refresh_layers(g, p_stored, s, offsets, key, count, after,
+                    opts: _Options):
+  """`stagger_layers`: recomputes only the layers whose turn it is.
+
+  Args:
+    g: Gradient `[..., m, n]`.
+    p_stored: Stored bases `[..., d, r]` (or their `Quantized` form).
+    s: Resolved side.
+    offsets: Static refresh offset of each layer (flattened lead dims).
+    key: This leaf's key at this step; layer `j` uses `fold_in(key, j)`.
+    count: Step count (traced).
+    after: Always True; orders this leaf's branch after the previous one.
+    opts: The transform's options.
+
+  Returns:
+    The new stored bases and the per-layer refresh flags `[...]`.
+  """
+  gap = opts.refresh_every
+  lead, num = g.shape[:-2], len(offsets)
+  flat = lambda x: x.reshape((num,) + x.shape[len(lead):])
+  gf, pf = flat(g), jax.tree.map(flat, p_stored)
+  refresh = _refresh_flag(count, np.asarray(offsets, np.int32), gap)
+  # Static: the layers sharing each distinct offset form a row of `table`,
+  # padded to the widest row by repeating its first layer (recomputing a
+  # layer twice writes the same basis twice, since keys depend on the
+  # layer only). Distinct offsets are distinct mod `refresh_every`, so at
+  # most one row is due per step.
+  starts = sorted(set(offsets))
+  rows = [[j for j, o in enumerate(offsets) if o == u] for u in starts]
+  width = max(len(r) for r in rows)
+  table = np.array([r + r[:1] * (width - len(r)) for r in rows], np.int32)
+  starts = np.asarray(starts, np.int32)
+  hits = (count >= starts) & ((count - starts) % gap == 0)
+  row = jnp.argmax(hits)
+  due = jnp.any(hits)
+
+  def _basis(gj, j):
+    return projection.compute_projector(
+        gj, opts.rank, s, opts.projector, jax.random.fold_in(key, j),
+        rsvd_method=opts.rsvd_method)
+
+  def _all():  # Step 0 (no basis yet) or a row that spans every layer.
+    # One key per layer, as `_some` uses; passed as a batch rather than
+    # vmapping `_basis`, whose rSVD fallback `lax.cond` would then
+    # compute both branches.
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num))
+    return _store(projection.compute_projector(
+        gf, opts.rank, s, opts.projector, keys,
+        rsvd_method=opts.rsvd_method), opts)
+
+  def _some():  # Static shapes: one [m, n] slice per slot of the row.
+    out, idx = pf, jnp.asarray(table)[row]
+    for slot in range(width):
+      j = idx[slot]
+      gj = jax.lax.dynamic_index_in_dim(gf, j, keepdims=False)
+      new = jax.tree.map(lambda x: x[None], _store(_basis(gj, j), opts))
+      out = jax.tree.map(
+          lambda a, b, j=j: jax.lax.dynamic_update_index_in_dim(a, b, j, 0),
+          out, new)
+    return out
+
+  if len(rows) == 1:  # Every layer shares one offset: no slicing needed.
+    stored = jax.lax.cond(((count == 0) | due) & after, _all, lambda: pf)
+  else:
+    whole = jnp.asarray(np.array([len(r) == num for r in rows]))
+    branch = jnp.where((count == 0) | (due & whole[row]), 2,
+                       jnp.where(due, 1, 0))
+    branch = jnp.where(after, branch, 0)
+    stored = jax.lax.switch(branch, [lambda: pf, _some, _all])
+  unflat = lambda x: x.reshape(lead + x.shape[1:])
+  return jax.tree.map(unflat, stored), refresh.reshape(lead)
+
+
+def _next_schedule(sched: RefreshSchedule, q, p, refresh, count,
+                   opts: _Options) -> RefreshSchedule:
+  """Q-GaLore's lazy refresh: grow the gap of layers with a stable basis.
+
+  Args:
+    sched: The leaf's schedule before this step.
+    q: The new bases `[..., d, r]` (float32).
+    p: The previous bases.
+    refresh: Lead-shaped flags of the layers refreshed at this step.
+    count: Step count (traced).
+    opts: The transform's options.
+
+  Returns:
+    The schedule after this step.
+  """
+  cos = jnp.abs(jnp.sum(q[..., :, 0] * p[..., :, 0], axis=-1))
+  valid = refresh & (count > 0)
+  hist = jnp.where(
+      valid[..., None],
+      jnp.concatenate([sched.history[..., 1:], cos[..., None]], -1),
+      sched.history,
+  )
+  num = jnp.where(valid, jnp.minimum(sched.num_history + 1,
+                                     opts.cos_history), sched.num_history)
+  grow = valid & (num >= opts.cos_history) & (
+      hist.mean(axis=-1) >= opts.cos_threshold)
+  gap = jnp.where(
+      grow, (sched.gap * opts.gap_growth).astype(jnp.int32), sched.gap)
+  return RefreshSchedule(
+      next_refresh=jnp.where(refresh, count + gap, sched.next_refresh),
+      gap=gap, history=hist, num_history=num,
+  )
+
+
+class _Refreshed(NamedTuple):
+  """One leaf's refresh step (`_refresh_and_project`); None if unprojected.
+
+  Attributes:
+    stored: The bases to store in the state.
+    schedule: The leaf's `RefreshSchedule` (or its placeholder).
+    refresh: Lead-shaped flags of the layers refreshed at this step.
+    basis: The new bases, float32 `[..., d, r]`.
+    rotation: `P_newᵀ P_old` with `on_refresh="rotate"`, else None.
+  """
+
+  stored: Any
+  schedule: Any
+  refresh: jax.Array
+  basis: jax.Array
+  rotation: jax.Array | None
+
+
+def _refresh_and_project(g, p_stored, sched, lp: _LeafPlan, key, count,
+                         after, opts: _Options) -> _Refreshed:
+  """Refreshes a projected leaf's bases when due (`g` is its matrix view)."""
+  if isinstance(lp.offset, tuple):  # stagger_layers
+    stored, refresh = _refresh_layers(g, p_stored, lp.side, lp.offset, key,
+                                      count, after, opts)
+  else:
+    if opts.adaptive_gap:  # One flag per layer of a stacked leaf.
+      refresh = (count == 0) | (count >= sched.next_refresh)
+    else:
+      refresh = _refresh_flag(count, lp.offset, opts.refresh_every)
+    refresh = jnp.broadcast_to(refresh, g.shape[:-2])
+    stored = _refresh_leaf(g, p_stored, lp.side, refresh, key, after, opts)
+  q = _load(stored, opts)
+  # The previous basis is only read by the adaptive schedule and by
+  # rotation.
+  rotate = opts.on_refresh == "rotate"
+  p = _load(p_stored, opts) if opts.adaptive_gap or rotate else None
+  if opts.adaptive_gap:
+    sched = _next_schedule(sched, q, p, refresh, count, opts)
+  return _Refreshed(
+      stored=stored, schedule=sched, refresh=refresh, basis=q,
+      rotation=jnp.einsum("...dr,...ds->...rs", q, p) if rotate else None)
+
+
+# The inner state on a refresh (`on_refresh`).
+
+
+def _on_refresh_inner_state(inner_state, params_like, plan: list[_LeafPlan],
+                            refreshed, rot, on_refresh: str):
+  """Applies `on_refresh` to the inner-state leaves of refreshed leaves.
+
+  `refreshed[i]` is the leaf's lead-shaped refresh flag (one per matrix)
+  and `rot[i]` its rotation `P_newᵀ P_old` (None unless rotating).
+  """
+  if on_refresh == "keep":
+    return inner_state
+  by_path = sorted(
+      (
+          (jax.tree_util.keystr(p), i)
+          for i, (p, _) in enumerate(
+              jax.tree_util.tree_leaves_with_path(params_like)
+          )
+      ),
+      key=lambda kv: -len(kv[0]),
+  )
+  low_shapes = [x.shape for x in jax.tree.leaves(params_like)]
+
+  def _fix(path, x):
+    path = list(path)
+    fields = []  # Trailing NamedTuple fields, e.g. `.codes` / `.scale`.
+    while path and isinstance(path[-1], jax.tree_util.GetAttrKey):
+      fields.insert(0, path.pop().name)
+    name = jax.tree_util.keystr(tuple(path))
+    for param_path, i in by_path:
+      if not name.endswith(param_path):
+        continue
+      lp = plan[i]
+      if not lp.projected:
+        return x
+      if (not fields and jnp.issubdtype(x.dtype, jnp.integer)
+          and x.shape == lp.view.lead):
+        # A per-matrix step count (`scale_by_adam_per_matrix`): restarts
+        # with the moments, so bias correction counts from the reset.
+        if on_refresh == "reset":
+          return jnp.where(refreshed[i], jnp.zeros_like(x), x)
+        return x
+      mask = jnp.expand_dims(refreshed[i], (-2, -1))  # Over [d, r].
+      if fields:  # A quantized moment (e.g. 8-bit Adam's BlockQuantized).
+        if on_refresh == "rotate":
+          raise ValueError(
+              "on_refresh='rotate' cannot rotate quantized inner moments "
+              f"({name}.{'.'.join(fields)}); use 'keep' or 'reset', or a "
+              "float inner optimizer."
+          )
+        if fields[-1] != "scale":
+          return x
+        # A zero block scale decodes every code of the block to zero.
+        return jnp.where(mask, jnp.zeros_like(x), x)
+      if x.shape != low_shapes[i]:
+        return x
+      if on_refresh == "reset":
+        new = jnp.zeros_like(x)
+      else:
+        squared = any(
+            getattr(k, "name", None) in _SECOND_MOMENT_NAMES for k in path
+        )
+        new = _rotate(x, rot[i], lp.side, squared)
+      return jnp.where(mask, new, x)
+    return x
+
+  return jax.tree_util.tree_map_with_path(_fix, inner_state)
+
+
+# Back to the full space: the scaled update plus the Fira / FRUGAL residual.
+
+
+def _residual(g32, r, u, q, s, nrm, a, opts: _Options):
+  """The Fira / FRUGAL residual term and the leaf's new residual norm.
+
+  Args:
+    g32: The gradient's matrix view, float32.
+    r: The projected gradient `Pᵀ G` / `G P`, float32.
+    u: The inner transform's output for this leaf.
+    q: The bases, float32.
+    s: Resolved side.
+    nrm: Last step's Fira residual norm `[...]`.
+    a: GaLore's α (`scale`), float32.
+    opts: The transform's options (`residual` is not None).
+
+  Returns:
+    `(residual, new norm)`; the residual is not yet multiplied by
+    `residual_scale`.
+  """
+  back_r = projection.project_back(r, q, s)
+  res = g32 - (a * back_r if opts.fira_leak else back_r)
+  if opts.residual == "fira":
+    # φ: ratio of column norms of the inner update and the projected
+    # gradient along the rank axis (Fira, Eq. 6).
+    axis = -2 if s == "left" else -1
+    phi = jnp.linalg.norm(u.astype(jnp.float32), axis=axis) / (
+        jnp.linalg.norm(r, axis=axis) + 1e-8
+    )
+    res = res * jnp.expand_dims(phi, axis)
+    snorm = jnp.linalg.norm(res, axis=(-2, -1))
+    limit = opts.fira_gamma * nrm
+    shrink = jnp.where(
+        (nrm > 0) & (snorm > limit), limit / (snorm + 1e-12), 1.0
+    )
+    return res * shrink[..., None, None], snorm * shrink
+  if opts.residual == "frugal_sign":
+    res = jnp.sign(res)
+  return res, nrm
+
+
+def _back_project_leaf(g, low, u, q, nrm, lp: _LeafPlan, opts: _Options):
+  """A projected leaf's full-space update and its new residual norm.
+
+  `g` is the gradient's matrix view, `low` its projection and `u` the
+  inner transform's output for it.
+  """
+  a = jnp.asarray(opts.scale, jnp.float32)
+  full = a * projection.project_back(u.astype(jnp.float32), q, lp.side)
+  if opts.residual is None:
+    return matrix_view.from_matrix(full.astype(g.dtype), lp.view), nrm
+  res, nrm = _residual(g.astype(jnp.float32), low.astype(jnp.float32), u, q,
+                       lp.side, nrm, a, opts)
+  full = full + jnp.asarray(opts.residual_scale, jnp.float32) * res
+  return matrix_view.from_matrix(full.astype(g.dtype), lp.view), nrm
+
+
+def _galore_init(params, inner, opts: _Options) -> GaLoreState:
+  """`scale_by_galore`'s `init`."""
+  params = nnx_interop.unbox(params)  # See `lowrank.optim._nnx`.
+  plan = _plan(params, opts, warn=True)
+  leaves, treedef = jax.tree.flatten(params)
+  proj, norms, sched, low = [], [], [], []
+  for leaf, lp in zip(leaves, plan):
+    p, n, s, lo = _init_leaf(leaf, lp, opts)
+    proj.append(p)
+    norms.append(n)
+    sched.append(s)
+    low.append(lo)
+  return GaLoreState(
+      count=jnp.zeros([], jnp.int32),
+      key=jax.random.key_data(jax.random.key(opts.seed)),
+      projector=treedef.unflatten(proj),
+      residual_norm=treedef.unflatten(norms),
+      schedule=treedef.unflatten(sched),
+      inner_state=inner.init(treedef.unflatten(low)),
+  )
+
+
+def _galore_update(updates, state: GaLoreState, inner, opts: _Options,
+                   **extra_args):
+  """`scale_by_galore`'s `update`: refresh, project, `inner`, project back."""
+  plan = _plan(updates, opts)
+  leaves, treedef = jax.tree.flatten(updates)
+  proj_leaves = treedef.flatten_up_to(state.projector)
+  sched_leaves = treedef.flatten_up_to(state.schedule)
+  key = jax.random.wrap_key_data(state.key)
+  count = state.count
+  mats, steps, low = [], [], []
+  previous = None  # The last projected leaf's new bases.
+  for i, (g, p_stored, sched, lp) in enumerate(
+      zip(leaves, proj_leaves, sched_leaves, plan)
+  ):
+    if not lp.projected:
+      mats.append(None)
+      steps.append(None)
+      low.append(g)
+      continue
+    g = matrix_view.to_matrix(g, lp.view)
+    leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), count)
+    step = _refresh_and_project(g, p_stored, sched, lp, leaf_key, count,
+                                _after(previous), opts)
+    previous = step.stored
+    mats.append(g)
+    steps.append(step)
+    low.append(projection.project(g, step.basis, lp.side))
+  low_tree = treedef.unflatten(low)
+  inner_state = _on_refresh_inner_state(
+      state.inner_state, low_tree, plan,
+      [None if x is None else x.refresh for x in steps],
+      [None if x is None else x.rotation for x in steps], opts.on_refresh)
+  low_updates, inner_state = inner.update(
+      low_tree, inner_state, None, **extra_args
+  )
+  out, new_norms = [], []
+  for g, lo, u, step, nrm, lp in zip(
+      mats, low, treedef.flatten_up_to(low_updates), steps,
+      treedef.flatten_up_to(state.residual_norm), plan):
+    if not lp.projected:
+      out.append(u)
+      new_norms.append(nrm)
+      continue
+    full, nrm = _back_project_leaf(g, lo, u, step.basis, nrm, lp, opts)
+    out.append(full)
+    new_norms.append(nrm)
+  return treedef.unflatten(out), GaLoreState(
+      count=optax.safe_int32_increment(count),
+      key=state.key,
+      projector=treedef.unflatten([
+          p if x is None else x.stored for p, x in zip(proj_leaves, steps)]),
+      residual_norm=treedef.unflatten(new_norms),
+      schedule=treedef.unflatten([
+          s if x is None else x.schedule
+          for s, x in zip(sched_leaves, steps)]),
+      inner_state=inner_state,
+  )
+
+
 def scale_by_galore(
     inner: optax.GradientTransformation,
     *,
@@ -500,350 +992,23 @@ def scale_by_galore(
   project, stacked_axes, input_axes = _compile_arguments(
       project, stacked_axes, input_axes)
   inner = optax.with_extra_args_support(inner)
-
-  def _store(p):
-    return quant.quantize(p, projector_bits, group) if projector_bits else p
-
-  def _load(p):
-    return quant.dequantize(p, projector_bits, group) if projector_bits else p
-
-  def _plan(params, warn=False):
-    """Static per-leaf plan `(projected, side, offset, view)`.
-
-    `offset` is an int (the leaf's refresh offset) or, with
-    `stagger_layers`, a tuple with one offset per layer of the leaf.
-    """
-    leaves_plan = _select(params, rank, project, stacked_axes, input_axes)
-    if warn:
-      _warn_about(leaves_plan, rank)
-    plan, k = [], 0
-    spacing = refresh_every // stagger
-    for leaf in leaves_plan:
-      flag, view = leaf.projected, leaf.view
-      s = projection.resolve_side(view.matrix_shape, side) if flag else None
-      if flag and stagger_layers:
-        num = math.prod(view.lead)
-        offset = tuple(((k + j) % stagger) * spacing for j in range(num))
-        k += num
-      else:
-        offset = (k % stagger) * spacing if flag else 0
-        k += bool(flag)
-      plan.append((flag, s, offset, view))
-    return plan
-
-  def _low_shape(view, s):
-    return view.lead + ((rank, view.n) if s == "left" else (view.m, rank))
+  opts = _Options(
+      rank=rank, refresh_every=refresh_every, scale=scale, side=side,
+      projector=projector, rsvd_method=rsvd_method, on_refresh=on_refresh,
+      residual=residual, residual_scale=residual_scale,
+      fira_gamma=fira_gamma, fira_leak=fira_leak, stagger=stagger,
+      stagger_layers=stagger_layers, project=project,
+      stacked_axes=stacked_axes, input_axes=input_axes, seed=seed,
+      projector_bits=projector_bits, group=group, adaptive_gap=adaptive_gap,
+      cos_threshold=cos_threshold, gap_growth=gap_growth,
+      cos_history=cos_history)
 
   def init_fn(params):
-    params = nnx_interop.unbox(params)  # See `lowrank.optim._nnx`.
-    plan = _plan(params, warn=True)
-    leaves, treedef = jax.tree.flatten(params)
-    proj, norms, sched, low = [], [], [], []
-    for leaf, (flag, s, _, view) in zip(leaves, plan):
-      placeholder = jnp.zeros((0,), jnp.float32)
-      if flag:
-        lead = view.lead
-        shape = lead + (projection.basis_dim(view.matrix_shape, s), rank)
-        proj.append(
-            quant.zeros(shape, projector_bits, group)
-            if projector_bits else jnp.zeros(shape, jnp.float32)
-        )
-        norms.append(jnp.zeros(lead, jnp.float32))
-        sched.append(
-            RefreshSchedule(
-                next_refresh=jnp.zeros(lead, jnp.int32),
-                gap=jnp.full(lead, refresh_every, jnp.int32),
-                history=jnp.zeros(lead + (cos_history,), jnp.float32),
-                num_history=jnp.zeros(lead, jnp.int32),
-            ) if adaptive_gap else placeholder
-        )
-        low.append(jnp.zeros(_low_shape(view, s), leaf.dtype))
-      else:
-        proj.append(placeholder)
-        norms.append(placeholder)
-        sched.append(placeholder)
-        low.append(jnp.zeros(leaf.shape, leaf.dtype))
-    return GaLoreState(
-        count=jnp.zeros([], jnp.int32),
-        key=jax.random.key_data(jax.random.key(seed)),
-        projector=treedef.unflatten(proj),
-        residual_norm=treedef.unflatten(norms),
-        schedule=treedef.unflatten(sched),
-        inner_state=inner.init(treedef.unflatten(low)),
-    )
-
-  def _transform_inner_state(inner_state, params_like, plan, refreshed, rot):
-    """Applies `on_refresh` to the inner-state leaves of refreshed leaves.
-
-    `refreshed[i]` is the leaf's lead-shaped refresh flag (one per matrix).
-    """
-    if on_refresh == "keep":
-      return inner_state
-    by_path = sorted(
-        (
-            (jax.tree_util.keystr(p), i)
-            for i, (p, _) in enumerate(
-                jax.tree_util.tree_leaves_with_path(params_like)
-            )
-        ),
-        key=lambda kv: -len(kv[0]),
-    )
-    low_shapes = [x.shape for x in jax.tree.leaves(params_like)]
-
-    def _fix(path, x):
-      path = list(path)
-      fields = []  # Trailing NamedTuple fields, e.g. `.codes` / `.scale`.
-      while path and isinstance(path[-1], jax.tree_util.GetAttrKey):
-        fields.insert(0, path.pop().name)
-      name = jax.tree_util.keystr(tuple(path))
-      for param_path, i in by_path:
-        if not name.endswith(param_path):
-          continue
-        flag, s, _, view = plan[i]
-        if not flag:
-          return x
-        if (not fields and jnp.issubdtype(x.dtype, jnp.integer)
-            and x.shape == view.lead):
-          # A per-matrix step count (`scale_by_adam_per_matrix`): restarts
-          # with the moments, so bias correction counts from the reset.
-          if on_refresh == "reset":
-            return jnp.where(refreshed[i], jnp.zeros_like(x), x)
-          return x
-        mask = jnp.expand_dims(refreshed[i], (-2, -1))  # Over [d, r].
-        if fields:  # A quantized moment (e.g. 8-bit Adam's BlockQuantized).
-          if on_refresh == "rotate":
-            raise ValueError(
-                "on_refresh='rotate' cannot rotate quantized inner moments "
-                f"({name}.{'.'.join(fields)}); use 'keep' or 'reset', or a "
-                "float inner optimizer."
-            )
-          if fields[-1] != "scale":
-            return x
-          # A zero block scale decodes every code of the block to zero.
-          return jnp.where(mask, jnp.zeros_like(x), x)
-        if x.shape != low_shapes[i]:
-          return x
-        if on_refresh == "reset":
-          new = jnp.zeros_like(x)
-        else:
-          squared = any(
-              getattr(k, "name", None) in _SECOND_MOMENT_NAMES for k in path
-          )
-          new = _rotate(x, rot[i], s, squared)
-        return jnp.where(mask, new, x)
-      return x
-
-    return jax.tree_util.tree_map_with_path(_fix, inner_state)
-
-  def _refresh_leaf(g, p_stored, s, refresh, key, after):
-    """Stored bases with the layers flagged in `refresh` recomputed.
-
-    One `lax.cond` per leaf: the decomposition, the masked select and the
-    requantization run only on steps where some layer refreshes. `after`
-    (always True) orders this leaf's branch after the previous leaf's.
-    """
-    mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
-
-    def _recompute():
-      new = _store(projection.compute_projector(
-          g, rank, s, projector, key, rsvd_method=rsvd_method))
-      return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, p_stored)
-
-    return jax.lax.cond(jnp.any(refresh) & after, _recompute,
-                        lambda: p_stored)
-
-  def _refresh_layers(g, p_stored, s, offsets, key, count, after):
-    """`stagger_layers`: recomputes only the layers whose turn it is.
-
-    Args:
-      g: Gradient `[..., m, n]`.
-      p_stored: Stored bases `[..., d, r]` (or their `Quantized` form).
-      s: Resolved side.
-      offsets: Static refresh offset of each layer (flattened lead dims).
-      key: This leaf's key at this step; layer `j` uses `fold_in(key, j)`.
-      count: Step count (traced).
-      after: Always True; orders this leaf's branch after the previous one.
-
-    Returns:
-      The new stored bases and the per-layer refresh flags `[...]`.
-    """
-    lead, num = g.shape[:-2], len(offsets)
-    flat = lambda x: x.reshape((num,) + x.shape[len(lead):])
-    gf, pf = flat(g), jax.tree.map(flat, p_stored)
-    refresh = _refresh_flag(count, np.asarray(offsets, np.int32), refresh_every)
-    # Static: the layers sharing each distinct offset form a row of `table`,
-    # padded to the widest row by repeating its first layer (recomputing a
-    # layer twice writes the same basis twice, since keys depend on the
-    # layer only). Distinct offsets are distinct mod `refresh_every`, so at
-    # most one row is due per step.
-    starts = sorted(set(offsets))
-    rows = [[j for j, o in enumerate(offsets) if o == u] for u in starts]
-    width = max(len(r) for r in rows)
-    table = np.array([r + r[:1] * (width - len(r)) for r in rows], np.int32)
-    starts = np.asarray(starts, np.int32)
-    hits = (count >= starts) & ((count - starts) % refresh_every == 0)
-    row = jnp.argmax(hits)
-    due = jnp.any(hits)
-
-    def _basis(gj, j):
-      return projection.compute_projector(
-          gj, rank, s, projector, jax.random.fold_in(key, j),
-          rsvd_method=rsvd_method)
-
-    def _all():  # Step 0 (no basis yet) or a row that spans every layer.
-      # One key per layer, as `_some` uses; passed as a batch rather than
-      # vmapping `_basis`, whose rSVD fallback `lax.cond` would then
-      # compute both branches.
-      keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num))
-      return _store(projection.compute_projector(
-          gf, rank, s, projector, keys, rsvd_method=rsvd_method))
-
-    def _some():  # Static shapes: one [m, n] slice per slot of the row.
-      out, idx = pf, jnp.asarray(table)[row]
-      for slot in range(width):
-        j = idx[slot]
-        gj = jax.lax.dynamic_index_in_dim(gf, j, keepdims=False)
-        new = jax.tree.map(lambda x: x[None], _store(_basis(gj, j)))
-        out = jax.tree.map(
-            lambda a, b, j=j: jax.lax.dynamic_update_index_in_dim(a, b, j, 0),
-            out, new)
-      return out
-
-    if len(rows) == 1:  # Every layer shares one offset: no slicing needed.
-      stored = jax.lax.cond(((count == 0) | due) & after, _all, lambda: pf)
-    else:
-      whole = jnp.asarray(np.array([len(r) == num for r in rows]))
-      branch = jnp.where((count == 0) | (due & whole[row]), 2,
-                         jnp.where(due, 1, 0))
-      branch = jnp.where(after, branch, 0)
-      stored = jax.lax.switch(branch, [lambda: pf, _some, _all])
-    unflat = lambda x: x.reshape(lead + x.shape[1:])
-    return jax.tree.map(unflat, stored), refresh.reshape(lead)
+    return _galore_init(params, inner, opts)
 
   def update_fn(updates, state, params=None, **extra_args):
     del params  # `inner` works on projected shapes; see docstring.
-    plan = _plan(updates)
-    leaves, treedef = jax.tree.flatten(updates)
-    proj_leaves = treedef.flatten_up_to(state.projector)
-    norm_leaves = treedef.flatten_up_to(state.residual_norm)
-    sched_leaves = treedef.flatten_up_to(state.schedule)
-    key = jax.random.wrap_key_data(state.key)
-    count = state.count
-    new_proj, new_sched, low, refreshed, rot, bases = [], [], [], [], [], []
-    mats = []  # Gradients of projected leaves as `[..., m, n]` views.
-    previous = None  # The last projected leaf's new bases.
-    for i, (g, p_stored, sched, (flag, s, offset, view)) in enumerate(
-        zip(leaves, proj_leaves, sched_leaves, plan)
-    ):
-      if not flag:
-        mats.append(None)
-        new_proj.append(p_stored)
-        new_sched.append(sched)
-        low.append(g)
-        refreshed.append(None)
-        rot.append(None)
-        bases.append(None)
-        continue
-      g = matrix_view.to_matrix(g, view)
-      mats.append(g)
-      leaf_key = jax.random.fold_in(jax.random.fold_in(key, i), count)
-      after = _after(previous)
-      if isinstance(offset, tuple):  # stagger_layers
-        stored, refresh = _refresh_layers(g, p_stored, s, offset, leaf_key,
-                                          count, after)
-      else:
-        if adaptive_gap:  # One flag per layer of a stacked leaf.
-          refresh = (count == 0) | (count >= sched.next_refresh)
-        else:
-          refresh = _refresh_flag(count, offset, refresh_every)
-        refresh = jnp.broadcast_to(refresh, g.shape[:-2])
-        stored = _refresh_leaf(g, p_stored, s, refresh, leaf_key, after)
-      previous = stored
-      q = _load(stored)
-      # The previous basis is only read by the adaptive schedule and by
-      # rotation.
-      p = _load(p_stored) if adaptive_gap or on_refresh == "rotate" else None
-      if adaptive_gap:
-        cos = jnp.abs(jnp.sum(q[..., :, 0] * p[..., :, 0], axis=-1))
-        valid = refresh & (count > 0)
-        hist = jnp.where(
-            valid[..., None],
-            jnp.concatenate([sched.history[..., 1:], cos[..., None]], -1),
-            sched.history,
-        )
-        num = jnp.where(valid, jnp.minimum(sched.num_history + 1,
-                                           cos_history), sched.num_history)
-        grow = valid & (num >= cos_history) & (
-            hist.mean(axis=-1) >= cos_threshold)
-        gap = jnp.where(
-            grow, (sched.gap * gap_growth).astype(jnp.int32), sched.gap)
-        sched = RefreshSchedule(
-            next_refresh=jnp.where(refresh, count + gap, sched.next_refresh),
-            gap=gap, history=hist, num_history=num,
-        )
-      new_proj.append(stored)
-      new_sched.append(sched)
-      refreshed.append(refresh)
-      bases.append(q)
-      rot.append(
-          jnp.einsum("...dr,...ds->...rs", q, p)
-          if on_refresh == "rotate" else None
-      )
-      low.append(projection.project(g, q, s))
-    low_tree = treedef.unflatten(low)
-    inner_state = _transform_inner_state(
-        state.inner_state, low_tree, plan, refreshed, rot
-    )
-    low_updates, inner_state = inner.update(
-        low_tree, inner_state, None, **extra_args
-    )
-    out, new_norms = [], []
-    for i, (g, u, q, nrm, (flag, s, _, view)) in enumerate(
-        zip(mats, treedef.flatten_up_to(low_updates), bases,
-            norm_leaves, plan)
-    ):
-      if not flag:
-        out.append(u)
-        new_norms.append(nrm)
-        continue
-      a = jnp.asarray(scale, jnp.float32)
-      full = a * projection.project_back(u.astype(jnp.float32), q, s)
-      if residual is not None:
-        g32 = g.astype(jnp.float32)
-        r = low[i].astype(jnp.float32)
-        back_r = projection.project_back(r, q, s)
-        res = g32 - (a * back_r if fira_leak else back_r)
-        if residual == "fira":
-          # φ: ratio of column norms of the inner update and the projected
-          # gradient along the rank axis (Fira, Eq. 6).
-          axis = -2 if s == "left" else -1
-          phi = jnp.linalg.norm(u.astype(jnp.float32), axis=axis) / (
-              jnp.linalg.norm(r, axis=axis) + 1e-8
-          )
-          res = res * jnp.expand_dims(phi, axis)
-          snorm = jnp.linalg.norm(res, axis=(-2, -1))
-          limit = fira_gamma * nrm
-          shrink = jnp.where(
-              (nrm > 0) & (snorm > limit), limit / (snorm + 1e-12), 1.0
-          )
-          res = res * shrink[..., None, None]
-          new_norms.append(snorm * shrink)
-        else:
-          if residual == "frugal_sign":
-            res = jnp.sign(res)
-          new_norms.append(nrm)
-        full = full + jnp.asarray(residual_scale, jnp.float32) * res
-      else:
-        new_norms.append(nrm)
-      out.append(matrix_view.from_matrix(full.astype(g.dtype), view))
-    return treedef.unflatten(out), GaLoreState(
-        count=optax.safe_int32_increment(count),
-        key=state.key,
-        projector=treedef.unflatten(new_proj),
-        residual_norm=treedef.unflatten(new_norms),
-        schedule=treedef.unflatten(new_sched),
-        inner_state=inner_state,
-    )
+    return _galore_update(updates, state, inner, opts, **extra_args)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
