@@ -10,16 +10,17 @@ Any BEIR-format directory (train on qrels/train.tsv, rerank test.tsv):
 
   python -m experiments.train_reranker --workdir=/tmp/rr_scifact \
       --config=experiments/configs/train_reranker.py \
-      --config.data=beir:../shared/data/beir/scifact
+      --config.data.spec=beir:../shared/data/beir/scifact
 
-`--config.method=full` fine-tunes every weight; `--config.optimizer.name=
-galore_adamw` (with `--config.method=full`) uses GaLore. `:smoke` selects the
-few-step test preset. Rerunning the same command resumes from the latest
-checkpoint in --workdir.
+`--config.adapter.method=full` fine-tunes every weight; with it,
+`--config.optimizer.name=galore_adamw --config.optimizer.rank=64` uses
+GaLore (`config.optimizer` holds exactly the factory's arguments). `:smoke`
+is the few-step test preset. Rerunning the same command resumes from the
+latest checkpoint in --workdir.
 
-`:scifact` is the SciFact run of /work/notes/results_rerank.md (BM25 top-100,
-rerank top-30 at 256 tokens, 300 LoRA steps, z-score fusion with the weight
-chosen on 10% held-out train queries):
+`:scifact` is the SciFact run of RESULTS.md (BM25 top-100, rerank top-30 at
+256 tokens, 300 LoRA steps, z-score fusion with the weight chosen on 10%
+held-out train queries):
 
   python -m experiments.train_reranker --workdir=/tmp/rr_scifact \
       --config=experiments/configs/train_reranker.py:scifact
@@ -32,83 +33,59 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the experiment config; `arg` picks a preset ("smoke")."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = "code_search"  # or "beir:<directory>"
-  config.model_path = ""  # HF-format BERT directory; "" = bundled MiniLM.
-  config.pooling = "cls"  # cross_encoder.POOLINGS
-  # "full", or an adapter method of lowrank.adapters.METHODS.
-  config.method = "lora"
-  # A loss of lowrank.ranking.cross_encoder.LOSSES, over groups of one
-  # positive and group_size - 1 BM25-mined negatives per query.
-  config.loss = "softmax_ce"
-  config.num_train_steps = 200
-  config.queries_per_batch = 4
-  config.group_size = 8
-  config.dev_fraction = 0.1  # Train queries held out (dev loss, fusion).
-  config.dev_every_steps = 100  # Dev loss/top-1 also at step 0 and the end.
-  config.negatives_depth = 100  # BM25 depth negatives are mined from.
-  config.negatives_pool = 30  # Negatives kept per query to sample from.
-  config.max_train_queries = 0  # 0 = every train query with a positive.
-  config.max_length = 128  # Pair length, special tokens included.
-  config.warmup_steps = 20
-  config.grad_clip_norm = 1.0  # Global-norm clipping; 0 = off.
-  config.log_every_steps = 10
-  config.checkpoint_every_steps = 50
-
-  # Evaluation: the first stage retrieves first_stage_depth documents per
-  # dev/test query, the cross-encoder rescores the top rerank_k, and
-  # alpha * CE + (1 - alpha) * first stage (per-query normalised scores,
-  # lowrank.ranking.fusion) is fused with alpha chosen on dev nDCG@10.
-  config.first_stage = "bm25"  # or "minilm" (the zero-shot bi-encoder).
-  config.first_stage_depth = 100
-  config.rerank_k = 100
-  config.fusion_normalization = "zscore"  # fusion.NORMALIZATIONS
-  config.eval_batch_size = 32
-  config.eval_max_queries = 0  # 0 = all test queries.
-
-  # == lowrank.adapters.inject keyword arguments.
-  config.adapter = ml_collections.ConfigDict()
-  config.adapter.targets = r"bert\..*\.(query|key|value|dense)"
-  config.adapter.rank = 16
-  config.adapter.alpha = 32.0
-  config.adapter.dropout = 0.0
-  config.adapter.init = "kaiming"
-  config.adapter.options = ml_collections.ConfigDict()
-
-  # == Optimizer: `name` is "adamw" (optax) or "galore_adamw"
-  # (lowrank.optim); the other fields are its keyword arguments (the
-  # warmup-cosine schedule wraps learning_rate).
-  config.optimizer = ml_collections.ConfigDict()
-  config.optimizer.name = "adamw"
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.weight_decay = 0.0
-  config.optimizer.b1 = 0.9
-  config.optimizer.b2 = 0.999
-  config.optimizer.options = ml_collections.ConfigDict()  # e.g. rank=...
+  config.data = dict(
+      spec="code_search",  # or "beir:<directory>"
+      max_train_queries=0,  # 0 = every train query with a positive.
+      dev_fraction=0.1,  # Train queries held out (dev loss, fusion weight).
+      negatives_depth=100,  # BM25 depth negatives are mined from.
+      negatives_pool=30,  # Negatives kept per query to sample from.
+      eval_max_queries=0)  # 0 = all test queries.
+  # path: HF-format BERT directory ("" = bundled MiniLM); pooling:
+  # cross_encoder.POOLINGS; max_length: pair length, special tokens included.
+  config.model = dict(path="", pooling="cls", max_length=128)
+  # == lowrank.adapters.inject's arguments; method "full" = no adapter.
+  config.adapter = dict(
+      method="lora", targets=r"bert\..*\.(query|key|value|dense)", rank=16,
+      alpha=32.0, dropout=0.0, init="kaiming")
+  # batch_size queries per step, each a group of one positive and
+  # group_size - 1 BM25-mined negatives scored with `loss` (a name of
+  # cross_encoder.LOSSES); grad_clip_norm: global-norm clipping (0 = off);
+  # eval_every: dev loss / top-1 cadence (and at the end).
+  config.train = dict(num_steps=200, batch_size=4, group_size=8,
+                      loss="softmax_ce", grad_clip_norm=1.0, log_every=10,
+                      checkpoint_every=50, eval_every=100)
+  # == The optimizer factory's arguments (lowrank.train.optimizer_from_config).
+  config.optimizer = dict(
+      name="adamw", weight_decay=0.0, b1=0.9, b2=0.999,
+      learning_rate=dict(schedule="warmup_cosine_decay_schedule",
+                         init_value=0.0, peak_value=1e-3, warmup_steps=20,
+                         decay_steps=200))
+  config.optimizer.learning_rate.decay_steps = config.train.get_ref(
+      "num_steps")
+  config.mesh = dict(data=1, fsdp=1, tensor=1)  # The first N devices.
+  # The first stage (bm25, or minilm: the zero-shot bi-encoder) retrieves
+  # first_stage_depth documents per dev/test query, the cross-encoder
+  # rescores the top rerank_k, and alpha * CE + (1 - alpha) * first stage
+  # (per-query normalised, lowrank.ranking.fusion) uses the alpha of best
+  # dev nDCG@10.
+  config.eval = dict(first_stage="bm25", first_stage_depth=100, rerank_k=100,
+                     fusion_normalization="zscore", batch_size=32)
 
   if arg == "smoke":
-    config.num_train_steps = 4
-    config.queries_per_batch = 2
-    config.group_size = 4
-    config.negatives_depth = 20
-    config.negatives_pool = 6
-    config.max_train_queries = 64
-    config.max_length = 48
-    config.warmup_steps = 1
-    config.log_every_steps = 2
-    config.checkpoint_every_steps = 2
-    config.first_stage_depth = 10
-    config.rerank_k = 5
-    config.eval_batch_size = 16
-    config.eval_max_queries = 12
-    config.adapter.rank = 4
-    config.adapter.alpha = 8.0
+    config.data.update(negatives_depth=20, negatives_pool=6,
+                       max_train_queries=64, eval_max_queries=12)
+    config.model.max_length = 48
+    config.adapter.update(rank=4, alpha=8.0)
+    config.train.update(num_steps=4, batch_size=2, group_size=4, log_every=2,
+                        checkpoint_every=2)
+    config.optimizer.learning_rate.warmup_steps = 1
+    config.eval.update(first_stage_depth=10, rerank_k=5, batch_size=16)
   elif arg == "scifact":
-    config.data = "beir:../shared/data/beir/scifact"
-    config.max_length = 256
-    config.num_train_steps = 300
-    config.warmup_steps = 30
-    config.dev_every_steps = 150
-    config.rerank_k = 30
+    config.data.spec = "beir:../shared/data/beir/scifact"
+    config.model.max_length = 256
+    config.train.update(num_steps=300, eval_every=150)
+    config.optimizer.learning_rate.warmup_steps = 30
+    config.eval.rerank_k = 30
   elif arg:
     raise ValueError(f"Unknown preset {arg!r}; expected 'smoke', 'scifact' "
                      "or none.")

@@ -1,15 +1,18 @@
-"""End-to-end tests of experiments/rerank_decoder.py on the smoke preset."""
+"""End-to-end tests of experiments/rerank_decoder.py on the smoke preset.
+
+One smoke run (and one resumed copy of it) is shared by the test methods.
+"""
 
 import json
 import os
+import shutil
 
 from absl.testing import absltest
-import numpy as np
 
 from experiments import rerank_decoder
 from experiments.configs import rerank_decoder as config_lib
 from lowrank import metric_writers
-from lowrank.data import code_search
+from lowrank.data import specs
 from lowrank.ranking import first
 
 
@@ -21,50 +24,51 @@ def _losses(workdir, phase):
 class ConfigTest(absltest.TestCase):
 
   def test_presets_and_bad_values(self):
-    self.assertEqual(config_lib.get_config().window, 10)
-    self.assertEqual(config_lib.get_config("smoke").first.num_train_steps, 4)
+    self.assertEqual(config_lib.get_config().eval.window, 10)
+    smoke = config_lib.get_config("smoke")
+    self.assertEqual(smoke.first.train.num_steps, 4)
+    self.assertEqual(smoke.first.optimizer.learning_rate.decay_steps, 4)
     with self.assertRaisesRegex(ValueError, "Unknown preset"):
       config_lib.get_config("large")
-    cases = [(("stride",), 0, "stride must be in"),
-             (("first", "ltr_loss"), "hinge", "Unknown LTR loss"),
-             (("first", "window"), 1, "first.window"),
-             (("window",), 27, "config.window"),
-             (("rerank_k",), 0, "rerank_k must be positive"),
-             (("rerankers",), "first,prp", "Unknown rerankers")]
-    for path, value, message in cases:
+    cases = [("eval.stride", 0, "stride must be a positive integer"),
+             ("first.ltr_loss", "hinge", "ltr_loss must be one of"),
+             ("first.window", 1, "first.window must be a number in"),
+             ("eval.window", 27, "eval.window must be a number in"),
+             ("eval.rerank_k", 0, "rerank_k must be a positive integer"),
+             ("eval.rerankers", "first,prp", "Unknown rerankers"),
+             ("adapter.method", "lorax", "adapter.method must be")]
+    for key, value, message in cases:
       config = config_lib.get_config("smoke")
       with config.unlocked():
-        target = config
-        for key in path[:-1]:
-          target = target[key]
-        target[path[-1]] = value
-      with self.assertRaisesRegex(ValueError, message):
+        section, leaf = key.split(".")
+        config[section][leaf] = value
+      with self.subTest(key), self.assertRaisesRegex(ValueError, message):
         rerank_decoder.train_and_evaluate(config,
                                           self.create_tempdir().full_path)
 
-  def test_training_lists_hold_the_positive(self):
-    config = config_lib.get_config("smoke")
-    train = code_search.load_code_search("train")
-    lists = rerank_decoder.training_lists(train, config)
-    self.assertLen(lists, 32)
-    for qid, docs, labels in lists:
-      self.assertLen(docs, config.first.window)
-      self.assertLen(set(docs), config.first.window)
-      self.assertEqual(sum(labels), 1.0)
-      self.assertIn(docs[labels.index(1.0)], train.qrels[qid])
-    batch = rerank_decoder.first_batch(lists, train, config, 3)
-    self.assertEqual(batch["ids"].shape[0], config.first.batch_size)
-    self.assertEqual(batch["ids"].shape[1] % 64, 0)
-    self.assertTrue(np.all(batch["where"]))
-
 
 class TrainAndEvaluateTest(absltest.TestCase):
+  """The smoke run, and a copy interrupted after FIRST step 2 and rerun."""
 
-  def test_smoke_runs_and_rerun_resumes_to_the_same_result(self):
-    config = config_lib.get_config("smoke")
-    straight = self.create_tempdir().full_path
-    full = rerank_decoder.train_and_evaluate(config, straight)
-    rows = full["metrics"]
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = config_lib.get_config("smoke")
+    root = absltest.get_default_test_tmpdir()
+    cls.straight = os.path.join(root, "rerank_decoder_straight")
+    shutil.rmtree(cls.straight, ignore_errors=True)
+    cls.full = rerank_decoder.train_and_evaluate(cls.config, cls.straight)
+    cls.resumed = os.path.join(root, "rerank_decoder_resumed")
+    shutil.rmtree(cls.resumed, ignore_errors=True)
+    shutil.copytree(cls.straight, cls.resumed)
+    shutil.rmtree(os.path.join(cls.resumed, "first", "checkpoints", "4"))
+    for name in os.listdir(cls.resumed):
+      if name.startswith(("reranked_", "results")):
+        os.remove(os.path.join(cls.resumed, name))
+    cls.again = rerank_decoder.train_and_evaluate(cls.config, cls.resumed)
+
+  def test_rankings_and_outputs(self):
+    rows = self.full["metrics"]
     self.assertEqual(set(rows), {
         "bm25", "shuffled", "oracle", "windows_random", "first",
         "first_shuffled", "icr_pretrained", "icr_pretrained_uncalibrated",
@@ -77,49 +81,44 @@ class TrainAndEvaluateTest(absltest.TestCase):
                              msg=name)
     self.assertGreaterEqual(rows["oracle"]["ndcg_cut_10"],
                             max(v["ndcg_cut_10"] for v in rows.values()))
-    self.assertEqual(full["test_queries"], 6)
+    self.assertEqual(self.full["test_queries"], 6)
+    self.assertEqual(self.full["train_lists"], 32)
     for name in ("results.md", "results.json", "first_stage_bm25.json",
                  "reranked_first.json", "reranked_icr_pretrained.json",
                  "pretrain/metrics.csv", "first/metrics.csv"):
-      self.assertTrue(os.path.exists(os.path.join(straight, name)), name)
-    with open(os.path.join(straight, "reranked_first.json")) as f:
+      self.assertTrue(os.path.exists(os.path.join(self.straight, name)), name)
+    self.assertEqual(sorted(_losses(self.straight, "first")), [2, 4])
+
+  def test_saved_decoder_reloads_and_reranks_the_same(self):
+    # As benchmarks/rerank_bench.py does.
+    with open(os.path.join(self.straight, "reranked_first.json")) as f:
       reranked = json.load(f)
-    with open(os.path.join(straight, "first_stage_bm25.json")) as f:
+    with open(os.path.join(self.straight, "first_stage_bm25.json")) as f:
       bm25_run = json.load(f)
     for qid, ranking in bm25_run.items():
       self.assertEqual(set(reranked[qid]), set(ranking))
-    self.assertEqual(sorted(_losses(straight, "first")), [2, 4])
-    # The saved FIRST decoder reloads (as benchmarks/rerank_bench.py does)
-    # and reranks to the same run.
-    model, step = rerank_decoder.load_trained(config, straight)
+    model, step = rerank_decoder.load_trained(self.config, self.straight)
     self.assertEqual(step, 4)
-    test = code_search.load_code_search("test", max_queries=6)
-    fmt, _ = rerank_decoder.prompt_formats(config)
+    test = specs.load("code_search", "test", max_queries=6)
+    fmt, _ = rerank_decoder.prompt_formats(self.config)
+    e = self.config.eval
     again = first.rerank(model, rerank_decoder.TOKENIZER, test.queries,
-                         test.corpus, bm25_run, k=config.rerank_k,
-                         window=config.window, stride=config.stride,
-                         prompt_format=fmt)
+                         test.corpus, bm25_run, k=e.rerank_k, window=e.window,
+                         stride=e.stride, prompt_format=fmt)
     self.assertEqual(again, reranked)
-    with self.assertRaises(FileNotFoundError):
-      rerank_decoder.load_trained(config, self.create_tempdir().full_path)
+    with self.assertRaisesRegex(FileNotFoundError, "No first checkpoint"):
+      rerank_decoder.load_trained(self.config,
+                                  self.create_tempdir().full_path)
 
-    # Interrupted after FIRST step 2, then the same command: it resumes
-    # (pretraining is finished and not rerun) to the same numbers.
-    resumed = self.create_tempdir().full_path
-    with config.unlocked():
-      config.first.num_train_steps = 2
-    rerank_decoder.train_and_evaluate(config, resumed)
-    with config.unlocked():
-      config.first.num_train_steps = 4
-    again = rerank_decoder.train_and_evaluate(config, resumed)
-    self.assertEqual(again["pretrain"]["resumed_from_step"], 2)
-    self.assertEqual(again["first"]["resumed_from_step"], 2)
-    self.assertAlmostEqual(_losses(resumed, "first")[4],
-                           _losses(straight, "first")[4], places=5)
-    for name, vals in full["metrics"].items():
+  def test_rerun_resumes_to_the_same_result(self):
+    self.assertEqual(self.again["pretrain"]["resumed_from_step"], 2)
+    self.assertEqual(self.again["first"]["resumed_from_step"], 2)
+    self.assertAlmostEqual(_losses(self.resumed, "first")[4],
+                           _losses(self.straight, "first")[4], places=5)
+    for name, vals in self.full["metrics"].items():
       for key, value in vals.items():
-        self.assertAlmostEqual(again["metrics"][name][key], value, places=6,
-                               msg=f"{name} {key}")
+        self.assertAlmostEqual(self.again["metrics"][name][key], value,
+                               places=6, msg=f"{name} {key}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""End-to-end tests of experiments/train_reranker.py on the smoke preset."""
+"""End-to-end tests of experiments/train_reranker.py on the smoke preset.
+
+One smoke run (and one resumed copy of it) is shared by the test methods.
+"""
 
 import json
 import os
@@ -11,6 +14,7 @@ import numpy as np
 from experiments import train_reranker
 from experiments.configs import train_reranker as config_lib
 from lowrank import metric_writers
+from lowrank.data import specs
 from lowrank.ranking import fusion
 from lowrank.retrieval import metrics
 
@@ -38,86 +42,78 @@ def _load(workdir, name):
 class ConfigTest(absltest.TestCase):
 
   def test_presets_load(self):
-    self.assertEqual(config_lib.get_config().method, "lora")
-    self.assertEqual(config_lib.get_config().data, "code_search")
-    self.assertEqual(config_lib.get_config("smoke").num_train_steps, 4)
+    config = config_lib.get_config()
+    self.assertEqual(config.adapter.method, "lora")
+    self.assertEqual(config.data.spec, "code_search")
+    self.assertEqual(config_lib.get_config("smoke").train.num_steps, 4)
     scifact = config_lib.get_config("scifact")
-    self.assertEqual((scifact.max_length, scifact.rerank_k), (256, 30))
-    self.assertTrue(scifact.data.startswith("beir:"))
+    self.assertEqual((scifact.model.max_length, scifact.eval.rerank_k),
+                     (256, 30))
+    self.assertTrue(scifact.data.spec.startswith("beir:"))
     with self.assertRaisesRegex(ValueError, "Unknown preset"):
       config_lib.get_config("large")
 
-  def test_bad_data_spec(self):
-    with self.assertRaisesRegex(ValueError, "Unknown data spec"):
-      train_reranker.load_data("imagenet")
+  def test_schedule_follows_num_steps(self):
+    config = config_lib.get_config("smoke")
+    config.train.num_steps = 9
+    self.assertEqual(config.optimizer.learning_rate.decay_steps, 9)
 
   def test_bad_config_values(self):
-    cases = {
-        "first_stage": ("splade", "first_stage"),
-        "method": ("lorax", "method must be"),
-        "loss": ("hinge", "Unknown loss"),
-        "rerank_k": (0, "rerank_k must be positive"),
-        "group_size": (1, "group_size"),
-        "negatives_pool": (2, "negatives_pool"),
-        "first_stage_depth": (4, "first_stage_depth"),
-        "dev_fraction": (0.0, "dev_fraction"),
-        "fusion_normalization": ("softmax", "fusion_normalization"),
-        "grad_clip_norm": (-1.0, "grad_clip_norm"),
-        "dev_every_steps": (0, "dev_every_steps"),
-    }
-    for field, (value, message) in cases.items():
+    cases = [
+        ("eval.first_stage", "splade", "first_stage"),
+        ("adapter.method", "lorax", "method must be"),
+        ("train.loss", "hinge", "Unknown loss"),
+        ("eval.rerank_k", 0, "rerank_k must be a positive integer"),
+        ("train.group_size", 1, "group_size must be in"),
+        ("data.negatives_pool", 2, "group_size must be in"),
+        ("eval.first_stage_depth", 4, "rerank_k"),
+        ("data.dev_fraction", 0.0, "dev_fraction"),
+        ("eval.fusion_normalization", "softmax", "fusion_normalization"),
+        ("train.grad_clip_norm", -1.0, "grad_clip_norm"),
+        ("train.eval_every", -1, "eval_every"),
+        ("optimizer.name", "adamx", "optimizer name must be"),
+        ("optimizer.rank", 4, "takes no argument 'rank'"),
+        ("mesh.data", 3, "multiple of the data x fsdp"),
+    ]
+    for key, value, message in cases:
       config = config_lib.get_config("smoke")
       with config.unlocked():
-        config[field] = value
-      with self.assertRaisesRegex(ValueError, message):
+        section, leaf = key.split(".")
+        config[section][leaf] = value
+      with self.subTest(key), self.assertRaisesRegex(ValueError, message):
         train_reranker.train_and_evaluate(
             config, self.create_tempdir().full_path)
-    config = config_lib.get_config("smoke")
-    with config.unlocked():
-      config.optimizer.name = "sgd"
-    with self.assertRaisesRegex(ValueError, "optimizer.name"):
-      train_reranker.make_optimizer(config)
-
-
-class DataTest(absltest.TestCase):
-
-  def test_dev_split_is_held_out_and_negatives_are_unjudged(self):
-    config = config_lib.get_config("smoke")
-    train, _ = train_reranker.load_data(config.data)
-    train_ids, dev_ids = train_reranker.split_queries(train, config)
-    self.assertLen(dev_ids, round(0.1 * config.max_train_queries))
-    self.assertLen(train_ids, config.max_train_queries - len(dev_ids))
-    self.assertEmpty(set(train_ids) & set(dev_ids))
-    self.assertEqual((train_ids, dev_ids),
-                     train_reranker.split_queries(train, config))
-    with config.unlocked():
-      config.seed = 1
-    self.assertNotEqual(dev_ids,
-                        train_reranker.split_queries(train, config)[1])
-    index = train_reranker.FirstStage(config, "unused").bm25(train.corpus)
-    groups = train_reranker.training_groups(train, train_ids, config, index)
-    self.assertNotEmpty(groups)
-    for qid, pos, pool in groups:
-      self.assertIn(qid, train_ids)
-      self.assertTrue(all(train.qrels[qid][d] > 0 for d in pos))
-      self.assertEmpty(set(pool) & set(train.qrels[qid]))
-      self.assertBetween(len(pool), config.group_size - 1,
-                         config.negatives_pool)
 
 
 class TrainAndEvaluateTest(absltest.TestCase):
+  """The smoke run, and a copy killed after step 3 and rerun."""
 
-  def test_smoke_trains_and_rerun_resumes_to_the_same_result(self):
-    config = config_lib.get_config("smoke")
-    straight = self.create_tempdir().full_path
-    full = train_reranker.train_and_evaluate(config, straight)
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.config = config_lib.get_config("smoke")
+    root = absltest.get_default_test_tmpdir()
+    cls.straight = os.path.join(root, "train_reranker_straight")
+    shutil.rmtree(cls.straight, ignore_errors=True)
+    cls.full = train_reranker.train_and_evaluate(cls.config, cls.straight)
+    # Killed after step 3 (the last checkpoint is step 2's; the outputs not
+    # written yet), then the same command again: it resumes from step 2.
+    cls.resumed = os.path.join(root, "train_reranker_resumed")
+    shutil.rmtree(cls.resumed, ignore_errors=True)
+    shutil.copytree(cls.straight, cls.resumed)
+    shutil.rmtree(os.path.join(cls.resumed, "checkpoints", "4"))
+    for name in ("results.json", "reranked_run.json", "fused_run.json"):
+      os.remove(os.path.join(cls.resumed, name))
+    cls.again = train_reranker.train_and_evaluate(cls.config, cls.resumed)
+
+  def test_outputs_and_metrics(self):
+    full = self.full
     self.assertEqual(full["resumed_from_step"], 0)
     self.assertGreater(full["trainable_params"], 0)
     self.assertLess(full["trainable_params"], full["total_params"] / 10)
-    for part in ("before", "after"):
+    for part in ("before", "after", "fused"):
       for key in ("ndcg_cut_10", "recall_10"):
         self.assertBetween(full[part][key], 0.0, 1.0)
-      self.assertBetween(full["fused"][key], 0.0, 1.0)
     # Reranking and fusion only reorder the top-k: recall@k is unchanged.
     for part in ("after", "fused", "random_order"):
       self.assertAlmostEqual(full["before"]["recall_5"], full[part]["recall_5"])
@@ -126,15 +122,15 @@ class TrainAndEvaluateTest(absltest.TestCase):
                  "first_stage_bm25_top10.json", "reranked_run.json",
                  "dev_first_stage_bm25_top10.json", "dev_reranked_run.json",
                  "fused_run.json"):
-      self.assertTrue(os.path.exists(os.path.join(straight, name)), name)
-    self.assertEqual(sorted(_losses(straight)), [2, 4])
-    dev_rows = [r for r in _rows(straight) if "dev_loss" in r]
-    self.assertEqual([r["step"] for r in dev_rows], [0, 4])
+      self.assertTrue(os.path.exists(os.path.join(self.straight, name)), name)
+    self.assertEqual(sorted(_losses(self.straight)), [2, 4])
+    self.assertEqual([r["step"] for r in _rows(self.straight)
+                      if "dev_loss" in r], [4])
     self.assertEqual(full["dev_queries"], 6)
     self.assertIn(full["fusion_alpha"], fusion.DEFAULT_GRID)
 
-    # The saved fused run is the dev-chosen fusion of the saved runs, and the
-    # reported numbers are its metrics.
+  def test_fused_run_is_the_dev_chosen_fusion(self):
+    full, straight = self.full, self.straight
     reranked = _load(straight, "reranked_run.json")
     first = _load(straight, "first_stage_bm25_top10.json")
     self.assertEqual(sorted(reranked), sorted(first))
@@ -153,28 +149,21 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.assertEqual(sorted(saved[q]), sorted(docs))
       for d, score in docs.items():
         self.assertAlmostEqual(saved[q][d], score, places=9)
-    test = train_reranker.load_data(config.data, eval_max_queries=12)[1]
+    test = specs.load("code_search", "test", max_queries=12)
     recomputed = metrics.evaluate(test.qrels, saved, tuple(full["fused"]))
     for key, value in full["fused"].items():
       self.assertAlmostEqual(recomputed[key], value, places=9)
 
-    # Killed after step 3 (the last checkpoint is step 2's; its outputs not
-    # written yet), then the same command again: it resumes from step 2.
-    resumed = os.path.join(self.create_tempdir().full_path, "workdir")
-    shutil.copytree(straight, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-    for name in ("results.json", "reranked_run.json", "fused_run.json"):
-      os.remove(os.path.join(resumed, name))
-    again = train_reranker.train_and_evaluate(config, resumed)
-    self.assertEqual(again["resumed_from_step"], 2)
-    self.assertEqual(sorted(_losses(resumed)), [2, 4])
-    self.assertEqual(_losses(resumed)[4], _losses(straight)[4])
+  def test_rerun_resumes_to_the_same_result(self):
+    self.assertEqual(self.again["resumed_from_step"], 2)
+    self.assertEqual(sorted(_losses(self.resumed)), [2, 4])
+    self.assertEqual(_losses(self.resumed)[4], _losses(self.straight)[4])
     for part in ("after", "fused"):
-      for key, value in full[part].items():
-        np.testing.assert_allclose(again[part][key], value, atol=1e-6)
-    self.assertEqual(again["fusion_alpha"], full["fusion_alpha"])
-    with open(os.path.join(resumed, "results.json")) as f:
-      self.assertEqual(json.load(f)["resumed_from_step"], 2)
+      for key, value in self.full[part].items():
+        np.testing.assert_allclose(self.again[part][key], value, atol=1e-6)
+    self.assertEqual(self.again["fusion_alpha"], self.full["fusion_alpha"])
+    self.assertEqual(_load(self.resumed, "results.json")["resumed_from_step"],
+                     2)
 
   def test_beir_directory(self):
     scifact = _SHARED / "data" / "beir" / "scifact"
@@ -182,13 +171,12 @@ class TrainAndEvaluateTest(absltest.TestCase):
       self.skipTest(f"{scifact} not present (needs ../shared/data).")
     config = config_lib.get_config("smoke")
     with config.unlocked():
-      config.data = f"beir:{scifact}"
-      config.num_train_steps = 1
-      config.max_length = 32
-      config.max_train_queries = 8
-      config.eval_max_queries = 4
-      config.rerank_k = 3
-      config.first_stage_depth = 3
+      config.data.update(spec=f"beir:{scifact}", max_train_queries=8,
+                         eval_max_queries=4)
+      config.train.num_steps = 1
+      config.optimizer.learning_rate.warmup_steps = 0
+      config.model.max_length = 32
+      config.eval.update(rerank_k=3, first_stage_depth=3)
     out = train_reranker.train_and_evaluate(
         config, self.create_tempdir().full_path)
     self.assertEqual(out["test_docs"], 5183)
