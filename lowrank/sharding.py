@@ -18,6 +18,7 @@ import math
 from typing import Any
 
 from flax import nnx
+from flax.core import spmd as flax_spmd
 import jax
 
 P = jax.sharding.PartitionSpec
@@ -121,6 +122,27 @@ def use_mesh(
   mesh = make_mesh() if mesh is None else mesh
   with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
     yield mesh
+
+
+def current_mesh_and_rules(
+    model: nnx.Module | None = None,
+) -> tuple[jax.sharding.Mesh | None, tuple[Any, ...]]:
+  """`(mesh, rules)` in effect: for loaders that place weights as they read.
+
+  The mesh is that of `model`'s parameters when they carry a
+  `NamedSharding`, else the active one (`use_mesh` / `jax.set_mesh`), else
+  `None` (place nothing on a mesh). The rules are those set by
+  `nnx.logical_axis_rules` (e.g. by `use_mesh`), else `LOGICAL_AXIS_RULES`.
+  """
+  rules = flax_spmd.get_logical_axis_rules() or LOGICAL_AXIS_RULES
+  if model is not None:
+    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
+      sh = getattr(leaf, "sharding", None)
+      if isinstance(sh, jax.sharding.NamedSharding):
+        return sh.mesh, tuple(rules)
+  if jax.sharding.get_abstract_mesh().empty:
+    return None, tuple(rules)
+  return jax.sharding.get_mesh(), tuple(rules)
 
 
 def logical_to_spec(

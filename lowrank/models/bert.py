@@ -31,7 +31,6 @@ import os
 from typing import Any
 
 from flax import nnx
-from flax.core import spmd as flax_spmd
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
@@ -603,16 +602,6 @@ def hf_param_names(model: nnx.Module) -> dict[str, tuple[Any, ...]]:
   return names
 
 
-def _current_mesh_and_rules():
-  """The active mesh (`None` when none is active) and the axis rules."""
-  if jax.sharding.get_abstract_mesh().empty:
-    mesh = None
-  else:
-    mesh = jax.sharding.get_mesh()
-  rules = flax_spmd.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
-  return mesh, tuple(rules)
-
-
 def load_pretrained(
     path: PathLike,
     *,
@@ -670,7 +659,7 @@ def load_pretrained(
       add_pooling_layer="pooler.dense.weight" in tensors,
   )
 
-  mesh, rules = _current_mesh_and_rules()
+  mesh, rules = sharding.current_mesh_and_rules()
   # Without an active mesh the abstract model is built on a default one (for
   # its shapes only) and nothing is placed on a mesh; see the docstring.
   with sharding.use_mesh(mesh, rules):

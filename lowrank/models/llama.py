@@ -48,7 +48,6 @@ import pathlib
 from typing import Any, NamedTuple
 
 from flax import nnx
-from flax.core import spmd as flax_spmd
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
@@ -986,19 +985,6 @@ def _entry_shape(e: _Entry) -> tuple[int, ...]:
   return shape[::-1] if e.transpose else shape
 
 
-def _mesh_and_rules(model: nnx.Module | None = None):
-  """The mesh of `model`'s parameters, else the active one, else `None`."""
-  rules = flax_spmd.get_logical_axis_rules() or sharding.LOGICAL_AXIS_RULES
-  if model is not None:
-    for leaf in jax.tree.leaves(nnx.state(model, nnx.Param)):
-      sh = getattr(leaf, "sharding", None)
-      if isinstance(sh, jax.sharding.NamedSharding):
-        return sh.mesh, tuple(rules)
-  if jax.sharding.get_abstract_mesh().empty:
-    return None, tuple(rules)
-  return jax.sharding.get_mesh(), tuple(rules)
-
-
 def _build_from(
     config: LlamaConfig,
     get: Callable[[str, _Entry], Any],
@@ -1060,7 +1046,7 @@ def convert_layout(
   if model.config.scan_layers == scan_layers:
     return model
   source = _entries(model)
-  mesh, rules = _mesh_and_rules(model)
+  mesh, rules = sharding.current_mesh_and_rules(model)
   config = model.config.replace(scan_layers=scan_layers)
   return _build_from(
       config, lambda name, e: _entry_value(source[name]), mesh, rules)
@@ -1113,7 +1099,7 @@ def load_pretrained(
   tensors = hf_io.open_tensors(path)
   names = {n for n in tensors if not n.endswith(_IGNORED_SUFFIXES)}
 
-  mesh, rules = _mesh_and_rules()
+  mesh, rules = sharding.current_mesh_and_rules()
   with sharding.use_mesh(mesh, rules):
     abstract = nnx.eval_shape(
         lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
