@@ -121,16 +121,16 @@ class ConfigFlagTest(absltest.TestCase):
     self.assertIsInstance(config.parser, common_flags.ConfigParser)
 
   def test_module_with_preset_and_override(self):
-    fv = self._parse("--config=experiments.configs.finetune_retriever:smoke",
-                     "--config.num_train_steps=3")
-    self.assertEqual(fv.config.num_train_steps, 3)
-    self.assertEqual(fv.config.batch_size, 8)  # The smoke preset.
+    fv = self._parse("--config=experiments.configs.train_reranker:smoke",
+                     "--config.train.num_steps=3")
+    self.assertEqual(fv.config.train.num_steps, 3)
+    self.assertEqual(fv.config.train.batch_size, 2)  # The smoke preset.
     with self.assertRaises(AttributeError):  # Locked.
       fv.config.not_a_field = 1
 
   def test_bundled_path_from_another_directory(self):
-    fv = self._parse("--config=experiments/configs/pretrain_lm.py:smoke")
-    self.assertEqual(fv.config.num_train_steps, 4)
+    fv = self._parse("--config=experiments/configs/rerank_decoder.py:smoke")
+    self.assertEqual(fv.config.first.train.num_steps, 4)
 
   def test_missing_config_fails_while_parsing(self):
     with self.assertRaisesRegex(
