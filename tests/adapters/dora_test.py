@@ -16,40 +16,22 @@ from lowrank import sharding
 from lowrank.adapters import dora
 from lowrank.adapters import layers
 
+from tests import testing
+
 _D = 12
 _X = jax.random.normal(jax.random.key(7), (2, 5, _D))
 _TARGETS = ["lin", "gen", "ein"]
 
 
-def _part(axes):
-  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
-
-
-class _Toy(nnx.Module):
+def _toy(rngs):
   """Linear (with bias), LinearGeneral and a permuting Einsum with bias."""
-
-  def __init__(self, rngs):
-    bias_init = nnx.initializers.normal(0.5)
-    self.lin = nnx.Linear(_D, _D, kernel_init=_part(("embed", "mlp")),
-                          bias_init=bias_init, rngs=rngs)
-    self.gen = nnx.LinearGeneral(
-        _D, (2, 3), kernel_init=_part(("embed", "heads", "kv")),
-        bias_init=bias_init, rngs=rngs)
-    self.ein = nnx.Einsum(
-        "btd,dnh->bnth", (_D, 2, 3), bias_shape=(2, 3),
-        kernel_init=_part(("embed", "heads", "kv")), bias_init=bias_init,
-        rngs=rngs)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.lin(x))
-    g = self.gen(h).reshape(h.shape[:-1] + (6,))
-    e = jnp.transpose(self.ein(h), (0, 2, 1, 3)).reshape(h.shape[:-1] + (6,))
-    return g + e
+  return testing.PermutingToy(rngs, _D,
+                              bias_init=nnx.initializers.normal(0.5))
 
 
 def _model(**kw):
   with sharding.use_mesh():
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     y0 = model(_X)
     adapters.inject(model, targets=_TARGETS, method="dora", **kw)
   return model, y0
@@ -234,7 +216,7 @@ class DoraTest(parameterized.TestCase):
     directory = self.create_tempdir().full_path
     adapters.save_adapter(directory, model)
     with sharding.use_mesh():
-      fresh = _Toy(nnx.Rngs(0))
+      fresh = _toy(nnx.Rngs(0))
       adapters.load_adapter(directory, fresh, rngs=5)
     self.assertEqual(
         {m.method for m in adapters.adapter_modules(fresh).values()},
@@ -254,7 +236,7 @@ class DoraTest(parameterized.TestCase):
   def test_bad_options(self):
     with sharding.use_mesh():
       with self.assertRaisesRegex(ValueError, "Unknown option.*'dora'"):
-        adapters.inject(_Toy(nnx.Rngs(0)), targets="lin", method="dora",
+        adapters.inject(_toy(nnx.Rngs(0)), targets="lin", method="dora",
                         rank=2, bogus=1)
       with self.assertRaisesRegex(ValueError, "cannot adapt"):
         model = nnx.Sequential(nnx.Embed(10, 4, rngs=nnx.Rngs(0)))

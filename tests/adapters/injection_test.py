@@ -17,41 +17,14 @@ from lowrank import adapters
 from lowrank import sharding
 from lowrank.adapters import lora
 
+from tests import testing
+
 P = jax.sharding.PartitionSpec
 
 
-def _part(axes):
-  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
-
-
-class _Toy(nnx.Module):
+def _toy(rngs, d=16):
   """Every adaptable kind, with logical axes, as a user model would be."""
-
-  def __init__(self, rngs, d=16):
-    self.emb = nnx.Embed(
-        50, d, embedding_init=_part(("vocab", "embed")), rngs=rngs
-    )
-    self.layers = nnx.List([
-        nnx.Linear(d, d, kernel_init=_part(("embed", "mlp")), rngs=rngs)
-        for _ in range(2)
-    ])
-    self.gen = nnx.LinearGeneral(
-        d, (4, 4), kernel_init=_part(("embed", "heads", "kv")), rngs=rngs
-    )
-    self.ein = nnx.Einsum(
-        "btd,dnh->btnh",
-        (d, 4, 4),
-        kernel_init=_part(("embed", "heads", "kv")),
-        rngs=rngs,
-    )
-    self.norm = nnx.LayerNorm(d, rngs=rngs)
-
-  def __call__(self, ids):
-    x = self.emb(ids)
-    for layer in self.layers:
-      x = jax.nn.gelu(layer(x))
-    x = self.norm(x)
-    return self.gen(x) + self.ein(x)
+  return testing.KindsToy(rngs, d, embed=True, norm=True)
 
 
 def _randomize(model, scale=0.1, seed=1):
@@ -157,7 +130,7 @@ class InjectTest(parameterized.TestCase):
     self.enter_context(sharding.use_mesh())
 
   def test_fresh_adapter_is_identity_for_every_kind(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     y0 = model(_IDS)
     adapters.inject(model, targets=_ALL, rank=2, alpha=4)
     self.assertEqual(
@@ -169,7 +142,7 @@ class InjectTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(model(_IDS) - y0).max()), 1e-3)
 
   def test_each_kind_matches_merged_dense_weights(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=3, alpha=6, use_rslora=True)
     _randomize(model)
     y = model(_IDS)
@@ -184,7 +157,7 @@ class InjectTest(parameterized.TestCase):
     np.testing.assert_allclose(model(_IDS), y_base, atol=1e-6)
 
   def test_unload_merges(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=["layers.0", "ein"], rank=2)
     _randomize(model)
     y = model(_IDS)
@@ -193,19 +166,19 @@ class InjectTest(parameterized.TestCase):
     np.testing.assert_allclose(model(_IDS), y, atol=1e-5)
 
   def test_list_targets_suffix_semantics_and_exclude(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=["0", "1", "gen"], exclude=["1"], rank=2)
     self.assertEqual(sorted(adapters.adapter_modules(model)),
                      ["gen", "layers.0"])
 
   def test_all_linear(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets="all-linear", rank=2)
     self.assertEqual(sorted(adapters.adapter_modules(model)),
                      ["ein", "gen", "layers.0", "layers.1"])
 
   def test_rank_and_alpha_patterns(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=2, alpha=2,
                     rank_pattern={r"layers\.1": 5}, alpha_pattern={"gen": 7})
     mods = adapters.adapter_modules(model)
@@ -215,7 +188,7 @@ class InjectTest(parameterized.TestCase):
     self.assertEqual(mods["layers.1"].lora_a.get_value().shape, (16, 5))
 
   def test_errors_list_existing_paths(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "matched no module.*layers.0"):
       adapters.inject(model, targets="decoder.*", rank=2)
     with self.assertRaisesRegex(ValueError, "cannot adapt: norm .LayerNorm"):
@@ -231,7 +204,7 @@ class InjectTest(parameterized.TestCase):
       adapters.inject(model, targets="gen", rank=2)
 
   def test_only_lora_params_get_gradients(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=2)
     _randomize(model)
     diff = nnx.DiffState(0, nnx.LoRAParam)
@@ -245,7 +218,7 @@ class InjectTest(parameterized.TestCase):
     self.assertLess(counts["trainable"], counts["total"])
 
   def test_dropout_only_in_train_mode(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets="layers.0", rank=2, dropout=0.5)
     _randomize(model)
     model.eval()
@@ -255,7 +228,7 @@ class InjectTest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(model(_IDS) - y1).max()), 0.0)
 
   def test_factors_inherit_kernel_logical_axes(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=2)
     mods = adapters.adapter_modules(model)
     self.assertEqual(mods["layers.0"].lora_a.get_metadata()["out_sharding"],
@@ -273,7 +246,7 @@ class PeftIoTest(parameterized.TestCase):
     self.enter_context(sharding.use_mesh())
 
   def _saved(self, **kw):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=2, alpha=4, **kw)
     _randomize(model)
     d = self.create_tempdir().full_path
@@ -301,7 +274,7 @@ class PeftIoTest(parameterized.TestCase):
 
   def test_roundtrip_into_fresh_model(self):
     model, d = self._saved(use_rslora=True)
-    fresh = _Toy(nnx.Rngs(0))
+    fresh = _toy(nnx.Rngs(0))
     adapters.load_peft(d, fresh)
     np.testing.assert_array_equal(fresh(_IDS), model(_IDS))
     # Loading into a model that already has the same adapters also works.
@@ -316,17 +289,17 @@ class PeftIoTest(parameterized.TestCase):
     bad[key] = np.zeros((2, 15), np.float32)
     safetensors.numpy.save_file(bad, path)
     with self.assertRaisesRegex(ValueError, "gen.lora_A.weight: expected sha"):
-      adapters.load_peft(d, _Toy(nnx.Rngs(0)))
+      adapters.load_peft(d, _toy(nnx.Rngs(0)))
     bad = dict(tensors)
     del bad[key]
     safetensors.numpy.save_file(bad, path)
     with self.assertRaisesRegex(ValueError, "missing tensors.*gen.lora_A"):
-      adapters.load_peft(d, _Toy(nnx.Rngs(0)))
+      adapters.load_peft(d, _toy(nnx.Rngs(0)))
     bad = dict(tensors)
     bad["base_model.model.norm.lora_A.weight"] = np.zeros((2, 16), np.float32)
     safetensors.numpy.save_file(bad, path)
     with self.assertRaisesRegex(ValueError, "norm.lora_A.weight"):
-      adapters.load_peft(d, _Toy(nnx.Rngs(0)))
+      adapters.load_peft(d, _toy(nnx.Rngs(0)))
 
   def test_rejects_targets_that_do_not_fit(self):
     _, d = self._saved()
@@ -337,14 +310,14 @@ class PeftIoTest(parameterized.TestCase):
     with open(cfg_path, "w") as f:
       json.dump(config, f)
     with self.assertRaisesRegex(ValueError, "does not fit the model.*q_proj"):
-      adapters.load_peft(d, _Toy(nnx.Rngs(0)))
+      adapters.load_peft(d, _toy(nnx.Rngs(0)))
     config["peft_type"] = "IA3"
     with open(cfg_path, "w") as f:
       json.dump(config, f)
     with self.assertRaisesRegex(ValueError, "peft_type is 'IA3'; supported"):
-      adapters.load_peft(d, _Toy(nnx.Rngs(0)))
+      adapters.load_peft(d, _toy(nnx.Rngs(0)))
     with self.assertRaises(FileNotFoundError):
-      adapters.load_peft(self.create_tempdir().full_path, _Toy(nnx.Rngs(0)))
+      adapters.load_peft(self.create_tempdir().full_path, _toy(nnx.Rngs(0)))
 
 
 class _Frozen(nnx.Module):
@@ -399,7 +372,7 @@ class MemoryTest(absltest.TestCase):
 def _sharded_run(mesh, steps=3):
   """A few LoRA AdamW steps under `mesh`; returns losses and final state."""
   with sharding.use_mesh(mesh):
-    model = _Toy(nnx.Rngs(0), d=32)
+    model = _toy(nnx.Rngs(0), d=32)
     adapters.inject(model, targets=_ALL, rank=4, alpha=8, rngs=1)
   graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
   param_shardings = sharding.state_shardings(params, mesh)

@@ -13,6 +13,8 @@ from lowrank import sharding
 from lowrank.adapters import layers
 from lowrank.adapters import lora_xs
 
+from tests import testing
+
 _D = 12
 _R = 3
 _TARGETS = ["lin", "gen", "ein"]
@@ -20,27 +22,9 @@ _X = jax.random.normal(jax.random.key(7), (2, 5, _D))
 _Y = jnp.cos(_X.sum(-1))[..., None] * jnp.ones((1, 1, 6))
 
 
-def _part(axes):
-  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
-
-
-class _Toy(nnx.Module):
+def _toy(rngs):
   """Linear, LinearGeneral and a permuting Einsum."""
-
-  def __init__(self, rngs):
-    self.lin = nnx.Linear(_D, _D, kernel_init=_part(("embed", "mlp")),
-                          rngs=rngs)
-    self.gen = nnx.LinearGeneral(
-        _D, (2, 3), kernel_init=_part(("embed", "heads", "kv")), rngs=rngs)
-    self.ein = nnx.Einsum(
-        "btd,dnh->bnth", (_D, 2, 3), bias_shape=(2, 3),
-        kernel_init=_part(("embed", "heads", "kv")), rngs=rngs)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.lin(x))
-    g = self.gen(h).reshape(h.shape[:-1] + (6,))
-    e = jnp.transpose(self.ein(h), (0, 2, 1, 3)).reshape(h.shape[:-1] + (6,))
-    return g + e
+  return testing.PermutingToy(rngs, _D)
 
 
 def _loss(model, batch=_X):
@@ -49,7 +33,7 @@ def _loss(model, batch=_X):
 
 def _model(method, **kw):
   with sharding.use_mesh():
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     y0 = model(_X)
     adapters.inject(model, targets=_TARGETS, method=method, rank=_R, **kw)
   return model, y0
@@ -155,7 +139,7 @@ class CommonTest(_MeshTest):
       self.assertEqual(m.options(), {**m.options(), **options})
     directory = self.create_tempdir().full_path
     adapters.save_adapter(directory, model)
-    fresh = _Toy(nnx.Rngs(0))
+    fresh = _toy(nnx.Rngs(0))
     adapters.load_adapter(directory, fresh, rngs=9)
     for p, m in adapters.adapter_modules(fresh).items():
       self.assertEqual(m.method, method, p)
@@ -216,7 +200,7 @@ class LoraXsTest(_MeshTest):
 class LoraSbTest(_MeshTest):
 
   def test_first_gradients_match_jax_grad(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     grads = lora_xs.first_gradients(model, _loss, _X, ["lin", "ein"])
     self.assertEqual(sorted(grads), ["ein", "lin"])
     self.assertEmpty(adapters.adapter_modules(model))
@@ -229,7 +213,7 @@ class LoraSbTest(_MeshTest):
 
   @parameterized.parameters("sgd", "sign")
   def test_init_is_best_rank_r_first_step(self, update):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     loss0 = float(_loss(model))
     grads = lora_xs.first_gradients(model, _loss, _X, _TARGETS)
     lr = 1e-2 if update == "sgd" else 2e-3
@@ -258,7 +242,7 @@ class LoraSbTest(_MeshTest):
     self.assertLess(float(_loss(model)), loss0)
 
   def test_residual_keeps_output_and_errors(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     y0 = model(_X)
     grads = lora_xs.first_gradients(model, _loss, _X, ["gen"])
     adapters.inject(model, targets=["gen"], method="lora_xs", rank=_R,
@@ -268,25 +252,25 @@ class LoraSbTest(_MeshTest):
     np.testing.assert_allclose(model(_X), y0, atol=1e-5)
     self.assertGreater(
         float(jnp.abs(model.gen.lora_latent[...]).max()), 1e-3)
-    fresh = _Toy(nnx.Rngs(0))
+    fresh = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "needs method='lora_xs'"):
       adapters.inject(fresh, targets=["gen"], rank=_R, init="lora_sb",
                       init_data={"gen": grads["gen"]})
-    fresh = _Toy(nnx.Rngs(0))
+    fresh = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "needs init_data"):
       adapters.inject(fresh, targets=["gen"], method="lora_xs", rank=_R,
                       init="lora_sb")
-    fresh = _Toy(nnx.Rngs(0))
+    fresh = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "kernel's shape"):
       adapters.inject(fresh, targets=["gen"], method="lora_xs", rank=_R,
                       init="lora_sb", init_data={"gen": jnp.ones((_D, 6))})
-    fresh = _Toy(nnx.Rngs(0))
+    fresh = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "update must be one of"):
       adapters.inject(fresh, targets=["gen"], method="lora_xs", rank=_R,
                       init="lora_sb",
                       init_data={"gen": {"gradient": grads["gen"],
                                          "update": "adam"}})
-    fresh = _Toy(nnx.Rngs(0))
+    fresh = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "lr must be > 0"):
       adapters.inject(fresh, targets=["gen"], method="lora_xs", rank=_R,
                       init="lora_sb",

@@ -13,33 +13,12 @@ from lowrank import sharding
 from lowrank.adapters import merging
 from lowrank.adapters import multi
 
-
-def _part(axes):
-  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
+from tests import testing
 
 
-class _Toy(nnx.Module):
+def _toy(rngs):
   """Linear, LinearGeneral and Einsum layers; rows on axis 0 everywhere."""
-
-  def __init__(self, rngs, d=16):
-    self.layers = nnx.List([
-        nnx.Linear(d, d, kernel_init=_part(("embed", "mlp")), rngs=rngs)
-        for _ in range(2)
-    ])
-    self.gen = nnx.LinearGeneral(
-        d, (4, 4), kernel_init=_part(("embed", "heads", "kv")), rngs=rngs
-    )
-    self.ein = nnx.Einsum(
-        "btd,dnh->btnh",
-        (d, 4, 4),
-        kernel_init=_part(("embed", "heads", "kv")),
-        rngs=rngs,
-    )
-
-  def __call__(self, x):
-    for layer in self.layers:
-      x = jax.nn.gelu(layer(x))
-    return self.gen(x) + self.ein(x)
+  return testing.KindsToy(rngs)
 
 
 _X = jax.random.normal(jax.random.key(7), (5, 3, 16))
@@ -59,7 +38,7 @@ def _randomize(model, seed=1, scale=0.3):
 
 
 def _two_adapters(seed=0):
-  model = _Toy(nnx.Rngs(seed))
+  model = _toy(nnx.Rngs(seed))
   multi.add_adapter(model, "a", targets=_ALL, rank=4, alpha=8, rngs=1)
   multi.add_adapter(model, "b", targets=[r"layers.1", "ein"], rank=2, rngs=2)
   _randomize(model)
@@ -68,7 +47,7 @@ def _two_adapters(seed=0):
 
 def _reference(name_factors, seed=0):
   """A fresh base model with plain LoRA holding the given factors."""
-  ref = _Toy(nnx.Rngs(seed))
+  ref = _toy(nnx.Rngs(seed))
   rank = next(iter(name_factors.values()))[0].shape[1]
   adapters.inject(ref, targets=list(name_factors), rank=rank)
   merging.set_lora_factors(ref, name_factors)
@@ -101,7 +80,7 @@ class MultiAdapterTest(parameterized.TestCase):
     self.assertEqual(mods["gen"].lora_b.get_value().shape, (2, 4, 4, 4))
 
   def test_fresh_adapter_is_identity(self):
-    base = _Toy(nnx.Rngs(0))
+    base = _toy(nnx.Rngs(0))
     want = base(_X)
     multi.add_adapter(base, "a", targets="all-linear", rank=4)
     np.testing.assert_allclose(base(_X), want, rtol=1e-6, atol=1e-6)
@@ -113,12 +92,12 @@ class MultiAdapterTest(parameterized.TestCase):
     ref = _reference(merging.lora_factors(model, adapter=name))
     np.testing.assert_allclose(model(_X), ref(_X), rtol=1e-5, atol=1e-5)
     self.assertGreater(
-        float(jnp.max(jnp.abs(model(_X) - _Toy(nnx.Rngs(0))(_X)))), 1e-2
+        float(jnp.max(jnp.abs(model(_X) - _toy(nnx.Rngs(0))(_X)))), 1e-2
     )
 
   def test_none_and_disable_give_base(self):
     model = _two_adapters()
-    want = _Toy(nnx.Rngs(0))(_X)
+    want = _toy(nnx.Rngs(0))(_X)
     multi.set_active(model, None)
     self.assertIsNone(multi.active_adapter(model))
     np.testing.assert_allclose(model(_X), want, rtol=1e-6, atol=1e-6)
@@ -235,7 +214,7 @@ class MultiAdapterTest(parameterized.TestCase):
     multi.delete_adapter(model, "b")
     self.assertEqual(multi.adapter_names(model), ())
     self.assertEmpty(adapters.adapter_modules(model))
-    np.testing.assert_allclose(model(_X), _Toy(nnx.Rngs(0))(_X), rtol=1e-6,
+    np.testing.assert_allclose(model(_X), _toy(nnx.Rngs(0))(_X), rtol=1e-6,
                                atol=1e-6)
 
   def test_delete_active_switches_to_base(self):
@@ -245,7 +224,7 @@ class MultiAdapterTest(parameterized.TestCase):
     self.assertIsNone(multi.active_adapter(model))
 
   def test_from_lora_and_import_factors(self):
-    lora_model = _Toy(nnx.Rngs(0))
+    lora_model = _toy(nnx.Rngs(0))
     adapters.inject(lora_model, targets=_ALL, rank=3, alpha=6, rngs=4)
     for i, m in enumerate(adapters.adapter_modules(lora_model).values()):
       b = m.lora_b.get_value()
@@ -320,7 +299,7 @@ class MultiAdapterTest(parameterized.TestCase):
     np.testing.assert_allclose(rebuilt(x), m(x), rtol=1e-6, atol=1e-6)
 
   def test_inject_method_multi_lora(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, method="multi_lora", rank=4,
                     alpha=8)
     self.assertEqual(multi.adapter_names(model), ("default",))
@@ -349,8 +328,8 @@ class MultiAdapterTest(parameterized.TestCase):
       with multi.adapter_ids(model, jnp.zeros((5,), jnp.int32)):
         model(_X[:2])
     with self.assertRaisesRegex(ValueError, "has no named adapters"):
-      multi.set_active(_Toy(nnx.Rngs(0)), "a")
-    plain = _Toy(nnx.Rngs(0))
+      multi.set_active(_toy(nnx.Rngs(0)), "a")
+    plain = _toy(nnx.Rngs(0))
     adapters.inject(plain, targets="ein", rank=2)
     with self.assertRaisesRegex(ValueError, "holds another adapter"):
       multi.add_adapter(plain, "x", targets="ein", rank=2)

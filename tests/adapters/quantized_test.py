@@ -16,54 +16,15 @@ from lowrank.adapters import nf4
 from lowrank.adapters import quantized
 from lowrank.optim import adam8bit
 
+from tests import testing
+
 P = jax.sharding.PartitionSpec
 
 
-def _part(axes):
-  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
-
-
-class _Toy(nnx.Module):
+def _toy(rngs):
   """Linear, LinearGeneral, Einsum (quantizable) plus Embed and LayerNorm."""
-
-  def __init__(self, rngs, d=64):
-    self.emb = nnx.Embed(
-        50, d, embedding_init=_part(("vocab", "embed")), rngs=rngs
-    )
-    self.layers = nnx.List([
-        nnx.Linear(d, d, kernel_init=_part(("embed", "mlp")), rngs=rngs)
-        for _ in range(2)
-    ])
-    self.gen = nnx.LinearGeneral(
-        d, (4, 16), kernel_init=_part(("embed", "heads", "kv")), rngs=rngs
-    )
-    self.ein = nnx.Einsum(
-        "btd,dnh->btnh",
-        (d, 4, 16),
-        (4, 16),
-        kernel_init=_part(("embed", "heads", "kv")),
-        rngs=rngs,
-    )
-    self.norm = nnx.LayerNorm(d, rngs=rngs)
-
-  def __call__(self, ids):
-    x = self.emb(ids)
-    for layer in self.layers:
-      x = jax.nn.gelu(layer(x))
-    x = self.norm(x)
-    return self.gen(x) + self.ein(x)
-
-
-class _Stack(nnx.Module):
-  """`n` square Linear layers (the memory-evidence model)."""
-
-  def __init__(self, rngs, d=512, n=4):
-    self.layers = nnx.List([nnx.Linear(d, d, rngs=rngs) for _ in range(n)])
-
-  def __call__(self, x):
-    for layer in self.layers:
-      x = jnp.tanh(layer(x))
-    return x
+  return testing.KindsToy(rngs, 64, heads=(4, 16), embed=True, norm=True,
+                          ein_bias=True)
 
 
 _IDS = jnp.arange(12).reshape(2, 6)
@@ -237,7 +198,7 @@ class QuantizedLayerTest(parameterized.TestCase):
 
   @parameterized.parameters("nf4", "int8")
   def test_forward_uses_dequantized_kernels_for_every_kind(self, scheme):
-    model, ref = _Toy(nnx.Rngs(0)), _Toy(nnx.Rngs(0))
+    model, ref = _toy(nnx.Rngs(0)), _toy(nnx.Rngs(0))
     quantized.quantize_base(model, "all-linear", scheme)
     for name in ("layers", "gen", "ein"):
       q_mods = model.layers if name == "layers" else [getattr(model, name)]
@@ -260,7 +221,7 @@ class QuantizedLayerTest(parameterized.TestCase):
     self.assertIn(("layers", 0, "kernel_codes"), [p for p, _ in qstate])
 
   def test_bad_targets(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, r"cannot be quantized: emb .Embed"):
       quantized.quantize_base(model, "emb")
     with self.assertRaisesRegex(ValueError, "matched no module.*layers.0"):
@@ -276,7 +237,7 @@ class QuantizedLayerTest(parameterized.TestCase):
   def test_bfloat16_base_dequantizes_to_its_compute_dtype(self):
     layer = nnx.Linear(64, 32, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                        rngs=nnx.Rngs(0))
-    model = _Stack(nnx.Rngs(0), d=64, n=1)
+    model = testing.Mlp(nnx.Rngs(0), d=64, n=1)
     model.layers[0] = layer
     quantized.quantize_base(model, "all-linear")
     q = model.layers[0]
@@ -293,7 +254,7 @@ class QuantizedLayerTest(parameterized.TestCase):
     np.testing.assert_allclose(model.layers[0](x).astype(jnp.float32),
                                y.astype(jnp.float32), atol=0.1)
     with self.assertRaisesRegex(ValueError, "exact Linear; got Einsum"):
-      quantized.QuantizedLinear(_Toy(nnx.Rngs(0)).ein)
+      quantized.QuantizedLinear(_toy(nnx.Rngs(0)).ein)
 
   def test_base_weight_bytes_from_compiled_memory_analysis(self):
     x = jnp.ones((2, 512))
@@ -305,13 +266,13 @@ class QuantizedLayerTest(parameterized.TestCase):
       return compiled.memory_analysis().argument_size_in_bytes
 
     bias = 4 * 512 * 4
-    fp32 = argument_bytes(_Stack(nnx.Rngs(0)))
+    fp32 = argument_bytes(testing.Mlp(nnx.Rngs(0)))
     self.assertEqual(fp32, 4 * 512 * 512 * 4 + bias)
     q_nf4 = argument_bytes(
-        quantized.quantize_base(_Stack(nnx.Rngs(0)), "all-linear", "nf4"))
+        quantized.quantize_base(testing.Mlp(nnx.Rngs(0)), "all-linear", "nf4"))
     self.assertEqual(q_nf4, 4 * 135236 + bias)
     q_int8 = argument_bytes(
-        quantized.quantize_base(_Stack(nnx.Rngs(0)), "all-linear", "int8"))
+        quantized.quantize_base(testing.Mlp(nnx.Rngs(0)), "all-linear", "int8"))
     self.assertEqual(q_int8, 4 * (512 * 512 + 4 * 512 * 512 // 64) + bias)
     # Measured: nf4 0.1307x, int8 0.2671x of the float32 base (biases kept).
     self.assertLessEqual(q_nf4 / fp32, 0.14)
@@ -319,7 +280,7 @@ class QuantizedLayerTest(parameterized.TestCase):
     self.assertLessEqual((q_nf4 - bias) / (fp32 - bias), 4.13 / 32)
 
   def test_backward_saves_codes_not_dense_kernels(self):
-    model = quantized.quantize_base(_Stack(nnx.Rngs(0), d=128, n=2),
+    model = quantized.quantize_base(testing.Mlp(nnx.Rngs(0), d=128, n=2),
                                     "all-linear")
     adapters.inject(model, targets="all-linear", rank=4)
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -332,7 +293,7 @@ class QuantizedLayerTest(parameterized.TestCase):
   def test_fsdp_sharded_kernel_keeps_sharded_codes(self):
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
     with sharding.use_mesh(mesh):
-      model = _Toy(nnx.Rngs(0))
+      model = _toy(nnx.Rngs(0))
       quantized.quantize_base(model, _LINEAR)
       layer = model.layers[0]
       self.assertEqual(layer.kernel_codes.get_value().sharding.spec,
@@ -361,7 +322,7 @@ class QLoRATest(parameterized.TestCase):
     self.enter_context(sharding.use_mesh(_one_device_mesh()))
 
   def test_identity_at_init_and_gradients_only_to_adapters(self):
-    model = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    model = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
     y0 = model(_IDS)
     adapters.inject(model, targets=_LINEAR, rank=4, alpha=8)
     self.assertEqual(sorted(adapters.adapter_modules(model)),
@@ -378,7 +339,7 @@ class QLoRATest(parameterized.TestCase):
   @parameterized.parameters("nf4", "int8")
   def test_training_step_reduces_loss_and_leaves_codes(self, scheme):
     model = quantized.inject_quantized(
-        _Toy(nnx.Rngs(0)), targets=_LINEAR, scheme=scheme, rank=4)
+        _toy(nnx.Rngs(0)), targets=_LINEAR, scheme=scheme, rank=4)
     codes = model.gen.base.kernel_codes.get_value()
     target = jax.random.normal(jax.random.key(3), (2, 6, 4, 16))
     opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
@@ -397,7 +358,7 @@ class QLoRATest(parameterized.TestCase):
                                   codes)
 
   def test_merge_quantized_reports_the_requantisation_error(self):
-    model = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    model = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
     adapters.inject(model, targets=_LINEAR, rank=4)
     _randomize(model)
     y = model(_IDS)
@@ -430,7 +391,7 @@ class QLoRATest(parameterized.TestCase):
 
   @parameterized.parameters("dora", "lora_xs")
   def test_other_methods_wrap_and_merge_into_a_quantized_base(self, method):
-    model = quantized.quantize_base(_Stack(nnx.Rngs(0), d=64, n=1),
+    model = quantized.quantize_base(testing.Mlp(nnx.Rngs(0), d=64, n=1),
                                     "all-linear")
     x = jax.random.normal(jax.random.key(0), (4, 64))
     y0 = model(x)
@@ -447,13 +408,13 @@ class QLoRATest(parameterized.TestCase):
     self.assertLess(_rel(model(x), y), 2 * errors["layers.0"])
 
   def test_merge_quantized_needs_a_quantized_base(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_LINEAR, rank=2)
     with self.assertRaisesRegex(ValueError, "no adapter on a quantized base"):
       quantized.merge_quantized(model)
 
   def test_quantize_base_under_existing_adapters(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_LINEAR, rank=2)
     _randomize(model)
     mods = adapters.adapter_modules(model)
@@ -469,7 +430,7 @@ class QLoRATest(parameterized.TestCase):
     self.assertGreater(float(jnp.abs(model(_IDS) - y_base).max()), 1e-4)
     with self.assertRaisesRegex(ValueError, "already quantized: int8"):
       quantized.quantize_base(model, ["gen"])
-    merged = _Toy(nnx.Rngs(0))
+    merged = _toy(nnx.Rngs(0))
     adapters.inject(merged, targets="gen", rank=2)
     adapters.merge(merged)
     with self.assertRaisesRegex(ValueError, "unmerge first"):
@@ -491,7 +452,7 @@ class LQLoRATest(parameterized.TestCase):
     return low + jax.random.normal(k3, shape) * 0.02
 
   def _model_with(self, kernel):
-    model = _Stack(nnx.Rngs(0), d=kernel.shape[0], n=1)
+    model = testing.Mlp(nnx.Rngs(0), d=kernel.shape[0], n=1)
     model.layers[0] = nnx.Linear(kernel.shape[0], kernel.shape[1],
                                  rngs=nnx.Rngs(0))
     model.layers[0].kernel.set_value(kernel)
@@ -535,32 +496,32 @@ class LQLoRATest(parameterized.TestCase):
 
   def test_inject_quantized_lq_lora_every_kind(self):
     model = quantized.inject_quantized(
-        _Toy(nnx.Rngs(0)), targets=_LINEAR, init="lq_lora", rank=4,
+        _toy(nnx.Rngs(0)), targets=_LINEAR, init="lq_lora", rank=4,
         lq_iters=2)
     mods = adapters.adapter_modules(model)
     self.assertEqual(sorted(mods), ["ein", "gen", "layers.0", "layers.1"])
     for m in mods.values():
       self.assertEqual(m.init, "lq_lora")
       self.assertTrue(quantized.is_quantized(m.base))
-    ref = _Toy(nnx.Rngs(0))
+    ref = _toy(nnx.Rngs(0))
     with adapters.disabled(model):
       y_base = model(_IDS)
     self.assertGreater(float(jnp.abs(model(_IDS) - y_base).max()), 1e-4)
     # Base + adapter is closer to the full-precision model than Q(W).
-    plain = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    plain = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
     self.assertLess(_rel(model(_IDS), ref(_IDS)),
                     _rel(plain(_IDS), ref(_IDS)))
 
   def test_lq_lora_errors(self):
-    model = quantized.quantize_base(_Toy(nnx.Rngs(0)), _LINEAR)
+    model = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
     with self.assertRaisesRegex(ValueError, "needs the full-precision"):
       adapters.inject(model, targets="gen", rank=2, init="lq_lora")
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "Unknown init_data option"):
       adapters.inject(model, targets="gen", rank=2, init="lq_lora",
                       init_data={"gen": {"bits": 3}})
     with self.assertRaisesRegex(ValueError, "Unknown quantisation scheme"):
-      quantized.inject_quantized(_Toy(nnx.Rngs(0)), targets="gen", rank=2,
+      quantized.inject_quantized(_toy(nnx.Rngs(0)), targets="gen", rank=2,
                                  init="lq_lora", scheme="fp4")
 
 

@@ -25,35 +25,14 @@ from lowrank import sharding
 from lowrank.adapters import layers
 from lowrank.adapters import random_basis
 
+from tests import testing
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _part(axes):
-  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
-
-
-class _Toy(nnx.Module):
-  """Linear (both d_in < d_out and d_in > d_out), LinearGeneral, Einsum."""
-
-  def __init__(self, rngs, d=16, h=24):
-    self.layers = nnx.List([
-        nnx.Linear(d, h, kernel_init=_part(("embed", "mlp")), rngs=rngs),
-        nnx.Linear(h, d, kernel_init=_part(("mlp", "embed")), rngs=rngs),
-    ])
-    self.gen = nnx.LinearGeneral(
-        d, (2, 4), kernel_init=_part(("embed", "heads", "kv")), rngs=rngs
-    )
-    self.ein = nnx.Einsum(
-        "btd,dnh->btnh",
-        (d, 2, 4),
-        kernel_init=_part(("embed", "heads", "kv")),
-        rngs=rngs,
-    )
-
-  def __call__(self, x):
-    for layer in self.layers:
-      x = jax.nn.gelu(layer(x))
-    return self.gen(x) + self.ein(x)
+def _toy(rngs):
+  """Linear (d_in < d_out and d_in > d_out), LinearGeneral, Einsum."""
+  return testing.KindsToy(rngs, 16, hidden=24, heads=(2, 4))
 
 
 _X = jax.random.normal(jax.random.key(0), (2, 5, 16))
@@ -77,7 +56,7 @@ _TRAINABLE = {
 
 def _build(method, options, rank=4, alpha=None):
   with sharding.use_mesh():
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     y0 = model(_X)
     adapters.inject(model, targets=_ALL, method=method, rank=rank,
                     alpha=alpha, **options)
@@ -272,7 +251,7 @@ class CommonTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "no LoRA factors"):
       make("vera").peft_factors()
     with sharding.use_mesh():
-      model = _Toy(nnx.Rngs(0))
+      model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "cannot adapt"):
       with sharding.use_mesh():
         adapters.inject(nnx.List([nnx.Embed(10, 4, rngs=nnx.Rngs(0))]),

@@ -18,6 +18,8 @@ from lowrank.adapters import layers
 from lowrank.adapters import lora_xs  # pylint: disable=unused-import
 from lowrank.adapters import svd_init
 
+from tests import testing
+
 _D = 12
 _TARGETS = ["lin", "gen", "ein"]
 _X = jax.random.normal(jax.random.key(7), (2, 5, _D)) * jnp.linspace(
@@ -26,20 +28,9 @@ _INITS = ("pissa", "pissa_niter_4", "olora", "corda", "corda_ipm",
           "corda_kpm")
 
 
-class _Toy(nnx.Module):
+def _toy(rngs):
   """Linear, LinearGeneral and a permuting Einsum (all with biases)."""
-
-  def __init__(self, rngs):
-    self.lin = nnx.Linear(_D, _D, rngs=rngs)
-    self.gen = nnx.LinearGeneral(_D, (2, 3), rngs=rngs)
-    self.ein = nnx.Einsum("btd,dnh->bnth", (_D, 2, 3), bias_shape=(2, 3),
-                          rngs=rngs)
-
-  def __call__(self, x):
-    h = jnp.tanh(self.lin(x))
-    g = self.gen(h).reshape(h.shape[:-1] + (6,))
-    e = jnp.transpose(self.ein(h), (0, 2, 1, 3)).reshape(h.shape[:-1] + (6,))
-    return g + e
+  return testing.PermutingToy(rngs, _D, logical=False)
 
 
 def _kernels(model):
@@ -58,7 +49,7 @@ class InitTest(parameterized.TestCase):
 
   @parameterized.product(init=_INITS, method=("lora", "dora"))
   def test_output_unchanged_and_merge_gives_back_w(self, init, method):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     y0, k0 = model(_X), _kernels(model)
     _inject(model, init, method=method)
     for p, m in adapters.adapter_modules(model).items():
@@ -139,7 +130,7 @@ class InitTest(parameterized.TestCase):
 
   def test_pissa_init_trains_under_jit(self):
     with sharding.use_mesh():
-      model = _Toy(nnx.Rngs(0))
+      model = _toy(nnx.Rngs(0))
       _inject(model, "pissa")
     target = jnp.cos(_X.sum(-1))[..., None] * jnp.ones((1, 1, 6))
     opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
@@ -156,10 +147,10 @@ class InitTest(parameterized.TestCase):
     self.assertLess(losses[-1], 0.8 * losses[0])
 
   def test_errors(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "needs init_data"):
       adapters.inject(model, targets=["lin"], rank=2, init="corda")
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, r"\[d_in, d_in\] = \[12, 12\]"):
       adapters.inject(model, targets=["lin"], rank=2, init="corda",
                       init_data={"lin": jnp.eye(5)})
@@ -171,22 +162,22 @@ class InitTest(parameterized.TestCase):
       adapters.inject(model, targets=["ein"], rank=2, init="corda_kpm",
                       init_data={"ein": {"covariance": jnp.eye(_D),
                                          "mode": "ipm"}})
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "mean diagonal"):
       adapters.inject(model, targets=["lin"], rank=2, init="corda",
                       init_data={"lin": jnp.zeros((_D, _D))})
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "takes no init_data"):
       adapters.inject(model, targets=["lin"], rank=2, init="pissa",
                       init_data={"lin": jnp.eye(_D)})
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, r"rank <= min\(d_in, d_out\) = 6"):
       adapters.inject(model, targets=["gen"], rank=7, init="olora")
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "positive scale"):
       adapters.inject(model, targets=["lin"], rank=2, alpha=-1.0,
                       init="pissa")
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "no such factors"):
       adapters.inject(model, targets=["lin"], rank=2, method="lora_xs",
                       init="pissa")
@@ -195,7 +186,7 @@ class InitTest(parameterized.TestCase):
 class CovarianceTest(absltest.TestCase):
 
   def test_matches_manual_covariance_and_restores_model(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     lin, ein = model.lin, model.ein
     y0 = model(_X)
     cov = svd_init.collect_input_covariance(model, _TARGETS, [_X, 2 * _X])
@@ -213,7 +204,7 @@ class CovarianceTest(absltest.TestCase):
     np.testing.assert_allclose(cov["gen"], cov["ein"], rtol=1e-6)
 
   def test_under_nnx_jit_and_errors(self):
-    model = _Toy(nnx.Rngs(0))
+    model = _toy(nnx.Rngs(0))
     fwd = nnx.jit(lambda m, x: m(x))
     cov = svd_init.collect_input_covariance(model, ["lin"], [_X], fwd)
     xs = np.asarray(_X).reshape(-1, _D)

@@ -1,0 +1,554 @@
+"""Shared test helpers: toy models, tiny configs, problems, tree assertions.
+
+One place for what many test files need, so that each writes it once:
+
+* toy NNX models: `KindsToy` (every adaptable layer kind), `PermutingToy`
+  (a permuting `Einsum` whose 2-D view is not the kernel's own), `Mlp` (a
+  stack of square `Linear`s) and `Stacked` (blocks stacked by `nnx.vmap`
+  along a logical `layers` axis);
+* tiny model configs: `tiny_bert_config`, `tiny_llama_config`;
+* problems for optimizer tests: `matrix_params` / `matrix_loss` (a 2-D, a
+  tall, a stacked 3-D and a 1-D leaf) and `quadratic_problem`;
+* tree assertions built on `np.testing` (chex is not a dependency);
+* the optax contract suite: `ContractCase` and `contract_test_class`, run
+  once over every transformation lowrank exports by
+  `tests/optim/contract_test.py` (as optax runs `contrib/_common_test.py`).
+
+Helpers import it as `from tests import testing`.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+from typing import Any
+
+from absl.testing import parameterized
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lowrank import optim
+
+# ------------------------------------------------------------ toy models
+
+
+def partitioned(axes: tuple[str, ...]) -> nnx.Initializer:
+  """`lecun_normal` (the `nnx.Linear` default) with logical axis names."""
+  return nnx.with_partitioning(nnx.initializers.lecun_normal(), axes)
+
+
+def _init(axes: tuple[str, ...], logical: bool) -> nnx.Initializer:
+  return partitioned(axes) if logical else nnx.initializers.lecun_normal()
+
+
+class KindsToy(nnx.Module):
+  """Every adaptable layer kind: `Linear`s, `LinearGeneral`, `Einsum`.
+
+  Attributes (the paths tests target): `emb` (optional `Embed`, 50 tokens),
+  `layers.0`, `layers.1` (`Linear` `d -> hidden -> d`), `norm` (optional
+  `LayerNorm`), `gen` (`LinearGeneral` `d -> heads`) and `ein` (`Einsum`
+  `"btd,dnh->btnh"`, rows on axis 0 like the others). The output is
+  `gen(x) + ein(x)` after `act` on each `Linear`. With `logical=True` the
+  kernels carry logical axes (build the model inside a mesh); values are
+  the same either way.
+  """
+
+  def __init__(self, rngs: nnx.Rngs, d: int = 16, *,
+               hidden: int | None = None,
+               heads: tuple[int, int] = (4, 4),
+               embed: bool = False,
+               norm: bool = False,
+               ein_bias: bool = False,
+               logical: bool = True,
+               act: Callable[[jax.Array], jax.Array] = jax.nn.gelu):
+    h = hidden or d
+    self.act = act
+    if embed:
+      self.emb = nnx.Embed(
+          50, d, embedding_init=_init(("vocab", "embed"), logical), rngs=rngs)
+    # The second layer maps mlp -> embed when the widths differ.
+    back = ("mlp", "embed") if h != d else ("embed", "mlp")
+    self.layers = nnx.List([
+        nnx.Linear(d, h, kernel_init=_init(("embed", "mlp"), logical),
+                   rngs=rngs),
+        nnx.Linear(h, d, kernel_init=_init(back, logical), rngs=rngs),
+    ])
+    self.gen = nnx.LinearGeneral(
+        d, heads, kernel_init=_init(("embed", "heads", "kv"), logical),
+        rngs=rngs)
+    self.ein = nnx.Einsum(
+        "btd,dnh->btnh", (d, *heads), heads if ein_bias else None,
+        kernel_init=_init(("embed", "heads", "kv"), logical), rngs=rngs)
+    if norm:
+      self.norm = nnx.LayerNorm(d, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if hasattr(self, "emb"):
+      x = self.emb(x)
+    for layer in self.layers:
+      x = self.act(layer(x))
+    if hasattr(self, "norm"):
+      x = self.norm(x)
+    return self.gen(x) + self.ein(x)
+
+
+class PermutingToy(nnx.Module):
+  """`lin` (`Linear`), `gen` (`LinearGeneral`) and a permuting `ein`.
+
+  `ein` is `"btd,dnh->bnth"` with a `(2, 3)` bias, so its output axes are
+  not in the kernel's order. The output is `[..., 6]`: `gen` plus `ein`
+  (transposed back) of `tanh(lin(x))`. `bias_init` applies to all three.
+  """
+
+  def __init__(self, rngs: nnx.Rngs, d: int = 12, *,
+               logical: bool = True,
+               bias_init: nnx.Initializer = nnx.initializers.zeros_init()):
+    self.lin = nnx.Linear(d, d, kernel_init=_init(("embed", "mlp"), logical),
+                          bias_init=bias_init, rngs=rngs)
+    self.gen = nnx.LinearGeneral(
+        d, (2, 3), kernel_init=_init(("embed", "heads", "kv"), logical),
+        bias_init=bias_init, rngs=rngs)
+    self.ein = nnx.Einsum(
+        "btd,dnh->bnth", (d, 2, 3), bias_shape=(2, 3),
+        kernel_init=_init(("embed", "heads", "kv"), logical),
+        bias_init=bias_init, rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    h = jnp.tanh(self.lin(x))
+    g = self.gen(h).reshape(h.shape[:-1] + (6,))
+    e = jnp.transpose(self.ein(h), (0, 2, 1, 3)).reshape(h.shape[:-1] + (6,))
+    return g + e
+
+
+class Mlp(nnx.Module):
+  """`n` square `Linear` layers (`layers.i`), `act` after each."""
+
+  def __init__(self, rngs: nnx.Rngs, d: int = 16, n: int = 2, *,
+               act: Callable[[jax.Array], jax.Array] = jnp.tanh):
+    self.act = act
+    self.layers = nnx.List([nnx.Linear(d, d, rngs=rngs) for _ in range(n)])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for layer in self.layers:
+      x = self.act(layer(x))
+    return x
+
+
+class Block(nnx.Module):
+  """One `dense` `Linear` `d_in -> d_out` with `("embed", "mlp")` axes."""
+
+  def __init__(self, rngs: nnx.Rngs, d_in: int = 16, d_out: int = 24):
+    self.dense = nnx.Linear(d_in, d_out, kernel_init=partitioned(
+        ("embed", "mlp")), rngs=rngs)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return jnp.tanh(self.dense(x))
+
+
+class Stacked(nnx.Module):
+  """`num_layers` `Block`s stacked by `nnx.vmap` along a `layers` axis.
+
+  `blocks.dense.kernel` is `[num_layers, d_in, d_out]` with logical axes
+  `("layers", "embed", "mlp")`; build it under a mesh whose rules map
+  `layers` (e.g. `LOGICAL_AXIS_RULES + (("layers", None),)`).
+  """
+
+  def __init__(self, rngs: nnx.Rngs, num_layers: int = 3, d: int = 16,
+               d_out: int = 24):
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0,
+              transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+      return Block(rngs, d, d_out)
+
+    self.blocks = make(rngs)
+
+
+# ---------------------------------------------------------- tiny configs
+
+
+def tiny_bert_config(**overrides: Any):
+  """A 2-layer, width-32 BERT (4 heads, MLP 64, the BERT vocabulary)."""
+  from lowrank.models import bert  # pylint: disable=g-import-not-at-top
+  kwargs = dict(vocab_size=30522, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, intermediate_size=64)
+  return bert.BertConfig(**(kwargs | overrides))
+
+
+def tiny_llama_config(**overrides: Any):
+  """`LlamaConfig.tiny` (2 layers, width 64, GQA 4 query / 2 KV heads)."""
+  from lowrank.models import llama  # pylint: disable=g-import-not-at-top
+  return llama.LlamaConfig.tiny(**overrides)
+
+
+# -------------------------------------------------------------- problems
+
+
+def matrix_params(dtype: Any = jnp.float32) -> dict[str, jax.Array]:
+  """`w` `[32, 16]`, `tall` `[12, 40]`, `stack` `[3, 24, 20]`, `b` `[16]`."""
+  k1, k2 = jax.random.split(jax.random.key(0))
+  return {
+      "w": jax.random.normal(k1, (32, 16), dtype),
+      "tall": jax.random.normal(k2, (12, 40), dtype),
+      "stack": jnp.ones((3, 24, 20), dtype),
+      "b": jnp.zeros((16,), dtype),
+  }
+
+
+def matrix_loss(params: Mapping[str, jax.Array]) -> jax.Array:
+  """A smooth loss of `matrix_params` that every leaf moves (float32)."""
+  x = jnp.linspace(-1.0, 1.0, 32 * 12).reshape(12, 32)
+  y = jnp.tanh(x @ params["w"].astype(jnp.float32)) + params["b"][None, :]
+  z = params["tall"].astype(jnp.float32) @ jnp.ones((40, 3))
+  s = jnp.einsum("lmn,n->lm", params["stack"].astype(jnp.float32),
+                 jnp.arange(20.0))
+  return jnp.sum((y - 0.5) ** 2) + jnp.sum(z ** 2) + 0.01 * jnp.sum(s ** 2)
+
+
+LAYERED_NUM_LAYERS = 4
+
+
+def layered_params(dtype: Any = jnp.float32) -> dict[str, Any]:
+  """A model of `LAYERED_NUM_LAYERS` layers, for layer-wise optimizers.
+
+  `stack` holds the layers stacked (`w` `[L, 8, 8]`, `b` `[L, 8]`; select it
+  with `r"\\['stack'\\]"`), `blocks_i` one unstacked `[8, 8]` layer each;
+  `embed` and `head` belong to no layer.
+  """
+  n = LAYERED_NUM_LAYERS
+  keys = jax.random.split(jax.random.key(0), 4 + n)
+  w = jax.random.normal(keys[0], (n, 8, 8))
+  params = {
+      "embed": jax.random.normal(keys[2], (5, 8)),
+      "stack": {"w": 0.3 * w, "b": jnp.zeros((n, 8))},
+      "head": jax.random.normal(keys[3], (8, 3)),
+  }
+  for i in range(n):
+    params[f"blocks_{i}"] = {"w": 0.3 * jax.random.normal(keys[4 + i], (8, 8))}
+  return jax.tree.map(lambda x: x.astype(dtype), params)
+
+
+def layered_loss(params: Mapping[str, Any]) -> jax.Array:
+  """A regression through every layer of `layered_params` (float32)."""
+  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
+  x = jnp.linspace(-1.0, 1.0, 4 * 5).reshape(4, 5)
+  h = jnp.tanh(x @ params["embed"])
+  blocks = jnp.stack([params[f"blocks_{i}"]["w"]
+                      for i in range(LAYERED_NUM_LAYERS)])
+  s = jnp.tanh(jnp.einsum("bi,lij->lbj", h, params["stack"]["w"])
+               + params["stack"]["b"][:, None, :])
+  t = jnp.tanh(jnp.einsum("bi,lij->lbj", h, blocks))
+  y = (h + jnp.sum(s, axis=0) + jnp.sum(t, axis=0)) @ params["head"]
+  return jnp.mean((y - jnp.cos(x[:, :3] * 3.0)) ** 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+  """Parameters (by dtype) and a float32 scalar loss over them."""
+  params: Callable[[Any], Any]
+  loss: Callable[[Any], jax.Array]
+
+
+MATRIX = Problem(matrix_params, matrix_loss)
+LAYERED = Problem(layered_params, layered_loss)
+
+
+def quadratic_problem(dim: int = 8, seed: int = 0) -> Problem:
+  """`0.5 (w - w*)ᵀ H (w - w*)` with `H` positive definite (condition 10).
+
+  Params: `{"w": [dim, dim], "b": [dim]}`; the minimum is 0 at `w*`.
+  """
+  k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
+  q = jnp.linalg.qr(jax.random.normal(k1, (dim, dim)))[0]
+  h = (q * jnp.linspace(1.0, 10.0, dim)[None, :]) @ q.T
+  w_star = jax.random.normal(k2, (dim, dim))
+  b_star = jax.random.normal(k3, (dim,))
+
+  def params(dtype=jnp.float32):
+    return {"w": jnp.zeros((dim, dim), dtype), "b": jnp.zeros((dim,), dtype)}
+
+  def loss(p):
+    dw = p["w"].astype(jnp.float32) - w_star
+    db = p["b"].astype(jnp.float32) - b_star
+    return 0.5 * jnp.sum(dw * (h @ dw)) + 0.5 * jnp.sum(db * (h @ db))
+
+  return Problem(params, loss)
+
+
+# ------------------------------------------------------- tree assertions
+
+
+def abstract(tree: Any) -> Any:
+  """`jax.ShapeDtypeStruct` leaves of `tree` (for `eval_shape`)."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _check_structure(a: Any, b: Any) -> None:
+  sa, sb = jax.tree.structure(a), jax.tree.structure(b)
+  if sa != sb:
+    raise AssertionError(f"Tree structures differ:\n{sa}\n!=\n{sb}")
+
+
+def assert_trees_all_close(a: Any, b: Any, *, rtol: float = 1e-6,
+                           atol: float = 0.0) -> None:
+  """Same structure and leaves close (compared in float32 or wider)."""
+  _check_structure(a, b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
+                          jax.tree.leaves(b)):
+    x, y = np.asarray(x), np.asarray(y)
+    if x.dtype != np.float64 and np.issubdtype(x.dtype, np.inexact):
+      x, y = x.astype(np.float32), y.astype(np.float32)
+    np.testing.assert_allclose(x, y, rtol=rtol, atol=atol,
+                               err_msg=f"at {jax.tree_util.keystr(path)}")
+
+
+def assert_trees_all_equal(a: Any, b: Any) -> None:
+  """Same structure and identical leaves."""
+  _check_structure(a, b)
+  for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a),
+                          jax.tree.leaves(b)):
+    np.testing.assert_array_equal(x, y,
+                                  err_msg=f"at {jax.tree_util.keystr(path)}")
+
+
+def assert_tree_types_equal(a: Any, b: Any) -> None:
+  """Same structure and, leaf by leaf, the same shape and dtype."""
+  ta = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), a)
+  tb = jax.tree.map(lambda x: (jnp.shape(x), jnp.result_type(x)), b)
+  _check_structure(a, b)
+  for (path, x), y in zip(
+      jax.tree_util.tree_leaves_with_path(ta, is_leaf=_is_pair),
+      jax.tree.leaves(tb, is_leaf=_is_pair)):
+    if x != y:
+      raise AssertionError(
+          f"Leaf {jax.tree_util.keystr(path)}: shape/dtype {x} != {y}")
+
+
+def _is_pair(x: Any) -> bool:
+  return isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], tuple)
+
+
+def assert_trees_all_finite(tree: Any) -> None:
+  """Every leaf is free of NaN and inf."""
+  for path, x in jax.tree_util.tree_leaves_with_path(tree):
+    if not bool(jnp.all(jnp.isfinite(x))):
+      raise AssertionError(f"Non-finite values at {jax.tree_util.keystr(path)}")
+
+
+# ------------------------------------------------------ contract suite
+
+
+@dataclasses.dataclass(frozen=True)
+class ContractCase:
+  """One transformation under the contract.
+
+  Attributes:
+    name: The test-case name (`<public name>` or `<public name>_<variant>`).
+    make: `() -> GradientTransformation`.
+    covers: The exported factories this case exercises (their `__name__`).
+    problem: What it trains.
+    steps, shrink: `loss(after steps) < shrink * loss(start)` under jit.
+    dtypes: Parameter dtypes the eager/jit check runs with.
+    needs_params: A regex of the error `update` without params raises, or
+      None when `update(grads, state)` must work.
+    inject: `(factory, static_args, kwargs)` for `optax.inject_hyperparams`,
+      or None (for a case that is not a learning-rate alias).
+    tol: Eager-vs-jit tolerance (float32; bfloat16 uses 2e-2).
+  """
+  name: str
+  make: Callable[[], optax.GradientTransformation]
+  covers: tuple[str, ...]
+  problem: Problem = MATRIX
+  steps: int = 100
+  shrink: float = 0.7
+  dtypes: tuple[Any, ...] = (jnp.float32, jnp.bfloat16)
+  needs_params: str | None = None
+  inject: tuple[Callable[..., Any], Sequence[str], dict[str, Any]] | None = (
+      None)
+  tol: float = 1e-4
+
+
+def _jit_grad(problem: Problem):
+  return jax.jit(jax.grad(problem.loss))
+
+
+def contract_test_class(cases: Sequence[ContractCase]) -> type:
+  """A `parameterized.TestCase` running the contract over `cases`.
+
+  Each test is one case (one transformation configuration):
+
+  * `init` accepts abstract params and gives the state `init` gives;
+  * two eager steps equal two jitted ones; updates keep the param dtype;
+    the state keeps its structure, shapes and dtypes;
+  * the loss falls under `jax.jit` and the step traces once;
+  * `update` runs jitted with the state donated;
+  * it works inside `optax.MultiSteps` and `optax.masked`, and (aliases)
+    under `optax.inject_hyperparams`;
+  * empty trees, and a scalar leaf added to the problem, go through;
+  * `update` without params works or raises a clear ValueError.
+
+  Args:
+    cases: The cases; names must be unique.
+
+  Returns:
+    The test class; bind it to a module-level name so pytest collects it.
+  """
+  names = [c.name for c in cases]
+  if len(set(names)) != len(names):
+    raise ValueError(f"Contract case names must be unique; got {names}.")
+  by_name = {c.name: c for c in cases}
+  dtype_cases = [(f"{c.name}_{jnp.dtype(d).name}", c.name, d)
+                 for c in cases for d in c.dtypes]
+  injected = [c.name for c in cases if c.inject is not None]
+
+  class ContractTest(parameterized.TestCase):
+    """The optax contract, one case per exported transformation config."""
+
+    @parameterized.named_parameters((n, n) for n in names)
+    def test_init_accepts_abstract_params(self, name):
+      case = by_name[name]
+      tx, params = case.make(), case.problem.params(jnp.float32)
+      state = jax.eval_shape(tx.init, abstract(params))
+      assert_tree_types_equal(state, tx.init(params))
+      # Memory accounting reads the abstract state.
+      self.assertEqual(optim.state_bytes(state),
+                       optim.estimate_bytes(params, tx))
+
+    @parameterized.named_parameters(dtype_cases)
+    def test_jit_matches_eager_and_preserves_dtype(self, name, dtype):
+      case = by_name[name]
+      tx, params = case.make(), case.problem.params(dtype)
+      grads = _jit_grad(case.problem)(params)
+      state = tx.init(params)
+      eager_state = jit_state = state
+      update = jax.jit(tx.update)
+      for _ in range(2):  # The second step reads a nonzero state.
+        eager, eager_state = tx.update(grads, eager_state, params)
+        jitted, jit_state = update(grads, jit_state, params)
+      tol = 2e-2 if dtype == jnp.bfloat16 else case.tol
+      assert_trees_all_close(eager, jitted, rtol=tol, atol=tol)
+      for u, p in zip(jax.tree.leaves(jitted), jax.tree.leaves(params)):
+        self.assertEqual(u.dtype, p.dtype)
+      assert_tree_types_equal(state, jit_state)
+      assert_tree_types_equal(state, eager_state)
+
+    @parameterized.named_parameters((n, n) for n in names)
+    def test_loss_decreases_and_traces_once(self, name):
+      case = by_name[name]
+      tx, grad = case.make(), _jit_grad(case.problem)
+      traces = 0
+
+      @jax.jit
+      def step(params, state):
+        nonlocal traces
+        traces += 1
+        updates, state = tx.update(grad(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+      params = case.problem.params(jnp.float32)
+      state = tx.init(params)
+      loss = jax.jit(case.problem.loss)
+      start = float(loss(params))
+      for _ in range(case.steps):
+        params, state = step(params, state)
+      self.assertEqual(traces, 1)
+      self.assertLess(float(loss(params)), case.shrink * start)
+
+    @parameterized.named_parameters((n, n) for n in names)
+    def test_update_with_donated_state(self, name):
+      case = by_name[name]
+      tx, params = case.make(), case.problem.params(jnp.float32)
+      grads = _jit_grad(case.problem)(params)
+      state = tx.init(params)
+      types = jax.tree.map(jax.typeof, state)
+      update = jax.jit(tx.update, donate_argnums=1)
+      for _ in range(2):
+        updates, state = update(grads, state, params)
+      self.assertEqual(jax.tree.map(jax.typeof, state), types)
+      assert_trees_all_finite(updates)
+
+    @parameterized.named_parameters((n, n) for n in names)
+    def test_composes_with_multi_steps_and_masked(self, name):
+      case = by_name[name]
+      params = case.problem.params(jnp.float32)
+      grads = _jit_grad(case.problem)(params)
+      first = jax.tree_util.tree_leaves_with_path(params)[0][0]
+      mask = jax.tree_util.tree_map_with_path(lambda p, _: p != first, params)
+      for label, tx in (
+          ("multi_steps", optax.MultiSteps(case.make(), every_k_schedule=2)),
+          ("masked", optax.masked(case.make(), mask))):
+        with self.subTest(label):
+          update = jax.jit(tx.update)
+          state = tx.init(params)
+          u1, state = update(grads, state, params)
+          u2, state = update(grads, state, params)
+          assert_trees_all_finite(u2)
+          if label == "multi_steps":  # Accumulates, then steps.
+            self.assertTrue(all(not np.any(x) for x in jax.tree.leaves(u1)))
+            self.assertTrue(any(np.any(x) for x in jax.tree.leaves(u2)))
+          else:  # The masked-out leaf passes through unchanged.
+            np.testing.assert_array_equal(jax.tree.leaves(u1)[0],
+                                          jax.tree.leaves(grads)[0])
+
+    if injected:
+
+      @parameterized.named_parameters((n, n) for n in injected)
+      def test_inject_hyperparams(self, name):
+        factory, static_args, kwargs = by_name[name].inject
+        case = by_name[name]
+        tx = optax.inject_hyperparams(factory, static_args=static_args)(
+            **kwargs)
+        params = case.problem.params(jnp.float32)
+        grads = _jit_grad(case.problem)(params)
+        state = tx.init(params)
+        self.assertIn("learning_rate", state.hyperparams)
+        update = jax.jit(tx.update)
+        for _ in range(2):
+          updates, state = update(grads, state, params)
+        assert_trees_all_finite(updates)
+        # The plain factory with the same arguments gives the same step.
+        plain = factory(**kwargs)
+        want, _ = jax.jit(plain.update)(grads, plain.init(params), params)
+        got, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+        assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
+
+    @parameterized.named_parameters((n, n) for n in names)
+    def test_empty_tree(self, name):
+      tx = by_name[name].make()
+      updates, state = jax.jit(tx.update)({}, tx.init({}), {})
+      self.assertEqual(updates, {})
+      assert_tree_types_equal(state, tx.init({}))
+
+    @parameterized.named_parameters((n, n) for n in names)
+    def test_scalar_leaf(self, name):
+      case = by_name[name]
+      tx = case.make()
+      params = dict(case.problem.params(jnp.float32))
+      grads = dict(_jit_grad(case.problem)(params))
+      params["scalar"] = jnp.float32(1.5)
+      grads["scalar"] = jnp.float32(0.5)
+      update = jax.jit(tx.update)
+      state = tx.init(params)
+      for _ in range(2):
+        updates, state = update(grads, state, params)
+      self.assertEqual(updates["scalar"].shape, ())
+      self.assertEqual(updates["scalar"].dtype, jnp.float32)
+      assert_trees_all_finite(updates)
+      self.assertNotEqual(float(updates["scalar"]), 0.0)
+
+    @parameterized.named_parameters((n, n) for n in names)
+    def test_update_without_params(self, name):
+      case = by_name[name]
+      tx, params = case.make(), case.problem.params(jnp.float32)
+      grads = _jit_grad(case.problem)(params)
+      state = tx.init(params)
+      if case.needs_params is None:
+        updates, _ = jax.jit(tx.update)(grads, state)
+        assert_tree_types_equal(updates, grads)
+      else:
+        with self.assertRaisesRegex(ValueError, case.needs_params):
+          tx.update(grads, state)
+
+  return ContractTest
