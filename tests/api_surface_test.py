@@ -33,9 +33,10 @@ _MODULES = sorted(
 )
 # Subpackages that import nothing heavy: their submodules load on first use.
 _LAZY = ("data", "models", "retrieval")
-# `lowrank.ranking.rerank` is the function `rerank` (documented in the
-# package docstring); its module is imported as `lowrank.ranking.rerank`.
-_SHADOWED = {("ranking", "rerank")}
+# (subpackage, submodule) pairs whose attribute is not the submodule (a
+# function named like its module). None: `lowrank.ranking.rerank` is the
+# function, defined in `lowrank.ranking.cascade`.
+_SHADOWED = frozenset()
 
 _PROBE = r"""
 import importlib, json, pathlib, sys, types
@@ -132,9 +133,11 @@ class SubpackageSurfaceTest(parameterized.TestCase):
     self.assertIs(BiEncoder, biencoder.BiEncoder)
     self.assertTrue(callable(lowrank.retrieval.metrics.evaluate))
 
-  def test_shadowed_submodule_is_the_documented_function(self):
-    module = importlib.import_module("lowrank.ranking.rerank")
+  def test_rerank_is_the_cascade_function(self):
+    module = importlib.import_module("lowrank.ranking.cascade")
     self.assertIs(lowrank.ranking.rerank, module.rerank)
+    with self.assertRaises(ModuleNotFoundError):
+      importlib.import_module("lowrank.ranking.rerank")
 
 
 # References to repository files: a path ending in one of these extensions.

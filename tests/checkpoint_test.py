@@ -1,6 +1,5 @@
 """Tests for `lowrank.checkpoint`."""
 
-import functools
 import os
 import signal
 import subprocess
@@ -328,61 +327,6 @@ class CheckpointerTest(parameterized.TestCase):
       self.assertTrue(ckpt.save(5, {"x": jnp.ones(1)}, force=True))
       self.assertEqual(saved, [True, True, False])
       self.assertEqual(ckpt.all_steps(), [2, 5])
-
-
-class AdapterCheckpointTest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(sharding.use_mesh())
-    self.build = functools.partial(_TinyLoRA, 4, 3, rngs=nnx.Rngs(0))
-
-  def test_round_trip_touches_only_adapters(self):
-    directory = self.create_tempdir().full_path
-    model = self.build(2)
-    model.lora_b[...] = jnp.full((2, 3), 0.5)
-    saved = jax.tree.map(np.asarray, checkpoint.adapter_state(model))
-    self.assertEqual(sorted(saved), ["lora_a", "lora_b"])
-    self.assertEqual(checkpoint.save_adapters(directory, model), 0)
-
-    other = _TinyLoRA(4, 3, 2, rngs=nnx.Rngs(1))  # Different values.
-    kernel = np.asarray(other.linear.kernel[...])
-    self.assertEqual(checkpoint.restore_adapters(directory, other), 0)
-    assert_trees_equal(self, saved, checkpoint.adapter_state(other))
-    np.testing.assert_array_equal(other.linear.kernel[...], kernel)
-    x = jnp.ones((1, 4))
-    np.testing.assert_allclose(
-        other(x) - other.linear(x), model(x) - model.linear(x), rtol=1e-6
-    )
-    # Only the adapters were written.
-    with checkpoint.Checkpointer(directory, read_only=True) as ckpt:
-      saved_tree = ckpt.manager.item_metadata(0).tree
-    self.assertEqual(sorted(saved_tree), ["lora_a", "lora_b"])
-    # `step=None` appends.
-    self.assertEqual(checkpoint.save_adapters(directory, model), 1)
-
-  def test_mismatch_names_the_path(self):
-    directory = self.create_tempdir().full_path
-    checkpoint.save_adapters(directory, self.build(2), step=3)
-    with self.assertRaisesRegex(ValueError, r"shape mismatch at 'lora_a'"):
-      checkpoint.restore_adapters(directory, self.build(4))
-    with self.assertRaisesRegex(ValueError, r"missing .*\['lora_c'\]"):
-      checkpoint.restore_adapters(directory, self.build(2, extra=True))
-    with self.assertRaises(FileNotFoundError):
-      checkpoint.restore_adapters(directory, self.build(2), step=9)
-
-  def test_keeps_model_sharding(self):
-    mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
-    directory = self.create_tempdir().full_path
-    model = self.build(2)
-    checkpoint.save_adapters(directory, model)
-    with sharding.use_mesh(mesh):
-      target = _TinyLoRA(4, 3, 2, rngs=nnx.Rngs(1))
-    spec = NamedSharding(mesh, P("fsdp", None))
-    target.lora_a[...] = jax.device_put(target.lora_a[...], spec)
-    checkpoint.restore_adapters(directory, target)
-    assert_spec(self, target.lora_a[...], "fsdp", None)
-    np.testing.assert_array_equal(target.lora_a[...], model.lora_a[...])
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ r"""Low-rank adapters: pure math, NNX layers, injection, merge, file I/O.
     adapters.inject(model, targets=r".*\.(query|value)", rank=8, alpha=16)
     optimizer = nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam)
     ...
-    adapters.save_peft("out/adapter", model)   # loads in HF PEFT unchanged
-    adapters.save_adapter("out/any", model)    # any method, lowrank format
+    adapters.save_adapters("out/any", model)   # any method, lowrank format
+    adapters.save_adapters("out/hf", model, format="peft")  # HF PEFT files
+    adapters.load_adapters("out/hf", fresh_model, format="peft")
     adapters.merge(model)                      # fold into the base weights
 
 `inject(method=...)` picks the adapter family; `adapters.METHODS` lists the
@@ -30,10 +31,14 @@ from lowrank.adapters.layers import LoRAWrapper
 from lowrank.adapters.layers import METHODS
 from lowrank.adapters.layers import register
 from lowrank.adapters.layers import register_init
-from lowrank.adapters.native_io import load_adapter
-from lowrank.adapters.native_io import save_adapter
-from lowrank.adapters.peft_io import load_peft
-from lowrank.adapters.peft_io import save_peft
+from lowrank.adapters.adapter_io import FORMATS
+from lowrank.adapters.adapter_io import load_adapters
+from lowrank.adapters.adapter_io import save_adapters
+# Deprecated aliases (warn, then call save_adapters / load_adapters).
+from lowrank.adapters.adapter_io import load_adapter
+from lowrank.adapters.adapter_io import load_peft
+from lowrank.adapters.adapter_io import save_adapter
+from lowrank.adapters.adapter_io import save_peft
 # Importing a variant module registers its methods / inits.
 from lowrank.adapters import dora  # dora
 from lowrank.adapters import lora_xs  # lora_xs, loldu; init lora_sb

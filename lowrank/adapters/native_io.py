@@ -19,7 +19,11 @@ method regenerates them from its `options()` (a seed) when the wrapper is
 rebuilt. Adapters whose init moved part of the base weight into the adapter
 (PiSSA, OLoRA, CorDA, ...) also store their initial values (`initial_*`);
 loading into an original, unadapted model subtracts that initial update from
-the base again, so the result equals the saved model exactly. Loading reads JSON and safetensors only; it never executes code.
+the base again, so the result equals the saved model exactly. Loading
+reads JSON and safetensors only; it never executes code.
+
+Save and load through `lowrank.adapters.save_adapters` /
+`load_adapters` (`format="native"`, the default).
 """
 
 import json
@@ -95,6 +99,8 @@ def module_config(module: layers.LoRAWrapper, where: str) -> dict[str, Any]:
 
 def save_adapter(directory: str | os.PathLike[str], model: nnx.Module) -> None:
   """Writes every adapter of `model` (any method) to `directory`.
+
+  The `format="native"` implementation of `lowrank.adapters.save_adapters`.
 
   Args:
     directory: Created if missing; both files are written atomically.
@@ -178,6 +184,8 @@ def load_adapter(
     rngs: nnx.Rngs | int = 0,
 ) -> nnx.Module:
   """Loads an adapter directory written by `save_adapter` into `model`.
+
+  The `format="native"` implementation of `lowrank.adapters.load_adapters`.
 
   If `model` has no adapters they are injected from the config, module by
   module (each with its own method, rank and options); if it has some, they

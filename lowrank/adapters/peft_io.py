@@ -72,7 +72,7 @@ def read_json(path: str, what: str) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f"No {what} file {path}; expected an adapter directory written by "
-        "save_peft / save_adapter (or by Hugging Face PEFT)."
+        "lowrank.adapters.save_adapters (or by Hugging Face PEFT)."
     )
   try:
     with open(path, encoding="utf-8") as f:
@@ -145,13 +145,14 @@ def _lora_tensors(path, m, convert_initialized):
           "adapter, so its factors only make sense on the residual base. "
           "Pass convert_initialized=True to save an equivalent rank-2r "
           "adapter for the original base (as PEFT's "
-          "path_initial_model_for_weight_conversion does), or use "
-          "save_adapter."
+          "path_initial_model_for_weight_conversion does), or save with "
+          "save_adapters(directory, model, format='native')."
       )
     if m.method != "lora":
       raise ValueError(
           f"{path}: a {m.method!r} adapter with init {m.init!r} cannot be "
-          "expressed on the original base weight; use save_adapter."
+          "expressed on the original base weight; save with "
+          "save_adapters(directory, model, format='native')."
       )
     a0 = m.initial_lora_a[...].reshape(-1, m.rank)
     b0 = m.initial_lora_b[...].reshape(m.rank, -1)
@@ -189,7 +190,8 @@ def _peft_type(mods) -> str:
     if len(methods) > 1:
       raise ValueError(
           "PEFT's LORA format has one use_dora flag for all modules; this "
-          "model mixes 'lora' and 'dora' adapters. Use save_adapter."
+          "model mixes 'lora' and 'dora' adapters. Save with "
+          "save_adapters(directory, model, format='native')."
       )
     return "LORA"
   if methods == {"adalora"}:
@@ -199,8 +201,8 @@ def _peft_type(mods) -> str:
   raise ValueError(
       f"Hugging Face PEFT has no format for adapter method(s) "
       f"{sorted(methods - {'lora', 'dora', 'adalora', 'vera'}) or sorted(methods)}"
-      " (or for a mix of methods). Use lowrank.adapters.save_adapter, "
-      "which saves every method."
+      " (or for a mix of methods). Use lowrank.adapters.save_adapters("
+      "directory, model, format='native'), which saves every method."
   )
 
 
@@ -215,7 +217,8 @@ def save_peft(
 
   Covers the methods PEFT also has: LoRA (with rsLoRA, rank/alpha patterns),
   DoRA (`use_dora`), AdaLoRA and VeRA. Other methods raise; save them with
-  `lowrank.adapters.save_adapter`.
+  `lowrank.adapters.save_adapters(..., format="native")`. This is the
+  `format="peft"` implementation of `lowrank.adapters.save_adapters`.
 
   Args:
     directory: Created if missing. Files are written atomically.

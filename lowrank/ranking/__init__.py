@@ -7,11 +7,12 @@
   their byte tokenizer and prompt helpers.
 * `fusion`: per-query normalisation and weighted interpolation of runs.
 * `rerank(model, tokenizer, queries, corpus, run, *, k)`: rescoring the
-  top-`k` of a first-stage run with any `score_pairs` scorer. (The name is
-  the function; its module is `lowrank.ranking.rerank` only for imports of
-  its other members, e.g. `from lowrank.ranking.rerank import top_k`.)
+  top-`k` of a first-stage run with any `score_pairs` scorer (the second
+  stage of a retrieve-then-rerank cascade; defined in `cascade`, with
+  `cascade.top_k`).
 """
 
+from lowrank.ranking import cascade
 from lowrank.ranking import cross_encoder
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
@@ -20,10 +21,11 @@ from lowrank.ranking import icr
 from lowrank.ranking import losses
 from lowrank.ranking.cross_encoder import CrossEncoder
 from lowrank.ranking.first import FirstReranker
+from lowrank.ranking.cascade import rerank
 from lowrank.ranking.icr import IcrReranker
-from lowrank.ranking.rerank import rerank
 
 __all__ = [
-    "CrossEncoder", "FirstReranker", "IcrReranker", "cross_encoder",
-    "decoder_text", "first", "fusion", "icr", "losses", "rerank",
+    "CrossEncoder", "FirstReranker", "IcrReranker", "cascade",
+    "cross_encoder", "decoder_text", "first", "fusion", "icr", "losses",
+    "rerank",
 ]

@@ -52,6 +52,8 @@ POOLINGS = ("cls", "pooler", "mean")
 # Padded sequence lengths of `score_pairs` (capped at `max_length`, which is
 # always added as the last bucket).
 DEFAULT_BUCKETS = (64, 128, 256, 512)
+# The names of `lowrank.ranking.losses.LOSSES` a cross-encoder trains with
+# (on relevance labels; `get` looks them up).
 LOSSES = (
     "softmax_ce", "rank_net", "list_net", "list_mle", "lambda_loss",
     "approx_ndcg", "pointwise_bce", "plackett_luce",
@@ -389,13 +391,6 @@ def score_pairs(
 # Training.
 
 
-def get_loss(name: str) -> Callable[..., jax.Array]:
-  """The `lowrank.ranking.losses` function called `name` (see `LOSSES`)."""
-  if name not in LOSSES:
-    raise ValueError(f"Unknown loss {name!r}; options: {LOSSES}.")
-  return getattr(ltr_losses, name)
-
-
 def group_loss(
     model: CrossEncoder,
     batch: dict[str, jax.Array],
@@ -423,7 +418,7 @@ def group_loss(
   scores = scores.reshape(labels.shape)
   if loss == "pointwise_bce":
     labels = (labels > 0).astype(jnp.float32)
-  return get_loss(loss)(scores, labels, where=where)
+  return ltr_losses.get(loss, LOSSES)(scores, labels, where=where)
 
 
 def init_optimizer(
@@ -468,7 +463,7 @@ def make_train_step(
     `step(params, opt_state, rest, batch, labels) -> (params, opt_state,
     {"loss", "grad_norm"})`.
   """
-  get_loss(loss)  # Validates the name early.
+  ltr_losses.get(loss, LOSSES)  # Validates the name early.
 
   def loss_fn(params, rest, batch, labels):
     model = nnx.merge(graphdef, params, rest)

@@ -27,9 +27,7 @@ from typing import Any
 
 import numpy as np
 
-# The package re-exports the function `rerank`, which shadows the module of
-# the same name as an attribute; import the helper from the module itself.
-from lowrank.ranking.rerank import top_k  # pylint: disable=g-importing-member
+from lowrank.ranking import cascade
 
 Run = dict[str, dict[str, float]]
 
@@ -202,7 +200,7 @@ def select_top_k(
     raise ValueError(
         f"{len(unknown_q)} run queries are not in queries (first: "
         f"{unknown_q[0]!r}).")
-  selected = {qid: top_k(run[qid], int(k)) for qid in run}
+  selected = {qid: cascade.top_k(run[qid], int(k)) for qid in run}
   unknown_d = sorted({d for ds in selected.values() for d in ds
                       if d not in corpus})
   if unknown_d:

@@ -31,8 +31,8 @@ Training (`loss_fn`, `make_train_step`): the LM loss of the target
 permutation string after the prompt, plus a weighted listwise
 learning-to-rank loss on the identifier logits at the first position:
 FIRST's RankNet with pairs weighted by `1 / (rank_i + rank_j)` of their
-target ranks (`first_rank_net`), or any loss of `lowrank.ranking.losses`
-on the relevance labels.
+target ranks (`lowrank.ranking.losses.first_rank_net`), or another loss of
+`lowrank.ranking.losses` on the relevance labels.
 
 `rerank` has the input/output contract of `lowrank.ranking.rerank`;
 `FirstReranker` also plugs into `lowrank.ranking.rerank` itself through
@@ -66,8 +66,9 @@ from lowrank.ranking import decoder_text
 from lowrank.ranking import losses as ltr_losses
 
 IDENTIFIERS = tuple(string.ascii_uppercase)
-# "first_rank_net" is FIRST's weighted RankNet on target ranks; the others
-# are `lowrank.ranking.losses` functions on relevance labels.
+# Names of `lowrank.ranking.losses.LOSSES` FIRST trains with:
+# "first_rank_net" (FIRST's weighted RankNet) on target ranks, the others on
+# relevance labels.
 LTR_LOSSES = ("first_rank_net", "rank_net", "lambda_loss", "list_mle",
               "list_net", "softmax_ce", "approx_ndcg", "plackett_luce")
 
@@ -641,73 +642,6 @@ class FirstReranker:
 # Training.
 
 
-def first_rank_net(
-    scores: jax.typing.ArrayLike,
-    target_ranks: jax.typing.ArrayLike,
-    *,
-    where: jax.typing.ArrayLike | None = None,
-    weights: jax.typing.ArrayLike | None = None,
-) -> Float[Array, ""]:
-  """FIRST's weighted RankNet: pairs weighted by `1 / (r_i + r_j)`.
-
-  Over the valid ordered pairs with target ranks `r_i < r_j` (1 = best),
-  per list: the mean of `softplus(-(s_i - s_j)) / (r_i + r_j)`, so errors
-  near the top of the target ranking cost most. Lists are averaged as in
-  `lowrank.ranking.losses` (lists without a pair are left out).
-
-  Args:
-    scores: Identifier logits `[..., W]`.
-    target_ranks: 1-based target ranks, same shape (ties form no pair).
-    where: Optional boolean mask of valid candidates, same shape.
-    weights: Optional per-list weights broadcastable to `scores.shape[:-1]`.
-
-  Returns:
-    The scalar loss.
-
-  Raises:
-    ValueError: On mismatched shapes or non-floating scores.
-  """
-  scores = jnp.asarray(scores)
-  ranks = jnp.asarray(target_ranks)
-  if scores.ndim < 1 or not jnp.issubdtype(scores.dtype, jnp.floating):
-    raise ValueError(
-        f"first_rank_net: scores must be a floating [..., W] array; got "
-        f"shape {scores.shape} dtype {scores.dtype}.")
-  if ranks.shape != scores.shape:
-    raise ValueError(f"first_rank_net: target_ranks must have the shape of "
-                     f"scores {scores.shape}; got {ranks.shape}.")
-  mask = (jnp.ones(scores.shape, bool) if where is None
-          else jnp.asarray(where))
-  if mask.shape != scores.shape or mask.dtype != jnp.bool_:
-    raise ValueError(f"first_rank_net: where must be a boolean mask of shape "
-                     f"{scores.shape}; got {mask.shape} {mask.dtype}.")
-  dtype = jnp.promote_types(scores.dtype, jnp.float32)
-  s = jnp.where(mask, scores.astype(dtype), 0.0)
-  r = jnp.where(mask, ranks.astype(dtype), 1.0)
-  pairs = (mask[..., :, None] & mask[..., None, :]
-           & (r[..., :, None] < r[..., None, :]))
-  w = 1.0 / (r[..., :, None] + r[..., None, :])
-  term = w * jax.nn.softplus(-(s[..., :, None] - s[..., None, :]))
-  n = jnp.sum(pairs, axis=(-2, -1))
-  per_list = (jnp.sum(jnp.where(pairs, term, 0.0), axis=(-2, -1))
-              / jnp.maximum(n, 1).astype(dtype))
-  if weights is not None:
-    per_list = per_list * jnp.broadcast_to(
-        jnp.asarray(weights, dtype), per_list.shape)
-  valid = n > 0
-  return (jnp.sum(jnp.where(valid, per_list, 0.0))
-          / jnp.maximum(jnp.sum(valid), 1).astype(dtype))
-
-
-def get_ltr_loss(name: str) -> Callable[..., jax.Array]:
-  """The listwise loss called `name` (see `LTR_LOSSES`)."""
-  if name not in LTR_LOSSES:
-    raise ValueError(f"Unknown LTR loss {name!r}; options: {LTR_LOSSES}.")
-  if name == "first_rank_net":
-    return first_rank_net
-  return getattr(ltr_losses, name)
-
-
 class Example(NamedTuple):
   """One tokenized training list.
 
@@ -830,7 +764,7 @@ def loss_fn(
   Returns:
     `(loss, {"lm_loss", "ltr_loss"})`.
   """
-  ltr = get_ltr_loss(ltr_loss)
+  ltr = ltr_losses.get(ltr_loss, LTR_LOSSES)
   ids = jnp.asarray(batch["ids"])
   logits = model(ids, attention_mask=jnp.asarray(batch["mask"]))
   ce = optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1],
@@ -869,7 +803,7 @@ def make_train_step(
   step 2-2.5x slower than the two in sequence (measured at batch 4-8,
   length 512-896; the update alone takes ~2% of the step).
   """
-  get_ltr_loss(ltr_loss)  # Validates the name early.
+  ltr_losses.get(ltr_loss, LTR_LOSSES)  # Validates the name early.
   ident = tuple(int(i) for i in identifier_ids)
 
   def objective(params, rest, batch):

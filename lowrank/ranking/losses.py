@@ -47,7 +47,9 @@ References:
   LiPO: Liu et al. 2024, https://arxiv.org/abs/2402.01878
 """
 
+from collections.abc import Callable, Mapping, Sequence
 import math
+import types
 from typing import NamedTuple
 
 import jax
@@ -56,7 +58,10 @@ from jaxtyping import Array, Float
 import numpy as np
 
 __all__ = [
+    "LOSSES",
     "approx_ndcg",
+    "first_rank_net",
+    "get",
     "kl_distill",
     "lambda_loss",
     "list_mle",
@@ -648,3 +653,97 @@ def plackett_luce(
     term = _lambda_rank_weights(x) * jax.nn.softplus(-_diff(x.scores))
     per_list = jnp.sum(jnp.where(pairs, term, 0.0), axis=(-2, -1))
   return _reduce(per_list, jnp.any(pairs, axis=(-2, -1)), x.weights)
+
+
+def first_rank_net(
+    scores: jax.typing.ArrayLike,
+    target_ranks: jax.typing.ArrayLike,
+    *,
+    where: jax.typing.ArrayLike | None = None,
+    weights: jax.typing.ArrayLike | None = None,
+) -> Float[Array, ""]:
+  """FIRST's weighted RankNet: pairs weighted by `1 / (r_i + r_j)`.
+
+  Over the valid ordered pairs with target ranks `r_i < r_j` (1 = best),
+  per list: the mean of `softplus(-(s_i - s_j)) / (r_i + r_j)`, so errors
+  near the top of the target ranking cost most. Lists are averaged as in
+  the other losses here (lists without a pair are left out).
+
+  Args:
+    scores: Identifier logits `[..., W]`.
+    target_ranks: 1-based target ranks, same shape (ties form no pair).
+    where: Optional boolean mask of valid candidates, same shape.
+    weights: Optional per-list weights broadcastable to `scores.shape[:-1]`.
+
+  Returns:
+    The scalar loss.
+
+  Raises:
+    ValueError: On mismatched shapes or non-floating scores.
+  """
+  scores = jnp.asarray(scores)
+  ranks = jnp.asarray(target_ranks)
+  if scores.ndim < 1 or not jnp.issubdtype(scores.dtype, jnp.floating):
+    raise ValueError(
+        f"first_rank_net: scores must be a floating [..., W] array; got "
+        f"shape {scores.shape} dtype {scores.dtype}.")
+  if ranks.shape != scores.shape:
+    raise ValueError(f"first_rank_net: target_ranks must have the shape of "
+                     f"scores {scores.shape}; got {ranks.shape}.")
+  mask = (jnp.ones(scores.shape, bool) if where is None
+          else jnp.asarray(where))
+  if mask.shape != scores.shape or mask.dtype != jnp.bool_:
+    raise ValueError(f"first_rank_net: where must be a boolean mask of shape "
+                     f"{scores.shape}; got {mask.shape} {mask.dtype}.")
+  dtype = jnp.promote_types(scores.dtype, jnp.float32)
+  s = jnp.where(mask, scores.astype(dtype), 0.0)
+  r = jnp.where(mask, ranks.astype(dtype), 1.0)
+  pairs = (mask[..., :, None] & mask[..., None, :]
+           & (r[..., :, None] < r[..., None, :]))
+  w = 1.0 / (r[..., :, None] + r[..., None, :])
+  term = w * jax.nn.softplus(-(s[..., :, None] - s[..., None, :]))
+  n = jnp.sum(pairs, axis=(-2, -1))
+  per_list = (jnp.sum(jnp.where(pairs, term, 0.0), axis=(-2, -1))
+              / jnp.maximum(n, 1).astype(dtype))
+  if weights is not None:
+    per_list = per_list * jnp.broadcast_to(
+        jnp.asarray(weights, dtype), per_list.shape)
+  valid = n > 0
+  return (jnp.sum(jnp.where(valid, per_list, 0.0))
+          / jnp.maximum(jnp.sum(valid), 1).astype(dtype))
+
+
+# The one registry of ranking losses: name -> function (every function has
+# the signature above). Trainers accept a subset of names (e.g.
+# `cross_encoder.LOSSES`, `first.LTR_LOSSES`) and look them up with `get`.
+LOSSES: Mapping[str, Callable[..., jax.Array]] = types.MappingProxyType({
+    f.__name__: f for f in (
+        approx_ndcg, first_rank_net, kl_distill, lambda_loss, list_mle,
+        list_net, margin_mse, plackett_luce, pointwise_bce, rank_net,
+        softmax_ce)
+})
+
+
+def get(
+    name: str, options: Sequence[str] | None = None
+) -> Callable[..., jax.Array]:
+  """The loss called `name` in `LOSSES`.
+
+  Args:
+    name: A loss name, e.g. `"softmax_ce"`.
+    options: The names the caller accepts (default: all of `LOSSES`).
+
+  Returns:
+    The loss function.
+
+  Raises:
+    ValueError: If `name` is not one of `options`; the message lists them.
+  """
+  options = tuple(LOSSES) if options is None else tuple(options)
+  unknown = [o for o in options if o not in LOSSES]
+  if unknown:
+    raise ValueError(f"options {unknown} are not losses of "
+                     f"lowrank.ranking.losses.LOSSES {tuple(LOSSES)}.")
+  if not isinstance(name, str) or name not in options:
+    raise ValueError(f"Unknown loss {name!r}; options: {options}.")
+  return LOSSES[name]

@@ -193,22 +193,22 @@ class TrainWhileMergedTest(parameterized.TestCase):
   def test_loading_files_into_merged_adapters_is_refused(self):
     source = _model()
     directory = self.create_tempdir().full_path
-    adapters.save_adapter(directory, source)
+    adapters.save_adapters(directory, source)
     model = _model()
     adapters.merge(model)
     with self.assertRaisesRegex(ValueError, "into merged adapters.*unmerge"):
-      adapters.load_adapter(directory, model)
+      adapters.load_adapters(directory, model)
 
 
 def _save_peft(test):
   directory = test.create_tempdir().full_path
   model = _model(targets=["l1"])
-  adapters.save_peft(directory, model)
+  adapters.save_adapters(directory, model, format="peft")
   return directory
 
 
 class PeftFileTest(absltest.TestCase):
-  """`load_peft` on broken PEFT directories."""
+  """`load_adapters(format="peft")` on broken PEFT directories."""
 
   def test_truncated_weights_name_the_file(self):
     directory = _save_peft(self)
@@ -218,7 +218,8 @@ class PeftFileTest(absltest.TestCase):
       f.write(data[: len(data) // 2])
     with self.assertRaisesRegex(
         ValueError, f"{path} is not a readable safetensors file.*truncated"):
-      adapters.load_peft(directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                             format="peft")
 
   def test_corrupt_config_names_the_file(self):
     directory = _save_peft(self)
@@ -229,23 +230,27 @@ class PeftFileTest(absltest.TestCase):
       f.write(text[:20])
     with self.assertRaisesRegex(ValueError,
                                 f"{path} is not valid JSON.*truncated"):
-      adapters.load_peft(directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                             format="peft")
 
   def test_config_that_is_not_an_object(self):
     directory = _save_peft(self)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
       json.dump(["LORA"], f)
     with self.assertRaisesRegex(ValueError, "expected a JSON object.*list"):
-      adapters.load_peft(directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                             format="peft")
 
   def test_missing_files(self):
     directory = _save_peft(self)
     os.remove(os.path.join(directory, "adapter_model.safetensors"))
     with self.assertRaisesRegex(FileNotFoundError,
                                 "adapter_model.safetensors.*incomplete"):
-      adapters.load_peft(directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                             format="peft")
     with self.assertRaisesRegex(FileNotFoundError, "adapter_config.json"):
-      adapters.load_peft(os.path.join(directory, "nope"), _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(os.path.join(directory, "nope"),
+                             _Tiny(nnx.Rngs(0)), format="peft")
 
   def test_fractional_rank_in_config_names_the_file(self):
     directory = _save_peft(self)
@@ -257,7 +262,8 @@ class PeftFileTest(absltest.TestCase):
       json.dump(config, f)
     with self.assertRaisesRegex(TypeError,
                                 f"{path} does not fit.*rank must be"):
-      adapters.load_peft(directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                             format="peft")
 
   def test_wrong_key_set(self):
     directory = _save_peft(self)
@@ -267,7 +273,8 @@ class PeftFileTest(absltest.TestCase):
     del tensors[key]
     safetensors.numpy.save_file(tensors, path)
     with self.assertRaisesRegex(ValueError, f"missing tensors.*{key}"):
-      adapters.load_peft(directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                             format="peft")
 
   def test_wrong_shape_names_key_and_both_shapes(self):
     directory = _save_peft(self)
@@ -278,16 +285,17 @@ class PeftFileTest(absltest.TestCase):
     safetensors.numpy.save_file(tensors, path)
     with self.assertRaisesRegex(
         ValueError, rf"{key}: expected shape \(2, 8\), found \(2, 9\)"):
-      adapters.load_peft(directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                             format="peft")
 
 
 class NativeFileTest(absltest.TestCase):
-  """`load_adapter` on broken lowrank adapter directories."""
+  """`load_adapters` on broken lowrank adapter directories."""
 
   def setUp(self):
     super().setUp()
     self.directory = self.create_tempdir().full_path
-    adapters.save_adapter(self.directory, _model("dora"))
+    adapters.save_adapters(self.directory, _model("dora"))
 
   def test_truncated_weights_name_the_file(self):
     path = os.path.join(self.directory, "adapter.safetensors")
@@ -296,14 +304,14 @@ class NativeFileTest(absltest.TestCase):
       f.write(data[:-7])
     with self.assertRaisesRegex(
         ValueError, f"{path} is not a readable safetensors file"):
-      adapters.load_adapter(self.directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
 
   def test_garbage_config_names_the_file(self):
     path = os.path.join(self.directory, "lowrank_adapter.json")
     with open(path, "wb") as f:
       f.write(b"\xff\xfe garbage")
     with self.assertRaisesRegex(ValueError, f"{path} is not valid JSON"):
-      adapters.load_adapter(self.directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
 
   def test_wrong_shape_names_key_and_both_shapes(self):
     path = os.path.join(self.directory, "adapter.safetensors")
@@ -313,7 +321,7 @@ class NativeFileTest(absltest.TestCase):
     with self.assertRaisesRegex(
         ValueError,
         r"gen/magnitude: expected shape \(2, 3\), found \(3, 2\)"):
-      adapters.load_adapter(self.directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
 
   def test_rank_that_does_not_fit_names_the_config(self):
     path = os.path.join(self.directory, "lowrank_adapter.json")
@@ -324,7 +332,78 @@ class NativeFileTest(absltest.TestCase):
       json.dump(config, f)
     with self.assertRaisesRegex(TypeError, "'l1' in .*lowrank_adapter.json "
                                 "does not fit the model: rank must be"):
-      adapters.load_adapter(self.directory, _Tiny(nnx.Rngs(0)))
+      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
+
+
+class AdapterFilesEntryTest(absltest.TestCase):
+  """`save_adapters` / `load_adapters`: format and directory mistakes."""
+
+  def test_unknown_format_on_save(self):
+    with self.assertRaisesRegex(
+        ValueError, r"format must be one of \('native', 'peft'\); got "
+        r"'safetensors'"):
+      adapters.save_adapters(self.create_tempdir().full_path, _model(),
+                             format="safetensors")
+
+  def test_unknown_format_on_load(self):
+    with self.assertRaisesRegex(ValueError, "format must be one of.*'PEFT'"):
+      adapters.load_adapters(self.create_tempdir().full_path,
+                             _Tiny(nnx.Rngs(0)), format="PEFT")
+
+  def test_native_directory_loaded_as_peft_names_the_way_out(self):
+    directory = self.create_tempdir().full_path
+    adapters.save_adapters(directory, _model())
+    with self.assertRaisesRegex(
+        ValueError, r"holds 'native'-format adapters "
+        r"\(lowrank_adapter.json\), not 'peft' ones.*format='native'"):
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)), format="peft")
+
+  def test_peft_directory_loaded_as_native_names_the_way_out(self):
+    directory = _save_peft(self)
+    with self.assertRaisesRegex(
+        ValueError, r"holds 'peft'-format adapters "
+        r"\(adapter_config.json\), not 'native' ones.*format='peft'"):
+      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)))
+
+  def test_directory_without_adapter_files(self):
+    with self.assertRaisesRegex(
+        FileNotFoundError, "holds no adapter files.*lowrank_adapter.json.*"
+        "adapter_config.json"):
+      adapters.load_adapters(self.create_tempdir().full_path,
+                             _Tiny(nnx.Rngs(0)))
+
+  def test_peft_option_with_native_format(self):
+    with self.assertRaisesRegex(
+        TypeError, r"format='native'\) takes no options; got "
+        r"\['convert_initialized'\]"):
+      adapters.save_adapters(self.create_tempdir().full_path, _model(),
+                             convert_initialized=True)
+
+  def test_both_formats_in_one_directory_load_the_one_asked_for(self):
+    directory = self.create_tempdir().full_path
+    source = _model(targets=["l1"])
+    adapters.save_adapters(directory, source)
+    adapters.save_adapters(directory, source, format="peft")
+    for fmt in adapters.FORMATS:
+      loaded = adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
+                                      format=fmt)
+      np.testing.assert_allclose(loaded(_X), source(_X), rtol=1e-5,
+                                 atol=1e-6)
+
+  def test_deprecated_names_warn_and_forward(self):
+    directory = self.create_tempdir().full_path
+    source = _model(targets=["l1"])
+    cases = [
+        (adapters.save_adapter, adapters.load_adapter, "save_adapters"),
+        (adapters.save_peft, adapters.load_peft, "format='peft'"),
+    ]
+    for save, load, new in cases:
+      with self.assertWarnsRegex(DeprecationWarning, new):
+        save(directory, source)
+      with self.assertWarnsRegex(DeprecationWarning, "load_adapters"):
+        loaded = load(directory, _Tiny(nnx.Rngs(0)))
+      np.testing.assert_allclose(loaded(_X), source(_X), rtol=1e-5,
+                                 atol=1e-6)
 
 
 def _state(rows=4):
@@ -413,17 +492,6 @@ class CheckpointFileTest(absltest.TestCase):
       with self.assertRaisesRegex(FileNotFoundError,
                                   r"step 7 .*steps on disk: \[1, 2\]"):
         ckpt.restore(7, _state())
-
-  def test_corrupt_adapter_checkpoint_names_the_directory(self):
-    directory = self.create_tempdir().full_path
-    model = _model()
-    checkpoint.save_adapters(directory, model)
-    with open(os.path.join(directory, "0", "default", "_METADATA"), "w") as f:
-      f.write("")
-    with self.assertRaisesRegex(
-        ValueError, f"Checkpoint step 0 in {directory} is incomplete or "
-        "corrupt.*no earlier step"):
-      checkpoint.restore_adapters(directory, model)
 
 
 if __name__ == "__main__":

@@ -214,10 +214,10 @@ class DoraTest(parameterized.TestCase):
     for m in adapters.adapter_modules(model).values():
       self.assertEqual(m.options(), {})
     directory = self.create_tempdir().full_path
-    adapters.save_adapter(directory, model)
+    adapters.save_adapters(directory, model)
     with sharding.use_mesh():
       fresh = _toy(nnx.Rngs(0))
-      adapters.load_adapter(directory, fresh, rngs=5)
+      adapters.load_adapters(directory, fresh, rngs=5)
     self.assertEqual(
         {m.method for m in adapters.adapter_modules(fresh).values()},
         {"dora"})

@@ -250,7 +250,7 @@ class PeftIoTest(parameterized.TestCase):
     adapters.inject(model, targets=_ALL, rank=2, alpha=4, **kw)
     _randomize(model)
     d = self.create_tempdir().full_path
-    adapters.save_peft(d, model)
+    adapters.save_adapters(d, model, format="peft")
     return model, d
 
   def test_file_layout_matches_peft(self):
@@ -275,10 +275,10 @@ class PeftIoTest(parameterized.TestCase):
   def test_roundtrip_into_fresh_model(self):
     model, d = self._saved(use_rslora=True)
     fresh = _toy(nnx.Rngs(0))
-    adapters.load_peft(d, fresh)
+    adapters.load_adapters(d, fresh, format="peft")
     np.testing.assert_array_equal(fresh(_IDS), model(_IDS))
     # Loading into a model that already has the same adapters also works.
-    adapters.load_peft(d, model)
+    adapters.load_adapters(d, model, format="peft")
 
   def test_rejects_bad_shapes_and_keys(self):
     _, d = self._saved()
@@ -289,17 +289,17 @@ class PeftIoTest(parameterized.TestCase):
     bad[key] = np.zeros((2, 15), np.float32)
     safetensors.numpy.save_file(bad, path)
     with self.assertRaisesRegex(ValueError, "gen.lora_A.weight: expected sha"):
-      adapters.load_peft(d, _toy(nnx.Rngs(0)))
+      adapters.load_adapters(d, _toy(nnx.Rngs(0)), format="peft")
     bad = dict(tensors)
     del bad[key]
     safetensors.numpy.save_file(bad, path)
     with self.assertRaisesRegex(ValueError, "missing tensors.*gen.lora_A"):
-      adapters.load_peft(d, _toy(nnx.Rngs(0)))
+      adapters.load_adapters(d, _toy(nnx.Rngs(0)), format="peft")
     bad = dict(tensors)
     bad["base_model.model.norm.lora_A.weight"] = np.zeros((2, 16), np.float32)
     safetensors.numpy.save_file(bad, path)
     with self.assertRaisesRegex(ValueError, "norm.lora_A.weight"):
-      adapters.load_peft(d, _toy(nnx.Rngs(0)))
+      adapters.load_adapters(d, _toy(nnx.Rngs(0)), format="peft")
 
   def test_rejects_targets_that_do_not_fit(self):
     _, d = self._saved()
@@ -310,14 +310,15 @@ class PeftIoTest(parameterized.TestCase):
     with open(cfg_path, "w") as f:
       json.dump(config, f)
     with self.assertRaisesRegex(ValueError, "does not fit the model.*q_proj"):
-      adapters.load_peft(d, _toy(nnx.Rngs(0)))
+      adapters.load_adapters(d, _toy(nnx.Rngs(0)), format="peft")
     config["peft_type"] = "IA3"
     with open(cfg_path, "w") as f:
       json.dump(config, f)
     with self.assertRaisesRegex(ValueError, "peft_type is 'IA3'; supported"):
-      adapters.load_peft(d, _toy(nnx.Rngs(0)))
+      adapters.load_adapters(d, _toy(nnx.Rngs(0)), format="peft")
     with self.assertRaises(FileNotFoundError):
-      adapters.load_peft(self.create_tempdir().full_path, _toy(nnx.Rngs(0)))
+      adapters.load_adapters(self.create_tempdir().full_path,
+                             _toy(nnx.Rngs(0)), format="peft")
 
 
 class _Frozen(nnx.Module):

@@ -138,9 +138,9 @@ class CommonTest(_MeshTest):
     for m in adapters.adapter_modules(model).values():
       self.assertEqual(m.options(), {**m.options(), **options})
     directory = self.create_tempdir().full_path
-    adapters.save_adapter(directory, model)
+    adapters.save_adapters(directory, model)
     fresh = _toy(nnx.Rngs(0))
-    adapters.load_adapter(directory, fresh, rngs=9)
+    adapters.load_adapters(directory, fresh, rngs=9)
     for p, m in adapters.adapter_modules(fresh).items():
       self.assertEqual(m.method, method, p)
       self.assertEqual(m.options(), {**m.options(), **options})

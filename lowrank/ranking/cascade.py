@@ -1,5 +1,8 @@
 """Reranking the top-k of a first-stage run with a pairwise scorer.
 
+The second stage of a retrieve-then-rerank cascade; `rerank` is exported
+as `lowrank.ranking.rerank`.
+
 `rerank` takes any run dict `run[qid][docid] = score` (BM25, a bi-encoder,
 ...), keeps each query's top `k` documents in trec_eval's order (score
 descending, ties by document id descending) and replaces their scores with
