@@ -1,26 +1,17 @@
 """Config checks shared by the experiment binaries: fail before loading.
 
-Each binary's `validate_config` lists its rules with a `Checker` and runs
-them before it touches data or models, so a bad value costs milliseconds
-instead of a zero-shot evaluation followed by a crash. Every error names the
-key, what it expected, what it found and the flag that fixes it:
-
-    checks = config_checks.Checker(config, defaults=config_lib.get_config())
-    checks.positive_int("batch_size", "num_train_steps")
-    checks.choice("optimizer.name", OPTIMIZERS)
-    checks.mesh("mesh", batch=("batch_size",))
-
-    ValueError: config.batch_size must be a positive integer; found 0. Set
-    --config.batch_size to e.g. 32.
-
-Wrong types raise `TypeError`, wrong values `ValueError`, missing files or
-directories `FileNotFoundError`. `unused_overrides` rejects command-line
-overrides that the chosen run never reads (`--config.scale` with a ColBERT
-model, whose logit scale is `colbert.scale`): a flag with no effect is a
-silent wrong answer too.
+A binary's `validate_config` calls `validate_common(config, defaults)` (the
+shared layout: seed, data, model, adapter, optimizer, train, mesh) and adds
+its own rules with the returned `Checker`, before it touches data or
+models. Errors name the key, what was expected and found, and the fix:
+`ValueError: config.train.batch_size must be a positive integer; found 0.
+Set --config.train.batch_size to e.g. 32.` Optimizers are checked by
+building them (`lowrank.train.optimizer_from_config`), meshes by
+`lowrank.sharding.make_mesh`: those errors are the library's, prefixed
+with the key. `unused_overrides` rejects flags the chosen run never reads.
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 import math
 import os
 import pathlib
@@ -31,169 +22,123 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
+from lowrank import adapters
 from lowrank import sharding
+from lowrank import train
 from lowrank.data import beir
 
 
+def _is_map(value: Any) -> bool:
+  return isinstance(value, Mapping) or hasattr(value, "to_dict")
+
+
 def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  """Dotted leaf keys of a (nested) mapping, e.g. {"adapter.rank": 8}."""
+  """Dotted leaf keys (and empty blocks) of a nested mapping."""
   out = {}
   for key, value in tree.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, Mapping) or hasattr(value, "to_dict"):
-      out.update(_flat(value, name + "."))
-      if not value:
-        out[name] = value  # An empty block is a key too.
+    if _is_map(value) and value:
+      out.update(_flat(value, f"{prefix}{key}."))
     else:
-      out[name] = value
+      out[prefix + key] = value
   return out
 
 
-def _where(path: pathlib.Path) -> str:
-  """" (relative to the current directory ...)" for a relative path."""
-  return "" if path.is_absolute() else (
-      f" (relative to the current directory {os.getcwd()})")
+def _has(tree: Any, name: str) -> bool:
+  for part in name.split("."):
+    if not _is_map(tree) or part not in tree:
+      return False
+    tree = tree[part]
+  return True
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+_INT = lambda v: isinstance(v, int) and not isinstance(v, bool)
+_NUM = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 class Checker:
   """Checks on one config (or flag values), with helpful messages.
 
-  Attributes:
-    config: The config (an `ml_collections.ConfigDict` or a mapping).
-    defaults: The default config of the same binary, or None; its values
-      are suggested in the messages ("Set --config.x to e.g. <default>").
+  `label` / `flag` spell a dotted key in messages (`"config.{}"`,
+  `"--config.{}"`); `defaults` (the binary's default config) supplies the
+  "Set --config.x to e.g. <default>" examples.
   """
 
   def __init__(self, config: Any, defaults: Any = None, *,
                label: str = "config.{}", flag: str = "--config.{}"):
-    """Wraps `config`.
+    self.config, self.defaults = config, defaults
+    self.label, self.flag = label.format, flag.format
 
-    Args:
-      config: The config to check; dotted names reach nested blocks.
-      defaults: The binary's default config (for examples), or None.
-      label: How a key is named in messages (`"{}"` is the dotted key).
-      flag: How the flag that sets a key is spelled.
-    """
-    self.config = config
-    self.defaults = defaults
-    self._label = label
-    self._flag = flag
-
-  def label(self, name: str) -> str:
-    return self._label.format(name)
-
-  def flag(self, name: str) -> str:
-    return self._flag.format(name)
-
-  def get(self, name: str) -> Any:
-    """The value at dotted `name`.
-
-    Raises:
-      KeyError: If the config has no such key.
-    """
-    node = self.config
+  def get(self, name: str, config: Any = None) -> Any:
+    """The value at dotted `name`; KeyError naming the key if missing."""
+    node = self.config if config is None else config
     for part in name.split("."):
       try:
         node = node[part]
       except (KeyError, AttributeError, TypeError):
         raise KeyError(
             f"{self.label(name)} is missing from the config; this binary "
-            f"reads it. Start from the binary's config file "
-            f"(experiments/configs/) and override keys with "
-            f"{self.flag('<key>')}=..."
+            f"reads it. Start from the binary's config file (experiments/"
+            f"configs/) and override keys with {self.flag('<key>')}=..."
         ) from None
     return node
 
-  def _fix(self, name: str, what: str, valid=lambda v: True) -> str:
-    """"Set --config.x to e.g. <default>." (or to `what` with no default)."""
-    if self.defaults is not None:
-      try:
-        default = Checker(self.defaults).get(name)
-      except KeyError:
-        default = None
-      try:
-        usable = default is not None and bool(valid(default))
-      except TypeError:
-        usable = False
-      if usable:
-        return f"Set {self.flag(name)} to e.g. {default!r}."
-    return f"Set {self.flag(name)} to {what}."
-
-  def _each(self, names: Sequence[str], what: str, valid, type_ok) -> None:
+  def _each(self, names: Sequence[str], what: str, type_ok, valid) -> None:
     for name in names:
-      value = self.get(name)
-      if not type_ok(value):
-        raise TypeError(
-            f"{self.label(name)} must be {what}; found {value!r} "
-            f"({type(value).__name__}). {self._fix(name, what, valid)}")
-      if not valid(value):
-        raise ValueError(
-            f"{self.label(name)} must be {what}; found {value!r}. "
-            f"{self._fix(name, what, valid)}")
+      v, fix = self.get(name), f"Set {self.flag(name)} to {what}."
+      try:
+        default = self.get(name, self.defaults) if self.defaults else None
+        if type_ok(default) and valid(default):
+          fix = f"Set {self.flag(name)} to e.g. {default!r}."
+      except (KeyError, TypeError):
+        pass
+      ok = type_ok(v)
+      if not ok or not valid(v):
+        raise (ValueError if ok else TypeError)(
+            f"{self.label(name)} must be {what}; found {v!r}"
+            f"{'' if ok else f' ({type(v).__name__})'}. {fix}")
 
   def positive_int(self, *names: str) -> None:
-    """Each key holds an int >= 1 (not a bool)."""
-    self._each(names, "a positive integer", lambda v: v >= 1, _is_int)
+    self._each(names, "a positive integer", _INT, lambda v: v >= 1)
 
   def non_negative_int(self, *names: str) -> None:
-    """Each key holds an int >= 0 (not a bool)."""
-    self._each(names, "an integer >= 0", lambda v: v >= 0, _is_int)
+    self._each(names, "an integer >= 0", _INT, lambda v: v >= 0)
 
   def positive_number(self, *names: str) -> None:
-    """Each key holds a finite number > 0."""
-    self._each(names, "a finite number > 0",
-               lambda v: math.isfinite(v) and v > 0, _is_number)
+    self._each(names, "a finite number > 0", _NUM,
+               lambda v: math.isfinite(v) and v > 0)
 
   def non_negative_number(self, *names: str) -> None:
-    """Each key holds a finite number >= 0."""
-    self._each(names, "a finite number >= 0",
-               lambda v: math.isfinite(v) and v >= 0, _is_number)
+    self._each(names, "a finite number >= 0", _NUM,
+               lambda v: math.isfinite(v) and v >= 0)
 
   def in_range(self, name: str, low: float, high: float, *,
                low_closed: bool = True, high_closed: bool = False) -> None:
     """`low <= value < high` (brackets set by `low_closed`/`high_closed`)."""
     what = (f"a number in {'[' if low_closed else '('}{low}, {high}"
             f"{']' if high_closed else ')'}")
-    def valid(v):
-      above = v >= low if low_closed else v > low
-      below = v <= high if high_closed else v < high
-      return math.isfinite(v) and above and below
-    self._each((name,), what, valid, _is_number)
+    self._each((name,), what, _NUM, lambda v: math.isfinite(v) and (
+        v >= low if low_closed else v > low) and (
+            v <= high if high_closed else v < high))
 
   def boolean(self, *names: str) -> None:
-    """Each key holds True or False."""
-    self._each(names, "True or False", lambda v: True,
-               lambda v: isinstance(v, bool))
-
-  def choice(self, name: str, options: Iterable[str]) -> None:
-    """The key holds one of `options` (listed in the error)."""
-    options = tuple(options)
-    value = self.get(name)
-    if value not in options:
-      raise ValueError(
-          f"{self.label(name)} must be one of {list(options)}; found "
-          f"{value!r}. Set {self.flag(name)} to one of them.")
+    self._each(names, "True or False", lambda v: isinstance(v, bool),
+               lambda v: True)
 
   def regex(self, name: str) -> None:
-    """The key holds a string that compiles as a regular expression."""
-    value = self.get(name)
-    if not isinstance(value, str):
-      raise TypeError(f"{self.label(name)} must be a regular expression "
-                      f"string; found {value!r} ({type(value).__name__}).")
-    try:
-      re.compile(value)
-    except re.error as e:
+    def compiles(v):
+      try:
+        return re.compile(v) is not None
+      except re.error:
+        return False
+    self._each((name,), "a valid regular expression",
+               lambda v: isinstance(v, str), compiles)
+
+  def choice(self, name: str, options: Iterable[str]) -> None:
+    options, value = list(options), self.get(name)
+    if value not in options:
       raise ValueError(
-          f"{self.label(name)} must be a valid regular expression; found "
-          f"{value!r} ({e}). {self._fix(name, 'a valid regex')}") from None
+          f"{self.label(name)} must be one of {options}; found {value!r}. "
+          f"Set {self.flag(name)} to one of them.")
 
   def not_greater(self, small: str, large: str) -> None:
     """`config[small] <= config[large]` (e.g. warmup within the run)."""
@@ -204,132 +149,85 @@ class Checker:
           f"Lower {self.flag(small)} or raise {self.flag(large)}.")
 
   def known_keys(self, open_keys: Sequence[str] = ()) -> None:
-    """Every key of the config is a key of `defaults` (the binary reads it).
+    """Every key is one of `defaults` (keys under `open_keys` are free).
 
-    Command-line overrides of unknown keys are already refused by
-    ml_collections; this catches configs built in code or in another
-    config file, where a key at the wrong level (`rank` for `adapter.rank`)
-    would be silently ignored.
-
-    Args:
-      open_keys: Blocks whose content is free-form (e.g. keyword arguments
-        passed through, `adapter.options`).
-
-    Raises:
-      ValueError: On a key the defaults do not have; suggests the keys with
-        the same last name.
+    ml_collections refuses overrides of unknown keys; this catches configs
+    built in code, where `rank` for `adapter.rank` would be ignored.
     """
-    if self.defaults is None:
-      return
-    known = _flat(self.defaults)
-    for key in _flat(self.config):
+    known = _flat(self.defaults) if self.defaults is not None else None
+    for key in _flat(self.config) if known is not None else ():
       if key in known or any(key == o or key.startswith(o + ".")
                              for o in open_keys):
         continue
       leaf = key.rsplit(".", 1)[-1]
-      similar = [self.label(k) for k in known
-                 if k.rsplit(".", 1)[-1] == leaf]
+      similar = [self.label(k) for k in known if k.rsplit(".", 1)[-1] == leaf]
       hint = (f" Did you mean {' or '.join(similar)}?" if similar else
-              f" Remove it, or check the spelling against the config file.")
-      raise ValueError(
-          f"{self.label(key)} is not a key this binary reads, so it would be "
-          f"ignored.{hint}")
+              " Remove it, or check the spelling against the config file.")
+      raise ValueError(f"{self.label(key)} is not a key this binary reads, "
+                       f"so it would be ignored.{hint}")
 
   def mesh(self, name: str = "mesh", *, batch: Sequence[str] = (),
-           num_devices: int | None = None) -> dict[str, int]:
-    """Mesh axis sizes fit the devices; batch keys split over data x fsdp.
+           first_devices: bool = False) -> dict[str, int]:
+    """`sharding.make_mesh` accepts the sizes; data x fsdp divides `batch`.
 
-    Args:
-      name: The mesh block (`{"data": -1, "fsdp": 1, "tensor": 1}`).
-      batch: Keys holding global batch sizes that are sharded over the
-        `("data", "fsdp")` axes.
-      num_devices: The device count (default `jax.device_count()`, every
-        process's devices).
-
-    Returns:
-      The axis sizes with the -1 resolved.
-
-    Raises:
-      ValueError: On unknown axes, bad sizes, a product that is not the
-        device count, or a batch size that the data x fsdp size does not
-        divide.
+    With `first_devices` the mesh may use the first `prod(sizes)` devices.
+    Returns the axis sizes with the -1 resolved.
     """
-    axes = dict(self.get(name).items())
-    label = self.label(name)
-    n = jax.device_count() if num_devices is None else num_devices
-    unknown = sorted(set(axes) - set(sharding.MESH_AXES))
-    if unknown:
-      raise ValueError(f"{label} has unknown axes {unknown}; the axes are "
-                       f"{list(sharding.MESH_AXES)}.")
-    bad = {k: v for k, v in axes.items() if not _is_int(v) or v == 0 or v < -1}
-    if bad or list(axes.values()).count(-1) > 1:
-      raise ValueError(
-          f"{label} sizes must be positive integers, with at most one -1 "
-          f"(which takes the remaining devices); found {axes}. Set e.g. "
-          f"{self.flag(name + '.data')}=-1.")
-    known = math.prod(v for v in axes.values() if v != -1)
-    if -1 in axes.values():
-      if n % known:
-        raise ValueError(
-            f"{label} {axes}: the {n} devices are not divisible by {known}, "
-            f"the product of the fixed axes, so the -1 axis has no size. "
-            f"Use sizes whose product divides {n}.")
-      axes = {k: n // known if v == -1 else v for k, v in axes.items()}
-    elif known != n:
-      raise ValueError(
-          f"{label} {axes} needs {known} devices; {n} are available. Set the "
-          f"sizes to multiply to {n}, or one of them to -1.")
+    axes, n = dict(self.get(name).items()), jax.device_count()
+    fix = (f"Set {self.flag(name + '.<axis>')} to integers that multiply to "
+           f"{'at most ' * first_devices}{n} (one may be -1: the rest).")
+    if not all(_INT(v) for v in axes.values()):
+      raise TypeError(f"{self.label(name)} sizes must be integers; found "
+                      f"{axes}. {fix}")
+    devices = jax.devices()
+    if first_devices and -1 not in axes.values():
+      devices = devices[:max(math.prod(axes.values()), 0)]
+    try:
+      axes = dict(sharding.make_mesh(axes, devices=devices).shape)
+    except ValueError as e:
+      raise ValueError(f"{self.label(name)}: {e} {fix}") from None
     shards = axes.get("data", 1) * axes.get("fsdp", 1)
     for key in batch:
-      size = self.get(key)
-      if size % shards:
+      if (size := self.get(key)) % shards:
         raise ValueError(
             f"{self.label(key)} ({size}) must be divisible by the data x fsdp "
-            f"mesh size {shards} ({label} {axes}), which splits every batch. "
-            f"Set {self.flag(key)} to a multiple of {shards}, e.g. "
-            f"{-(-size // shards) * shards}.")
+            f"mesh size {shards} ({self.label(name)} {axes}), which splits "
+            f"every batch. Set {self.flag(key)} to a multiple of {shards}, "
+            f"e.g. {-(-size // shards) * shards}.")
     return axes
 
-  def directory(self, name: str, path: str | os.PathLike[str], *,
-                containing: Sequence[str] = ()) -> None:
-    """`path` (the value of `name`) is a directory holding `containing`."""
+  def file(self, name: str, path: Any, *, directory: bool = False,
+           containing: Sequence[str] = ()) -> None:
+    """`path` (the value of `name`) is a file (a directory holding
+    `containing`)."""
     root = pathlib.Path(path)
-    if not root.is_dir():
+    if not (root.is_dir() if directory else root.is_file()):
+      where = "" if root.is_absolute() else f" (relative to {os.getcwd()})"
       raise FileNotFoundError(
-          f"{self.label(name)}: directory {str(root)!r} does not exist"
-          f"{_where(root)}. Fix {self.flag(name)}.")
+          f"{self.label(name)}: {'directory' if directory else 'file'} "
+          f"{str(root)!r} does not exist{where}. Fix {self.flag(name)}.")
     for item in containing:
       if not (root / item).exists():
         raise FileNotFoundError(
             f"{self.label(name)}: {str(root / item)!r} does not exist; "
             f"{str(root)!r} must hold {list(containing)}.")
 
-  def file(self, name: str, path: str | os.PathLike[str]) -> None:
-    """`path` (the value of `name`) is an existing file."""
-    if not pathlib.Path(path).is_file():
-      raise FileNotFoundError(
-          f"{self.label(name)}: file {str(path)!r} does not exist"
-          f"{_where(pathlib.Path(path))}. Fix {self.flag(name)}.")
-
-  def beir_directory(self, name: str, path: str | os.PathLike[str],
+  def beir_directory(self, name: str, path: Any,
                      splits: Sequence[str]) -> None:
     """A BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
-    self.directory(name, path, containing=("corpus.jsonl", "queries.jsonl"))
-    available = beir.available_splits(path)
-    for split in splits:
-      if split not in available:
-        raise FileNotFoundError(
-            f"{self.label(name)}: {str(pathlib.Path(path, 'qrels'))!r} has "
-            f"no {split}.tsv (available splits: {available}); this run "
-            f"needs the splits {list(splits)}.")
+    self.file(name, path, directory=True,
+              containing=("corpus.jsonl", "queries.jsonl"))
+    if missing := [s for s in splits if s not in beir.available_splits(path)]:
+      raise FileNotFoundError(
+          f"{self.label(name)}: {str(pathlib.Path(path, 'qrels'))!r} has no "
+          f"{missing[0]}.tsv (available splits: "
+          f"{beir.available_splits(path)}); this run needs {list(splits)}.")
 
-  def data_spec(self, name: str = "data", *, splits=("train", "test"),
+  def data_spec(self, name: str = "data.spec", *, splits=("train", "test"),
                 embedded: Sequence[str] = ("code_search",)) -> None:
     """One of `embedded`, or `beir:<directory>` holding `splits`."""
     spec = self.get(name)
-    if not isinstance(spec, str):
-      raise TypeError(f"{self.label(name)} must be a string; found {spec!r}.")
-    if spec.startswith("beir:"):
+    if isinstance(spec, str) and spec.startswith("beir:"):
       self.beir_directory(name, spec.split(":", 1)[1], splits)
     elif spec not in embedded:
       raise ValueError(
@@ -338,20 +236,92 @@ class Checker:
 
   def model_dir(self, name: str) -> None:
     """"" (the bundled model) or a HF-format directory with config.json."""
-    path = self.get(name)
-    if path:
-      self.directory(name, path, containing=("config.json",))
+    if path := self.get(name):
+      self.file(name, path, directory=True, containing=("config.json",))
+
+
+def _sections(tree: Any, name: str, prefix: str = "") -> Iterator[str]:
+  """Paths of the blocks called `name` (of their sub-blocks when all entries
+  are blocks: one section per run, e.g. `optimizer.galore`)."""
+  for key, value in tree.items():
+    path = prefix + key
+    if not _is_map(value):
+      continue
+    if key != name:
+      yield from _sections(value, name, path + ".")
+    elif value and all(_is_map(v) for v in value.values()):
+      yield from (f"{path}.{k}" for k in value)
+    else:
+      yield path
+
+
+def validate_common(config: Any, defaults: Any = None, *,
+                    splits: Sequence[str] | None = ("train", "test"),
+                    batch: Sequence[str] | None = None,
+                    first_devices: bool = False,
+                    open_keys: Sequence[str] = ()) -> Checker:
+  """Checks the shared layout; returns the `Checker` for the binary's rules.
+
+  With `defaults`, every key must be theirs (keys under adapter and
+  optimizer sections, the factories' arguments, and `open_keys` are free).
+  Where present: `seed` >= 0; `data.spec` names existing data (`splits`;
+  None: the binary checks its own spec);
+  `model.path` is "" or a HF directory; each `adapter` section (or
+  sub-section, one per run) has a known method, a positive rank, dropout in
+  [0, 1), a regex for targets; each `optimizer` section builds
+  (`optimizer_from_config`), its (peak) learning rate is > 0 and a
+  schedule's warmup fits the nearest `train.num_steps`; each `train`
+  section has positive cadences (`eval_every` >= 0); `mesh` fits the
+  devices (`Checker.mesh`) and divides `batch` (default: every
+  `train.batch_size`).
+  """
+  check, has = Checker(config, defaults), lambda key: _has(config, key)
+  adapter_secs = list(_sections(config, "adapter"))
+  optimizer_secs = list(_sections(config, "optimizer"))
+  train_secs = list(_sections(config, "train"))
+  check.known_keys(open_keys=(*adapter_secs, *optimizer_secs, *open_keys))
+  if has("seed"):
+    check.non_negative_int("seed")
+  if has("data.spec") and splits is not None:
+    check.data_spec("data.spec", splits=splits)
+  if has("model.path"):
+    check.model_dir("model.path")
+  for a in adapter_secs:
+    if has(f"{a}.method"):
+      check.choice(f"{a}.method", ("full", *sorted(adapters.METHODS)))
+    if check.get(a).get("method") == "full":
+      continue
+    for key, rule in (("rank", check.positive_int), ("targets", check.regex),
+                      ("dropout", lambda k: check.in_range(k, 0.0, 1.0))):
+      if has(f"{a}.{key}"):
+        rule(f"{a}.{key}")
+  for t in train_secs:
+    check.positive_int(*(f"{t}.{k}" for k in (
+        "num_steps", "batch_size", "log_every", "checkpoint_every")
+                         if has(f"{t}.{k}")))
+    if has(f"{t}.eval_every"):
+      check.non_negative_int(f"{t}.eval_every")
+  for o in optimizer_secs:
+    lr, parts = check.get(o).get("learning_rate"), o.split(".")
+    if lr is not None:
+      check.positive_number(f"{o}.learning_rate" + ".peak_value" * _is_map(lr))
+    run = next((t for i in range(len(parts) - 1, -1, -1)
+                if (t := ".".join(parts[:i] + ["train"])) in train_secs), None)
+    if _is_map(lr) and "warmup_steps" in lr and run:
+      check.not_greater(f"{o}.learning_rate.warmup_steps", f"{run}.num_steps")
+    try:
+      train.optimizer_from_config(check.get(o))
+    except (ValueError, TypeError) as e:
+      raise type(e)(f"{check.label(o)}: {e}") from None
+  if has("mesh"):
+    check.mesh(batch=[f"{t}.batch_size" for t in train_secs if has(
+        f"{t}.batch_size")] if batch is None else batch,
+               first_devices=first_devices)
+  return check
 
 
 def overrides(config_flag: Any) -> dict[str, Any]:
-  """The `--config.<key>=value` overrides given on the command line.
-
-  Args:
-    config_flag: The config flag (`flags.FLAGS["config"]` or its holder).
-
-  Returns:
-    Dotted key -> value; empty when the flag was not given.
-  """
+  """The `--config.<key>=value` overrides given (dotted key -> value)."""
   if isinstance(config_flag, flags.FlagHolder):
     config_flag = flags.FLAGS[config_flag.name]
   if not config_flag.present:
@@ -361,19 +331,12 @@ def overrides(config_flag: Any) -> dict[str, Any]:
 
 def unused_overrides(config: Any, given: Mapping[str, Any],
                      *unused: Mapping[str, str]) -> None:
-  """Rejects command-line overrides of keys this run never reads.
+  """ValueError on an override (`given`) of a key this run never reads.
 
-  Args:
-    config: The config (for "did you mean" suggestions).
-    given: The overrides (`overrides(flag)`), dotted key -> value.
-    *unused: Dotted key or block -> why the run does not read it, e.g.
-      `{"colbert": "model='biencoder' is not ColBERT"}`. With several
-      mappings (a binary that makes several runs of one config), a key is
-      unused when every mapping lists it; the first one's reason is given.
-
-  Raises:
-    ValueError: On an override of an unused key; names the keys with the
-      same last name that the run does read.
+  Each of `unused` maps a dotted key or block to why the run does not read
+  it; with several (several runs of one config) a key is unused when every
+  mapping lists it. The message names the keys of the same last name that
+  the run does read.
   """
   def why_unused(key):
     whys = [next((why for prefix, why in u.items()
@@ -381,8 +344,7 @@ def unused_overrides(config: Any, given: Mapping[str, Any],
             for u in unused]
     return whys[0] if whys and None not in whys else None
   for key, value in given.items():
-    why = why_unused(key)
-    if why is None:
+    if (why := why_unused(key)) is None:
       continue
     leaf = key.rsplit(".", 1)[-1]
     similar = [f"--config.{k}" for k in _flat(config)
@@ -394,27 +356,15 @@ def unused_overrides(config: Any, given: Mapping[str, Any],
         f"--config.{key}={value!r} has no effect in this run: {why}.{hint}")
 
 
-def metric_depth(metrics: Iterable[str]) -> int:
-  """The deepest cutoff among trec_eval names (`recall_100` -> 100)."""
-  depths = [int(m.rsplit("_", 1)[1]) for m in metrics
-            if m.rsplit("_", 1)[-1].isdigit()]
-  return max(depths, default=0)
-
-
 def retrieval_depth(name: str, k: int, metrics: Iterable[str],
                     num_docs: int) -> None:
-  """`k` results per query are enough for every metric's cutoff.
-
-  Recall@100 over a top-20 list is Recall@20 under a wrong name; a corpus
-  of at most `k` documents is retrieved whole, which is fine.
-
-  Raises:
-    ValueError: If `k < min(deepest cutoff, num_docs)`.
-  """
-  need = min(metric_depth(metrics), num_docs)
-  if k < need:
+  """Rejects `k < min(deepest metric cutoff, num_docs)` (`recall_100`: 100):
+  Recall@100 over a top-20 list is Recall@20 under a wrong name."""
+  depth = max((int(m.rsplit("_", 1)[1]) for m in metrics
+               if m.rsplit("_", 1)[-1].isdigit()), default=0)
+  if k < min(depth, num_docs):
     raise ValueError(
         f"{name}={k} retrieves fewer results than the metrics read "
-        f"({sorted(metrics)}: depth {metric_depth(metrics)}, {num_docs} "
-        f"documents), so they would be computed on a top-{k} list under a "
-        f"deeper name. Set {name} to at least {need}.")
+        f"({sorted(metrics)}: depth {depth}, {num_docs} documents), so they "
+        f"would be computed on a top-{k} list under a deeper name. Set "
+        f"{name} to at least {min(depth, num_docs)}.")

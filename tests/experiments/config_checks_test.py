@@ -74,9 +74,9 @@ class BadConfigTest(parameterized.TestCase):
        r"size 8 .* e\.g\. 16"),
       ("ft_mesh_wrong_device_count", "finetune_retriever",
        dict(mesh__data=3), ValueError,
-       r"config\.mesh .*'data': 3.* needs 3 devices; 8 are available"),
+       r"config\.mesh: .*'data': 3.* needs 3 devices; 8 are available"),
       ("ft_mesh_two_inferred_axes", "finetune_retriever",
-       dict(mesh__fsdp=-1), ValueError, r"at most one -1"),
+       dict(mesh__fsdp=-1), ValueError, r"At most one mesh axis may be -1"),
       ("ft_unknown_method", "finetune_retriever", dict(method="lorax"),
        ValueError, r"config\.method must be one of \['full', .*'lora'.*\]; "
        r"found 'lorax'"),
@@ -105,21 +105,16 @@ class BadConfigTest(parameterized.TestCase):
             optimizer__galore__rank=0), ValueError,
        r"config\.optimizer\.galore\.rank must be a positive integer"),
       # -- train_reranker.
-      ("rr_unknown_pooling", "train_reranker", dict(pooling="max"),
-       ValueError, r"config\.pooling must be one of \['cls', 'pooler', "
-       r"'mean'\]"),
+      ("rr_unknown_pooling", "train_reranker", dict(model__pooling="max"),
+       ValueError, r"config\.model\.pooling must be one of \['cls', "
+       r"'pooler', 'mean'\]"),
       ("rr_pool_deeper_than_depth", "train_reranker",
-       dict(negatives_depth=5), ValueError,
-       r"config\.negatives_pool \(6\) must be <= config\.negatives_depth "
-       r"\(5\)"),
+       dict(data__negatives_depth=5), ValueError,
+       r"config\.data\.negatives_pool \(6\) must be <= "
+       r"config\.data\.negatives_depth \(5\)"),
       ("rr_unknown_optimizer", "train_reranker",
-       dict(optimizer__name="sgd"), ValueError,
-       r"config\.optimizer\.name must be one of \['adamw', "
-       r"'galore_adamw'\]"),
-      ("rr_zero_learning_rate", "train_reranker",
-       dict(optimizer__learning_rate=0.0), ValueError,
-       r"config\.optimizer\.learning_rate must be a finite number > 0; "
-       r"found 0\.0"),
+       dict(optimizer__name="adamx"), ValueError,
+       r"optimizer name must be one of lowrank\.optim's.*got 'adamx'"),
       ("rr_missing_beir_split", "train_reranker", "beir_without_train",
        FileNotFoundError, r"has no train\.tsv \(available splits: "
        r"\['test'\]\)"),
@@ -130,12 +125,10 @@ class BadConfigTest(parameterized.TestCase):
       ("rd_no_training_signal", "rerank_decoder",
        dict(first__lm_weight=0.0, first__ltr_weight=0.0), ValueError,
        r"both 0, so FIRST fine-tuning would train nothing"),
-      ("rd_zero_pretrain_lr", "rerank_decoder",
-       dict(pretrain__learning_rate=0.0), ValueError,
-       r"config\.pretrain\.learning_rate must be a finite number > 0"),
       ("rd_unknown_icr_reduction", "rerank_decoder",
-       dict(icr_query_reduction="max"), ValueError,
-       r"config\.icr_query_reduction must be one of \['mean', 'sum'\]"),
+       dict(eval__icr_query_reduction="max"), ValueError,
+       r"config\.eval\.icr_query_reduction must be one of \['mean', "
+       r"'sum'\]"),
       # -- pretrain_lm.
       ("lm_missing_corpus_file", "pretrain_lm",
        dict(data=f"file:{_MISSING}.txt"), FileNotFoundError,
@@ -155,7 +148,7 @@ class BadConfigTest(parameterized.TestCase):
       (root / "qrels").mkdir()
       for name in ("corpus.jsonl", "queries.jsonl", "qrels/test.tsv"):
         (root / name).write_text("")
-      changes = dict(data=f"beir:{root}")
+      changes = dict(data__spec=f"beir:{root}")
     with self.assertRaisesRegex(error, pattern):
       _validate(binary, _config(binary, **changes))
 
@@ -190,12 +183,13 @@ class BadConfigTest(parameterized.TestCase):
        {"optimizer.galore.rank": 16},
        r"--config\.optimizer\.galore\.rank=16 has no effect .* not "
        r"optimizer\.name='adamw'\. Did you mean --config\.adapter\.rank\?"),
-      ("rr_adapter_rank_with_full", "train_reranker", dict(method="full"),
-       {"adapter.rank": 8}, r"--config\.adapter\.rank=8 has no effect .* "
-       r"method='full'"),
-      ("rd_icr_batch_without_icr", "rerank_decoder", dict(rerankers="first"),
-       {"icr_batch_size": 8}, r"--config\.icr_batch_size=8 has no effect .* "
-       r"no ICR reranker"),
+      ("rr_adapter_rank_with_full", "train_reranker",
+       dict(adapter__method="full"), {"adapter.rank": 8},
+       r"--config\.adapter\.rank=8 has no effect .* method='full'"),
+      ("rd_icr_batch_without_icr", "rerank_decoder",
+       dict(eval__rerankers="first"), {"eval.icr_batch_size": 8},
+       r"--config\.eval\.icr_batch_size=8 has no effect .* no ICR "
+       r"reranker"),
       ("lm_relora_option_without_relora", "pretrain_lm", {},
        {"relora.refresh_every": 10},
        r"--config\.relora\.refresh_every=10 has no effect .* "
@@ -258,6 +252,158 @@ class DemoTest(absltest.TestCase):
       demo.validate_config(config, {"optimizer.learning_rate": 1e-4})
     # Read by the lora run only: accepted.
     demo.validate_config(config, {"adapter.rank": 16})
+
+
+def _layout(**changes) -> ml_collections.ConfigDict:
+  """A config in the shared layout, with dotted keys changed."""
+  config = dict(
+      seed=0, data=dict(spec="code_search"), model=dict(path=""),
+      adapter=dict(method="lora", targets="dense", rank=4, dropout=0.0),
+      optimizer=dict(name="adamw", weight_decay=0.0, learning_rate=dict(
+          schedule="warmup_cosine_decay_schedule", init_value=0.0,
+          peak_value=1e-3, warmup_steps=2, decay_steps=8)),
+      train=dict(num_steps=8, batch_size=8, log_every=2, checkpoint_every=4,
+                 eval_every=0),
+      mesh=dict(data=-1, fsdp=1, tensor=1))
+  for key, value in changes.items():
+    *parents, leaf = key.split("__")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return ml_collections.ConfigDict(config)
+
+
+class ValidateCommonTest(parameterized.TestCase):
+  """`config_checks.validate_common`: the shared sections, wherever found."""
+
+  @parameterized.parameters(sorted(_BINARIES))
+  def test_every_binary_preset_passes(self, binary):
+    # pretrain_lm reads a text corpus, not a retrieval data spec.
+    config_checks.validate_common(
+        _config(binary), _BINARIES[binary][1].get_config(),
+        splits=None if binary == "pretrain_lm" else ("train", "test"),
+        first_devices=True)
+
+  @parameterized.named_parameters(
+      ("zero_peak_learning_rate", dict(
+          optimizer__learning_rate__peak_value=0.0), ValueError,
+       r"config\.optimizer\.learning_rate\.peak_value must be a finite "
+       r"number > 0; found 0\.0"),
+      ("constant_learning_rate_negative", dict(optimizer__learning_rate=-1.0),
+       ValueError, r"config\.optimizer\.learning_rate must be a finite "
+       r"number > 0; found -1\.0"),
+      ("warmup_longer_than_run", dict(
+          optimizer__learning_rate__warmup_steps=9), ValueError,
+       r"config\.optimizer\.learning_rate\.warmup_steps \(9\) must be <= "
+       r"config\.train\.num_steps \(8\)"),
+      ("optimizer_key_the_factory_lacks", dict(optimizer__momentum=0.9),
+       ValueError, r"config\.optimizer: optimizer 'adamw' takes no argument "
+       r"'momentum'"),
+      ("unknown_optimizer", dict(optimizer__name="adamx"), ValueError,
+       r"config\.optimizer: optimizer name must be one of .*got 'adamx'"),
+      ("unknown_schedule", dict(
+          optimizer__learning_rate__schedule="cosine"), ValueError,
+       r"config\.optimizer: Unknown learning-rate schedule 'cosine'"),
+      ("unknown_adapter_method", dict(adapter__method="lorax"), ValueError,
+       r"config\.adapter\.method must be one of \['full', .*'lora'.*\]; "
+       r"found 'lorax'"),
+      ("adapter_rank_zero", dict(adapter__rank=0), ValueError,
+       r"config\.adapter\.rank must be a positive integer; found 0"),
+      ("adapter_rank_float", dict(adapter__rank=4.0), TypeError,
+       r"config\.adapter\.rank must be a positive integer; found 4\.0 "
+       r"\(float\)"),
+      ("adapter_bad_regex", dict(adapter__targets="(dense"), ValueError,
+       r"config\.adapter\.targets must be a valid regular expression; "
+       r"found '\(dense'"),
+      ("adapter_dropout_one", dict(adapter__dropout=1.0), ValueError,
+       r"config\.adapter\.dropout must be a number in \[0\.0, 1\.0\)"),
+      ("zero_cadence", dict(train__log_every=0), ValueError,
+       r"config\.train\.log_every must be a positive integer; found 0"),
+      ("negative_eval_every", dict(train__eval_every=-1), ValueError,
+       r"config\.train\.eval_every must be an integer >= 0"),
+      ("negative_seed", dict(seed=-1), ValueError,
+       r"config\.seed must be an integer >= 0"),
+      ("unknown_data_spec", dict(data__spec="msmarco"), ValueError,
+       r"config\.data\.spec must be one of \['code_search'\] or "
+       r"'beir:<directory>'; found 'msmarco'"),
+      ("missing_model_dir", dict(model__path=_MISSING), FileNotFoundError,
+       rf"config\.model\.path: directory '{_MISSING}' does not exist"),
+      ("mesh_wrong_device_count", dict(mesh__data=3), ValueError,
+       r"config\.mesh: Mesh \{'data': 3, .*\} needs 3 devices; 8 are "
+       r"available\. Set --config\.mesh\.<axis>"),
+      ("mesh_two_inferred_axes", dict(mesh__fsdp=-1), ValueError,
+       r"config\.mesh: At most one mesh axis may be -1"),
+      ("mesh_zero_axis", dict(mesh__tensor=0), ValueError,
+       r"config\.mesh: Mesh axis sizes must be positive or -1"),
+      ("mesh_unknown_axis", dict(mesh__model=1), ValueError,
+       r"config\.mesh: Unknown mesh axis names \['model'\]"),
+      ("mesh_size_not_an_int", dict(mesh__fsdp="2"), TypeError,
+       r"config\.mesh sizes must be integers; found .*'fsdp': '2'"),
+      ("batch_not_divisible_by_mesh", dict(train__batch_size=12), ValueError,
+       r"config\.train\.batch_size \(12\) must be divisible by the data x "
+       r"fsdp mesh size 8 .* e\.g\. 16"),
+  )
+  def test_bad_value(self, changes, error, pattern):
+    config = _layout(**changes)
+    with self.assertRaisesRegex(error, pattern):
+      config_checks.validate_common(config)
+
+  def test_valid_layout_returns_the_checker(self):
+    check = config_checks.validate_common(_layout(), _layout())
+    self.assertEqual(check.get("train.batch_size"), 8)
+
+  def test_full_method_skips_the_adapter_options(self):
+    config_checks.validate_common(_layout(adapter__method="full",
+                                          adapter__rank=0))
+
+  def test_mesh_of_the_first_devices(self):
+    config = _layout(mesh__data=2, train__batch_size=4)
+    with self.assertRaisesRegex(ValueError, r"needs 2 devices; 8 are"):
+      config_checks.validate_common(config)
+    config_checks.validate_common(config, first_devices=True)
+    with self.assertRaisesRegex(ValueError, r"needs 16 devices; 8 are "
+                                r"available\. .* multiply to at most 8"):
+      config_checks.validate_common(_layout(mesh__data=16),
+                                    first_devices=True)
+
+  def test_sections_per_run(self):
+    # One optimizer / adapter per run (pretrain_lm), or one optimizer and
+    # train section per phase (rerank_decoder): each is checked, against
+    # the nearest train section.
+    config = _layout()
+    with config.unlocked():
+      config.optimizer = dict(galore=dict(name="galore_adamw", rank=0,
+                                          learning_rate=1e-3),
+                              full=dict(name="adamw", learning_rate=1e-3))
+      config.adapter = dict(lora=dict(method="lora", targets="d", rank=4),
+                            sst=dict(targets="d", rank=0))
+    with self.assertRaisesRegex(ValueError, r"config\.adapter\.sst\.rank "
+                                r"must be a positive integer"):
+      config_checks.validate_common(config)
+    config.adapter.sst.rank = 4
+    with self.assertRaisesRegex(ValueError, r"config\.optimizer\.galore: "
+                                r"rank must be a positive"):
+      config_checks.validate_common(config)
+    phases = _layout()
+    with phases.unlocked():
+      phases.first = dict(optimizer=phases.optimizer.to_dict(),
+                          train=dict(num_steps=1, batch_size=8))
+    with self.assertRaisesRegex(
+        ValueError, r"config\.first\.optimizer\.learning_rate\.warmup_steps "
+        r"\(2\) must be <= config\.first\.train\.num_steps \(1\)"):
+      config_checks.validate_common(phases)
+
+  def test_unknown_key_named_with_defaults(self):
+    config = _layout()
+    with config.unlocked():
+      config.train.num_step = 8
+    with self.assertRaisesRegex(
+        ValueError, r"config\.train\.num_step is not a key this binary "
+        r"reads, so it would be ignored\. Remove it"):
+      config_checks.validate_common(config, _layout())
+    # Keys of adapter and optimizer sections are the factories' arguments.
+    config_checks.validate_common(_layout(optimizer__b1=0.8), _layout())
 
 
 class EvalBeirTest(absltest.TestCase):
