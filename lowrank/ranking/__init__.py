@@ -6,6 +6,8 @@
   in-context reranking) on the LLaMA-style decoder; `decoder_text` holds
   their byte tokenizer and prompt helpers.
 * `fusion`: per-query normalisation and weighted interpolation of runs.
+* `training_data`: query splits, BM25 negative groups and FIRST candidate
+  lists for training rerankers.
 * `rerank(model, tokenizer, queries, corpus, run, *, k)`: rescoring the
   top-`k` of a first-stage run with any `score_pairs` scorer (the second
   stage of a retrieve-then-rerank cascade; defined in `cascade`, with
@@ -19,6 +21,7 @@ from lowrank.ranking import first
 from lowrank.ranking import fusion
 from lowrank.ranking import icr
 from lowrank.ranking import losses
+from lowrank.ranking import training_data
 from lowrank.ranking.cross_encoder import CrossEncoder
 from lowrank.ranking.first import FirstReranker
 from lowrank.ranking.cascade import rerank
@@ -27,5 +30,5 @@ from lowrank.ranking.icr import IcrReranker
 __all__ = [
     "CrossEncoder", "FirstReranker", "IcrReranker", "cascade",
     "cross_encoder", "decoder_text", "first", "fusion", "icr", "losses",
-    "rerank",
+    "rerank", "training_data",
 ]
