@@ -4,7 +4,7 @@ The binary runs twice on the smoke preset, concurrently: as 2 processes x 4
 fake CPU devices joined by `jax.distributed.initialize` on 127.0.0.1, and as
 1 process x 8 devices. The logged losses and gradient norms, the zero-shot
 and the final retrieval metrics must agree. The data is a tiny BEIR-format
-collection written here (`--config.data=beir:<dir>`), so that the three
+collection written here (`--config.data.spec=beir:<dir>`), so that the three
 processes finish in well under a minute of CPU on a shared machine; the
 training path (mesh, batches, step, checkpoints) is the one of any dataset.
 """
@@ -66,7 +66,7 @@ def _command(workdir, data, *extra):
   return [
       sys.executable, "-m", "experiments.finetune_retriever",
       "--config=experiments/configs/finetune_retriever.py:smoke",
-      f"--config.data=beir:{data}", f"--workdir={workdir}", *extra,
+      f"--config.data.spec=beir:{data}", f"--workdir={workdir}", *extra,
   ]
 
 
@@ -74,7 +74,10 @@ def _env(devices: int) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith("LOWRANK_") or k == "LOWRANK_SHARED_DIR"}
   env.update(
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      # Backend optimisation level 0 (as the notebook and wheel tests): the
+      # smoke runs are mostly compiling; both sides get the same flags.
+      XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
+                 "--xla_backend_optimization_level=0"),
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.pathsep.join(
           [str(_ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep)
