@@ -46,6 +46,7 @@ from lowrank import sharding
 from lowrank import train as train_lib
 from lowrank.data import specs
 from lowrank.models import llama
+from lowrank.ranking import cascade
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
 from lowrank.ranking import icr
@@ -274,7 +275,7 @@ def train_and_evaluate(
   shuffled = training_data.random_order(run, [config.seed, 3])
   rows = {"bm25": evaluate(run), "shuffled": evaluate(shuffled),
           "oracle": evaluate(training_data.oracle_order(run, test.qrels))}
-  selected = decoder_text.select_top_k(queries, test.corpus, run, e.rerank_k)
+  selected = cascade.select_top_k(queries, test.corpus, run, e.rerank_k)
   qids = [q for q in sorted(selected) if selected[q]]
   q_texts = [queries[q] for q in qids]
   doc_lists = [[test.corpus[doc] for doc in selected[q]] for q in qids]

@@ -31,6 +31,46 @@ def top_k(ranking: Mapping[str, Any], k: int) -> list[str]:
   return [d for _, d in scored[:k]]
 
 
+def select_top_k(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    run: Mapping[str, Mapping[str, Any]],
+    k: Any,
+) -> dict[str, list[str]]:
+  """Each run query's top-`k` document ids in trec_eval order, validated.
+
+  The input contract of `rerank` (and of `first.rerank`, `icr.rerank`).
+
+  Args:
+    queries: Query id -> text; must cover every query of `run`.
+    corpus: Document id -> text; must cover every selected document.
+    run: `{query id: {doc id: first-stage score}}`.
+    k: Documents kept per query (a positive int).
+
+  Returns:
+    `{query id: [doc ids, best first]}` for every query of `run`.
+
+  Raises:
+    ValueError: If `k` is not a positive integer or an id is unknown.
+  """
+  if (isinstance(k, bool) or not isinstance(k, numbers.Integral)
+      or k <= 0):
+    raise ValueError(f"k must be a positive int; got {k!r}.")
+  unknown_q = [q for q in run if q not in queries]
+  if unknown_q:
+    raise ValueError(
+        f"{len(unknown_q)} run queries are not in queries (first: "
+        f"{unknown_q[0]!r}).")
+  selected = {qid: top_k(run[qid], int(k)) for qid in run}
+  unknown_d = sorted({d for ds in selected.values() for d in ds
+                      if d not in corpus})
+  if unknown_d:
+    raise ValueError(
+        f"{len(unknown_d)} documents in the top-{k} are not in the corpus "
+        f"(first: {unknown_d[0]!r}).")
+  return selected
+
+
 def rerank(
     model: Any,
     tokenizer: Any,
@@ -64,25 +104,11 @@ def rerank(
     ValueError: If `k` is not a positive integer, a query or document id is
       unknown, or `model` has no `score_pairs`.
   """
-  if (isinstance(k, bool) or not isinstance(k, numbers.Integral)
-      or k <= 0):
-    raise ValueError(f"k must be a positive int; got {k!r}.")
   if not callable(getattr(model, "score_pairs", None)):
     raise ValueError(
         f"model must have a score_pairs(tokenizer, queries, docs) method; "
         f"got {type(model).__name__}.")
-  unknown_q = [q for q in run if q not in queries]
-  if unknown_q:
-    raise ValueError(
-        f"{len(unknown_q)} run queries are not in queries (first: "
-        f"{unknown_q[0]!r}).")
-  selected = {qid: top_k(run[qid], int(k)) for qid in run}
-  unknown_d = sorted({d for ds in selected.values() for d in ds
-                      if d not in corpus})
-  if unknown_d:
-    raise ValueError(
-        f"{len(unknown_d)} documents in the top-{k} are not in the corpus "
-        f"(first: {unknown_d[0]!r}).")
+  selected = select_top_k(queries, corpus, run, k)
   qids = [q for q, ds in selected.items() for _ in ds]
   dids = [d for ds in selected.values() for d in ds]
   scores = model.score_pairs(

@@ -16,18 +16,16 @@ tokens are added). `ByteTokenizer` is the byte-level vocabulary (256 ids,
 the UTF-8 bytes) that `experiments/pretrain_lm.py` trains the LLaMA-style
 decoder with.
 
-`select_top_k` is the input contract of `lowrank.ranking.rerank` (same
-validation, same trec_eval order), shared by `first.rerank` and
-`icr.rerank`.
+`first.rerank` and `icr.rerank` select their candidates with
+`lowrank.ranking.cascade.select_top_k`, the input contract of
+`lowrank.ranking.rerank` (same validation, same trec_eval order).
 """
 
-from collections.abc import Mapping, Sequence
-import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from lowrank.ranking import cascade
 
 Run = dict[str, dict[str, float]]
 
@@ -168,46 +166,6 @@ def pad_left(
       ids[i, length - len(s):] = s
       mask[i, length - len(s):] = 1
   return ids, mask
-
-
-def select_top_k(
-    queries: Mapping[str, str],
-    corpus: Mapping[str, str],
-    run: Mapping[str, Mapping[str, Any]],
-    k: Any,
-) -> dict[str, list[str]]:
-  """Each run query's top-`k` document ids in trec_eval order, validated.
-
-  The checks and messages are those of `lowrank.ranking.rerank`.
-
-  Args:
-    queries: Query id -> text; must cover every query of `run`.
-    corpus: Document id -> text; must cover every selected document.
-    run: `{query id: {doc id: first-stage score}}`.
-    k: Documents kept per query (a positive int).
-
-  Returns:
-    `{query id: [doc ids, best first]}` for every query of `run`.
-
-  Raises:
-    ValueError: If `k` is not a positive integer or an id is unknown.
-  """
-  if (isinstance(k, bool) or not isinstance(k, numbers.Integral)
-      or k <= 0):
-    raise ValueError(f"k must be a positive int; got {k!r}.")
-  unknown_q = [q for q in run if q not in queries]
-  if unknown_q:
-    raise ValueError(
-        f"{len(unknown_q)} run queries are not in queries (first: "
-        f"{unknown_q[0]!r}).")
-  selected = {qid: cascade.top_k(run[qid], int(k)) for qid in run}
-  unknown_d = sorted({d for ds in selected.values() for d in ds
-                      if d not in corpus})
-  if unknown_d:
-    raise ValueError(
-        f"{len(unknown_d)} documents in the top-{k} are not in the corpus "
-        f"(first: {unknown_d[0]!r}).")
-  return selected
 
 
 def group_consecutive(queries: Sequence[str]) -> list[tuple[int, int]]:

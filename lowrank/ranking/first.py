@@ -62,6 +62,7 @@ import numpy as np
 import optax
 
 from lowrank.models import llama
+from lowrank.ranking import cascade
 from lowrank.ranking import decoder_text
 from lowrank.ranking import losses as ltr_losses
 
@@ -555,7 +556,7 @@ def rerank(
     ValueError: If `k` is not a positive int, an id is unknown, or the
       window settings are invalid.
   """
-  selected = decoder_text.select_top_k(queries, corpus, run, k)
+  selected = cascade.select_top_k(queries, corpus, run, k)
   qids = [q for q, ds in selected.items() if ds]
   scores = rank_lists(
       model, tokenizer, [queries[q] for q in qids],

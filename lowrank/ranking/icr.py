@@ -50,6 +50,7 @@ from jaxtyping import Array, Float, Int, Shaped
 import numpy as np
 
 from lowrank.models import llama
+from lowrank.ranking import cascade
 from lowrank.ranking import decoder_text
 
 _AnyArray = jax.Array | np.ndarray
@@ -423,7 +424,7 @@ def rerank(
   Raises:
     ValueError: If `k` is not a positive int or an id is unknown.
   """
-  selected = decoder_text.select_top_k(queries, corpus, run, k)
+  selected = cascade.select_top_k(queries, corpus, run, k)
   qids = [q for q, ds in selected.items() if ds]
   scores = score_lists(
       model, tokenizer, [queries[q] for q in qids],
