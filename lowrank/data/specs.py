@@ -77,7 +77,10 @@ def load(spec: str, split: str = "test", *, max_queries: int = 0,
   Args:
     spec: `"code_search"` or `"beir:<directory>"`.
     split: `"train"` or `"test"` (BEIR: any qrels split of the directory).
-    max_queries, max_docs: See `subset`.
+    max_queries, max_docs: See `subset`. For `"code_search"`,
+      `max_queries` keeps `load_code_search`'s seeded hashed sample of
+      queries (its module-ordered ids would keep a few modules only); the
+      corpus keeps every document of the split unless `max_docs` is set.
 
   Returns:
     A `beir.Dataset`. For `"code_search"` train, `train_pairs` holds the
@@ -90,8 +93,13 @@ def load(spec: str, split: str = "test", *, max_queries: int = 0,
   if not isinstance(spec, str):
     raise TypeError(f"A data spec is a str ({' or '.join(SPECS)}); got "
                     f"{type(spec).__name__}.")
+  max_queries = _check_limit("max_queries", max_queries)
   if spec == "code_search":
-    dataset = code_search.load_code_search(split)
+    # Its own deterministic hashed sample of queries (the published tables
+    # use it), not the first ids: the ids are module-ordered.
+    dataset = code_search.load_code_search(
+        split, max_queries=max_queries or None)
+    max_queries = 0
   elif spec.startswith("beir:") and spec[len("beir:"):]:
     dataset = beir.load_beir(spec[len("beir:"):], split)
   else:

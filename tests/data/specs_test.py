@@ -59,6 +59,13 @@ class LoadTest(parameterized.TestCase):
     self.assertLen(specs.load("beir:" + self._beir_dir(), "test",
                               max_queries=1).qrels, 1)
 
+  def test_code_search_keeps_its_hashed_sample(self):
+    from lowrank.data import code_search  # pylint: disable=g-import-not-at-top
+    got = specs.load("code_search", "test", max_queries=5)
+    want = code_search.load_code_search("test", max_queries=5)
+    self.assertEqual(got.qrels, want.qrels)
+    self.assertLen(got.corpus, len(want.corpus))
+
   @parameterized.parameters("beir:", "code-search", "msmarco")
   def test_unknown_spec(self, spec):
     with self.assertRaisesRegex(ValueError, "Unknown data spec.*code_search"):
