@@ -23,7 +23,7 @@ hooks on 2-D arrays and works on every kind:
 Variants whose output is not `base(x) + x ΔW` (DoRA) override `__call__`,
 `_fold` and `_unfold` (the kernel arithmetic of `merge` and `unmerge`).
 `options()` returns the constructor keywords that
-`lowrank.adapters.save_adapter` records so the same adapter can be rebuilt.
+`lowrank.adapters.save_adapters` records so the same adapter can be rebuilt.
 
 Sharding: trainable factors inherit the base kernel's logical axes
 (`out_sharding` metadata) on the dimensions they share with it, and a rank
@@ -54,8 +54,8 @@ class Basis(nnx.Variable):
   """A frozen, non-trainable adapter array (e.g. a random or SVD basis).
 
   Neither `nnx.Param` nor `nnx.LoRAParam`: optimizers built with
-  `wrt=nnx.LoRAParam` never see it and adapter checkpoints
-  (`lowrank.checkpoint.save_adapters`) do not store it.
+  `wrt=nnx.LoRAParam` never see it and adapter files
+  (`lowrank.adapters.save_adapters`) do not store it.
   """
 
 
@@ -100,12 +100,9 @@ class AdapterState(nnx.Variable):
 
   For example a rank mask or a pruning budget: not updated by the optimizer
   (not `nnx.LoRAParam`) but needed to reproduce the adapter's output, so
-  `lowrank.adapters.save_adapter` stores it next to the trainable factors,
-  and `lowrank.checkpoint.save_adapters` saves it (it selects variables by
-  this class attribute; the checkpoint module does not import adapters).
+  `lowrank.adapters.save_adapters` stores it next to the trainable factors
+  (in both formats).
   """
-
-  saved_with_adapters = True
 
 
 def _kernel_var(base: nnx.Module) -> nnx.Variable:
@@ -286,8 +283,9 @@ class LoRAWrapper(nnx.Module):
     Data initialisations such as PiSSA, OLoRA and CorDA move part of `W`
     into the adapter (`base ← W − ΔW₀`). `inject` calls this right after such
     an init, so adapter files can rebuild the residual base from the
-    original weights (`load_adapter`) and PEFT export can express the adapter
-    against the original base (`save_peft(convert_initialized=True)`).
+    original weights (`load_adapters`) and PEFT export can express the
+    adapter against the original base
+    (`save_adapters(..., format="peft", convert_initialized=True)`).
     """
     for name, var in list(vars(self).items()):
       if isinstance(var, nnx.LoRAParam) and not name.startswith("initial_"):

@@ -4,8 +4,8 @@ All three methods freeze random matrices (the *bases*) and train only small
 scaling vectors or mixing coefficients. The bases are a pure function of an
 int `seed` option and the layer's shapes, so they are regenerated, never
 trained and never written to adapter checkpoints (they are `layers.Basis`
-variables; `lowrank.adapters.save_adapter` records `options()`, which holds
-the seed). A wrapper rebuilt from `options()` has bit-identical bases.
+variables; `lowrank.adapters.save_adapters` records `options()`, which
+holds the seed). A wrapper rebuilt from `options()` has bit-identical bases.
 
 Kernel convention as in `lowrank.adapters.lora`: `y = x @ W`,
 `W: [d_in, d_out]`, `s = alpha / r` (default `alpha = r`, so `s = 1`).
@@ -1071,10 +1071,12 @@ def vera_peft_state(
         f"PEFT VeRA needs one rank and one seed; got ranks {sorted(ranks)}, "
         f"seeds {sorted(seeds)}."
     )
-  if any(abs(m.scale - 1.0) > 1e-12 for m in wrappers):
+  scales = sorted({m.scale for m in wrappers if abs(m.scale - 1.0) > 1e-12})
+  if scales:
     raise ValueError(
-        "PEFT VeRA has no alpha/scale; inject VeRA with alpha=None (scale 1) "
-        "to save it in PEFT format, or use save_adapter."
+        f"PEFT VeRA has no alpha/scale; got scales {scales}. Inject VeRA "
+        "with alpha=None (scale 1) to save it in PEFT format, or save it "
+        "with save_adapters(directory, model, format='native')."
     )
   r = ranks.pop()
   max_in = max(m.d_in for m in wrappers)

@@ -379,6 +379,14 @@ class AdapterFilesEntryTest(absltest.TestCase):
       adapters.save_adapters(self.create_tempdir().full_path, _model(),
                              convert_initialized=True)
 
+  def test_scaled_vera_as_peft_names_the_scale_and_the_native_format(self):
+    model = _model("vera", targets=["l1"], alpha=4.0)
+    with self.assertRaisesRegex(
+        ValueError, r"PEFT VeRA has no alpha/scale; got scales \[2\.0\].*"
+        r"format='native'"):
+      adapters.save_adapters(self.create_tempdir().full_path, model,
+                             format="peft")
+
   def test_both_formats_in_one_directory_load_the_one_asked_for(self):
     directory = self.create_tempdir().full_path
     source = _model(targets=["l1"])
