@@ -1,124 +1,106 @@
 r"""Pretrain a small LLaMA-style decoder with every low-rank method.
 
-The small-scale analogue of the GaLore paper's Table 2 (Zhao et al. 2024,
-https://arxiv.org/abs/2403.03507): the same decoder, the same batches (equal
-tokens) and the same rank for Full-Adam, LoRA, ReLoRA, GaLore, Fira, FRUGAL,
-Q-GaLore, SST and SLTrain; validation perplexity vs memory per method.
-
   python -m experiments.pretrain_lm --workdir=/tmp/pretrain \
       --config=experiments/configs/pretrain_lm.py
 
-Select methods with `--config.methods=full,galore,lora` ("all" = every one).
-Data: `--config.data=auto` (default) reads ../shared/data/lm/tinyshakespeare
-when present (or under $LOWRANK_SHARED_DIR), else gensim's embedded Lee
-news corpus; `tinyshakespeare`, `lee` or `file:<path to a UTF-8 text>` pick
-one explicitly. Tokens are bytes (vocabulary 256), so perplexities are per
-byte. `--config=...pretrain_lm.py:smoke` is the few-step test preset.
-Rerunning the same command resumes (finished methods are skipped).
+`methods`: "all" or e.g. "full,galore,lora". `data.spec`: `auto`
+(../shared/data/lm/tinyshakespeare, or under $LOWRANK_SHARED_DIR, if present,
+else gensim's Lee corpus), `tinyshakespeare`, `lee` or `file:<UTF-8 text>`;
+byte tokens. `:smoke` is the test preset. `optimizer.<method>` holds exactly
+the factory's arguments (`lowrank.train.optimizer_from_config`), e.g.
+`--config.optimizer.galore.learning_rate.peak_value=5e-3`;
+`adapter.<method>` those of `adapters.inject`, `spectral.to_sst` or
+`spectral.to_sltrain`; `restart` those of `spectral.relora_restart`.
+`--config.rank` and `--config.train.num_steps` set every method's rank and
+schedule length (unless its own key is set); `end_value` is 10% of
+`peak_value`.
 """
 
 import ml_collections
+from ml_collections import config_dict
 
 ALL_METHODS = ("full", "lora", "relora", "galore", "fira", "frugal",
                "q_galore", "sst", "sltrain")
+_TARGETS = r".*_proj"  # Every attention/MLP projection.
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """Returns the experiment config; `arg` picks a preset ("smoke")."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.data = "auto"
-  config.val_fraction = 0.1  # The last 10% of the bytes (nanoGPT's split).
-  # Comma-separated subset of ALL_METHODS, or "all".
-  config.methods = "all"
+  config.methods = "all"  # Or a comma-separated subset of ALL_METHODS.
+  config.rank = 32  # d / 4 for every method; embeddings, norms, head: dense.
+  # The last 10% of the bytes validate (nanoGPT's split).
+  config.data = dict(spec="auto", val_fraction=0.1, seq_len=128,
+                     eval_batches=16)
+  # The decoder (lowrank.models.llama.LlamaConfig; vocabulary: 256 bytes).
+  config.model = dict(hidden_size=128, intermediate_size=352, num_layers=4,
+                      num_heads=4, num_kv_heads=4)
+  config.train = dict(num_steps=300, batch_size=16, log_every=10,
+                      eval_every=100, checkpoint_every=100)
+  config.mesh = dict(data=1, fsdp=1, tensor=1)  # Per-device memory.
+  steps = config.train.get_ref("num_steps")
 
-  # == The decoder (lowrank.models.llama.LlamaConfig; vocab = 256 bytes).
-  config.model = ml_collections.ConfigDict()
-  config.model.hidden_size = 128
-  config.model.intermediate_size = 352
-  config.model.num_layers = 4
-  config.model.num_heads = 4
-  config.model.num_kv_heads = 4
+  def rank():  # Follows config.rank unless the section's own is set.
+    return config.get_ref("rank").to_int()
 
-  config.seq_len = 128
-  config.batch_size = 16
-  config.num_train_steps = 300
-  config.warmup_steps = 30
-  config.min_lr_ratio = 0.1  # Cosine decays to this fraction of the peak.
-  config.weight_decay = 0.0
-  config.log_every_steps = 10
-  config.eval_every_steps = 100
-  config.eval_batches = 16  # Validation: eval_batches * batch_size windows.
-  config.checkpoint_every_steps = 100
+  def cosine(peak):  # 30-step warm-up, then cosine to 10% of the peak.
+    peak = config_dict.FieldReference(peak)
+    return dict(schedule="warmup_cosine_decay_schedule", init_value=0.0,
+                peak_value=peak, warmup_steps=30, decay_steps=steps.to_int(),
+                end_value=peak * 0.1)
 
-  # == Equal rank for every low-rank method (d_model / 4).
-  config.rank = 32
-  # Which Linear layers the low-rank methods touch (all of attention and
-  # MLP, as the GaLore/ReLoRA/SLTrain pretraining scripts); embeddings,
-  # norms and the LM head always train densely with AdamW.
-  config.targets = r".*_proj"
+  def galore(name, peak, **extra):
+    return dict(name=name, learning_rate=cosine(peak), rank=rank(),
+                refresh_every=50, projector="rsvd", project=r"_proj",
+                weight_decay=0.0, **extra)
 
-  # Peak learning rate per method.
-  config.lr = ml_collections.ConfigDict(dict(
-      full=3e-3, lora=3e-3, relora=3e-3, galore=1e-2, fira=1e-2,
-      frugal=3e-3, q_galore=1e-2, sst=3e-3, sltrain=3e-3))
+  def lora():
+    return dict(method="lora", targets=_TARGETS, rank=rank(), alpha=32.0,
+                init="kaiming")
 
-  config.lora = ml_collections.ConfigDict()
-  config.lora.alpha = 32.0
-
-  config.relora = ml_collections.ConfigDict()
-  config.relora.refresh_every = 100
-  config.relora.restart_warmup_steps = 10
-  config.relora.prune_ratio = 0.999
-
-  # GaLore, Fira, FRUGAL, Q-GaLore (lowrank.optim).
-  config.galore = ml_collections.ConfigDict()
-  config.galore.refresh_every = 50
-  config.galore.scale = 0.25
-  config.galore.projector = "rsvd"
-  # FRUGAL's pretraining scripts use 1.0 (0.1 is its fine-tuning value):
-  # --inactive_lr_scale 1.0 in scripts/benchmark_c4/llama_60m.sh of
-  # github.com/philip-zmushko/FRUGAL (fork hungquangbui02022003/FRUGAL
-  # @08f514226d1caf973c548d96e8305ee7266a4d71).
-  config.galore.frugal_inactive_lr_scale = 1.0
-  config.galore.q_bits = 4
-
-  # SST (lowrank.spectral.sst_adamw): iterations of refresh_every steps
-  # (the paper's T3) with the same sampled vectors, so Adam's moments
-  # accumulate; round_length 0 = (m/r) iterations per round (200 steps
-  # here, m = 128, r = 32); the active block's rate re-warms over
-  # rewarm_steps after every resample (library default: T3 // 10).
-  config.sst = ml_collections.ConfigDict()
-  config.sst.refresh_every = 50
-  config.sst.round_length = 0
-  config.sst.rewarm_steps = 5
-
-  config.sltrain = ml_collections.ConfigDict()
-  config.sltrain.density = 0.03
-  config.sltrain.alpha = 32.0
+  config.adapter = dict(
+      lora=lora(), relora=lora(), sst=dict(targets=_TARGETS, rank=rank()),
+      sltrain=dict(targets=_TARGETS, rank=rank(), density=0.03, alpha=32.0))
+  config.restart = dict(prune_ratio=0.999)
+  config.optimizer = {m: dict(name="adamw", learning_rate=cosine(3e-3),
+                              weight_decay=0.0)
+                      for m in ("full", "lora", "sltrain")}
+  o = config.optimizer
+  # ReLoRA: the jagged cosine's refresh_every is the restart interval.
+  o.relora = dict(name="adamw", weight_decay=0.0, learning_rate=dict(
+      schedule="jagged_cosine_schedule", peak_value=3e-3,
+      total_steps=steps.to_int(), warmup_steps=30, refresh_every=100,
+      restart_warmup_steps=10, min_ratio=0.1))
+  o.galore = galore("galore_adamw", 1e-2, scale=0.25)
+  o.fira = galore("fira_adamw", 1e-2, scale=0.25)
+  # FRUGAL's pretraining value (0.1 is for fine-tuning): llama_60m.sh in
+  # scripts/benchmark_c4 of github.com/philip-zmushko/FRUGAL (fork
+  # hungquangbui02022003/FRUGAL@08f514226d1caf973c548d96e8305ee7266a4d71).
+  o.frugal = galore("frugal_adamw", 3e-3, inactive_lr_scale=1.0)
+  o.q_galore = galore("q_galore_adamw", 1e-2, scale=0.25, projector_bits=4)
+  # SST: iterations of refresh_every steps (the paper's T3); round_length
+  # None = (m/r) iterations per round (200 steps here); the active block's
+  # rate re-warms over rewarm_steps after every resample.
+  o.sst = dict(name="sst_adamw", learning_rate=cosine(3e-3), rank=rank(),
+               weight_decay=0.0, refresh_every=50, rewarm_steps=5,
+               round_length=config_dict.placeholder(int),
+               seed=config.get_ref("seed").to_int())
 
   if arg == "smoke":
     config.methods = "full,galore,lora"
-    config.model.hidden_size = 32
-    config.model.intermediate_size = 64
-    config.model.num_layers = 2
-    config.model.num_heads = 2
-    config.model.num_kv_heads = 2
-    config.seq_len = 32
-    config.batch_size = 4
-    config.num_train_steps = 4
-    config.warmup_steps = 1
-    config.log_every_steps = 1
-    config.eval_every_steps = 2
-    config.eval_batches = 2
-    config.checkpoint_every_steps = 2
-    config.rank = 8
-    config.relora.refresh_every = 2
-    config.relora.restart_warmup_steps = 1
-    config.galore.refresh_every = 2
-    config.sst.refresh_every = 2
-    config.sst.round_length = 4
-    config.sst.rewarm_steps = 1
+    config.rank = 4
+    config.model.update(hidden_size=16, intermediate_size=32, num_layers=1,
+                        num_heads=2, num_kv_heads=2)
+    config.data.update(seq_len=16, eval_batches=1)
+    config.train.update(num_steps=4, batch_size=4, log_every=1,
+                        eval_every=2, checkpoint_every=2)
+    for section in o.values():
+      section.learning_rate.warmup_steps = 1
+      if "refresh_every" in section:
+        section.refresh_every = 2
+    o.relora.learning_rate.update(refresh_every=2, restart_warmup_steps=1)
+    o.sst.update(round_length=4, rewarm_steps=1)
   elif arg:
     raise ValueError(f"Unknown preset {arg!r}; expected 'smoke' or none.")
   return config

@@ -131,16 +131,20 @@ class BadConfigTest(parameterized.TestCase):
        r"'sum'\]"),
       # -- pretrain_lm.
       ("lm_missing_corpus_file", "pretrain_lm",
-       dict(data=f"file:{_MISSING}.txt"), FileNotFoundError,
-       rf"config\.data: file '{_MISSING}\.txt' does not exist"),
-      ("lm_zero_method_lr", "pretrain_lm", dict(lr__galore=0.0),
-       ValueError, r"config\.lr\.galore must be a finite number > 0"),
+       dict(data__spec=f"file:{_MISSING}.txt"), FileNotFoundError,
+       rf"config\.data\.spec='file:{_MISSING}\.txt': file "
+       rf"'{_MISSING}\.txt' does not exist"),
+      ("lm_zero_method_lr", "pretrain_lm",
+       dict(optimizer__galore__learning_rate__peak_value=0.0), ValueError,
+       r"config\.optimizer\.galore\.learning_rate\.peak_value must be a "
+       r"finite number > 0"),
       ("lm_heads_do_not_divide", "pretrain_lm", dict(model__hidden_size=33),
-       ValueError, r"hidden_size \(33\) must be divisible by "
-       r"model\.num_heads \(2\)"),
-      ("lm_unknown_projector", "pretrain_lm", dict(galore__projector="qr"),
-       ValueError, r"config\.galore\.projector must be one of \['svd', "
-       r"'rsvd', 'random'\]"),
+       ValueError, r"config\.model: hidden_size \(33\) must be divisible "
+       r"by num_heads \(2\)"),
+      ("lm_unknown_projector", "pretrain_lm",
+       dict(optimizer__galore__projector="qr"), ValueError,
+       r"config\.optimizer\.galore: Unknown projector 'qr'; expected "
+       r"\('svd', 'rsvd', 'random'\)"),
   )
   def test_bad_value(self, binary, changes, error, pattern):
     if changes == "beir_without_train":
@@ -191,9 +195,9 @@ class BadConfigTest(parameterized.TestCase):
        r"--config\.eval\.icr_batch_size=8 has no effect .* no ICR "
        r"reranker"),
       ("lm_relora_option_without_relora", "pretrain_lm", {},
-       {"relora.refresh_every": 10},
-       r"--config\.relora\.refresh_every=10 has no effect .* "
-       r"read by \['relora'\], none of which is in "
+       {"optimizer.relora.learning_rate.refresh_every": 10},
+       r"--config\.optimizer\.relora\.learning_rate\.refresh_every=10 has "
+       r"no effect .* read by \['relora'\], none of which is in "
        r"methods='full,galore,lora'"),
   )
   def test_override_with_no_effect(self, binary, changes, given, pattern):
@@ -498,9 +502,9 @@ class CommandLineTest(absltest.TestCase):
                              r"positive integer; found 0")
 
   def test_override_with_no_effect(self):
-    stderr = self._run("pretrain_lm", "--config.sltrain.density=0.1")
-    self.assertRegex(stderr, r"ValueError: --config\.sltrain\.density=0\.1 "
-                             r"has no effect in this run")
+    stderr = self._run("pretrain_lm", "--config.adapter.sltrain.density=0.1")
+    self.assertRegex(stderr, r"ValueError: --config\.adapter\.sltrain\."
+                             r"density=0\.1 has no effect in this run")
 
 
 if __name__ == "__main__":

@@ -1,13 +1,30 @@
-"""End-to-end tests of experiments/pretrain_lm.py on the smoke preset."""
+"""Tests of experiments/pretrain_lm.py: config checks, data, and one shared
+smoke run (table, outputs, resume, skip of finished methods)."""
 
 import json
 import os
+import shutil
+import tempfile
 
 from absl.testing import absltest
+from absl.testing import parameterized
+import ml_collections
 import numpy as np
 
 from experiments import pretrain_lm
 from experiments.configs import pretrain_lm as config_lib
+
+
+def _smoke(**changes):
+  """The smoke preset with dotted keys (`"train__num_steps"`) changed."""
+  config = config_lib.get_config("smoke")
+  for key, value in changes.items():
+    *parents, leaf = key.split("__")
+    node = config
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
 
 
 def _losses(workdir, method):
@@ -15,139 +32,184 @@ def _losses(workdir, method):
     return {r["step"]: r["loss"] for r in map(json.loads, f) if "loss" in r}
 
 
-class ConfigTest(absltest.TestCase):
+class ConfigTest(parameterized.TestCase):
 
-  def test_presets_load(self):
-    self.assertEqual(config_lib.get_config().methods, "all")
-    self.assertEqual(config_lib.get_config("smoke").num_train_steps, 4)
-    self.assertEqual(tuple(config_lib.ALL_METHODS), pretrain_lm.METHODS)
-    with self.assertRaisesRegex(ValueError, "Unknown preset"):
+  def test_presets(self):
+    self.assertEqual(pretrain_lm.validate_config(config_lib.get_config()),
+                     list(pretrain_lm.METHODS))
+    self.assertEqual(pretrain_lm.validate_config(_smoke()),
+                     ["full", "galore", "lora"])
+    with self.assertRaisesRegex(ValueError, "Unknown preset 'large'"):
       config_lib.get_config("large")
 
-  def test_default_config_is_valid(self):
-    methods = pretrain_lm.validate_config(config_lib.get_config())
-    self.assertEqual(methods, list(pretrain_lm.METHODS))
+  def test_shared_keys_follow_unless_a_method_sets_its_own(self):
+    config = config_lib.get_config()
+    config.optimizer.galore.rank = 8
+    config.optimizer.full.learning_rate.peak_value = 1e-3
+    config.rank, config.train.num_steps = 16, 1000
+    o = config.optimizer.to_dict()
+    self.assertEqual(o["galore"]["rank"], 8)
+    self.assertEqual(o["fira"]["rank"], 16)
+    self.assertEqual(config.adapter.sltrain.rank, 16)
+    self.assertEqual(o["full"]["learning_rate"]["decay_steps"], 1000)
+    self.assertEqual(o["relora"]["learning_rate"]["total_steps"], 1000)
+    self.assertAlmostEqual(o["full"]["learning_rate"]["end_value"], 1e-4)
+    self.assertEqual(o["lora"]["learning_rate"]["peak_value"], 3e-3)
+    # The pretraining settings kept from the paper scripts.
+    self.assertEqual(o["frugal"]["inactive_lr_scale"], 1.0)
+    self.assertEqual((o["sst"]["refresh_every"], o["sst"]["rewarm_steps"],
+                      o["sst"]["round_length"]), (50, 5, None))
 
-  def test_bad_configs(self):
-    config = config_lib.get_config("smoke")
-    for methods, msg in (("full,adam", "Unknown method"),
-                         ("", "Unknown method"),
-                         ("full,full", "Duplicate")):
-      with config.unlocked():
-        config.methods = methods
-      with self.assertRaisesRegex(ValueError, msg):
-        pretrain_lm.validate_config(config)
-      with self.assertRaisesRegex(ValueError, msg):
-        pretrain_lm.train_and_evaluate(config,
-                                       self.create_tempdir().full_path)
-    config = config_lib.get_config("smoke")
-    with config.unlocked():
-      config.rank = config.model.hidden_size
-    with self.assertRaisesRegex(ValueError, "rank"):
-      pretrain_lm.validate_config(config)
-    config = config_lib.get_config("smoke")
-    with config.unlocked():
-      config.warmup_steps = config.num_train_steps
-    with self.assertRaisesRegex(ValueError, "warmup_steps"):
-      pretrain_lm.validate_config(config)
-    config = config_lib.get_config("smoke")
-    with config.unlocked():
-      config.num_train_steps = 0
-    with self.assertRaisesRegex(ValueError, "num_train_steps"):
-      pretrain_lm.validate_config(config)
+  @parameterized.named_parameters(
+      ("unknown_method", dict(methods="full,adam"), ValueError,
+       r"config\.methods='full,adam' has unknown or duplicate"),
+      ("no_method", dict(methods=""), ValueError,
+       r"config\.methods='' has unknown"),
+      ("duplicate_method", dict(methods="full,full"), ValueError,
+       r"unknown or duplicate methods; expected 'all'"),
+      ("zero_steps", dict(train__num_steps=0), ValueError,
+       r"config\.train\.num_steps must be a positive integer; found 0"),
+      ("unknown_spec", dict(data__spec="imagenet"), ValueError,
+       r"config\.data\.spec must be 'auto', .*; found 'imagenet'"),
+      ("missing_file", dict(data__spec="file:/nonexistent/c.txt"),
+       FileNotFoundError, r"file '/nonexistent/c\.txt' does not exist"),
+      ("heads_do_not_divide", dict(model__hidden_size=17), ValueError,
+       r"config\.model: hidden_size \(17\) must be divisible by num_heads"),
+      ("warmup_as_long_as_run",
+       dict(optimizer__galore__learning_rate__warmup_steps=4), ValueError,
+       r"config\.optimizer\.galore: .*decay_steps.* Fix "
+       r"--config\.optimizer\.galore\.\*"),
+      ("misspelt_factory_argument", dict(optimizer__galore__rnak=2),
+       ValueError, r"config\.optimizer\.galore\.rnak is not a key this "
+       r"binary reads"),
+      ("relora_rewarm_longer_than_interval",
+       dict(methods="relora",
+            optimizer__relora__learning_rate__restart_warmup_steps=3),
+       ValueError, r"config\.optimizer\.relora: restart_warmup_steps \(3\) "
+       r"must be <= refresh_every \(2\)"),
+      ("sst_round_not_a_multiple",
+       dict(methods="sst", optimizer__sst__round_length=3), ValueError,
+       r"config\.optimizer\.sst: round_length \(3\) must be a multiple"),
+      ("zero_peak_lr", dict(optimizer__full__learning_rate__peak_value=0.0),
+       ValueError, r"config\.optimizer\.full\.learning_rate\.peak_value must "
+       r"be a finite number > 0"),
+  )
+  def test_bad_config(self, changes, error, pattern):
+    with self.assertRaisesRegex(error, pattern):
+      pretrain_lm.validate_config(_smoke(**changes))
 
-  def test_bad_data_spec(self):
-    with self.assertRaisesRegex(ValueError, "Unknown data spec"):
-      pretrain_lm.load_corpus("imagenet")
-    with self.assertRaisesRegex(ValueError, "not found"):
-      pretrain_lm.load_corpus("file:/nonexistent/corpus.txt")
-    with self.assertRaisesRegex(ValueError, "too short"):
-      pretrain_lm.split_tokens(b"abc" * 10, 0.1, 32)
+  def test_relora_without_its_jagged_schedule(self):
+    # A config built in code, its schedule replaced by a number.
+    values = _smoke(methods="relora").to_dict()
+    values["optimizer"]["relora"]["learning_rate"] = 0.1
+    with self.assertRaisesRegex(
+        ValueError, r"config\.optimizer\.relora\.learning_rate is not a key "
+        r"this binary reads"):
+      pretrain_lm.validate_config(ml_collections.ConfigDict(values))
+
+  def test_train_and_evaluate_checks_first(self):
+    workdir = os.path.join(self.create_tempdir().full_path, "never_made")
+    with self.assertRaisesRegex(ValueError, "unknown or duplicate"):
+      pretrain_lm.train_and_evaluate(_smoke(methods="adam"), workdir)
+    self.assertFalse(os.path.exists(workdir))
+
+  def test_override_of_an_unselected_method(self):
+    with self.assertRaisesRegex(
+        ValueError, r"--config\.adapter\.sltrain\.density=0\.1 has no effect "
+        r"in this run: it is read by \['sltrain'\], none of which is in "
+        r"methods='full,galore,lora'"):
+      pretrain_lm.validate_config(_smoke(),
+                                  {"adapter.sltrain.density": 0.1})
 
 
 class DataTest(absltest.TestCase):
 
   def test_embedded_corpus_split_and_batches(self):
-    name, data = pretrain_lm.load_corpus("lee")
+    config = _smoke(data__spec="lee")
+    name, train, val = pretrain_lm.load_data(config)
     self.assertEqual(name, "gensim lee")
-    self.assertGreater(len(data), 300_000)
-    self.assertIn(b"bushfire", data[:2000])
-    train, val = pretrain_lm.split_tokens(data, 0.1, 32)
-    self.assertEqual(len(train) + len(val), len(data))
-    self.assertAlmostEqual(len(val) / len(data), 0.1, places=3)
-    self.assertEqual(train.max() < 256, True)
-    config = config_lib.get_config("smoke")
-    b1 = pretrain_lm.train_batch(train, 3, config)
-    self.assertEqual(b1.shape, (config.batch_size, config.seq_len))
-    np.testing.assert_array_equal(b1, pretrain_lm.train_batch(train, 3,
+    self.assertGreater(len(train), 300_000)
+    self.assertIn(b"bushfire", train[:2000].astype(np.uint8).tobytes())
+    self.assertLen(val, config.data.eval_batches)
+    self.assertEqual(val[0].shape, (4, 16))
+    b3 = pretrain_lm.train_batch(train, 3, config)
+    self.assertEqual(b3.shape, (4, 16))
+    np.testing.assert_array_equal(b3, pretrain_lm.train_batch(train, 3,
                                                               config))
     self.assertFalse(np.array_equal(
-        b1, pretrain_lm.train_batch(train, 4, config)))
-    vb = pretrain_lm.val_batches(val, config)
-    self.assertLen(vb, config.eval_batches)
-    self.assertEqual(vb[0].shape, (config.batch_size, config.seq_len))
+        b3, pretrain_lm.train_batch(train, 4, config)))
+
+  def test_corpus_too_short(self):
+    path = self.create_tempfile(content="abc" * 10).full_path
+    with self.assertRaisesRegex(ValueError, r"is too short: train 27 tokens, "
+                                r"validation 3 .*--config\.data\.seq_len"):
+      pretrain_lm.load_data(_smoke(data__spec=f"file:{path}"))
 
 
 class TrainAndEvaluateTest(absltest.TestCase):
+  """One straight smoke run and one interrupted one, shared by the tests."""
 
-  def test_smoke_trains_methods_and_writes_table_and_plots(self):
-    config = config_lib.get_config("smoke")
-    workdir = self.create_tempdir().full_path
-    out = pretrain_lm.train_and_evaluate(config, workdir)
-    results = {r["method"]: r for r in out["results"]}
-    self.assertEqual(sorted(results), ["full", "galore", "lora"])
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    root = cls.root = tempfile.mkdtemp()
+    cls.straight = os.path.join(root, "pretrain_lm_straight")
+    cls.resumed = os.path.join(root, "pretrain_lm_resumed")
+    # ReLoRA restarts right at the interruption (step 2); SST resamples
+    # every 2 steps.
+    cls.config = _smoke(methods="full,galore,relora,sst")
+    cls.out = pretrain_lm.train_and_evaluate(cls.config, cls.straight)
+    cls.first = pretrain_lm.train_and_evaluate(
+        _smoke(methods="relora,sst", train__num_steps=2), cls.resumed)
+    cls.again = pretrain_lm.train_and_evaluate(_smoke(methods="relora,sst"),
+                                               cls.resumed)
+
+  @classmethod
+  def tearDownClass(cls):
+    shutil.rmtree(cls.root)
+    super().tearDownClass()
+
+  def test_trains_every_method_and_writes_table_and_plot(self):
+    results = {r["method"]: r for r in self.out["results"]}
+    self.assertEqual(list(results), ["full", "galore", "relora", "sst"])
     for r in results.values():
-      self.assertTrue(np.isfinite(r["val_ppl"]))
       # Trained below the uniform-byte perplexity (256).
-      self.assertLess(r["val_ppl"], 256.0)
+      self.assertLess(r["val_ppl"], 256.0, r["method"])
       self.assertGreater(r["compiled_step_memory"]["total_bytes"], 0)
-      self.assertTrue(os.path.exists(
-          os.path.join(workdir, r["method"], "metrics.csv")))
-    full, galore, lora = (results[m] for m in ("full", "galore", "lora"))
+      self.assertEqual(r["resumed_from_step"], 0)
+    full, galore, relora = (results[m] for m in ("full", "galore", "relora"))
     self.assertEqual(full["trainable_params"], full["total_params"])
     self.assertEqual(galore["trainable_params"], full["trainable_params"])
-    self.assertLess(lora["trainable_params"], full["trainable_params"])
+    self.assertLess(relora["trainable_params"], full["trainable_params"])
     self.assertLess(galore["optimizer_state_bytes"],
                     full["optimizer_state_bytes"])
-    with open(os.path.join(workdir, "results.md")) as f:
+    with open(os.path.join(self.straight, "results.md")) as f:
       table = f.read()
-    for label in ("Full-Adam", "GaLore", "LoRA"):
+    for label in ("Full-Adam", "GaLore", "ReLoRA", "SST"):
       self.assertIn(f"| {label} |", table)
-    for png in ("loss_curves.png", "ppl_vs_memory.png"):
-      self.assertGreater(os.path.getsize(os.path.join(workdir, png)), 1000)
-    with open(os.path.join(workdir, "results.json")) as f:
-      self.assertLen(json.load(f)["results"], 3)
+    self.assertGreater(
+        os.path.getsize(os.path.join(self.straight, "loss_curves.png")), 1000)
+    with open(os.path.join(self.straight, "results.json")) as f:
+      self.assertEqual(json.load(f), json.loads(json.dumps(self.out)))
 
   def test_rerun_resumes_to_the_same_losses(self):
-    config = config_lib.get_config("smoke")
-    with config.unlocked():
-      # ReLoRA restarts right at the interruption (step 2); SST resamples
-      # every step and re-SVDs every 2.
-      config.methods = "relora,sst"
-    straight = self.create_tempdir().full_path
-    full = pretrain_lm.train_and_evaluate(config, straight)
-
-    resumed = self.create_tempdir().full_path
-    with config.unlocked():
-      config.num_train_steps = 2
-    pretrain_lm.train_and_evaluate(config, resumed)
-    with config.unlocked():
-      config.num_train_steps = 4
-    again = pretrain_lm.train_and_evaluate(config, resumed)
-    for a, b in zip(full["results"], again["results"]):
-      self.assertEqual(b["resumed_from_step"], 2)
-      method = a["method"]
-      losses_a, losses_b = _losses(straight, method), _losses(resumed, method)
+    straight = {r["method"]: r for r in self.out["results"]}
+    for r in self.again["results"]:
+      method = r["method"]
+      self.assertEqual(r["resumed_from_step"], 2)
+      losses_a = _losses(self.straight, method)
+      losses_b = _losses(self.resumed, method)
       self.assertEqual(sorted(losses_b), [1, 2, 3, 4])
       for step in (3, 4):
-        np.testing.assert_allclose(losses_b[step], losses_a[step],
-                                   rtol=0, atol=1e-6, err_msg=method)
-      np.testing.assert_allclose(b["val_loss"], a["val_loss"], atol=1e-6)
+        np.testing.assert_allclose(losses_b[step], losses_a[step], rtol=0,
+                                   atol=1e-6, err_msg=method)
+      np.testing.assert_allclose(r["val_loss"], straight[method]["val_loss"],
+                                 atol=1e-6)
 
-    # A finished method is skipped on the next rerun.
-    third = pretrain_lm.train_and_evaluate(config, resumed)
-    for b, c in zip(again["results"], third["results"]):
-      self.assertEqual(c, b)
+  def test_finished_methods_are_skipped(self):
+    third = pretrain_lm.train_and_evaluate(_smoke(methods="relora,sst"),
+                                           self.resumed)
+    self.assertEqual(third["results"], self.again["results"])
 
 
 if __name__ == "__main__":
