@@ -47,6 +47,7 @@ LABELS = dict(zip(METHODS, ("Full-Adam", "LoRA", "ReLoRA", "GaLore", "Fira",
 _SHAKESPEARE = pathlib.Path(  # $LOWRANK_SHARED_DIR, else ../shared.
     os.environ.get("LOWRANK_SHARED_DIR") or pathlib.Path(__file__).resolve(
     ).parents[2] / "shared", "data", "lm", "tinyshakespeare", "input.txt")
+_JAGGED = "jagged_cosine_schedule"
 
 
 def corpus_files(spec: str) -> tuple[str, list[pathlib.Path]]:
@@ -126,27 +127,24 @@ def validate_config(config: ml_collections.ConfigDict,
     raise ValueError(f"config.methods={config.methods!r} has unknown or "
                      "duplicate methods; expected 'all' or a comma-separated"
                      f" subset of {list(METHODS)}.")
-  check = config_checks.Checker(config, config_lib.get_config())
-  check.known_keys()
+  if missing := [m for m in methods if m not in config.optimizer]:
+    raise ValueError(f"config.optimizer has no section for {missing}; add "
+                     "one (the factory's arguments) or drop the method.")
+  check = config_checks.validate_common(config, config_lib.get_config(),
+                                        splits=None, first_devices=True)
   corpus_files(config.data.spec)
-  check.non_negative_int("seed", "train.eval_every")
-  check.positive_int("rank", "data.seq_len", "data.eval_batches",
-                     "train.num_steps", "train.batch_size", "train.log_every",
-                     "train.checkpoint_every")
+  check.positive_int("rank", "data.seq_len", "data.eval_batches")
   check.in_range("data.val_fraction", 0.0, 1.0, low_closed=False)
   try:
     model_config(config)
   except (ValueError, TypeError) as e:
     raise type(e)(f"config.model: {e} Fix --config.model.*.") from None
-  for method in methods:
-    key = f"optimizer.{method}"
-    check.positive_number(f"{key}.learning_rate.peak_value")
-    try:  # The factories check their arguments; nothing is allocated.
-      train.optimizer_from_config(config.optimizer[method])
-    except (ValueError, TypeError) as e:
-      raise type(e)(f"config.{key}: {e} Fix --config.{key}.*.") from None
-    if method in config.adapter:
-      check.regex(f"adapter.{method}.targets")
+  lr = config.optimizer.get("relora", {}).get("learning_rate")
+  if "relora" in methods and getattr(lr, "schedule", "") != _JAGGED:
+    raise ValueError(
+        "config.optimizer.relora.learning_rate must be a dict with schedule="
+        f"{_JAGGED!r} (its refresh_every is the restart interval); found "
+        f"{lr!r}.")
   if "relora" in methods:
     check.in_range("restart.prune_ratio", 0.0, 1.0)
   why = f"none of which is in methods={config.methods!r}"

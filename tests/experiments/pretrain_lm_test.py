@@ -77,11 +77,16 @@ class ConfigTest(parameterized.TestCase):
        r"config\.model: hidden_size \(17\) must be divisible by num_heads"),
       ("warmup_as_long_as_run",
        dict(optimizer__galore__learning_rate__warmup_steps=4), ValueError,
-       r"config\.optimizer\.galore: .*decay_steps.* Fix "
-       r"--config\.optimizer\.galore\.\*"),
+       r"config\.optimizer\.galore: .*requires positive decay_steps"),
+      ("warmup_longer_than_run",
+       dict(optimizer__galore__learning_rate__warmup_steps=5), ValueError,
+       r"config\.optimizer\.galore\.learning_rate\.warmup_steps \(5\) must "
+       r"be <= config\.train\.num_steps \(4\)"),
       ("misspelt_factory_argument", dict(optimizer__galore__rnak=2),
-       ValueError, r"config\.optimizer\.galore\.rnak is not a key this "
-       r"binary reads"),
+       ValueError, r"config\.optimizer\.galore: optimizer 'galore_adamw' "
+       r"takes no argument 'rnak'"),
+      ("unknown_top_level_key", dict(rnak=2), ValueError,
+       r"config\.rnak is not a key this binary reads"),
       ("relora_rewarm_longer_than_interval",
        dict(methods="relora",
             optimizer__relora__learning_rate__restart_warmup_steps=3),
@@ -103,8 +108,15 @@ class ConfigTest(parameterized.TestCase):
     values = _smoke(methods="relora").to_dict()
     values["optimizer"]["relora"]["learning_rate"] = 0.1
     with self.assertRaisesRegex(
-        ValueError, r"config\.optimizer\.relora\.learning_rate is not a key "
-        r"this binary reads"):
+        ValueError, r"config\.optimizer\.relora\.learning_rate must be a "
+        r"dict with schedule='jagged_cosine_schedule' .*; found 0\.1"):
+      pretrain_lm.validate_config(ml_collections.ConfigDict(values))
+
+  def test_method_without_an_optimizer_section(self):
+    values = _smoke().to_dict()
+    del values["optimizer"]["galore"]
+    with self.assertRaisesRegex(
+        ValueError, r"config\.optimizer has no section for \['galore'\]"):
       pretrain_lm.validate_config(ml_collections.ConfigDict(values))
 
   def test_train_and_evaluate_checks_first(self):
