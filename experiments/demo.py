@@ -47,17 +47,14 @@ def run_config(config: ml_collections.ConfigDict,
   """
   c = ml_collections.ConfigDict(config.to_dict())
   with c.unlocked():
-    if run == "lora":  # Adapters + AdamW.
-      c.method, c.optimizer.name = "lora", "adamw"
-      c.optimizer.learning_rate = config.demo.lora_learning_rate
-    elif run == "galore":  # All weights, low-rank optimizer state.
-      c.method, c.optimizer.name = "full", "galore"
-      c.optimizer.learning_rate = config.demo.galore_learning_rate
-    elif run == "full":  # All weights, full AdamW state.
-      c.method, c.optimizer.name = "full", "adamw"
-      c.optimizer.learning_rate = config.demo.full_learning_rate
-    else:
+    if run not in RUNS:
       raise ValueError(f"Unknown demo run {run!r}; expected one of {RUNS}.")
+    # lora: adapters + AdamW; galore: all weights, low-rank optimizer state
+    # (config.demo.galore); full: all weights, full AdamW state.
+    c.adapter.method = "lora" if run == "lora" else "full"
+    if run == "galore":
+      c.optimizer.update(config.demo.galore)
+    c.optimizer.learning_rate.peak_value = config.demo[f"{run}_learning_rate"]
   return c
 
 
@@ -68,8 +65,8 @@ def validate_config(config: ml_collections.ConfigDict,
   Args:
     config: The demo config (`experiments/configs/finetune_retriever.py`).
     overrides: The `--config.<key>` flags given on the command line; each
-      must be read by at least one run (the demo sets `method`,
-      `optimizer.name` and `optimizer.learning_rate` per run itself).
+      must be read by at least one run (the demo sets `adapter.method`,
+      the optimizer and its peak learning rate per run itself).
 
   Returns:
     The run names of `config.demo.runs`.
@@ -94,8 +91,8 @@ def validate_config(config: ml_collections.ConfigDict,
     finetune_retriever.validate_config(c)
   if overrides:
     per_run = "the demo sets it per run (demo.runs)"
-    own = {"method": per_run, "optimizer.name": per_run,
-           "optimizer.learning_rate": (
+    own = {"adapter.method": per_run, "optimizer.name": per_run,
+           "optimizer.learning_rate.peak_value": (
                f"{per_run}; use --config.demo.<run>_learning_rate")}
     own.update({f"demo.{r}_learning_rate": f"{r!r} is not in demo.runs"
                 for r in RUNS if r not in runs})
@@ -160,7 +157,7 @@ def run_demo(config: ml_collections.ConfigDict,
     if os.path.exists(done):
       with open(done) as f:
         res = json.load(f)
-      if res["num_train_steps"] != c.num_train_steps:
+      if res["num_train_steps"] != c.train.num_steps:
         res = finetune_retriever.train_and_evaluate(c, wd)
     else:
       res = finetune_retriever.train_and_evaluate(c, wd)

@@ -226,8 +226,8 @@ class WheelTest(absltest.TestCase):
     self._timed("demo", [
         self.python, "-m", "experiments.demo", "--workdir=demo",
         "--config=experiments.configs.finetune_retriever:smoke",
-        "--config.demo.runs=lora", "--config.num_train_steps=2",
-        "--config.eval_max_queries=20"], cwd)
+        "--config.demo.runs=lora", "--config.train.num_steps=2",
+        "--config.data.eval_max_queries=20"], cwd)
     with open(os.path.join(cwd, "demo", "results.md")) as f:
       table = f.read()
     self.assertIn("| zero-shot |", table)

@@ -65,45 +65,45 @@ class BadConfigTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       # -- finetune_retriever.
-      ("ft_batch_size_zero", "finetune_retriever", dict(batch_size=0),
-       ValueError, r"config\.batch_size must be a positive integer; found 0\. "
-       r"Set --config\.batch_size to e\.g\. 32\."),
+      ("ft_batch_size_zero", "finetune_retriever", dict(train__batch_size=0),
+       ValueError, r"config\.train\.batch_size must be a positive integer; "
+       r"found 0\. Set --config\.train\.batch_size to e\.g\. 32\."),
       ("ft_batch_not_divisible_by_mesh", "finetune_retriever",
-       dict(batch_size=12), ValueError,
-       r"config\.batch_size \(12\) must be divisible by the data x fsdp mesh "
-       r"size 8 .* e\.g\. 16"),
+       dict(train__batch_size=12), ValueError,
+       r"config\.train\.batch_size \(12\) must be divisible by the data x "
+       r"fsdp mesh size 8 .* e\.g\. 16"),
       ("ft_mesh_wrong_device_count", "finetune_retriever",
        dict(mesh__data=3), ValueError,
        r"config\.mesh: .*'data': 3.* needs 3 devices; 8 are available"),
       ("ft_mesh_two_inferred_axes", "finetune_retriever",
        dict(mesh__fsdp=-1), ValueError, r"At most one mesh axis may be -1"),
-      ("ft_unknown_method", "finetune_retriever", dict(method="lorax"),
-       ValueError, r"config\.method must be one of \['full', .*'lora'.*\]; "
+      ("ft_unknown_method", "finetune_retriever",
+       dict(adapter__method="lorax"), ValueError,
+       r"config\.adapter\.method must be one of \['full', .*'lora'.*\]; "
        r"found 'lorax'"),
       ("ft_unknown_optimizer", "finetune_retriever",
-       dict(optimizer__name="sgd"), ValueError,
-       r"config\.optimizer\.name must be one of \['adamw', 'adamw8bit', "
-       r"'galore'.*found 'sgd'"),
+       dict(optimizer__name="adamx"), ValueError,
+       r"config\.optimizer: optimizer name must be one of lowrank\.optim's"
+       r".*got 'adamx'"),
       ("ft_missing_beir_dir", "finetune_retriever",
-       dict(data=f"beir:{_MISSING}"), FileNotFoundError,
-       rf"config\.data: directory '{_MISSING}' does not exist"),
+       dict(data__spec=f"beir:{_MISSING}"), FileNotFoundError,
+       rf"config\.data\.spec: directory '{_MISSING}' does not exist"),
       ("ft_missing_model_path", "finetune_retriever",
-       dict(model_path=_MISSING), FileNotFoundError,
-       rf"config\.model_path: directory '{_MISSING}' does not exist"),
+       dict(model__path=_MISSING), FileNotFoundError,
+       rf"config\.model\.path: directory '{_MISSING}' does not exist"),
       ("ft_warmup_longer_than_run", "finetune_retriever",
-       dict(warmup_steps=10), ValueError,
-       r"config\.warmup_steps \(10\) must be <= config\.num_train_steps "
-       r"\(4\)"),
+       dict(optimizer__learning_rate__warmup_steps=10), ValueError,
+       r"config\.optimizer\.learning_rate\.warmup_steps \(10\) must be <= "
+       r"config\.train\.num_steps \(4\)"),
       ("ft_dropout_one", "finetune_retriever", dict(adapter__dropout=1.0),
        ValueError, r"config\.adapter\.dropout must be a number in "
        r"\[0\.0, 1\.0\); found 1\.0"),
-      ("ft_unknown_pooling", "finetune_retriever", dict(pooling="max"),
-       ValueError, r"config\.pooling must be one of \['mean', 'cls', "
-       r"'last'\]"),
+      ("ft_unknown_pooling", "finetune_retriever",
+       dict(model__pooling="max"), ValueError,
+       r"config\.model\.pooling must be one of \['mean', 'cls', 'last'\]"),
       ("ft_galore_rank_zero", "finetune_retriever",
-       dict(optimizer__name="galore", method="full",
-            optimizer__galore__rank=0), ValueError,
-       r"config\.optimizer\.galore\.rank must be a positive integer"),
+       dict(optimizer__name="galore_adamw", optimizer__rank=0), ValueError,
+       r"config\.optimizer: rank must be a positive Python int; got 0"),
       # -- train_reranker.
       ("rr_unknown_pooling", "train_reranker", dict(model__pooling="max"),
        ValueError, r"config\.model\.pooling must be one of \['cls', "
@@ -165,28 +165,28 @@ class BadConfigTest(parameterized.TestCase):
     with self.assertRaisesRegex(
         ValueError, r"config\.rank is not a key this binary reads, so it "
         r"would be ignored\. Did you mean config\.adapter\.rank or "
-        r"config\.optimizer\.galore\.rank\?"):
+        r"config\.demo\.galore\.rank\?"):
       finetune_retriever.validate_config(config)
 
   def test_wrong_type_from_a_plain_dict(self):
     # E.g. a config rebuilt from JSON, where 32 became 32.0.
     values = _config("finetune_retriever").to_dict()
-    values["batch_size"] = 32.0
+    values["train"]["batch_size"] = 32.0
     with self.assertRaisesRegex(
-        TypeError, r"config\.batch_size must be a positive integer; found "
-        r"32\.0 \(float\)"):
+        TypeError, r"config\.train\.batch_size must be a positive integer; "
+        r"found 32\.0 \(float\)"):
       finetune_retriever.validate_config(ml_collections.ConfigDict(values))
 
   @parameterized.named_parameters(
-      ("ft_top_level_scale_for_colbert", "finetune_retriever",
-       dict(model="colbert"), {"scale": 1.0},
-       r"--config\.scale=1\.0 has no effect in this run: scale applies to "
-       r"the bi-encoder models .* not 'colbert'\. Did you mean "
-       r"--config\.colbert\.scale\?"),
-      ("ft_galore_rank_with_adamw", "finetune_retriever", {},
-       {"optimizer.galore.rank": 16},
-       r"--config\.optimizer\.galore\.rank=16 has no effect .* not "
-       r"optimizer\.name='adamw'\. Did you mean --config\.adapter\.rank\?"),
+      ("ft_biencoder_scale_for_colbert", "finetune_retriever",
+       dict(model__name="colbert"), {"model.scale": 1.0},
+       r"--config\.model\.scale=1\.0 has no effect in this run: model\.scale "
+       r"applies to the bi-encoder models .* not 'colbert'\. Did you mean "
+       r"--config\.model\.colbert\.scale\?"),
+      ("ft_adapter_rank_with_full", "finetune_retriever",
+       dict(adapter__method="full"), {"adapter.rank": 16},
+       r"--config\.adapter\.rank=16 has no effect .* "
+       r"adapter\.method='full' trains every weight"),
       ("rr_adapter_rank_with_full", "train_reranker",
        dict(adapter__method="full"), {"adapter.rank": 8},
        r"--config\.adapter\.rank=8 has no effect .* method='full'"),
@@ -207,12 +207,12 @@ class BadConfigTest(parameterized.TestCase):
       _validate(binary, config, given)
 
   def test_used_override_is_accepted(self):
-    config = _config("finetune_retriever", model="colbert")
-    finetune_retriever.validate_config(config, {"colbert.scale": 2.0,
-                                                "batch_size": 8})
+    config = _config("finetune_retriever", model__name="colbert")
+    finetune_retriever.validate_config(config, {"model.colbert.scale": 2.0,
+                                                "train.batch_size": 8})
 
   def test_recall_depth_deeper_than_eval_k(self):
-    metrics = finetune_retriever.EVAL_METRICS
+    metrics = finetune_retriever.evaluate_lib.METRICS
     with self.assertRaisesRegex(
         ValueError, r"config\.eval_k=20 retrieves fewer results than the "
         r"metrics read .* Set config\.eval_k to at least 100\."):
@@ -223,10 +223,10 @@ class BadConfigTest(parameterized.TestCase):
   def test_train_and_evaluate_fails_before_touching_the_workdir(self):
     workdir = os.path.join(self.create_tempdir().full_path, "never_made")
     start = time.perf_counter()
-    with self.assertRaisesRegex(ValueError,
-                                r"config\.batch_size must be a positive"):
+    with self.assertRaisesRegex(
+        ValueError, r"config\.train\.batch_size must be a positive"):
       finetune_retriever.train_and_evaluate(
-          _config("finetune_retriever", batch_size=0), workdir)
+          _config("finetune_retriever", train__batch_size=0), workdir)
     self.assertLess(time.perf_counter() - start, 10.0)
     self.assertFalse(os.path.exists(workdir))
 
@@ -240,20 +240,21 @@ class DemoTest(absltest.TestCase):
       demo.validate_config(config)
 
   def test_second_run_invalid_fails_before_the_first_starts(self):
-    config = _config("finetune_retriever", optimizer__galore__rank=0)
+    config = _config("finetune_retriever", demo__galore__rank=0)
     workdir = os.path.join(self.create_tempdir().full_path, "never_made")
     with self.assertRaisesRegex(
-        ValueError, r"config\.optimizer\.galore\.rank must be a positive "
-        r"integer; found 0"):
+        ValueError, r"config\.optimizer: rank must be a positive Python int; "
+        r"got 0"):
       demo.run_demo(config, workdir)
     self.assertFalse(os.path.exists(workdir))
 
   def test_learning_rate_override_is_replaced_per_run(self):
     config = finetune_config.get_config("demo")
     with self.assertRaisesRegex(
-        ValueError, r"--config\.optimizer\.learning_rate=0\.0001 has no "
-        r"effect .* use --config\.demo\.<run>_learning_rate"):
-      demo.validate_config(config, {"optimizer.learning_rate": 1e-4})
+        ValueError, r"--config\.optimizer\.learning_rate\.peak_value=0\.0001 "
+        r"has no effect .* use --config\.demo\.<run>_learning_rate"):
+      demo.validate_config(config,
+                           {"optimizer.learning_rate.peak_value": 1e-4})
     # Read by the lora run only: accepted.
     demo.validate_config(config, {"adapter.rank": 16})
 
@@ -465,6 +466,7 @@ class PresetsTest(parameterized.TestCase):
     for preset in [None, *presets]:
       config = _config(binary, preset)
       spec = config.get("data", "")
+      spec = spec.get("spec", "") if hasattr(spec, "get") else spec
       directory = spec.split(":", 1)[1] if spec.startswith("beir:") else None
       with self.subTest(preset=preset):
         if directory and not os.path.isdir(directory):
@@ -497,9 +499,9 @@ class CommandLineTest(absltest.TestCase):
     return out.stderr
 
   def test_batch_size_zero(self):
-    stderr = self._run("finetune_retriever", "--config.batch_size=0")
-    self.assertRegex(stderr, r"ValueError: config\.batch_size must be a "
-                             r"positive integer; found 0")
+    stderr = self._run("finetune_retriever", "--config.train.batch_size=0")
+    self.assertRegex(stderr, r"ValueError: config\.train\.batch_size must be "
+                             r"a positive integer; found 0")
 
   def test_override_with_no_effect(self):
     stderr = self._run("pretrain_lm", "--config.adapter.sltrain.density=0.1")

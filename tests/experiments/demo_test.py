@@ -5,7 +5,6 @@ import os
 from absl.testing import absltest
 
 from experiments import demo
-from experiments import finetune_retriever
 from experiments.configs import finetune_retriever as config_lib
 
 
@@ -14,13 +13,13 @@ class DemoTest(absltest.TestCase):
   def test_lora_and_galore_table_and_plot(self):
     config = config_lib.get_config("smoke")
     with config.unlocked():
-      config.num_train_steps = 2
-      config.eval_max_queries = 20
-      config.optimizer.galore.rank = 8
+      config.train.num_steps = 2
+      config.data.eval_max_queries = 20
+      config.demo.galore.rank = 8
     workdir = self.create_tempdir().full_path
     results = demo.run_demo(config, workdir)
     self.assertEqual([(r["method"], r["optimizer"]) for r in results],
-                     [("lora", "adamw"), ("full", "galore")])
+                     [("lora", "adamw"), ("full", "galore_adamw")])
     lora, galore = results
     self.assertEqual(lora["zero_shot"], galore["zero_shot"])
     self.assertEqual(galore["trainable_params"], galore["total_params"])
@@ -30,7 +29,7 @@ class DemoTest(absltest.TestCase):
     with open(os.path.join(workdir, "results.md")) as f:
       table = f.read()
     self.assertIn("| zero-shot |", table)
-    self.assertIn("| full + galore (2 steps) |", table)
+    self.assertIn("| full + galore_adamw (2 steps) |", table)
     self.assertIn("optimizer state", table)
     with open(os.path.join(workdir, "demo.png"), "rb") as f:
       self.assertEqual(f.read(4), b"\x89PNG")
@@ -45,23 +44,27 @@ class DemoTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "Unknown demo run 'sgd'"):
       demo.run_demo(config, self.create_tempdir().full_path)
     with config.unlocked():
-      config.optimizer.name = "lamb"
-    with self.assertRaisesRegex(ValueError, "Unknown optimizer 'lamb'"):
-      finetune_retriever.make_optimizer(config)
+      config.demo.runs = "lora"
+      config.optimizer.name = "adamx"
+    with self.assertRaisesRegex(ValueError, "optimizer name must be one of "
+                                ".*got 'adamx'"):
+      demo.validate_config(config)
 
   def test_galore_state_smaller_than_adamw(self):
     import jax  # pylint: disable=g-import-not-at-top
     import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
     from lowrank import optim  # pylint: disable=g-import-not-at-top
-    config = config_lib.get_config("smoke")
+    from lowrank import train  # pylint: disable=g-import-not-at-top
     params = {"['encoder']": {"w": jnp.zeros((384, 1536))},
               "emb": jnp.zeros((100, 384))}
     sizes = {}
-    for name in ("adamw", "galore", "adamw8bit"):
-      with config.unlocked():
-        config.optimizer.name = name
-      tx = finetune_retriever.make_optimizer(config)
-      sizes[name] = optim.estimate_bytes(params, tx)
+    for run in ("lora", "galore"):
+      c = demo.run_config(config_lib.get_config("smoke"), run)
+      sizes[c.optimizer.name] = optim.estimate_bytes(
+          params, train.optimizer_from_config(c.optimizer))
+    sizes["adamw8bit"] = optim.estimate_bytes(params, optim.adamw8bit(1e-3))
+    self.assertEqual(sorted(sizes), ["adamw", "adamw8bit", "galore_adamw"])
+    sizes["galore"] = sizes["galore_adamw"]
     self.assertLess(sizes["galore"], 0.5 * sizes["adamw"])
     self.assertLess(sizes["adamw8bit"], 0.5 * sizes["adamw"])
     del jax

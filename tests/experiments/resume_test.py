@@ -21,16 +21,14 @@ from lowrank import metric_writers
 
 _REPO = str(pathlib.Path(__file__).resolve().parents[2])
 _FLAGS = (
-    "--config=experiments/configs/finetune_retriever.py:smoke",
-    "--config.method=full",
-    "--config.optimizer.name=galore",
-    "--config.optimizer.learning_rate=1e-4",
-    "--config.optimizer.galore.rank=8",
-    "--config.optimizer.galore.refresh_every=3",
-    "--config.num_train_steps=6",
-    "--config.checkpoint_every_steps=2",
-    "--config.log_every_steps=1",
-    "--config.eval_max_queries=10",
+    "--config=experiments/configs/finetune_retriever.py:smoke,galore",
+    "--config.optimizer.learning_rate.peak_value=1e-4",
+    "--config.optimizer.rank=8",
+    "--config.optimizer.refresh_every=3",
+    "--config.train.num_steps=6",
+    "--config.train.checkpoint_every=2",
+    "--config.train.log_every=1",
+    "--config.data.eval_max_queries=10",
 )
 
 

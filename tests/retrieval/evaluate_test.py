@@ -1,0 +1,127 @@
+"""Tests of lowrank.retrieval.evaluate on a tiny random BERT."""
+
+import types
+
+from absl.testing import absltest
+from flax import nnx
+import jax
+import numpy as np
+
+from lowrank import assets
+from lowrank import sharding
+from lowrank.models import bert
+from lowrank.retrieval import biencoder
+from lowrank.retrieval import colbert
+from lowrank.retrieval import evaluate
+from lowrank.retrieval import metrics
+from lowrank.retrieval import muvera
+from lowrank.retrieval import search
+from tests import testing
+
+_WORDS = ("iron", "copper", "zinc", "gold", "tin", "lead", "wire", "coin")
+
+
+def _dataset(num_docs=12, num_queries=6):
+  corpus = {f"d{i}": f"{_WORDS[i % 8]} {_WORDS[(3 * i) % 8]} note {i}"
+            for i in range(num_docs)}
+  queries = {f"q{i}": f"{_WORDS[i % 8]} {_WORDS[(3 * i) % 8]}"
+             for i in range(num_queries)}
+  qrels = {f"q{i}": {f"d{i}": 1} for i in range(num_queries)}
+  return types.SimpleNamespace(corpus=corpus, queries=queries, qrels=qrels)
+
+
+def _encoder(**config):
+  mesh = sharding.make_mesh(devices=jax.devices()[:1])
+  with sharding.use_mesh(mesh):
+    return bert.BertModel(testing.tiny_bert_config(**config),
+                          rngs=nnx.Rngs(0))
+
+
+class EvaluateTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.tokenizer = bert.load_tokenizer(assets.minilm_path())
+    cls.data = _dataset()
+
+  def test_dense_prefix_is_truncate_and_renormalise(self):
+    model = biencoder.BiEncoder(_encoder())
+    out, info = evaluate.dense(model, self.tokenizer, self.data, k=10,
+                               prefix_dims=(32, 8), query_max_length=8)
+    self.assertEqual(info["dim"], 32)
+    self.assertEqual(out["ndcg_cut_10@32"], out["ndcg_cut_10"])
+    self.assertEqual(list(evaluate.prefix_curve(out)), [8, 32])
+    qids, dids = sorted(self.data.qrels), sorted(self.data.corpus)
+    q = biencoder.embed_queries(model, self.tokenizer,
+                                [self.data.queries[i] for i in qids],
+                                max_length=8)
+    d = biencoder.embed_documents(model, self.tokenizer,
+                                  [self.data.corpus[i] for i in dids])
+    norm = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)
+    expected = metrics.evaluate(
+        self.data.qrels, search.search_run(
+            qids, norm(q[:, :8]), dids, norm(d[:, :8]), 10),
+        evaluate.PREFIX_METRICS)
+    for name, value in expected.items():
+      self.assertAlmostEqual(out[f"{name}@8"], value, places=6)
+
+  def test_dense_prefix_wider_than_the_embedding(self):
+    model = biencoder.BiEncoder(_encoder())
+    with self.assertRaisesRegex(ValueError, r"Prefix sizes \[64\] exceed "
+                                r"the embedding size 32"):
+      evaluate.dense(model, self.tokenizer, self.data, prefix_dims=(64, 8))
+
+  def test_empty_test_set(self):
+    model = biencoder.BiEncoder(_encoder())
+    empty = types.SimpleNamespace(corpus=self.data.corpus, queries={},
+                                  qrels={})
+    with self.assertRaisesRegex(ValueError, "at least one judged query and "
+                                "one document; got 0 judged queries"):
+      evaluate.dense(model, self.tokenizer, empty)
+
+  def test_judged_query_without_text(self):
+    model = biencoder.BiEncoder(_encoder())
+    missing = _dataset()
+    del missing.queries["q0"]
+    with self.assertRaisesRegex(ValueError, "1 judged queries have no text "
+                                r"\(e.g. 'q0'\)"):
+      evaluate.dense(model, self.tokenizer, missing)
+
+  def test_late_interaction_muvera_reranking_everything_is_exact(self):
+    model = colbert.ColBERT(_encoder(), self.tokenizer, dim=16,
+                            query_maxlen=8, doc_maxlen=12)
+    fde = muvera.FDEConfig(dimension=16, num_repetitions=2,
+                           num_simhash_projections=2)
+    out, info = evaluate.late_interaction(model, self.data, k=5, fde=fde,
+                                          rerank=12)
+    self.assertEqual((info["muvera_rerank"], info["fde_dim"]), (12, 2 * 4 * 16))
+    self.assertEqual(info["muvera_overlap_with_exact"], 1.0)
+    for name in evaluate.METRICS:
+      self.assertBetween(out[name], 0.0, 1.0)
+      self.assertAlmostEqual(out["muvera_" + name], out[name], places=6)
+      self.assertIn("fde_" + name, out)
+
+  def test_sparse(self):
+    model = _encoder(add_mlm_head=True)
+    out, info = evaluate.sparse(model, self.tokenizer, self.data,
+                                query_max_length=8, doc_max_length=12)
+    self.assertEqual(sorted(out), sorted(evaluate.METRICS))
+    self.assertBetween(info["avg_query_terms"], 1.0, 30522.0)
+    self.assertGreater(info["postings"], 0)
+    with self.assertRaisesRegex(ValueError, "no MLM head"):
+      evaluate.sparse(_encoder(), self.tokenizer, self.data)
+
+  def test_local_copy_is_replicated_with_equal_values(self):
+    model = _encoder()
+    copy, mesh = evaluate.local_copy(model, jax.local_devices()[:2])
+    self.assertEqual(mesh.devices.size, 2)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)),
+                    jax.tree.leaves(nnx.state(copy, nnx.Param))):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+      self.assertTrue(b.sharding.is_fully_replicated)
+      self.assertLen(b.sharding.device_set, 2)
+
+
+if __name__ == "__main__":
+  absltest.main()
