@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from lowrank import optim
+from lowrank import train
 
 # ------------------------------------------------------------ toy models
 
@@ -356,6 +357,9 @@ class ContractCase:
     inject: `(factory, static_args, kwargs)` for `optax.inject_hyperparams`,
       or None (for a case that is not a learning-rate alias).
     tol: Eager-vs-jit tolerance (float32; bfloat16 uses 2e-2).
+    empty_error: A regex of the ValueError an empty tree raises (a
+      configuration that names leaves, e.g. `stacked_axes`, finds none),
+      or None when empty trees must go through.
   """
   name: str
   make: Callable[[], optax.GradientTransformation]
@@ -368,6 +372,7 @@ class ContractCase:
   inject: tuple[Callable[..., Any], Sequence[str], dict[str, Any]] | None = (
       None)
   tol: float = 1e-4
+  empty_error: str | None = None
 
 
 def _jit_grad(problem: Problem):
@@ -383,10 +388,11 @@ def contract_test_class(cases: Sequence[ContractCase]) -> type:
   * two eager steps equal two jitted ones; updates keep the param dtype;
     the state keeps its structure, shapes and dtypes;
   * the loss falls under `jax.jit` and the step traces once;
-  * `update` runs jitted with the state donated;
+  * `update` runs jitted with the state (`train.init_opt_state`) donated;
   * it works inside `optax.MultiSteps` and `optax.masked`, and (aliases)
     under `optax.inject_hyperparams`;
-  * empty trees, and a scalar leaf added to the problem, go through;
+  * empty trees go through (or raise the case's `empty_error`), and so
+    does a scalar leaf added to the problem;
   * `update` without params works or raises a clear ValueError.
 
   Args:
@@ -461,8 +467,11 @@ def contract_test_class(cases: Sequence[ContractCase]) -> type:
       case = by_name[name]
       tx, params = case.make(), case.problem.params(jnp.float32)
       grads = _jit_grad(case.problem)(params)
-      state = tx.init(params)
-      types = jax.tree.map(jax.typeof, state)
+      # `tx.init` may share one buffer between leaves (a zero-size leaf);
+      # `train.init_opt_state` gives fresh buffers that can be donated.
+      state = train.init_opt_state(tx, params)
+      types = jax.tree.map(jax.typeof, tx.init(params))
+      self.assertEqual(jax.tree.map(jax.typeof, state), types)
       update = jax.jit(tx.update, donate_argnums=1)
       for _ in range(2):
         updates, state = update(grads, state, params)
@@ -516,7 +525,12 @@ def contract_test_class(cases: Sequence[ContractCase]) -> type:
 
     @parameterized.named_parameters((n, n) for n in names)
     def test_empty_tree(self, name):
-      tx = by_name[name].make()
+      case = by_name[name]
+      tx = case.make()
+      if case.empty_error is not None:
+        with self.assertRaisesRegex(ValueError, case.empty_error):
+          jax.jit(tx.update)({}, tx.init({}), {})
+        return
       updates, state = jax.jit(tx.update)({}, tx.init({}), {})
       self.assertEqual(updates, {})
       assert_tree_types_equal(state, tx.init({}))

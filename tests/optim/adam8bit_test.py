@@ -14,26 +14,15 @@ from lowrank import quantize
 from lowrank import sharding
 from lowrank.optim import adam8bit
 
+from tests import testing
+
 P = jax.sharding.PartitionSpec
 
 
-def _params(dtype=jnp.float32):
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return {
-      "w": jax.random.normal(k1, (32, 16), dtype),
-      "tall": jax.random.normal(k2, (12, 40), dtype),
-      "stack": jnp.ones((3, 24, 20), dtype),
-      "b": jnp.zeros((16,), dtype),
-  }
-
-
-def _loss(params):
-  x = jnp.linspace(-1.0, 1.0, 32 * 12).reshape(12, 32)
-  y = jnp.tanh(x @ params["w"].astype(jnp.float32)) + params["b"][None, :]
-  z = params["tall"].astype(jnp.float32) @ jnp.ones((40, 3))
-  s = jnp.einsum("lmn,n->lm", params["stack"].astype(jnp.float32),
-                 jnp.arange(20.0))
-  return jnp.sum((y - 0.5) ** 2) + jnp.sum(z ** 2) + 0.01 * jnp.sum(s ** 2)
+# The matrix problem: `w` [32, 16], `tall` [12, 40], `stack` [3, 24, 20]
+# (three stacked layers) and `b` [16].
+_params = testing.matrix_params
+_loss = testing.matrix_loss
 
 
 _grad = jax.jit(jax.grad(_loss))  # Eager jax.grad compiles op by op.
@@ -166,74 +155,12 @@ class QuantizeTest(parameterized.TestCase):
                               - vals)[3], np.abs(back.mean(0) - vals)[3])
 
 
-class ContractTest(parameterized.TestCase):
-  """The contract every transform passes (as in optax contrib's tests)."""
+class WrappersAndArgumentsTest(parameterized.TestCase):
+  """Optax wrappers and argument checks.
 
-  TXS = {
-      "adamw8bit": lambda: adam8bit.adamw8bit(5e-2, **_SMALL),
-      "linear_sr_nesterov": lambda: adam8bit.adamw8bit(
-          5e-2, scheme="linear", stochastic_rounding=True, nesterov=True,
-          **_SMALL),
-      "galore_inner": lambda: optax.chain(
-          optim.scale_by_galore(adam8bit.scale_by_adam8bit(
-              block_size=8, min_size=32), rank=4, refresh_every=3,
-                                stacked_axes=r"\['stack'\]"),
-          optax.scale_by_learning_rate(5e-2)),
-  }
-
-  @parameterized.parameters(*TXS)
-  def test_init_accepts_abstract_params(self, name):
-    tx = self.TXS[name]()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            _params())
-    state = jax.eval_shape(tx.init, abstract)
-    self.assertEqual(optim.state_bytes(state), optim.state_bytes(
-        tx.init(_params())))
-    self.assertEqual(jax.tree.map(jax.typeof, state),
-                     jax.tree.map(jax.typeof, tx.init(_params())))
-
-  # An eager run compiles a program per leaf shape: each transform once,
-  # both dtypes covered.
-  @parameterized.parameters(
-      ("adamw8bit", jnp.float32), ("linear_sr_nesterov", jnp.bfloat16),
-      ("galore_inner", jnp.bfloat16))
-  def test_jit_matches_eager_and_preserves_dtype(self, name, dtype):
-    tx = self.TXS[name]()
-    params = _params(dtype)
-    grads = _grad(params)
-    state = tx.init(params)
-    eager_state, jit_state = state, state
-    for _ in range(2):  # The second step decodes a nonzero state.
-      eager, eager_state = tx.update(grads, eager_state, params)
-      jitted, jit_state = jax.jit(tx.update)(grads, jit_state, params)
-    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-    for k in params:
-      np.testing.assert_allclose(eager[k].astype(jnp.float32),
-                                 jitted[k].astype(jnp.float32),
-                                 rtol=tol, atol=tol)
-      self.assertEqual(jitted[k].dtype, dtype)
-    self.assertEqual(jax.tree.map(jax.typeof, state),
-                     jax.tree.map(jax.typeof, jit_state))
-
-  @parameterized.parameters(*TXS)
-  def test_loss_decreases_and_traces_once(self, name):
-    tx = self.TXS[name]()
-    traces = 0
-
-    @jax.jit
-    def step(params, state):
-      nonlocal traces
-      traces += 1
-      updates, state = tx.update(_grad(params), state, params)
-      return optax.apply_updates(params, updates), state
-
-    params = _params()
-    state = tx.init(params)
-    start = float(_loss(params))
-    for _ in range(100):
-      params, state = step(params, state)
-    self.assertEqual(traces, 1)
-    self.assertLess(float(_loss(params)), 0.7 * start)
+  The optax contract of every exported transform runs in
+  `tests/optim/contract_test.py`.
+  """
 
   def test_composes_with_optax_wrappers(self):
     params = {k: _params()[k] for k in ("tall", "b")}  # Fewer compiles.

@@ -15,28 +15,17 @@ from lowrank import sharding
 from lowrank.optim import projection
 from lowrank.optim import quantize as quant
 
+from tests import testing
+
 P = jax.sharding.PartitionSpec
 # `_params()["stack"]` is three stacked [24, 20] layers.
 STACKED = r"\['stack'\]"
 
 
-def _params(dtype=jnp.float32):
-  k1, k2 = jax.random.split(jax.random.key(0))
-  return {
-      "w": jax.random.normal(k1, (32, 16), dtype),
-      "tall": jax.random.normal(k2, (12, 40), dtype),
-      "stack": jnp.ones((3, 24, 20), dtype),
-      "b": jnp.zeros((16,), dtype),
-  }
-
-
-def _loss(params):
-  x = jnp.linspace(-1.0, 1.0, 32 * 12).reshape(12, 32)
-  y = jnp.tanh(x @ params["w"].astype(jnp.float32)) + params["b"][None, :]
-  z = params["tall"].astype(jnp.float32) @ jnp.ones((40, 3))
-  s = jnp.einsum("lmn,n->lm", params["stack"].astype(jnp.float32),
-                 jnp.arange(20.0))
-  return jnp.sum((y - 0.5) ** 2) + jnp.sum(z ** 2) + 0.01 * jnp.sum(s ** 2)
+# The matrix problem: `w` [32, 16], `tall` [12, 40], `stack` [3, 24, 20]
+# (three stacked layers) and `b` [16].
+_params = testing.matrix_params
+_loss = testing.matrix_loss
 
 
 def _grads(seed, shapes):
@@ -146,82 +135,12 @@ class ProjectionTest(parameterized.TestCase):
                                  jnp.eye(5), atol=1e-4)
 
 
-class ContractTest(parameterized.TestCase):
-  """The contract every transform passes (as in optax contrib's tests)."""
+class WrappersAndArgumentsTest(parameterized.TestCase):
+  """Optax wrappers and argument checks.
 
-  TXS = {
-      "galore": lambda: optim.galore_adamw(
-          5e-2, rank=4, refresh_every=3, stacked_axes=STACKED),
-      "rsvd_rotate": lambda: optim.galore_adamw(
-          5e-2, rank=4, refresh_every=3, projector="rsvd", on_refresh="rotate",
-          stacked_axes=STACKED),
-      "fira": lambda: optim.fira_adamw(
-          5e-2, rank=4, refresh_every=3, stacked_axes=STACKED),
-      "frugal": lambda: optim.frugal_adamw(
-          5e-2, rank=4, refresh_every=3, stacked_axes=STACKED),
-      "torch_staggered": lambda: optim.galore_adamw(
-          5e-2, rank=4, refresh_every=4, side="torch", stagger=2,
-          stacked_axes=STACKED),
-      "q_galore": lambda: optim.q_galore_adamw(
-          5e-2, rank=4, refresh_every=3, cos_threshold=0.2, cos_history=2,
-          stacked_axes=STACKED),
-      # Layers of `stack` refresh one at a time (dynamic slices), with
-      # 8-bit projectors updated in place.
-      "layer_staggered_8bit": lambda: optim.galore_adamw(
-          5e-2, rank=4, refresh_every=3, projector="rsvd", stagger=3,
-          stagger_layers=True, projector_bits=8, projector_group_size=4,
-          stacked_axes=STACKED),
-      # `stack` as one [72, 20] matrix (no stacked axes declared).
-      "unstacked_3d": lambda: optim.galore_adamw(
-          5e-2, rank=4, refresh_every=3, input_axes={
-              "w": None, "tall": None, "stack": (0, 1), "b": None}),
-  }
-
-  @parameterized.parameters(*TXS)
-  def test_init_accepts_abstract_params(self, name):
-    tx = self.TXS[name]()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            _params())
-    state = jax.eval_shape(tx.init, abstract)
-    self.assertEqual(optim.state_bytes(state),
-                     optim.estimate_bytes(_params(), tx))
-
-  @parameterized.product(name=list(TXS), dtype=[jnp.float32, jnp.bfloat16])
-  def test_jit_matches_eager_and_preserves_dtype(self, name, dtype):
-    tx = self.TXS[name]()
-    params = _params(dtype)
-    grads = jax.grad(_loss)(params)
-    state = tx.init(params)
-    eager, _ = tx.update(grads, state, params)
-    jitted, jit_state = jax.jit(tx.update)(grads, state, params)
-    tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
-    for k in params:
-      np.testing.assert_allclose(eager[k].astype(jnp.float32),
-                                 jitted[k].astype(jnp.float32),
-                                 rtol=tol, atol=tol)
-      self.assertEqual(jitted[k].dtype, dtype)
-    self.assertEqual(jax.tree.map(jax.typeof, state),
-                     jax.tree.map(jax.typeof, jit_state))
-
-  @parameterized.parameters(*TXS)
-  def test_loss_decreases_and_traces_once(self, name):
-    tx = self.TXS[name]()
-    traces = 0
-
-    @jax.jit
-    def step(params, state):
-      nonlocal traces
-      traces += 1
-      updates, state = tx.update(jax.grad(_loss)(params), state, params)
-      return optax.apply_updates(params, updates), state
-
-    params = _params()
-    state = tx.init(params)
-    start = float(_loss(params))
-    for _ in range(100):
-      params, state = step(params, state)
-    self.assertEqual(traces, 1)
-    self.assertLess(float(_loss(params)), 0.7 * start)
+  The optax contract of every exported transform runs in
+  `tests/optim/contract_test.py`.
+  """
 
   def test_composes_with_optax_wrappers(self):
     params = _params()

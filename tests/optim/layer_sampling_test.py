@@ -11,7 +11,10 @@ import optax
 
 from lowrank.optim import layer_sampling as ls
 
-L = 4  # Layers: a stacked `[L, ...]` block plus one unstacked `blocks_i`.
+from tests import testing
+
+# Layers: a stacked `[L, ...]` block plus one unstacked `blocks_i`.
+L = testing.LAYERED_NUM_LAYERS
 STACKED = r"\['stack'\]"
 
 
@@ -22,30 +25,10 @@ def _params(dtype=jnp.float32):
 
 @functools.cache  # Draw once per dtype: eager RNG ops compile per shape.
 def _draw_params(dtype):
-  keys = jax.random.split(jax.random.key(0), 4 + L)
-  w = jax.random.normal(keys[0], (L, 8, 8))
-  params = {
-      "embed": jax.random.normal(keys[2], (5, 8)),
-      "stack": {"w": 0.3 * w, "b": jnp.zeros((L, 8))},
-      "head": jax.random.normal(keys[3], (8, 3)),
-  }
-  for i in range(L):
-    params[f"blocks_{i}"] = {"w": 0.3 * jax.random.normal(keys[4 + i], (8, 8))}
-  return jax.tree.map(lambda x: x.astype(dtype), params)
+  return testing.layered_params(dtype)
 
 
-def _loss(params):
-  params = jax.tree.map(lambda x: x.astype(jnp.float32), params)
-  x = jnp.linspace(-1.0, 1.0, 4 * 5).reshape(4, 5)
-  h = jnp.tanh(x @ params["embed"])
-  blocks = jnp.stack([params[f"blocks_{i}"]["w"] for i in range(L)])
-  s = jnp.tanh(jnp.einsum("bi,lij->lbj", h, params["stack"]["w"])
-               + params["stack"]["b"][:, None, :])
-  t = jnp.tanh(jnp.einsum("bi,lij->lbj", h, blocks))
-  y = (h + jnp.sum(s, axis=0) + jnp.sum(t, axis=0)) @ params["head"]
-  return jnp.mean((y - jnp.cos(x[:, :3] * 3.0)) ** 2)
-
-
+_loss = testing.layered_loss
 _grad = jax.jit(jax.grad(_loss))  # Compiled once per dtype, not per test.
 
 
@@ -64,75 +47,12 @@ def _core(inner=None, **kwargs):
   return ls.scale_by_layer_sampling(inner or optax.scale_by_adam(), **kwargs)
 
 
-class ContractTest(parameterized.TestCase):
-  """The contract every transform passes (as in optax contrib's tests)."""
+class WrappersAndArgumentsTest(parameterized.TestCase):
+  """Optax wrappers and argument checks.
 
-  TXS = {
-      "lisa": lambda: ls.lisa_adamw(
-          3e-2, num_layers=L, active_layers=2, refresh_every=5,
-          stacked=STACKED),
-      "owlore": lambda: ls.owlore_adamw(
-          3e-2, num_layers=L, active_layers=2, refresh_every=5,
-          stacked=STACKED, owlore_alpha=3.0, weight_decay=1e-3),
-      "owlore_galore": lambda: ls.owlore_adamw(
-          3e-2, num_layers=L, active_layers=3, refresh_every=4,
-          stacked=STACKED, rank=2, galore_refresh_every=2),
-      "core_fixed_probs": lambda: optax.chain(
-          _core(probabilities=np.arange(1.0, L + 1.0)),
-          optax.scale_by_learning_rate(3e-2)),
-  }
-
-  @parameterized.parameters(*TXS)
-  def test_init_accepts_abstract_params(self, name):
-    tx = self.TXS[name]()
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-                            _params())
-    state = jax.eval_shape(tx.init, abstract)
-    self.assertEqual(jax.tree.map(jax.typeof, state),
-                     jax.tree.map(jax.typeof, tx.init(_params())))
-
-  def test_jit_matches_eager(self):
-    tx = self.TXS["lisa"]()  # Eager runs op by op: one config is enough.
-    params = _params()
-    grads = _grad(params)
-    state = tx.init(params)
-    eager, eager_state = tx.update(grads, state, params)
-    jitted, jit_state = jax.jit(tx.update)(grads, state, params)
-    for e, j in zip(jax.tree.leaves(eager), jax.tree.leaves(jitted)):
-      np.testing.assert_allclose(e, j, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(eager_state[0].active,
-                                  jit_state[0].active)
-
-  def test_preserves_dtype_and_state_types(self):
-    tx = self.TXS["owlore_galore"]()
-    params = _params(jnp.bfloat16)
-    state = tx.init(params)
-    updates, new_state = jax.jit(tx.update)(_grad(params), state, params)
-    for u in jax.tree.leaves(updates):
-      self.assertEqual(u.dtype, jnp.bfloat16)
-      self.assertTrue(bool(jnp.all(jnp.isfinite(u))))
-    self.assertEqual(jax.tree.map(jax.typeof, state),
-                     jax.tree.map(jax.typeof, new_state))
-
-  @parameterized.parameters(*TXS)
-  def test_loss_decreases_and_traces_once(self, name):
-    tx = self.TXS[name]()
-    traces = 0
-
-    @jax.jit
-    def step(params, state):
-      nonlocal traces
-      traces += 1
-      updates, state = tx.update(_grad(params), state, params)
-      return optax.apply_updates(params, updates), state
-
-    params = _params()
-    state = tx.init(params)
-    start = float(jax.jit(_loss)(params))
-    for _ in range(60):
-      params, state = step(params, state)
-    self.assertEqual(traces, 1)
-    self.assertLess(float(jax.jit(_loss)(params)), 0.5 * start)
+  The optax contract of every exported transform runs in
+  `tests/optim/contract_test.py`.
+  """
 
   def test_composes_with_optax_wrappers(self):
     params = _params()
