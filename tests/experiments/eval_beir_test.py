@@ -72,7 +72,8 @@ class EvalBeirTest(absltest.TestCase):
     r = eval_beir.evaluate_beir(self._dir("adi"), "bm25", max_queries=5, k=10)
     self.assertEqual(r["num_queries"], 5)
     self.assertEqual(r["num_docs"], 82)
-    with self.assertRaisesRegex(ValueError, "k >= 1"):
+    with self.assertRaisesRegex(ValueError, r"--k must be a positive "
+                                r"integer; found 0"):
       eval_beir.evaluate_beir(self._dir("adi"), "bm25", k=0)
 
   def test_minilm_and_splade_tiny_on_adi(self):
