@@ -76,33 +76,18 @@ def validate_config(config: Config,
     TypeError: On a value of the wrong type.
     FileNotFoundError: On a data or model directory that does not exist.
   """
-  check = config_checks.Checker(config, config_lib.get_config())
-  check.known_keys(open_keys=("adapter", "optimizer"))
+  check = config_checks.validate_common(config, config_lib.get_config())
   m = config.model
   check.choice("model.name", MODELS)
-  check.choice("adapter.method", ("full", *sorted(adapters.METHODS)))
-  check.positive_int("train.num_steps", "train.batch_size", "train.log_every",
-                     "train.checkpoint_every", "data.query_max_length",
-                     "data.doc_max_length", "eval.batch_size", "eval.k")
-  check.non_negative_int("seed", "train.eval_every", "data.eval_max_queries",
-                         "data.eval_max_docs")
-  lr = config.optimizer.get("learning_rate")
-  if isinstance(lr, Config) and "warmup_steps" in lr:
-    check.not_greater("optimizer.learning_rate.warmup_steps",
-                      "train.num_steps")
+  check.positive_int("data.query_max_length", "data.doc_max_length",
+                     "eval.batch_size", "eval.k")
+  check.non_negative_int("data.eval_max_queries", "data.eval_max_docs")
   check.choice("model.pooling", bert.POOLINGS)
   check.choice("model.towers", biencoder.TOWERS)
   check.positive_number("model.scale", "model.max_scale")
   check.boolean("model.symmetric", "model.same_side", "model.learn_scale")
   if m.learn_scale:
     check.not_greater("model.scale", "model.max_scale")
-  if config.adapter.method != "full":
-    check.positive_int("adapter.rank")
-    check.in_range("adapter.dropout", 0.0, 1.0)
-    check.regex("adapter.targets")
-  check.data_spec("data.spec", splits=("train", "test"))
-  check.model_dir("model.path")
-  check.mesh("mesh", batch=("train.batch_size",))
   used = [k for k, v in (("model.learn_scale", m.learn_scale),
                          ("model.same_side", m.same_side),
                          ("model.symmetric", m.symmetric),
@@ -130,10 +115,6 @@ def validate_config(config: Config,
     check.non_negative_number("model.splade.lambda_q",
                               "model.splade.lambda_d")
     check.non_negative_int("model.splade.reg_warmup_steps")
-  try:
-    train.optimizer_from_config(config.optimizer)  # Name and arguments.
-  except (ValueError, TypeError) as e:
-    raise type(e)(f"config.optimizer: {e}") from None
   if overrides:
     config_checks.unused_overrides(config, overrides, unused_keys(config))
 
