@@ -5,8 +5,9 @@ r"""Pretraining methods on the GaLore paper's 60M LLaMA: memory and step time.
 
 For Full-Adam, LoRA, ReLoRA, GaLore, SST and SLTrain (rank 128 = d/4 on
 every attention/MLP projection, as in the paper's 60M row), built exactly as
-`experiments/pretrain_lm.py` builds them (`build_optimizer`, the same
-targets), prints in one process, as ratios to Full-Adam:
+`experiments/pretrain_lm.py` builds them (`pretrain_lm.build`, the same
+targets and optimizer sections), prints in one process, as ratios to
+Full-Adam:
 
 * optimizer-state bytes (`lowrank.optim.state_bytes`);
 * trainable parameters;
@@ -21,7 +22,6 @@ Perplexity at equal tokens is `experiments/pretrain_lm.py`'s job.
 
 import argparse
 import datetime
-import functools
 import os
 import platform
 import statistics
@@ -30,18 +30,14 @@ import time
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
 from experiments import pretrain_lm
 from experiments.configs import pretrain_lm as config_lib
-from lowrank import adapters
 from lowrank import optim
 from lowrank import sharding
+from lowrank import train
 from lowrank.models import llama
-from lowrank.spectral import relora
-from lowrank.spectral import sltrain
-from lowrank.spectral import sst
 
 METHODS = ("full", "lora", "relora", "galore", "sst", "sltrain")
 
@@ -49,21 +45,12 @@ METHODS = ("full", "lora", "relora", "galore", "sst", "sltrain")
 def build(config, method, model_cfg):
   """`(graphdef, params, rest, tx)` for one method on `model_cfg`."""
   model = llama.LLaMA(model_cfg, rngs=nnx.Rngs(0))
-  wrt = nnx.Param
-  if method in ("lora", "relora"):
-    adapters.inject(model, targets=config.targets, method="lora",
-                    rank=config.rank, alpha=config.lora.alpha, rngs=1)
-    wrt = relora.trainable()
-  elif method == "sst":
-    sst.to_sst(model, targets=config.targets, rank=config.rank)
-  elif method == "sltrain":
-    sltrain.to_sltrain(model, targets=config.targets, rank=config.rank,
-                       density=config.sltrain.density,
-                       alpha=config.sltrain.alpha, rngs=1)
-  graphdef, params, rest = nnx.split(model, wrt, ...)
-  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-  return graphdef, params, rest, pretrain_lm.build_optimizer(config, method,
-                                                           model)
+  wrt, tx = pretrain_lm.build(config, method, model)
+  return (*train.split(model, wrt), tx)
+
+
+def _loss(model, tokens):
+  return llama.next_token_loss(model(tokens), tokens)
 
 
 def main():
@@ -85,7 +72,7 @@ def main():
     rank = 128
   with config.unlocked():
     config.rank = rank
-    config.num_train_steps = 10000
+    config.train.num_steps = 10000
   tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq), 0,
                               model_cfg.vocab_size)
   rows, runners = {}, {}
@@ -93,19 +80,9 @@ def main():
   with sharding.use_mesh(mesh):
     for method in METHODS:
       graphdef, params, rest, tx = build(config, method, model_cfg)
-      state = jax.tree.map(lambda x: jnp.array(x, copy=True),
-                           tx.init(params))
-
-      def loss_fn(params, rest, tokens, graphdef=graphdef):
-        m = nnx.merge(graphdef, params, rest)
-        return llama.next_token_loss(m(tokens), tokens)
-
-      @functools.partial(jax.jit, donate_argnums=(0, 1))
-      def step(params, state, rest, tokens, tx=tx, loss_fn=loss_fn):
-        loss, g = jax.value_and_grad(loss_fn)(params, rest, tokens)
-        u, state = tx.update(g, state, params)
-        return optax.apply_updates(params, u), state, loss
-
+      state = train.init_opt_state(tx, params)
+      # The fused one-jit step: what a device holds and runs.
+      step = train.make_train_step(graphdef, _loss, tx, split=False).fused
       compiled = step.lower(params, state, rest, tokens).compile()
       mem = optim.compiled_memory(compiled)
       rows[method] = {
