@@ -428,6 +428,13 @@ def _check_not_merged(mods: Mapping[str, MultiLoRA], what: str) -> None:
     )
 
 
+def _unmerged(model: nnx.Module, what: str) -> dict[str, MultiLoRA]:
+  """`_require`, then `_check_not_merged` (`what` names the action)."""
+  mods = _require(model)
+  _check_not_merged(mods, what)
+  return mods
+
+
 def _routing_value(var: nnx.Variable, value: Any) -> None:
   old = var.get_value()
   var.set_value(jnp.asarray(value, old.dtype).reshape(old.shape))
@@ -442,30 +449,28 @@ def set_active(model: nnx.Module, name: str | None) -> nnx.Module:
     ValueError: For an unknown name, a model without named adapters, or
       while an adapter is merged.
   """
-  mods = _require(model)
-  _check_not_merged(mods, "switch adapters")
+  mods = _unmerged(model, "switch adapters")
   i = _index(model, name)
   for m in mods.values():
     _routing_value(m.adapter_index, i)
   return model
 
 
+def _switch(model: nnx.Module, on: bool) -> nnx.Module:
+  what = "enable adapters" if on else "disable adapters"
+  for m in _unmerged(model, what).values():
+    _routing_value(m.adapter_on, on)
+  return model
+
+
 def enable(model: nnx.Module) -> nnx.Module:
   """Turns the adapters back on (after `disable`); no retrace."""
-  mods = _require(model)
-  _check_not_merged(mods, "enable adapters")
-  for m in mods.values():
-    _routing_value(m.adapter_on, True)
-  return model
+  return _switch(model, True)
 
 
 def disable(model: nnx.Module) -> nnx.Module:
   """Bypasses every adapter (the base model runs); no retrace."""
-  mods = _require(model)
-  _check_not_merged(mods, "disable adapters")
-  for m in mods.values():
-    _routing_value(m.adapter_on, False)
-  return model
+  return _switch(model, False)
 
 
 @contextlib.contextmanager
@@ -520,8 +525,7 @@ def adapter_ids(model: nnx.Module, ids: Any) -> Iterator[nnx.Module]:
     ValueError: For ids that are not a non-empty 1-D integer array or are
       out of range, or while an adapter is merged.
   """
-  mods = _require(model)
-  _check_not_merged(mods, "run a mixed-adapter batch")
+  mods = _unmerged(model, "run a mixed-adapter batch")
   if isinstance(ids, (list, tuple)):
     ids = ids_for(model, ids)
   ids = jnp.asarray(ids) if _is_concrete(ids) else ids
@@ -736,8 +740,7 @@ def delete_adapter(model: nnx.Module, name: str) -> nnx.Module:
   Raises:
     ValueError: For an unknown name or while an adapter is merged.
   """
-  mods = _require(model)
-  _check_not_merged(mods, "delete an adapter")
+  mods = _unmerged(model, "delete an adapter")
   i = _index(model, name)
   cur = int(next(iter(mods.values())).adapter_index.get_value())
   new = -1 if cur == i else (cur - 1 if cur > i else cur)

@@ -151,6 +151,16 @@ def _check_block(name: str, block_size: Any, even: bool = False) -> None:
     raise ValueError(f"{name} must be {what}; got {block_size!r}.")
 
 
+def _float_array(fn: str, w: jax.typing.ArrayLike) -> jax.Array:
+  """`w` as an array; a `ValueError` naming `fn` unless float and non-empty."""
+  w = jnp.asarray(w)
+  if not jnp.issubdtype(w.dtype, jnp.floating) or w.size == 0:
+    raise ValueError(
+        f"{fn} expects a non-empty float array; got {w.dtype} {w.shape}."
+    )
+  return w
+
+
 def _blocks(w: jax.Array, block_size: int) -> jax.Array:
   """Flattens `w` row-major to float32 `[n_blocks, block_size]`, 0-padded."""
   flat = jnp.ravel(w).astype(jnp.float32)
@@ -204,12 +214,7 @@ def quantize_nf4(
   """
   _check_block("block_size", block_size, even=True)
   _check_block("dq_block_size", dq_block_size)
-  w = jnp.asarray(w)
-  if not jnp.issubdtype(w.dtype, jnp.floating) or w.size == 0:
-    raise ValueError(
-        f"quantize_nf4 expects a non-empty float array; got {w.dtype} "
-        f"{w.shape}."
-    )
+  w = _float_array("quantize_nf4", w)
   return _quantize_nf4(w, block_size, double_quant, dq_block_size)
 
 
@@ -284,13 +289,7 @@ def quantize_int8(w: jax.typing.ArrayLike, block_size: int = 64) -> Int8Tensor:
     ValueError: On a bad block size or an empty / non-float array.
   """
   _check_block("block_size", block_size)
-  w = jnp.asarray(w)
-  if not jnp.issubdtype(w.dtype, jnp.floating) or w.size == 0:
-    raise ValueError(
-        f"quantize_int8 expects a non-empty float array; got {w.dtype} "
-        f"{w.shape}."
-    )
-  return _quantize_int8(w, block_size)
+  return _quantize_int8(_float_array("quantize_int8", w), block_size)
 
 
 @functools.partial(jax.jit, static_argnums=1, inline=True)
@@ -315,6 +314,33 @@ def dequantize_int8(q: Int8Tensor, dtype: Any = None) -> jax.Array:
 def _dequantize_int8(q: Int8Tensor, dtype) -> jax.Array:
   values = q.codes.astype(jnp.float32) * (q.scale / 127.0)[:, None]
   return _unblocks(values, q.shape).astype(dtype)
+
+
+def scheme_options(
+    scheme: str,
+    *,
+    block_size: int = 64,
+    double_quant: bool = True,
+    dq_block_size: int = 256,
+) -> dict[str, Any]:
+  """The keywords `quantize(w, scheme, **options)` takes, checked.
+
+  NF4 takes all three; int8 only `block_size` (the others are dropped).
+
+  Raises:
+    ValueError: On an unknown scheme or a bad block size.
+  """
+  if scheme not in SCHEMES:
+    raise ValueError(
+        f"Unknown quantisation scheme {scheme!r}; known: {SCHEMES}."
+    )
+  if scheme == "int8":
+    _check_block("block_size", block_size)
+    return {"block_size": block_size}
+  _check_block("block_size", block_size, even=True)
+  _check_block("dq_block_size", dq_block_size)
+  return {"block_size": block_size, "double_quant": double_quant,
+          "dq_block_size": dq_block_size}
 
 
 def quantize(w: jax.typing.ArrayLike, scheme: str, **kwargs) -> Any:

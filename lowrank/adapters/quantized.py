@@ -220,10 +220,9 @@ class QuantizedMixin:
       ValueError: On an unknown scheme, bad block sizes, or a `kernel` of
         the wrong shape.
     """
-    if scheme not in SCHEMES:
-      raise ValueError(
-          f"Unknown quantisation scheme {scheme!r}; known: {SCHEMES}."
-      )
+    options = nf4.scheme_options(scheme, block_size=block_size,
+                                 double_quant=double_quant,
+                                 dq_block_size=dq_block_size)
     flax_cls = next(c for c in QUANTIZED if isinstance(self, c))
     if type(base) is not flax_cls:
       raise ValueError(
@@ -243,9 +242,6 @@ class QuantizedMixin:
       if name == "kernel" or name.startswith("_pytree__"):
         continue
       setattr(self, name, nnx.data(value) if nodes.get(name) else value)
-    options = {"block_size": block_size}
-    if scheme == "nf4":
-      options.update(double_quant=double_quant, dq_block_size=dq_block_size)
     self.quant_scheme = scheme
     self.quant_options = tuple(sorted(options.items()))
     self.quant_shape = tuple(old.shape)
@@ -483,13 +479,9 @@ def quantize_base(
       matches nothing, a matched module that cannot be quantized (another
       kind, or already quantized), or a matched wrapper that is merged.
   """
-  if scheme not in SCHEMES:
-    raise ValueError(
-        f"Unknown quantisation scheme {scheme!r}; known: {SCHEMES}."
-    )
-  options = {"block_size": block_size}
-  if scheme == "nf4":
-    options.update(double_quant=double_quant, dq_block_size=dq_block_size)
+  options = nf4.scheme_options(scheme, block_size=block_size,
+                               double_quant=double_quant,
+                               dq_block_size=dq_block_size)
   wrappers = (layers.LoRAWrapper,)
   match = surgery.match(targets, "targets", wrappers=wrappers)
   skip = (lambda p, m: False) if exclude is None else surgery.match(
@@ -660,13 +652,9 @@ def lq_lora_init(
     )
   if wrapper.merged:
     raise ValueError("init='lq_lora' on a merged adapter; unmerge first.")
-  if scheme not in SCHEMES:
-    raise ValueError(
-        f"Unknown quantisation scheme {scheme!r}; known: {SCHEMES}."
-    )
-  options = {"block_size": block_size}
-  if scheme == "nf4":
-    options.update(double_quant=double_quant, dq_block_size=dq_block_size)
+  options = nf4.scheme_options(scheme, block_size=block_size,
+                               double_quant=double_quant,
+                               dq_block_size=dq_block_size)
   w = base.kernel.get_value()
   shape = tuple(w.shape)
 
@@ -741,9 +729,9 @@ def inject_quantized(
   Raises:
     ValueError: As `quantize_base`, `inject` and `lq_lora_init`.
   """
-  options = {"block_size": block_size}
-  if scheme == "nf4":
-    options.update(double_quant=double_quant, dq_block_size=dq_block_size)
+  options = nf4.scheme_options(scheme, block_size=block_size,
+                               double_quant=double_quant,
+                               dq_block_size=dq_block_size)
   if init != "lq_lora":
     quantize_base(model, targets, scheme, exclude=exclude, **options)
     return injection.inject(model, targets=targets, init=init,
