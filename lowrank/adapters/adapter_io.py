@@ -51,7 +51,8 @@ def save_adapters(
     model: nnx.Module,
     *,
     format: str = "native",  # pylint: disable=redefined-builtin
-    **options: Any,
+    base_model_name_or_path: str | None = None,
+    convert_initialized: bool = False,
 ) -> None:
   """Writes every adapter of `model` to `directory` in `format`.
 
@@ -59,15 +60,23 @@ def save_adapters(
     directory: Created if missing; files are written atomically.
     model: A model with adapters from `lowrank.adapters.inject`.
     format: `"native"` (every method) or `"peft"` (Hugging Face PEFT).
-    **options: Format-specific options: for `"peft"`,
-      `base_model_name_or_path` and `convert_initialized` (see
-      `peft_io.save_peft`); `"native"` has none.
+    base_model_name_or_path: `"peft"` only: recorded in the config for PEFT
+      users.
+    convert_initialized: `"peft"` only: save LoRA adapters whose init moved
+      part of the base weight into the adapter (PiSSA, OLoRA, CorDA) as the
+      equivalent rank-`2r` adapter for the original base weight (see
+      `peft_io.save_peft`). The native format rebuilds such bases itself.
 
   Raises:
     ValueError: On an unknown format, a model without adapters, a merged
       adapter, or (PEFT) a method PEFT cannot express.
-    TypeError: On an option the format does not take.
+    TypeError: On a `"peft"` option with `format="native"`.
   """
+  options = {}
+  if base_model_name_or_path is not None:
+    options["base_model_name_or_path"] = base_model_name_or_path
+  if convert_initialized:
+    options["convert_initialized"] = convert_initialized
   if _check_format(format) == "peft":
     peft_io.save_peft(directory, model, **options)
     return
