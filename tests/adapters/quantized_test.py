@@ -265,14 +265,15 @@ class QuantizedLayerTest(parameterized.TestCase):
       compiled = jax.jit(fn).lower(state).compile()
       return compiled.memory_analysis().argument_size_in_bytes
 
+    big = lambda: testing.Mlp(nnx.Rngs(0), d=512, n=4)
     bias = 4 * 512 * 4
-    fp32 = argument_bytes(testing.Mlp(nnx.Rngs(0)))
+    fp32 = argument_bytes(big())
     self.assertEqual(fp32, 4 * 512 * 512 * 4 + bias)
     q_nf4 = argument_bytes(
-        quantized.quantize_base(testing.Mlp(nnx.Rngs(0)), "all-linear", "nf4"))
+        quantized.quantize_base(big(), "all-linear", "nf4"))
     self.assertEqual(q_nf4, 4 * 135236 + bias)
     q_int8 = argument_bytes(
-        quantized.quantize_base(testing.Mlp(nnx.Rngs(0)), "all-linear", "int8"))
+        quantized.quantize_base(big(), "all-linear", "int8"))
     self.assertEqual(q_int8, 4 * (512 * 512 + 4 * 512 * 512 // 64) + bias)
     # Measured: nf4 0.1307x, int8 0.2671x of the float32 base (biases kept).
     self.assertLessEqual(q_nf4 / fp32, 0.14)
