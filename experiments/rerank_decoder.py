@@ -3,26 +3,20 @@ r"""FIRST and ICR reranking end to end on a small byte-level LLaMA decoder.
   python -m experiments.rerank_decoder --workdir=$WORKDIR \
       --config=experiments/configs/rerank_decoder.py
 
-Bytes are the tokens (`decoder_text.ByteTokenizer`). 1. Pretraining: the
-decoder (`lowrank.models.llama`, random init) learns next-byte prediction
-on the train split's `query\ndocument` texts. 2. FIRST fine-tuning
-(`lowrank.ranking.first`) on each train query's BM25 top `first.window`
-holding its judged document (`lowrank.ranking.training_data`); target =
-the judged document first, then BM25 order; loss = LM loss of the target
-+ `ltr_weight` x a listwise loss on the first identifier's logits. 3. BM25's
-top `eval.rerank_k` of each test query reranked by FIRST (sliding windows)
-and ICR (`lowrank.ranking.icr`, attention mass, with and without its
-content-free calibration); nDCG@10 / Recall@10 with reference orders
-(random, random window scores, judged first) go to `results.md` /
-`results.json`. Checkpoints and metrics per phase go to `pretrain/` and
-`first/` (a rerun resumes; a finished phase is not retrained).
+Bytes are the tokens. 1. The decoder (`lowrank.models.llama`) learns
+next-byte prediction on the train split's `query\ndocument` texts. 2. FIRST
+fine-tuning (`lowrank.ranking.first`) on BM25 candidate lists of the train
+queries (`lowrank.ranking.training_data`): LM loss of the target order +
+`ltr_weight` x a listwise loss on the first identifier's logits. 3. BM25's
+top `eval.rerank_k` of each test query reranked by FIRST and ICR
+(`lowrank.ranking.icr`, with and without calibration), with reference
+orders; nDCG@10 / Recall@10 go to `results.md` / `results.json`. Each phase
+checkpoints under `pretrain/` and `first/` (a rerun resumes).
 
 References: FIRST, https://arxiv.org/abs/2406.15657; ICR,
 https://arxiv.org/abs/2410.02642.
 """
 
-import json
-import math
 import os
 import time
 from typing import Any
@@ -34,24 +28,21 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from experiments import common_flags
 from experiments import config_checks
 from experiments.configs import rerank_decoder as config_lib
-from lowrank import adapters
 from lowrank import checkpoint
 from lowrank import metric_writers
 from lowrank import sharding
 from lowrank import train as train_lib
 from lowrank.data import specs
 from lowrank.models import llama
-from lowrank.ranking import cascade
+from lowrank.ranking import candidates
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
 from lowrank.ranking import icr
 from lowrank.ranking import training_data
-from lowrank.retrieval import bm25 as bm25_lib
 from lowrank.retrieval import metrics as metrics_lib
 
 _CONFIG, _WORKDIR = common_flags.config_and_workdir()
@@ -74,18 +65,13 @@ def parse_rerankers(spec: str) -> list[str]:
 def validate_config(config: ml_collections.ConfigDict,
                     overrides: dict[str, Any] | None = None) -> None:
   """Raises on a bad key or value, or an override this run ignores."""
-  check = config_checks.Checker(config, config_lib.get_config())
-  check.known_keys(open_keys=("adapter", "pretrain.optimizer",
-                              "first.optimizer"))
-  check.data_spec("data.spec", splits=("train", "test"))
+  check = config_checks.validate_common(config, config_lib.get_config(),
+                                        first_devices=True)
   check.positive_int(
       *(f"model.{k}" for k in config.model.keys()), "data.max_query_bytes",
       "data.max_doc_bytes", "pretrain.seq_len", "eval.rerank_k",
-      "eval.window", "eval.stride", "eval.batch_size", "eval.icr_batch_size",
-      *(f"{p}.train.{k}" for p in ("pretrain", "first") for k in (
-          "num_steps", "batch_size", "log_every", "checkpoint_every")))
-  check.non_negative_int("seed", "first.max_train_queries",
-                         "data.eval_max_queries")
+      "eval.window", "eval.stride", "eval.batch_size", "eval.icr_batch_size")
+  check.non_negative_int("first.max_train_queries", "data.eval_max_queries")
   m = config.model
   if m.hidden_size % m.num_heads or m.num_heads % m.num_kv_heads:
     raise ValueError(
@@ -105,13 +91,6 @@ def validate_config(config: ml_collections.ConfigDict,
     check.in_range(key, 2, len(first.IDENTIFIERS), high_closed=True)
   first.sliding_windows(1, config.eval.window, config.eval.stride)
   rerankers = parse_rerankers(config.eval.rerankers)
-  if config.adapter.method not in ("full", *adapters.METHODS):
-    raise ValueError(f"config.adapter.method must be 'full' or one of "
-                     f"{sorted(adapters.METHODS)}; found "
-                     f"{config.adapter.method!r}.")
-  for p in ("pretrain", "first"):
-    train_lib.optimizer_from_config(config[p].optimizer)
-    batch_shards(config, config[p].train.batch_size)
   if overrides:
     unused = {}
     if not any(r.startswith("icr") for r in rerankers):
@@ -122,23 +101,6 @@ def validate_config(config: ml_collections.ConfigDict,
           f"it batches FIRST reranking; no FIRST reranker in "
           f"rerankers={config.eval.rerankers!r}")
     config_checks.unused_overrides(config, overrides, unused)
-
-
-def batch_shards(config, batch_size: int) -> int:
-  """The data x fsdp size of `config.mesh`; it must divide `batch_size`."""
-  shards = config.mesh.get("data", 1) * config.mesh.get("fsdp", 1)
-  if shards < 1 or batch_size % shards:
-    raise ValueError(
-        f"A batch size ({batch_size}) must be a multiple of the data x fsdp "
-        f"size of config.mesh {dict(config.mesh)} (positive sizes, the first"
-        f" N devices); fix either.")
-  return shards
-
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  """`config.mesh` over the first `prod(sizes)` devices."""
-  n = math.prod(config.mesh.values())
-  return sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:n])
 
 
 def prompt_formats(config) -> tuple[first.PromptFormat, icr.PromptFormat]:
@@ -176,7 +138,7 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
   Raises:
     FileNotFoundError: If the phase has no checkpoint.
   """
-  mesh = make_mesh(config)
+  mesh = train_lib.mesh_from_config(config.mesh)
   model = build_model(config, mesh)
   wrt = adapt(config, model, mesh) if phase == "first" else nnx.Param
   tx = train_lib.optimizer_from_config(config[phase].optimizer, model=model)
@@ -206,8 +168,7 @@ def train_phase(config, phase, model, wrt, mesh, loss_fn, batch_fn, workdir):
       rest, batch_fn=batch_fn, num_steps=p.num_steps,
       workdir=os.path.join(workdir, phase),
       checkpoint_every=p.checkpoint_every, log_every=p.log_every,
-      data_sharding=jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec(("data", "fsdp"))), desc=phase)
+      data_sharding=train_lib.batch_sharding(mesh), desc=phase)
   rows = metric_writers.read_csv(os.path.join(workdir, phase, "metrics.csv"))
   return nnx.merge(graphdef, out.params, out.rest), {
       "resumed_from_step": out.start_step, "train_seconds": out.train_seconds,
@@ -224,32 +185,27 @@ def train_and_evaluate(
   train = specs.load(d.spec, "train")
   test = specs.load(d.spec, "test", max_queries=d.eval_max_queries)
   first_fmt, icr_fmt = prompt_formats(config)
-  mesh = make_mesh(config)
+  mesh = train_lib.mesh_from_config(config.mesh)
 
   # Phase 1: LM pretraining on random windows of the training text.
   model = build_model(config, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model)))
-  text = "".join(f"{q}\n{doc}\n\n" for q, doc in specs.positive_pairs(train))
-  tokens = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
-  seq_len, batch = config.pretrain.seq_len, config.pretrain.train.batch_size
-
-  def pretrain_batch(step):
-    rng = np.random.default_rng([config.seed, 0, step])
-    starts = rng.integers(0, len(tokens) - seq_len, size=batch)
-    return np.stack([tokens[s:s + seq_len] for s in starts])
-
-  model, pre = train_phase(config, "pretrain", model, nnx.Param, mesh,
-                    lambda m, b: llama.next_token_loss(m(b), b),
-                    pretrain_batch, workdir)
+  model, pre = train_phase(
+      config, "pretrain", model, nnx.Param, mesh,
+      lambda m, b: llama.next_token_loss(m(b), b), training_data.byte_windows(
+          "".join(f"{q}\n{d}\n\n" for q, d in specs.positive_pairs(train)),
+          config.pretrain.seq_len, config.pretrain.train.batch_size,
+          config.seed), workdir)
   graphdef, state = nnx.split(model)  # A copy: training donates buffers.
   pretrained = nnx.merge(graphdef, jax.tree.map(jnp.copy, nnx.as_pure(state)))
 
   # Phase 2: FIRST fine-tuning.
   wrt = adapt(config, model, mesh)
+  bm25 = candidates.FirstStage("bm25", e.rerank_k)
   lists = training_data.candidate_lists(
       train, training_data.sample_ids(list(train.qrels), f.max_train_queries,
                                       config.seed),
-      bm25_lib.BM25(train.corpus), window=f.window, seed=config.seed)
+      bm25.index(train.corpus), window=f.window, seed=config.seed)
   ident = decoder_text.single_token_ids(TOKENIZER,
                                         first_fmt.identifiers[:f.window])
   model, fin = train_phase(
@@ -262,61 +218,37 @@ def train_and_evaluate(
           window=f.window, seed=config.seed, shuffle=f.shuffle_candidates,
           prompt_format=first_fmt), workdir)
 
-  # Evaluation.
+  # Evaluation: BM25's top-k, reference orders, then each reranker.
   queries = {q: test.queries[q] for q in sorted(test.qrels)}
-  run_path = os.path.join(workdir, "first_stage_bm25.json")
-  if os.path.exists(run_path):
-    with open(run_path) as fh:
-      run = json.load(fh)
-  else:
-    run = bm25_lib.BM25(test.corpus).search_run(queries, e.rerank_k)
-    metric_writers.write_json(run_path, run)
-  evaluate = lambda r: metrics_lib.evaluate(test.qrels, r, EVAL_METRICS)
+  run = bm25.run(queries, test.corpus,
+                 path=os.path.join(workdir, "first_stage_bm25.json"))
   shuffled = training_data.random_order(run, [config.seed, 3])
-  rows = {"bm25": evaluate(run), "shuffled": evaluate(shuffled),
-          "oracle": evaluate(training_data.oracle_order(run, test.qrels))}
-  selected = cascade.select_top_k(queries, test.corpus, run, e.rerank_k)
-  qids = [q for q in sorted(selected) if selected[q]]
-  q_texts = [queries[q] for q in qids]
-  doc_lists = [[test.corpus[doc] for doc in selected[q]] for q in qids]
-
-  def to_run(scores):
-    out = {q: {} for q in run}
-    for q, s in zip(qids, scores):
-      out[q] = {doc: float(v) for doc, v in zip(selected[q], s)}
-    return out
-
-  rng = np.random.default_rng([config.seed, 5])
-  orders = first.sliding_window_orders(
-      [len(x) for x in doc_lists], e.window, e.stride,
-      lambda jobs: rng.normal(size=(len(jobs), e.window)))
-  rows["windows_random"] = evaluate(
-      to_run([first.order_scores(o) for o in orders]))
+  runs = {"bm25": run, "shuffled": shuffled,
+          "oracle": training_data.oracle_order(run, test.qrels),
+          "windows_random": training_data.random_window_order(
+              run, e.rerank_k, e.window, e.stride, [config.seed, 5])}
   seconds = {}
   for name in parse_rerankers(e.rerankers):
     t0 = time.perf_counter()
     if name.startswith("first"):
-      runs = {name: first.rerank(
+      new = {name: first.rerank(
           model, TOKENIZER, queries, test.corpus,
           run if name == "first" else shuffled, k=e.rerank_k,
           window=e.window, stride=e.stride, prompt_format=first_fmt,
           batch_size=e.batch_size)}
-    else:  # ICR's two passes (query, content-free query), kept apart.
-      kw = dict(prompt_format=icr_fmt, query_reduction=e.icr_query_reduction,
-                batch_size=e.icr_batch_size)
-      scorer = pretrained if name == "icr_pretrained" else model
-      raw = icr.attention_scores(scorer, TOKENIZER, q_texts, doc_lists, **kw)
-      free = icr.attention_scores(
-          scorer, TOKENIZER, [icr_fmt.content_free_query] * len(qids),
-          doc_lists, **kw)
-      runs = {name: to_run([r - c for r, c in zip(raw, free)]),
-              name + "_uncalibrated": to_run(raw)}
+    else:
+      new = dict(zip((name, name + "_uncalibrated"),
+                     icr.rerank_with_and_without_calibration(
+                         pretrained if name == "icr_pretrained" else model,
+                         TOKENIZER, queries, test.corpus, run, k=e.rerank_k,
+                         prompt_format=icr_fmt, batch_size=e.icr_batch_size,
+                         query_reduction=e.icr_query_reduction)))
       seconds[name + "_uncalibrated"] = None
     seconds[name] = time.perf_counter() - t0
-    for key, reranked in runs.items():
+    for key, reranked in new.items():
       metric_writers.write_json(
           os.path.join(workdir, f"reranked_{key}.json"), reranked)
-      rows[key] = evaluate(reranked)
+    runs.update(new)
 
   results = {
       "test_queries": len(queries), "test_docs": len(test.corpus),
@@ -324,15 +256,13 @@ def train_and_evaluate(
       "stride": e.stride, "train_window": f.window, "ltr_loss": f.ltr_loss,
       "max_doc_bytes": d.max_doc_bytes, "max_query_bytes": d.max_query_bytes,
       "model": dict(config.model), "num_params": int(num_params),
-      "pretrain": pre, "first": fin, "metrics": rows,
-      "rerank_seconds": seconds,
+      "pretrain": pre, "first": fin, "rerank_seconds": seconds,
+      "metrics": {name: metrics_lib.evaluate(test.qrels, r, EVAL_METRICS)
+                  for name, r in runs.items()},
       "wall_seconds": time.perf_counter() - t_start,
   }
-  metric_writers.write_json(os.path.join(workdir, "results.json"), results)
-  table = format_results(results)
-  with open(os.path.join(workdir, "results.md"), "w") as fh:
-    fh.write(table + "\n")
-  print(table)
+  print(metric_writers.write_results(workdir, results,
+                                     format_results(results)))
   return results
 
 
@@ -354,7 +284,14 @@ def format_results(r: dict[str, Any]) -> str:
   """A Markdown table of nDCG@10 / Recall@10 per ranking."""
   m, pre, fin = r["model"], r["pretrain"]["final"], r["first"]["final"]
   nan = float("nan")
-  lines = [
+  rows = []
+  for name, vals in r["metrics"].items():
+    t = r["rerank_seconds"].get(name)
+    label = _LABELS.get(name.removesuffix("_uncalibrated"), name)
+    rows.append([label + ", without calibration" * name.endswith(
+        "_uncalibrated"), vals["ndcg_cut_10"], vals["recall_10"],
+                 None if t is None else f"{t:.0f} s"])
+  return "\n".join([
       f"code_search test: {r['test_queries']} queries, {r['test_docs']} "
       f"docs; BM25 top-{r['rerank_k']} reranked. Decoder d="
       f"{m['hidden_size']}, {m['num_layers']} layers, {m['num_heads']} "
@@ -365,18 +302,8 @@ def format_results(r: dict[str, Any]) -> str:
       f"{r['train_window']}, {r['first']['train_seconds']:.0f} s (final lm "
       f"{fin.get('lm_loss', nan):.3f}, {r['ltr_loss']} "
       f"{fin.get('ltr_loss', nan):.3f}); test window {r['window']}, stride "
-      f"{r['stride']}.", "",
-      "| ranking | nDCG@10 | Recall@10 | rerank time |",
-      "|---|---:|---:|---:|"]
-  for name, vals in r["metrics"].items():
-    t = r["rerank_seconds"].get(name)
-    label = _LABELS.get(name.removesuffix("_uncalibrated"), name)
-    if name.endswith("_uncalibrated"):
-      label += ", without calibration"
-    lines.append(
-        f"| {label} | {vals['ndcg_cut_10']:.4f} | {vals['recall_10']:.4f} | "
-        f"{'-' if t is None else f'{t:.0f} s'} |")
-  return "\n".join(lines)
+      f"{r['stride']}.", "", metric_writers.markdown_table(
+          ["ranking", "nDCG@10", "Recall@10", "rerank time"], rows)])
 
 
 def main(argv):

@@ -3,26 +3,20 @@ r"""Trains a BERT cross-encoder reranker, reranks a first stage and fuses.
   python -m experiments.train_reranker --workdir=$WORKDIR \
       --config=experiments/configs/train_reranker.py
 
-The cross-encoder (`lowrank.ranking.cross_encoder`, MiniLM + LoRA by
-default) trains on groups of one judged document and `train.group_size -
-1` BM25-mined negatives (`lowrank.ranking.training_data`) of the train
-queries minus a held-out dev split, which gives a dev loss / top-1 during
-training and, at the end, the weight `alpha` of `alpha * CE + (1 - alpha)
-* first stage` (per-query normalised scores, `lowrank.ranking.fusion`;
-test queries choose nothing). The first stage (BM25 or zero-shot MiniLM)
+The cross-encoder (MiniLM + LoRA by default) trains on groups of a judged
+document and BM25-mined negatives (`lowrank.ranking.training_data`) of the
+train queries minus a dev split, which gives a dev loss during training and
+the weight `alpha` of `alpha * CE + (1 - alpha) * first stage`
+(`lowrank.ranking.fusion`). The first stage (`lowrank.ranking.candidates`)
 retrieves `eval.first_stage_depth` documents per dev / test query, the
-cross-encoder rescores the top `eval.rerank_k`. nDCG@10, Recall@10 and
-MRR@10 of the first stage, the cross-encoder and the fusion go to
-`results.md` / `results.json`; the workdir also holds checkpoints (a rerun
-resumes), metrics, the first-stage runs and the output runs.
+cross-encoder rescores the top `eval.rerank_k`; nDCG@10, Recall@10, MRR@10
+go to `results.md` / `results.json`. A rerun resumes from the checkpoints.
 
 References: Nogueira & Cho 2019, https://arxiv.org/abs/1901.04085; Gao et
 al. 2021 (LCE), https://arxiv.org/abs/2101.08751; Yang et al. 2019 (Birch,
 score interpolation), https://arxiv.org/abs/1903.10972.
 """
 
-import json
-import math
 import os
 import time
 from typing import Any
@@ -39,46 +33,36 @@ import optax
 from experiments import common_flags
 from experiments import config_checks
 from experiments.configs import train_reranker as config_lib
-from lowrank import assets
 from lowrank import metric_writers
 from lowrank import sharding
 from lowrank import train as train_lib
 from lowrank.data import specs
-from lowrank.models import bert
+from lowrank.ranking import candidates
 from lowrank.ranking import cascade
 from lowrank.ranking import cross_encoder
 from lowrank.ranking import fusion
 from lowrank.ranking import losses as ltr_losses
 from lowrank.ranking import training_data
-from lowrank.retrieval import bm25 as bm25_lib
 from lowrank.retrieval import metrics as metrics_lib
-from lowrank.retrieval import search
 
 _CONFIG, _WORKDIR = common_flags.config_and_workdir()
 
 EVAL_METRICS = ("ndcg_cut_10", "recall_10", "mrr_cut_10")
-FIRST_STAGES = ("bm25", "minilm")
 
 
 def validate_config(config: ml_collections.ConfigDict,
                     overrides: dict[str, Any] | None = None) -> None:
   """Raises on a bad key or value, or an override this run ignores."""
-  check = config_checks.Checker(config, config_lib.get_config())
-  check.known_keys(open_keys=("adapter", "optimizer"))
-  check.data_spec("data.spec", splits=("train", "test"))
-  check.model_dir("model.path")
+  check = config_checks.validate_common(config, config_lib.get_config(),
+                                        first_devices=True)
   check.choice("model.pooling", cross_encoder.POOLINGS)
-  check.choice("eval.first_stage", FIRST_STAGES)
+  check.choice("eval.first_stage", candidates.NAMES)
   check.choice("eval.fusion_normalization", fusion.NORMALIZATIONS)
   ltr_losses.get(config.train.loss, cross_encoder.LOSSES)
-  cross_encoder.trainable_filter(config.adapter.method)
   check.positive_int(
-      "model.max_length", "train.num_steps", "train.batch_size",
-      "train.log_every", "train.checkpoint_every", "data.negatives_depth",
-      "data.negatives_pool", "eval.first_stage_depth", "eval.rerank_k",
-      "eval.batch_size")
-  check.non_negative_int("seed", "data.max_train_queries",
-                         "data.eval_max_queries", "train.eval_every")
+      "model.max_length", "data.negatives_depth", "data.negatives_pool",
+      "eval.first_stage_depth", "eval.rerank_k", "eval.batch_size")
+  check.non_negative_int("data.max_train_queries", "data.eval_max_queries")
   check.in_range("data.dev_fraction", 0.0, 1.0, low_closed=False)
   check.non_negative_number("train.grad_clip_norm")
   check.not_greater("data.negatives_pool", "data.negatives_depth")
@@ -89,72 +73,10 @@ def validate_config(config: ml_collections.ConfigDict,
         f"{config.data.negatives_pool + 1}] (a positive and at least one "
         f"negative from the pool); found {config.train.group_size}. Fix "
         f"--config.train.group_size or --config.data.negatives_pool.")
-  train_lib.optimizer_from_config(config.optimizer)
-  batch_shards(config)
   if overrides and config.adapter.method == "full":
     config_checks.unused_overrides(config, overrides, {
         f"adapter.{k}": "method='full' trains every weight, with no adapter"
         for k in config.adapter if k != "method"})
-
-
-def batch_shards(config) -> int:
-  """The data x fsdp size of `config.mesh`; it must divide the batch."""
-  shards = config.mesh.get("data", 1) * config.mesh.get("fsdp", 1)
-  if shards < 1 or config.train.batch_size % shards:
-    raise ValueError(
-        f"config.train.batch_size ({config.train.batch_size}) must be a "
-        f"multiple of the data x fsdp size of config.mesh {dict(config.mesh)}"
-        f" (positive sizes, the first N devices); fix either.")
-  return shards
-
-
-def make_mesh(config) -> jax.sharding.Mesh:
-  """`config.mesh` over the first `prod(sizes)` devices."""
-  n = math.prod(config.mesh.values())
-  return sharding.make_mesh(dict(config.mesh), devices=jax.devices()[:n])
-
-
-class FirstStage:
-  """Cached runs of the configured first stage (indexes built per corpus)."""
-
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str):
-    self.name, self.depth = config.first_stage, config.first_stage_depth
-    self.workdir = workdir
-    self._indexes: dict[Any, Any] = {}
-
-  def index(self, kind: str, corpus: dict[str, str]):
-    """The BM25 index or MiniLM embeddings of `corpus`, built once."""
-    key = (kind, len(corpus), hash(frozenset(corpus.items())))
-    if key not in self._indexes:
-      if kind == "bm25":
-        self._indexes[key] = bm25_lib.BM25(corpus)
-      else:
-        path = assets.minilm_path()
-        model, tok = bert.load_pretrained(path), bert.load_tokenizer(path)
-        ids = sorted(corpus)
-        self._indexes[key] = (model, tok, ids, bert.embed_texts(
-            model, tok, [corpus[i] for i in ids]))
-    return self._indexes[key]
-
-  def run(self, dataset, qids: list[str], prefix: str):
-    """The top-`first_stage_depth` run of `qids` (cached as JSON)."""
-    path = os.path.join(
-        self.workdir, f"{prefix}first_stage_{self.name}_top{self.depth}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        run = json.load(f)
-      if sorted(run) == sorted(qids):
-        return run
-    k = min(self.depth, len(dataset.corpus))
-    queries = {q: dataset.queries[q] for q in qids}
-    if self.name == "bm25":
-      run = self.index("bm25", dataset.corpus).search_run(queries, k)
-    else:
-      model, tok, ids, docs = self.index("minilm", dataset.corpus)
-      q = bert.embed_texts(model, tok, [queries[i] for i in qids])
-      run = search.search_run(list(qids), q, ids, docs, k)
-    metric_writers.write_json(path, run)
-    return run
 
 
 def train_and_evaluate(
@@ -166,18 +88,18 @@ def train_and_evaluate(
   d, t, e = config.data, config.train, config.eval
   train = specs.load(d.spec, "train")
   test = specs.load(d.spec, "test", max_queries=d.eval_max_queries)
-  first = FirstStage(e, workdir)
+  first = candidates.FirstStage(e.first_stage, e.first_stage_depth)
   train_ids, dev_ids = training_data.split_queries(
       train.qrels, dev_fraction=d.dev_fraction, seed=config.seed,
       max_queries=d.max_train_queries)
-  index = first.index("bm25", train.corpus)
+  index = first.index(train.corpus, "bm25")
   groups, dev_groups = (training_data.negative_groups(
       train, ids, index, depth=d.negatives_depth, pool=d.negatives_pool,
       min_negatives=t.group_size - 1) for ids in (train_ids, dev_ids))
   logging.info("%d training queries, %d dev; test: %d queries, %d docs.",
                len(groups), len(dev_ids), len(test.qrels), len(test.corpus))
 
-  mesh = make_mesh(config)
+  mesh = train_lib.mesh_from_config(config.mesh)
   with sharding.use_mesh(mesh):
     model, tokenizer = cross_encoder.CrossEncoder.from_pretrained(
         config.model.path or None, pooling=config.model.pooling,
@@ -191,7 +113,6 @@ def train_and_evaluate(
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
   param_sh, opt_sh = train_lib.shardings(model, wrt, tx, mesh)
   graphdef, params, rest = train_lib.split(model, wrt)
-  opt_state = train_lib.init_opt_state(tx, params, shardings=opt_sh)
   step = train_lib.make_train_step(
       graphdef, lambda m, b: cross_encoder.group_loss(
           m, b, b["labels"], loss=t.loss),
@@ -208,62 +129,60 @@ def train_and_evaluate(
     return out
 
   out = train_lib.train_loop(
-      step, params, opt_state, rest, batch_fn=lambda s: (
-          training_data.group_batch(
-              groups, train, tokenizer, s, batch_size=t.batch_size,
-              group_size=t.group_size, max_length=config.model.max_length,
-              seed=config.seed)),
+      step, params, train_lib.init_opt_state(tx, params, shardings=opt_sh),
+      rest, batch_fn=lambda s: training_data.group_batch(
+          groups, train, tokenizer, s, batch_size=t.batch_size,
+          group_size=t.group_size, max_length=config.model.max_length,
+          seed=config.seed),
       num_steps=t.num_steps, workdir=workdir,
       checkpoint_every=t.checkpoint_every, log_every=t.log_every,
       eval_every=t.eval_every, eval_fn=dev_metrics,
-      data_sharding=jax.sharding.NamedSharding(
-          mesh, jax.sharding.PartitionSpec(("data", "fsdp"))),
+      data_sharding=train_lib.batch_sharding(mesh),
       desc=f"{config.adapter.method} cross-encoder")
   model = nnx.merge(graphdef, out.params, out.rest)
 
-  metrics = EVAL_METRICS + (f"recall_{e.rerank_k}",)
-  first_metrics = metrics + (f"recall_{e.first_stage_depth}",)
+  def evaluate(qrels, run, *extra):
+    return metrics_lib.evaluate(qrels, run, tuple(dict.fromkeys(
+        EVAL_METRICS + (f"recall_{e.rerank_k}",) + extra)))
 
-  def evaluate(qrels, run, m=metrics):
-    return metrics_lib.evaluate(qrels, run, tuple(dict.fromkeys(m)))
-
-  runs, seconds = {}, {}
+  runs, seconds = {}, {}  # split -> (first stage, CE, first stage's top-k)
   for split, data, ids, prefix in (("dev", train, dev_ids, "dev_"),
                                    ("test", test, sorted(test.qrels), "")):
-    first_run = first.run(data, ids, prefix)
+    first_run = first.run(
+        {q: data.queries[q] for q in ids}, data.corpus, path=os.path.join(
+            workdir, f"{prefix}first_stage_{first.name}_top{first.depth}.json"))
     t0 = time.perf_counter()
     ce = cascade.rerank(model, tokenizer, data.queries, data.corpus,
                         first_run, k=e.rerank_k, **eval_kw)
     seconds[split] = time.perf_counter() - t0
     metric_writers.write_json(
         os.path.join(workdir, f"{prefix}reranked_run.json"), ce)
-    top = {q: {doc: float(first_run[q][doc]) for doc in docs}
-           for q, docs in ce.items()}
-    runs[split] = (first_run, ce, top)
+    runs[split] = (first_run, ce, {q: {doc: float(first_run[q][doc])
+                                       for doc in docs}
+                                   for q, docs in ce.items()})
   dev_qrels = {q: train.qrels[q] for q in dev_ids}
-  (dev_first, dev_ce, dev_top), (test_first, test_ce, test_top) = (
-      runs["dev"], runs["test"])
+  qrels = {"dev": dev_qrels, "test": test.qrels}
 
   by_normalization = {}
   for norm in fusion.NORMALIZATIONS:
-    alpha, grid = fusion.tune_weight(dev_qrels, dev_ce, dev_top,
+    alpha, grid = fusion.tune_weight(dev_qrels, *runs["dev"][1:],
                                      normalization=norm)
-    dev_fused, test_fused = (
-        fusion.fuse(pair, (alpha, 1.0 - alpha), normalization=norm)
-        for pair in ((dev_ce, dev_top), (test_ce, test_top)))
+    fused = {split: fusion.fuse(runs[split][1:], (alpha, 1.0 - alpha),
+                                normalization=norm) for split in runs}
     by_normalization[norm] = {
         "alpha": alpha,
         "dev_grid_ndcg_cut_10": {str(a): v for a, v in grid.items()},
-        "dev": evaluate(dev_qrels, dev_fused), "run": test_fused,
-        "test": evaluate(test.qrels, test_fused)}
+        **{split: evaluate(qrels[split], fused[split]) for split in runs}}
+    if norm == e.fusion_normalization:
+      metric_writers.write_json(os.path.join(workdir, "fused_run.json"),
+                                fused["test"])
   chosen = by_normalization[e.fusion_normalization]
-  metric_writers.write_json(os.path.join(workdir, "fused_run.json"),
-                            chosen.pop("run"))
   rng = np.random.default_rng(config.seed)
   shuffled = {q: {doc: float(rng.random()) for doc in sorted(docs)}
-              for q, docs in test_ce.items()}
+              for q, docs in runs["test"][1].items()}
   rows = metric_writers.read_csv(os.path.join(workdir, "metrics.csv"))
   losses = [r["loss"] for r in rows if "loss" in r]
+  first_k = f"recall_{e.first_stage_depth}"
   results = {
       "data": d.spec, "method": config.adapter.method,
       "optimizer": config.optimizer.name, "loss": t.loss,
@@ -273,18 +192,17 @@ def train_and_evaluate(
       "dev_queries": len(dev_ids),
       "train_pairs_seen": t.num_steps * t.batch_size * t.group_size,
       "test_queries": len(test.qrels), "test_docs": len(test.corpus),
-      "before": evaluate(test.qrels, test_first, first_metrics),
-      "after": evaluate(test.qrels, test_ce),
+      "before": evaluate(test.qrels, runs["test"][0], first_k),
+      "after": evaluate(test.qrels, runs["test"][1]),
       "fused": chosen["test"],
       "random_order": evaluate(test.qrels, shuffled),
       "fusion_normalization": e.fusion_normalization,
       "fusion_alpha": chosen["alpha"],
-      "fusion_by_normalization": {
-          n: {k: v for k, v in r.items() if k != "run"}
-          for n, r in by_normalization.items()},
+      "fusion_by_normalization": by_normalization,
       "dev": {
-          "before": evaluate(dev_qrels, dev_first, first_metrics),
-          "after": evaluate(dev_qrels, dev_ce), "fused": chosen["dev"],
+          "before": evaluate(dev_qrels, runs["dev"][0], first_k),
+          "after": evaluate(dev_qrels, runs["dev"][1]),
+          "fused": chosen["dev"],
           "loss_curve": [{k: r[k] for k in ("step", "dev_loss", "dev_top1")}
                          for r in rows if "dev_loss" in r]},
       "trainable_params": int(counts["trainable"]),
@@ -292,41 +210,40 @@ def train_and_evaluate(
       "train_seconds": out.train_seconds - dev_seconds[0],
       "dev_eval_seconds": dev_seconds[0],
       "dev_rerank_seconds": seconds["dev"], "rerank_seconds": seconds["test"],
-      "rerank_pairs": sum(len(v) for v in test_ce.values()),
+      "rerank_pairs": sum(len(v) for v in runs["test"][1].values()),
       "wall_seconds": time.perf_counter() - t_start,
       "resumed_from_step": out.start_step,
       "final_loss": losses[-1] if losses else None,
   }
-  metric_writers.write_json(os.path.join(workdir, "results.json"), results)
-  table = format_results(results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
-  print(table)
+  print(metric_writers.write_results(workdir, results,
+                                     format_results(results)))
   return results
 
 
 def format_results(r: dict[str, Any]) -> str:
   """A Markdown table: first stage, cross-encoder alone, fused."""
-  k, a = r["rerank_k"], r["fusion_alpha"]
+  k, a, fs = r["rerank_k"], r["fusion_alpha"], r["first_stage"]
   def row(name, m, dev):
-    return (f"| {name} | {m['ndcg_cut_10']:.4f} | {m['recall_10']:.4f} | "
-            f"{m['mrr_cut_10']:.4f} | {m[f'recall_{k}']:.4f} | "
-            + (f"{dev['ndcg_cut_10']:.4f} |" if dev else "- |"))
+    return [name, *(m[x] for x in (*EVAL_METRICS, f"recall_{k}")),
+            dev and dev["ndcg_cut_10"]]
   return "\n".join([
       f"data: {r['data']} ({r['train_queries']} train queries, "
       f"{r['dev_queries']} dev, {r['train_pairs_seen']} train pairs seen; "
       f"{r['test_queries']} test queries, {r['test_docs']} docs); "
-      f"{r['first_stage']} top-{r['first_stage_depth']}, rerank top-{k} at "
+      f"{fs} top-{r['first_stage_depth']}, rerank top-{k} at "
       f"{r['max_length']} tokens; fusion weight chosen on dev: "
       f"alpha={a:g} ({r['fusion_normalization']})", "",
-      f"| run | nDCG@10 | Recall@10 | MRR@10 | Recall@{k} | dev nDCG@10 |",
-      "|---|---:|---:|---:|---:|---:|",
-      row(r["first_stage"], r["before"], r["dev"]["before"]),
-      row(f"random order of the top-{k}", r["random_order"], None),
-      row(f"{r['method']} cross-encoder alone ({r['num_train_steps']} steps, "
-          f"{r['loss']}, {r['optimizer']})", r["after"], r["dev"]["after"]),
-      row(f"fused: {a:g}·CE + {1 - a:g}·{r['first_stage']} "
-          f"({r['fusion_normalization']})", r["fused"], r["dev"]["fused"]),
+      metric_writers.markdown_table(
+          ["run", "nDCG@10", "Recall@10", "MRR@10", f"Recall@{k}",
+           "dev nDCG@10"],
+          [row(fs, r["before"], r["dev"]["before"]),
+           row(f"random order of the top-{k}", r["random_order"], None),
+           row(f"{r['method']} cross-encoder alone ({r['num_train_steps']} "
+               f"steps, {r['loss']}, {r['optimizer']})", r["after"],
+               r["dev"]["after"]),
+           row(f"fused: {a:g}·CE + {1 - a:g}·{fs} "
+               f"({r['fusion_normalization']})", r["fused"],
+               r["dev"]["fused"])]),
       "", f"trainable params {r['trainable_params']:,} of "
       f"{r['total_params']:,}; train {r['train_seconds']:.0f} s (+ dev "
       f"loss {r['dev_eval_seconds']:.0f} s); rerank {r['rerank_seconds']:.0f}"

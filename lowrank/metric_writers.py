@@ -49,6 +49,40 @@ def write_json(path: str, obj: Any) -> None:
                                  default=float) + "\n")
 
 
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
+                   digits: int = 4) -> str:
+  """A Markdown table, the first column left-aligned and the rest right.
+
+  Cells: floats with `digits` decimals, None as "-", others as `str`.
+
+  Raises:
+    ValueError: If a row has not one cell per header column.
+  """
+  def cell(v):
+    if v is None:
+      return "-"
+    return f"{v:.{digits}f}" if isinstance(v, (float, np.floating)) else str(v)
+  lines = ["| " + " | ".join(map(str, header)) + " |",
+           "|---|" + "---:|" * (len(header) - 1)]
+  for i, row in enumerate(rows):
+    if len(row) != len(header):
+      raise ValueError(f"Row {i} has {len(row)} cells for {len(header)} "
+                       f"columns {list(header)}; give one cell per column "
+                       f"(None for an empty one).")
+    lines.append("| " + " | ".join(map(cell, row)) + " |")
+  return "\n".join(lines)
+
+
+def write_results(workdir: str, results: Any, markdown: str) -> str:
+  """Writes `results.json` and `results.md` in `workdir`; returns `markdown`.
+
+  Both atomically (a killed run leaves the old files or the new ones).
+  """
+  write_json(os.path.join(workdir, "results.json"), results)
+  _atomic_write(os.path.join(workdir, "results.md"), markdown + "\n")
+  return markdown
+
+
 def read_csv(path: str) -> list[dict[str, float | int]]:
   """Rows of a `metrics.csv` as dicts of floats (`step` as int).
 

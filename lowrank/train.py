@@ -40,6 +40,7 @@ import dataclasses
 import functools
 import inspect
 import logging
+import math
 import os
 import time
 from typing import Any, Callable, Mapping
@@ -119,6 +120,27 @@ def shardings(
   opt_shardings = sharding.shardings_like_params(
       jax.eval_shape(tx.init, params), params)
   return param_shardings, opt_shardings
+
+
+def mesh_from_config(section: Any) -> jax.sharding.Mesh:
+  """The mesh of a config's `mesh` section (axis name -> size; a dict or a
+  `ConfigDict`).
+
+  Without a -1 size the mesh takes the first `prod(sizes)` devices (a
+  `data=1, fsdp=1, tensor=1` run uses one device of eight); with one -1 it
+  takes them all (`sharding.make_mesh` infers the size).
+  """
+  axes = {str(k): int(v) for k, v in section.items()}
+  devices = jax.devices()
+  if -1 not in axes.values():
+    devices = devices[:max(math.prod(axes.values()), 0)]
+  return sharding.make_mesh(axes, devices=devices)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> jax.sharding.NamedSharding:
+  """Batches split along their first axis over the mesh's data x fsdp."""
+  return jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
 
 
 # ----------------------------------------------------------------------------

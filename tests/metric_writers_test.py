@@ -99,6 +99,22 @@ class HelpersTest(absltest.TestCase):
     self.assertLess(text.index('"a"'), text.index('"b"'))
     self.assertEqual(os.listdir(os.path.dirname(path)), ["r.json"])
 
+  def test_markdown_table_and_results(self):
+    table = metric_writers.markdown_table(
+        ["run", "nDCG@10", "time"], [["bm25", 0.5, None], ["ce", 1, "3 s"]])
+    self.assertEqual(table, "| run | nDCG@10 | time |\n|---|---:|---:|\n"
+                     "| bm25 | 0.5000 | - |\n| ce | 1 | 3 s |")
+    wd = self.create_tempdir().full_path
+    self.assertEqual(metric_writers.write_results(wd, {"a": 1}, table), table)
+    with open(os.path.join(wd, "results.md")) as f:
+      self.assertEqual(f.read(), table + "\n")
+    self.assertEqual(sorted(os.listdir(wd)), ["results.json", "results.md"])
+
+  def test_markdown_table_row_of_the_wrong_length(self):
+    with self.assertRaisesRegex(ValueError, r"Row 0 has 1 cells for 2 "
+                                r"columns \['a', 'b'\]; give one cell"):
+      metric_writers.markdown_table(["a", "b"], [[1.0]])
+
   def test_compiled_memory(self):
     import jax  # pylint: disable=g-import-not-at-top
     from lowrank import optim  # pylint: disable=g-import-not-at-top

@@ -171,6 +171,21 @@ class LoopTest(parameterized.TestCase):
                        workdir=self.create_tempdir().full_path, **kwargs)
 
 
+class MeshTest(absltest.TestCase):
+
+  def test_first_devices_or_all_with_minus_one(self):
+    mesh = train.mesh_from_config({"data": 2, "fsdp": 1, "tensor": 1})
+    self.assertEqual(list(mesh.devices.flat), jax.devices()[:2])
+    self.assertEqual(dict(train.mesh_from_config({"data": -1}).shape),
+                     {"data": jax.device_count()})
+    self.assertEqual(train.batch_sharding(mesh).spec,
+                     jax.sharding.PartitionSpec(("data", "fsdp")))
+
+  def test_more_devices_than_there_are(self):
+    with self.assertRaisesRegex(ValueError, "devices"):
+      train.mesh_from_config({"data": jax.device_count() + 1})
+
+
 class FromConfigTest(parameterized.TestCase):
 
   def test_keys_are_the_factory_arguments(self):

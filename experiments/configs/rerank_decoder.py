@@ -6,16 +6,10 @@ code_search`: docstring summary -> function code), BM25 first stage.
   python -m experiments.rerank_decoder --workdir=/tmp/rerank_decoder \
       --config=experiments/configs/rerank_decoder.py
 
-The decoder is LM-pretrained briefly on the train split's text
-(`pretrain.*`), fine-tuned for FIRST on BM25 candidate lists of the train
-queries (`first.*`; `adapter` picks full fine-tuning or an adapter for this
-phase), then BM25's top `eval.rerank_k` of `data.eval_max_queries` test
-queries is reranked with FIRST (fine-tuned decoder) and ICR (zero-shot;
-`eval.rerankers` picks which). Each phase has its own `optimizer` (the
-factory's arguments) and `train` (steps, batch, cadences). The default
-takes about 10 minutes of 2-core CPU time; `:smoke` is the test preset.
-Rerunning the same command resumes from the checkpoints in --workdir (a
-finished phase is not retrained).
+Phases `pretrain` and `first` each have an `optimizer` (the factory's
+arguments) and a `train` section; `adapter` applies to the FIRST phase.
+The default takes about 10 minutes of 2-core CPU time; `:smoke` is the
+test preset. A rerun resumes (a finished phase is not retrained).
 """
 
 import ml_collections

@@ -1,26 +1,17 @@
 r"""Train a MiniLM cross-encoder reranker (LoRA by default) and rerank.
 
-Default data: code search over the Python standard library (see
-`lowrank.data.code_search`), embedded in every Python install:
+Default data: code search over the Python standard library
+(`lowrank.data.code_search`); `--config.data.spec=beir:<directory>` takes
+any BEIR-format directory (train on qrels/train.tsv, rerank test.tsv):
 
   python -m experiments.train_reranker --workdir=/tmp/rr \
       --config=experiments/configs/train_reranker.py
 
-Any BEIR-format directory (train on qrels/train.tsv, rerank test.tsv):
-
-  python -m experiments.train_reranker --workdir=/tmp/rr_scifact \
-      --config=experiments/configs/train_reranker.py \
-      --config.data.spec=beir:../shared/data/beir/scifact
-
 `--config.adapter.method=full` fine-tunes every weight; with it,
 `--config.optimizer.name=galore_adamw --config.optimizer.rank=64` uses
-GaLore (`config.optimizer` holds exactly the factory's arguments). `:smoke`
-is the few-step test preset. Rerunning the same command resumes from the
-latest checkpoint in --workdir.
-
-`:scifact` is the SciFact run of RESULTS.md (BM25 top-100, rerank top-30 at
-256 tokens, 300 LoRA steps, z-score fusion with the weight chosen on 10%
-held-out train queries):
+GaLore. `:smoke` is the test preset; `:scifact` the SciFact run of
+RESULTS.md (BM25 top-100, rerank top-30 at 256 tokens, 300 LoRA steps,
+z-score fusion weighted on 10% held-out train queries):
 
   python -m experiments.train_reranker --workdir=/tmp/rr_scifact \
       --config=experiments/configs/train_reranker.py:scifact
@@ -54,7 +45,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.train = dict(num_steps=200, batch_size=4, group_size=8,
                       loss="softmax_ce", grad_clip_norm=1.0, log_every=10,
                       checkpoint_every=50, eval_every=100)
-  # == The optimizer factory's arguments (lowrank.train.optimizer_from_config).
+  # == The optimizer factory's arguments (train.optimizer_from_config).
   config.optimizer = dict(
       name="adamw", weight_decay=0.0, b1=0.9, b2=0.999,
       learning_rate=dict(schedule="warmup_cosine_decay_schedule",
@@ -63,11 +54,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.optimizer.learning_rate.decay_steps = config.train.get_ref(
       "num_steps")
   config.mesh = dict(data=1, fsdp=1, tensor=1)  # The first N devices.
-  # The first stage (bm25, or minilm: the zero-shot bi-encoder) retrieves
-  # first_stage_depth documents per dev/test query, the cross-encoder
-  # rescores the top rerank_k, and alpha * CE + (1 - alpha) * first stage
-  # (per-query normalised, lowrank.ranking.fusion) uses the alpha of best
-  # dev nDCG@10.
+  # The first stage (bm25, or minilm zero-shot) retrieves first_stage_depth
+  # documents per query, the cross-encoder rescores the top rerank_k; the
+  # fusion (per-query normalised) takes the alpha of best dev nDCG@10.
   config.eval = dict(first_stage="bm25", first_stage_depth=100, rerank_k=100,
                      fusion_normalization="zscore", batch_size=32)
 

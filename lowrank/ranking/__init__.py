@@ -6,6 +6,7 @@
   in-context reranking) on the LLaMA-style decoder; `decoder_text` holds
   their byte tokenizer and prompt helpers.
 * `fusion`: per-query normalisation and weighted interpolation of runs.
+* `candidates.FirstStage`: cached BM25 / zero-shot MiniLM first-stage runs.
 * `training_data`: query splits, BM25 negative groups and FIRST candidate
   lists for training rerankers.
 * `rerank(model, tokenizer, queries, corpus, run, *, k)`: rescoring the
@@ -14,6 +15,7 @@
   `cascade.top_k`).
 """
 
+from lowrank.ranking import candidates
 from lowrank.ranking import cascade
 from lowrank.ranking import cross_encoder
 from lowrank.ranking import decoder_text
@@ -28,7 +30,7 @@ from lowrank.ranking.cascade import rerank
 from lowrank.ranking.icr import IcrReranker
 
 __all__ = [
-    "CrossEncoder", "FirstReranker", "IcrReranker", "cascade",
+    "CrossEncoder", "FirstReranker", "IcrReranker", "candidates", "cascade",
     "cross_encoder", "decoder_text", "first", "fusion", "icr", "losses",
     "rerank", "training_data",
 ]

@@ -431,10 +431,49 @@ def rerank(
       [[corpus[d] for d in selected[q]] for q in qids], calibrate=calibrate,
       prompt_format=prompt_format, query_reduction=query_reduction,
       batch_size=batch_size, length_multiple=length_multiple)
+  return _as_run(run, selected, qids, scores)
+
+
+def _as_run(run, selected, qids, scores) -> decoder_text.Run:
   out: decoder_text.Run = {qid: {} for qid in run}
   for qid, s in zip(qids, scores):
     out[qid] = {d: float(v) for d, v in zip(selected[qid], s)}
   return out
+
+
+def rerank_with_and_without_calibration(
+    model: llama.LlamaForCausalLM,
+    tokenizer: Any,
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    run: Mapping[str, Mapping[str, Any]],
+    *,
+    k: int | float = 100,
+    prompt_format: PromptFormat | None = None,
+    query_reduction: str = "mean",
+    batch_size: int = 4,
+    length_multiple: int = 64,
+) -> tuple[decoder_text.Run, decoder_text.Run]:
+  """`(calibrated, uncalibrated)` ICR reranking of `run`'s top-`k`.
+
+  Two passes, kept apart: the queries' (the uncalibrated scores) and the
+  content-free query's; the calibrated scores are their difference. The
+  uncalibrated run (an ablation row) thus costs nothing extra. Arguments
+  and errors as `rerank`.
+  """
+  fmt = prompt_format or PromptFormat()
+  selected = cascade.select_top_k(queries, corpus, run, k)
+  qids = [q for q, ds in selected.items() if ds]
+  doc_lists = [[corpus[d] for d in selected[q]] for q in qids]
+  kw = dict(prompt_format=fmt, query_reduction=query_reduction,
+            batch_size=batch_size, length_multiple=length_multiple)
+  raw = attention_scores(model, tokenizer, [queries[q] for q in qids],
+                         doc_lists, **kw)
+  free = attention_scores(model, tokenizer,
+                          [fmt.content_free_query] * len(qids), doc_lists,
+                          **kw)
+  return (_as_run(run, selected, qids, [r - c for r, c in zip(raw, free)]),
+          _as_run(run, selected, qids, raw))
 
 
 class IcrReranker:

@@ -15,16 +15,19 @@ exactly the batches an uninterrupted one does:
 - `candidate_lists`: a query's BM25 top-`window`, the judged document put
   in when BM25 missed it (FIRST's training lists); `first_batch` collates
   step `s`'s lists with the target "judged first, then BM25 order";
+- `byte_windows`: LM pretraining batches of a byte-level decoder;
 - `step_indices`: which examples make step `s` (a per-epoch permutation);
-- `random_order` / `oracle_order`: the reference rows of a reranking table
-  (a shuffle of the top-k and the judged documents first).
+- `random_order` / `random_window_order` / `oracle_order`: the reference
+  rows of a reranking table (a shuffle of the top-k, random scores through
+  FIRST's sliding windows, the judged documents first).
 """
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from lowrank.ranking import cascade
 from lowrank.ranking import cross_encoder
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
@@ -264,12 +267,56 @@ def first_batch(
                        rows=batch_size)
 
 
+def byte_windows(text: str, seq_len: int, batch_size: int,
+                 seed: int) -> Callable[[int], np.ndarray]:
+  """`step -> int32 [batch_size, seq_len]`: random windows of `text`'s bytes.
+
+  The LM pretraining batches of a byte-level decoder, a function of the
+  step (seeded by `[seed, 0, step]`), so a resumed run sees the same ones.
+
+  Raises:
+    ValueError: If the text is not longer than `seq_len` bytes.
+  """
+  tokens = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+  if len(tokens) <= seq_len:
+    raise ValueError(f"The text has {len(tokens)} bytes; windows of "
+                     f"seq_len={seq_len} need more. Lower seq_len or use "
+                     f"more text.")
+
+  def batch(step: int) -> np.ndarray:
+    rng = np.random.default_rng([seed, 0, step])
+    starts = rng.integers(0, len(tokens) - seq_len, size=batch_size)
+    return np.stack([tokens[s:s + seq_len] for s in starts])
+  return batch
+
+
 def random_order(run: Mapping[str, Mapping[str, Any]], seed: Any) -> Run:
   """`run` with each query's documents in a seeded random order."""
   rng = np.random.default_rng(seed)
   return {q: {d: float(s) for d, s in zip(sorted(run[q]),
                                           rng.permutation(len(run[q])))}
           for q in sorted(run)}
+
+
+def random_window_order(run: Mapping[str, Mapping[str, Any]], k: int,
+                        window: int, stride: int, seed: Any) -> Run:
+  """`run`'s top `k` through FIRST's sliding windows, random window scores.
+
+  The reference that tells what the windows alone do to an order: each
+  window is ranked by seeded normal scores (`first.sliding_window_orders`);
+  queries in sorted order draw in turn.
+  """
+  selected = {q: cascade.top_k(run[q], k) for q in run}
+  qids = [q for q in sorted(selected) if selected[q]]
+  rng = np.random.default_rng(seed)
+  orders = first.sliding_window_orders(
+      [len(selected[q]) for q in qids], window, stride,
+      lambda jobs: rng.normal(size=(len(jobs), window)))
+  out: Run = {q: {} for q in run}
+  for q, order in zip(qids, orders):
+    out[q] = {d: float(v)
+              for d, v in zip(selected[q], first.order_scores(order))}
+  return out
 
 
 def oracle_order(run: Mapping[str, Mapping[str, Any]],

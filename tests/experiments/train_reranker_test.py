@@ -73,7 +73,7 @@ class ConfigTest(absltest.TestCase):
         ("train.eval_every", -1, "eval_every"),
         ("optimizer.name", "adamx", "optimizer name must be"),
         ("optimizer.rank", 4, "takes no argument 'rank'"),
-        ("mesh.data", 3, "multiple of the data x fsdp"),
+        ("mesh.data", 3, "divisible by the data x fsdp"),
     ]
     for key, value, message in cases:
       config = config_lib.get_config("smoke")

@@ -214,6 +214,18 @@ class ScoresTest(absltest.TestCase):
       icr.rerank(self.model, TOK, queries, corpus, run, k=1.5)
     with self.assertRaisesRegex(ValueError, "not in the corpus"):
       icr.rerank(self.model, TOK, queries, {}, run, k=2)
+    calibrated, raw = icr.rerank_with_and_without_calibration(
+        self.model, TOK, queries, corpus, run, k=2)
+    self.assertEqual(raw["q2"], {})
+    plain = icr.rerank(self.model, TOK, queries, corpus, run, k=2,
+                       calibrate=False)
+    for q in out:
+      for d in out[q]:
+        self.assertAlmostEqual(calibrated[q][d], out[q][d], places=5)
+        self.assertAlmostEqual(raw[q][d], plain[q][d], places=5)
+    with self.assertRaisesRegex(ValueError, "not in the corpus"):
+      icr.rerank_with_and_without_calibration(self.model, TOK, queries, {},
+                                              run, k=2)
 
 
 if __name__ == "__main__":

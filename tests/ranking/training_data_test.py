@@ -118,6 +118,32 @@ class ReferenceOrdersTest(absltest.TestCase):
     self.assertEqual(max(oracle["q"], key=oracle["q"].get), "c")
     self.assertGreater(oracle["q"]["a"], oracle["q"]["b"])
 
+  def test_byte_windows_are_step_deterministic(self):
+    batch = training_data.byte_windows("abcdefghij" * 3, 4, 5, seed=0)
+    self.assertEqual(batch(3).shape, (5, 4))
+    np.testing.assert_array_equal(batch(3), batch(3))
+    row = bytes(batch(3)[0].astype(np.uint8)).decode()
+    self.assertIn(row, "abcdefghij" * 3)
+
+  def test_byte_windows_of_a_short_text(self):
+    with self.assertRaisesRegex(ValueError, r"The text has 3 bytes; windows "
+                                r"of seq_len=4 need more"):
+      training_data.byte_windows("abc", 4, 2, seed=0)
+
+  def test_random_window_order(self):
+    run = {"q": {d: float(5 - i) for i, d in enumerate("abcde")}, "e": {}}
+    out = training_data.random_window_order(run, 4, 3, 2, 0)
+    self.assertEqual(out["e"], {})
+    self.assertEqual(set(out["q"]), set("abcd"))  # The top 4 only.
+    self.assertEqual(out, training_data.random_window_order(run, 4, 3, 2, 0))
+    rng = np.random.default_rng(0)
+    orders = first.sliding_window_orders(
+        [4], 3, 2, lambda jobs: rng.normal(size=(len(jobs), 3)))
+    self.assertEqual(sorted(out["q"], key=out["q"].get, reverse=True),
+                     [list("abcd")[i] for i in orders[0]])
+    with self.assertRaisesRegex(ValueError, "stride"):
+      training_data.random_window_order(run, 4, 3, 0, 0)
+
 
 if __name__ == "__main__":
   absltest.main()
