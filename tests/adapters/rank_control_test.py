@@ -80,10 +80,20 @@ def _grads(model):
   return nnx.grad(lambda m: jnp.mean(jnp.sin(m(_X))), argnums=diff)(model)
 
 
-def _train(model, steps=25, lr=3e-2, before=None, after=None):
-  """Adam on a tiny regression task; returns the losses."""
+def _regression_step(model, opt, target):
+  """One optimizer step on the regression loss; `(loss, grads)`."""
+  loss, grads = nnx.value_and_grad(
+      lambda m: jnp.mean((m(_X) - target) ** 2),
+      argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  opt.update(model, grads)
+  return loss, grads
+
+
+def _train(model, steps=25, lr=3e-2, before=None, tx=None):
+  """Adam (or `tx`) on a tiny regression task; `(losses, traces)`."""
   target = _target()
-  opt = nnx.Optimizer(model, optax.adam(lr), wrt=nnx.LoRAParam)
+  tx = optax.adam(lr) if tx is None else tx
+  opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
   traces = []
 
   @nnx.jit
@@ -91,16 +101,30 @@ def _train(model, steps=25, lr=3e-2, before=None, after=None):
     traces.append(1)
     if before is not None:
       before(model, t)
-    diff = nnx.DiffState(0, nnx.LoRAParam)
-    loss, grads = nnx.value_and_grad(
-        lambda m: jnp.mean((m(_X) - target) ** 2), argnums=diff)(model)
-    opt.update(model, grads)
-    if after is not None:
-      after(model, grads, t)
-    return loss
+    return _regression_step(model, opt, target)[0]
 
   losses = [float(step(model, opt, jnp.asarray(t))) for t in range(steps)]
   return losses, len(traces)
+
+
+def _importance_step(model, after, outputs):
+  """A jitted Adam step carrying the importance state in and out.
+
+  `after(model, grads, t, box)` sets `box["state"]` and the `outputs` keys
+  of `box`; `step(state, t)` returns `(state, *box[k] for k in outputs)`.
+  """
+  target = _target()
+  opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
+  box = {}
+
+  @nnx.jit
+  def step(model, opt, state, t):
+    box["state"] = state
+    _, grads = _regression_step(model, opt, target)
+    after(model, grads, t, box)
+    return (box["state"], *(box[k] for k in outputs))
+
+  return lambda state, t: step(model, opt, state, jnp.asarray(t))
 
 
 class CommonTest(parameterized.TestCase):
@@ -338,39 +362,23 @@ class AdaLoRATest(parameterized.TestCase):
     model = _model("adalora", rank=4, target_rank=2, total_step=total,
                    tinit=tinit, tfinal=tfinal, delta_t=dt)
     _randomize(model, scale=0.1)
-    box = {"state": rc.init_importance(model)}
-    masks, budgets = [], []
     t_end = total - tfinal
 
-    def after(model, grads, t):
+    def after(model, grads, t, box):
       box["state"] = jax.lax.cond(
           t < t_end,
           lambda s: rc.update_importance(s, grads, model),
           lambda s: s, box["state"])
-      budgets.append(rc.apply_budget(model, box["state"], t))
-      masks.append(jnp.stack(
+      box["budget"] = rc.apply_budget(model, box["state"], t)
+      box["active"] = jnp.stack(
           [m.rank_mask[...] for m in adapters.adapter_modules(model).values()
-           ]).sum())
+           ]).sum()
 
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-    target = _target()
-
-    @nnx.jit
-    def step(model, opt, state, t):
-      box["state"] = state
-      diff = nnx.DiffState(0, nnx.LoRAParam)
-      grads = nnx.grad(lambda m: jnp.mean((m(_X) - target) ** 2),
-                       argnums=diff)(model)
-      opt.update(model, grads)
-      masks.clear()
-      budgets.clear()
-      after(model, grads, t)
-      return box["state"], budgets[0], masks[0]
-
+    step = _importance_step(model, after, ("budget", "active"))
     state = rc.init_importance(model)
     active, budget = [], []
     for t in range(total + 2):
-      state, b, n = step(model, opt, state, jnp.asarray(t))
+      state, b, n = step(state, t)
       active.append(int(n))
       budget.append(int(b))
       expect = rc.adalora_budget(t, init_budget=16, target_budget=8,
@@ -438,33 +446,20 @@ class IncreLoRATest(parameterized.TestCase):
     _randomize(model, scale=0.1)
     for m in adapters.adapter_modules(model).values():
       m.lora_e.set_value(m.lora_e[...] * m.rank_mask[...])
-    box = {}
 
-    def after(model, grads, t):
+    def after(model, grads, t, box):
       box["state"] = rc.update_importance(box["state"], grads, model)
       box["scores"] = jnp.stack(
           [box["state"].sensitivity[p]["module"]
            * box["state"].uncertainty[p]["module"] for p in _PATHS])
       box["total"] = rc.grow_ranks(model, box["state"], t)
 
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-    target = _target()
-
-    @nnx.jit
-    def step(model, opt, state, t):
-      box["state"] = state
-      diff = nnx.DiffState(0, nnx.LoRAParam)
-      grads = nnx.grad(lambda m: jnp.mean((m(_X) - target) ** 2),
-                       argnums=diff)(model)
-      opt.update(model, grads)
-      after(model, grads, t)
-      return box["state"], box["scores"], box["total"]
-
+    step = _importance_step(model, after, ("scores", "total"))
     state = rc.init_importance(model)
     ranks = [rc.active_ranks(model)]
     for t in range(16):
       before = ranks[-1]
-      state, scores, total = step(model, opt, state, jnp.asarray(t))
+      state, scores, total = step(state, t)
       now = rc.active_ranks(model)
       ranks.append(now)
       self.assertEqual(int(total), sum(now.values()))
@@ -613,20 +608,8 @@ class SoRAProximalTest(parameterized.TestCase):
     with sharding.use_mesh():
       model = _model("sora", rank=4)
       _randomize(model, scale=0.1)
-      tx = sora.sora_adamw(3e-2, lam=5.0)
-      opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
-      target = _target()
-
-      @nnx.jit
-      def step(model, opt):
-        diff = nnx.DiffState(0, nnx.LoRAParam)
-        grads = nnx.grad(lambda m: jnp.mean((m(_X) - target) ** 2),
-                         argnums=diff)(model)
-        opt.update(model, grads)
-
       before = sum(rc.active_ranks(model).values())
-      for _ in range(10):
-        step(model, opt)
+      _train(model, steps=10, tx=sora.sora_adamw(3e-2, lam=5.0))
       after = sum(rc.active_ranks(model).values())
       self.assertEqual(before, 16)
       self.assertLess(after, before)
