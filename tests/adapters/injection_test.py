@@ -1,6 +1,5 @@
 """Tests for the LoRA core: pure math, layers, injection, merge, PEFT I/O."""
 
-import functools
 import json
 import os
 
@@ -15,6 +14,7 @@ import safetensors.numpy
 
 from lowrank import adapters
 from lowrank import sharding
+from lowrank import train
 from lowrank.adapters import lora
 
 from tests import testing
@@ -339,26 +339,14 @@ def _compiled_bytes(lora_rank):
   if lora_rank:
     adapters.inject(model, targets="big", rank=lora_rank)
     wrt = nnx.LoRAParam
-  graphdef, params, rest = nnx.split(model, wrt, ...)
-  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+  graphdef, params, rest = train.split(model, wrt)
   tx = optax.adamw(1e-3)
-  opt_state = jax.eval_shape(tx.init, params)
-
-  def step(params, opt_state, rest, x):
-    def loss_fn(params):
-      return jnp.mean(nnx.merge(graphdef, params, rest)(x) ** 2)
-
-    grads = jax.grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  abstract = lambda t: jax.tree.map(  # pylint: disable=g-long-lambda
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), t)
-  x = jax.ShapeDtypeStruct((8, d), jnp.float32)
-  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-      abstract(params), opt_state, abstract(rest), x).compile()
-  mem = compiled.memory_analysis()
-  return mem.argument_size_in_bytes + mem.temp_size_in_bytes
+  step = train.make_train_step(graphdef, lambda m, x: jnp.mean(m(x) ** 2),
+                               tx, split=False)
+  mem = step.memory(testing.abstract(params),
+                    jax.eval_shape(tx.init, params), testing.abstract(rest),
+                    jax.ShapeDtypeStruct((8, d), jnp.float32))
+  return mem["argument_bytes"] + mem["temp_bytes"]
 
 
 class MemoryTest(absltest.TestCase):
@@ -375,31 +363,21 @@ def _sharded_run(mesh, steps=3):
   with sharding.use_mesh(mesh):
     model = _toy(nnx.Rngs(0), d=32)
     adapters.inject(model, targets=_ALL, rank=4, alpha=8, rngs=1)
-  graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
-  param_shardings = sharding.state_shardings(params, mesh)
-  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
   tx = optax.adamw(1e-2)
-  opt_shardings = sharding.shardings_like_params(
-      jax.eval_shape(tx.init, params), params)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
-  ids = jax.random.randint(jax.random.key(3), (8, 6), 0, 50)
-  ids = jax.device_put(ids, jax.sharding.NamedSharding(mesh, P(("data", "fsdp"))))
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1),
-                     out_shardings=(param_shardings, opt_shardings, None))
-  def step(params, opt_state, ids):
-    def loss_fn(params):
-      return jnp.mean((nnx.merge(graphdef, params, rest)(ids) - 1.0) ** 2)
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  graphdef, params, rest = train.split(model, nnx.LoRAParam)
+  param_shardings, opt_shardings = train.shardings(model, nnx.LoRAParam, tx,
+                                                   mesh)
+  opt_state = train.init_opt_state(tx, params, shardings=opt_shardings)
+  step = train.make_train_step(
+      graphdef, lambda m, ids: jnp.mean((m(ids) - 1.0) ** 2), tx,
+      param_shardings=param_shardings, opt_shardings=opt_shardings)
+  ids = jax.device_put(jax.random.randint(jax.random.key(3), (8, 6), 0, 50),
+                       train.batch_sharding(mesh))
   losses = []
   with jax.set_mesh(mesh):
     for _ in range(steps):
-      params, opt_state, loss = step(params, opt_state, ids)
-      losses.append(float(loss))
+      params, opt_state, metrics = step(params, opt_state, rest, ids)
+      losses.append(float(metrics["loss"]))
   return losses, params, opt_state
 
 
