@@ -200,6 +200,35 @@ class TrainWhileMergedTest(parameterized.TestCase):
       adapters.load_adapters(directory, model)
 
 
+def _load(directory, fmt="native"):
+  """`load_adapters` of `directory` into a fresh `_Tiny`."""
+  return adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)), format=fmt)
+
+
+def _edit_json(path, edit):
+  """Rewrites the JSON file `path` after `edit(config)` changed it."""
+  with open(path) as f:
+    config = json.load(f)
+  edit(config)
+  with open(path, "w") as f:
+    json.dump(config, f)
+
+
+def _truncate(path, cut):
+  """Rewrites the file `path` as `cut(its bytes)`."""
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(cut(data))
+
+
+def _edit_tensors(path, edit):
+  """Rewrites the safetensors file `path` after `edit(tensors)`."""
+  tensors = safetensors.numpy.load_file(path)
+  edit(tensors)
+  safetensors.numpy.save_file(tensors, path)
+
+
 def _save_peft(test):
   directory = test.create_tempdir().full_path
   model = _model(targets=["l1"])
@@ -213,13 +242,10 @@ class PeftFileTest(absltest.TestCase):
   def test_truncated_weights_name_the_file(self):
     directory = _save_peft(self)
     path = os.path.join(directory, "adapter_model.safetensors")
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-      f.write(data[: len(data) // 2])
+    _truncate(path, lambda data: data[: len(data) // 2])
     with self.assertRaisesRegex(
         ValueError, f"{path} is not a readable safetensors file.*truncated"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                             format="peft")
+      _load(directory, "peft")
 
   def test_corrupt_config_names_the_file(self):
     directory = _save_peft(self)
@@ -230,63 +256,49 @@ class PeftFileTest(absltest.TestCase):
       f.write(text[:20])
     with self.assertRaisesRegex(ValueError,
                                 f"{path} is not valid JSON.*truncated"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                             format="peft")
+      _load(directory, "peft")
 
   def test_config_that_is_not_an_object(self):
     directory = _save_peft(self)
     with open(os.path.join(directory, "adapter_config.json"), "w") as f:
       json.dump(["LORA"], f)
     with self.assertRaisesRegex(ValueError, "expected a JSON object.*list"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                             format="peft")
+      _load(directory, "peft")
 
   def test_missing_files(self):
     directory = _save_peft(self)
     os.remove(os.path.join(directory, "adapter_model.safetensors"))
     with self.assertRaisesRegex(FileNotFoundError,
                                 "adapter_model.safetensors.*incomplete"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                             format="peft")
+      _load(directory, "peft")
     with self.assertRaisesRegex(FileNotFoundError, "adapter_config.json"):
-      adapters.load_adapters(os.path.join(directory, "nope"),
-                             _Tiny(nnx.Rngs(0)), format="peft")
+      _load(os.path.join(directory, "nope"), "peft")
 
   def test_fractional_rank_in_config_names_the_file(self):
     directory = _save_peft(self)
     path = os.path.join(directory, "adapter_config.json")
-    with open(path) as f:
-      config = json.load(f)
-    config["r"] = 2.5
-    with open(path, "w") as f:
-      json.dump(config, f)
+    _edit_json(path, lambda config: config.update(r=2.5))
     with self.assertRaisesRegex(TypeError,
                                 f"{path} does not fit.*rank must be"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                             format="peft")
+      _load(directory, "peft")
 
   def test_wrong_key_set(self):
     directory = _save_peft(self)
-    path = os.path.join(directory, "adapter_model.safetensors")
-    tensors = safetensors.numpy.load_file(path)
     key = "base_model.model.l1.lora_B.weight"
-    del tensors[key]
-    safetensors.numpy.save_file(tensors, path)
+    _edit_tensors(os.path.join(directory, "adapter_model.safetensors"),
+                  lambda tensors: tensors.pop(key))
     with self.assertRaisesRegex(ValueError, f"missing tensors.*{key}"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                             format="peft")
+      _load(directory, "peft")
 
   def test_wrong_shape_names_key_and_both_shapes(self):
     directory = _save_peft(self)
-    path = os.path.join(directory, "adapter_model.safetensors")
-    tensors = safetensors.numpy.load_file(path)
     key = "base_model.model.l1.lora_A.weight"
-    tensors[key] = np.zeros((2, 9), np.float32)
-    safetensors.numpy.save_file(tensors, path)
+    _edit_tensors(os.path.join(directory, "adapter_model.safetensors"),
+                  lambda tensors: tensors.update(
+                      {key: np.zeros((2, 9), np.float32)}))
     with self.assertRaisesRegex(
         ValueError, rf"{key}: expected shape \(2, 8\), found \(2, 9\)"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                             format="peft")
+      _load(directory, "peft")
 
 
 class NativeFileTest(absltest.TestCase):
@@ -299,40 +311,33 @@ class NativeFileTest(absltest.TestCase):
 
   def test_truncated_weights_name_the_file(self):
     path = os.path.join(self.directory, "adapter.safetensors")
-    data = open(path, "rb").read()
-    with open(path, "wb") as f:
-      f.write(data[:-7])
+    _truncate(path, lambda data: data[:-7])
     with self.assertRaisesRegex(
         ValueError, f"{path} is not a readable safetensors file"):
-      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
+      _load(self.directory)
 
   def test_garbage_config_names_the_file(self):
     path = os.path.join(self.directory, "lowrank_adapter.json")
     with open(path, "wb") as f:
       f.write(b"\xff\xfe garbage")
     with self.assertRaisesRegex(ValueError, f"{path} is not valid JSON"):
-      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
+      _load(self.directory)
 
   def test_wrong_shape_names_key_and_both_shapes(self):
-    path = os.path.join(self.directory, "adapter.safetensors")
-    tensors = safetensors.numpy.load_file(path)
-    tensors["gen/magnitude"] = np.ones((3, 2), np.float32)
-    safetensors.numpy.save_file(tensors, path)
+    _edit_tensors(os.path.join(self.directory, "adapter.safetensors"),
+                  lambda tensors: tensors.update(
+                      {"gen/magnitude": np.ones((3, 2), np.float32)}))
     with self.assertRaisesRegex(
         ValueError,
         r"gen/magnitude: expected shape \(2, 3\), found \(3, 2\)"):
-      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
+      _load(self.directory)
 
   def test_rank_that_does_not_fit_names_the_config(self):
-    path = os.path.join(self.directory, "lowrank_adapter.json")
-    with open(path) as f:
-      config = json.load(f)
-    config["modules"]["l1"]["rank"] = "2"
-    with open(path, "w") as f:
-      json.dump(config, f)
+    _edit_json(os.path.join(self.directory, "lowrank_adapter.json"),
+               lambda config: config["modules"]["l1"].update(rank="2"))
     with self.assertRaisesRegex(TypeError, "'l1' in .*lowrank_adapter.json "
                                 "does not fit the model: rank must be"):
-      adapters.load_adapters(self.directory, _Tiny(nnx.Rngs(0)))
+      _load(self.directory)
 
 
 class AdapterFilesEntryTest(absltest.TestCase):
@@ -347,8 +352,7 @@ class AdapterFilesEntryTest(absltest.TestCase):
 
   def test_unknown_format_on_load(self):
     with self.assertRaisesRegex(ValueError, "format must be one of.*'PEFT'"):
-      adapters.load_adapters(self.create_tempdir().full_path,
-                             _Tiny(nnx.Rngs(0)), format="PEFT")
+      _load(self.create_tempdir().full_path, "PEFT")
 
   def test_native_directory_loaded_as_peft_names_the_way_out(self):
     directory = self.create_tempdir().full_path
@@ -356,21 +360,20 @@ class AdapterFilesEntryTest(absltest.TestCase):
     with self.assertRaisesRegex(
         ValueError, r"holds 'native'-format adapters "
         r"\(lowrank_adapter.json\), not 'peft' ones.*format='native'"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)), format="peft")
+      _load(directory, "peft")
 
   def test_peft_directory_loaded_as_native_names_the_way_out(self):
     directory = _save_peft(self)
     with self.assertRaisesRegex(
         ValueError, r"holds 'peft'-format adapters "
         r"\(adapter_config.json\), not 'native' ones.*format='peft'"):
-      adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)))
+      _load(directory)
 
   def test_directory_without_adapter_files(self):
     with self.assertRaisesRegex(
         FileNotFoundError, "holds no adapter files.*lowrank_adapter.json.*"
         "adapter_config.json"):
-      adapters.load_adapters(self.create_tempdir().full_path,
-                             _Tiny(nnx.Rngs(0)))
+      _load(self.create_tempdir().full_path)
 
   def test_peft_option_with_native_format(self):
     with self.assertRaisesRegex(
@@ -393,8 +396,7 @@ class AdapterFilesEntryTest(absltest.TestCase):
     adapters.save_adapters(directory, source)
     adapters.save_adapters(directory, source, format="peft")
     for fmt in adapters.FORMATS:
-      loaded = adapters.load_adapters(directory, _Tiny(nnx.Rngs(0)),
-                                      format=fmt)
+      loaded = _load(directory, fmt)
       np.testing.assert_allclose(loaded(_X), source(_X), rtol=1e-5,
                                  atol=1e-6)
 
