@@ -12,7 +12,7 @@ One place for what many test files need, so that each writes it once:
 * tree assertions built on `np.testing` (chex is not a dependency);
 * the optax contract suite: `ContractCase` and `contract_test_class`, run
   once over every transformation lowrank exports by
-  `tests/optim/contract_test.py` (as optax runs `contrib/_common_test.py`).
+  `tests/optim/contract_test.py` (as optax runs its contrib common test over its optimizers).
 
 Helpers import it as `from tests import testing`.
 """

@@ -20,8 +20,8 @@ from lowrank import _lazy
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=(
-        "biencoder", "bm25", "codes", "colbert", "losses", "metrics",
-        "muvera", "search", "sparse_index", "splade",
+        "biencoder", "bm25", "codes", "colbert", "evaluate", "losses",
+        "metrics", "muvera", "search", "sparse_index", "splade",
     ),
     attributes={"BiEncoder": "biencoder", "BM25": "bm25", "ColBERT": "colbert"},
 )

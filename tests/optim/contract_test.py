@@ -1,6 +1,6 @@
 """The optax contract, run once over every transformation lowrank exports.
 
-As optax runs `contrib/_common_test.py` over one list of optimizers, this
+As optax runs its contrib common test over one list of optimizers, this
 file lists one or more configurations (`ContractCase`) per exported
 `GradientTransformation` factory and runs `testing.contract_test_class`
 over all of them. `ExportsTest` fails when a public factory of a lowrank
