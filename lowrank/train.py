@@ -408,6 +408,109 @@ def train_loop(
                     last_metrics=last_metrics, last_eval=last_eval)
 
 
+@dataclasses.dataclass
+class FitResult:
+  """What `fit` returns: the loop's result plus what a results table needs.
+
+  Attributes:
+    model: The trained model (`nnx.merge` of the final state).
+    loop: The `LoopResult` (final pure state, start step, timings, metrics).
+    memory: Compiled memory of the fused step (`TrainStep.memory`).
+    opt_state_bytes: Bytes of the optimizer state (`optim.state_bytes`).
+    trainable_params: Number of trainable parameters (`wrt`).
+  """
+
+  model: nnx.Module
+  loop: LoopResult
+  memory: dict[str, int]
+  opt_state_bytes: int
+  trainable_params: int
+
+
+def fit(
+    model: nnx.Module,
+    wrt: Any,
+    loss_fn: LossFn,
+    tx: optax.GradientTransformation,
+    section: Any,
+    *,
+    batch_fn: Callable[[int], Batch],
+    workdir: str,
+    mesh: jax.sharding.Mesh | None = None,
+    eval_fn: Callable[[nnx.Module], Mapping[str, float]] | None = None,
+    before_step: Callable[[int, nnx.Module, PyTree], PyTree] | None = None,
+    save_rest: bool = False,
+    split_step: bool | None = None,
+    desc: str = "train",
+) -> FitResult:
+  """Trains `model`'s `wrt` leaves on `loss_fn` with `tx`: the whole recipe.
+
+  `split`, `shardings` (with a mesh), `init_opt_state`, `make_train_step`,
+  the step's compiled memory, then `train_loop` (resuming from
+  `workdir/checkpoints`). Use the pieces directly for anything else.
+
+  Args:
+    model: The model (not modified; the result holds the trained one).
+    wrt: The trainable leaves (an `nnx` filter).
+    loss_fn: `(model, batch) -> loss | (loss, aux)`.
+    tx: The optax transformation.
+    section: The loop's cadences: a config section (or dict) with
+      `num_steps`, `log_every`, `checkpoint_every`, `eval_every` (other keys,
+      e.g. `batch_size`, are ignored).
+    batch_fn: `step -> host batch` (see `train_loop`).
+    workdir: Checkpoints and metrics go here.
+    mesh: Shards params and optimizer state by the logical-axis rules and
+      batches over data x fsdp; None: the default device.
+    eval_fn: `model -> dict of scalars`, run every `eval_every` steps and at
+      the end.
+    before_step: `(step, model, opt_state) -> opt_state` run before each
+      step; it may change the model in place (e.g. ReLoRA's merge and
+      restart), which is split again afterwards.
+    save_rest: Also checkpoint the non-trainable state (see `train_loop`).
+    split_step: `make_train_step`'s `split`.
+    desc: Progress bar label.
+
+  Returns:
+    A `FitResult`.
+  """
+  cadence = _plain(section)
+  graphdef, params, rest = split(model, wrt)
+  param_shardings = opt_shardings = data_sharding = None
+  if mesh is not None:
+    param_shardings, opt_shardings = shardings(model, wrt, tx, mesh)
+    data_sharding = batch_sharding(mesh)
+  opt_state = init_opt_state(tx, params, shardings=opt_shardings)
+  step = make_train_step(graphdef, loss_fn, tx, split=split_step,
+                         param_shardings=param_shardings,
+                         opt_shardings=opt_shardings)
+  memory = step.memory(params, opt_state, rest,
+                       _place(batch_fn(1), data_sharding))
+  opt_bytes = int(optim.state_bytes(opt_state))
+  count = int(sum(x.size for x in jax.tree.leaves(params)))
+
+  loop_eval = None
+  if eval_fn is not None:
+    loop_eval = lambda p, r: eval_fn(nnx.merge(graphdef, p, r))
+  hook = None
+  if before_step is not None:
+    def hook(step_num, p, o, r):
+      m = nnx.merge(graphdef, p, r)
+      o = before_step(step_num, m, o)
+      _, p, r = split(m, wrt)
+      return p, o, r
+  loop = train_loop(
+      step, params, opt_state, rest, batch_fn=batch_fn,
+      num_steps=cadence["num_steps"], workdir=workdir,
+      checkpoint_every=cadence.get("checkpoint_every", 100),
+      log_every=cadence.get("log_every", 10),
+      eval_every=cadence.get("eval_every", 0), eval_fn=loop_eval,
+      before_step=hook, data_sharding=data_sharding, save_rest=save_rest,
+      desc=desc)
+  return FitResult(model=nnx.merge(graphdef, loop.params, loop.rest),
+                   loop=loop, memory=memory, opt_state_bytes=opt_bytes,
+                   trainable_params=count)
+
+
 # ----------------------------------------------------------------------------
 # From configs.
 

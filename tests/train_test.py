@@ -186,6 +186,49 @@ class MeshTest(absltest.TestCase):
       train.mesh_from_config({"data": jax.device_count() + 1})
 
 
+class FitTest(absltest.TestCase):
+
+  def test_fit_trains_resumes_and_reports(self):
+    workdir = self.create_tempdir().full_path
+    section = {"num_steps": 4, "log_every": 2, "checkpoint_every": 2,
+               "eval_every": 0, "batch_size": 16}
+    seen = []
+
+    def hook(step, model, opt_state):
+      seen.append((step, type(model).__name__))
+      return opt_state
+
+    def run(num_steps, workdir):
+      return train.fit(_Regressor(nnx.Rngs(0)), nnx.Param, _loss,
+                       optax.adam(1e-2), dict(section, num_steps=num_steps),
+                       batch_fn=_batch, workdir=workdir, before_step=hook,
+                       eval_fn=lambda m: {"w0": float(m.out.bias[0])})
+    whole = run(4, workdir)
+    self.assertEqual(seen, [(s, "_Regressor") for s in range(1, 5)])
+    self.assertEqual(whole.trainable_params, 8 * 16 + 16 + 16 + 1)
+    self.assertGreater(whole.memory["argument_bytes"], 0)
+    self.assertGreater(whole.opt_state_bytes, 0)
+    self.assertAlmostEqual(whole.loop.last_eval["w0"],
+                           float(whole.model.out.bias[0]))
+    other = self.create_tempdir().full_path
+    run(2, other)
+    resumed = run(4, other)
+    self.assertEqual(resumed.loop.start_step, 2)
+    np.testing.assert_array_equal(whole.model.out.kernel[...],
+                                  resumed.model.out.kernel[...])
+
+  def test_fit_on_a_mesh(self):
+    mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)))
+    with jax.set_mesh(mesh):
+      out = train.fit(_Regressor(nnx.Rngs(0)), nnx.Param, _loss,
+                      optax.adam(1e-2),
+                      {"num_steps": 2, "log_every": 1,
+                       "checkpoint_every": 2},
+                      batch_fn=_batch, workdir=self.create_tempdir().full_path,
+                      mesh=mesh)
+    self.assertIn("loss", out.loop.last_metrics)
+
+
 class FromConfigTest(parameterized.TestCase):
 
   def test_keys_are_the_factory_arguments(self):
