@@ -127,12 +127,16 @@ def _importance_step(model, after, outputs):
   return lambda state, t: step(model, opt, state, jnp.asarray(t))
 
 
-class CommonTest(parameterized.TestCase):
-  """The evidence every variant needs, for each method."""
+class _MeshTest(parameterized.TestCase):
+  """Runs every test under the default mesh (`sharding.use_mesh()`)."""
 
   def setUp(self):
     super().setUp()
     self.enter_context(sharding.use_mesh())
+
+
+class CommonTest(_MeshTest):
+  """The evidence every variant needs, for each method."""
 
   @parameterized.parameters(*_METHODS)
   def test_identity_at_init_and_kinds(self, method):
@@ -248,11 +252,7 @@ class CommonTest(parameterized.TestCase):
     np.testing.assert_allclose(fresh(_X), y, atol=1e-6)
 
 
-class DyLoRATest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(sharding.use_mesh())
+class DyLoRATest(_MeshTest):
 
   def test_any_prefix_rank_matches_truncated_lora(self):
     model = _model("dylora", rank=4, alpha=8)
@@ -314,11 +314,7 @@ class DyLoRATest(parameterized.TestCase):
 _PEFT_BUDGETS = [6, 6, 5, 4, 4, 4, 4, 4, 4, 4, 4]
 
 
-class AdaLoRATest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(sharding.use_mesh())
+class AdaLoRATest(_MeshTest):
 
   def test_budget_schedule_formula(self):
     got = [rc.adalora_budget(s, init_budget=6, target_budget=4, tinit=1,
@@ -433,11 +429,7 @@ class AdaLoRATest(parameterized.TestCase):
       rc.update_importance(rc.init_importance(model), {}, model)
 
 
-class IncreLoRATest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(sharding.use_mesh())
+class IncreLoRATest(_MeshTest):
 
   def test_mask_grows_by_importance_under_jit(self):
     model = _model("increlora", rank=4, init_rank=1, add_rank=1,
@@ -503,11 +495,7 @@ class IncreLoRATest(parameterized.TestCase):
     np.testing.assert_array_equal(g["lora_a"].get_value()[:, 3], 0.0)
 
 
-class ExportTest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    self.enter_context(sharding.use_mesh())
+class ExportTest(_MeshTest):
 
   @parameterized.parameters(*_METHODS)
   def test_exported_lora_equals_masked_adapter(self, method):
