@@ -43,6 +43,7 @@ import optax
 from lowrank import adapters
 from lowrank import assets
 from lowrank import sharding
+from lowrank import train
 from lowrank.models import bert
 from lowrank.ranking import losses as ltr_losses
 
@@ -424,26 +425,22 @@ def group_loss(
 def init_optimizer(
     tx: optax.GradientTransformation, params: Any
 ) -> Any:
-  """`tx.init(params)` with every leaf in its own buffer.
+  """`lowrank.train.init_opt_state(tx, params)`, sharded like `params`.
 
   `make_train_step` donates the optimizer state; some transformations
   (e.g. GaLore) return states whose leaves share buffers with each other or
-  with `params`, which XLA refuses to donate twice. This copies them. When
-  `params` live on a mesh, the state is sharded like them
+  with `params`, which XLA refuses to donate twice, so the state gets fresh
+  buffers. When `params` live on a mesh, the state is sharded like them
   (`lowrank.sharding.shardings_like_params`).
   """
   on_mesh = any(
       isinstance(getattr(leaf, "sharding", None), jax.sharding.NamedSharding)
       for leaf in jax.tree.leaves(params))
-  if on_mesh:
-    # Each state leaf follows its parameter's sharding (counters are
-    # replicated on the same mesh) instead of landing on one device.
-    shardings = sharding.shardings_like_params(
-        jax.eval_shape(tx.init, params), params)
-    state = jax.jit(tx.init, out_shardings=shardings)(params)
-  else:
-    state = tx.init(params)
-  return jax.tree.map(lambda x: x.copy(), state)
+  # Each state leaf follows its parameter's sharding (counters are
+  # replicated on the same mesh) instead of landing on one device.
+  shardings = (sharding.shardings_like_params(
+      jax.eval_shape(tx.init, params), params) if on_mesh else None)
+  return train.init_opt_state(tx, params, shardings=shardings)
 
 
 def make_train_step(
@@ -452,7 +449,7 @@ def make_train_step(
     *,
     loss: str = "softmax_ce",
 ) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
-  """A jitted `(params, opt_state, rest, batch, labels) -> ...` step.
+  """`lowrank.train.make_train_step` on `group_loss`, labels apart.
 
   `graphdef, params, rest = nnx.split(model, trainable_filter(m), ...)`
   (pure states, `nnx.as_pure`); `tx` is any optax transformation (AdamW,
@@ -464,17 +461,11 @@ def make_train_step(
     {"loss", "grad_norm"})`.
   """
   ltr_losses.get(loss, LOSSES)  # Validates the name early.
+  step = train.make_train_step(
+      graphdef,
+      lambda model, pair: group_loss(model, *pair, loss=loss), tx)
 
-  def loss_fn(params, rest, batch, labels):
-    model = nnx.merge(graphdef, params, rest)
-    return group_loss(model, batch, labels, loss=loss)
+  def run(params, opt_state, rest, batch, labels):
+    return step(params, opt_state, rest, (batch, labels))
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def step(params, opt_state, rest, batch, labels):
-    value, grads = jax.value_and_grad(loss_fn)(params, rest, batch, labels)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    return params, opt_state, {"loss": value,
-                               "grad_norm": optax.tree.norm(grads)}
-
-  return step
+  return run

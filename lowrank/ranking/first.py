@@ -27,7 +27,8 @@ best candidates bubble up to the top window (`sliding_windows`).
 `generate_permutations` decodes the full permutation string greedily
 (`llama.generate`) for comparison.
 
-Training (`loss_fn`, `make_train_step`): the LM loss of the target
+Training (`loss_fn`, a `loss_fn(model, batch)` for
+`lowrank.train.make_train_step`): the LM loss of the target
 permutation string after the prompt, plus a weighted listwise
 learning-to-rank loss on the identifier logits at the first position:
 FIRST's RankNet with pairs weighted by `1 / (rank_i + rank_j)` of their
@@ -782,50 +783,3 @@ def loss_fn(
     rank_loss = ltr(scores, jnp.asarray(batch["labels"]), where=where)
   loss = lm_weight * lm + ltr_weight * rank_loss
   return loss, {"lm_loss": lm, "ltr_loss": rank_loss}
-
-
-def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    identifier_ids: Sequence[int] | np.ndarray,
-    *,
-    ltr_loss: str = "first_rank_net",
-    lm_weight: float | int = 1.0,
-    ltr_weight: float | int = 1.0,
-) -> Callable[..., tuple[Any, Any, dict[str, jax.Array]]]:
-  """A `(params, opt_state, rest, batch) -> (params, opt_state, metrics)`.
-
-  `graphdef, params, rest = nnx.split(model, wrt, ...)` (pure states);
-  params and optimizer state are donated. Metrics: `loss`, `lm_loss`,
-  `ltr_loss`, `grad_norm`.
-
-  The gradient and the optimizer update are two jitted functions: on the
-  XLA CPU backend (jax 0.10.2), one jit holding both ran this decoder's
-  step 2-2.5x slower than the two in sequence (measured at batch 4-8,
-  length 512-896; the update alone takes ~2% of the step).
-  """
-  ltr_losses.get(ltr_loss, LTR_LOSSES)  # Validates the name early.
-  ident = tuple(int(i) for i in identifier_ids)
-
-  def objective(params, rest, batch):
-    model = nnx.merge(graphdef, params, rest)
-    return loss_fn(model, batch, ident, ltr_loss=ltr_loss,
-                   lm_weight=lm_weight, ltr_weight=ltr_weight)
-
-  @jax.jit
-  def grads_fn(params, rest, batch):
-    (value, aux), grads = jax.value_and_grad(objective, has_aux=True)(
-        params, rest, batch)
-    return grads, {"loss": value, **aux, "grad_norm": optax.tree.norm(grads)}
-
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
-  def update(params, opt_state, grads):
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  def step(params, opt_state, rest, batch):
-    grads, metrics = grads_fn(params, rest, batch)
-    params, opt_state = update(params, opt_state, grads)
-    return params, opt_state, metrics
-
-  return step

@@ -40,6 +40,7 @@ import optax
 
 from lowrank.adapters import injection
 from lowrank.adapters import lora
+from lowrank.spectral import sst
 
 ADAPTER_NAMES = ("lora_a", "lora_b")
 PRUNE_METHODS = ("magnitude", "random")
@@ -296,14 +297,6 @@ def jagged_cosine_schedule(
   return schedule
 
 
-@nnx.jit(static_argnums=2)
-def _train_step(model, optimizer, loss_fn, *batch):
-  loss, grads = nnx.value_and_grad(
-      loss_fn, argnums=nnx.DiffState(0, optimizer.wrt))(model, *batch)
-  optimizer.update(model, grads)
-  return loss
-
-
 def train(
     model: nnx.Module,
     optimizer: nnx.Optimizer,
@@ -347,7 +340,7 @@ def train(
   losses = []
   for step, batch in enumerate(batches, start=1):
     args = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
-    loss = float(_train_step(model, optimizer, loss_fn, *args))
+    loss = float(sst.train_step(model, optimizer, loss_fn, *args))
     losses.append(loss)
     if callback is not None:
       callback(step, loss)

@@ -14,6 +14,7 @@ from tokenizers import pre_tokenizers
 
 from lowrank import ranking
 from lowrank import sharding
+from lowrank import train
 from lowrank.models import llama
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
@@ -273,11 +274,12 @@ class LossTest(absltest.TestCase):
       self.assertTrue(np.isfinite(float(loss)), name)
       self.assertGreater(float(aux["ltr_loss"]), 0.0)
 
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+    graphdef, params, rest = train.split(model)
     tx = optax.adam(1e-2)
-    opt_state = jax.tree.map(lambda x: x.copy(), tx.init(params))
-    step = first.make_train_step(graphdef, tx, ident, ltr_weight=2.0)
+    opt_state = train.init_opt_state(tx, params)
+    step = train.make_train_step(
+        graphdef,
+        lambda m, b: first.loss_fn(m, b, ident, ltr_weight=2.0), tx)
     batch = {k: jnp.asarray(v) for k, v in batch.items()}
     losses = []
     for _ in range(60):
