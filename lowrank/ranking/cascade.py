@@ -18,9 +18,9 @@ Reference: Nogueira & Cho, "Passage Re-ranking with BERT", 2019,
 https://arxiv.org/abs/1901.04085
 """
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 import numbers
-from typing import Any
+from typing import Any, NamedTuple
 
 Run = dict[str, dict[str, float]]
 
@@ -69,6 +69,52 @@ def select_top_k(
         f"{len(unknown_d)} documents in the top-{k} are not in the corpus "
         f"(first: {unknown_d[0]!r}).")
   return selected
+
+
+class TopKLists(NamedTuple):
+  """The candidate lists of a run's top-`k`, as texts (see `top_k_lists`).
+
+  Attributes:
+    run_qids: Every query id of the run, in run order.
+    qids: The queries with a non-empty top-`k`.
+    queries: Their texts.
+    documents: Per query of `qids`, its top-`k` document texts, best first.
+    doc_ids: The ids of `documents`.
+  """
+
+  run_qids: list[str]
+  qids: list[str]
+  queries: list[str]
+  documents: list[list[str]]
+  doc_ids: list[list[str]]
+
+  def to_run(self, scores: Sequence[Any]) -> Run:
+    """`{query id: {doc id: float score}}` from per-list scores (queries
+    with an empty ranking map to `{}`)."""
+    out: Run = {qid: {} for qid in self.run_qids}
+    for qid, dids, s in zip(self.qids, self.doc_ids, scores):
+      out[qid] = {d: float(v) for d, v in zip(dids, s)}
+    return out
+
+
+def top_k_lists(
+    queries: Mapping[str, str],
+    corpus: Mapping[str, str],
+    run: Mapping[str, Mapping[str, Any]],
+    k: Any,
+) -> TopKLists:
+  """`select_top_k` as candidate lists of texts, for listwise rerankers.
+
+  `first.rerank` and `icr.rerank` score `queries` / `documents` and map
+  the scores back with `TopKLists.to_run`. Arguments and errors as
+  `select_top_k`.
+  """
+  selected = select_top_k(queries, corpus, run, k)
+  qids = [q for q, ds in selected.items() if ds]
+  return TopKLists(
+      run_qids=list(run), qids=qids, queries=[queries[q] for q in qids],
+      documents=[[corpus[d] for d in selected[q]] for q in qids],
+      doc_ids=[selected[q] for q in qids])
 
 
 def rerank(

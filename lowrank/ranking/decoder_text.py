@@ -181,3 +181,80 @@ def group_consecutive(queries: Sequence[str]) -> list[tuple[int, int]]:
       spans.append((start, i))
       start = i
   return spans if queries else []
+
+
+def check_token_limits(max_query_tokens: int, max_doc_tokens: int) -> None:
+  """A prompt format's token caps must be >= 1 (`ValueError` otherwise)."""
+  if max_query_tokens < 1 or max_doc_tokens < 1:
+    raise ValueError(
+        "max_query_tokens and max_doc_tokens must be >= 1; got "
+        f"{max_query_tokens}, {max_doc_tokens}.")
+
+
+def check_lists(
+    queries: Sequence[str],
+    doc_lists: Sequence[Sequence[str]],
+    batch_size: int,
+    length_multiple: int,
+) -> None:
+  """The shared argument checks of the listwise scorers (`ValueError`)."""
+  if isinstance(queries, str):
+    raise ValueError("queries must be a sequence of str, not a str.")
+  if len(queries) != len(doc_lists):
+    raise ValueError(f"Need one candidate list per query; got "
+                     f"{len(queries)} queries and {len(doc_lists)} lists.")
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be positive; got {batch_size}.")
+  if length_multiple < 1:
+    raise ValueError(
+        f"length_multiple must be positive; got {length_multiple}.")
+
+
+class ListwiseScorer:
+  """`score_pairs` for a listwise scorer with a `rank_lists` method.
+
+  Subclasses (`first.FirstReranker`, `icr.IcrReranker`) define
+  `rank_lists(tokenizer, queries, doc_lists) -> list of [n_i] scores`;
+  this class turns it into the pairwise `score_pairs` contract of
+  `lowrank.ranking.rerank`.
+  """
+
+  def rank_lists(
+      self,
+      tokenizer: Any,
+      queries: Sequence[str],
+      doc_lists: Sequence[Sequence[str]],
+  ) -> list[np.ndarray]:
+    raise NotImplementedError(
+        f"{type(self).__name__} must define rank_lists(tokenizer, queries, "
+        "doc_lists).")
+
+  def score_pairs(
+      self,
+      tokenizer: Any,
+      queries: Sequence[str],
+      docs: Sequence[str],
+  ) -> np.ndarray:
+    """Scores `(queries[i], docs[i])` pairs listwise.
+
+    Consecutive pairs with the same query text form one candidate list, in
+    the given order (`lowrank.ranking.rerank` passes each query's top-k
+    consecutively, best first; `group_consecutive`). Two different queries
+    with identical text that are adjacent are ranked as one list.
+
+    Returns:
+      Float32 `[N]` scores in pair order.
+
+    Raises:
+      ValueError: If `queries` or `docs` is a str or their lengths differ.
+    """
+    if isinstance(queries, str) or isinstance(docs, str):
+      raise ValueError("queries and docs must be sequences of str, not a "
+                       "str.")
+    if len(queries) != len(docs):
+      raise ValueError(f"Need one document per query; got {len(queries)} "
+                       f"queries and {len(docs)} documents.")
+    spans = group_consecutive(list(queries))
+    scores = self.rank_lists(tokenizer, [queries[s] for s, _ in spans],
+                             [list(docs[s:e]) for s, e in spans])
+    return np.concatenate(scores) if scores else np.zeros(0, np.float32)

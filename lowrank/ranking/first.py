@@ -106,10 +106,8 @@ class PromptFormat:
   max_doc_tokens: int = 128
 
   def __post_init__(self):
-    if self.max_query_tokens < 1 or self.max_doc_tokens < 1:
-      raise ValueError(
-          "max_query_tokens and max_doc_tokens must be >= 1; got "
-          f"{self.max_query_tokens}, {self.max_doc_tokens}.")
+    decoder_text.check_token_limits(self.max_query_tokens,
+                                    self.max_doc_tokens)
     if not self.identifiers:
       raise ValueError("identifiers must not be empty.")
 
@@ -333,7 +331,7 @@ def window_scores(
     ValueError: On mismatched inputs, an empty or too long list, a
       non-single-token identifier, or bad batch settings.
   """
-  _check_lists(queries, doc_lists, batch_size, length_multiple)
+  decoder_text.check_lists(queries, doc_lists, batch_size, length_multiple)
   pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
   prompts = [pieces.prompt(pieces.query(q), [pieces.doc(d) for d in docs])
              for q, docs in zip(queries, doc_lists)]
@@ -342,19 +340,6 @@ def window_scores(
       model, prompts, pieces.ident[:max(width, 1)], batch_size=batch_size,
       length_multiple=length_multiple)
   return [logits[i, :len(d)].copy() for i, d in enumerate(doc_lists)]
-
-
-def _check_lists(queries, doc_lists, batch_size, length_multiple):
-  if isinstance(queries, str):
-    raise ValueError("queries must be a sequence of str, not a str.")
-  if len(queries) != len(doc_lists):
-    raise ValueError(f"Need one candidate list per query; got "
-                     f"{len(queries)} queries and {len(doc_lists)} lists.")
-  if batch_size < 1:
-    raise ValueError(f"batch_size must be positive; got {batch_size}.")
-  if length_multiple < 1:
-    raise ValueError(
-        f"length_multiple must be positive; got {length_multiple}.")
 
 
 def rank_lists(
@@ -394,7 +379,7 @@ def rank_lists(
   Raises:
     ValueError: On bad window/stride/batch settings or mismatched inputs.
   """
-  _check_lists(queries, doc_lists, batch_size, length_multiple)
+  decoder_text.check_lists(queries, doc_lists, batch_size, length_multiple)
   pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
   if window > len(pieces.ident):
     raise ValueError(
@@ -494,7 +479,7 @@ def generate_permutations(
   Raises:
     ValueError: As `window_scores`.
   """
-  _check_lists(queries, doc_lists, batch_size, length_multiple)
+  decoder_text.check_lists(queries, doc_lists, batch_size, length_multiple)
   pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
   prompts = [pieces.prompt(pieces.query(q), [pieces.doc(d) for d in docs])
              for q, docs in zip(queries, doc_lists)]
@@ -557,20 +542,14 @@ def rerank(
     ValueError: If `k` is not a positive int, an id is unknown, or the
       window settings are invalid.
   """
-  selected = cascade.select_top_k(queries, corpus, run, k)
-  qids = [q for q, ds in selected.items() if ds]
-  scores = rank_lists(
-      model, tokenizer, [queries[q] for q in qids],
-      [[corpus[d] for d in selected[q]] for q in qids], window=window,
+  top = cascade.top_k_lists(queries, corpus, run, k)
+  return top.to_run(rank_lists(
+      model, tokenizer, top.queries, top.documents, window=window,
       stride=stride, prompt_format=prompt_format, batch_size=batch_size,
-      length_multiple=length_multiple)
-  out: decoder_text.Run = {qid: {} for qid in run}
-  for qid, s in zip(qids, scores):
-    out[qid] = {d: float(v) for d, v in zip(selected[qid], s)}
-  return out
+      length_multiple=length_multiple))
 
 
-class FirstReranker:
+class FirstReranker(decoder_text.ListwiseScorer):
   """A FIRST scorer for `lowrank.ranking.rerank` (`score_pairs`).
 
   Attributes:
@@ -611,33 +590,6 @@ class FirstReranker:
         self.model, tokenizer, queries, doc_lists, window=self.window,
         stride=self.stride, prompt_format=self.prompt_format,
         batch_size=self.batch_size, length_multiple=self.length_multiple)
-
-  def score_pairs(
-      self,
-      tokenizer: Any,
-      queries: Sequence[str],
-      docs: Sequence[str],
-  ) -> np.ndarray:
-    """Scores `(queries[i], docs[i])` pairs listwise.
-
-    Consecutive pairs with the same query text form one candidate list, in
-    the given order (`lowrank.ranking.rerank` passes each query's top-k
-    consecutively, best first). Two different queries with identical text
-    that are adjacent are ranked as one list.
-
-    Returns:
-      Float32 `[N]` scores (`list size - rank` within each list).
-    """
-    if isinstance(queries, str) or isinstance(docs, str):
-      raise ValueError("queries and docs must be sequences of str, not a "
-                       "str.")
-    if len(queries) != len(docs):
-      raise ValueError(f"Need one document per query; got {len(queries)} "
-                       f"queries and {len(docs)} documents.")
-    spans = decoder_text.group_consecutive(list(queries))
-    scores = self.rank_lists(tokenizer, [queries[s] for s, _ in spans],
-                             [list(docs[s:e]) for s, e in spans])
-    return np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
 
 # ----------------------------------------------------------------------------

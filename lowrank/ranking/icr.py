@@ -82,10 +82,8 @@ class PromptFormat:
   max_doc_tokens: int = 128
 
   def __post_init__(self):
-    if self.max_query_tokens < 1 or self.max_doc_tokens < 1:
-      raise ValueError(
-          "max_query_tokens and max_doc_tokens must be >= 1; got "
-          f"{self.max_query_tokens}, {self.max_doc_tokens}.")
+    decoder_text.check_token_limits(self.max_query_tokens,
+                                    self.max_doc_tokens)
 
 
 def build_prompt(
@@ -276,15 +274,7 @@ def _doc_masses(
 
 
 def _check(queries, doc_lists, batch_size, length_multiple, reduction):
-  if isinstance(queries, str):
-    raise ValueError("queries must be a sequence of str, not a str.")
-  if len(queries) != len(doc_lists):
-    raise ValueError(f"Need one candidate list per query; got "
-                     f"{len(queries)} queries and {len(doc_lists)} lists.")
-  if batch_size < 1 or length_multiple < 1:
-    raise ValueError(
-        f"batch_size and length_multiple must be positive; got "
-        f"{batch_size}, {length_multiple}.")
+  decoder_text.check_lists(queries, doc_lists, batch_size, length_multiple)
   if reduction not in QUERY_REDUCTIONS:
     raise ValueError(f"query_reduction must be one of {QUERY_REDUCTIONS}; "
                      f"got {reduction!r}.")
@@ -424,21 +414,11 @@ def rerank(
   Raises:
     ValueError: If `k` is not a positive int or an id is unknown.
   """
-  selected = cascade.select_top_k(queries, corpus, run, k)
-  qids = [q for q, ds in selected.items() if ds]
-  scores = score_lists(
-      model, tokenizer, [queries[q] for q in qids],
-      [[corpus[d] for d in selected[q]] for q in qids], calibrate=calibrate,
+  top = cascade.top_k_lists(queries, corpus, run, k)
+  return top.to_run(score_lists(
+      model, tokenizer, top.queries, top.documents, calibrate=calibrate,
       prompt_format=prompt_format, query_reduction=query_reduction,
-      batch_size=batch_size, length_multiple=length_multiple)
-  return _as_run(run, selected, qids, scores)
-
-
-def _as_run(run, selected, qids, scores) -> decoder_text.Run:
-  out: decoder_text.Run = {qid: {} for qid in run}
-  for qid, s in zip(qids, scores):
-    out[qid] = {d: float(v) for d, v in zip(selected[qid], s)}
-  return out
+      batch_size=batch_size, length_multiple=length_multiple))
 
 
 def rerank_with_and_without_calibration(
@@ -462,21 +442,17 @@ def rerank_with_and_without_calibration(
   and errors as `rerank`.
   """
   fmt = prompt_format or PromptFormat()
-  selected = cascade.select_top_k(queries, corpus, run, k)
-  qids = [q for q, ds in selected.items() if ds]
-  doc_lists = [[corpus[d] for d in selected[q]] for q in qids]
+  top = cascade.top_k_lists(queries, corpus, run, k)
   kw = dict(prompt_format=fmt, query_reduction=query_reduction,
             batch_size=batch_size, length_multiple=length_multiple)
-  raw = attention_scores(model, tokenizer, [queries[q] for q in qids],
-                         doc_lists, **kw)
+  raw = attention_scores(model, tokenizer, top.queries, top.documents, **kw)
   free = attention_scores(model, tokenizer,
-                          [fmt.content_free_query] * len(qids), doc_lists,
-                          **kw)
-  return (_as_run(run, selected, qids, [r - c for r, c in zip(raw, free)]),
-          _as_run(run, selected, qids, raw))
+                          [fmt.content_free_query] * len(top.qids),
+                          top.documents, **kw)
+  return (top.to_run([r - c for r, c in zip(raw, free)]), top.to_run(raw))
 
 
-class IcrReranker:
+class IcrReranker(decoder_text.ListwiseScorer):
   """An ICR scorer for `lowrank.ranking.rerank` (`score_pairs`).
 
   Attributes:
@@ -518,26 +494,3 @@ class IcrReranker:
         prompt_format=self.prompt_format,
         query_reduction=self.query_reduction, batch_size=self.batch_size,
         length_multiple=self.length_multiple)
-
-  def score_pairs(
-      self,
-      tokenizer: Any,
-      queries: Sequence[str],
-      docs: Sequence[str],
-  ) -> np.ndarray:
-    """Scores `(queries[i], docs[i])` pairs; consecutive equal queries form
-    one prompt (see `first.FirstReranker.score_pairs`).
-
-    Returns:
-      Float32 `[N]` ICR scores.
-    """
-    if isinstance(queries, str) or isinstance(docs, str):
-      raise ValueError("queries and docs must be sequences of str, not a "
-                       "str.")
-    if len(queries) != len(docs):
-      raise ValueError(f"Need one document per query; got {len(queries)} "
-                       f"queries and {len(docs)} documents.")
-    spans = decoder_text.group_consecutive(list(queries))
-    scores = self.rank_lists(tokenizer, [queries[s] for s, _ in spans],
-                             [list(docs[s:e]) for s, e in spans])
-    return np.concatenate(scores) if scores else np.zeros(0, np.float32)

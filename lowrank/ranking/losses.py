@@ -90,6 +90,7 @@ def _prepare(
     labels: jax.typing.ArrayLike,
     where: jax.typing.ArrayLike | None,
     weights: jax.typing.ArrayLike | None,
+    labels_name: str = "labels",
 ) -> _Lists:
   """Checks shapes and dtypes and replaces padded items by zeros."""
   scores = jnp.asarray(scores)
@@ -102,8 +103,8 @@ def _prepare(
         f"{name}: scores must be floating point; got dtype {scores.dtype}.")
   if labels.shape != scores.shape:
     raise ValueError(
-        f"{name}: labels must have the shape of scores {scores.shape}; got "
-        f"{labels.shape}.")
+        f"{name}: {labels_name} must have the shape of scores "
+        f"{scores.shape}; got {labels.shape}.")
   dtype = jnp.promote_types(scores.dtype, jnp.float32)
   if where is None:
     mask = jnp.ones(scores.shape, dtype=bool)
@@ -144,6 +145,15 @@ def _reduce(
   total = jnp.sum(jnp.where(valid, per_list, 0.0))
   count = jnp.sum(valid).astype(total.dtype)
   return total / jnp.maximum(count, 1.0)
+
+
+def _masked_mean(
+    term: jax.Array, mask: jax.Array, axis: int | tuple[int, ...] = -1
+) -> tuple[jax.Array, jax.Array]:
+  """`(mean of term over mask along axis, count)`; 0 where the count is 0."""
+  n = jnp.sum(mask, axis=axis)
+  total = jnp.sum(jnp.where(mask, term, 0.0), axis=axis)
+  return total / jnp.maximum(n, 1).astype(term.dtype), n
 
 
 def _check_positive(name: str, arg: str, value: object) -> None:
@@ -254,9 +264,7 @@ def pointwise_bce(
   """
   x = _prepare("pointwise_bce", scores, labels, where, weights)
   per_item = jax.nn.softplus(x.scores) - x.labels * x.scores
-  n = jnp.sum(x.mask, axis=-1)
-  per_list = (jnp.sum(jnp.where(x.mask, per_item, 0.0), axis=-1) /
-              jnp.maximum(n, 1).astype(per_item.dtype))
+  per_list, n = _masked_mean(per_item, x.mask)
   return _reduce(per_list, n > 0, x.weights)
 
 
@@ -296,9 +304,7 @@ def rank_net(
     idcg = _ideal_dcg(_gains(x.labels), x.mask)
     term = term * _lambda_rank_weights(x) / _safe_positive(idcg)[..., None,
                                                                   None]
-  n = jnp.sum(pairs, axis=(-2, -1))
-  per_list = (jnp.sum(jnp.where(pairs, term, 0.0), axis=(-2, -1)) /
-              jnp.maximum(n, 1).astype(term.dtype))
+  per_list, n = _masked_mean(term, pairs, axis=(-2, -1))
   return _reduce(per_list, n > 0, x.weights)
 
 
@@ -547,9 +553,7 @@ def margin_mse(
   if anchor_first:
     others = x.mask & (jax.lax.broadcasted_iota(jnp.int32, d.shape,
                                                 d.ndim - 1) > 0)
-    n = jnp.sum(others, axis=-1)
-    sq = jnp.where(others, jnp.square(d[..., :1] - d), 0.0)
-    per_list = jnp.sum(sq, axis=-1) / jnp.maximum(n, 1).astype(d.dtype)
+    per_list, n = _masked_mean(jnp.square(d[..., :1] - d), others)
     valid = x.mask[..., 0] & (n > 0)
   else:
     n = jnp.sum(x.mask, axis=-1)
@@ -681,36 +685,14 @@ def first_rank_net(
   Raises:
     ValueError: On mismatched shapes or non-floating scores.
   """
-  scores = jnp.asarray(scores)
-  ranks = jnp.asarray(target_ranks)
-  if scores.ndim < 1 or not jnp.issubdtype(scores.dtype, jnp.floating):
-    raise ValueError(
-        f"first_rank_net: scores must be a floating [..., W] array; got "
-        f"shape {scores.shape} dtype {scores.dtype}.")
-  if ranks.shape != scores.shape:
-    raise ValueError(f"first_rank_net: target_ranks must have the shape of "
-                     f"scores {scores.shape}; got {ranks.shape}.")
-  mask = (jnp.ones(scores.shape, bool) if where is None
-          else jnp.asarray(where))
-  if mask.shape != scores.shape or mask.dtype != jnp.bool_:
-    raise ValueError(f"first_rank_net: where must be a boolean mask of shape "
-                     f"{scores.shape}; got {mask.shape} {mask.dtype}.")
-  dtype = jnp.promote_types(scores.dtype, jnp.float32)
-  s = jnp.where(mask, scores.astype(dtype), 0.0)
-  r = jnp.where(mask, ranks.astype(dtype), 1.0)
-  pairs = (mask[..., :, None] & mask[..., None, :]
-           & (r[..., :, None] < r[..., None, :]))
-  w = 1.0 / (r[..., :, None] + r[..., None, :])
-  term = w * jax.nn.softplus(-(s[..., :, None] - s[..., None, :]))
-  n = jnp.sum(pairs, axis=(-2, -1))
-  per_list = (jnp.sum(jnp.where(pairs, term, 0.0), axis=(-2, -1))
-              / jnp.maximum(n, 1).astype(dtype))
-  if weights is not None:
-    per_list = per_list * jnp.broadcast_to(
-        jnp.asarray(weights, dtype), per_list.shape)
-  valid = n > 0
-  return (jnp.sum(jnp.where(valid, per_list, 0.0))
-          / jnp.maximum(jnp.sum(valid), 1).astype(dtype))
+  x = _prepare("first_rank_net", scores, target_ranks, where, weights,
+               labels_name="target_ranks")
+  r = jnp.where(x.mask, x.labels, 1.0)  # Padding: no 1 / 0 in the weights.
+  pairs = _pair_mask(x.mask) & (_diff(r) < 0)
+  term = (jax.nn.softplus(-_diff(x.scores))
+          / (r[..., :, None] + r[..., None, :]))
+  per_list, n = _masked_mean(term, pairs, axis=(-2, -1))
+  return _reduce(per_list, n > 0, x.weights)
 
 
 # The one registry of ranking losses: name -> function (every function has
