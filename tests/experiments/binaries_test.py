@@ -6,8 +6,11 @@ after its next-to-last checkpoint (the last checkpoint of every phase and
 the final outputs removed) and runs it again: the rerun resumes from a
 checkpoint and ends with the same results (every number but times,
 memory and the resume step). eval_beir trains nothing: its smoke case
-reruns a BM25 evaluation of a tiny BEIR directory. (The real SIGKILL of a
-subprocess is tests/experiments/resume_test.py.)
+reruns a BM25 evaluation of a tiny BEIR directory. `KillTest` does it once
+for real: it SIGKILLs `python -m experiments.finetune_retriever` (GaLore,
+so the state has refreshes, placeholders and a PRNG key) once a checkpoint
+is on disk (atomic checkpoints survive a kill) and reruns the command. The
+demo's runs are finetune_retriever's (tests/experiments/demo_test.py).
 """
 
 import json
@@ -16,17 +19,26 @@ import os
 import pathlib
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 from absl.testing import absltest
 from absl.testing import parameterized
 
 from experiments import eval_beir
+from experiments import finetune_retriever
 from experiments import pretrain_lm
 from experiments import rerank_decoder
 from experiments import train_reranker
+from experiments.configs import finetune_retriever as finetune_config
 from experiments.configs import pretrain_lm as pretrain_lm_config
 from experiments.configs import rerank_decoder as rerank_decoder_config
 from experiments.configs import train_reranker as train_reranker_config
+from lowrank import metric_writers
+
+_REPO = str(pathlib.Path(__file__).resolve().parents[2])
 
 # Outputs a run writes after its last step (removed to fake a kill).
 _OUTPUTS = re.compile(r"results\.|reranked_|fused_|.*\.png$")
@@ -34,6 +46,7 @@ _OUTPUTS = re.compile(r"results\.|reranked_|fused_|.*\.png$")
 _VOLATILE = re.compile(r"second|_s$|time|resumed|memory|bytes|dir|path")
 
 _BINARIES = {
+    "finetune_retriever": (finetune_retriever, finetune_config),
     "pretrain_lm": (pretrain_lm, pretrain_lm_config),
     "train_reranker": (train_reranker, train_reranker_config),
     "rerank_decoder": (rerank_decoder, rerank_decoder_config),
@@ -128,6 +141,67 @@ class SmokeAndResumeTest(parameterized.TestCase):
     self.assertEqual(again["metrics"], first["metrics"])
     with open(os.path.join(out, "results.json")) as f:
       self.assertEqual(json.load(f)["metrics"], first["metrics"])
+
+
+_KILL_FLAGS = (
+    "--config=experiments/configs/finetune_retriever.py:smoke,galore",
+    "--config.optimizer.learning_rate.peak_value=1e-4",
+    "--config.optimizer.rank=8", "--config.optimizer.refresh_every=3",
+    "--config.train.num_steps=6", "--config.train.checkpoint_every=2",
+    "--config.train.log_every=1", "--config.data.eval_max_queries=10")
+
+
+def _start(workdir, log):
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             PYTHONPATH=os.pathsep.join(
+                 [_REPO, *filter(None, [os.environ.get("PYTHONPATH")])]))
+  return subprocess.Popen(
+      [sys.executable, "-m", "experiments.finetune_retriever",
+       f"--workdir={workdir}", *_KILL_FLAGS], env=env, cwd=_REPO,
+      stdout=subprocess.DEVNULL, stderr=log)  # A pipe could fill and block.
+
+
+def _checkpoints(workdir):
+  d = os.path.join(workdir, "checkpoints")
+  return sorted(int(x) for x in os.listdir(d) if x.isdigit()) if (
+      os.path.isdir(d)) else []
+
+
+class KillTest(absltest.TestCase):
+
+  def test_sigkill_then_rerun_equals_straight_run(self):
+    # The straight run and the run to kill start together (wall time).
+    straight, killed, logs = (self.create_tempdir().full_path
+                              for _ in range(3))
+    log = lambda name: open(os.path.join(logs, name), "w")  # pylint: disable=consider-using-with
+    reference = _start(straight, log("straight"))
+    proc = _start(killed, log("killed"))
+    deadline = time.time() + 600
+    while not _checkpoints(killed) and proc.poll() is None:
+      self.assertLess(time.time(), deadline, "no checkpoint appeared")
+      time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    self.assertEqual(proc.returncode, -signal.SIGKILL,
+                     "the run finished before it could be killed")
+    self.assertFalse(os.path.exists(os.path.join(killed, "results.json")))
+    self.assertBetween(max(_checkpoints(killed)), 1, 5)
+    for name, p in (("straight", reference),
+                    ("rerun", _start(killed, log("rerun")))):
+      p.wait(timeout=600)
+      with open(os.path.join(logs, name)) as f:
+        self.assertEqual(p.returncode, 0, f.read()[-3000:])
+    results = []
+    for d in (killed, straight):
+      with open(os.path.join(d, "results.json")) as f:
+        results.append(json.load(f))
+    self.assertGreater(results[0]["resumed_from_step"], 0)
+    self.assertEqual(results[0]["final"], results[1]["final"])
+    losses = lambda d: [(r["step"], r["loss"]) for r in  # pylint: disable=g-long-lambda
+                        metric_writers.read_csv(os.path.join(d, "metrics.csv"))]
+    self.assertEqual(losses(killed), losses(straight))
+    self.assertEqual([s for s, _ in losses(killed)], list(range(1, 7)))
 
 
 if __name__ == "__main__":
