@@ -21,7 +21,7 @@ decoder with.
 `lowrank.ranking.rerank` (same validation, same trec_eval order).
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -219,15 +219,9 @@ class ListwiseScorer:
   `lowrank.ranking.rerank`.
   """
 
-  def rank_lists(
-      self,
-      tokenizer: Any,
-      queries: Sequence[str],
-      doc_lists: Sequence[Sequence[str]],
-  ) -> list[np.ndarray]:
-    raise NotImplementedError(
-        f"{type(self).__name__} must define rank_lists(tokenizer, queries, "
-        "doc_lists).")
+  # `(tokenizer, queries, doc_lists) -> per list, float32 [n_i] scores`.
+  rank_lists: Callable[[Any, Sequence[str], Sequence[Sequence[str]]],
+                       list[np.ndarray]]
 
   def score_pairs(
       self,
