@@ -1044,16 +1044,8 @@ def scale_by_adam_per_matrix(
   bias correction of a first step: on a constant gradient every step,
   refresh or not, moves each low-rank coordinate by exactly the learning
   rate. Matrices are the last two axes of each (projected) leaf; the
-  leading axes are stacked layers with counts of their own.
-
-  Args:
-    b1: Decay of the first moment.
-    b2: Decay of the second moment.
-    eps: Added to the denominator outside the square root.
-    eps_root: Added to the second moment inside the square root.
-
-  Returns:
-    An `optax.GradientTransformation`.
+  leading axes are stacked layers with counts of their own. `b1`, `b2`,
+  `eps` and `eps_root` are `optax.scale_by_adam`'s.
   """
 
   return adam_lib.scale_by_adam_counted(

@@ -315,16 +315,8 @@ def scale_by_adam_per_slice(
   `scale_by_layer_sampling`, the counts of frozen layers are restored with
   their moments, so each layer's bias correction counts only its own
   active steps (torch's per-parameter `step`). A non-stacked leaf keeps
-  `shape[0]` identical counts (a few bytes per row).
-
-  Args:
-    b1: Decay of the first moment.
-    b2: Decay of the second moment.
-    eps: Added to the denominator outside the square root.
-    eps_root: Added to the second moment inside the square root.
-
-  Returns:
-    An `optax.GradientTransformation`.
+  `shape[0]` identical counts (a few bytes per row). `b1`, `b2`, `eps` and
+  `eps_root` are `optax.scale_by_adam`'s.
   """
 
   return adam_lib.scale_by_adam_counted(

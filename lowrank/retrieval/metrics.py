@@ -717,20 +717,8 @@ def evaluate(
   A query missing from `run` counts as 0. This differs from
   `pytrec_eval` (and from BEIR, which averages what pytrec_eval returns),
   which drop such queries; see the module docstring. A query whose qrels
-  are an empty dict is not counted (as in pytrec_eval).
-
-  Args:
-    qrels: Query id -> {document id -> integer relevance label}.
-    run: Query id -> {document id -> score}; higher is better.
-    metrics: A trec_eval metric name (`"ndcg@10"`) or a sequence of names,
-      e.g. `("ndcg_cut_10", "recall_100")` (checked here: TypeError for
-      anything else).
-    ignore_identical_ids: Drop run entries whose document id equals the query
-      id (BEIR's `ignore_identical_ids`).
-    gains: nDCG gain, `"linear"` (label, trec_eval) or `"exp2"`
-      (`2**label - 1`).
-    relevance_level: Minimum label counted as relevant (trec_eval `-l`).
-    nan_policy: `"raise"`, `"omit"` or `"last"`; see `evaluate_per_query`.
+  are an empty dict is not counted (as in pytrec_eval). The arguments are
+  `evaluate_per_query`'s.
 
   Returns:
     `{metric name: mean over the judged qrels queries}`.
@@ -742,13 +730,6 @@ def evaluate(
   """
   _check_options(gains, nan_policy)
   names = _metric_names(metrics)
-  for name in names:
-    _parse_metric(name)
-  if not _judged_qids(qrels):
-    raise ValueError(
-        "qrels holds no queries with judged documents (it is empty, or "
-        "every query maps to an empty dict); there is nothing to average."
-    )
   per_query = evaluate_per_query(
       qrels,
       run,
@@ -758,6 +739,11 @@ def evaluate(
       relevance_level=relevance_level,
       nan_policy=nan_policy,
   )
+  if not per_query:
+    raise ValueError(
+        "qrels holds no queries with judged documents (it is empty, or "
+        "every query maps to an empty dict); there is nothing to average."
+    )
   return {
       name: float(np.mean([values[name] for values in per_query.values()]))
       for name in names
