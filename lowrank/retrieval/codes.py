@@ -162,6 +162,14 @@ def unpack_signs(
   return 2.0 * bits.astype(jnp.float32) - 1.0
 
 
+def _check_codes(what: str, a: jax.Array, b: jax.Array) -> None:
+  if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
+    raise ValueError(
+        f"{what} must share dtype and width; got {a.dtype}{a.shape} and "
+        f"{b.dtype}{b.shape}"
+    )
+
+
 def _hamming(a: jax.Array, b: jax.Array) -> jax.Array:
   """`[Q, W] x [N, W] -> [Q, N]` int32 Hamming distances."""
   xor = jnp.bitwise_xor(a[:, None, :], b[None, :, :])
@@ -173,11 +181,7 @@ def hamming_distance(
     a: Integer[_AnyArray, "q w"], b: Integer[_AnyArray, "n w"]
 ) -> Int[Array, "q n"]:
   """All-pairs Hamming distances between packed codes (popcount of XOR)."""
-  if a.dtype != b.dtype or a.shape[1] != b.shape[1]:
-    raise ValueError(
-        f"Codes must share dtype and width; got {a.dtype}{a.shape} and "
-        f"{b.dtype}{b.shape}"
-    )
+  _check_codes("Codes", a, b)
   return _hamming(a, b)
 
 
@@ -204,14 +208,7 @@ def hamming_search(
   Raises:
     ValueError: On mismatched codes, `k` or `block_size`.
   """
-  if query_codes.dtype != doc_codes.dtype or (
-      query_codes.shape[1] != doc_codes.shape[1]
-  ):
-    raise ValueError(
-        "Query and document codes must share dtype and width; got "
-        f"{query_codes.dtype}{query_codes.shape} and "
-        f"{doc_codes.dtype}{doc_codes.shape}"
-    )
+  _check_codes("Query and document codes", query_codes, doc_codes)
   _check_k(k, doc_codes.shape[0])
   _check_block_size(block_size)
   neg, indices = search.streamed_topk(
@@ -549,17 +546,22 @@ def train_pq(
   return PQIndex(codebooks=codebooks, codes=pq_encode(x, codebooks))
 
 
+def _check_pq_dim(what: str, dim: int, codebooks: jax.Array) -> None:
+  num_subspaces, _, sub_dim = codebooks.shape
+  if dim != num_subspaces * sub_dim:
+    raise ValueError(
+        f"{what} are {dim}-d; codebooks {codebooks.shape} are "
+        f"{num_subspaces * sub_dim}-d"
+    )
+
+
 @jax.jit
 def pq_encode(
     x: Float[_AnyArray, "n d"], codebooks: Float[_AnyArray, "m k s"]
 ) -> Integer[Array, "n m"]:
   """Nearest centroid per subspace: `[N, M]` codes (uint8 when K <= 256)."""
-  num_subspaces, num_centroids, sub_dim = codebooks.shape
-  if x.shape[1] != num_subspaces * sub_dim:
-    raise ValueError(
-        f"Vectors are {x.shape[1]}-d; codebooks {codebooks.shape} are "
-        f"{num_subspaces * sub_dim}-d"
-    )
+  num_subspaces, num_centroids, _ = codebooks.shape
+  _check_pq_dim("Vectors", x.shape[1], codebooks)
   parts = _split(jnp.asarray(x, jnp.float32), num_subspaces)
   codes = jax.vmap(_nearest)(parts, codebooks)  # [M, N]
   return codes.T.astype(_code_dtype(num_centroids))
@@ -588,11 +590,7 @@ def adc_tables(
 ) -> Float[Array, "q m k"]:
   """ADC lookup tables: `<query subvector m, centroid (m, j)>`."""
   num_subspaces, _, sub_dim = codebooks.shape
-  if queries.shape[1] != num_subspaces * sub_dim:
-    raise ValueError(
-        f"queries are {queries.shape[1]}-d; codebooks {codebooks.shape} are "
-        f"{num_subspaces * sub_dim}-d"
-    )
+  _check_pq_dim("queries", queries.shape[1], codebooks)
   parts = queries.reshape(queries.shape[0], num_subspaces, sub_dim)
   return jnp.einsum(
       "qms,mks->qmk",
