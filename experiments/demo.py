@@ -3,7 +3,7 @@ r"""The main job: MiniLM fine-tuned with LoRA and with GaLore, side by side.
   python -m experiments.demo --workdir=workdir/demo
   python -m experiments.demo --workdir=workdir/demo_scifact \
       --config=experiments/configs/finetune_retriever.py:demo \
-      --config.data=beir:../shared/data/beir/scifact
+      --config.data.spec=beir:../shared/data/beir/scifact
 
 Runs `experiments.finetune_retriever.train_and_evaluate` once per entry of
 `config.demo.runs` (default: `lora` — rank-8 LoRA with AdamW — and `galore` —
@@ -12,8 +12,8 @@ each in `workdir/<run>/` (rerunning resumes or skips finished runs), then
 writes `workdir/results.md` (zero-shot vs each run: nDCG@10, Recall@10/100,
 trainable parameters, optimizer-state bytes, compiled step memory, train
 time) and `workdir/demo.png` (training-loss curves; nDCG@10 against
-optimizer-state size). `--config.data=beir:<dir>` runs it on any BEIR-format
-directory instead of the embedded stdlib code-search task.
+optimizer-state size). `--config.data.spec=beir:<dir>` runs it on any
+BEIR-format directory instead of the embedded stdlib code-search task.
 """
 
 import json
