@@ -47,38 +47,31 @@ batch, softmax cross-entropy over MaxSim scores) and `distillation_loss`
 an optional in-batch term, as ColBERTv2).
 
 Example: LoRA on the encoder's query/value projections, ColBERT projection
-trained fully, in-batch loss (as `tests/retrieval/colbert_test.py`; the
-shardings are passed so that step 2 reuses step 1's compilation)::
+trained fully, in-batch loss, with `lowrank.train` (as
+`tests/retrieval/colbert_test.py`; the shardings are passed so that step 2
+reuses step 1's compilation)::
 
   mesh = sharding.make_mesh()
   with sharding.use_mesh(mesh):
     model = colbert.ColBERT.from_pretrained(assets.minilm_path())
     adapters.inject(model, targets=r".*\\.(query|value)", rank=8)
-  graphdef, params, rest = nnx.split(
-      model, colbert.ADAPTERS_AND_PROJECTION, ...)
-  param_shardings = sharding.state_shardings(params, mesh)
-  params, rest = nnx.as_pure(params), nnx.as_pure(rest)
+  wrt = colbert.ADAPTERS_AND_PROJECTION
+  graphdef, params, rest = train.split(model, wrt)
   tx = optax.adamw(1e-3)
-  opt_shardings = sharding.shardings_like_params(
-      jax.eval_shape(tx.init, params), params)
-  opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(params)
+  param_shardings, opt_shardings = train.shardings(model, wrt, tx, mesh)
+  opt_state = train.init_opt_state(tx, params, shardings=opt_shardings)
 
-  def loss_fn(params, qs, ds):
-    m = nnx.merge(graphdef, params, rest)
-    q, q_mask = m.encode_queries(qs)
-    d, d_mask = m.encode_documents(ds)
+  def loss_fn(m, batch):
+    q, q_mask = m.encode_queries(batch[0])
+    d, d_mask = m.encode_documents(batch[1])
     return colbert.in_batch_loss(q, q_mask, d, d_mask)
 
-  @functools.partial(
-      jax.jit, out_shardings=(param_shardings, opt_shardings, None))
-  def train_step(params, opt_state, qs, ds):
-    loss, grads = jax.value_and_grad(loss_fn)(params, qs, ds)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
+  step = train.make_train_step(graphdef, loss_fn, tx,
+                               param_shardings=param_shardings,
+                               opt_shardings=opt_shardings)
   qs = model.tokenize_queries(queries)
   ds = model.tokenize_documents(docs, length=128)
-  params, opt_state, loss = train_step(params, opt_state, qs, ds)
+  params, opt_state, metrics = step(params, opt_state, rest, (qs, ds))
 
 References: Khattab & Zaharia 2020, "ColBERT: Efficient and Effective Passage
 Search via Contextualized Late Interaction over BERT",
