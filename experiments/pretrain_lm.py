@@ -25,7 +25,6 @@ from absl import flags
 from absl import logging
 from flax import nnx
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -33,7 +32,6 @@ from experiments import common_flags
 from experiments import config_checks
 from experiments.configs import pretrain_lm as config_lib
 from lowrank import metric_writers
-from lowrank import optim
 from lowrank import sharding
 from lowrank import spectral
 from lowrank import train
@@ -170,12 +168,11 @@ def build(config: ml_collections.ConfigDict, method: str, model: nnx.Module):
                                           model=model)
 
 
-def _size(tree) -> int:
-  return int(sum(np.size(x) for x in jax.tree.leaves(tree)))
-
-
 def _loss(model, tokens):
   return llama.next_token_loss(model(tokens), tokens)
+
+
+_eval_loss = nnx.jit(_loss)
 
 
 def train_method(config, method, workdir, train_tokens, val, mesh):
@@ -188,54 +185,37 @@ def train_method(config, method, workdir, train_tokens, val, mesh):
   t_start, lr = time.perf_counter(), config.optimizer[method].learning_rate
   model = llama.LLaMA(model_config(config), rngs=nnx.Rngs(config.seed))
   wrt, tx = build(config, method, model)
-  total_params = _size(nnx.state(model, nnx.Param))
-  param_sh = opt_sh = data_sh = None
-  if mesh.size > 1:
-    param_sh, opt_sh = train.shardings(model, wrt, tx, mesh)
-    data_sh = jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
-  graphdef, params, rest = train.split(model, wrt)
-  opt_state = train.init_opt_state(tx, params, shardings=opt_sh)
-  step = train.make_train_step(graphdef, _loss, tx, param_shardings=param_sh,
-                               opt_shardings=opt_sh)
-  batch_fn = functools.partial(train_batch, train_tokens, config=config)
-  memory = step.memory(params, opt_state, rest, jnp.asarray(batch_fn(1)))
-  opt_bytes = optim.state_bytes(opt_state)
-  eval_loss = jax.jit(lambda p, r, b: _loss(nnx.merge(graphdef, p, r), b))
+  total = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
-  def eval_fn(params, rest):
-    loss = float(np.mean([eval_loss(params, rest, b) for b in val]))
+  def eval_fn(model):
+    loss = float(np.mean([_eval_loss(model, b) for b in val]))
     return {"val_loss": loss, "val_ppl": math.exp(loss)}
 
-  def restart(step, params, opt_state, rest):  # ReLoRA's before_step.
+  def restart(step, model, opt_state):  # ReLoRA's before_step.
     if step == 1 or (step - 1) % lr.refresh_every:
-      return params, opt_state, rest
+      return opt_state
     # At the start of the next step, so checkpoints hold the pre-restart
     # state and a resumed run restarts where an uninterrupted one does.
-    model = nnx.merge(graphdef, params, rest)
     key = jax.random.fold_in(jax.random.key(config.seed), step - 1)
-    opt_state = spectral.relora_restart(model, opt_state, key,
-                                        **config.restart.to_dict())
-    _, params, rest = train.split(model, wrt)
-    return params, opt_state, rest
+    return spectral.relora_restart(model, opt_state, key,
+                                   **config.restart.to_dict())
 
-  out = train.train_loop(
-      step, params, opt_state, rest, batch_fn=batch_fn,
-      num_steps=t.num_steps, workdir=workdir, eval_fn=eval_fn,
-      checkpoint_every=t.checkpoint_every, log_every=t.log_every,
-      eval_every=t.eval_every, data_sharding=data_sh, save_rest=True,
-      before_step=restart if method == "relora" else None,
+  fit = train.fit(
+      model, wrt, _loss, tx, t, workdir=workdir, mesh=mesh, eval_fn=eval_fn,
+      batch_fn=functools.partial(train_batch, train_tokens, config=config),
+      before_step=restart if method == "relora" else None, save_rest=True,
       desc=f"{LABELS[method]:>9}")
   rows = metric_writers.read_csv(os.path.join(workdir, "metrics.csv"))
   results = {
       "method": method, "label": LABELS[method],
-      "num_train_steps": t.num_steps,
-      "learning_rate": lr.peak_value,
+      "num_train_steps": t.num_steps, "learning_rate": lr.peak_value,
       "final_train_loss": [r["loss"] for r in rows if "loss" in r][-1],
-      **out.last_eval, "trainable_params": _size(out.params),
-      "total_params": total_params, "optimizer_state_bytes": int(opt_bytes),
-      "compiled_step_memory": memory, "train_seconds": out.train_seconds,
+      **fit.loop.last_eval, "trainable_params": fit.trainable_params,
+      "total_params": int(total), "optimizer_state_bytes": fit.opt_state_bytes,
+      "compiled_step_memory": fit.memory,
+      "train_seconds": fit.loop.train_seconds,
       "wall_seconds": time.perf_counter() - t_start,
-      "resumed_from_step": out.start_step}
+      "resumed_from_step": fit.loop.start_step}
   metric_writers.write_json(path, results)
   return results
 
@@ -247,17 +227,18 @@ _MEMORY = {"optimizer state": lambda r: r["optimizer_state_bytes"],
 def format_results(results: list[dict[str, Any]], info: dict[str, Any]) -> str:
   """A Markdown table, one row per method (ratios to Full-Adam)."""
   full = next((r for r in results if r["method"] == "full"), None)
-  rows = ["; ".join(f"{k} {v}" for k, v in info.items())] + [
-      "", "| method | val ppl | val loss | trainable params | optimizer state "
-      "| step memory | wall time |", "|---|---:|---:|---:|---:|---:|---:|"]
-  for r in results:
-    cells = [f"{size(r) / 2**20:.2f} MiB" + (
+
+  def mib(r, size):
+    return f"{size(r) / 2**20:.2f} MiB" + (
         f" ({size(r) / size(full):.2f}×)" if full and r is not full else "")
-             for size in _MEMORY.values()]
-    rows.append(f"| {r['label']} | {r['val_ppl']:.3f} | {r['val_loss']:.4f} "
-                f"| {r['trainable_params']:,} | {' | '.join(cells)} | "
-                f"{r['wall_seconds']:.0f} s |")
-  return "\n".join(rows)
+  return "; ".join(f"{k} {v}" for k, v in info.items()) + "\n\n" + (
+      metric_writers.markdown_table(
+          ["method", "val ppl", "val loss", "trainable params", *_MEMORY,
+           "wall time"],
+          [[r["label"], f"{r['val_ppl']:.3f}", r["val_loss"],
+            f"{r['trainable_params']:,}", *map(functools.partial(mib, r),
+                                                _MEMORY.values()),
+            f"{r['wall_seconds']:.0f} s"] for r in results]))
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict,
@@ -269,8 +250,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   methods = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
   corpus, train_tokens, val = load_data(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices=jax.devices()[
-      :math.prod(config.mesh.values())])
+  mesh = train.mesh_from_config(config.mesh)
   with sharding.use_mesh(mesh):
     results = [train_method(config, m, os.path.join(workdir, m),
                             train_tokens, val, mesh) for m in methods]
@@ -279,10 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
               rank=config.rank, **config.model, **config.data, **config.train,
               backend=jax.default_backend())
   out = {"info": info, "results": results}
-  metric_writers.write_json(os.path.join(workdir, "results.json"), out)
-  table = format_results(results, info)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(table + "\n")
+  table = metric_writers.write_results(workdir, out,
+                                       format_results(results, info))
   metric_writers.plot_metrics(
       {LABELS[m]: os.path.join(workdir, m, "metrics.csv") for m in methods},
       ["loss", "val_ppl"], os.path.join(workdir, "loss_curves.png"),

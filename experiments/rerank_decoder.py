@@ -156,23 +156,15 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
 
 def train_phase(config, phase, model, wrt, mesh, loss_fn, batch_fn, workdir):
   """Runs (or resumes) one phase in `workdir/phase`: `(model, summary)`."""
-  p = config[phase].train
-  tx = train_lib.optimizer_from_config(config[phase].optimizer, model=model)
-  param_sh, opt_sh = train_lib.shardings(model, wrt, tx, mesh)
-  graphdef, params, rest = train_lib.split(model, wrt)
-  step = train_lib.make_train_step(graphdef, loss_fn, tx,
-                                   param_shardings=param_sh,
-                                   opt_shardings=opt_sh)
-  out = train_lib.train_loop(
-      step, params, train_lib.init_opt_state(tx, params, shardings=opt_sh),
-      rest, batch_fn=batch_fn, num_steps=p.num_steps,
-      workdir=os.path.join(workdir, phase),
-      checkpoint_every=p.checkpoint_every, log_every=p.log_every,
-      data_sharding=train_lib.batch_sharding(mesh), desc=phase)
-  rows = metric_writers.read_csv(os.path.join(workdir, phase, "metrics.csv"))
-  return nnx.merge(graphdef, out.params, out.rest), {
-      "resumed_from_step": out.start_step, "train_seconds": out.train_seconds,
-      "final": rows[-1] if rows else {}}
+  workdir = os.path.join(workdir, phase)
+  fit = train_lib.fit(
+      model, wrt, loss_fn, train_lib.optimizer_from_config(
+          config[phase].optimizer, model=model), config[phase].train,
+      batch_fn=batch_fn, workdir=workdir, mesh=mesh, desc=phase)
+  rows = metric_writers.read_csv(os.path.join(workdir, "metrics.csv"))
+  return fit.model, {"resumed_from_step": fit.loop.start_step,
+                     "train_seconds": fit.loop.train_seconds,
+                     "final": rows[-1] if rows else {}}
 
 
 def train_and_evaluate(

@@ -111,35 +111,27 @@ def train_and_evaluate(
   tx = train_lib.optimizer_from_config(config.optimizer, model=model)
   if t.grad_clip_norm:
     tx = optax.chain(optax.clip_by_global_norm(t.grad_clip_norm), tx)
-  param_sh, opt_sh = train_lib.shardings(model, wrt, tx, mesh)
-  graphdef, params, rest = train_lib.split(model, wrt)
-  step = train_lib.make_train_step(
-      graphdef, lambda m, b: cross_encoder.group_loss(
-          m, b, b["labels"], loss=t.loss),
-      tx, param_shardings=param_sh, opt_shardings=opt_sh)
   eval_kw = dict(batch_size=e.batch_size, max_length=config.model.max_length)
   dev_seconds = [0.0]
 
-  def dev_metrics(params, rest):
+  def dev_metrics(model):
     t0 = time.perf_counter()
     out = training_data.evaluate_groups(
-        nnx.merge(graphdef, params, rest), tokenizer, dev_groups, train,
-        group_size=t.group_size, loss=t.loss, **eval_kw)
+        model, tokenizer, dev_groups, train, group_size=t.group_size,
+        loss=t.loss, **eval_kw)
     dev_seconds[0] += time.perf_counter() - t0
     return out
 
-  out = train_lib.train_loop(
-      step, params, train_lib.init_opt_state(tx, params, shardings=opt_sh),
-      rest, batch_fn=lambda s: training_data.group_batch(
+  fit = train_lib.fit(
+      model, wrt, lambda m, b: cross_encoder.group_loss(
+          m, b, b["labels"], loss=t.loss), tx, t,
+      batch_fn=lambda s: training_data.group_batch(
           groups, train, tokenizer, s, batch_size=t.batch_size,
           group_size=t.group_size, max_length=config.model.max_length,
           seed=config.seed),
-      num_steps=t.num_steps, workdir=workdir,
-      checkpoint_every=t.checkpoint_every, log_every=t.log_every,
-      eval_every=t.eval_every, eval_fn=dev_metrics,
-      data_sharding=train_lib.batch_sharding(mesh),
+      workdir=workdir, mesh=mesh, eval_fn=dev_metrics,
       desc=f"{config.adapter.method} cross-encoder")
-  model = nnx.merge(graphdef, out.params, out.rest)
+  model, out = fit.model, fit.loop
 
   def evaluate(qrels, run, *extra):
     return metrics_lib.evaluate(qrels, run, tuple(dict.fromkeys(
