@@ -643,14 +643,24 @@ def _check_multi(name, x, mask, dim=None):
     )
 
 
+def _sum_of_max(sim, q_mask, d_mask):
+  """MaxSim `[Q, N]` from token similarities `sim` `[Q, N, Tq, Td]`.
+
+  `q_mask` is `[Q, Tq]`; `d_mask` is `[N, Td]` (documents shared by every
+  query) or `[Q, N, Td]` (each query's own). A document with no valid token
+  scores 0.
+  """
+  sim = jnp.where(d_mask[..., None, :], sim, -jnp.inf)
+  best = jnp.max(sim, axis=-1)  # [Q, N, Tq]
+  best = jnp.where(jnp.any(d_mask, axis=-1)[..., None], best, 0.0)
+  return jnp.sum(jnp.where(q_mask[:, None, :], best, 0.0), axis=-1)
+
+
 def _block_scores(q, q_mask, d, d_mask, precision):
   """MaxSim `[Q, N]` of a query block against a document block."""
   sim = jnp.einsum("qae,nbe->qnab", q, d, precision=precision,
                    preferred_element_type=jnp.float32)
-  sim = jnp.where(d_mask[None, :, None, :], sim, -jnp.inf)
-  best = jnp.max(sim, axis=-1)  # [Q, N, Tq]
-  best = jnp.where(jnp.any(d_mask, axis=-1)[None, :, None], best, 0.0)
-  return jnp.sum(jnp.where(q_mask[:, None, :], best, 0.0), axis=-1)
+  return _sum_of_max(sim, q_mask, d_mask)
 
 
 @functools.partial(jax.jit, static_argnames=("doc_chunk", "precision"))
@@ -764,10 +774,7 @@ def group_scores(
   q_mask, d_mask = jnp.asarray(q_mask) != 0, jnp.asarray(d_mask) != 0
   sim = jnp.einsum("bae,bnce->bnac", q, d, precision=precision,
                    preferred_element_type=jnp.float32)
-  sim = jnp.where(d_mask[:, :, None, :], sim, -jnp.inf)
-  best = jnp.max(sim, axis=-1)  # [b, n, tq]
-  best = jnp.where(jnp.any(d_mask, axis=-1)[..., None], best, 0.0)
-  return jnp.sum(jnp.where(q_mask[:, None, :], best, 0.0), axis=-1)
+  return _sum_of_max(sim, q_mask, d_mask)
 
 
 def distillation_loss(
