@@ -49,7 +49,6 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
-from lowrank import surgery
 from lowrank.adapters import layers
 from lowrank.adapters import lora
 from lowrank.spectral import sst
@@ -401,15 +400,13 @@ def to_sltrain(
       or bad hyperparameters.
   """
   rngs = nnx.Rngs(rngs) if isinstance(rngs, int) else rngs
-  for p, m in sst.select_linears(model, targets, exclude, (SLTrainLinear,)):
-    new = SLTrainLinear.from_linear(m, rank=rank, density=density,
-                                    alpha=alpha, chunk_size=chunk_size,
-                                    rngs=rngs)
-    surgery.set_submodule(model, p, new)
-  return model
+  return sst.replace_linears(
+      model, targets, exclude, SLTrainLinear,
+      lambda _, linear: SLTrainLinear.from_linear(
+          linear, rank=rank, density=density, alpha=alpha,
+          chunk_size=chunk_size, rngs=rngs))
 
 
 def sltrain_modules(model: nnx.Module) -> dict[str, SLTrainLinear]:
   """Dotted path -> `SLTrainLinear` for every SLTrain layer of `model`."""
-  return {surgery.path_str(p): m for p, m in surgery.iter_modules(
-      model, kind=SLTrainLinear, opaque=(layers.LoRAWrapper,))}
+  return sst.modules_of(model, SLTrainLinear)

@@ -679,23 +679,52 @@ def to_sst(
   if seed is not None and (isinstance(seed, bool)
                            or not isinstance(seed, int)):
     raise ValueError(f"seed must be an int or None; got {seed!r}.")
-  chosen = select_linears(model, targets, exclude, (SSTLinear,))
-  for i, (p, m) in enumerate(chosen):
+
+  def build(i, linear):
     key = None if seed is None else jax.random.fold_in(
         jax.random.key(seed), i)
+    return SSTLinear.from_linear(linear, rank=rank,
+                                 enhanced_grad=enhanced_grad, sample_key=key)
+
+  return replace_linears(model, targets, exclude, SSTLinear, build)
+
+
+def replace_linears(
+    model: nnx.Module,
+    targets: str | Sequence[str],
+    exclude: str | Sequence[str] | None,
+    kind: type[nnx.Module],
+    build: Callable[[int, nnx.Linear], nnx.Module],
+) -> nnx.Module:
+  """Replaces the `select_linears` layers (skipping `kind`) in place.
+
+  Layer `i` of the chosen ones (graph order) becomes `build(i, linear)`;
+  a `ValueError` from `build` is raised again with the layer's path in
+  front. Used by `to_sst` and `sltrain.to_sltrain`.
+
+  Returns:
+    `model`.
+  """
+  for i, (p, m) in enumerate(select_linears(model, targets, exclude,
+                                            (kind,))):
     try:
-      new = SSTLinear.from_linear(m, rank=rank, enhanced_grad=enhanced_grad,
-                                  sample_key=key)
+      new = build(i, m)
     except ValueError as e:
       raise ValueError(f"{surgery.path_str(p)}: {e}") from e
     surgery.set_submodule(model, p, new)
   return model
 
 
+def modules_of(model: nnx.Module, kind: type[nnx.Module]) -> dict[str, Any]:
+  """Dotted path -> module for every `kind` module of `model` (adapter
+  wrappers are opaque)."""
+  return {surgery.path_str(p): m for p, m in surgery.iter_modules(
+      model, kind=kind, opaque=(layers.LoRAWrapper,))}
+
+
 def sst_modules(model: nnx.Module) -> dict[str, SSTLinear]:
   """Dotted path -> `SSTLinear`, for every spectral layer of `model`."""
-  return {surgery.path_str(p): m for p, m in surgery.iter_modules(
-      model, kind=SSTLinear, opaque=(layers.LoRAWrapper,))}
+  return modules_of(model, SSTLinear)
 
 
 def ranks(model: nnx.Module) -> dict[str, int]:
