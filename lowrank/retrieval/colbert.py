@@ -47,28 +47,23 @@ batch, softmax cross-entropy over MaxSim scores) and `distillation_loss`
 an optional in-batch term, as ColBERTv2).
 
 Example: LoRA on the encoder's query/value projections, ColBERT projection
-trained fully, in-batch loss, with `lowrank.train` (as
-`tests/retrieval/colbert_test.py`; the shardings are passed so that step 2
-reuses step 1's compilation)::
+trained fully, in-batch loss, with `lowrank.train` (the sharded version,
+with `train.shardings`, is `tests/retrieval/colbert_test.py`)::
 
-  mesh = sharding.make_mesh()
-  with sharding.use_mesh(mesh):
+  with sharding.use_mesh(sharding.make_mesh()):
     model = colbert.ColBERT.from_pretrained(assets.minilm_path())
     adapters.inject(model, targets=r".*\\.(query|value)", rank=8)
-  wrt = colbert.ADAPTERS_AND_PROJECTION
-  graphdef, params, rest = train.split(model, wrt)
+  graphdef, params, rest = train.split(model,
+                                       colbert.ADAPTERS_AND_PROJECTION)
   tx = optax.adamw(1e-3)
-  param_shardings, opt_shardings = train.shardings(model, wrt, tx, mesh)
-  opt_state = train.init_opt_state(tx, params, shardings=opt_shardings)
+  opt_state = train.init_opt_state(tx, params)
 
-  def loss_fn(m, batch):
+  def loss_fn(m, batch):  # batch: (query ids, document ids)
     q, q_mask = m.encode_queries(batch[0])
     d, d_mask = m.encode_documents(batch[1])
     return colbert.in_batch_loss(q, q_mask, d, d_mask)
 
-  step = train.make_train_step(graphdef, loss_fn, tx,
-                               param_shardings=param_shardings,
-                               opt_shardings=opt_shardings)
+  step = train.make_train_step(graphdef, loss_fn, tx)
   qs = model.tokenize_queries(queries)
   ds = model.tokenize_documents(docs, length=128)
   params, opt_state, metrics = step(params, opt_state, rest, (qs, ds))
