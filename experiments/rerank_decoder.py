@@ -124,11 +124,10 @@ def build_model(config, mesh) -> llama.LlamaForCausalLM:
 
 def adapt(config, model, mesh) -> Any:
   """Injects `config.adapter` (FIRST phase); returns the trainable filter."""
-  if config.adapter.method in (None, "full"):
-    return nnx.Param
-  with sharding.use_mesh(mesh):
+  with sharding.use_mesh(mesh):  # A no-op for method "full".
     train_lib.inject_from_config(model, config.adapter, rngs=config.seed)
-  return nnx.LoRAParam
+  full = config.adapter.method in (None, "full")
+  return nnx.Param if full else nnx.LoRAParam
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str,
@@ -143,14 +142,13 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str,
   wrt = adapt(config, model, mesh) if phase == "first" else nnx.Param
   tx = train_lib.optimizer_from_config(config[phase].optimizer, model=model)
   graphdef, params, rest = train_lib.split(model, wrt)
-  ckpt = checkpoint.Checkpointer(
-      os.path.join(workdir, phase, "checkpoints"), read_only=True)
-  step = ckpt.latest_step()
-  if step is None:
-    raise FileNotFoundError(f"No {phase} checkpoint under {workdir}; run "
-                            f"experiments.rerank_decoder there first.")
-  state = ckpt.restore(step, {"params": params, "opt_state": tx.init(params)})
-  ckpt.close()
+  with checkpoint.Checkpointer(os.path.join(workdir, phase, "checkpoints"),
+                              read_only=True) as ckpt:
+    if (step := ckpt.latest_step()) is None:
+      raise FileNotFoundError(f"No {phase} checkpoint under {workdir}; run "
+                              f"experiments.rerank_decoder there first.")
+    state = ckpt.restore(step, {"params": params,
+                                "opt_state": tx.init(params)})
   return nnx.merge(graphdef, state["params"], rest), step
 
 

@@ -1,8 +1,5 @@
 r"""Pretrain a small LLaMA-style decoder with every low-rank method.
 
-  python -m experiments.pretrain_lm --workdir=/tmp/pretrain \
-      --config=experiments/configs/pretrain_lm.py
-
 `methods`: "all" or e.g. "full,galore,lora". `data.spec`: `auto`
 (../shared/data/lm/tinyshakespeare, or under $LOWRANK_SHARED_DIR, if present,
 else gensim's Lee corpus), `tinyshakespeare`, `lee` or `file:<UTF-8 text>`;

@@ -2,10 +2,6 @@ r"""FIRST and ICR reranking with a small byte-level LLaMA decoder.
 
 Data: code search over the Python standard library (`lowrank.data.
 code_search`: docstring summary -> function code), BM25 first stage.
-
-  python -m experiments.rerank_decoder --workdir=/tmp/rerank_decoder \
-      --config=experiments/configs/rerank_decoder.py
-
 Phases `pretrain` and `first` each have an `optimizer` (the factory's
 arguments) and a `train` section; `adapter` applies to the FIRST phase.
 The default takes about 10 minutes of 2-core CPU time; `:smoke` is the
