@@ -158,7 +158,8 @@ def train_phase(config, phase, model, wrt, mesh, loss_fn, batch_fn, workdir):
   fit = train_lib.fit(
       model, wrt, loss_fn, train_lib.optimizer_from_config(
           config[phase].optimizer, model=model), config[phase].train,
-      batch_fn=batch_fn, workdir=workdir, mesh=mesh, desc=phase)
+      batch_fn=batch_fn, workdir=workdir, mesh=mesh, memory=False,
+      desc=phase)
   rows = metric_writers.read_csv(os.path.join(workdir, "metrics.csv"))
   return fit.model, {"resumed_from_step": fit.loop.start_step,
                      "train_seconds": fit.loop.train_seconds,

@@ -129,7 +129,7 @@ def train_and_evaluate(
           groups, train, tokenizer, s, batch_size=t.batch_size,
           group_size=t.group_size, max_length=config.model.max_length,
           seed=config.seed),
-      workdir=workdir, mesh=mesh, eval_fn=dev_metrics,
+      workdir=workdir, mesh=mesh, eval_fn=dev_metrics, memory=False,
       desc=f"{config.adapter.method} cross-encoder")
   model, out = fit.model, fit.loop
 

@@ -441,6 +441,7 @@ def fit(
     before_step: Callable[[int, nnx.Module, PyTree], PyTree] | None = None,
     save_rest: bool = False,
     split_step: bool | None = None,
+    memory: bool = True,
     desc: str = "train",
 ) -> FitResult:
   """Trains `model`'s `wrt` leaves on `loss_fn` with `tx`: the whole recipe.
@@ -468,6 +469,8 @@ def fit(
       restart), which is split again afterwards.
     save_rest: Also checkpoint the non-trainable state (see `train_loop`).
     split_step: `make_train_step`'s `split`.
+    memory: Report the fused step's compiled memory (one extra compile where
+      the step runs split, e.g. on CPU); False: `FitResult.memory` is {}.
     desc: Progress bar label.
 
   Returns:
@@ -483,8 +486,9 @@ def fit(
   step = make_train_step(graphdef, loss_fn, tx, split=split_step,
                          param_shardings=param_shardings,
                          opt_shardings=opt_shardings)
-  memory = step.memory(params, opt_state, rest,
-                       _place(batch_fn(1), data_sharding))
+  compiled_memory = step.memory(
+      params, opt_state, rest,
+      _place(batch_fn(1), data_sharding)) if memory else {}
   opt_bytes = int(optim.state_bytes(opt_state))
   count = int(sum(x.size for x in jax.tree.leaves(params)))
 
@@ -507,7 +511,8 @@ def fit(
       before_step=hook, data_sharding=data_sharding, save_rest=save_rest,
       desc=desc)
   return FitResult(model=nnx.merge(graphdef, loop.params, loop.rest),
-                   loop=loop, memory=memory, opt_state_bytes=opt_bytes,
+                   loop=loop, memory=compiled_memory,
+                   opt_state_bytes=opt_bytes,
                    trainable_params=count)
 
 

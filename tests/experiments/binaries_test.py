@@ -70,7 +70,7 @@ def _numbers(tree):
   """The numeric leaves, volatile keys (times, memory, resume step) out."""
   return {k: v for k, v in _leaves(tree).items()
           if isinstance(v, (int, float)) and not isinstance(v, bool)
-          and not _VOLATILE.search(k.rsplit(".", 1)[-1])}
+          and not _VOLATILE.search(k)}
 
 
 def _resume_steps(results) -> list[int]:
