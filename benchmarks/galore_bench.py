@@ -40,6 +40,8 @@ import jax  # pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 import optax  # pylint: disable=g-import-not-at-top
 
+import _common  # pylint: disable=g-import-not-at-top,g-bad-import-order
+
 from lowrank import optim  # pylint: disable=g-import-not-at-top
 from lowrank import sharding  # pylint: disable=g-import-not-at-top
 
@@ -147,17 +149,19 @@ def optimizers(cfg, gap):
   }
 
 
-def _projected_state_bytes(state, params):
-  """Bytes of state leaves that belong to projected parameters."""
+def _projected_state_leaves(state, params):
+  """The state leaves that belong to projected parameters."""
   mask = projected_mask(params)
   names = [jax.tree_util.keystr(p) for p, m in
            jax.tree_util.tree_leaves_with_path(mask) if m]
-  total = 0
-  for path, x in jax.tree_util.tree_leaves_with_path(state):
-    s = jax.tree_util.keystr(path)
-    if any(n in s for n in names) and hasattr(x, "dtype"):
-      total += optim.tree_bytes(x)
-  return total
+  return [x for path, x in jax.tree_util.tree_leaves_with_path(state)
+          if any(n in jax.tree_util.keystr(path) for n in names)]
+
+
+def _projected_state_bytes(state, params):
+  """Bytes of state leaves that belong to projected parameters."""
+  return sum(optim.tree_bytes(x) for x in _projected_state_leaves(state, params)
+             if hasattr(x, "dtype"))
 
 
 def _set_count(state, value, refresh=False):
@@ -258,20 +262,13 @@ def bench_fsdp(cfg, gap):
                                         params)
     with jax.set_mesh(mesh):
       state = jax.jit(tx.init, out_shardings=sh)(params)
-    mask = projected_mask(params)
-    names = [jax.tree_util.keystr(p) for p, m in
-             jax.tree_util.tree_leaves_with_path(mask) if m]
-    per_device = 0
-    for path, x in jax.tree_util.tree_leaves_with_path(state):
-      s = jax.tree_util.keystr(path)
-      if any(n in s for n in names) and hasattr(x, "addressable_shards"):
-        per_device += x.addressable_shards[0].data.nbytes
-    out[name] = per_device
+    out[name] = sum(x.addressable_shards[0].data.nbytes
+                    for x in _projected_state_leaves(state, params)
+                    if hasattr(x, "addressable_shards"))
   return out
 
 
-def _load():
-  return "/".join(f"{x:.1f}" for x in os.getloadavg())
+_load = _common.load
 
 
 def main():

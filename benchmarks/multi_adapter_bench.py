@@ -36,10 +36,7 @@ ratios of interleaved runs.
 """
 
 import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 from absl import app
@@ -48,6 +45,8 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+import _common  # pylint: disable=g-bad-import-order
 
 from lowrank import adapters
 from lowrank import assets
@@ -69,21 +68,7 @@ TARGETS = r"encoder\..*\.(query|key|value|dense)"
 _MIB = 2**20
 
 
-def _lscpu() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return platform.processor() or "unknown"
-  keep = ("Model name", "CPU(s):", "Thread(s) per core", "L3 cache")
-  return "; ".join(
-      " ".join(line.split()) for line in out.splitlines()
-      if line.strip().startswith(keep)
-  )
-
-
-def _load() -> str:
-  return "/".join(f"{x:.1f}" for x in os.getloadavg())
+_load = _common.load
 
 
 def _memory(compiled) -> dict[str, float]:
@@ -255,11 +240,9 @@ def main(argv):
   }
   ref = statistics.median(times["mixed (gathered)"])
   ref_cpu = statistics.median(cpu["mixed (gathered)"])
-  print("## multi_adapter_bench")
-  print(f"- date: {started:%Y-%m-%d %H:%M} UTC")
-  print(f"- machine: {_lscpu()}")
-  print(f"- platform: {platform.platform()}, jax {jax.__version__}, "
-        f"devices {jax.devices()}")
+  print("\n".join(_common.header(
+      "multi_adapter_bench", started,
+      _common.LSCPU_FIELDS + ("L3 cache",))))
   print(f"- load average (1/5/15 min) at start: {load_start}, at end: "
         f"{_load()}")
   print(f"- {n} adapters, rank {_RANK.value}, targets {TARGETS!r}; batch "

@@ -29,10 +29,7 @@ of each (compilation excluded) and reported as a ratio of medians.
 """
 
 import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 from absl import app
@@ -41,6 +38,8 @@ from absl import logging
 from flax import nnx
 import jax
 import numpy as np
+
+import _common  # pylint: disable=g-bad-import-order
 
 from experiments import rerank_decoder
 from experiments.configs import rerank_decoder as rerank_config
@@ -72,41 +71,10 @@ _FIRST_WORKDIR = flags.DEFINE_string(
     "FIRST-tuned decoder instead of a random init.")
 
 
-def _print(*args):
-  print(*args, flush=True)
-
-
-def _lscpu() -> str:
-  try:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True,
-                         check=True).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return platform.processor() or "unknown"
-  keep = ("Model name", "CPU(s):", "Thread(s) per core")
-  return "; ".join(" ".join(line.split()) for line in out.splitlines()
-                   if line.strip().startswith(keep))
-
-
-def _load() -> str:
-  return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def _interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-  """Wall times of each callable, interleaved, after one warm-up each."""
-  for fn in fns.values():
-    fn()
-  times = {k: [] for k in fns}
-  order = list(fns)
-  for r in range(rounds):
-    for k in order if r % 2 == 0 else order[::-1]:
-      t0 = time.perf_counter()
-      fns[k]()
-      times[k].append(time.perf_counter() - t0)
-  return times
-
-
-def _fmt(ts: list[float]) -> str:
-  return f"{statistics.median(ts):.3f} ({min(ts):.3f}–{max(ts):.3f})"
+_print = _common.print_flush
+_load = _common.load
+_interleaved = _common.interleaved
+_fmt = _common.fmt
 
 
 def _kendall(a: list[int], b: list[int]) -> float:
@@ -242,11 +210,8 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax logs every restore.
   started = datetime.datetime.now(datetime.timezone.utc)
-  _print("## rerank_bench")
-  _print(f"- date: {started:%Y-%m-%d %H:%M} UTC")
-  _print(f"- machine: {_lscpu()}")
-  _print(f"- platform: {platform.platform()}, jax {jax.__version__}, "
-         f"devices {jax.devices()}")
+  for line in _common.header("rerank_bench", started):
+    _print(line)
   _print(f"- load average (1/5/15 min) at start: {_load()}")
   _print()
   parts = {"cross_encoder": bench_cross_encoder, "first": bench_first}

@@ -33,19 +33,20 @@ medians. Parts (`--parts`):
 """
 
 import datetime
-import os
-import platform
 import statistics
-import subprocess
 import time
 
 from absl import app
 from absl import flags
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+import _common  # pylint: disable=g-bad-import-order
+
 from lowrank import assets
+from lowrank import train
 from lowrank.data import code_search
 from lowrank.models import bert
 from lowrank.retrieval import codes
@@ -78,50 +79,11 @@ _METRIC_QUERIES = flags.DEFINE_integer("metric_queries", 10000, "Queries.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed.")
 
 
-def _lscpu() -> str:
-  try:
-    out = subprocess.run(
-        ["lscpu"], capture_output=True, text=True, check=True
-    ).stdout
-  except (OSError, subprocess.CalledProcessError):
-    return platform.processor() or "unknown"
-  keep = ("Model name", "CPU(s):", "Thread(s) per core", "L3 cache", "Flags")
-  lines = []
-  for line in out.splitlines():
-    if line.strip().startswith(keep):
-      line = " ".join(line.split())
-      if line.startswith("Flags"):
-        line = "avx512f: " + str("avx512f" in line)
-      lines.append(line)
-  return "; ".join(lines)
-
-
-def _load() -> str:
-  return "/".join(f"{x:.1f}" for x in os.getloadavg())
-
-
-def _interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
-  """Wall times of each callable, interleaved, after one warm-up call each."""
-  for fn in fns.values():
-    fn()
-  times = {k: [] for k in fns}
-  order = list(fns)
-  for r in range(rounds):
-    for k in order if r % 2 == 0 else order[::-1]:
-      t0 = time.perf_counter()
-      fns[k]()
-      times[k].append(time.perf_counter() - t0)
-  return times
-
-
-def _fmt(ts: list[float]) -> str:
-  return (
-      f"{statistics.median(ts):.3f} ({min(ts):.3f}–{max(ts):.3f})"
-  )
-
-
-def _print(*args):
-  print(*args, flush=True)
+_print = _common.print_flush
+_load = _common.load
+_interleaved = _common.interleaved
+_fmt = _common.fmt
+_LSCPU_FIELDS = _common.LSCPU_FIELDS + ("L3 cache", "Flags")
 
 
 # ----------------------------------------------------------------------------
@@ -470,56 +432,58 @@ def bench_codes(rng):
   _jpq(q, pos, pq_indexes[24])
 
 
+class _JPQHead(nnx.Module):
+  """PQ centroids and a residual linear head on the frozen query embedding."""
+
+  def __init__(self, codebooks: jax.Array):
+    dim = codebooks.shape[0] * codebooks.shape[2]
+    self.codebooks = nnx.Param(jnp.array(codebooks, copy=True))
+    self.query = nnx.Param(jnp.zeros((dim, dim)))
+
+  def __call__(self, x):
+    return x + x @ self.query[...]
+
+
 def _jpq(q, pos, index):
   """JPQ on PQ M=24: train on 800 queries, evaluate held-out ones."""
   import optax  # pylint: disable=g-import-not-at-top
 
   rng = np.random.default_rng(0)
   order = rng.permutation(len(q))
-  train, held = order[:800], order[800:]
-  dim = q.shape[1]
+  train_ids, held = order[:800], order[800:]
+  graphdef, params, rest = train.split(_JPQHead(index.codebooks))
 
-  def encode(params, x):
-    return x + x @ params["query"]
+  def pq_index(head):
+    return codes.PQIndex(head.codebooks[...], index.codes)
 
   def recall(params, which):
-    _, top = codes.pq_search(
-        encode(params, jnp.asarray(q[which])),
-        codes.PQIndex(params["codebooks"], index.codes), 10,
-    )
+    head = nnx.merge(graphdef, params, rest)
+    _, top = codes.pq_search(head(jnp.asarray(q[which])), pq_index(head), 10)
     return float(np.mean(np.any(np.asarray(top) == pos[which][:, None], 1)))
 
-  params = {"codebooks": index.codebooks, "query": jnp.zeros((dim, dim))}
+  def loss_fn(head, batch):
+    x, p, neg = batch
+    return codes.jpq_loss(head(x), head.codebooks[...], index.codes[p],
+                          index.codes[neg])
+
   tx = optax.multi_transform(
       {"codebooks": optax.adam(3e-4), "query": optax.adam(3e-5)},
-      {"codebooks": "codebooks", "query": "query"},
+      lambda params: jax.tree.map_with_path(lambda p, _: p[0].key, params),
   )
-  state = tx.init(params)
+  state = train.init_opt_state(tx, params)
+  step = train.make_train_step(graphdef, loss_fn, tx)
 
-  @jax.jit
-  def step(params, state, x, p, neg):
-    def loss_fn(prm):
-      return codes.jpq_loss(
-          encode(prm, x), prm["codebooks"], index.codes[p], index.codes[neg]
-      )
-
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, loss
-
-  before = (recall(params, train), recall(params, held))
+  before = (recall(params, train_ids), recall(params, held))
   t0 = time.perf_counter()
   steps = 200
   for _ in range(steps):
-    batch = rng.choice(train, size=32, replace=False)
+    batch = rng.choice(train_ids, size=32, replace=False)
     x = jnp.asarray(q[batch])
-    neg = codes.jpq_negatives(
-        encode(params, x), codes.PQIndex(params["codebooks"], index.codes),
-        pos[batch], 8,
-    )
-    params, state, _ = step(params, state, x, pos[batch], neg)
+    head = nnx.merge(graphdef, params, rest)
+    neg = codes.jpq_negatives(head(x), pq_index(head), pos[batch], 8)
+    params, state, _ = step(params, state, rest, (x, pos[batch], neg))
   train_time = time.perf_counter() - t0
-  after = (recall(params, train), recall(params, held))
+  after = (recall(params, train_ids), recall(params, held))
   _print(
       f"JPQ on PQ M=24 (codes fixed; centroids + residual linear query head "
       f"on the frozen MiniLM query embedding; softmax loss over positive, 8 "
@@ -538,13 +502,8 @@ def main(argv):
   del argv
   rng = np.random.default_rng(_SEED.value)
   started = datetime.datetime.now(datetime.timezone.utc)
-  _print("## search_bench")
-  _print(f"- date: {started:%Y-%m-%d %H:%M} UTC")
-  _print(f"- machine: {_lscpu()}")
-  _print(
-      f"- platform: {platform.platform()}, jax {jax.__version__}, "
-      f"devices {jax.devices()}"
-  )
+  for line in _common.header("search_bench", started, _LSCPU_FIELDS):
+    _print(line)
   _print(f"- load average (1/5/15 min) at start: {_load()}")
   _print()
   parts = {
