@@ -17,7 +17,9 @@ import os
 import posixpath
 import re
 
+from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _PACKAGE, _DIR = "experiments.configs", "experiments/configs/"
@@ -111,3 +113,31 @@ def config_and_workdir() -> tuple[flags.Flag, flags.Flag]:
     flags.DEFINE_string(
         "workdir", None, "Checkpoints and metrics go here; reruns resume.")
   return flags.FLAGS["config"], flags.FLAGS["workdir"]
+
+
+def run_main(train_and_evaluate, validate_config, *, setup=None) -> None:
+  """Runs a binary: `--config` / `--workdir`, checks, then the experiment.
+
+  Quiets orbax's per-write INFO logs unless `--verbosity` is given, calls
+  `setup()` (e.g. `distributed.initialize`, before anything touches
+  devices), checks the config and the command line's overrides
+  (`validate_config(config, overrides)`), then runs
+  `train_and_evaluate(config, workdir)`.
+  """
+  from experiments import config_checks  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  config, workdir = config_and_workdir()
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError("Too many command-line arguments.")
+    if not flags.FLAGS["verbosity"].present:
+      logging.set_verbosity(logging.WARNING)
+    if setup is not None:
+      setup()
+    validate_config(config.value, config_checks.overrides(config))
+    train_and_evaluate(config.value, workdir.value)
+
+  flags.mark_flags_as_required(["config", "workdir"])
+  jax.config.config_with_absl()
+  app.run(main)

@@ -20,9 +20,6 @@ import pathlib
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 from flax import nnx
 import jax
 import ml_collections
@@ -37,7 +34,7 @@ from lowrank import spectral
 from lowrank import train
 from lowrank.models import llama
 
-_CONFIG, _WORKDIR = common_flags.config_and_workdir()
+common_flags.config_and_workdir()
 
 METHODS = config_lib.ALL_METHODS
 LABELS = dict(zip(METHODS, ("Full-Adam", "LoRA", "ReLoRA", "GaLore", "Fira",
@@ -269,17 +266,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:
-    # orbax logs every write at INFO; the progress bar and table suffice.
-    logging.set_verbosity(logging.WARNING)
-  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  jax.config.config_with_absl()
-  app.run(main)
+  common_flags.run_main(train_and_evaluate, validate_config)

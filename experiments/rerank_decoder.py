@@ -21,9 +21,6 @@ import os
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -45,7 +42,7 @@ from lowrank.ranking import icr
 from lowrank.ranking import training_data
 from lowrank.retrieval import metrics as metrics_lib
 
-_CONFIG, _WORKDIR = common_flags.config_and_workdir()
+common_flags.config_and_workdir()
 
 EVAL_METRICS = ("ndcg_cut_10", "recall_10")
 TOKENIZER = decoder_text.ByteTokenizer()
@@ -297,16 +294,5 @@ def format_results(r: dict[str, Any]) -> str:
           ["ranking", "nDCG@10", "Recall@10", "rerank time"], rows)])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  jax.config.config_with_absl()
-  app.run(main)
+  common_flags.run_main(train_and_evaluate, validate_config)

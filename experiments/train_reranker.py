@@ -21,8 +21,6 @@ import os
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
 from absl import logging
 from flax import nnx
 import jax
@@ -45,7 +43,7 @@ from lowrank.ranking import losses as ltr_losses
 from lowrank.ranking import training_data
 from lowrank.retrieval import metrics as metrics_lib
 
-_CONFIG, _WORKDIR = common_flags.config_and_workdir()
+common_flags.config_and_workdir()
 
 EVAL_METRICS = ("ndcg_cut_10", "recall_10", "mrr_cut_10")
 
@@ -243,16 +241,5 @@ def format_results(r: dict[str, Any]) -> str:
       f"{r['dev_rerank_seconds']:.0f} s; wall {r['wall_seconds']:.0f} s"])
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
-  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  jax.config.config_with_absl()
-  app.run(main)
+  common_flags.run_main(train_and_evaluate, validate_config)
