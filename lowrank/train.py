@@ -265,7 +265,9 @@ class LoopResult:
     params, opt_state, rest: The final state.
     start_step: The step the run resumed from (0: a fresh start).
     train_seconds: Wall time of the steps this call ran.
-    last_metrics: The last logged metrics (host floats); {} if none.
+    last_metrics: The last logged metrics (host floats): of this call's last
+      logged step, or read back from the metrics of a finished run; {} if
+      none.
     last_eval: The last `eval_fn` result; {} if none.
   """
 
@@ -398,6 +400,11 @@ def train_loop(
         writer.write(step, scalars)
       ckpt.save(step, state_of(params, opt_state, rest), force=last)
     bar.close()
+    if not last_metrics:  # Nothing left to run: the last logged step's.
+      logged = [r for r in writer.rows if "loss" in r]
+      last_metrics = {k: float(v) for k, v in (logged[-1] if logged
+                                               else {}).items()
+                      if k != "step" and v is not None and k not in last_eval}
   ckpt.wait_until_finished()
   ckpt.close()
   if eval_fn is not None and not last_eval:

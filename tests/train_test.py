@@ -146,6 +146,7 @@ class LoopTest(parameterized.TestCase):
     again = self._run(workdir, 3, eval_fn=eval_fn)
     self.assertEqual(again.start_step, 3)
     self.assertEqual(again.last_eval, {"val": 1.0})
+    self.assertEqual(again.last_metrics, first.last_metrics)
     np.testing.assert_array_equal(
         jax.flatten_util.ravel_pytree(first.params)[0],
         jax.flatten_util.ravel_pytree(again.params)[0])
