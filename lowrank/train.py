@@ -400,15 +400,14 @@ def train_loop(
         writer.write(step, scalars)
       ckpt.save(step, state_of(params, opt_state, rest), force=last)
     bar.close()
-    if not last_metrics:  # Nothing left to run: the last logged step's.
-      logged = [r for r in writer.rows if "loss" in r]
-      last_metrics = {k: float(v) for k, v in (logged[-1] if logged
-                                               else {}).items()
-                      if k != "step" and v is not None and k not in last_eval}
+    logged = [r for r in writer.rows if "loss" in r]
   ckpt.wait_until_finished()
   ckpt.close()
   if eval_fn is not None and not last_eval:
     last_eval = {k: float(v) for k, v in eval_fn(params, rest).items()}
+  if not last_metrics and logged:  # Nothing left to run: the last logged.
+    last_metrics = {k: float(v) for k, v in logged[-1].items()
+                    if k != "step" and v is not None and k not in last_eval}
   return LoopResult(params=params, opt_state=opt_state, rest=rest,
                     start_step=start,
                     train_seconds=time.perf_counter() - t0,
