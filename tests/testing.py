@@ -6,7 +6,14 @@ One place for what many test files need, so that each writes it once:
   (a permuting `Einsum` whose 2-D view is not the kernel's own), `Mlp` (a
   stack of square `Linear`s) and `Stacked` (blocks stacked by `nnx.vmap`
   along a logical `layers` axis);
-* tiny model configs: `tiny_bert_config`, `tiny_llama_config`;
+* tiny model configs: `tiny_bert_config`, `tiny_llama_config`, and
+  `tiny_llama_lm` (a causal LM of it, large init, optionally random norm
+  scales) built on `one_device_mesh()`;
+* LoRA training: `randomize_lora` (non-zero factors), `lora_step` (one
+  jitted optimizer step on the adapters), `train_lora` (a loop of them)
+  and `torch_linear_under_peft` (the torch side of a PEFT oracle test);
+* shared data: `SHARED_DIR`, `BEIR_DIR` and `beir_dir` (a collection, or a
+  skip when the shared checkout is absent);
 * problems for optimizer tests: `matrix_params` / `matrix_loss` (a 2-D, a
   tall, a stacked 3-D and a 1-D leaf) and `quadratic_problem`;
 * tree assertions built on `np.testing` (chex is not a dependency);
@@ -17,9 +24,13 @@ One place for what many test files need, so that each writes it once:
 Helpers import it as `from tests import testing`.
 """
 
+import collections
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import os
+import pathlib
 from typing import Any
+import unittest
 
 from absl.testing import parameterized
 from flax import nnx
@@ -27,8 +38,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from lowrank import adapters
 from lowrank import optim
+from lowrank import sharding
 from lowrank import train
 
 # ------------------------------------------------------------ toy models
@@ -182,6 +196,127 @@ def tiny_llama_config(**overrides: Any):
   """`LlamaConfig.tiny` (2 layers, width 64, GQA 4 query / 2 KV heads)."""
   from lowrank.models import llama  # pylint: disable=g-import-not-at-top
   return llama.LlamaConfig.tiny(**overrides)
+
+
+def one_device_mesh() -> jax.sharding.Mesh:
+  """The default mesh on the first device only (no sharding at all)."""
+  return sharding.make_mesh(devices=jax.devices()[:1])
+
+
+def tiny_llama_lm(seed: int = 0, *, norm_seed: int | None = None,
+                  **overrides: Any):
+  """A `LlamaForCausalLM` of `tiny_llama_config` with a large init.
+
+  `initializer_range` is 0.2 unless overridden, so that a mistake is not
+  hidden by near-uniform logits; the model is built with `nnx.Rngs(seed)`
+  on `one_device_mesh()`. With `norm_seed`, every norm scale (1 at init)
+  is drawn from U[0.5, 1.5] with key `fold_in(key(norm_seed), hash(path)
+  % 997)`, so that a missed norm shows.
+  """
+  from lowrank.models import llama  # pylint: disable=g-import-not-at-top
+  config = tiny_llama_config(**({"initializer_range": 0.2} | overrides))
+  with sharding.use_mesh(one_device_mesh()):
+    model = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+  if norm_seed is not None:
+    for path, var in nnx.iter_graph(model):
+      if isinstance(var, nnx.Param) and path[-1] == "scale":
+        key = jax.random.fold_in(jax.random.key(norm_seed), hash(path) % 997)
+        value = var.get_value()
+        var.set_value(jax.random.uniform(key, value.shape, value.dtype, 0.5,
+                                         1.5))
+  return model
+
+
+# ------------------------------------------------------- LoRA training
+
+
+def randomize_lora(model: nnx.Module, scale: float = 0.1,
+                   seed: int = 1) -> None:
+  """Draws every adapter's `lora_a` and `lora_b` from `scale`·N(0, 1).
+
+  Non-zero factors, so the adapters actually change the output. Factor `j`
+  (0 for A, 1 for B) of the `i`-th adapter in `adapters.adapter_modules`
+  order uses key `fold_in(key(seed), 2 i + j)`; each keeps its sharding.
+  """
+  for i, m in enumerate(adapters.adapter_modules(model).values()):
+    for j, var in enumerate((m.lora_a, m.lora_b)):
+      v = var.get_value()
+      key = jax.random.fold_in(jax.random.key(seed), 2 * i + j)
+      var.set_value(jax.device_put(
+          jax.random.normal(key, v.shape, v.dtype) * scale, v.sharding))
+
+
+def lora_step(
+    loss_fn: Callable[[nnx.Module], jax.Array], *, with_grads: bool = False,
+) -> Callable[[nnx.Module, nnx.Optimizer], Any]:
+  """A jitted `step(model, opt) -> loss` on the `nnx.LoRAParam`s.
+
+  One `value_and_grad` of `loss_fn(model)` with respect to the trainable
+  adapter leaves, then `opt.update`; `opt` must be an `nnx.Optimizer` with
+  `wrt=nnx.LoRAParam`. With `with_grads` the step returns `(loss, grads)`
+  (a different program: its numbers may differ from the plain one's in
+  the last bit).
+  """
+
+  @nnx.jit
+  def step(model, opt):
+    diff = nnx.DiffState(0, nnx.LoRAParam)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model)
+    opt.update(model, grads)
+    return (loss, grads) if with_grads else loss
+
+  return step
+
+
+def train_lora(model: nnx.Module, tx: optax.GradientTransformation,
+               loss_fn: Callable[[nnx.Module], jax.Array],
+               steps: int) -> list[float]:
+  """`steps` jitted `tx` steps of `loss_fn` on the adapters; the losses.
+
+  Each loss is the one before its step. Only `nnx.LoRAParam`s move.
+  """
+  opt = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+  step = lora_step(loss_fn)
+  return [float(step(model, opt)) for _ in range(steps)]
+
+
+def torch_linear_under_peft(d_in: int = 10, d_out: int = 7):
+  """`(torch, peft, net)` for a PEFT oracle test; skips without them.
+
+  Keeps the Hub offline, seeds torch with 0, then builds `net`: a torch
+  module whose one layer, `net.lin`, is `torch.nn.Linear(d_in, d_out)`.
+  """
+  os.environ.setdefault("HF_HUB_OFFLINE", "1")
+  torch = pytest.importorskip("torch")
+  peft = pytest.importorskip("peft")
+  torch.manual_seed(0)
+  net = torch.nn.Sequential(
+      collections.OrderedDict(lin=torch.nn.Linear(d_in, d_out)))
+  return torch, peft, net
+
+
+# ----------------------------------------------------------- shared data
+
+# The shared data checkout: $LOWRANK_SHARED_DIR, else `shared/` beside the
+# repository (tests/ -> repository root -> its parent).
+SHARED_DIR = pathlib.Path(os.environ.get(
+    "LOWRANK_SHARED_DIR",
+    pathlib.Path(__file__).resolve().parents[2] / "shared"))
+BEIR_DIR = SHARED_DIR / "data" / "beir"
+
+
+def beir_dir(test: unittest.TestCase, name: str = "") -> pathlib.Path:
+  """`BEIR_DIR / name` (all collections without `name`), or skips `test`.
+
+  The test is skipped, with the way to point at the data, when that folder
+  is not there.
+  """
+  directory = BEIR_DIR / name
+  if not directory.is_dir():
+    test.skipTest(
+        f"../shared/data not present ({directory} missing; set "
+        "LOWRANK_SHARED_DIR to the folder holding data/beir)")
+  return directory
 
 
 # -------------------------------------------------------------- problems

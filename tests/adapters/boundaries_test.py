@@ -23,6 +23,8 @@ import safetensors.numpy
 from lowrank import adapters
 from lowrank import checkpoint
 
+from tests import testing
+
 _METHODS = ("lora", "dora", "vera", "nola", "randlora", "lora_xs", "loldu",
             "dylora", "adalora", "sora", "increlora", "multi_lora")
 # Options some methods need to be built at all.
@@ -61,11 +63,7 @@ def _adapter_values(model):
   return nnx.state(model, nnx.Any(nnx.LoRAParam, adapters.AdapterState))
 
 
-@nnx.jit
-def _adamw_step(model, optimizer):
-  loss = lambda m: jnp.sum((m(_X) - 1.0) ** 2)
-  grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-  optimizer.update(model, grads)
+_adamw_step = testing.lora_step(lambda m: jnp.sum((m(_X) - 1.0) ** 2))
 
 
 class RankAndAlphaTest(parameterized.TestCase):

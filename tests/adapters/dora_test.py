@@ -1,7 +1,5 @@
 """Tests for DoRA (`lowrank.adapters.dora`), incl. parity with HF PEFT."""
 
-import os
-
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
@@ -177,18 +175,10 @@ class DoraTest(parameterized.TestCase):
   def test_jit_adamw_training_reduces_loss(self):
     model, _ = _model(rank=2, alpha=4)
     target = jnp.cos(_X.sum(-1))[..., None] * jnp.ones((1, 1, 6))
-    opt = nnx.Optimizer(model, optax.adamw(3e-2), wrt=nnx.LoRAParam)
     base_kernel = model.lin.base.kernel[...]
-
-    @nnx.jit
-    def step(model, opt):
-      diff = nnx.DiffState(0, nnx.LoRAParam)
-      loss, grads = nnx.value_and_grad(
-          lambda m: jnp.mean((m(_X) - target) ** 2), argnums=diff)(model)
-      opt.update(model, grads)
-      return loss
-
-    losses = [float(step(model, opt)) for _ in range(20)]
+    losses = testing.train_lora(
+        model, optax.adamw(3e-2), lambda m: jnp.mean((m(_X) - target) ** 2),
+        20)
     self.assertLess(losses[-1], 0.7 * losses[0])
     np.testing.assert_array_equal(model.lin.base.kernel[...], base_kernel)
 
@@ -248,21 +238,7 @@ class DoraPeftParityTest(absltest.TestCase):
   """Same weights into PEFT `LoraConfig(use_dora=True)` and into `dora`."""
 
   def test_outputs_gradients_and_merge_match_peft(self):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-
-      def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(10, 7)
-
-      def forward(self, x):
-        return self.lin(x)
-
-    net = Net()
+    torch, peft, net = testing.torch_linear_under_peft(10, 7)
     w = net.lin.weight.detach().numpy().copy()
     bias = net.lin.bias.detach().numpy().copy()
     pm = peft.get_peft_model(net, peft.LoraConfig(

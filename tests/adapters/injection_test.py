@@ -27,18 +27,6 @@ def _toy(rngs, d=16):
   return testing.KindsToy(rngs, d, embed=True, norm=True)
 
 
-def _randomize(model, scale=0.1, seed=1):
-  """Non-zero factors, so the adapter actually changes the output."""
-  for i, m in enumerate(adapters.adapter_modules(model).values()):
-    for j, var in enumerate((m.lora_a, m.lora_b)):
-      v = var.get_value()
-      key = jax.random.fold_in(jax.random.key(seed), 2 * i + j)
-      var.set_value(
-          jax.device_put(jax.random.normal(key, v.shape, v.dtype) * scale,
-                         v.sharding)
-      )
-
-
 _IDS = jnp.arange(12).reshape(2, 6)
 _ALL = r"emb|layers\.\d|gen|ein"
 
@@ -138,13 +126,13 @@ class InjectTest(parameterized.TestCase):
         ["ein", "emb", "gen", "layers.0", "layers.1"],
     )
     np.testing.assert_array_equal(model(_IDS), y0)
-    _randomize(model)
+    testing.randomize_lora(model)
     self.assertGreater(float(jnp.abs(model(_IDS) - y0).max()), 1e-3)
 
   def test_each_kind_matches_merged_dense_weights(self):
     model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=3, alpha=6, use_rslora=True)
-    _randomize(model)
+    testing.randomize_lora(model)
     y = model(_IDS)
     adapters.merge(model)
     np.testing.assert_allclose(model(_IDS), y, atol=1e-5)
@@ -159,7 +147,7 @@ class InjectTest(parameterized.TestCase):
   def test_unload_merges(self):
     model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=["layers.0", "ein"], rank=2)
-    _randomize(model)
+    testing.randomize_lora(model)
     y = model(_IDS)
     adapters.unload(model)
     self.assertIsInstance(model.layers[0], nnx.Linear)
@@ -206,7 +194,7 @@ class InjectTest(parameterized.TestCase):
   def test_only_lora_params_get_gradients(self):
     model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=2)
-    _randomize(model)
+    testing.randomize_lora(model)
     diff = nnx.DiffState(0, nnx.LoRAParam)
     grads = nnx.grad(lambda m: jnp.mean(m(_IDS) ** 2), argnums=diff)(model)
     leaves = jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -220,7 +208,7 @@ class InjectTest(parameterized.TestCase):
   def test_dropout_only_in_train_mode(self):
     model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets="layers.0", rank=2, dropout=0.5)
-    _randomize(model)
+    testing.randomize_lora(model)
     model.eval()
     y1, y2 = model(_IDS), model(_IDS)
     np.testing.assert_array_equal(y1, y2)
@@ -248,7 +236,7 @@ class PeftIoTest(parameterized.TestCase):
   def _saved(self, **kw):
     model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_ALL, rank=2, alpha=4, **kw)
-    _randomize(model)
+    testing.randomize_lora(model)
     d = self.create_tempdir().full_path
     adapters.save_adapters(d, model, format="peft")
     return model, d

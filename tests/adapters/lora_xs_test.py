@@ -50,16 +50,7 @@ def _perturb(model, seed=1):
 
 
 def _train(model, steps=20, lr=3e-2):
-  opt = nnx.Optimizer(model, optax.adamw(lr), wrt=nnx.LoRAParam)
-
-  @nnx.jit
-  def step(model, opt):
-    diff = nnx.DiffState(0, nnx.LoRAParam)
-    loss, grads = nnx.value_and_grad(_loss, argnums=diff)(model)
-    opt.update(model, grads)
-    return loss
-
-  return [float(step(model, opt)) for _ in range(steps)]
+  return testing.train_lora(model, optax.adamw(lr), _loss, steps)
 
 
 def _trainable_names(model):

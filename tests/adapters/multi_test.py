@@ -265,17 +265,8 @@ class MultiAdapterTest(parameterized.TestCase):
     before = {p: (m.lora_a.get_value(), m.lora_b.get_value())
               for p, m in multi.multi_modules(model).items()}
     target = jax.random.normal(jax.random.key(3), (5, 3, 4, 4))
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt):
-      loss, grads = nnx.value_and_grad(
-          lambda m: jnp.mean((m(_X) - target) ** 2),
-          argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-      opt.update(model, grads)
-      return loss
-
-    losses = [float(step(model, opt)) for _ in range(5)]
+    losses = testing.train_lora(
+        model, optax.adam(1e-2), lambda m: jnp.mean((m(_X) - target) ** 2), 5)
     self.assertLess(losses[-1], losses[0])
     for p, m in multi.multi_modules(model).items():
       a0, b0 = before[p]

@@ -41,6 +41,8 @@ import safetensors.numpy
 
 from lowrank import adapters
 from lowrank import sharding
+
+from tests import testing
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 pytestmark = pytest.mark.oracle
@@ -124,17 +126,6 @@ def _torch_mirror(model: _Mlp) -> _TorchMlp:
   return mirror.eval()
 
 
-def _randomize_jax(model, scale, seed=1):
-  """Non-zero LoRA factors, so the adapter actually changes the output."""
-  for i, m in enumerate(adapters.adapter_modules(model).values()):
-    for j, var in enumerate((m.lora_a, m.lora_b)):
-      v = var.get_value()
-      key = jax.random.fold_in(jax.random.key(seed), 2 * i + j)
-      var.set_value(
-          jax.device_put(jax.random.normal(key, v.shape, v.dtype) * scale,
-                         v.sharding))
-
-
 def _randomize_torch(peft_model, scale, seed=2):
   """Non-zero values for every PEFT LoRA tensor (B and embedding A too)."""
   gen = torch.Generator().manual_seed(seed)
@@ -188,7 +179,7 @@ class MlpParityTest(parameterized.TestCase):
           mirror(torch.from_numpy(_IDS)).numpy(), y_base, atol=_TOL)
 
     adapters.inject(model, targets=_ALL, rank=4, alpha=8, **kwargs)
-    _randomize_jax(model, scale=0.3)
+    testing.randomize_lora(model, scale=0.3)
     y = np.asarray(model(_IDS))
     self.assertGreater(_max_diff(y, y_base), 0.1)  # The adapters matter.
     d = self.create_tempdir().full_path
@@ -309,7 +300,7 @@ class BertParityTest(absltest.TestCase):
     # JAX -> PEFT.
     adapters.inject(model, targets=["query", "value"], rank=8, alpha=16)
     self.assertLen(adapters.adapter_modules(model), 12)
-    _randomize_jax(model, scale=_BERT_FACTOR_SCALE)
+    testing.randomize_lora(model, scale=_BERT_FACTOR_SCALE)
     y = self._jax_hidden(model, batch)
     self.assertGreater(_max_diff(y, y_base), 0.05)  # The adapters matter.
     d = self.create_tempdir().full_path
@@ -338,10 +329,6 @@ class BertParityTest(absltest.TestCase):
                               batch, "PEFT -> JAX")
 
 
-if __name__ == "__main__":
-  absltest.main()
-
-
 _LINEARS = r"layers\.\d|head"
 
 
@@ -353,6 +340,22 @@ def _perturb_all(model, scale=0.3, seed=3):
   nnx.update(model, jax.tree.unflatten(treedef, [
       x + scale * jax.random.normal(k, x.shape, x.dtype)
       for k, x in zip(keys, leaves)]))
+
+
+def _saved_by_peft(test, config):
+  """`config` on a mirror of `_jax_mlp()`, random factors, saved by PEFT.
+
+  Returns `(directory, outputs)`: PEFT's `save_pretrained` directory and
+  the PEFT model's outputs on `_IDS`.
+  """
+  peft_model = peft.get_peft_model(_torch_mirror(_jax_mlp()), config)
+  _randomize_torch(peft_model, scale=0.3)
+  peft_model.eval()
+  with torch.no_grad():
+    y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
+  d = test.create_tempdir().full_path
+  peft_model.save_pretrained(d)
+  return d, y_torch
 
 
 class VariantParityTest(parameterized.TestCase):
@@ -398,13 +401,7 @@ class VariantParityTest(parameterized.TestCase):
   )
   def test_peft_save_pretrained_loads_with_load_peft(self, config):
     model = _jax_mlp()
-    peft_model = peft.get_peft_model(_torch_mirror(model), config)
-    _randomize_torch(peft_model, scale=0.3)
-    peft_model.eval()
-    with torch.no_grad():
-      y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
-    d = self.create_tempdir().full_path
-    peft_model.save_pretrained(d)
+    d, y_torch = _saved_by_peft(self, config)
     adapters.load_adapters(d, model, format="peft")
     self.assertLessEqual(_max_diff(model(_IDS), y_torch), _TOL)
 
@@ -424,13 +421,7 @@ class VariantParityTest(parameterized.TestCase):
     # PEFT's own file (its torch-generated bases) loads back exactly.
     config = peft.VeraConfig(r=4, target_modules=["layers.0", "layers.1",
                                                   "head"])
-    peft_model = peft.get_peft_model(_torch_mirror(_jax_mlp()), config)
-    _randomize_torch(peft_model, scale=0.3)
-    peft_model.eval()
-    with torch.no_grad():
-      y_torch = peft_model(torch.from_numpy(_IDS)).numpy()
-    d2 = self.create_tempdir().full_path
-    peft_model.save_pretrained(d2)
+    d2, y_torch = _saved_by_peft(self, config)
     fresh = _jax_mlp()
     adapters.load_adapters(d2, fresh, format="peft")
     self.assertLessEqual(_max_diff(fresh(_IDS), y_torch), _TOL)
@@ -441,3 +432,7 @@ class VariantParityTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "save_adapter"):
       adapters.save_adapters(self.create_tempdir().full_path, model,
                              format="peft")
+
+
+if __name__ == "__main__":
+  absltest.main()

@@ -46,15 +46,6 @@ def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
 
 
-def _randomize(model, scale=0.05, seed=1):
-  for i, m in enumerate(adapters.adapter_modules(model).values()):
-    for j, var in enumerate((m.lora_a, m.lora_b)):
-      v = var.get_value()
-      key = jax.random.fold_in(jax.random.key(seed), 2 * i + j)
-      var.set_value(jax.device_put(
-          jax.random.normal(key, v.shape, v.dtype) * scale, v.sharding))
-
-
 class NF4MathTest(parameterized.TestCase):
 
   def test_code_table_is_the_normal_quantile_construction(self):
@@ -246,7 +237,7 @@ class QuantizedLayerTest(parameterized.TestCase):
     x = jnp.ones((2, 64), jnp.bfloat16)
     self.assertEqual(q(x).dtype, jnp.bfloat16)
     adapters.inject(model, targets="all-linear", rank=2)
-    _randomize(model)
+    testing.randomize_lora(model, scale=0.05)
     self.assertEqual(model.layers[0].lora_a.get_value().dtype, jnp.bfloat16)
     y = model.layers[0](x)
     errors = quantized.merge_quantized(model)
@@ -329,7 +320,7 @@ class QLoRATest(parameterized.TestCase):
     self.assertEqual(sorted(adapters.adapter_modules(model)),
                      ["ein", "gen", "layers.0", "layers.1"])
     np.testing.assert_array_equal(model(_IDS), y0)
-    _randomize(model)
+    testing.randomize_lora(model, scale=0.05)
     diff = nnx.DiffState(0, nnx.LoRAParam)
     grads = nnx.grad(lambda m: jnp.mean(m(_IDS) ** 2), argnums=diff)(model)
     flat = nnx.to_flat_state(grads)
@@ -343,17 +334,9 @@ class QLoRATest(parameterized.TestCase):
         _toy(nnx.Rngs(0)), targets=_LINEAR, scheme=scheme, rank=4)
     codes = model.gen.base.kernel_codes.get_value()
     target = jax.random.normal(jax.random.key(3), (2, 6, 4, 16))
-    opt = nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt):
-      loss_fn = lambda m: jnp.mean((m(_IDS) - target) ** 2)
-      loss, grads = nnx.value_and_grad(
-          loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
-      opt.update(model, grads)
-      return loss
-
-    losses = [float(step(model, opt)) for _ in range(15)]
+    losses = testing.train_lora(
+        model, optax.adam(1e-2), lambda m: jnp.mean((m(_IDS) - target) ** 2),
+        15)
     self.assertLess(losses[-1], 0.8 * losses[0])
     np.testing.assert_array_equal(model.gen.base.kernel_codes.get_value(),
                                   codes)
@@ -361,7 +344,7 @@ class QLoRATest(parameterized.TestCase):
   def test_merge_quantized_reports_the_requantisation_error(self):
     model = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
     adapters.inject(model, targets=_LINEAR, rank=4)
-    _randomize(model)
+    testing.randomize_lora(model, scale=0.05)
     y = model(_IDS)
     mods = adapters.adapter_modules(model)
     expect = {}
@@ -417,7 +400,7 @@ class QLoRATest(parameterized.TestCase):
   def test_quantize_base_under_existing_adapters(self):
     model = _toy(nnx.Rngs(0))
     adapters.inject(model, targets=_LINEAR, rank=2)
-    _randomize(model)
+    testing.randomize_lora(model, scale=0.05)
     mods = adapters.adapter_modules(model)
     deltas = {p: m.delta_weight() for p, m in mods.items()}
     quantized.quantize_base(model, "all-linear", "int8")

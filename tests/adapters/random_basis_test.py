@@ -185,17 +185,8 @@ class CommonTest(parameterized.TestCase):
     frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
     kernels_before = _leaves(model, frozen)
     opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt):
-      def loss_fn(m):
-        return jnp.mean((m(_X) - target) ** 2)
-
-      diff = nnx.DiffState(0, nnx.LoRAParam)
-      loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model)
-      opt.update(model, grads)
-      return loss, grads
-
+    step = testing.lora_step(lambda m: jnp.mean((m(_X) - target) ** 2),
+                             with_grads=True)
     loss, grads = step(model, opt)
     losses = [float(loss)]
     # Gradients reach exactly the trainable leaves, all of them non-zero.

@@ -1,7 +1,5 @@
 """Tests for PiSSA / OLoRA / CorDA inits (`lowrank.adapters.svd_init`)."""
 
-import os
-
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
@@ -133,17 +131,9 @@ class InitTest(parameterized.TestCase):
       model = _toy(nnx.Rngs(0))
       _inject(model, "pissa")
     target = jnp.cos(_X.sum(-1))[..., None] * jnp.ones((1, 1, 6))
-    opt = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.LoRAParam)
-
-    @nnx.jit
-    def step(model, opt):
-      diff = nnx.DiffState(0, nnx.LoRAParam)
-      loss, grads = nnx.value_and_grad(
-          lambda m: jnp.mean((m(_X) - target) ** 2), argnums=diff)(model)
-      opt.update(model, grads)
-      return loss
-
-    losses = [float(step(model, opt)) for _ in range(15)]
+    losses = testing.train_lora(
+        model, optax.adamw(1e-2), lambda m: jnp.mean((m(_X) - target) ** 2),
+        15)
     self.assertLess(losses[-1], 0.8 * losses[0])
 
   def test_errors(self):
@@ -228,25 +218,11 @@ class PeftParityTest(parameterized.TestCase):
 
   @parameterized.parameters("pissa", "olora", "corda_ipm", "corda_kpm")
   def test_matches_peft(self, init):
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
+    torch, peft, net = testing.torch_linear_under_peft(10, 7)
     # pylint: disable=g-import-not-at-top
     from peft.tuners.lora import config as peft_config
     from peft.tuners.lora import corda as peft_corda
     # pylint: enable=g-import-not-at-top
-    torch.manual_seed(0)
-
-    class Net(torch.nn.Module):
-
-      def __init__(self):
-        super().__init__()
-        self.lin = torch.nn.Linear(10, 7)
-
-      def forward(self, x):
-        return self.lin(x)
-
-    net = Net()
     w = net.lin.weight.detach().numpy().copy()
     x = np.random.RandomState(0).randn(20, 10).astype(np.float32)
     x[:, 0] *= 5

@@ -12,6 +12,8 @@ from lowrank import adapters
 from lowrank import sharding
 from lowrank.optim import allora
 
+from tests import testing
+
 
 def _params(dtype=jnp.float32):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
@@ -106,18 +108,8 @@ class ScaleByALLoRATest(parameterized.TestCase):
       model = _Wrap(nnx.Linear(8, 8, rngs=nnx.Rngs(0)))
       adapters.inject(model, targets="lin", rank=4, alpha=4, dropout=0.0)
       self.assertEqual(model.lin.scale, 1.0)
-      opt = nnx.Optimizer(model, allora.allora_adamw(3e-2, eta=4.0),
-                          wrt=nnx.LoRAParam)
-
-      @nnx.jit
-      def step(model, opt):
-        diff = nnx.DiffState(0, nnx.LoRAParam)
-        loss, grads = nnx.value_and_grad(
-            lambda m: jnp.mean((m(x) - y) ** 2), argnums=diff)(model)
-        opt.update(model, grads)
-        return loss
-
-      losses = [float(step(model, opt)) for _ in range(40)]
+      losses = testing.train_lora(model, allora.allora_adamw(3e-2, eta=4.0),
+                                  lambda m: jnp.mean((m(x) - y) ** 2), 40)
     self.assertLess(losses[-1], 0.7 * losses[0])
 
 
