@@ -1,6 +1,5 @@
 """Tests for `lowrank.data.beir`."""
 
-import os
 import pathlib
 import re
 
@@ -10,14 +9,7 @@ import pytest
 
 from lowrank.data import beir
 
-# tests/ -> repo root -> its parent, where the shared data checkout lives.
-_SHARED_DIR = pathlib.Path(
-    os.environ.get(
-        "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[3] / "shared",
-    )
-)
-_BEIR_DIR = _SHARED_DIR / "data" / "beir"
+from tests import testing
 
 _CORPUS = [
     '{"_id": "d1", "title": "Title one", "text": "text one"}',
@@ -35,15 +27,6 @@ _QRELS = ["query-id\tcorpus-id\tscore", "q1\td1\t1", "q2\td2\t0"]
 class LoadBeirSharedDataTest(parameterized.TestCase):
   """Loads the real collections in ../shared/data/beir (skipped if absent)."""
 
-  def _dir(self, name: str) -> pathlib.Path:
-    directory = _BEIR_DIR / name
-    if not directory.is_dir():
-      self.skipTest(
-          f"../shared/data not present ({directory} missing; set "
-          "LOWRANK_SHARED_DIR to the folder holding data/beir)"
-      )
-    return directory
-
   @parameterized.named_parameters(
       # name, split, judged queries, documents, judgments
       ("scifact_test", "scifact", "test", 300, 5183, 339),
@@ -52,7 +35,7 @@ class LoadBeirSharedDataTest(parameterized.TestCase):
       ("cisi", "cisi", "test", 76, 1460, 3114),
   )
   def test_official_counts(self, name, split, num_queries, num_docs, num_qrels):
-    dataset = beir.load_beir(self._dir(name), split)
+    dataset = beir.load_beir(testing.beir_dir(self, name), split)
     self.assertLen(dataset.queries, num_queries)
     self.assertLen(dataset.corpus, num_docs)
     self.assertEqual(sum(len(v) for v in dataset.qrels.values()), num_qrels)
@@ -63,7 +46,7 @@ class LoadBeirSharedDataTest(parameterized.TestCase):
       self.assertContainsSubset(set(judged), set(dataset.corpus))
 
   def test_scifact_title_and_text_are_joined(self):
-    dataset = beir.load_beir(self._dir("scifact"))
+    dataset = beir.load_beir(testing.beir_dir(self, "scifact"))
     self.assertStartsWith(
         dataset.corpus["4983"],
         "Microstructural development of human newborn cerebral white matter "
@@ -73,11 +56,10 @@ class LoadBeirSharedDataTest(parameterized.TestCase):
     self.assertEqual(dataset.qrels["1"], {"31715818": 1})
 
   def test_every_collection_and_split_loads(self):
-    if not _BEIR_DIR.is_dir():
-      self.skipTest(f"../shared/data not present ({_BEIR_DIR} missing)")
+    root = testing.beir_dir(self)
     # The policy for real quirks: only Cranfield's two empty documents need
     # an option; everything else loads with the strict default.
-    for directory in sorted(p for p in _BEIR_DIR.iterdir() if p.is_dir()):
+    for directory in sorted(p for p in root.iterdir() if p.is_dir()):
       with self.subTest(directory.name):
         keep = directory.name == "cranfield"
         raw = beir.read_directory(directory, keep_empty_documents=keep)
@@ -90,7 +72,7 @@ class LoadBeirSharedDataTest(parameterized.TestCase):
           self.assertEqual(dataset.qrels, raw.qrels[split])
 
   def test_cranfield_empty_documents(self):
-    directory = self._dir("cranfield")
+    directory = testing.beir_dir(self, "cranfield")
     # Documents 471 and 995 are empty in the original collection.
     with self.assertRaisesRegex(ValueError, r"corpus\.jsonl:471: .*empty"):
       beir.load_beir(directory)
@@ -140,68 +122,28 @@ class LoadBeirValidationTest(parameterized.TestCase):
       # name, file, lines to append, line number of the problem, message.
       ("bad_json", "corpus", ['{"_id": "d3", "text": '], 3, "malformed JSON"),
       ("not_object", "corpus", ["[1, 2]"], 3, "expected a JSON object"),
-      (
-          "missing_id",
-          "corpus",
-          ['{"text": "t"}'],
-          3,
-          "missing or invalid '_id'",
-      ),
+      ("missing_id", "corpus", ['{"text": "t"}'],
+       3, "missing or invalid '_id'"),
       ("missing_text", "corpus", ['{"_id": "d3"}'], 3, "'text'"),
-      (
-          "bad_title",
-          "corpus",
-          ['{"_id": "d3", "title": 7, "text": "t"}'],
-          3,
-          "non-string 'title'",
-      ),
-      (
-          "duplicate_doc",
-          "corpus",
-          ['{"_id": "d1", "text": "t"}'],
-          3,
-          "duplicate document id 'd1' (first on line 1)",
-      ),
-      (
-          "empty_doc",
-          "corpus",
-          ['{"_id": "d3", "title": "", "text": " "}'],
-          3,
-          "empty text",
-      ),
-      (
-          "duplicate_query",
-          "queries",
-          ['{"_id": "q2", "text": "again"}'],
-          4,
-          "duplicate query id 'q2' (first on line 2)",
-      ),
-      (
-          "empty_query",
-          "queries",
-          ['{"_id": "q4", "text": ""}'],
-          4,
-          "empty text",
-      ),
-      (
-          "query_missing_text",
-          "queries",
-          ['{"_id": "q4", "txt": "x"}'],
-          4,
-          "'text'",
-      ),
+      ("bad_title", "corpus", ['{"_id": "d3", "title": 7, "text": "t"}'],
+       3, "non-string 'title'"),
+      ("duplicate_doc", "corpus", ['{"_id": "d1", "text": "t"}'],
+       3, "duplicate document id 'd1' (first on line 1)"),
+      ("empty_doc", "corpus", ['{"_id": "d3", "title": "", "text": " "}'],
+       3, "empty text"),
+      ("duplicate_query", "queries", ['{"_id": "q2", "text": "again"}'],
+       4, "duplicate query id 'q2' (first on line 2)"),
+      ("empty_query", "queries", ['{"_id": "q4", "text": ""}'],
+       4, "empty text"),
+      ("query_missing_text", "queries", ['{"_id": "q4", "txt": "x"}'],
+       4, "'text'"),
       ("few_fields", "qrels", ["q1\td2"], 4, "expected 3 tab-separated"),
       ("many_fields", "qrels", ["q1\t0\td2\t1"], 4, "got 4"),
       ("float_score", "qrels", ["q1\td2\t0.5"], 4, "non-integer score '0.5'"),
       ("unknown_query", "qrels", ["q9\td1\t1"], 4, "unknown query id 'q9'"),
       ("unknown_doc", "qrels", ["q1\td9\t1"], 4, "unknown document id 'd9'"),
-      (
-          "duplicate_judgment",
-          "qrels",
-          ["q1\td1\t2"],
-          4,
-          "duplicate judgment ('q1', 'd1') (first on line 2)",
-      ),
+      ("duplicate_judgment", "qrels", ["q1\td1\t2"],
+       4, "duplicate judgment ('q1', 'd1') (first on line 2)"),
   )
   def test_problem_line(self, which, extra, lineno, message):
     base = {"corpus": _CORPUS, "queries": _QUERIES, "qrels": _QRELS}

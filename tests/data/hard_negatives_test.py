@@ -1,8 +1,5 @@
 """Tests for `lowrank.data.hard_negatives`."""
 
-import os
-import pathlib
-
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
@@ -14,12 +11,7 @@ from lowrank.data import hard_negatives as hn
 from lowrank.models import bert
 from lowrank.retrieval import bm25
 
-_SHARED_DIR = pathlib.Path(
-    os.environ.get(
-        "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[3] / "shared",
-    )
-)
+from tests import testing
 
 _WORDS = "apple banana cherry grape lemon mango olive peach pear plum".split()
 
@@ -320,9 +312,7 @@ class MiniLMTest(absltest.TestCase):
 class SciFactTest(absltest.TestCase):
 
   def test_bm25_negatives_exclude_every_positive(self):
-    directory = _SHARED_DIR / "data" / "beir" / "scifact"
-    if not directory.is_dir():
-      self.skipTest(f"../shared/data not present ({directory} missing)")
+    directory = testing.beir_dir(self, "scifact")
     data = beir.load_beir(directory, "train")
     queries = dict(list(data.queries.items())[:30])
     mined = hn.mine_bm25(queries, data.corpus, data.qrels, depth=8)

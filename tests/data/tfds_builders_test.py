@@ -1,6 +1,5 @@
 """Tests for `lowrank.data.tfds_builders` (array_record, no TensorFlow)."""
 
-import os
 import pathlib
 import sys
 
@@ -12,12 +11,7 @@ from lowrank.data import beir
 from lowrank.data import code_search
 from lowrank.data import tfds_builders
 
-_SHARED_DIR = pathlib.Path(
-    os.environ.get(
-        "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[3] / "shared",
-    )
-)
+from tests import testing
 
 _CORPUS = [
     '{"_id": "d1", "title": "Title one", "text": "text one"}',
@@ -196,12 +190,7 @@ class EmbeddedBuildersTest(absltest.TestCase):
 class SharedBeirTest(absltest.TestCase):
 
   def test_scifact_through_tfds(self):
-    directory = _SHARED_DIR / "data" / "beir" / "scifact"
-    if not directory.is_dir():
-      self.skipTest(
-          f"../shared/data not present ({directory} missing; set "
-          "LOWRANK_SHARED_DIR to the folder holding data/beir)"
-      )
+    directory = testing.beir_dir(self, "scifact")
     data_dir = self.create_tempdir().full_path
     got = tfds_builders.load("beir", data_dir=data_dir, manual_dir=directory)
     self.assertEqual(got, beir.load_beir(directory))
