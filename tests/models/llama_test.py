@@ -20,6 +20,8 @@ from lowrank import optim
 from lowrank import sharding
 from lowrank.models import llama
 
+from tests import testing
+
 P = jax.sharding.PartitionSpec
 
 
@@ -29,20 +31,12 @@ def _config(**overrides) -> llama.LlamaConfig:
 
 
 def _mesh():
-  return sharding.use_mesh(sharding.make_mesh(devices=jax.devices()[:1]))
+  return sharding.use_mesh(testing.one_device_mesh())
 
 
 def _model(seed: int = 0, **overrides) -> llama.LlamaForCausalLM:
-  with _mesh():
-    model = llama.LlamaForCausalLM(_config(**overrides), rngs=nnx.Rngs(seed))
-  # Norm scales start at 1; randomise them so a missed norm shows.
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param) and path[-1] == "scale":
-      key = jax.random.fold_in(jax.random.key(seed + 100), hash(path) % 997)
-      value = var.get_value()
-      var.set_value(jax.random.uniform(key, value.shape, value.dtype, 0.5,
-                                       1.5))
-  return model
+  """Random norm scales too, so a missed norm shows."""
+  return testing.tiny_llama_lm(seed, norm_seed=seed + 100, **overrides)
 
 
 @nnx.jit
