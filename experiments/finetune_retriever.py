@@ -5,7 +5,7 @@ r"""Fine-tunes a retrieval model (LoRA, any adapter, or full) and evaluates it.
 
 `--config.model.name`: `biencoder`, `matryoshka`, `colbert` or `splade`
 (`experiments/retrieval_models.py`); the config file documents every key.
-`train_and_evaluate(config, workdir)` is a thin layer over `lowrank.train`
+`train_and_evaluate(config, workdir)` is a thin layer over `lowrank.train.fit`
 and `lowrank.data.specs`. The workdir gets orbax checkpoints (reruns
 resume), metrics (CSV, JSONL, TensorBoard), `zero_shot.json`,
 `results.json`, `results.md` and, with prefix sizes, `prefix_curve.png`.
@@ -26,7 +26,6 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
-from flax import nnx
 import jax
 import ml_collections
 
@@ -220,46 +219,33 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
     train.inject_from_config(model, config.adapter, rngs=config.seed)
     model.eval()  # No dropout: deterministic, resumable runs.
     wrt = retrieval_models.trainable(config, model)
-    graphdef, params, rest = train.split(model, wrt)
-    check_optimizer(config, params)
-    tx = train.optimizer_from_config(config.optimizer, model=model)
-    param_shardings, opt_shardings = train.shardings(model, wrt, tx, mesh)
-    opt_state = train.init_opt_state(tx, params, shardings=opt_shardings)
-    step = train.make_train_step(
-        graphdef, retrieval_models.make_loss(
-            config, tokenizer, [d for _, d in pairs]), tx,
-        param_shardings=param_shardings, opt_shardings=opt_shardings)
-    batch_fn = retrieval_models.make_batch_fn(config, model, tokenizer, pairs)
-    data_sharding = jax.NamedSharding(mesh, jax.P(("data", "fsdp")))
-    memory = step.memory(params, opt_state, rest, distributed.host_to_global(
-        batch_fn(1), data_sharding))
-    logging.info("compiled step memory: %s", memory)
-    counts = adapters.count_parameters(model)  # Before params are donated.
-    counts["trainable"] = sum(x.size for x in jax.tree.leaves(params))
+    check_optimizer(config, train.split(model, wrt)[1])
+    total_params = int(adapters.count_parameters(model)["total"])
     final_info = {}
 
-    def eval_fn(params, rest):
-      metrics, info = _evaluate(nnx.merge(graphdef, params, rest), tokenizer,
-                                test, config)
+    def eval_fn(trained):
+      metrics, info = _evaluate(trained, tokenizer, test, config)
       final_info.update(info)
       return metrics
 
-    t = config.train
-    out = train.train_loop(
-        step, params, opt_state, rest, batch_fn=batch_fn,
-        num_steps=t.num_steps, workdir=workdir,
-        checkpoint_every=t.checkpoint_every, log_every=t.log_every,
-        eval_every=t.eval_every, eval_fn=eval_fn, data_sharding=data_sharding,
+    fit = train.fit(
+        model, wrt, retrieval_models.make_loss(
+            config, tokenizer, [d for _, d in pairs]),
+        train.optimizer_from_config(config.optimizer, model=model),
+        config.train, batch_fn=retrieval_models.make_batch_fn(
+            config, model, tokenizer, pairs), workdir=workdir, mesh=mesh,
+        eval_fn=eval_fn,
         desc=f"{config.model.name} {config.adapter.method} fine-tune")
+  out = fit.loop
   results = dict(
       data=config.data.spec, model=config.model.name,
       method=config.adapter.method, optimizer=config.optimizer.name,
-      optimizer_state_bytes=int(optim.state_bytes(out.opt_state)),
-      num_train_steps=t.num_steps, train_pairs=len(pairs),
+      optimizer_state_bytes=fit.opt_state_bytes,
+      num_train_steps=config.train.num_steps, train_pairs=len(pairs),
       test_queries=len(test.qrels), test_docs=len(test.corpus),
       zero_shot=zero_shot, final=out.last_eval, zero_shot_info=zero_info,
-      final_info=final_info, trainable_params=int(counts["trainable"]),
-      total_params=int(counts["total"]), compiled_step_memory=memory,
+      final_info=final_info, trainable_params=fit.trainable_params,
+      total_params=total_params, compiled_step_memory=fit.memory,
       train_seconds=out.train_seconds, resumed_from_step=out.start_step,
       wall_seconds=time.perf_counter() - t_start)
   if distributed.is_main_process():
