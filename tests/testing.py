@@ -32,6 +32,8 @@ import pathlib
 from typing import Any
 import unittest
 
+import zlib
+
 from absl.testing import parameterized
 from flax import nnx
 import jax
@@ -210,8 +212,8 @@ def tiny_llama_lm(seed: int = 0, *, norm_seed: int | None = None,
   `initializer_range` is 0.2 unless overridden, so that a mistake is not
   hidden by near-uniform logits; the model is built with `nnx.Rngs(seed)`
   on `one_device_mesh()`. With `norm_seed`, every norm scale (1 at init)
-  is drawn from U[0.5, 1.5] with key `fold_in(key(norm_seed), hash(path)
-  % 997)`, so that a missed norm shows.
+  is drawn from U[0.5, 1.5] with key `fold_in(key(norm_seed), crc32(path)
+  % 997)` (the same in every process, unlike `hash`), so that a missed norm shows.
   """
   from lowrank.models import llama  # pylint: disable=g-import-not-at-top
   config = tiny_llama_config(**({"initializer_range": 0.2} | overrides))
@@ -220,7 +222,7 @@ def tiny_llama_lm(seed: int = 0, *, norm_seed: int | None = None,
   if norm_seed is not None:
     for path, var in nnx.iter_graph(model):
       if isinstance(var, nnx.Param) and path[-1] == "scale":
-        key = jax.random.fold_in(jax.random.key(norm_seed), hash(path) % 997)
+        key = jax.random.fold_in(jax.random.key(norm_seed), zlib.crc32(repr(path).encode()) % 997)
         value = var.get_value()
         var.set_value(jax.random.uniform(key, value.shape, value.dtype, 0.5,
                                          1.5))
