@@ -20,8 +20,10 @@ def _phase(num_steps, batch_size, peak_value, warmup_steps, **extra):
           schedule="warmup_cosine_decay_schedule", init_value=0.0,
           peak_value=peak_value, warmup_steps=warmup_steps,
           decay_steps=num_steps, end_value=0.1 * peak_value)), **extra))
+  # A computed reference: follows num_steps, and overriding it alone does
+  # not change num_steps (a plain reference would).
   phase.optimizer.learning_rate.decay_steps = phase.train.get_ref(
-      "num_steps")
+      "num_steps").to_int()
   return phase
 
 

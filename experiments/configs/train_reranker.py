@@ -51,8 +51,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       learning_rate=dict(schedule="warmup_cosine_decay_schedule",
                          init_value=0.0, peak_value=1e-3, warmup_steps=20,
                          decay_steps=200))
+  # A computed reference: follows num_steps, and overriding it alone does
+  # not change num_steps (a plain reference would).
   config.optimizer.learning_rate.decay_steps = config.train.get_ref(
-      "num_steps")
+      "num_steps").to_int()
   config.mesh = dict(data=1, fsdp=1, tensor=1)  # The first N devices.
   # The first stage (bm25, or minilm zero-shot) retrieves first_stage_depth
   # documents per query, the cross-encoder rescores the top rerank_k; the

@@ -458,6 +458,25 @@ class PresetsTest(parameterized.TestCase):
                    if p.name != "__init__.py")
     self.assertEqual(names, sorted(_BINARIES))
 
+  @parameterized.parameters(finetune_config, pretrain_config, rerank_config,
+                            reranker_config)
+  def test_overriding_decay_steps_leaves_num_steps(self, config_lib):
+    # decay_steps follows train.num_steps through a computed reference; a
+    # plain one would write an override of decay_steps into num_steps.
+    config = config_lib.get_config()
+    flat = config_checks._flat(config.to_dict())  # pylint: disable=protected-access
+    decays = [k for k in flat if k.endswith("decay_steps")]
+    steps = {k: v for k, v in flat.items() if k.endswith("num_steps")}
+    self.assertNotEmpty(decays)
+    for key in decays:
+      node = config
+      *parents, leaf = key.split(".")
+      for part in parents:
+        node = node[part]
+      node[leaf] = 3
+    after = config_checks._flat(config.to_dict())  # pylint: disable=protected-access
+    self.assertEqual({k: after[k] for k in steps}, steps)
+
   @parameterized.parameters(sorted(_BINARIES))
   def test_presets_validate(self, binary):
     source = (_CONFIG_DIR / f"{binary}.py").read_text()
