@@ -141,3 +141,32 @@ def run_main(train_and_evaluate, validate_config, *, setup=None) -> None:
   flags.mark_flags_as_required(["config", "workdir"])
   jax.config.config_with_absl()
   app.run(main)
+
+
+def multi_process_setup():
+  """Defines the multi-process flags; returns the `setup` for `run_main`.
+
+  `--coordinator_address` ('host:port' of process 0, or 'auto' on a TPU pod
+  slice / SLURM / Open MPI), `--num_processes`, `--process_id` (defaults:
+  $LOWRANK_COORDINATOR, $LOWRANK_NUM_PROCESSES, $LOWRANK_PROCESS_ID, else
+  one process); `setup()` calls `lowrank.distributed.initialize` with them
+  before anything touches devices (the mesh must see every process's).
+  """
+  coordinator = flags.DEFINE_string(
+      "coordinator_address", None,
+      "Multi-process runs: 'host:port' of process 0 (the same for every "
+      "process), or 'auto' (TPU pod slice / SLURM / Open MPI). Default: "
+      "$LOWRANK_COORDINATOR, else a single process.")
+  num_processes = flags.DEFINE_integer(
+      "num_processes", None, "Multi-process runs: number of processes "
+      "(default: $LOWRANK_NUM_PROCESSES, else 1).")
+  process_id = flags.DEFINE_integer(
+      "process_id", None, "Multi-process runs: this process's index in [0, "
+      "num_processes) (default: $LOWRANK_PROCESS_ID).")
+
+  def setup():
+    from lowrank import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(coordinator_address=coordinator.value,
+                           num_processes=num_processes.value,
+                           process_id=process_id.value)
+  return setup

@@ -23,9 +23,6 @@ import os
 import time
 from typing import Any
 
-from absl import app
-from absl import flags
-from absl import logging
 import jax
 import ml_collections
 
@@ -44,18 +41,7 @@ from lowrank.models import bert
 from lowrank.retrieval import biencoder
 from lowrank.retrieval import evaluate as evaluate_lib
 
-_CONFIG, _WORKDIR = common_flags.config_and_workdir()
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None,
-    "Multi-process runs: 'host:port' of process 0 (the same for every "
-    "process), or 'auto' (TPU pod slice / SLURM / Open MPI). Default: "
-    "$LOWRANK_COORDINATOR, else a single process.")
-_NUM_PROCESSES = flags.DEFINE_integer(
-    "num_processes", None, "Multi-process runs: number of processes "
-    "(default: $LOWRANK_NUM_PROCESSES, else 1).")
-_PROCESS_ID = flags.DEFINE_integer(
-    "process_id", None, "Multi-process runs: this process's index in [0, "
-    "num_processes) (default: $LOWRANK_PROCESS_ID).")
+common_flags.config_and_workdir()
 
 Config = ml_collections.ConfigDict
 MODELS, DENSE = retrieval_models.MODELS, retrieval_models.DENSE_MODELS
@@ -293,21 +279,6 @@ def format_results(runs: dict[str, Any] | list[dict[str, Any]]) -> str:
   return "\n".join(rows)
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError("Too many command-line arguments.")
-  if not flags.FLAGS["verbosity"].present:
-    # orbax logs every write at INFO; the progress bar and table suffice.
-    logging.set_verbosity(logging.WARNING)
-  # Before anything touches devices: the mesh must see every process's.
-  distributed.initialize(coordinator_address=_COORDINATOR.value,
-                         num_processes=_NUM_PROCESSES.value,
-                         process_id=_PROCESS_ID.value)
-  validate_config(_CONFIG.value, config_checks.overrides(_CONFIG))
-  train_and_evaluate(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
-  jax.config.config_with_absl()
-  app.run(main)
+  common_flags.run_main(train_and_evaluate, validate_config,
+                        setup=common_flags.multi_process_setup())
