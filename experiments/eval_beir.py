@@ -183,27 +183,21 @@ def evaluate_beir(data_dir: str | os.PathLike, model: str, *,
       "k": k, "metrics": scores, "timing": timing, "stats": stats}
   if output_dir is not None:
     os.makedirs(output_dir, exist_ok=True)
-    metric_writers.write_json(os.path.join(output_dir, "results.json"),
-                              results)
-    with open(os.path.join(output_dir, "results.md"), "w") as f:
-      f.write(format_results(results) + "\n")
+    metric_writers.write_results(output_dir, results, format_results(results))
   return results
 
 
 def format_results(r: dict[str, Any]) -> str:
   """A one-row Markdown table with the metrics and times."""
-  header = ["model", *_LABELS.values(), "index time", "search time",
-            "total time"]
-  row = [f"{r['model']} ({r['kind']})",
-         *(f"{r['metrics'][m]:.4f}" for m in METRICS),
-         *(f"{r['timing'][key]:.1f} s"
-           for key in ("index_s", "search_s", "total_s"))]
-  return "\n".join([
-      f"{r['dataset']} ({r['split']}): {r['num_queries']} queries, "
-      f"{r['num_docs']} documents, top {r['k']}", "",
-      "| " + " | ".join(header) + " |",
-      "|---|" + "---:|" * (len(header) - 1),
-      "| " + " | ".join(row) + " |"])
+  return (f"{r['dataset']} ({r['split']}): {r['num_queries']} queries, "
+          f"{r['num_docs']} documents, top {r['k']}\n\n"
+          + metric_writers.markdown_table(
+              ["model", *_LABELS.values(), "index time", "search time",
+               "total time"],
+              [[f"{r['model']} ({r['kind']})",
+                *(float(r["metrics"][m]) for m in METRICS),
+                *(f"{r['timing'][key]:.1f} s"
+                  for key in ("index_s", "search_s", "total_s"))]]))
 
 
 def main(argv):

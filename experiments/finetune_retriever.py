@@ -235,16 +235,17 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
       train_seconds=out.train_seconds, resumed_from_step=out.start_step,
       wall_seconds=time.perf_counter() - t_start)
   if distributed.is_main_process():
-    metric_writers.write_json(os.path.join(workdir, "results.json"), results)
     table = "\n\n".join(
         x for x in (format_results(results),
                     retrieval_models.format_extra(results)) if x)
     if evaluate_lib.prefix_curve(out.last_eval):
-      table += "\n\nplot: " + retrieval_models.plot_prefix_curves(
-          [results], os.path.join(workdir, "prefix_curve.png"))
-    with open(os.path.join(workdir, "results.md"), "w") as f:
-      f.write(table + "\n")
-    print(table)
+      table += "\n\nplot: " + evaluate_lib.plot_prefix_curves(
+          [("zero-shot (truncated)", zero_shot, "k--"),
+           (f"{config.model.name} {config.adapter.method} "
+            f"({config.train.num_steps} steps)", out.last_eval, "-")],
+          os.path.join(workdir, "prefix_curve.png"),
+          title=f"Matryoshka curve on {results['data']}")
+    print(metric_writers.write_results(workdir, results, table))
   # Nobody exits (tearing down the coordinator) while others still work.
   distributed.barrier("finetune_retriever:done")
   return results
@@ -260,23 +261,23 @@ def _label(r: dict[str, Any]) -> str:
 def format_results(runs: dict[str, Any] | list[dict[str, Any]]) -> str:
   """A Markdown table: zero-shot, then one row per fine-tuned run."""
   runs = [runs] if isinstance(runs, dict) else list(runs)
-  r0, z = runs[0], runs[0]["zero_shot"]
-  rows = [f"data: {r0['data']} ({r0['train_pairs']} train pairs; "
-          f"{r0['test_queries']} test queries, {r0['test_docs']} docs)", "",
-          "| model | nDCG@10 | Recall@10 | Recall@100 | trainable params |"
-          " optimizer state | step memory | train time |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|",
-          f"| zero-shot | {z['ndcg_cut_10']:.4f} | {z['recall_10']:.4f} | "
-          f"{z['recall_100']:.4f} | 0 | - | - | - |"]
+  r0, measures = runs[0], ("ndcg_cut_10", "recall_10", "recall_100")
+  rows = [["zero-shot", *(r0["zero_shot"][m] for m in measures), 0, None,
+           None, None]]
   for r in runs:
-    f, state = r["final"], r.get("optimizer_state_bytes")
-    state = "-" if state is None else f"{state / 2**20:.1f} MiB"
-    rows.append(
-        f"| {_label(r)} | {f['ndcg_cut_10']:.4f} | {f['recall_10']:.4f} | "
-        f"{f['recall_100']:.4f} | {r['trainable_params']:,} | {state} | "
-        f"{r['compiled_step_memory']['total_bytes'] / 2**20:.0f} MiB | "
-        f"{r['train_seconds']:.0f} s |")
-  return "\n".join(rows)
+    state = r.get("optimizer_state_bytes")
+    rows.append([
+        _label(r), *(r["final"][m] for m in measures),
+        f"{r['trainable_params']:,}",
+        None if state is None else f"{state / 2**20:.1f} MiB",
+        f"{r['compiled_step_memory']['total_bytes'] / 2**20:.0f} MiB",
+        f"{r['train_seconds']:.0f} s"])
+  return (f"data: {r0['data']} ({r0['train_pairs']} train pairs; "
+          f"{r0['test_queries']} test queries, {r0['test_docs']} docs)\n\n"
+          + metric_writers.markdown_table(
+              ["model", "nDCG@10", "Recall@10", "Recall@100",
+               "trainable params", "optimizer state", "step memory",
+               "train time"], rows))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ SPLADE-tiny, `splade.splade_loss` with the FLOPS regulariser warmed up over
 
 from collections.abc import Callable, Mapping, Sequence
 import functools
-import os
 from typing import Any
 
 from flax import nnx
@@ -23,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from lowrank import assets
+from lowrank import metric_writers
 from lowrank.models import bert
 from lowrank.retrieval import biencoder
 from lowrank.retrieval import colbert
@@ -208,54 +208,15 @@ def format_extra(r: Mapping[str, Any]) -> str:
   zi, fi = r.get("zero_shot_info") or {}, r.get("final_info") or {}
   variants = {k.replace("ndcg_cut_10", "{}") for k in f if "ndcg_cut_10" in k}
   order = lambda v: (v.split("@")[0], -int(v.split("@")[1] if "@" in v else 0))
-  rows = [f"{r['model']}: zero-shot -> final of each variant", "",
-          "| variant | nDCG@10 | Recall@100 |", "|---|---:|---:|"]
-  for v in sorted(variants - {"{}"}, key=order):
-    rows.append(f"| {v.format('*')} | " + " | ".join(
-        f"{z.get(v.format(n), float('nan')):.4f} -> {f[v.format(n)]:.4f}"
-        for n in ("ndcg_cut_10", "recall_100")) + " |")
-  rows = rows if len(rows) > 4 else []
+  rows = [[v.format("*"), *(
+      f"{z.get(v.format(n), float('nan')):.4f} -> {f[v.format(n)]:.4f}"
+      for n in ("ndcg_cut_10", "recall_100"))]
+          for v in sorted(variants - {"{}"}, key=order)]
+  parts = [f"{r['model']}: zero-shot -> final of each variant\n\n"
+           + metric_writers.markdown_table(
+               ["variant", "nDCG@10", "Recall@100"], rows)] if rows else []
   numbers = sorted(k for k, v in fi.items() if isinstance(v, (int, float)))
-  rows += [""] * bool(rows) + [
-      "| evaluation info | zero-shot | final |", "|---|---:|---:|"] + [
-      f"| {k} | {zi.get(k, float('nan')):.4g} | {fi[k]:.4g} |"
-      for k in numbers]
-  return "\n".join(rows)
-
-
-def plot_prefix_curves(runs: Sequence[Mapping[str, Any]],
-                       path: str | os.PathLike) -> str:
-  """Plots nDCG@10 and Recall@100 against embedding prefix size; `path`.
-
-  One line per run with prefix metrics, and the first one's zero-shot.
-  """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  curve = evaluate_lib.prefix_curve
-  runs = [r for r in runs if curve(r["final"])]
-  if not runs:
-    raise ValueError("No run has prefix metrics (ndcg_cut_10@<dim> keys); "
-                     "set eval.dims or model.name='matryoshka'.")
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-  for ax, measure, name in zip(axes, evaluate_lib.PREFIX_METRICS,
-                               ("nDCG@10", "Recall@100")):
-    lines = [(runs[0]["zero_shot"], "zero-shot (truncated)", "k--")] + [
-        (r["final"], f"{r['model']} {r['method']} ({r['num_train_steps']} "
-         "steps)", "-") for r in runs]
-    for metrics, label, style in lines:
-      c = curve(metrics, measure)
-      ax.plot(list(c), list(c.values()), style, marker="o", label=label)
-    dims = sorted({m for r in runs for m in curve(r["final"])})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(dims, [str(m) for m in dims])
-    ax.set(xlabel="embedding prefix size", ylabel=f"{name} (test)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(f"Matryoshka curve on {runs[0]['data']}")
-  fig.tight_layout()
-  path = os.fspath(path)
-  fig.savefig(path + ".tmp.png", dpi=110)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
-  return path
+  return "\n\n".join(parts + [metric_writers.markdown_table(
+      ["evaluation info", "zero-shot", "final"],
+      [[k, f"{zi.get(k, float('nan')):.4g}", f"{fi[k]:.4g}"]
+       for k in numbers])])

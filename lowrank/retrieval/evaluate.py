@@ -21,12 +21,15 @@ The dataset is anything with `corpus`, `queries` and `qrels` dicts (e.g.
 `lowrank.data.beir.Dataset`); every judged query is searched. With several
 processes, evaluate a `local_copy` of the model (every process then
 computes the same metrics with no further communication).
+`prefix_curve` reads one measure per prefix size back from the metrics,
+`plot_prefix_curves` draws them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import contextlib
+import os
 import time
 from typing import Any
 
@@ -49,6 +52,7 @@ from lowrank.retrieval import splade
 METRICS = ("ndcg_cut_10", "recall_10", "recall_100")
 # Measures reported at every embedding prefix size.
 PREFIX_METRICS = ("ndcg_cut_10", "recall_100")
+_PREFIX_LABELS = {"ndcg_cut_10": "nDCG@10", "recall_100": "Recall@100"}
 
 Result = tuple[dict[str, float], dict[str, Any]]
 
@@ -317,3 +321,42 @@ def prefix_curve(metrics: Mapping[str, float],
     if sep and name == measure:
       out[int(dims)] = float(value)
   return dict(sorted(out.items()))
+
+
+def plot_prefix_curves(curves: Sequence[tuple[str, Mapping[str, float], str]],
+                       path: str, *, title: str = "") -> str:
+  """Plots `PREFIX_METRICS` against embedding prefix size; returns `path`.
+
+  Args:
+    curves: `(label, metrics, matplotlib line style)` per line; `metrics`
+      holds `dense`'s `"measure@dims"` keys (`prefix_curve`).
+    path: The PNG written (atomically).
+    title: The figure's title.
+
+  Raises:
+    ValueError: If no curve has prefix metrics.
+  """
+  if not any(prefix_curve(m) for _, m, _ in curves):
+    raise ValueError("No curve has prefix metrics (ndcg_cut_10@<dim> keys); "
+                     "evaluate with dense(..., prefix_dims=...).")
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, len(PREFIX_METRICS), figsize=(10, 3.8))
+  dims = sorted({d for _, m, _ in curves for d in prefix_curve(m)})
+  for ax, measure in zip(axes, PREFIX_METRICS):
+    for label, metrics, style in curves:
+      c = prefix_curve(metrics, measure)
+      ax.plot(list(c), list(c.values()), style, marker="o", label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(dims, [str(d) for d in dims])
+    ax.set(xlabel="embedding prefix size",
+           ylabel=f"{_PREFIX_LABELS[measure]} (test)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path + ".tmp.png", dpi=110)
+  plt.close(fig)
+  os.replace(path + ".tmp.png", path)
+  return path

@@ -66,6 +66,21 @@ class EvaluateTest(absltest.TestCase):
     for name, value in expected.items():
       self.assertAlmostEqual(out[f"{name}@8"], value, places=6)
 
+  def test_plot_prefix_curves(self):
+    path = self.create_tempfile("curve.png").full_path
+    final = {"ndcg_cut_10@8": 0.5, "ndcg_cut_10@32": 0.7, "recall_100@8": 0.8,
+             "recall_100@32": 0.9, "recall_10": 0.6}
+    self.assertEqual(evaluate.plot_prefix_curves(
+        [("zero-shot", {k: v / 2 for k, v in final.items()}, "k--"),
+         ("final", final, "-")], path, title="curve"), path)
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
+  def test_plot_prefix_curves_without_prefix_metrics(self):
+    with self.assertRaisesRegex(ValueError, "No curve has prefix metrics"):
+      evaluate.plot_prefix_curves([("final", {"ndcg_cut_10": 0.5}, "-")],
+                                  self.create_tempfile().full_path)
+
   def test_dense_prefix_wider_than_the_embedding(self):
     model = biencoder.BiEncoder(_encoder())
     with self.assertRaisesRegex(ValueError, r"Prefix sizes \[64\] exceed "
