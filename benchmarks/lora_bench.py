@@ -3,17 +3,26 @@ r"""LoRA vs full fine-tuning train step, and `embed` vs sentence-transformers.
   python benchmarks/lora_bench.py
   python benchmarks/lora_bench.py --models=minilm --steps=5 --skip_embed
 
-Part 1 times the bi-encoder contrastive train step of
-`experiments/finetune_retriever.py` (same loss, pooling, scale, AdamW and
-schedule, read from its config): 32 queries of 32 tokens and 32 code
-documents of 128 tokens, real (docstring, code) pairs from
-`lowrank.data.code_search`, tokenized once. Two models: all-MiniLM-L6-v2
+Part 1 times the bi-encoder train step of `experiments/finetune_retriever.py`
+as that binary builds it from its default config: the `BiEncoder`
+(`retrieval_models.load_model`), the adapters (`train.inject_from_config`
+of `config.adapter`), what is trained (`retrieval_models.trainable`), the
+loss (`retrieval_models.make_loss`: in-batch softmax, pooling, scale), the
+optimizer (`train.optimizer_from_config` of `config.optimizer`: AdamW with
+its warmup-cosine schedule) and the step (`train.split`, `train.shardings`
+on the config's mesh, `train.init_opt_state`, `train.make_train_step`: on
+CPU gradient and update as two jits, one elsewhere). The batch is the
+binary's first one (`retrieval_models.make_batch_fn`): 32 queries of 32
+tokens and 32 code documents of 128 tokens, real (docstring, code) pairs of
+`config.data.spec`, tokenized once. Two models: all-MiniLM-L6-v2
 (`assets.minilm_path()`) and a randomly initialised BERT-base-sized stack.
-Three configurations each: full fine-tuning (`wrt=nnx.Param`), LoRA r=8 on
-every linear layer and LoRA r=8 on query/value only. For each: the compiled
-step's memory (`memory_analysis()`), the matmuls in its jaxpr and optimized
-HLO (is any frozen-kernel weight gradient computed?) and the median step
-time, with the configurations interleaved round-robin in this one process.
+Three configurations each: full fine-tuning (`adapter.method="full"`),
+`config.adapter`'s LoRA (r=8) on every linear layer and the same on
+query/value only. For each: the compiled memory of the fused step
+(`TrainStep.memory`, the binary's `compiled_step_memory`), the matmuls in its
+jaxpr and optimized HLO (is any frozen-kernel weight gradient computed?) and
+the median step time, with the configurations interleaved round-robin in this
+one process.
 `--ablations` adds diagnostic rows: a floor that trains only the LayerNorms
 (input gradients through every layer, no adapters, no kernel weight
 gradients), all-linear LoRA traced with a candidate custom-VJP backward, and
@@ -31,8 +40,9 @@ alternate in one process, not the absolute numbers.
 """
 
 import collections
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import contextlib
+import copy
 import dataclasses
 import datetime
 import os
@@ -50,15 +60,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from experiments import retrieval_models
 from experiments.configs import finetune_retriever as ft_config
 from lowrank import adapters
 from lowrank import assets
+from lowrank import distributed
 from lowrank import optim
-from lowrank.adapters import lora as lora_math
 from lowrank import sharding
-from lowrank.data import code_search
+from lowrank import train
+from lowrank.adapters import lora as lora_math
+from lowrank.data import specs
 from lowrank.models import bert
-from lowrank.retrieval import losses
+from lowrank.retrieval import biencoder
 
 # Part 1: the train step.
 _SKIP_TRAIN = flags.DEFINE_bool("skip_train", False, "Skip part 1.")
@@ -93,7 +106,6 @@ _EMBED_REPEATS = flags.DEFINE_integer(
     "embed_repeats", 3, "Timed runs per library in part 2 (after a warm-up)."
 )
 
-LORA_RANK = 8
 ALL_LINEAR = r".*\.(query|key|value|dense)"
 QUERY_VALUE = r".*\.(query|value)"
 
@@ -104,9 +116,11 @@ class Method:
 
   Attributes:
     name: Row label.
-    targets: `adapters.inject` targets, or `None` for no adapters.
-    wrt: What the step differentiates: `None` means `nnx.LoRAParam` with
-      adapters and `nnx.Param` (full fine-tuning) without.
+    adapter: Overrides of the config's `adapter` section (`{"method":
+      "full"}`: no adapters, every weight trained).
+    wrt: What the step differentiates: `None` means the binary's
+      `retrieval_models.trainable` (the adapters' `nnx.LoRAParam`, or every
+      `nnx.Param` for `"full"`).
     autodiff: Trace the LoRA layers with JAX's own backward instead of the
       library's custom one (see `_autodiff_lora_backward`).
     remat: Rematerialise each `BertLayer` in the backward pass (see
@@ -114,16 +128,17 @@ class Method:
   """
 
   name: str
-  targets: str | None
+  adapter: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   wrt: Any = None
   autodiff: bool = False
   remat: bool = False
 
 
+FULL = {"method": "full"}
 METHODS = (
-    Method("full", None),
-    Method("lora_all_linear", ALL_LINEAR),
-    Method("lora_qv", QUERY_VALUE),
+    Method("full", FULL),
+    Method("lora_all_linear", {"targets": ALL_LINEAR}),
+    Method("lora_qv", {"targets": QUERY_VALUE}),
 )
 # Diagnostics (--ablations). The floor trains only the LayerNorms: no
 # adapters and no kernel weight gradients, but input gradients through every
@@ -132,12 +147,13 @@ METHODS = (
 ABLATIONS = (
     Method(
         "dx_only_floor",
-        None,
+        FULL,
         wrt=nnx.All(nnx.Param, nnx.PathContains("LayerNorm")),
     ),
-    Method("lora_all_linear_autodiff", ALL_LINEAR, autodiff=True),
-    Method("full_remat", None, remat=True),
-    Method("lora_all_linear_remat", ALL_LINEAR, remat=True),
+    Method("lora_all_linear_autodiff", {"targets": ALL_LINEAR},
+           autodiff=True),
+    Method("full_remat", FULL, remat=True),
+    Method("lora_all_linear_remat", {"targets": ALL_LINEAR}, remat=True),
 )
 # Goals for LoRA on all linear layers, as fractions of full fine-tuning.
 GOAL_TIME_RATIO = 0.8
@@ -380,39 +396,45 @@ class TrainConfig:
   opt_state: Any
   rest: Any
   memory: dict[str, int]
-  dots: DotStats
+  dots: DotStats | None
   times: list[float] = dataclasses.field(default_factory=list)
   cpu_times: list[float] = dataclasses.field(default_factory=list)
   loss: float = float("nan")
 
 
-def _build_model(name: str) -> tuple[bert.BertModel, bert.Tokenizer]:
-  """A fresh model (built inside the active mesh) and the MiniLM tokenizer."""
-  model = bert.load_pretrained(assets.minilm_path())
-  tokenizer = bert.load_tokenizer(assets.minilm_path())
+MODELS = ("minilm", "bert_base")
+
+
+def build_model(name: str, config) -> tuple[biencoder.BiEncoder,
+                                            bert.Tokenizer]:
+  """The binary's bi-encoder of `name` and the MiniLM tokenizer.
+
+  Call it inside the mesh. `"minilm"`: `retrieval_models.load_model(config)`;
+  `"bert_base"`: the same `BiEncoder` over a randomly initialised
+  BERT-base-sized stack (only speed and memory are measured).
+  """
   if name == "minilm":
-    return model, tokenizer
-  if name == "bert_base":
-    # BERT-base-uncased shapes (same 30522-token uncased WordPiece vocab as
-    # MiniLM's tokenizer), random init: only speed and memory are measured.
-    return bert.BertModel(BERT_BASE, rngs=nnx.Rngs(0)), tokenizer
-  raise ValueError(f"Unknown model {name!r}; expected minilm or bert_base.")
+    return retrieval_models.load_model(config)
+  if name != "bert_base":
+    raise ValueError(
+        f"Unknown model {name!r}; expected one of {MODELS} (--models).")
+  # BERT-base-uncased shapes (same 30522-token uncased WordPiece vocab as
+  # MiniLM's tokenizer), random init.
+  m = config.model
+  base = lambda seed: bert.BertModel(BERT_BASE, rngs=nnx.Rngs(seed))
+  model = biencoder.BiEncoder(
+      base(0), base(1) if m.towers == "separate" else None,
+      pooling=m.pooling, scale=m.scale, learn_scale=m.learn_scale,
+      max_scale=m.max_scale)
+  model.eval()
+  return model, bert.load_tokenizer(assets.minilm_path())
 
 
-def _train_batch(tokenizer, config, pairs):
-  """Tokenized queries and documents, as device arrays (tokenized once)."""
-  qs = tokenizer(
-      [q for q, _ in pairs],
-      max_length=config.query_max_length,
-      pad_to=config.query_max_length,
-  )
-  ds = tokenizer(
-      [d for _, d in pairs],
-      max_length=config.doc_max_length,
-      pad_to=config.doc_max_length,
-  )
-  put = lambda x: {k: jnp.asarray(v) for k, v in x.items()}
-  return put(qs), put(ds)
+def method_config(config, method: Method):
+  """A copy of `config` with `method.adapter` over its adapter section."""
+  config = copy.deepcopy(config)  # Keeps decay_steps -> num_steps.
+  config.adapter.update(dict(method.adapter))
+  return config
 
 
 @contextlib.contextmanager
@@ -452,78 +474,76 @@ def _remat_layers() -> Iterator[None]:
     cls.__call__ = original
 
 
-def make_train_config(
-    model_name: str, method: Method, config, pairs
-) -> TrainConfig:
-  """Builds model, optimizer and the jitted, donated train step; compiles it.
+def _compiled_step(step: train.TrainStep, params, opt_state, rest,
+                   batch) -> tuple[train.TrainStep, Any]:
+  """`step` with its jits compiled ahead of time, and the fused program.
 
-  The step is the one of `experiments.finetune_retriever.train_and_evaluate`.
+  The returned step runs the same programs as `step` (split or fused, as
+  `train.make_train_step` chose), compiled now, under whatever tracing
+  patches are active; the fused one gives the memory and the HLO.
   """
-  with sharding.use_mesh():
-    model, tokenizer = _build_model(model_name)
-    if method.targets is not None:
-      adapters.inject(
-          model,
-          targets=method.targets,
-          rank=LORA_RANK,
-          alpha=config.adapter.alpha,
-          rngs=config.seed,
-      )
-    wrt = method.wrt or (nnx.Param if method.targets is None else nnx.LoRAParam)
+  fused = step.fused.lower(params, opt_state, rest, batch).compile()
+  if not step.split:
+    return dataclasses.replace(step, fused=fused), fused
+  grads = step.grads.lower(params, rest, batch).compile()
+  grad_shapes = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      jax.eval_shape(step.grads, params, rest, batch)[0],
+      grads.output_shardings[0])
+  update = step.update.lower(params, opt_state, grad_shapes).compile()
+  return dataclasses.replace(step, fused=fused, grads=grads,
+                             update=update), fused
+
+
+def make_train_config(
+    model_name: str, method: Method, config, pairs, mesh, *,
+    stats: bool = True,
+) -> TrainConfig:
+  """Builds the binary's model, optimizer and train step; compiles it.
+
+  The step is the one of `experiments.finetune_retriever.train_and_evaluate`
+  (`config` with `method.adapter` over its adapter section), on its first
+  batch of `pairs`. `stats`: also count the matmuls and saved activations
+  (`TrainConfig.dots`; None without).
+  """
+  config = method_config(config, method)
+  with contextlib.ExitStack() as stack:  # Around all that traces the model.
+    stack.enter_context(sharding.use_mesh(mesh))
+    model, tokenizer = build_model(model_name, config)
+    train.inject_from_config(model, config.adapter, rngs=config.seed)
     model.eval()
-    graphdef, params, rest = nnx.split(model, wrt, ...)
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-  counts = adapters.count_parameters(model)
-  trainable = sum(x.size for x in jax.tree.leaves(params))
-  kernel_shapes = _kernel_shapes(model)
-  qs, ds = _train_batch(tokenizer, config, pairs)
-
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0,
-      config.optimizer.learning_rate,
-      config.warmup_steps,
-      max(config.num_train_steps, config.warmup_steps + 1),
-  )
-  opt_kwargs = dict(config.optimizer)
-  opt_kwargs["learning_rate"] = schedule
-  tx = optax.adamw(**opt_kwargs)
-  opt_state = jax.jit(tx.init)(params)
-
-  def loss_fn(params, rest, qs, ds):
-    m = nnx.merge(graphdef, params, rest)
-    q = bert.encode(m, qs, pooling=config.pooling, normalize=True)
-    d = bert.encode(m, ds, pooling=config.pooling, normalize=True)
-    return losses.in_batch_softmax(
-        q, d, config.scale, symmetric=config.symmetric
-    )
-
-  def train_step(params, opt_state, rest, qs, ds):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, qs, ds)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (
-        optax.apply_updates(params, updates),
-        opt_state,
-        {"loss": loss, "grad_norm": optax.global_norm(grads)},
-    )
-
-  args = (params, opt_state, rest, qs, ds)
-  with contextlib.ExitStack() as patches:  # Around all that traces the model.
+    wrt = method.wrt or retrieval_models.trainable(config, model)
+    graphdef, params, rest = train.split(model, wrt)
+    tx = train.optimizer_from_config(config.optimizer, model=model)
+    param_shardings, opt_shardings = train.shardings(model, wrt, tx, mesh)
+    opt_state = train.init_opt_state(tx, params, shardings=opt_shardings)
+    loss_fn = retrieval_models.make_loss(config, tokenizer)
+    step = train.make_train_step(
+        graphdef, loss_fn, tx, param_shardings=param_shardings,
+        opt_shardings=opt_shardings)
+    batch = distributed.host_to_global(
+        retrieval_models.make_batch_fn(config, model, tokenizer, pairs)(1),
+        train.batch_sharding(mesh))
+    args = (params, opt_state, rest, batch)
     if method.autodiff:
-      patches.enter_context(_autodiff_lora_backward())
+      stack.enter_context(_autodiff_lora_backward())
     if method.remat:
-      patches.enter_context(_remat_layers())
-    closed_jaxpr = jax.make_jaxpr(train_step)(*args)
-    compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(*args).compile()
-    dots = dot_stats(closed_jaxpr, compiled.as_text(), kernel_shapes)
-    dots.residual_bytes, dots.top_residuals = saved_residuals(
-        loss_fn, params, rest, qs, ds
-    )
+      stack.enter_context(_remat_layers())
+    traced = step
+    step, compiled = _compiled_step(traced, *args)
+    dots = None
+    if stats:
+      closed_jaxpr = jax.make_jaxpr(traced.fused)(*args)
+      dots = dot_stats(closed_jaxpr, compiled.as_text(), _kernel_shapes(model))
+      dots.residual_bytes, dots.top_residuals = saved_residuals(
+          lambda p, r, b: loss_fn(nnx.merge(graphdef, p, r), b)[0],
+          params, rest, batch)
   return TrainConfig(
       model=model_name,
       method=method.name,
-      trainable=int(trainable),
-      total_params=int(counts["total"]),
-      step=lambda p, o: compiled(p, o, rest, qs, ds),
+      trainable=int(sum(x.size for x in jax.tree.leaves(params))),
+      total_params=int(adapters.count_parameters(model)["total"]),
+      step=lambda p, o: step(p, o, rest, batch),
       params=params,
       opt_state=opt_state,
       rest=rest,
@@ -552,13 +572,15 @@ def bench_train(
     warmup: int,
     config,
     pairs,
+    mesh,
     methods: Sequence[Method] = METHODS,
 ):
   """Compiles the configurations, then times them round-robin."""
   configs = []
   for method in methods:
     t0 = time.perf_counter()
-    configs.append(make_train_config(model_name, method, config, pairs))
+    configs.append(
+        make_train_config(model_name, method, config, pairs, mesh))
     print(
         f"  built+compiled {model_name}/{method.name} in "
         f"{time.perf_counter() - t0:.1f} s",
@@ -945,10 +967,15 @@ def main(argv):
   print("## Machine\n")
   print(machine_info(), flush=True)
   config = ft_config.get_config()
-  train = code_search.load_code_search("train")
-  pairs = list(train.train_pairs)[: config.batch_size]
+  unknown = sorted(set(_MODELS.value) - set(MODELS))
+  if unknown:
+    raise app.UsageError(
+        f"Unknown --models {unknown}; expected some of {list(MODELS)}.")
+  train_data = specs.load(config.data.spec, "train")
 
   if not _SKIP_TRAIN.value:
+    pairs = specs.positive_pairs(train_data)
+    mesh = sharding.make_mesh(tuple(config.mesh.items()))  # The binary's.
     results = []
     for name in _MODELS.value:
       steps, warmup = (
@@ -962,12 +989,14 @@ def main(argv):
           flush=True,
       )
       methods = METHODS + (ABLATIONS if _ABLATIONS.value else ())
-      results.append(bench_train(name, steps, warmup, config, pairs, methods))
+      results.append(
+          bench_train(name, steps, warmup, config, pairs, mesh, methods))
+    t, d, a = config.train, config.data, config.adapter
     print(
         "\n## Part 1: train step (batch: "
-        f"{config.batch_size} queries x {config.query_max_length} tokens + "
-        f"{config.batch_size} documents x {config.doc_max_length} tokens; "
-        f"AdamW; LoRA r={LORA_RANK}, alpha={config.adapter.alpha})\n"
+        f"{t.batch_size} queries x {d.query_max_length} tokens + "
+        f"{t.batch_size} documents x {d.doc_max_length} tokens; "
+        f"{config.optimizer.name}; LoRA r={a.rank}, alpha={a.alpha})\n"
     )
     for configs in results:
       print(format_train(configs) + "\n")
@@ -983,7 +1012,7 @@ def main(argv):
 
   if not _SKIP_EMBED.value:
     print("\nPart 2: embed vs sentence-transformers.", flush=True)
-    corpus = list(train.corpus.values())[: _NUM_TEXTS.value]
+    corpus = list(train_data.corpus.values())[: _NUM_TEXTS.value]
     report = bench_embed(
         corpus,
         _EMBED_MAX_LENGTH.value,
