@@ -105,70 +105,41 @@ def validate_config(config: ml_collections.ConfigDict,
   return runs
 
 
-def _loss_rows(workdir: str) -> list[dict[str, Any]]:
-  path = os.path.join(workdir, "metrics.csv")
-  return metric_writers.read_csv(path) if os.path.exists(path) else []
-
-
-def plot(results: list[dict[str, Any]], workdirs: list[str],
-         out_png: str) -> str:
-  """Loss curves and nDCG@10 vs optimizer-state MiB, side by side."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-  for r, wd in zip(results, workdirs):
-    rows = _loss_rows(wd)
-    label = finetune_retriever._label(r)  # pylint: disable=protected-access
-    ax1.plot([x["step"] for x in rows], [x["loss"] for x in rows],
-             label=label)
-    ax2.scatter(r["optimizer_state_bytes"] / 2**20,
-                r["final"]["ndcg_cut_10"], label=label, s=40)
-  z = results[0]["zero_shot"]["ndcg_cut_10"]
-  ax2.axhline(z, color="gray", ls="--", label="zero-shot")
-  ax1.set(xlabel="step", ylabel="training loss (in-batch softmax)")
-  ax2.set(xlabel="optimizer state (MiB)", ylabel="nDCG@10 (test)")
-  for ax in (ax1, ax2):
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.suptitle(f"all-MiniLM-L6-v2 on {results[0]['data']}")
-  fig.tight_layout()
-  tmp = out_png + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, out_png)
-  return out_png
-
-
 def run_demo(config: ml_collections.ConfigDict,
              workdir: str) -> list[dict[str, Any]]:
   """Trains and evaluates every run; returns their results."""
   runs = validate_config(config)
   os.makedirs(workdir, exist_ok=True)
-  results, dirs = [], []
-  zero_shot = None
-  for r in runs:
-    wd = os.path.join(workdir, r)
+  results, zero_shot = [], None
+  dirs = [os.path.join(workdir, r) for r in runs]
+  for r, wd in zip(runs, dirs):
     os.makedirs(wd, exist_ok=True)
     if zero_shot and not os.path.exists(os.path.join(wd, "zero_shot.json")):
       shutil.copy(zero_shot, os.path.join(wd, "zero_shot.json"))
-    done = os.path.join(wd, "results.json")
-    c = run_config(config, r)
+    c, done, res = run_config(config, r), os.path.join(wd, "results.json"), None
     if os.path.exists(done):
       with open(done) as f:
         res = json.load(f)
-      if res["num_train_steps"] != c.train.num_steps:
-        res = finetune_retriever.train_and_evaluate(c, wd)
-    else:
+    if res is None or res["num_train_steps"] != c.train.num_steps:
       res = finetune_retriever.train_and_evaluate(c, wd)
     zero_shot = os.path.join(wd, "zero_shot.json")
     results.append(res)
-    dirs.append(wd)
   table = finetune_retriever.format_results(results)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "results.md"), "w") as f:
       f.write(table + "\n")
-    png = plot(results, dirs, os.path.join(workdir, "demo.png"))
+    csvs = [os.path.join(wd, "metrics.csv") for wd in dirs]
+    labels = [finetune_retriever.run_label(r) for r in results]
+    png = metric_writers.plot_curves_and_points(
+        {label: metric_writers.read_csv(p) if os.path.exists(p) else []
+         for label, p in zip(labels, csvs)}, "loss",
+        {label: (r["optimizer_state_bytes"] / 2**20, r["final"]["ndcg_cut_10"])
+         for label, r in zip(labels, results)},
+        os.path.join(workdir, "demo.png"),
+        curve_label="training loss (in-batch softmax)",
+        points_labels=("optimizer state (MiB)", "nDCG@10 (test)"),
+        reference=("zero-shot", results[0]["zero_shot"]["ndcg_cut_10"]),
+        title=f"all-MiniLM-L6-v2 on {results[0]['data']}")
     print("\n" + table + f"\n\nplot: {png}")
   return results
 

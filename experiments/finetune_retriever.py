@@ -251,7 +251,8 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   return results
 
 
-def _label(r: dict[str, Any]) -> str:
+def run_label(r: dict[str, Any]) -> str:
+  """A run's row label: model, method, optimizer and steps."""
   opt, model = r.get("optimizer", "adamw"), r.get("model", "biencoder")
   name = r["method"] if model == "biencoder" else f"{model} {r['method']}"
   return (f"{name} + {opt}" if opt != "adamw" else name) + (
@@ -267,7 +268,7 @@ def format_results(runs: dict[str, Any] | list[dict[str, Any]]) -> str:
   for r in runs:
     state = r.get("optimizer_state_bytes")
     rows.append([
-        _label(r), *(r["final"][m] for m in measures),
+        run_label(r), *(r["final"][m] for m in measures),
         f"{r['trainable_params']:,}",
         None if state is None else f"{state / 2**20:.1f} MiB",
         f"{r['compiled_step_memory']['total_bytes'] / 2**20:.0f} MiB",

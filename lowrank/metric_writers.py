@@ -15,6 +15,7 @@ checkpoint, which the resumed run will log again) and TensorBoard's
 equal an uninterrupted run's.
 
 `plot_metrics(csv_paths, names, out_png)` draws curves (one line per run).
+`plot_curves_and_points` draws one metric's curves beside one point per run.
 Only the process with `jax.process_index() == 0` writes; the others get a
 writer whose methods do nothing, so multi-host code calls it unconditionally.
 """
@@ -256,6 +257,60 @@ def plot_metrics(
     ax.set_ylabel(name)
     if logy:
       ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  tmp = out_png + ".tmp.png"
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, out_png)
+  return out_png
+
+
+def plot_curves_and_points(
+    curves: Mapping[str, str | Sequence[Mapping[str, float | int]]],
+    metric: str,
+    points: Mapping[str, tuple[float, float]],
+    out_png: str,
+    *,
+    curve_label: str = "",
+    points_labels: tuple[str, str] = ("", ""),
+    reference: tuple[str, float] | None = None,
+    title: str = "",
+) -> str:
+  """Two panels: `metric` against `step` per run, and one point per run.
+
+  Args:
+    curves: Label → a `metrics.csv` path or a list of row dicts.
+    metric: The column of the curves (the left panel's y label by default).
+    points: Label → `(x, y)`, e.g. (optimizer-state MiB, final nDCG@10).
+    out_png: Output path (written atomically).
+    curve_label: The left panel's y label (default: `metric`).
+    points_labels: The right panel's `(x label, y label)`.
+    reference: `(label, y)` of a dashed horizontal line on the right panel
+      (e.g. the zero-shot score).
+    title: Figure title.
+
+  Returns:
+    `out_png`.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+  for label, rows in curves.items():
+    rows = read_csv(rows) if isinstance(rows, str) else rows
+    pts = [(r["step"], r[metric]) for r in rows if metric in r]
+    ax1.plot([s for s, _ in pts], [v for _, v in pts], label=label)
+  for label, (x, y) in points.items():
+    ax2.scatter(x, y, label=label, s=40)
+  if reference is not None:
+    ax2.axhline(reference[1], color="gray", ls="--", label=reference[0])
+  ax1.set(xlabel="step", ylabel=curve_label or metric)
+  ax2.set(xlabel=points_labels[0], ylabel=points_labels[1])
+  for ax in (ax1, ax2):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   if title:

@@ -87,6 +87,19 @@ class MetricWriterTest(absltest.TestCase):
       metric_writers.plot_metrics({"run": [{"step": 1}]}, ["acc"],
                                   os.path.join(wd, "x.png"))
 
+  def test_plot_curves_and_points(self):
+    wd = self.create_tempdir().full_path
+    with metric_writers.MetricWriter(wd, tensorboard=False) as w:
+      for s in range(1, 4):
+        w.write(s, {"loss": 1.0 / s})
+    out = metric_writers.plot_curves_and_points(
+        {"run": os.path.join(wd, "metrics.csv"), "empty": []}, "loss",
+        {"run": (2.5, 0.7), "empty": (1.0, 0.6)}, os.path.join(wd, "p.png"),
+        points_labels=("state (MiB)", "nDCG@10"), reference=("zero", 0.5),
+        title="runs")
+    with open(out, "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+
 
 class HelpersTest(absltest.TestCase):
 
