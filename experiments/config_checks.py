@@ -355,16 +355,3 @@ def unused_overrides(config: Any, given: Mapping[str, Any],
     raise ValueError(
         f"--config.{key}={value!r} has no effect in this run: {why}.{hint}")
 
-
-def retrieval_depth(name: str, k: int, metrics: Iterable[str],
-                    num_docs: int) -> None:
-  """Rejects `k < min(deepest metric cutoff, num_docs)` (`recall_100`: 100):
-  Recall@100 over a top-20 list is Recall@20 under a wrong name."""
-  depth = max((int(m.rsplit("_", 1)[1]) for m in metrics
-               if m.rsplit("_", 1)[-1].isdigit()), default=0)
-  if k < min(depth, num_docs):
-    raise ValueError(
-        f"{name}={k} retrieves fewer results than the metrics read "
-        f"({sorted(metrics)}: depth {depth}, {num_docs} documents), so they "
-        f"would be computed on a top-{k} list under a deeper name. Set "
-        f"{name} to at least {min(depth, num_docs)}.")

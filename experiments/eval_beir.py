@@ -35,9 +35,7 @@ from lowrank import sharding
 from lowrank.data import specs
 from lowrank.models import bert
 from lowrank.retrieval import biencoder
-from lowrank.retrieval import bm25 as bm25_lib
 from lowrank.retrieval import evaluate as evaluate_lib
-from lowrank.retrieval import metrics as metrics_lib
 
 _DATA_DIR = flags.DEFINE_string(
     "data_dir", None, "BEIR-format directory (corpus.jsonl, queries.jsonl, "
@@ -98,16 +96,11 @@ def _pooling(path: pathlib.Path) -> str:
 
 def _retrieve(kind, path, dataset, k, batch_size, max_length, timing):
   """`(metrics, stats)` of one model; fills `timing`."""
-  t = time.perf_counter()
   if kind == "bm25":
-    index = bm25_lib.BM25(dataset.corpus)
-    timing["index_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    run = index.search_run({q: dataset.queries[q] for q in dataset.qrels}, k)
-    timing["search_s"] = time.perf_counter() - t
-    return metrics_lib.evaluate(dataset.qrels, run, METRICS), {
-        "vocab_size": len(index.vocab), "postings": index.index.nnz,
-        "avg_doc_length": index.avgdl}
+    scores, info = evaluate_lib.bm25(dataset, k=k, metrics=METRICS)
+    timing.update(index_s=info.pop("index_s"), search_s=info.pop("search_s"))
+    return scores, info
+  t = time.perf_counter()
   model, tokenizer = bert.load_pretrained(path), bert.load_tokenizer(path)
   timing["load_model_s"] = time.perf_counter() - t
   if kind == "dense":

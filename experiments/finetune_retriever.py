@@ -166,8 +166,8 @@ def load_data(config: Config) -> tuple[list[tuple[str, str]], Any]:
         f"{d.spec}: {len(pairs)} training pairs (train.batch_size is "
         f"{config.train.batch_size}) and {len(test.qrels)} judged test "
         f"queries; training needs a batch and evaluation a query.")
-  config_checks.retrieval_depth("config.eval.k", config.eval.k,
-                                evaluate_lib.METRICS, len(test.corpus))
+  evaluate_lib.check_depth(config.eval.k, evaluate_lib.METRICS,
+                           len(test.corpus), name="config.eval.k")
   return pairs, test
 
 

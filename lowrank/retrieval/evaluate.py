@@ -13,6 +13,7 @@ clock, compilation included) and sizes.
   (`colbert.search_exact`), MUVERA (FDE top-`rerank` candidates reranked by
   exact MaxSim, `colbert.search_muvera`; keys `"muvera_<measure>"`) and the
   FDE ranking alone (`"fde_<measure>"`).
+- `bm25`: `bm25.BM25` over the corpus, no model.
 - `sparse`: a SPLADE masked-LM `bert.BertModel`; inverted-index retrieval
   (`sparse_index`); the info holds the average number of non-zero terms per
   query and document and the expected FLOPS.
@@ -42,6 +43,7 @@ from lowrank import distributed
 from lowrank import sharding
 from lowrank.models import bert
 from lowrank.retrieval import biencoder
+from lowrank.retrieval import bm25 as bm25_lib
 from lowrank.retrieval import colbert as colbert_lib
 from lowrank.retrieval import metrics as metrics_lib
 from lowrank.retrieval import muvera
@@ -285,6 +287,26 @@ def sparse(
   return _evaluate(dataset.qrels, run, metrics), info
 
 
+def bm25(dataset: Any, *, k: int = 100,
+         metrics: Sequence[str] = METRICS) -> Result:
+  """BM25 retrieval (`bm25.BM25`'s defaults) of every judged query.
+
+  Returns:
+    `(metrics, info)`; info: `index_s`, `search_s`, `vocab_size`,
+    `postings`, `avg_doc_length`.
+
+  Raises:
+    ValueError: On an empty test set or a judged query without text.
+  """
+  qids, _ = _ids(dataset)
+  index, index_s = _timed(bm25_lib.BM25, dataset.corpus)
+  run, search_s = _timed(index.search_run,
+                         {q: dataset.queries[q] for q in qids}, k)
+  return _evaluate(dataset.qrels, run, metrics), {
+      "index_s": index_s, "search_s": search_s,
+      "vocab_size": len(index.vocab), "postings": index.index.nnz,
+      "avg_doc_length": index.avgdl}
+
 def local_copy(
     model: nnx.Module, devices: Sequence[Any] | None = None
 ) -> tuple[nnx.Module, jax.sharding.Mesh]:
@@ -322,6 +344,25 @@ def prefix_curve(metrics: Mapping[str, float],
       out[int(dims)] = float(value)
   return dict(sorted(out.items()))
 
+
+def check_depth(k: int, measures: Sequence[str], num_docs: int, *,
+                name: str = "k") -> None:
+  """Rejects `k < min(deepest measure cutoff, num_docs)` (`recall_100`: 100).
+
+  Recall@100 over a top-20 list is Recall@20 under a wrong name; a corpus no
+  larger than `k` is retrieved whole. `name` spells `k` in the message.
+
+  Raises:
+    ValueError: If `k` is too small.
+  """
+  depth = max((int(m.rsplit("_", 1)[1]) for m in measures
+               if m.rsplit("_", 1)[-1].isdigit()), default=0)
+  if k < min(depth, num_docs):
+    raise ValueError(
+        f"{name}={k} retrieves fewer results than the metrics read "
+        f"({sorted(measures)}: depth {depth}, {num_docs} documents), so they "
+        f"would be computed on a top-{k} list under a deeper name. Set "
+        f"{name} to at least {min(depth, num_docs)}.")
 
 def plot_prefix_curves(curves: Sequence[tuple[str, Mapping[str, float], str]],
                        path: str, *, title: str = "") -> str:

@@ -211,15 +211,6 @@ class BadConfigTest(parameterized.TestCase):
     finetune_retriever.validate_config(config, {"model.colbert.scale": 2.0,
                                                 "train.batch_size": 8})
 
-  def test_recall_depth_deeper_than_eval_k(self):
-    metrics = finetune_retriever.evaluate_lib.METRICS
-    with self.assertRaisesRegex(
-        ValueError, r"config\.eval_k=20 retrieves fewer results than the "
-        r"metrics read .* Set config\.eval_k to at least 100\."):
-      config_checks.retrieval_depth("config.eval_k", 20, metrics, 300)
-    # A corpus no larger than k is retrieved whole: Recall@100 is exact.
-    config_checks.retrieval_depth("config.eval_k", 48, metrics, 48)
-
   def test_train_and_evaluate_fails_before_touching_the_workdir(self):
     workdir = os.path.join(self.create_tempdir().full_path, "never_made")
     start = time.perf_counter()

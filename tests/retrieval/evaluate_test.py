@@ -11,6 +11,7 @@ from lowrank import assets
 from lowrank import sharding
 from lowrank.models import bert
 from lowrank.retrieval import biencoder
+from lowrank.retrieval import bm25
 from lowrank.retrieval import colbert
 from lowrank.retrieval import evaluate
 from lowrank.retrieval import metrics
@@ -65,6 +66,25 @@ class EvaluateTest(absltest.TestCase):
         evaluate.PREFIX_METRICS)
     for name, value in expected.items():
       self.assertAlmostEqual(out[f"{name}@8"], value, places=6)
+
+  def test_bm25_is_the_index_s_run(self):
+    out, info = evaluate.bm25(self.data, k=5)
+    index = bm25.BM25(self.data.corpus)
+    self.assertEqual(out, metrics.evaluate(
+        self.data.qrels, index.search_run(self.data.queries, 5),
+        evaluate.METRICS))
+    self.assertEqual(info["postings"], index.index.nnz)
+    self.assertGreaterEqual(info["index_s"], 0.0)
+
+  def test_check_depth_shallower_than_a_cutoff(self):
+    with self.assertRaisesRegex(
+        ValueError, r"config\.eval_k=20 retrieves fewer results than the "
+        r"metrics read .* Set config\.eval_k to at least 100\."):
+      evaluate.check_depth(20, evaluate.METRICS, 300, name="config.eval_k")
+
+  def test_check_depth_of_a_small_corpus(self):
+    # A corpus no larger than k is retrieved whole: Recall@100 is exact.
+    evaluate.check_depth(48, evaluate.METRICS, 48)
 
   def test_plot_prefix_curves(self):
     path = self.create_tempfile("curve.png").full_path
