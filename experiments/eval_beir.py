@@ -73,25 +73,7 @@ def resolve_model(model: str) -> tuple[str, pathlib.Path | None]:
     raise ValueError(
         f"--model must be minilm, splade_tiny, bm25 or a directory holding "
         f"config.json; got {model!r}.")
-  with (path / "config.json").open() as f:
-    architectures = json.load(f).get("architectures") or ()
-  return ("splade" if "BertForMaskedLM" in architectures else "dense"), path
-
-
-def _pooling(path: pathlib.Path) -> str:
-  """sentence-transformers' pooling mode of a checkpoint (default mean)."""
-  config = path / "1_Pooling" / "config.json"
-  if not config.is_file():
-    return "mean"
-  c = json.loads(config.read_text())
-  for key, mode in (("pooling_mode_cls_token", "cls"),
-                    ("pooling_mode_lasttoken", "last")):
-    if c.get(key):
-      return mode
-  if c.get("pooling_mode_mean_tokens", True):
-    return "mean"
-  raise ValueError(f"{config}: unsupported pooling mode {c}; lowrank pools "
-                   f"by {bert.POOLINGS}.")
+  return evaluate_lib.checkpoint_kind(path)[0], path
 
 
 def _retrieve(kind, path, dataset, k, batch_size, max_length, timing):
@@ -104,7 +86,7 @@ def _retrieve(kind, path, dataset, k, batch_size, max_length, timing):
   model, tokenizer = bert.load_pretrained(path), bert.load_tokenizer(path)
   timing["load_model_s"] = time.perf_counter() - t
   if kind == "dense":
-    pooling = _pooling(path)
+    pooling = evaluate_lib.checkpoint_kind(path)[1]
     scores, info = evaluate_lib.dense(
         biencoder.BiEncoder(model, pooling=pooling), tokenizer, dataset, k=k,
         batch_size=batch_size, doc_max_length=max_length or None,

@@ -30,7 +30,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 import contextlib
+import json
 import os
+import pathlib
 import time
 from typing import Any
 
@@ -306,6 +308,35 @@ def bm25(dataset: Any, *, k: int = 100,
       "index_s": index_s, "search_s": search_s,
       "vocab_size": len(index.vocab), "postings": index.index.nnz,
       "avg_doc_length": index.avgdl}
+
+def checkpoint_kind(path: str | os.PathLike) -> tuple[str, str | None]:
+  """How a Hugging Face BERT directory retrieves: `(kind, pooling)`.
+
+  `("splade", None)` when config.json's `architectures` names
+  `BertForMaskedLM`, else `("dense", pooling)`: the pooling mode of its
+  sentence-transformers `1_Pooling/config.json` (mean without one).
+
+  Raises:
+    FileNotFoundError: If `path` holds no config.json.
+    ValueError: On a pooling mode that `bert.POOLINGS` does not have.
+  """
+  path = pathlib.Path(path)
+  if not (path / "config.json").is_file():
+    raise FileNotFoundError(f"{str(path)!r} holds no config.json; expected "
+                            "a Hugging Face BERT directory.")
+  config = json.loads((path / "config.json").read_text())
+  if "BertForMaskedLM" in (config.get("architectures") or ()):
+    return "splade", None
+  pooling_file = path / "1_Pooling" / "config.json"
+  c = json.loads(pooling_file.read_text()) if pooling_file.is_file() else {}
+  for key, mode in (("pooling_mode_cls_token", "cls"),
+                    ("pooling_mode_lasttoken", "last")):
+    if c.get(key):
+      return "dense", mode
+  if c.get("pooling_mode_mean_tokens", True):
+    return "dense", "mean"
+  raise ValueError(f"{pooling_file}: unsupported pooling mode {c}; lowrank "
+                   f"pools by {bert.POOLINGS}.")
 
 def local_copy(
     model: nnx.Module, devices: Sequence[Any] | None = None

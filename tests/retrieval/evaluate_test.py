@@ -76,6 +76,26 @@ class EvaluateTest(absltest.TestCase):
     self.assertEqual(info["postings"], index.index.nnz)
     self.assertGreaterEqual(info["index_s"], 0.0)
 
+  def test_checkpoint_kind_of_the_bundled_models(self):
+    self.assertEqual(evaluate.checkpoint_kind(assets.minilm_path()),
+                     ("dense", "mean"))
+    self.assertEqual(evaluate.checkpoint_kind(assets.splade_tiny_path()),
+                     ("splade", None))
+
+  def test_checkpoint_kind_reads_the_pooling_config(self):
+    root = self.create_tempdir()
+    root.create_file("config.json", content='{"architectures": ["BertModel"]}')
+    pooling = root.create_file("1_Pooling/config.json",
+                               content='{"pooling_mode_cls_token": true}')
+    self.assertEqual(evaluate.checkpoint_kind(root.full_path), ("dense", "cls"))
+    pooling.write_text('{"pooling_mode_mean_tokens": false}')
+    with self.assertRaisesRegex(ValueError, "unsupported pooling mode"):
+      evaluate.checkpoint_kind(root.full_path)
+
+  def test_checkpoint_kind_without_config(self):
+    with self.assertRaisesRegex(FileNotFoundError, "holds no config.json"):
+      evaluate.checkpoint_kind(self.create_tempdir().full_path)
+
   def test_check_depth_shallower_than_a_cutoff(self):
     with self.assertRaisesRegex(
         ValueError, r"config\.eval_k=20 retrieves fewer results than the "
