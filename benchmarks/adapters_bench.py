@@ -4,23 +4,30 @@ r"""Every adapter variant vs plain LoRA on the MiniLM bi-encoder.
   python benchmarks/adapters_bench.py --skip_finetune  # step costs only
   python benchmarks/adapters_bench.py --variants=lora,dora --finetune_steps=60
 
-Part 1, step cost: for each variant (all linear layers of all-MiniLM-L6-v2,
-the step of `experiments/finetune_retriever.py`: in-batch softmax over 32
-real (docstring, code) pairs, 32 + 128 tokens, AdamW), the trainable
-parameter count, the compiled train step's memory (`memory_analysis()`) and
-the median step time relative to plain LoRA, all variants interleaved
-round-robin in this one process.
+Each variant is `experiments/finetune_retriever.py`'s default config with
+its `config.adapter` (all linear layers of all-MiniLM-L6-v2, rank 8 unless
+noted, `variant_config`) and its peak learning rate in `config.optimizer`.
+
+Part 1, step cost: for each variant, the binary's train step as
+`lora_bench.make_train_config` builds it (`lowrank.train`: the
+`BiEncoder`, `inject_from_config`, `optimizer_from_config`'s AdamW with its
+warmup-cosine schedule, `make_train_step`; in-batch softmax over the
+binary's first batch: 32 real (docstring, code) pairs, 32 + 128 tokens),
+the trainable parameter count, the compiled memory of the fused step
+(`memory_analysis()`) and the median step time relative to plain LoRA, all
+variants interleaved round-robin in this one process.
 
 Part 2, quality: a short fine-tuning run per variant on the embedded
-code-search task (`experiments.finetune_retriever.train_and_evaluate`, same
-data order and schedule for every variant) reporting test nDCG@10 and
-Recall@10 against zero-shot MiniLM.
+code-search task (`experiments.finetune_retriever.train_and_evaluate` of
+`variant_config`, same data order and schedule for every variant) reporting
+test nDCG@10 and Recall@10 against zero-shot MiniLM.
 
 Timings on a shared CPU are noisy: read the ratios, which compare runs that
 alternate in one process, not the absolute numbers.
 """
 
 from collections.abc import Sequence
+import copy
 import dataclasses
 import os
 import statistics
@@ -31,20 +38,16 @@ from typing import Any
 
 from absl import app
 from absl import flags
-from flax import nnx
-import jax
-import optax
+from absl import logging
+import ml_collections
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lora_bench  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from experiments import finetune_retriever  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.configs import finetune_retriever as ft_config  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lowrank import adapters  # pylint: disable=g-import-not-at-top,wrong-import-position
 from lowrank import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lowrank.data import code_search  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lowrank.models import bert  # pylint: disable=g-import-not-at-top,wrong-import-position
-from lowrank.retrieval import losses  # pylint: disable=g-import-not-at-top,wrong-import-position
+from lowrank.data import specs  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _VARIANTS = flags.DEFINE_list(
     "variants", None, "Variant names to run (default: all in VARIANTS)."
@@ -68,7 +71,8 @@ RANK = 8
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One adapter configuration: `inject(method=..., **kwargs)`."""
+  """One adapter configuration: `inject(method=..., **kwargs)` and its peak
+  learning rate."""
 
   name: str
   method: str
@@ -94,87 +98,57 @@ VARIANTS = (
 )
 
 
-def _inject_kwargs(v: Variant) -> dict[str, Any]:
-  kwargs = dict(rank=RANK)
-  kwargs.update(v.kwargs)
-  return kwargs
+def variant_config(
+    v: Variant, config: ml_collections.ConfigDict | None = None
+) -> ml_collections.ConfigDict:
+  """`config` (default: the binary's) with `v`'s adapter and learning rate.
+
+  `config.adapter` becomes `inject(method=v.method, targets=TARGETS,
+  rank=RANK, alpha=rank, use_rslora=False, init="kaiming", **v.kwargs)`
+  (`alpha=rank`: scale 1 unless the variant sets it); the schedule's peak is
+  `v.learning_rate`.
+  """
+  config = copy.deepcopy(config or ft_config.get_config())
+  adapter = dict(method=v.method, targets=TARGETS, rank=RANK,
+                 use_rslora=False, init="kaiming")
+  adapter.update(v.kwargs)
+  adapter.setdefault("alpha", float(adapter["rank"]))
+  config.adapter.update(adapter)
+  config.optimizer.learning_rate.peak_value = v.learning_rate
+  return config
 
 
-@dataclasses.dataclass
-class StepRun:
-  name: str
-  trainable: int
-  memory: dict[str, int]
-  step: Any
-  params: Any
-  opt_state: Any
-  times: list[float] = dataclasses.field(default_factory=list)
-
-
-def build_step(v: Variant, config, pairs) -> StepRun:
-  """Model with the variant's adapters, AdamW, the compiled donated step."""
-  with sharding.use_mesh():
-    model, tokenizer = lora_bench._build_model("minilm")  # pylint: disable=protected-access
-    adapters.inject(model, targets=TARGETS, method=v.method, rngs=0,
-                    **_inject_kwargs(v))
-    model.eval()
-    graphdef, params, rest = nnx.split(model, nnx.LoRAParam, ...)
-    params, rest = nnx.as_pure(params), nnx.as_pure(rest)
-  qs, ds = lora_bench._train_batch(tokenizer, config, pairs)  # pylint: disable=protected-access
-  tx = optax.adamw(v.learning_rate)
-  opt_state = jax.jit(tx.init)(params)
-
-  def loss_fn(params, rest, qs, ds):
-    m = nnx.merge(graphdef, params, rest)
-    q = bert.encode(m, qs, pooling=config.pooling, normalize=True)
-    d = bert.encode(m, ds, pooling=config.pooling, normalize=True)
-    return losses.in_batch_softmax(q, d, config.scale)
-
-  def train_step(params, opt_state, rest, qs, ds):
-    loss, grads = jax.value_and_grad(loss_fn)(params, rest, qs, ds)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  compiled = jax.jit(train_step, donate_argnums=(0, 1)).lower(
-      params, opt_state, rest, qs, ds).compile()
-  return StepRun(
-      name=v.name,
-      trainable=sum(x.size for x in jax.tree.leaves(params)),
-      memory=lora_bench.compiled_memory(compiled),
-      step=lambda p, o: compiled(p, o, rest, qs, ds),
-      params=params,
-      opt_state=opt_state,
-  )
-
-
-def bench_steps(variants: Sequence[Variant], config, pairs) -> list[StepRun]:
+def bench_steps(variants: Sequence[Variant], config,
+                pairs) -> list[lora_bench.TrainConfig]:
+  """Compiles each variant's step of the binary; times them round-robin."""
+  mesh = sharding.make_mesh(tuple(config.mesh.items()))  # The binary's.
   runs = []
   for v in variants:
     t0 = time.perf_counter()
-    runs.append(build_step(v, config, pairs))
+    runs.append(lora_bench.make_train_config(
+        "minilm", lora_bench.Method(v.name), variant_config(v, config), pairs,
+        mesh, stats=False))
     print(f"  compiled {v.name} in {time.perf_counter() - t0:.1f} s",
           flush=True)
   for r in range(_WARMUP.value + _STEPS.value):
     for k in range(len(runs)):  # Rotate the order every round.
       c = runs[(r + k) % len(runs)]
-      t0 = time.perf_counter()
-      c.params, c.opt_state, loss = c.step(c.params, c.opt_state)
-      jax.block_until_ready((c.params, loss))
+      dt, _ = lora_bench._run_step(c)  # pylint: disable=protected-access
       if r >= _WARMUP.value:
-        c.times.append(time.perf_counter() - t0)
+        c.times.append(dt)
     print(f"  round {r + 1}/{_WARMUP.value + _STEPS.value}", flush=True)
   return runs
 
 
-def format_steps(runs: Sequence[StepRun]) -> str:
-  base = next(c for c in runs if c.name == "lora")
+def format_steps(runs: Sequence[lora_bench.TrainConfig]) -> str:
+  base = next(c for c in runs if c.method == "lora")
   t0 = statistics.median(base.times)
   m0 = base.memory["total"]
   rows = []
   for c in runs:
     t = statistics.median(c.times)
     rows.append([
-        c.name, f"{c.trainable:,}", f"{c.trainable / base.trainable:.2f}",
+        c.method, f"{c.trainable:,}", f"{c.trainable / base.trainable:.2f}",
         f"{c.memory['total'] / 2**20:.0f}", f"{c.memory['total'] / m0:.2f}",
         f"{1e3 * t:.0f}", f"**{t / t0:.2f}**",
     ])
@@ -186,20 +160,13 @@ def format_steps(runs: Sequence[StepRun]) -> str:
 def finetune(variants: Sequence[Variant]) -> str:
   rows, zero = [], None
   for v in variants:
-    config = ft_config.get_config()
-    config.num_train_steps = _FINETUNE_STEPS.value
-    config.warmup_steps = max(1, _FINETUNE_STEPS.value // 10)
-    config.checkpoint_every_steps = 10**9
-    config.log_every_steps = max(1, _FINETUNE_STEPS.value // 5)
-    config.eval_max_queries = _EVAL_QUERIES.value
-    config.method = v.method
-    config.optimizer.learning_rate = v.learning_rate
-    kwargs = _inject_kwargs(v)
-    config.adapter.rank = kwargs.pop("rank")
-    config.adapter.alpha = float(kwargs.pop("alpha", config.adapter.rank))
-    config.adapter.use_rslora = kwargs.pop("use_rslora", False)
-    config.adapter.init = kwargs.pop("init", "kaiming")
-    config.adapter.options = kwargs
+    config = variant_config(v)
+    steps = _FINETUNE_STEPS.value
+    config.train.update(num_steps=steps, checkpoint_every=10**9,
+                        log_every=max(1, steps // 5))
+    # decay_steps follows train.num_steps.
+    config.optimizer.learning_rate.warmup_steps = max(1, steps // 10)
+    config.data.eval_max_queries = _EVAL_QUERIES.value
     with tempfile.TemporaryDirectory() as workdir:
       r = finetune_retriever.train_and_evaluate(config, workdir)
     zero = r["zero_shot"]
@@ -222,6 +189,9 @@ def main(argv):
   unknown = sorted(set(names) - set(by_name))
   if unknown:
     raise app.UsageError(f"Unknown variants {unknown}; known {sorted(by_name)}")
+  if not flags.FLAGS["verbosity"].present:
+    # orbax logs every checkpoint write at INFO; the tables suffice.
+    logging.set_verbosity(logging.WARNING)
   if "lora" not in names:
     names = ["lora"] + names
   variants = [by_name[n] for n in names]
@@ -229,8 +199,7 @@ def main(argv):
   print(lora_bench.machine_info(), flush=True)
   print(f"- load average: {os.getloadavg()}")
   config = ft_config.get_config()
-  pairs = list(code_search.load_code_search("train").train_pairs)[
-      : config.batch_size]
+  pairs = specs.positive_pairs(specs.load(config.data.spec, "train"))
   if not _SKIP_STEP.value:
     runs = bench_steps(variants, config, pairs)
     print(f"\n## Part 1: train step, {_STEPS.value} timed steps each "
