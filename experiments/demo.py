@@ -16,7 +16,6 @@ optimizer-state size). `--config.data.spec=beir:<dir>` runs it on any
 BEIR-format directory instead of the embedded stdlib code-search task.
 """
 
-import json
 import os
 import shutil
 from typing import Any
@@ -116,10 +115,8 @@ def run_demo(config: ml_collections.ConfigDict,
     os.makedirs(wd, exist_ok=True)
     if zero_shot and not os.path.exists(os.path.join(wd, "zero_shot.json")):
       shutil.copy(zero_shot, os.path.join(wd, "zero_shot.json"))
-    c, done, res = run_config(config, r), os.path.join(wd, "results.json"), None
-    if os.path.exists(done):
-      with open(done) as f:
-        res = json.load(f)
+    c = run_config(config, r)
+    res = metric_writers.read_json(os.path.join(wd, "results.json"))
     if res is None or res["num_train_steps"] != c.train.num_steps:
       res = finetune_retriever.train_and_evaluate(c, wd)
     zero_shot = os.path.join(wd, "zero_shot.json")

@@ -18,7 +18,6 @@ writes files and prints. Losses equal one process on as many devices.
 """
 
 import inspect
-import json
 import os
 import time
 from typing import Any
@@ -182,9 +181,8 @@ def _evaluate(model, tokenizer, test, config):
 
 def _cached(path: str, fn):
   """`fn()`'s JSON-able result, computed once per workdir."""
-  if os.path.exists(path):
-    with open(path) as f:
-      return json.load(f)
+  if (out := metric_writers.read_json(path)) is not None:
+    return out
   if (out := fn()) and distributed.is_main_process():
     metric_writers.write_json(path, out)
   return out

@@ -13,7 +13,6 @@ rerun resumes, a finished method is skipped; metrics; `results.json`),
 
 import functools
 import importlib.util
-import json
 import math
 import os
 import pathlib
@@ -175,10 +174,9 @@ _eval_loss = nnx.jit(_loss)
 def train_method(config, method, workdir, train_tokens, val, mesh):
   """Trains (or resumes, or skips if finished) one method; returns results."""
   path, t = os.path.join(workdir, "results.json"), config.train
-  if os.path.exists(path):
-    with open(path) as f:
-      if (done := json.load(f)).get("num_train_steps") == t.num_steps:
-        return done
+  done = metric_writers.read_json(path) or {}
+  if done.get("num_train_steps") == t.num_steps:
+    return done
   t_start, lr = time.perf_counter(), config.optimizer[method].learning_rate
   model = llama.LLaMA(model_config(config), rngs=nnx.Rngs(config.seed))
   wrt, tx = build(config, method, model)

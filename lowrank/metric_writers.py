@@ -50,6 +50,14 @@ def write_json(path: str, obj: Any) -> None:
                                  default=float) + "\n")
 
 
+def read_json(path: str) -> Any:
+  """The JSON in `path`, or None when there is no such file (a run's
+  results or cached metrics not written yet)."""
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
                    digits: int = 4) -> str:
   """A Markdown table, the first column left-aligned and the rest right.

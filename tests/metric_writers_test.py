@@ -112,6 +112,12 @@ class HelpersTest(absltest.TestCase):
     self.assertLess(text.index('"a"'), text.index('"b"'))
     self.assertEqual(os.listdir(os.path.dirname(path)), ["r.json"])
 
+  def test_read_json(self):
+    path = os.path.join(self.create_tempdir().full_path, "r.json")
+    self.assertIsNone(metric_writers.read_json(path))
+    metric_writers.write_json(path, {"a": 1})
+    self.assertEqual(metric_writers.read_json(path), {"a": 1})
+
   def test_markdown_table_and_results(self):
     table = metric_writers.markdown_table(
         ["run", "nDCG@10", "time"], [["bm25", 0.5, None], ["ce", 1, "3 s"]])
