@@ -25,7 +25,7 @@ from ml_collections import config_flags
 from lowrank import adapters
 from lowrank import sharding
 from lowrank import train
-from lowrank.data import beir
+from lowrank.data import specs
 
 
 def _is_map(value: Any) -> bool:
@@ -212,27 +212,23 @@ class Checker:
             f"{self.label(name)}: {str(root / item)!r} does not exist; "
             f"{str(root)!r} must hold {list(containing)}.")
 
+  def _data(self, name: str, fn, *args) -> None:
+    try:
+      fn(*args)
+    except (ValueError, FileNotFoundError) as e:
+      sep = " " if str(e).startswith("must") else ": "
+      raise type(e)(f"{self.label(name)}{sep}{e} Fix {self.flag(name)}."
+                    ) from None
+
   def beir_directory(self, name: str, path: Any,
                      splits: Sequence[str]) -> None:
     """A BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
-    self.file(name, path, directory=True,
-              containing=("corpus.jsonl", "queries.jsonl"))
-    if missing := [s for s in splits if s not in beir.available_splits(path)]:
-      raise FileNotFoundError(
-          f"{self.label(name)}: {str(pathlib.Path(path, 'qrels'))!r} has no "
-          f"{missing[0]}.tsv (available splits: "
-          f"{beir.available_splits(path)}); this run needs {list(splits)}.")
+    self._data(name, specs.check_beir_directory, path, tuple(splits))
 
-  def data_spec(self, name: str = "data.spec", *, splits=("train", "test"),
-                embedded: Sequence[str] = ("code_search",)) -> None:
-    """One of `embedded`, or `beir:<directory>` holding `splits`."""
-    spec = self.get(name)
-    if isinstance(spec, str) and spec.startswith("beir:"):
-      self.beir_directory(name, spec.split(":", 1)[1], splits)
-    elif spec not in embedded:
-      raise ValueError(
-          f"{self.label(name)} must be one of {list(embedded)} or "
-          f"'beir:<directory>'; found {spec!r}. Fix {self.flag(name)}.")
+  def data_spec(self, name: str = "data.spec", *,
+                splits=("train", "test")) -> None:
+    """`"code_search"` or `beir:<directory>` holding `splits`."""
+    self._data(name, specs.check, self.get(name), tuple(splits))
 
   def model_dir(self, name: str) -> None:
     """"" (the bundled model) or a HF-format directory with config.json."""

@@ -15,6 +15,9 @@ for training.
 
 from __future__ import annotations
 
+import os
+import pathlib
+
 from lowrank.data import beir
 from lowrank.data import code_search
 
@@ -68,6 +71,49 @@ def subset(
       queries={q: dataset.queries[q] for q in qids if q in dataset.queries},
       qrels={q: dataset.qrels[q] for q in qids},
   )
+
+
+def check_beir_directory(path: str | os.PathLike[str],
+                         splits: tuple[str, ...] | list[str] = ("test",)
+                         ) -> None:
+  """Raises unless `path` is a BEIR directory holding `splits` (no loading).
+
+  A BEIR directory holds `corpus.jsonl`, `queries.jsonl` and
+  `qrels/<split>.tsv` for every split.
+
+  Raises:
+    FileNotFoundError: Naming the missing directory or file (and, for a
+      split, the splits that exist).
+  """
+  root = pathlib.Path(path)
+  if not root.is_dir():
+    where = "" if root.is_absolute() else f" (relative to {os.getcwd()})"
+    raise FileNotFoundError(f"directory {str(root)!r} does not exist{where}.")
+  for item in ("corpus.jsonl", "queries.jsonl"):
+    if not (root / item).is_file():
+      raise FileNotFoundError(
+          f"{str(root / item)!r} does not exist; a BEIR directory holds "
+          f"corpus.jsonl, queries.jsonl and qrels/<split>.tsv.")
+  available = beir.available_splits(root)
+  if missing := [s for s in splits if s not in available]:
+    raise FileNotFoundError(
+        f"{str(root / 'qrels')!r} has no {missing[0]}.tsv (available "
+        f"splits: {available}); this run needs {list(splits)}.")
+
+
+def check(spec: str, splits: tuple[str, ...] | list[str] = ("test",)
+          ) -> None:
+  """Raises unless `spec` names a dataset `load` can read (no loading).
+
+  Raises:
+    ValueError: On an unknown spec.
+    FileNotFoundError: If a BEIR directory or one of its files is missing.
+  """
+  if isinstance(spec, str) and spec.startswith("beir:") and spec[5:]:
+    check_beir_directory(spec[5:], splits)
+  elif spec != "code_search":
+    raise ValueError(f"must be one of ['code_search'] or 'beir:<directory>'; "
+                     f"found {spec!r} (<directory>: a BEIR-format one).")
 
 
 def load(spec: str, split: str = "test", *, max_queries: int = 0,

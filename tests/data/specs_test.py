@@ -71,6 +71,24 @@ class LoadTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "Unknown data spec.*code_search"):
       specs.load(spec)
 
+  def test_check_without_loading(self):
+    specs.check("code_search")
+    specs.check("beir:" + self._beir_dir(), ("test",))
+    with self.assertRaisesRegex(FileNotFoundError,
+                                r"has no train\.tsv \(available splits: "):
+      specs.check("beir:" + self._beir_dir(), ("train", "test"))
+    with self.assertRaisesRegex(ValueError, "must be one of"):
+      specs.check("msmarco")
+
+  def test_check_names_the_missing_file(self):
+    root = self.create_tempdir()
+    root.create_file("corpus.jsonl", "")
+    with self.assertRaisesRegex(FileNotFoundError,
+                                "queries.jsonl' does not exist"):
+      specs.check_beir_directory(root.full_path)
+    with self.assertRaisesRegex(FileNotFoundError, "directory .* does not"):
+      specs.check("beir:/nonexistent/beir/dir")
+
   def test_missing_directory(self):
     with self.assertRaises(FileNotFoundError):
       specs.load("beir:/nonexistent/beir/dir")
