@@ -212,9 +212,10 @@ class Checker:
             f"{self.label(name)}: {str(root / item)!r} does not exist; "
             f"{str(root)!r} must hold {list(containing)}.")
 
-  def _data(self, name: str, fn, *args) -> None:
+  def call(self, name: str, fn, *args) -> Any:
+    """`fn(*args)`: a library check; its error is prefixed with the key."""
     try:
-      fn(*args)
+      return fn(*args)
     except (ValueError, FileNotFoundError) as e:
       sep = " " if str(e).startswith("must") else ": "
       raise type(e)(f"{self.label(name)}{sep}{e} Fix {self.flag(name)}."
@@ -223,12 +224,12 @@ class Checker:
   def beir_directory(self, name: str, path: Any,
                      splits: Sequence[str]) -> None:
     """A BEIR directory: corpus.jsonl, queries.jsonl, qrels/<split>.tsv."""
-    self._data(name, specs.check_beir_directory, path, tuple(splits))
+    self.call(name, specs.check_beir_directory, path, tuple(splits))
 
   def data_spec(self, name: str = "data.spec", *,
                 splits=("train", "test")) -> None:
     """`"code_search"` or `beir:<directory>` holding `splits`."""
-    self._data(name, specs.check, self.get(name), tuple(splits))
+    self.call(name, specs.check, self.get(name), tuple(splits))
 
   def model_dir(self, name: str) -> None:
     """"" (the bundled model) or a HF-format directory with config.json."""

@@ -12,10 +12,8 @@ rerun resumes, a finished method is skipped; metrics; `results.json`),
 """
 
 import functools
-import importlib.util
 import math
 import os
-import pathlib
 import time
 from typing import Any
 
@@ -31,6 +29,7 @@ from lowrank import metric_writers
 from lowrank import sharding
 from lowrank import spectral
 from lowrank import train
+from lowrank.data import byte_corpus
 from lowrank.models import llama
 
 common_flags.config_and_workdir()
@@ -38,58 +37,16 @@ common_flags.config_and_workdir()
 METHODS = config_lib.ALL_METHODS
 LABELS = dict(zip(METHODS, ("Full-Adam", "LoRA", "ReLoRA", "GaLore", "Fira",
                             "FRUGAL", "Q-GaLore", "SST", "SLTrain")))
-_SHAKESPEARE = pathlib.Path(  # $LOWRANK_SHARED_DIR, else ../shared.
-    os.environ.get("LOWRANK_SHARED_DIR") or pathlib.Path(__file__).resolve(
-    ).parents[2] / "shared", "data", "lm", "tinyshakespeare", "input.txt")
 _JAGGED = "jagged_cosine_schedule"
 
 
-def corpus_files(spec: str) -> tuple[str, list[pathlib.Path]]:
-  """`(name, text files)` of the corpus `spec`; raises if it has none."""
-  if spec == "auto":
-    spec = "tinyshakespeare" if _SHAKESPEARE.exists() else "lee"
-  if spec == "lee":  # gensim's test data, read by path (never imported).
-    gensim = importlib.util.find_spec("gensim")
-    root = pathlib.Path(gensim.origin if gensim else "?").parent / "test"
-    name = "gensim lee"
-    files = [root / "test_data" / n for n in ("lee_background.cor", "lee.cor")]
-  elif spec == "tinyshakespeare" or spec.startswith("file:"):
-    files = [pathlib.Path(spec[5:]) if spec[:5] == "file:" else _SHAKESPEARE]
-    name = files[0].name if spec[:5] == "file:" else spec
-  else:
-    raise ValueError("config.data.spec must be 'auto', 'tinyshakespeare', "
-                     f"'lee' or 'file:<path>'; found {spec!r}.")
-  for path in files:
-    if not path.is_file():
-      raise FileNotFoundError(
-          f"config.data.spec={spec!r}: file {str(path)!r} does not exist "
-          "(tinyshakespeare: ../shared/data; lee: pip install --no-deps "
-          "gensim==4.4.0). Fix --config.data.spec.")
-  return name, files
-
-
 def load_data(config: ml_collections.ConfigDict):
-  """`(corpus name, train tokens, validation batches)` of `config.data`.
-
-  Validation: the last `val_fraction` of the bytes, as `eval_batches`
-  batches of non-overlapping, evenly spread windows.
-  """
-  name, files = corpus_files(config.data.spec)
-  b, n = config.train.batch_size, config.data.seq_len
-  tokens = np.frombuffer(b"".join(f.read_bytes() for f in files),
-                         np.uint8).astype(np.int32)
-  cut = int(round(len(tokens) * (1.0 - config.data.val_fraction)))
-  train_tokens, val = tokens[:cut], tokens[cut:]
-  count = min(len(val) // n, config.data.eval_batches * b) // b * b
-  if len(train_tokens) <= n or count == 0:
-    raise ValueError(
-        f"Corpus {name!r} ({len(tokens)} bytes) is too short: train "
-        f"{len(train_tokens)} tokens, validation {len(val)} (fewer than "
-        f"batch_size={b} windows of {n}). Use a longer corpus or a smaller "
-        "--config.data.seq_len / --config.train.batch_size.")
-  starts = np.linspace(0, len(val) // n - 1, count).astype(np.int64) * n
-  windows = np.stack([val[s:s + n] for s in starts])
-  return name, train_tokens, list(windows.reshape(-1, b, n))
+  """`(corpus name, train tokens, validation batches)` of `config.data`
+  (`lowrank.data.byte_corpus.load`)."""
+  d, check = config.data, config_checks.Checker(config)
+  return check.call("data.spec", lambda: byte_corpus.load(
+      d.spec, val_fraction=d.val_fraction, seq_len=d.seq_len,
+      batch_size=config.train.batch_size, eval_batches=d.eval_batches))
 
 
 def train_batch(tokens: np.ndarray, step: int,
@@ -126,7 +83,7 @@ def validate_config(config: ml_collections.ConfigDict,
                      "one (the factory's arguments) or drop the method.")
   check = config_checks.validate_common(config, config_lib.get_config(),
                                         splits=None, first_devices=True)
-  corpus_files(config.data.spec)
+  check.call("data.spec", byte_corpus.files, config.data.spec)
   check.positive_int("rank", "data.seq_len", "data.eval_batches")
   check.in_range("data.val_fraction", 0.0, 1.0, low_closed=False)
   try:

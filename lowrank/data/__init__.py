@@ -10,6 +10,9 @@
   library (no download needed).
 - `lowrank.data.specs`: one string names a dataset in every binary
   (`"code_search"`, `"beir:<dir>"`): `load`, one `subset`, `positive_pairs`.
+- `lowrank.data.byte_corpus`: byte-level LM corpora by name
+  (tinyshakespeare, gensim's Lee corpus, any file) split into training
+  tokens and validation windows.
 - `lowrank.data.tfds_builders`: tensorflow-datasets builders (array_record,
   no TensorFlow) for any BEIR directory, the code-search task and gensim's
   Lee corpus; `load(name, ...)` prepares once and reads back.
@@ -25,6 +28,6 @@ from lowrank import _lazy
 
 __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
-    submodules=("beir", "code_search", "hard_negatives", "specs",
-                "tfds_builders"),
+    submodules=("beir", "byte_corpus", "code_search", "hard_negatives",
+                "specs", "tfds_builders"),
 )

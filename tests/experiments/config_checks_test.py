@@ -132,7 +132,7 @@ class BadConfigTest(parameterized.TestCase):
       # -- pretrain_lm.
       ("lm_missing_corpus_file", "pretrain_lm",
        dict(data__spec=f"file:{_MISSING}.txt"), FileNotFoundError,
-       rf"config\.data\.spec='file:{_MISSING}\.txt': file "
+       rf"config\.data\.spec: 'file:{_MISSING}\.txt': file "
        rf"'{_MISSING}\.txt' does not exist"),
       ("lm_zero_method_lr", "pretrain_lm",
        dict(optimizer__galore__learning_rate__peak_value=0.0), ValueError,

@@ -154,7 +154,7 @@ class DataTest(absltest.TestCase):
   def test_corpus_too_short(self):
     path = self.create_tempfile(content="abc" * 10).full_path
     with self.assertRaisesRegex(ValueError, r"is too short: train 27 tokens, "
-                                r"validation 3 .*--config\.data\.seq_len"):
+                                r"validation 3 .*smaller seq_len"):
       pretrain_lm.load_data(_smoke(data__spec=f"file:{path}"))
 
 
