@@ -17,7 +17,6 @@ checkpoints collectively, evaluates a local copy of the weights; process 0
 writes files and prints. Losses equal one process on as many devices.
 """
 
-import inspect
 import os
 import time
 from typing import Any
@@ -32,7 +31,6 @@ from experiments.configs import finetune_retriever as config_lib
 from lowrank import adapters
 from lowrank import distributed
 from lowrank import metric_writers
-from lowrank import optim
 from lowrank import sharding
 from lowrank import train
 from lowrank.data import specs
@@ -131,26 +129,12 @@ def unused_keys(config: Config) -> dict[str, str]:
 
 
 def check_optimizer(config: Config, params: Any) -> None:
-  """Rejects a GaLore-family optimizer that would project no parameter.
-
-  GaLore keeps low-rank state only for the matrices `optim.projected_leaves`
-  selects; with adapters (rank-`adapter.rank` factors) it would silently be
-  AdamW: a ValueError instead.
-  """
-  o = config.optimizer
-  factory = getattr(optim, o.name, None)
-  if factory is None or "project" not in inspect.signature(
-      factory).parameters:
-    return
-  if not optim.projected_leaves(params, rank=o.rank, project=o.get("project")):
-    raise ValueError(
-        f"optimizer {o.name!r} would project no parameter: of the "
-        f"{len(jax.tree.leaves(params))} leaves trained by adapter.method="
-        f"{config.adapter.method!r}, none is a matrix matched by "
-        f"optimizer.project={o.get('project')!r} with both sides > "
-        f"optimizer.rank={o.rank}, so it would be plain AdamW. Use "
-        f"adapter.method='full' (the ':galore' preset) or a smaller "
-        f"optimizer.rank.")
+  """`train.check_optimizer`, with this binary's way out."""
+  try:
+    train.check_optimizer(config.optimizer, params)
+  except ValueError as e:
+    raise ValueError(f"{e} Here: adapter.method='full' (the ':galore' "
+                     f"preset) or a smaller optimizer.rank.") from None
 
 
 def load_data(config: Config) -> tuple[list[tuple[str, str]], Any]:

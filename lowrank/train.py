@@ -645,6 +645,32 @@ def optimizer_from_config(
   return fn(**kwargs)
 
 
+def check_optimizer(section: Any, params: PyTree) -> None:
+  """Raises if a GaLore-family section would project none of `params`.
+
+  GaLore keeps low-rank state only for the matrices `optim.projected_leaves`
+  selects (both sides larger than `rank`, matched by `project`); trained on
+  adapter factors of rank <= `rank` it would silently be plain AdamW. Other
+  optimizers pass.
+
+  Raises:
+    ValueError: Naming the leaves, `project` and `rank`, and the way out.
+  """
+  kwargs = _plain(section)
+  fn = _factories().get(kwargs.get("name"))
+  if fn is None or "project" not in inspect.signature(fn).parameters:
+    return
+  defaults = inspect.signature(fn).parameters
+  rank = kwargs.get("rank", defaults["rank"].default)
+  project = kwargs.get("project", defaults["project"].default)
+  if not optim.projected_leaves(params, rank=rank, project=project):
+    raise ValueError(
+        f"optimizer {kwargs['name']!r} would project no parameter: of the "
+        f"{len(jax.tree.leaves(params))} trained leaves, none is a matrix "
+        f"matched by project={project!r} with both sides > rank={rank}, so "
+        f"it would be plain AdamW. Train full weights or lower the rank.")
+
+
 def inject_from_config(
     model: nnx.Module, section: Any, *, rngs: Any = 0
 ) -> nnx.Module:

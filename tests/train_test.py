@@ -271,6 +271,15 @@ class FromConfigTest(parameterized.TestCase):
       train.optimizer_from_config({"name": "adamw", "learning_rate": {
           "schedule": "cosine_warm"}})
 
+  def test_check_optimizer(self):
+    factors = {"lora_a": jnp.zeros((64, 4)), "lora_b": jnp.zeros((4, 64))}
+    section = {"name": "galore_adamw", "learning_rate": 1e-3, "rank": 8}
+    with self.assertRaisesRegex(ValueError, "would project no parameter.*"
+                                "rank=8"):
+      train.check_optimizer(section, factors)
+    train.check_optimizer(dict(section, rank=2), factors)
+    train.check_optimizer({"name": "adamw", "learning_rate": 1e-3}, factors)
+
   def test_inject_from_config(self):
     model = train.inject_from_config(
         _Regressor(nnx.Rngs(0)),
