@@ -521,7 +521,7 @@ def contract_test_class(cases: Sequence[ContractCase]) -> type:
 
   Each test is one case (one transformation configuration); the first
   case covering a factory runs every check, later ones (variants of a
-  configuration) the first three:
+  configuration) the abstract-init and training checks:
 
   * `init` accepts abstract params and gives the state `init` gives;
   * two eager steps equal two jitted ones; updates keep the param dtype;
@@ -546,17 +546,17 @@ def contract_test_class(cases: Sequence[ContractCase]) -> type:
   by_name = {c.name: c for c in cases}
   # The whole contract runs on the first case of each factory; the other
   # configurations of a factory (variants) run the checks that depend on
-  # the configuration (abstract init, eager == jit in float32, training
-  # under jit), not the wrappers' composition again: compiling every check
-  # for every variant cost minutes of the suite for no new coverage.
+  # the configuration (abstract init, training under jit; each factory's
+  # own tests compare its variants with references), not the wrappers'
+  # composition again: compiling every check for every variant cost minutes
+  # of the suite for no new coverage.
   full = []
   for c in cases:
     if any(n not in {x for f in full for x in by_name[f].covers}
            for n in c.covers):
       full.append(c.name)
   dtype_cases = [(f"{c.name}_{jnp.dtype(d).name}", c.name, d)
-                 for c in cases
-                 for d in (c.dtypes if c.name in full else c.dtypes[:1])]
+                 for c in cases if c.name in full for d in c.dtypes]
   injected = [c.name for c in cases if c.inject is not None
               and c.name in full]
 
