@@ -16,6 +16,8 @@ equal an uninterrupted run's.
 
 `plot_metrics(csv_paths, names, out_png)` draws curves (one line per run).
 `plot_curves_and_points` draws one metric's curves beside one point per run.
+Both save through `save_figure` (any matplotlib figure, written atomically;
+`pyplot` gives matplotlib on its Agg backend).
 Only the process with `jax.process_index() == 0` writes; the others get a
 writer whose methods do nothing, so multi-host code calls it unconditionally.
 """
@@ -219,6 +221,37 @@ class MetricWriter:
     self.close()
 
 
+def pyplot() -> Any:
+  """`matplotlib.pyplot` on the non-interactive Agg backend.
+
+  Imported on first use, so that writing metrics never loads matplotlib.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def save_figure(fig: Any, path: str, *, title: str = "") -> str:
+  """Saves a matplotlib figure as the PNG `path` atomically; returns `path`.
+
+  The figure gets `title` as its suptitle (none when empty), is laid out
+  tightly, written to a temporary file renamed over `path` (a crash leaves
+  the old picture or the new one), and closed.
+  """
+  plt = pyplot()
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  tmp = path + ".tmp.png"
+  try:
+    fig.savefig(tmp, dpi=110)
+  finally:
+    plt.close(fig)
+  os.replace(tmp, path)
+  return path
+
+
 def plot_metrics(
     runs: Mapping[str, str | Sequence[Mapping[str, float | int]]],
     names: Sequence[str],
@@ -242,9 +275,7 @@ def plot_metrics(
   Raises:
     ValueError: If no run has any of `names`.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6),
                            squeeze=False)
   drawn = 0
@@ -267,14 +298,7 @@ def plot_metrics(
       ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  tmp = out_png + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, out_png)
-  return out_png
+  return save_figure(fig, out_png, title=title)
 
 
 def plot_curves_and_points(
@@ -304,9 +328,7 @@ def plot_curves_and_points(
   Returns:
     `out_png`.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = pyplot()
   fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
   for label, rows in curves.items():
     rows = read_csv(rows) if isinstance(rows, str) else rows
@@ -321,11 +343,4 @@ def plot_curves_and_points(
   for ax in (ax1, ax2):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  if title:
-    fig.suptitle(title)
-  fig.tight_layout()
-  tmp = out_png + ".tmp.png"
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, out_png)
-  return out_png
+  return save_figure(fig, out_png, title=title)

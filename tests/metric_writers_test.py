@@ -72,33 +72,57 @@ class MetricWriterTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "bad.csv:3: column 'loss'"):
       metric_writers.read_csv(path)
 
-  def test_plot(self):
+  def _logged_run(self):
+    """A workdir whose metrics.csv holds `loss` at steps 1 to 3."""
     wd = self.create_tempdir().full_path
     with metric_writers.MetricWriter(wd, tensorboard=False) as w:
       for s in range(1, 4):
         w.write(s, {"loss": 1.0 / s})
+    return wd
+
+  def _assert_png(self, path):
+    with open(path, "rb") as f:
+      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    self.assertEqual(
+        [n for n in os.listdir(os.path.dirname(path)) if ".tmp" in n], [])
+
+  def test_plot(self):
+    wd = self._logged_run()
     out = metric_writers.plot_metrics(
         {"run": os.path.join(wd, "metrics.csv"),
          "other": [{"step": 1, "loss": 0.7}]},
         ["loss"], os.path.join(wd, "loss.png"))
-    with open(out, "rb") as f:
-      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    self._assert_png(out)
     with self.assertRaisesRegex(ValueError, "No run has"):
       metric_writers.plot_metrics({"run": [{"step": 1}]}, ["acc"],
                                   os.path.join(wd, "x.png"))
 
   def test_plot_curves_and_points(self):
-    wd = self.create_tempdir().full_path
-    with metric_writers.MetricWriter(wd, tensorboard=False) as w:
-      for s in range(1, 4):
-        w.write(s, {"loss": 1.0 / s})
+    wd = self._logged_run()
     out = metric_writers.plot_curves_and_points(
         {"run": os.path.join(wd, "metrics.csv"), "empty": []}, "loss",
         {"run": (2.5, 0.7), "empty": (1.0, 0.6)}, os.path.join(wd, "p.png"),
         points_labels=("state (MiB)", "nDCG@10"), reference=("zero", 0.5),
         title="runs")
-    with open(out, "rb") as f:
-      self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+    self._assert_png(out)
+
+  def test_save_figure_titles_writes_and_closes(self):
+    plt = metric_writers.pyplot()
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    path = os.path.join(self.create_tempdir().full_path, "f.png")
+    self.assertEqual(metric_writers.save_figure(fig, path, title="t"), path)
+    self._assert_png(path)
+    self.assertEqual(fig.get_suptitle(), "t")
+    self.assertFalse(plt.fignum_exists(fig.number))
+
+  def test_save_figure_into_a_missing_folder_closes_the_figure(self):
+    plt = metric_writers.pyplot()
+    fig, _ = plt.subplots()
+    path = os.path.join(self.create_tempdir().full_path, "no", "f.png")
+    with self.assertRaisesRegex(FileNotFoundError, "No such file"):
+      metric_writers.save_figure(fig, path)
+    self.assertFalse(plt.fignum_exists(fig.number))
 
 
 class HelpersTest(absltest.TestCase):

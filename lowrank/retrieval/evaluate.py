@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank import distributed
+from lowrank import metric_writers
 from lowrank import sharding
 from lowrank.models import bert
 from lowrank.retrieval import biencoder
@@ -411,10 +412,7 @@ def plot_prefix_curves(curves: Sequence[tuple[str, Mapping[str, float], str]],
   if not any(prefix_curve(m) for _, m, _ in curves):
     raise ValueError("No curve has prefix metrics (ndcg_cut_10@<dim> keys); "
                      "evaluate with dense(..., prefix_dims=...).")
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, len(PREFIX_METRICS), figsize=(10, 3.8))
+  fig, axes = metric_writers.pyplot().subplots(1, len(PREFIX_METRICS), figsize=(10, 3.8))
   dims = sorted({d for _, m, _ in curves for d in prefix_curve(m)})
   for ax, measure in zip(axes, PREFIX_METRICS):
     for label, metrics, style in curves:
@@ -426,9 +424,4 @@ def plot_prefix_curves(curves: Sequence[tuple[str, Mapping[str, float], str]],
            ylabel=f"{_PREFIX_LABELS[measure]} (test)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  fig.suptitle(title)
-  fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=110)
-  plt.close(fig)
-  os.replace(path + ".tmp.png", path)
-  return path
+  return metric_writers.save_figure(fig, path, title=title)
