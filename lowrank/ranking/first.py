@@ -49,7 +49,7 @@ References:
     https://arxiv.org/abs/2304.09542
 """
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 import dataclasses
 import functools
 import string
@@ -157,6 +157,10 @@ class _Pieces:
       ids += self.newline
     return ids + q + self.answer_prefix
 
+  def list_prompt(self, query: str, docs: Sequence[str]) -> list[int]:
+    """`prompt` from texts: the query and candidates cut to their limits."""
+    return self.prompt(self.query(query), [self.doc(d) for d in docs])
+
   def target(self, order: Sequence[int] | np.ndarray) -> list[int]:
     ids = []
     for j, i in enumerate(order):
@@ -186,8 +190,8 @@ def build_prompt(
     ValueError: If an identifier is not a single token, or `docs` is empty
       or has more entries than identifiers.
   """
-  pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
-  return pieces.prompt(pieces.query(query), [pieces.doc(d) for d in docs])
+  return _Pieces(tokenizer, prompt_format or PromptFormat()).list_prompt(
+      query, docs)
 
 
 def target_ids(
@@ -256,6 +260,37 @@ def sliding_windows(n: int, window: int, stride: int) -> list[tuple[int, int]]:
 # Single-pass scoring.
 
 
+def _list_prompts(
+    tokenizer: Any,
+    queries: Sequence[str],
+    doc_lists: Sequence[Sequence[str]],
+    prompt_format: PromptFormat | None,
+    batch_size: int,
+    length_multiple: int,
+) -> tuple[_Pieces, list[list[int]]]:
+  """Checks the arguments of a one-window-per-list scorer; one prompt a list."""
+  decoder_text.check_lists(queries, doc_lists, batch_size, length_multiple)
+  pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
+  return pieces, [pieces.list_prompt(q, docs)
+                  for q, docs in zip(queries, doc_lists)]
+
+
+def _length_sorted_batches(
+    prompts: Sequence[Sequence[int]], batch_size: int, length_multiple: int
+) -> Iterator[tuple[list[int], int]]:
+  """`(prompt indices, padded length)` of batches of similar lengths.
+
+  Prompts are sorted by length (ties by index) and cut into `batch_size`
+  rows; each batch's length is its longest prompt rounded up to a multiple
+  of `length_multiple`, so a workload compiles once per padded length.
+  """
+  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
+  for s in range(0, len(order), batch_size):
+    idx = order[s:s + batch_size]
+    yield idx, decoder_text.bucket_length(max(len(prompts[i]) for i in idx),
+                                          length_multiple)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _first_logits(graphdef, state, ids, lengths, ident):
   """`[B, W]` logits of the identifier tokens after the last real token."""
@@ -277,20 +312,16 @@ def _batched_first_logits(
 ) -> np.ndarray:
   """`[len(prompts), len(ident)]` float32 identifier logits, jitted batches.
 
-  Prompts are sorted by length, cut into `batch_size` rows (a short last
-  batch is padded with empty rows) and right-padded to a multiple of
-  `length_multiple`, so a workload compiles once per padded length.
+  Batches come from `_length_sorted_batches` (a short last batch is padded
+  with empty rows), right-padded.
   """
   out = np.zeros((len(prompts), len(ident)), np.float32)
   if not prompts:
     return out
   graphdef, state = nnx.split(model)
   ident = jnp.asarray(ident, jnp.int32)
-  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-  for s in range(0, len(order), batch_size):
-    idx = order[s:s + batch_size]
-    length = decoder_text.bucket_length(max(len(prompts[i]) for i in idx),
-                                        length_multiple)
+  for idx, length in _length_sorted_batches(prompts, batch_size,
+                                            length_multiple):
     ids, mask = decoder_text.pad_right([prompts[i] for i in idx], length,
                                        rows=batch_size)
     logits = _first_logits(graphdef, state, jnp.asarray(ids),
@@ -331,10 +362,8 @@ def window_scores(
     ValueError: On mismatched inputs, an empty or too long list, a
       non-single-token identifier, or bad batch settings.
   """
-  decoder_text.check_lists(queries, doc_lists, batch_size, length_multiple)
-  pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
-  prompts = [pieces.prompt(pieces.query(q), [pieces.doc(d) for d in docs])
-             for q, docs in zip(queries, doc_lists)]
+  pieces, prompts = _list_prompts(tokenizer, queries, doc_lists,
+                                  prompt_format, batch_size, length_multiple)
   width = max(len(d) for d in doc_lists) if doc_lists else 0
   logits = _batched_first_logits(
       model, prompts, pieces.ident[:max(width, 1)], batch_size=batch_size,
@@ -479,18 +508,13 @@ def generate_permutations(
   Raises:
     ValueError: As `window_scores`.
   """
-  decoder_text.check_lists(queries, doc_lists, batch_size, length_multiple)
-  pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
-  prompts = [pieces.prompt(pieces.query(q), [pieces.doc(d) for d in docs])
-             for q, docs in zip(queries, doc_lists)]
+  pieces, prompts = _list_prompts(tokenizer, queries, doc_lists,
+                                  prompt_format, batch_size, length_multiple)
   out: list[list[int]] = [[] for _ in prompts]
-  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-  for s in range(0, len(order), batch_size):
-    idx = order[s:s + batch_size]
+  for idx, length in _length_sorted_batches(prompts, batch_size,
+                                            length_multiple):
     n = max(len(doc_lists[i]) for i in idx)
     new = n + (n - 1) * len(pieces.separator)
-    length = decoder_text.bucket_length(max(len(prompts[i]) for i in idx),
-                                        length_multiple)
     rows = [prompts[i] for i in idx]
     rows += [rows[0]] * (batch_size - len(rows))  # Same shape every batch.
     ids, mask = decoder_text.pad_left(rows, length)
@@ -647,7 +671,7 @@ def make_example(
     raise ValueError(f"order must be a permutation of range({len(docs)}); "
                      f"got {list(order)}.")
   pieces = _Pieces(tokenizer, prompt_format or PromptFormat())
-  prompt = pieces.prompt(pieces.query(query), [pieces.doc(d) for d in docs])
+  prompt = pieces.list_prompt(query, docs)
   ranks = [0] * len(docs)
   for r, i in enumerate(order):
     ranks[int(i)] = r + 1
