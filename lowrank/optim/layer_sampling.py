@@ -518,46 +518,6 @@ def scale_by_layer_sampling(
 sample_layers = scale_by_layer_sampling
 
 
-def _sampled_adamw(
-    learning_rate, *, num_layers, active_layers, refresh_every, stacked,
-    layer_of, probabilities, owlore_alpha, owlore_floor, seed, b1, b2, eps,
-    weight_decay, mask, galore_args,
-):
-  inner = scale_by_adam_per_slice(b1, b2, eps)
-  if galore_args is not None:
-    galore_args = dict(galore_args)
-    gap = galore_args.pop("galore_refresh_every")
-    gap = refresh_every if gap is None else gap
-    _check_int("galore_refresh_every", gap, 1)
-    if refresh_every % gap:
-      # GaLore refreshes on the shared step count; a refresh at every draw
-      # gives each newly drawn layer a basis before its first step (torch
-      # GaLore's per-parameter step does this implicitly).
-      raise ValueError(
-          f"galore_refresh_every={gap} must divide "
-          f"refresh_every={refresh_every}, so that every layer draw "
-          "refreshes the bases; pass a divisor, or leave it None.")
-    # GaLore's per-layer projectors: the layer axis of stacked leaves.
-    if stacked is None or isinstance(stacked, str):
-      stacked_axes = stacked
-    else:
-      stacked_axes = lambda path, leaf: (0,) if stacked(path, leaf) else ()
-    inner = galore.scale_by_galore(
-        inner, refresh_every=gap, stacked_axes=stacked_axes, **galore_args)
-  # Decay inside the sampled part: a frozen layer gets no update at all,
-  # as torch's AdamW skips parameters without a gradient.
-  inner = optax.chain(inner, optax.add_decayed_weights(weight_decay, mask))
-  return optax.chain(
-      scale_by_layer_sampling(
-          inner, num_layers=num_layers, active_layers=active_layers,
-          refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
-          probabilities=probabilities, owlore_alpha=owlore_alpha,
-          owlore_floor=owlore_floor, seed=seed,
-      ),
-      optax.scale_by_learning_rate(learning_rate),
-  )
-
-
 def lisa_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -579,6 +539,7 @@ def lisa_adamw(
   Frozen layers get no update and no weight decay, and their Adam moments
   are kept unchanged until they are drawn again. Layers are re-drawn every
   `refresh_every` steps; `mask` is the weight-decay mask (optax's meaning).
+  This is `owlore_adamw` with `probabilities="uniform"` and no GaLore.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -594,12 +555,11 @@ def lisa_adamw(
   References:
     Pan et al. 2024, LISA, https://arxiv.org/abs/2403.17919
   """
-  return _sampled_adamw(
+  return owlore_adamw(
       learning_rate, num_layers=num_layers, active_layers=active_layers,
       refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
-      probabilities="uniform", owlore_alpha=13.0, owlore_floor=0.01,
-      seed=seed, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
-      mask=mask, galore_args=None,
+      probabilities="uniform", b1=b1, b2=b2, eps=eps,
+      weight_decay=weight_decay, mask=mask, seed=seed,
   )
 
 
@@ -666,14 +626,37 @@ def owlore_adamw(
   References:
     Li et al. 2024, OwLore, https://arxiv.org/abs/2405.18380
   """
-  galore_args = None if rank is None else dict(
-      rank=rank, galore_refresh_every=galore_refresh_every, scale=scale,
-      side=side, projector=projector, rsvd_method=rsvd_method,
-      project=project, input_axes=input_axes)
-  return _sampled_adamw(
-      learning_rate, num_layers=num_layers, active_layers=active_layers,
-      refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
-      probabilities=probabilities, owlore_alpha=owlore_alpha,
-      owlore_floor=owlore_floor, seed=seed, b1=b1, b2=b2, eps=eps,
-      weight_decay=weight_decay, mask=mask, galore_args=galore_args,
+  inner = scale_by_adam_per_slice(b1, b2, eps)
+  if rank is not None:
+    gap = (refresh_every if galore_refresh_every is None
+           else galore_refresh_every)
+    _check_int("galore_refresh_every", gap, 1)
+    if refresh_every % gap:
+      # GaLore refreshes on the shared step count; a refresh at every draw
+      # gives each newly drawn layer a basis before its first step (torch
+      # GaLore's per-parameter step does this implicitly).
+      raise ValueError(
+          f"galore_refresh_every={gap} must divide "
+          f"refresh_every={refresh_every}, so that every layer draw "
+          "refreshes the bases; pass a divisor, or leave it None.")
+    # GaLore's per-layer projectors: the layer axis of stacked leaves.
+    if stacked is None or isinstance(stacked, str):
+      stacked_axes = stacked
+    else:
+      stacked_axes = lambda path, leaf: (0,) if stacked(path, leaf) else ()
+    inner = galore.scale_by_galore(
+        inner, rank=rank, refresh_every=gap, scale=scale, side=side,
+        projector=projector, rsvd_method=rsvd_method, project=project,
+        stacked_axes=stacked_axes, input_axes=input_axes)
+  # Decay inside the sampled part: a frozen layer gets no update at all,
+  # as torch's AdamW skips parameters without a gradient.
+  inner = optax.chain(inner, optax.add_decayed_weights(weight_decay, mask))
+  return optax.chain(
+      scale_by_layer_sampling(
+          inner, num_layers=num_layers, active_layers=active_layers,
+          refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
+          probabilities=probabilities, owlore_alpha=owlore_alpha,
+          owlore_floor=owlore_floor, seed=seed,
+      ),
+      optax.scale_by_learning_rate(learning_rate),
   )
