@@ -58,7 +58,6 @@ from typing import Any, NamedTuple
 from flax import nnx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
 import numpy as np
 import optax
 

@@ -360,18 +360,14 @@ def score_lists(
     ValueError: As `attention_scores`.
   """
   fmt = prompt_format or PromptFormat()
+  kw = dict(prompt_format=fmt, query_reduction=query_reduction,
+            batch_size=batch_size, length_multiple=length_multiple)
   if not calibrate:
-    return attention_scores(
-        model, tokenizer, queries, doc_lists, prompt_format=fmt,
-        query_reduction=query_reduction, batch_size=batch_size,
-        length_multiple=length_multiple)
+    return attention_scores(model, tokenizer, queries, doc_lists, **kw)
   _check(queries, doc_lists, batch_size, length_multiple, query_reduction)
   both = [x for q in queries for x in (q, fmt.content_free_query)]
   lists = [d for d in doc_lists for _ in range(2)]
-  raw = attention_scores(
-      model, tokenizer, both, lists, prompt_format=fmt,
-      query_reduction=query_reduction, batch_size=batch_size,
-      length_multiple=length_multiple)
+  raw = attention_scores(model, tokenizer, both, lists, **kw)
   return [raw[2 * i] - raw[2 * i + 1] for i in range(len(queries))]
 
 
