@@ -13,12 +13,12 @@ from tokenizers import models as tok_models
 from tokenizers import pre_tokenizers
 
 from lowrank import ranking
-from lowrank import sharding
 from lowrank import train
 from lowrank.models import llama
 from lowrank.ranking import decoder_text
 from lowrank.ranking import first
 from lowrank.ranking import losses as ltr_losses
+from tests import testing
 
 TOK = decoder_text.ByteTokenizer()
 QUERIES = ["parse a url into parts", "open a file for reading",
@@ -30,12 +30,6 @@ DOCS = [
     ["def sort(xs): return sorted(xs)", "class A: pass", "y = [3, 1]",
      "def f(): return 0"],
 ]
-
-
-def _model(seed=0, **overrides):
-  config = llama.LlamaConfig.tiny(**({"initializer_range": 0.2} | overrides))
-  with sharding.use_mesh(sharding.make_mesh(devices=jax.devices()[:1])):
-    return llama.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
 
 
 def _reference_rank(model, query, docs, window, stride):
@@ -105,7 +99,7 @@ class WindowsTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "window must be >= 1"):
       first.sliding_windows(30, 0, 1)
     with self.assertRaisesRegex(ValueError, "stride must be in"):
-      first.FirstReranker(_model(), window=20, stride=0)
+      first.FirstReranker(testing.tiny_llama_lm(), window=20, stride=0)
 
 
 class PromptTest(absltest.TestCase):
@@ -158,7 +152,7 @@ class ScoringTest(absltest.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    cls.model = _model()
+    cls.model = testing.tiny_llama_lm()
 
   def test_single_pass_ranking_is_argsort_of_first_token_logits(self):
     scores = first.window_scores(self.model, TOK, QUERIES, DOCS,
@@ -256,7 +250,7 @@ class LossTest(absltest.TestCase):
       ranking.losses.get("hinge", first.LTR_LOSSES)
 
   def test_training_learns_target_and_decoding_agrees(self):
-    model = _model(seed=1)
+    model = testing.tiny_llama_lm(seed=1)
     ident = decoder_text.single_token_ids(TOK, first.IDENTIFIERS[:4])
     docs = DOCS[2]
     example = first.make_example(TOK, QUERIES[2], docs, [0, 0, 1, 0],

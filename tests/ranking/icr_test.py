@@ -1,11 +1,8 @@
 """Tests for `lowrank.ranking.icr` (attention-based in-context reranking)."""
 
-import zlib
-
 from absl.testing import absltest
 from absl.testing import parameterized
 from flax import nnx
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,6 +11,7 @@ from lowrank import sharding
 from lowrank.models import llama
 from lowrank.ranking import decoder_text
 from lowrank.ranking import icr
+from tests import testing
 
 TOK = decoder_text.ByteTokenizer()
 QUERIES = ["parse a url", "open a file"]
@@ -21,22 +19,9 @@ DOCS = [["def urlparse(url): pass", "x = 1", "def f(): return url"],
         ["def open_file(p): return open(p)", "y = 2"]]
 
 
-def _mesh():
-  return sharding.use_mesh(sharding.make_mesh(devices=jax.devices()[:1]))
-
-
 def _model(seed=0, **overrides):
-  config = llama.LlamaConfig.tiny(**({"initializer_range": 0.2} | overrides))
-  with _mesh():
-    model = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
-  # Norm scales start at 1; randomise them so a skipped norm shows.
-  for path, var in nnx.iter_graph(model):
-    if isinstance(var, nnx.Param) and path[-1] == "scale":
-      key = jax.random.fold_in(jax.random.key(seed + 7), zlib.crc32(repr(path).encode()) % 997)
-      value = var.get_value()
-      var.set_value(jax.random.uniform(key, value.shape, value.dtype, 0.5,
-                                       1.5))
-  return model
+  # Norm scales start at 1; randomised so that a skipped norm shows.
+  return testing.tiny_llama_lm(seed, norm_seed=seed + 7, **overrides)
 
 
 def _copy_head_model():
@@ -51,7 +36,7 @@ def _copy_head_model():
   config = llama.LlamaConfig(
       vocab_size=256, hidden_size=64, intermediate_size=8, num_layers=1,
       num_heads=1, num_kv_heads=1, rope_theta=1e12, max_position=1024)
-  with _mesh():
+  with sharding.use_mesh(testing.one_device_mesh()):
     model = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
   slow = np.r_[16:32, 48:64]  # Frequencies 1e12^(-i/32) <= 1e-6.
   emb = np.zeros((256, 64), np.float32)
