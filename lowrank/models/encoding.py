@@ -6,14 +6,18 @@
   whose input shapes come from a small fixed set (batch padded to
   `batch_size`, length padded to one of `LENGTH_BUCKETS`), so embedding 10k
   texts compiles at most once per length bucket.
+* `bucketed_batches` (its length-sorted, bucket-padded batches) and
+  `SplitJit` (its jitted step on a split module, counting compilations)
+  serve the other text embedders too (SPLADE, ColBERT).
 
 The model is a `lowrank.models.bert.BertModel` (anything called as
 `model(input_ids, attention_mask=, token_type_ids=)` with a `config` giving
-`hidden_size` and `max_position_embeddings`). These names are also
-`lowrank.models.bert.<name>`.
+`hidden_size` and `max_position_embeddings`). These names, `SplitJit`
+excepted, are also `lowrank.models.bert.<name>`.
 """
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 import warnings
 
 from flax import nnx
@@ -105,23 +109,49 @@ def encode(
   return l2_normalize(out) if normalize else out
 
 
-_TRACES = [0]
+class SplitJit:
+  """`fn(module, **kwargs)` jitted on the module's `nnx.split` parts.
+
+  The step of a jitted text-embedding loop: called with the
+  `(graphdef, state)` of `nnx.split(module)`, it merges them and returns
+  `fn(module, **kwargs)`. The graph definition and the keyword arguments
+  named in `static_argnames` are static, the state and every other argument
+  traced, so each new batch shape or static value compiles once. `traces`
+  counts the traces (compilations), for tests of the bucketing.
+
+  Attributes:
+    traces: How many times the step has been traced.
+  """
+
+  def __init__(self, fn: Callable[..., Any],
+               static_argnames: Sequence[str] = ()):
+    """Jits `fn`.
+
+    Args:
+      fn: `fn(module, **kwargs)`, jittable; its arguments are passed by
+        keyword.
+      static_argnames: The keyword arguments of `fn` that are static.
+    """
+    self.traces = 0
+
+    def step(graphdef, state, **kwargs):
+      self.traces += 1  # Python side effect: runs once per trace.
+      return fn(nnx.merge(graphdef, state), **kwargs)
+
+    self._step = jax.jit(step,
+                         static_argnames=("graphdef", *static_argnames))
+
+  def __call__(self, graphdef: Any, state: Any, **kwargs) -> Any:
+    """`fn(nnx.merge(graphdef, state), **kwargs)`, jitted."""
+    return self._step(graphdef=graphdef, state=state, **kwargs)
+
+
+_embed_step = SplitJit(encode, ("pooling", "normalize"))
 
 
 def embed_trace_count() -> int:
   """How many times `embed_texts`' jitted forward has been traced."""
-  return _TRACES[0]
-
-
-def _embed_step(graphdef, state, batch, pooling, normalize):
-  _TRACES[0] += 1  # Python side effect: runs once per trace.
-  model = nnx.merge(graphdef, state)
-  return encode(model, batch, pooling, normalize)
-
-
-_embed_step_jit = jax.jit(
-    _embed_step, static_argnames=("graphdef", "pooling", "normalize")
-)
+  return _embed_step.traces
 
 
 def bucket_length(n: int, max_length: int) -> int:
@@ -219,13 +249,8 @@ def embed_texts(
         state, batch["input_ids"].shape)
     if batch_sharding is not None:
       batch = jax.device_put(batch, batch_sharding)
-    result = _embed_step_jit(
-        graphdef=graphdef,
-        state=state,
-        batch=batch,
-        pooling=pooling,
-        normalize=normalize,
-    )
+    result = _embed_step(graphdef, state, batch=batch, pooling=pooling,
+                         normalize=normalize)
     out[np.asarray(idx)] = np.asarray(result[: len(idx)], np.float32)
   return out
 

@@ -91,6 +91,7 @@ import numpy as np
 
 from lowrank import sharding
 from lowrank.models import bert
+from lowrank.models import encoding
 from lowrank.retrieval import muvera
 from lowrank.retrieval import search
 
@@ -568,34 +569,25 @@ class ColBERT(nnx.Module):
           state, batch["input_ids"].shape)
       if batch_sharding is not None:
         batch = jax.device_put(batch, batch_sharding)
-      v, m = _encode_step_jit(
-          graphdef=graphdef, state=state, batch=batch, is_query=is_query
-      )
+      v, m = _encode_step(graphdef, state, batch=batch, is_query=is_query)
       n, width = len(idx), min(v.shape[1], longest)
       vecs[np.asarray(idx), :width] = np.asarray(v[:n, :width]).astype(dtype)
       masks[np.asarray(idx), :width] = np.asarray(m[:n, :width])
     return vecs, masks
 
 
-_TRACES = [0]
-
-
-def encode_trace_count() -> int:
-  """How many times the jitted text encoder has been traced (compiled)."""
-  return _TRACES[0]
-
-
-def _encode_step(graphdef, state, batch, is_query):
-  _TRACES[0] += 1  # Python side effect: runs once per trace.
-  model = nnx.merge(graphdef, state)
+def _encode_batch(model, batch, is_query):
   if is_query:
     return model.encode_queries(batch)
   return model.encode_documents(batch)
 
 
-_encode_step_jit = jax.jit(
-    _encode_step, static_argnames=("graphdef", "is_query")
-)
+_encode_step = encoding.SplitJit(_encode_batch, ("is_query",))
+
+
+def encode_trace_count() -> int:
+  """How many times the jitted text encoder has been traced (compiled)."""
+  return _encode_step.traces
 
 
 def index(

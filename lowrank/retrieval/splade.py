@@ -50,6 +50,7 @@ from jaxtyping import Array, Float, Int, Shaped
 import numpy as np
 
 from lowrank.models import bert
+from lowrank.models import encoding
 from lowrank.retrieval import losses
 from lowrank.retrieval import sparse_index
 
@@ -111,23 +112,12 @@ def encode(
   return out
 
 
-_TRACES = [0]
+_encode_step = encoding.SplitJit(encode, ("max_pool", "token_chunk"))
 
 
 def encode_trace_count() -> int:
   """How many times `embed_texts`'s jitted step has been traced."""
-  return _TRACES[0]
-
-
-def _encode_step(graphdef, state, batch, max_pool, token_chunk):
-  _TRACES[0] += 1  # Python side effect: runs once per trace.
-  model = nnx.merge(graphdef, state)
-  return encode(model, batch, max_pool=max_pool, token_chunk=token_chunk)
-
-
-_encode_step_jit = jax.jit(
-    _encode_step, static_argnames=("graphdef", "max_pool", "token_chunk")
-)
+  return _encode_step.traces
 
 
 def embed_texts(
@@ -176,23 +166,11 @@ def embed_texts(
   max_length = min(max_length, model.config.max_position_embeddings)
   rows: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(texts)
   if texts:
-    encoded = tokenizer.tokenize_unpadded(texts, max_length=max_length)
-    order = sorted(range(len(texts)), key=lambda i: len(encoded[i][0]))
     graphdef, state = nnx.split(nnx.view(model, deterministic=True))
-    for start in range(0, len(order), batch_size):
-      idx = order[start:start + batch_size]
-      chunk = [encoded[i] for i in idx]
-      length = bert.bucket_length(
-          max(len(ids) for ids, _ in chunk), max_length
-      )
-      batch = tokenizer.pad(chunk, length=length, batch=batch_size)
-      weights = _encode_step_jit(
-          graphdef=graphdef,
-          state=state,
-          batch=batch,
-          max_pool=max_pool,
-          token_chunk=token_chunk,
-      )
+    for idx, batch in encoding.bucketed_batches(
+        tokenizer, texts, batch_size=batch_size, max_length=max_length):
+      weights = _encode_step(graphdef, state, batch=batch, max_pool=max_pool,
+                             token_chunk=token_chunk)
       sparse = to_sparse(
           np.asarray(weights[: len(idx)]), threshold=threshold, top_k=top_k
       )
