@@ -630,6 +630,36 @@ def _check_multi(name, x, mask, dim=None):
     )
 
 
+def _token_sets(q, q_mask, docs, doc_mask, docs_name="docs"):
+  """Query and document token vectors as arrays, masks as bool; checked."""
+  q, docs = jnp.asarray(q), jnp.asarray(docs)
+  q_mask, doc_mask = jnp.asarray(q_mask) != 0, jnp.asarray(doc_mask) != 0
+  _check_multi("q", q, q_mask)
+  _check_multi(docs_name, docs, doc_mask, q.shape[-1])
+  return q, q_mask, docs, doc_mask
+
+
+def _topk_over_query_blocks(fn, k, query_chunk, *per_query):
+  """`fn` mapped over blocks of `query_chunk` queries: top-`k` `[Q, k]` each.
+
+  `per_query` are arrays with one row per query; each is zero-padded to a
+  whole number of blocks and `fn` gets one block of each, returning that
+  block's `(scores, indices)` `[block, k]` (the padding rows are dropped).
+  """
+  num_q = per_query[0].shape[0]
+  if num_q == 0:
+    return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
+  size = min(query_chunk, num_q)
+
+  def blocks(x):
+    x = jnp.pad(x, [(0, -num_q % size)] + [(0, 0)] * (x.ndim - 1))
+    return x.reshape((-1, size) + x.shape[1:])
+
+  scores, idx = jax.lax.map(lambda args: fn(*args),
+                            tuple(blocks(x) for x in per_query))
+  return scores.reshape(-1, k)[:num_q], idx.reshape(-1, k)[:num_q]
+
+
 def _sum_of_max(sim, q_mask, d_mask):
   """MaxSim `[Q, N]` from token similarities `sim` `[Q, N, Tq, Td]`.
 
@@ -682,10 +712,7 @@ def maxsim(
   Raises:
     ValueError: On inconsistent shapes or a non-positive `doc_chunk`.
   """
-  q, d = jnp.asarray(q), jnp.asarray(d)
-  q_mask, d_mask = jnp.asarray(q_mask) != 0, jnp.asarray(d_mask) != 0
-  _check_multi("q", q, q_mask)
-  _check_multi("d", d, d_mask, q.shape[-1])
+  q, q_mask, d, d_mask = _token_sets(q, q_mask, d, d_mask, "d")
   if doc_chunk < 1:
     raise ValueError(f"doc_chunk must be positive; got {doc_chunk}.")
   n = d.shape[0]
@@ -873,28 +900,18 @@ def search_exact(
     ValueError: On inconsistent shapes, `k` out of range or a non-positive
       chunk size.
   """
-  q, docs = jnp.asarray(q), jnp.asarray(docs)
-  q_mask, doc_mask = jnp.asarray(q_mask) != 0, jnp.asarray(doc_mask) != 0
-  _check_multi("q", q, q_mask)
-  _check_multi("docs", docs, doc_mask, q.shape[-1])
-  num_q, num_docs = q.shape[0], docs.shape[0]
+  q, q_mask, docs, doc_mask = _token_sets(q, q_mask, docs, doc_mask)
+  num_docs = docs.shape[0]
   if not 1 <= k <= num_docs:
     raise ValueError(f"Need 1 <= k <= N = {num_docs}; got k = {k}.")
   if query_chunk < 1 or doc_chunk < 1:
     raise ValueError(
         f"Chunk sizes must be positive; got {query_chunk, doc_chunk}."
     )
-  if num_q == 0:
-    return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
-  qc, dc = min(query_chunk, num_q), min(doc_chunk, num_docs)
-  num_qc, num_dc = -(-num_q // qc), -(-num_docs // dc)
-  pad = num_qc * qc - num_q
-  qs = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(
-      (num_qc, qc) + q.shape[1:])
-  qms = jnp.pad(q_mask, ((0, pad), (0, 0))).reshape((num_qc, qc, q.shape[1]))
+  dc = min(doc_chunk, num_docs)
+  num_dc = -(-num_docs // dc)
 
-  def per_query_chunk(args):
-    qq, qm = args
+  def per_query_chunk(qq, qm):
 
     def body(i, carry):
       best_scores, best_idx = carry
@@ -911,12 +928,11 @@ def search_exact(
       top, pos = jax.lax.top_k(all_scores, k)
       return top, jnp.take_along_axis(all_idx, pos, axis=1)
 
-    init = (jnp.full((qc, k), -jnp.inf, jnp.float32),
-            jnp.full((qc, k), -1, jnp.int32))
+    init = (jnp.full((qq.shape[0], k), -jnp.inf, jnp.float32),
+            jnp.full((qq.shape[0], k), -1, jnp.int32))
     return jax.lax.fori_loop(0, num_dc, body, init)
 
-  scores, idx = jax.lax.map(per_query_chunk, (qs, qms))
-  return scores.reshape(-1, k)[:num_q], idx.reshape(-1, k)[:num_q]
+  return _topk_over_query_blocks(per_query_chunk, k, query_chunk, q, q_mask)
 
 
 def encode_fdes(
@@ -994,11 +1010,8 @@ def rerank_candidates(
   Raises:
     ValueError: On inconsistent shapes or `k` out of range.
   """
-  q, docs = jnp.asarray(q), jnp.asarray(docs)
-  q_mask, doc_mask = jnp.asarray(q_mask) != 0, jnp.asarray(doc_mask) != 0
+  q, q_mask, docs, doc_mask = _token_sets(q, q_mask, docs, doc_mask)
   candidates = jnp.asarray(candidates)
-  _check_multi("q", q, q_mask)
-  _check_multi("docs", docs, doc_mask, q.shape[-1])
   num_q, c = candidates.shape
   if num_q != q.shape[0]:
     raise ValueError(
@@ -1008,26 +1021,16 @@ def rerank_candidates(
     raise ValueError(f"Need 1 <= k <= {c} candidates; got k = {k}.")
   if query_chunk < 1:
     raise ValueError(f"query_chunk must be positive; got {query_chunk}.")
-  if num_q == 0:
-    return jnp.zeros((0, k), jnp.float32), jnp.zeros((0, k), jnp.int32)
   # Ascending corpus order, so lax.top_k's tie-break is by corpus index.
   candidates = jnp.sort(candidates.astype(jnp.int32), axis=1)
-  qc = min(query_chunk, num_q)
-  num_qc = -(-num_q // qc)
-  pad = num_qc * qc - num_q
-  qs = jnp.pad(q, ((0, pad), (0, 0), (0, 0))).reshape(
-      (num_qc, qc) + q.shape[1:])
-  qms = jnp.pad(q_mask, ((0, pad), (0, 0))).reshape((num_qc, qc, q.shape[1]))
-  cs = jnp.pad(candidates, ((0, pad), (0, 0))).reshape((num_qc, qc, c))
 
-  def per_chunk(args):
-    qq, qm, cc = args
+  def per_chunk(qq, qm, cc):
     scores = group_scores(qq, qm, docs[cc], doc_mask[cc], precision=precision)
     top, pos = jax.lax.top_k(scores, k)
     return top, jnp.take_along_axis(cc, pos, axis=1)
 
-  scores, idx = jax.lax.map(per_chunk, (qs, qms, cs))
-  return scores.reshape(-1, k)[:num_q], idx.reshape(-1, k)[:num_q]
+  return _topk_over_query_blocks(per_chunk, k, query_chunk, q, q_mask,
+                                 candidates)
 
 
 def search_muvera(
@@ -1068,10 +1071,7 @@ def search_muvera(
   Raises:
     ValueError: On inconsistent shapes or `k`, `rerank` out of range.
   """
-  q, docs = jnp.asarray(q), jnp.asarray(docs)
-  q_mask, doc_mask = jnp.asarray(q_mask) != 0, jnp.asarray(doc_mask) != 0
-  _check_multi("q", q, q_mask)
-  _check_multi("docs", docs, doc_mask, q.shape[-1])
+  q, q_mask, docs, doc_mask = _token_sets(q, q_mask, docs, doc_mask)
   if config.dimension != q.shape[-1]:
     raise ValueError(
         f"config.dimension={config.dimension} but the token vectors have "
