@@ -85,6 +85,7 @@ import numpy as np
 from lowrank import surgery
 from lowrank.adapters import injection
 from lowrank.adapters import layers
+from lowrank.spectral import sst
 
 P = jax.sharding.PartitionSpec
 ArrayLike = jax.typing.ArrayLike
@@ -524,13 +525,6 @@ def _const(value: jax.Array):
 
 
 
-def _logical(var: nnx.Variable | None) -> tuple[Any, ...] | None:
-  if var is None:
-    return None
-  axes = var.get_metadata().get("out_sharding")
-  return None if axes is None else tuple(axes)
-
-
 def _named_spec(value: Any) -> tuple[Any, tuple[Any, ...]] | None:
   sh = getattr(value, "sharding", None)
   if isinstance(sh, jax.sharding.NamedSharding):
@@ -618,8 +612,8 @@ class LowRankLinear(nnx.Module):
       raise ValueError("down must have no bias (the bias belongs to up).")
     for lin in (down, up):
       if not isinstance(lin.kernel, LowRankFactor):
-        meta = {} if _logical(lin.kernel) is None else {
-            "out_sharding": _logical(lin.kernel)}
+        axes = sst.logical_axes(lin.kernel)
+        meta = {} if axes is None else {"out_sharding": axes}
         with nnx.use_eager_sharding(False):
           lin.kernel = LowRankFactor(lin.kernel.get_value(), **meta)
     self.down = down
@@ -687,7 +681,7 @@ class LowRankLinear(nnx.Module):
           f"{tuple(down.shape)} and {tuple(up.shape)}."
       )
     kernel = linear.kernel.get_value()
-    axes = _logical(linear.kernel)
+    axes = sst.logical_axes(linear.kernel)
     ms = _named_spec(kernel)
     settings = _linear_settings(linear)
     bias = None if linear.bias is None else linear.bias.get_value()
@@ -700,7 +694,7 @@ class LowRankLinear(nnx.Module):
         _place(up.astype(settings["param_dtype"]), ms,
                (None, ms[1][1] if ms else None)),
         bias, settings, None if axes is None else (RANK_AXIS, axes[1]),
-        _logical(linear.bias), LowRankFactor)
+        sst.logical_axes(linear.bias), LowRankFactor)
     return cls(d_lin, u_lin)
 
   @property
@@ -730,17 +724,7 @@ class LowRankLinear(nnx.Module):
 
   def to_linear(self) -> nnx.Linear:
     """The equivalent dense `nnx.Linear` (kernel `down @ up`, same bias)."""
-    d_axes, u_axes = _logical(self.down.kernel), _logical(self.up.kernel)
-    axes = None if d_axes is None or u_axes is None else (d_axes[0],
-                                                          u_axes[1])
-    ms_d = _named_spec(self.down.kernel.get_value())
-    ms_u = _named_spec(self.up.kernel.get_value())
-    w = self.dense_kernel()
-    if ms_d is not None and ms_u is not None:
-      w = _place(w, ms_d, (ms_d[1][0], ms_u[1][1]))
-    bias = None if self.up.bias is None else self.up.bias.get_value()
-    return _make_linear(w, bias, _linear_settings(self.up), axes,
-                        _logical(self.up.bias))
+    return _dense_linear(self, self.dense_kernel())
 
 
 # ------------------------------------------------------ model-level helpers
@@ -751,46 +735,21 @@ _OPAQUE = (layers.LoRAWrapper, LowRankLinear)
 def _select(
     model: nnx.Module,
     targets: Any,
-    ok,
-    what: str,
+    eligible,
+    kind: str,
     exclude: Any = None,
 ) -> list[tuple[tuple[Any, ...], str, Any]]:
-  """Modules matching `targets` (inject's semantics) that pass `ok`."""
-  wrappers = (layers.LoRAWrapper,)
-  match = surgery.match(targets, "targets", wrappers=wrappers)
-  if exclude is not None:
-    keep = match
-    skip = surgery.match(exclude, "exclude", wrappers=wrappers)
-    match = lambda p, m: keep(p, m) and not skip(p, m)
-  modules = list(surgery.iter_modules(model, opaque=_OPAQUE))
-  eligible = [surgery.path_str(p) for p, m in modules if ok(m)]
-  chosen, bad = [], []
-  for p, m in modules:
-    name = surgery.path_str(p)
-    if not match(name, m):
-      continue
-    if ok(m):
-      chosen.append((p, name, m))
-    elif isinstance(m, layers.LoRAWrapper):
-      bad.append(f"{name} (has an adapter; unload it first)")
-    elif targets != "all-linear" or isinstance(m, layers.LINEAR_KINDS):
-      bad.append(f"{name} ({type(m).__name__})")
-  listing = surgery.listing
-  if bad:
-    raise ValueError(
-        f"targets={targets!r} matched modules that {what}: {listing(bad)}. "
-        f"Eligible modules: {listing(eligible)}."
-    )
-  if not chosen:
-    raise ValueError(
-        f"targets={targets!r} matched no module. Eligible modules: "
-        f"{listing(eligible)}."
-    )
-  return chosen
+  """`sst.select_modules`, not descending into `LowRankLinear`s."""
+  return sst.select_modules(model, targets, exclude, eligible=eligible,
+                            kind=kind, opaque=_OPAQUE)
 
 
-def _is_plain_linear(m: Any) -> bool:
-  return type(m) is nnx.Linear  # pylint: disable=unidiomatic-typecheck
+def _is_kernel_layer(m: Any) -> bool:
+  """A layer with an effective 2-D kernel (see `dense_kernels`)."""
+  return isinstance(m, (LowRankLinear,) + layers.LINEAR_KINDS)
+
+
+_KERNEL_LAYERS = "linear layers or LowRankLinear"
 
 
 def _kernel_2d(lin: nnx.Linear, name: str) -> jax.Array:
@@ -861,7 +820,7 @@ def compress(
       targets = _paths_regex(sorted(ranks))
   if targets is None:
     raise ValueError("compress needs targets= (or ranks=).")
-  chosen = _select(model, targets, _is_plain_linear, "are not nnx.Linear",
+  chosen = _select(model, targets, sst.is_plain_linear, "nnx.Linear",
                    exclude)
   if ranks is not None:
     extra = sorted(set(ranks) - {n for _, n, _ in chosen})
@@ -933,7 +892,7 @@ def to_dense(
   else:
     chosen = [(p, m) for p, _, m in _select(
         model, targets, lambda m: isinstance(m, LowRankLinear),
-        "are not LowRankLinear")]
+        "LowRankLinear")]
   for path, m in chosen:
     surgery.set_submodule(model, path, m.to_linear())
   return model
@@ -974,7 +933,7 @@ def welore_ranks(
 
 
 def _welore(model, targets, ratio, min_ratio, measure, exclude):
-  chosen = _select(model, targets, _is_plain_linear, "are not nnx.Linear",
+  chosen = _select(model, targets, sst.is_plain_linear, "nnx.Linear",
                    exclude)
   spectra, shapes, biases = {}, {}, {}
   for _, name, lin in chosen:
@@ -1078,12 +1037,9 @@ def dense_kernels(
   Raises:
     ValueError: On bad targets.
   """
-  def ok(m):
-    return isinstance(m, (LowRankLinear,) + layers.LINEAR_KINDS)
-
   out = {}
-  for _, name, m in _select(model, targets, ok,
-                            "are not linear layers or LowRankLinear"):
+  for _, name, m in _select(model, targets, _is_kernel_layer,
+                            _KERNEL_LAYERS):
     out[name] = _effective_kernel(m)
   return out
 
@@ -1150,11 +1106,8 @@ def eora(
     )
   paths = sorted(originals)
 
-  def ok(m):
-    return isinstance(m, (LowRankLinear,) + layers.LINEAR_KINDS)
-
-  chosen = _select(model, _paths_regex(paths), ok,
-                   "are not linear layers or LowRankLinear")
+  chosen = _select(model, _paths_regex(paths), _is_kernel_layer,
+                   _KERNEL_LAYERS)
   found = {n for _, n, _ in chosen}
   if found != set(paths):
     raise ValueError(f"No such layers: {sorted(set(paths) - found)}.")
@@ -1200,22 +1153,29 @@ def eora(
   return report
 
 
+def _dense_linear(m: LowRankLinear, w: jax.Array) -> nnx.Linear:
+  """An `nnx.Linear` with kernel `w: [d_in, d_out]` and `m`'s settings,
+  logical axes, placement and bias."""
+  d_axes = sst.logical_axes(m.down.kernel)
+  u_axes = sst.logical_axes(m.up.kernel)
+  axes = None if d_axes is None or u_axes is None else (d_axes[0], u_axes[1])
+  ms_d = _named_spec(m.down.kernel.get_value())
+  ms_u = _named_spec(m.up.kernel.get_value())
+  if ms_d is not None and ms_u is not None:
+    w = _place(w, ms_d, (ms_d[1][0], ms_u[1][1]))
+  bias = None if m.up.bias is None else m.up.bias.get_value()
+  return _make_linear(w, bias, _linear_settings(m.up), axes,
+                      sst.logical_axes(m.up.bias))
+
+
 def _ghost_linear(m: LowRankLinear) -> nnx.Linear:
   """A dense stand-in carrying `m`'s settings, axes, placement and bias.
 
   Only its metadata is read by `LowRankLinear.from_linear`; the kernel
   value is a zero array of the right shape and sharding.
   """
-  d_axes, u_axes = _logical(m.down.kernel), _logical(m.up.kernel)
-  axes = None if d_axes is None or u_axes is None else (d_axes[0], u_axes[1])
-  ms_d = _named_spec(m.down.kernel.get_value())
-  ms_u = _named_spec(m.up.kernel.get_value())
-  settings = _linear_settings(m.up)
-  w = jnp.zeros((m.in_features, m.out_features), settings["param_dtype"])
-  if ms_d is not None and ms_u is not None:
-    w = _place(w, ms_d, (ms_d[1][0], ms_u[1][1]))
-  bias = None if m.up.bias is None else m.up.bias.get_value()
-  return _make_linear(w, bias, settings, axes, _logical(m.up.bias))
+  w = jnp.zeros((m.in_features, m.out_features), m.up.param_dtype)
+  return _dense_linear(m, w)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -234,18 +234,10 @@ class SLTrainLinear(nnx.Module):
       raise ValueError(f"alpha must be finite; got {alpha!r}.")
     if chunk_size is not None:
       _check_int("chunk_size", chunk_size)
-    if linear is None:
-      with nnx.use_eager_sharding(False):
-        linear = nnx.Linear(
-            in_features, out_features, use_bias=use_bias, dtype=dtype,
-            param_dtype=param_dtype,
-            kernel_init=nnx.initializers.zeros_init(), rngs=rngs)
-    if (linear.in_features, linear.out_features) != (in_features,
-                                                     out_features):
-      raise ValueError(
-          f"linear is {linear.in_features} -> {linear.out_features}; "
-          f"expected {in_features} -> {out_features}."
-      )
+    linear = sst.base_linear(
+        in_features, out_features, linear, use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype, kernel_init=nnx.initializers.zeros_init(),
+        rngs=rngs)
     kvar = linear.kernel
     kernel = kvar.get_value()
     lead_shape = kernel.shape[:-2]
@@ -261,8 +253,7 @@ class SLTrainLinear(nnx.Module):
     self.chunk_size = chunk_size
     self.dtype = linear.dtype
     self.param_dtype = kernel.dtype
-    axes = kvar.get_metadata().get("out_sharding")
-    self.kernel_axes = None if axes is None else tuple(axes)
+    self.kernel_axes = sst.logical_axes(kvar)
 
     n_lead = math.prod(lead_shape)
     key_a, key_s, key_v = jax.random.split(rngs.params(), 3)
@@ -340,29 +331,15 @@ class SLTrainLinear(nnx.Module):
       ValueError: On stacked parameters (run inside the layer scan) or an
         input that does not end in `d_in`.
     """
-    a, bmat = self.lora_a[...], self.lora_b[...]
-    if a.ndim != 2:
-      raise ValueError(
-          f"This SLTrainLinear holds stacked parameters {a.shape}; it runs "
-          "inside the layer scan, one layer at a time."
-      )
-    if x.shape[-1] != self.in_features:
-      raise ValueError(
-          f"Input ends in {x.shape[-1]}; expected {self.in_features}."
-      )
-    values = self.sparse_values[...]
+    params = (self.lora_a[...], self.lora_b[...], self.sparse_values[...])
     rows, cols = self.sparse_rows[...], self.sparse_cols[...]
-    bias = None if self.bias is None else self.bias[...]
-    x, a, bmat, values, bias = nnx.nn.dtypes.promote_dtype(
-        (x, a, bmat, values, bias), dtype=self.dtype)
-    batch = x.shape[:-1]
-    x2 = x.reshape(-1, self.in_features)
-    y = ((x2 @ a) @ bmat) * jnp.asarray(self.scale, x2.dtype)
-    y = y + sparse_matmul(x2, values, rows, cols, self.out_features,
-                          self.chunk_size)
-    if bias is not None:
-      y = y + bias[None, :]
-    return y.reshape(batch + (self.out_features,))
+
+    def matmul(x2, a, b, values):
+      y = ((x2 @ a) @ b) * jnp.asarray(self.scale, x2.dtype)
+      return y + sparse_matmul(x2, values, rows, cols, self.out_features,
+                               self.chunk_size)
+
+    return sst.apply_flat(self, x, params, matmul)
 
 
 def to_sltrain(

@@ -406,9 +406,81 @@ def _initial_order(s: jax.Array, rank: int, key: jax.Array | None):
 # Layer.
 
 
-def _kernel_axes(var: nnx.Variable) -> tuple[Any, ...] | None:
+def logical_axes(var: nnx.Variable | None) -> tuple[Any, ...] | None:
+  """The logical axes (`out_sharding` metadata) of `var`, as a tuple.
+
+  `None` when `var` is `None` or carries no logical axes. Used by the
+  spectral layers to remember (and restore) a dense kernel's axes.
+  """
+  if var is None:
+    return None
   axes = var.get_metadata().get("out_sharding")
   return None if axes is None else tuple(axes)
+
+
+def base_linear(
+    in_features: int,
+    out_features: int,
+    linear: nnx.Linear | None,
+    **linear_kwargs: Any,
+) -> nnx.Linear:
+  """The dense layer a replacement layer is built from.
+
+  `linear` itself, checked to map `in_features -> out_features`; with
+  `linear=None`, a fresh `nnx.Linear(in_features, out_features,
+  **linear_kwargs)` built without eager sharding (the replacement places
+  its own variables). Used by `SSTLinear` and `sltrain.SLTrainLinear`.
+
+  Raises:
+    ValueError: If `linear` maps other sizes.
+  """
+  if linear is None:
+    with nnx.use_eager_sharding(False):
+      linear = nnx.Linear(in_features, out_features, **linear_kwargs)
+  if (linear.in_features, linear.out_features) != (in_features,
+                                                   out_features):
+    raise ValueError(
+        f"linear is {linear.in_features} -> {linear.out_features}; "
+        f"expected {in_features} -> {out_features}."
+    )
+  return linear
+
+
+def apply_flat(
+    layer: nnx.Module,
+    x: jax.Array,
+    params: Sequence[jax.Array],
+    matmul: Callable[..., jax.Array],
+) -> jax.Array:
+  """`matmul(x2, *params) + bias` for `x: [..., d_in]`, one layer's params.
+
+  The forward shared by `SSTLinear` and `sltrain.SLTrainLinear`: `layer`
+  has `in_features`, `out_features`, `dtype` and `bias` (an `nnx.Param` or
+  `None`). `x`, `params` and the bias are promoted to `layer.dtype`, and
+  `matmul` sees `x` flattened to `x2: [N, d_in]` and returns `[N, d_out]`.
+
+  Raises:
+    ValueError: If `params[0]` is stacked (not 2-D: the layer runs inside
+      the layer scan, one slice at a time) or `x` does not end in `d_in`.
+  """
+  if params[0].ndim != 2:
+    raise ValueError(
+        f"This {type(layer).__name__} holds stacked parameters "
+        f"{params[0].shape}; it runs inside the layer scan, one layer at a "
+        "time."
+    )
+  if x.shape[-1] != layer.in_features:
+    raise ValueError(
+        f"Input ends in {x.shape[-1]}; expected {layer.in_features}."
+    )
+  bias = None if layer.bias is None else layer.bias[...]
+  x, *params, bias = nnx.nn.dtypes.promote_dtype(
+      (x, *params, bias), dtype=layer.dtype)
+  batch = x.shape[:-1]
+  y = matmul(x.reshape(-1, layer.in_features), *params)
+  if bias is not None:
+    y = y + bias[None, :]
+  return y.reshape(batch + (layer.out_features,))
 
 
 class SSTLinear(nnx.Module):
@@ -474,20 +546,12 @@ class SSTLinear(nnx.Module):
     Raises:
       ValueError: On a bad rank or a `linear` whose sizes do not match.
     """
-    if linear is None:
-      if rngs is None:
-        raise ValueError("SSTLinear needs rngs when no linear is given.")
-      with nnx.use_eager_sharding(False):
-        linear = nnx.Linear(
-            in_features, out_features, use_bias=use_bias, dtype=dtype,
-            param_dtype=param_dtype, kernel_init=kernel_init,
-            bias_init=bias_init, rngs=rngs)
-    if (linear.in_features, linear.out_features) != (in_features,
-                                                     out_features):
-      raise ValueError(
-          f"linear is {linear.in_features} -> {linear.out_features}; "
-          f"expected {in_features} -> {out_features}."
-      )
+    if linear is None and rngs is None:
+      raise ValueError("SSTLinear needs rngs when no linear is given.")
+    linear = base_linear(
+        in_features, out_features, linear, use_bias=use_bias, dtype=dtype,
+        param_dtype=param_dtype, kernel_init=kernel_init,
+        bias_init=bias_init, rngs=rngs)
     m = min(in_features, out_features)
     if isinstance(rank, bool) or not isinstance(rank, int) or not (
         0 < rank <= m):
@@ -507,7 +571,7 @@ class SSTLinear(nnx.Module):
     self.enhanced_grad = bool(enhanced_grad)
     self.dtype = linear.dtype
     self.param_dtype = kernel.dtype
-    self.kernel_axes = _kernel_axes(kvar)
+    self.kernel_axes = logical_axes(kvar)
     u, s, vh = jnp.linalg.svd(kernel.astype(jnp.float32), full_matrices=False)
     v = jnp.swapaxes(vh, -1, -2)
     order = _initial_order(s, rank, sample_key)
@@ -561,31 +625,88 @@ class SSTLinear(nnx.Module):
       ValueError: If the layer holds stacked factors (run it inside the
         scan) or `x` does not end in `d_in`.
     """
-    u, uf, s = self.sst_u[...], self.sst_u_frozen[...], self.sst_s[...]
-    v, vf = self.sst_v[...], self.sst_v_frozen[...]
-    if u.ndim != 2:
-      raise ValueError(
-          f"This SSTLinear holds stacked factors {u.shape}; it runs inside "
-          "the layer scan, one [d_in, r] slice at a time."
-      )
-    if x.shape[-1] != self.in_features:
-      raise ValueError(
-          f"Input ends in {x.shape[-1]}; expected {self.in_features}."
-      )
-    b = None if self.bias is None else self.bias[...]
-    x, u, uf, s, v, vf, b = nnx.nn.dtypes.promote_dtype(
-        (x, u, uf, s, v, vf, b), dtype=self.dtype)
-    batch = x.shape[:-1]
-    y = active_matmul(x.reshape(-1, self.in_features), u, uf, s, v, vf,
-                      self.enhanced_grad)
-    if b is not None:
-      y = y + b[None, :]
-    return y.reshape(batch + (self.out_features,))
+    params = (self.sst_u[...], self.sst_u_frozen[...], self.sst_s[...],
+              self.sst_v[...], self.sst_v_frozen[...])
+    return apply_flat(
+        self, x, params,
+        lambda x2, *p: active_matmul(x2, *p, self.enhanced_grad))
 
 
 # ----------------------------------------------------------------------------
 # Model conversion.
 
+
+
+def select_modules(
+    model: nnx.Module,
+    targets: Any,
+    exclude: Any = None,
+    *,
+    eligible: Callable[[Any], bool],
+    kind: str,
+    opaque: tuple[type, ...] = (layers.LoRAWrapper,),
+    skip_types: tuple[type, ...] = (),
+) -> list[tuple[tuple[Any, ...], str, Any]]:
+  """`(path, dotted path, module)` of the `eligible` modules in `targets`.
+
+  Targets follow `lowrank.adapters.inject`: a regex over the dotted module
+  path (full match), a list of names (path equal or ending in `.name`), or
+  `"all-linear"`. The model-conversion functions of `lowrank.spectral`
+  (`select_linears`, `compress.compress`, `compress.to_dense`, ...) choose
+  their layers with it.
+
+  Args:
+    model: An NNX model.
+    targets: Which modules.
+    exclude: Modules to leave alone even if they match.
+    eligible: Whether a matched module can be converted.
+    kind: What `eligible` accepts, for messages (e.g. `"nnx.Linear"`).
+    opaque: Module types not descended into (adapter wrappers by default).
+    skip_types: Module types that are silently skipped (already converted).
+
+  Returns:
+    The chosen modules, in graph order.
+
+  Raises:
+    ValueError: On a bad regex, targets that match nothing, or a matched
+      module that is not eligible (an adapter wrapper is named as one); the
+      message lists the eligible modules.
+  """
+  # Targets mean what they mean for adapter injection.
+  wrappers = (layers.LoRAWrapper,)
+  match = surgery.match(targets, "targets", wrappers=wrappers)
+  skip = (lambda p, m: False) if exclude is None else surgery.match(
+      exclude, "exclude", wrappers=wrappers)
+  modules = list(surgery.iter_modules(model, opaque=opaque))
+  names = [surgery.path_str(p) for p, m in modules if eligible(m)]
+  chosen, bad = [], []
+  for p, m in modules:
+    name = surgery.path_str(p)
+    if isinstance(m, skip_types) or not match(name, m) or skip(name, m):
+      continue
+    if eligible(m):
+      chosen.append((p, name, m))
+    elif isinstance(m, layers.LoRAWrapper):
+      bad.append(f"{name} (has an adapter; unload it first)")
+    else:
+      bad.append(f"{name} ({type(m).__name__})")
+  if bad:
+    raise ValueError(
+        f"targets={targets!r} matched modules that are not {kind}: "
+        f"{surgery.listing(bad)}. Eligible modules: "
+        f"{surgery.listing(names)}."
+    )
+  if not chosen:
+    raise ValueError(
+        f"targets={targets!r} matched no {kind}. Eligible modules: "
+        f"{surgery.listing(names)}."
+    )
+  return chosen
+
+
+def is_plain_linear(module: Any) -> bool:
+  """Whether `module` is exactly an `nnx.Linear` (not a subclass)."""
+  return type(module) is nnx.Linear  # pylint: disable=unidiomatic-typecheck
 
 
 def select_linears(
@@ -596,13 +717,12 @@ def select_linears(
 ) -> list[tuple[tuple[Any, ...], nnx.Linear]]:
   """`(path, layer)` of the `nnx.Linear` layers chosen by `targets`.
 
-  Targets follow `lowrank.adapters.inject`: a regex over the dotted module
-  path (full match), a list of names (path equal or ending in `.name`), or
-  `"all-linear"`.
+  `select_modules` for plain `nnx.Linear` layers (adapter wrappers are
+  opaque).
 
   Args:
     model: An NNX model.
-    targets: Which layers.
+    targets: Which layers (see `select_modules`).
     exclude: Layers to leave alone even if they match.
     skip_types: Module types that are silently skipped (already converted).
 
@@ -612,36 +732,11 @@ def select_linears(
   Raises:
     ValueError: On a bad regex, targets that match nothing, or a matched
       module that is not exactly an `nnx.Linear`; the message lists the
-      linear layers that exist.
+      `nnx.Linear` layers that exist.
   """
-  # Targets mean what they mean for adapter injection.
-  wrappers = (layers.LoRAWrapper,)
-  match = surgery.match(targets, "targets", wrappers=wrappers)
-  skip = (lambda p, m: False) if exclude is None else surgery.match(
-      exclude, "exclude", wrappers=wrappers)
-  modules = list(surgery.iter_modules(model, opaque=wrappers))
-  linears = [surgery.path_str(p) for p, m in modules
-             if isinstance(m, nnx.Linear)]
-  chosen, bad = [], []
-  for p, m in modules:
-    name = surgery.path_str(p)
-    if isinstance(m, skip_types) or not match(name, m) or skip(name, m):
-      continue
-    if type(m) is nnx.Linear:  # pylint: disable=unidiomatic-typecheck
-      chosen.append((p, m))
-    else:
-      bad.append(f"{name} ({type(m).__name__})")
-  if bad:
-    raise ValueError(
-        f"targets={targets!r} matched modules that are not nnx.Linear: "
-        f"{surgery.listing(bad)}. Linear layers: {surgery.listing(linears)}."
-    )
-  if not chosen:
-    raise ValueError(
-        f"targets={targets!r} matched no nnx.Linear. Linear layers: "
-        f"{surgery.listing(linears)}."
-    )
-  return chosen
+  return [(p, m) for p, _, m in select_modules(
+      model, targets, exclude, eligible=is_plain_linear, kind="nnx.Linear",
+      skip_types=skip_types)]
 
 
 def to_sst(

@@ -309,23 +309,30 @@ class CompressLlamaTest(parameterized.TestCase):
     x = jnp.ones((3, 6))
     np.testing.assert_allclose(m(x), x @ m.dense_kernel(), atol=1e-5)
 
-  def test_bad_targets(self):
-    model = _llama()
-    with self.assertRaisesRegex(ValueError, "matched no module"):
-      compress.compress(model, targets=r".*nothing", rank=2)
-    with self.assertRaisesRegex(ValueError, "are not nnx.Linear.*RMSNorm"):
-      compress.compress(model, targets=r".*layernorm", rank=2)
-    with self.assertRaisesRegex(ValueError, "exactly one"):
-      compress.compress(model, targets=_LLAMA_TARGETS)
-    with self.assertRaisesRegex(ValueError, "not targeted"):
-      compress.compress(model, targets=["q_proj"], ranks={"x.y": 2})
+  @parameterized.named_parameters(
+      ("no_match", dict(targets=r".*nothing", rank=2),
+       "matched no nnx.Linear"),
+      ("not_linear", dict(targets=r".*layernorm", rank=2),
+       "are not nnx.Linear.*RMSNorm"),
+      ("no_rank", dict(targets=_LLAMA_TARGETS), "exactly one"),
+      ("untargeted_rank", dict(targets=["q_proj"], ranks={"x.y": 2}),
+       "not targeted"),
+  )
+  def test_bad_targets(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      compress.compress(_llama(), **kwargs)
+
+  def test_stacked_kernels_are_refused(self):
+    config = llama.LlamaConfig.tiny(scan_layers=True)
+    with _one_device_mesh():
+      stacked = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     with self.assertRaisesRegex(ValueError, "only 2-D kernels"):
-      config = llama.LlamaConfig.tiny(scan_layers=True)
-      with _one_device_mesh():
-        stacked = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
       compress.compress(stacked, targets=_LLAMA_TARGETS, rank=2)
+
+  def test_layer_with_an_adapter_is_refused(self):
+    model = _llama()
     adapters.inject(model, targets=["q_proj"], rank=2)
-    with self.assertRaisesRegex(ValueError, "has an adapter"):
+    with self.assertRaisesRegex(ValueError, "q_proj \\(has an adapter"):
       compress.compress(model, targets=r".*q_proj", rank=2)
 
 

@@ -187,14 +187,26 @@ class LayerTest(parameterized.TestCase):
 
 class ModelTest(parameterized.TestCase):
 
-  def test_to_sltrain_errors(self):
+  @parameterized.named_parameters(
+      ("no_match", r".*nothing", "matched no nnx.Linear"),
+      ("not_linear", r"model\.embed_tokens", "not nnx.Linear.*embed_tokens"),
+  )
+  def test_to_sltrain_errors(self, targets, message):
     with _mesh():
       model = llama.LlamaForCausalLM(llama.LlamaConfig.tiny(),
                                      rngs=nnx.Rngs(0))
-    with self.assertRaisesRegex(ValueError, "matched no nnx.Linear"):
-      sltrain.to_sltrain(model, targets=r".*nothing", rank=2)
-    with self.assertRaisesRegex(ValueError, "not nnx.Linear"):
-      sltrain.to_sltrain(model, targets=r"model\.embed_tokens", rank=2)
+    with self.assertRaisesRegex(ValueError, message):
+      sltrain.to_sltrain(model, targets=targets, rank=2)
+
+  def test_stacked_layer_runs_inside_the_scan_only(self):
+    with _mesh():
+      model = llama.LlamaForCausalLM(llama.LlamaConfig.tiny(scan_layers=True),
+                                     rngs=nnx.Rngs(0))
+    sltrain.to_sltrain(model, targets=r".*q_proj", rank=2)
+    layer = model.model.layers.self_attn.q_proj
+    with self.assertRaisesRegex(ValueError,
+                                "SLTrainLinear holds stacked parameters"):
+      layer(jnp.ones((1, layer.in_features)))
 
   @parameterized.named_parameters(("list", False), ("scan", True))
   def test_tiny_lm_loss_decreases(self, scan_layers):

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank import adapters
 from lowrank import optim
 from lowrank import sharding
 from lowrank.models import llama
@@ -61,6 +62,20 @@ def _assert_close_to(freq, prob, n):
   tol = 4.5 * np.sqrt(prob * (1 - prob) / n) + 1e-12
   bad = np.abs(freq - prob) > tol
   assert not np.any(bad), (freq, prob, tol)
+
+
+def _matmul_problem(seed, *, d_in, d_out, m, n=9):
+  """Random `(x [n, d_in], U [d_in, m], s [m], V [d_out, m], target)`.
+
+  `s` is kept in `[0.5, 2]`, away from zero.
+  """
+  k = jax.random.split(jax.random.key(seed), 5)
+  x = jax.random.normal(k[0], (n, d_in))
+  u = jax.random.normal(k[1], (d_in, m))
+  s = jax.random.uniform(k[2], (m,), minval=0.5, maxval=2.0)
+  v = jax.random.normal(k[3], (d_out, m))
+  t = jax.random.normal(k[4], (n, d_out))
+  return x, u, s, v, t
 
 
 def _layer_params(d_in, d_out, r, seed=0):
@@ -221,12 +236,7 @@ class MathTest(parameterized.TestCase):
     self.assertTrue(bool(jnp.all(jnp.diff(ns, axis=-1) <= 0)))
 
   def test_enhanced_gradients(self):
-    k = jax.random.split(jax.random.key(2), 5)
-    x = jax.random.normal(k[0], (9, 6))
-    u = jax.random.normal(k[1], (6, 4))
-    s = jax.random.uniform(k[2], (4,), minval=0.5, maxval=2.0)
-    v = jax.random.normal(k[3], (5, 4))
-    t = jax.random.normal(k[4], (9, 5))
+    x, u, s, v, t = _matmul_problem(2, d_in=6, d_out=5, m=4)
 
     def loss(enhanced):
       return lambda *a: jnp.sum(
@@ -253,12 +263,7 @@ class MathTest(parameterized.TestCase):
   @parameterized.named_parameters(("enhanced", True), ("plain", False))
   def test_active_matmul_is_the_active_columns_of_the_full_gradient(
       self, enhanced):
-    k = jax.random.split(jax.random.key(4), 5)
-    x = jax.random.normal(k[0], (9, 7))
-    u = jax.random.normal(k[1], (7, 5))
-    s = jax.random.uniform(k[2], (5,), minval=0.5, maxval=2.0)
-    v = jax.random.normal(k[3], (6, 5))
-    t = jax.random.normal(k[4], (9, 6))
+    x, u, s, v, t = _matmul_problem(4, d_in=7, d_out=6, m=5)
     r = 2
     full = jax.grad(lambda x, u, s, v: jnp.sum(
         (sst.spectral_matmul(x, u, s, v, enhanced) - t) ** 2),
@@ -367,6 +372,20 @@ class LayerTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "expected 4"):
       layer(jnp.ones((2, 5)))
 
+  def test_base_linear_of_other_sizes_is_refused(self):
+    # The check shared by SSTLinear and SLTrainLinear.
+    linear = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError,
+                                "linear is 4 -> 8; expected 8 -> 4"):
+      sst.base_linear(8, 4, linear)
+
+  def test_stacked_layer_runs_inside_the_scan_only(self):
+    model = sst.to_sst(_llama(scan_layers=True), targets=r".*q_proj", rank=2)
+    layer = model.model.layers.self_attn.q_proj
+    with self.assertRaisesRegex(ValueError,
+                                "SSTLinear holds stacked parameters"):
+      layer(jnp.ones((1, layer.in_features)))
+
 
 class ConversionTest(parameterized.TestCase):
 
@@ -410,18 +429,29 @@ class ConversionTest(parameterized.TestCase):
     np.testing.assert_array_equal(top, np.sort(top)[::-1])  # SVD order.
     self.assertFalse(np.array_equal(pick(1)[:4], top[:4]))
 
-  def test_conversion_errors(self):
+  @parameterized.named_parameters(
+      ("no_match", dict(targets=r".*nothing", rank=2),
+       "matched no nnx.Linear"),
+      ("not_linear", dict(targets=r"model\.embed_tokens", rank=2),
+       "not nnx.Linear.*embed_tokens"),
+      ("rank_too_large", dict(targets=r".*q_proj", rank=65),
+       "q_proj.*rank must be"),
+      ("bool_seed", dict(targets=r".*q_proj", rank=2, seed=True),
+       "seed must be an int or None"),
+  )
+  def test_conversion_errors(self, kwargs, message):
+    with self.assertRaisesRegex(ValueError, message):
+      sst.to_sst(_llama(), **kwargs)
+
+  def test_layer_with_an_adapter_is_refused(self):
     model = _llama()
-    with self.assertRaisesRegex(ValueError, "matched no nnx.Linear"):
-      sst.to_sst(model, targets=r".*nothing", rank=2)
-    with self.assertRaisesRegex(ValueError, "not nnx.Linear.*embed_tokens"):
-      sst.to_sst(model, targets=r"model\.embed_tokens", rank=2)
-    with self.assertRaisesRegex(ValueError, "q_proj.*rank must be"):
-      sst.to_sst(model, targets=r".*q_proj", rank=65)
-    with self.assertRaisesRegex(ValueError, "seed must be an int or None"):
-      sst.to_sst(model, targets=r".*q_proj", rank=2, seed=True)
+    adapters.inject(model, targets=["q_proj"], rank=2)
+    with self.assertRaisesRegex(ValueError, r"q_proj \(has an adapter"):
+      sst.to_sst(model, targets=r".*q_proj", rank=2)
+
+  def test_to_dense_without_spectral_layers(self):
     with self.assertRaisesRegex(ValueError, "no SSTLinear"):
-      sst.to_dense(model)
+      sst.to_dense(_llama())
 
 
 class OptimizerTest(parameterized.TestCase):
