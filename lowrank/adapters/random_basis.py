@@ -244,9 +244,7 @@ def vera_apply(
   The diagonals are folded into the factors (`[d_in, r]`, `[r, d_out]`
   elementwise products) and the product runs through `lora.lora_apply`.
   """
-  dt = x.dtype
-  a_eff = a.astype(dt) * lambda_d.astype(dt)[None, :]
-  b_eff = b.astype(dt) * lambda_b.astype(dt)[None, :]
+  a_eff, b_eff = _vera_factors(a, b, lambda_d, lambda_b, x.dtype)
   return lora.lora_apply(x, a_eff, b_eff, scale)
 
 
@@ -258,10 +256,15 @@ def vera_delta(
     scale: float | int,
 ) -> Float[Array, "d_in d_out"]:
   """The dense VeRA update `s · A diag(λ_d) B diag(λ_b)` in float32."""
-  f32 = jnp.float32
-  a_eff = a.astype(f32) * lambda_d.astype(f32)[None, :]
-  b_eff = b.astype(f32) * lambda_b.astype(f32)[None, :]
+  a_eff, b_eff = _vera_factors(a, b, lambda_d, lambda_b, jnp.float32)
   return lora.lora_delta(a_eff, b_eff, scale)
+
+
+def _vera_factors(a, b, lambda_d, lambda_b, dtype):
+  """`(A diag(λ_d), B diag(λ_b))` in `dtype`: VeRA as a LoRA pair."""
+  a_eff = a.astype(dtype) * lambda_d.astype(dtype)[None, :]
+  b_eff = b.astype(dtype) * lambda_b.astype(dtype)[None, :]
+  return a_eff, b_eff
 
 
 # -------------------------------------------------------------------- NOLA
