@@ -2,8 +2,6 @@
 
 import collections
 import math
-import os
-import pathlib
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -13,14 +11,7 @@ import pytest
 from lowrank.data import beir
 from lowrank.retrieval import bm25
 from lowrank.retrieval import metrics
-
-_SHARED_DIR = pathlib.Path(
-    os.environ.get(
-        "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[3] / "shared",
-    )
-)
-_BEIR_DIR = _SHARED_DIR / "data" / "beir"
+from tests import testing
 
 # Porter (1980) examples (the paper's own), plus words checked against
 # NLTK's PorterStemmer(mode=MARTIN_EXTENSIONS), i.e. Porter's reference
@@ -165,12 +156,7 @@ class BM25Test(parameterized.TestCase):
 class BM25SciFactTest(absltest.TestCase):
 
   def test_scifact_ndcg(self):
-    directory = _BEIR_DIR / "scifact"
-    if not directory.is_dir():
-      self.skipTest(
-          f"../shared/data not present ({directory} missing; set "
-          "LOWRANK_SHARED_DIR to the folder holding data/beir)"
-      )
+    directory = testing.beir_dir(self, "scifact")
     dataset = beir.load_beir(directory, "test")
     index = bm25.BM25(dataset.corpus)
     scores = metrics.evaluate(

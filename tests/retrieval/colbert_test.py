@@ -16,8 +16,6 @@ projection: a random orthogonal 384 -> 128 map (`projection_init=
 """
 
 import functools
-import os
-import pathlib
 import re
 import string
 
@@ -38,14 +36,8 @@ from lowrank.data import code_search
 from lowrank.retrieval import colbert
 from lowrank.retrieval import metrics
 from lowrank.retrieval import muvera
+from tests import testing
 
-_SHARED_DIR = pathlib.Path(
-    os.environ.get(
-        "LOWRANK_SHARED_DIR",
-        pathlib.Path(__file__).resolve().parents[3] / "shared",
-    )
-)
-_BEIR_DIR = _SHARED_DIR / "data" / "beir"
 _FDE = muvera.FDEConfig(dimension=128, num_repetitions=20,
                         num_simhash_projections=5)
 
@@ -395,12 +387,7 @@ class RealCorpusTest(absltest.TestCase):
 
   @pytest.mark.shared_data
   def test_adi_ndcg_exact_and_muvera(self):
-    directory = _BEIR_DIR / "adi"
-    if not directory.is_dir():
-      self.skipTest(
-          f"../shared/data not present ({directory} missing; set "
-          "LOWRANK_SHARED_DIR to the folder holding data/beir)"
-      )
+    directory = testing.beir_dir(self, "adi")
     ds = beir.load_beir(directory)
     doc_ids, query_ids = list(ds.corpus), list(ds.queries)
     self.assertEqual((len(doc_ids), len(query_ids)), (82, 35))
