@@ -412,7 +412,8 @@ def plot_prefix_curves(curves: Sequence[tuple[str, Mapping[str, float], str]],
   if not any(prefix_curve(m) for _, m, _ in curves):
     raise ValueError("No curve has prefix metrics (ndcg_cut_10@<dim> keys); "
                      "evaluate with dense(..., prefix_dims=...).")
-  fig, axes = metric_writers.pyplot().subplots(1, len(PREFIX_METRICS), figsize=(10, 3.8))
+  fig, axes = metric_writers.pyplot().subplots(1, len(PREFIX_METRICS),
+                                               figsize=(10, 3.8))
   dims = sorted({d for _, m, _ in curves for d in prefix_curve(m)})
   for ax, measure in zip(axes, PREFIX_METRICS):
     for label, metrics, style in curves:
