@@ -216,7 +216,8 @@ def load_adapter(
       quant = entry.get("quantize_base")
       quant_kwargs = {} if not quant else dict(
           quantize_base=quant["scheme"], **quant["options"])
-      try:
+      with peft_io.fits_model(
+          f"Adapter {path!r} in {os.path.join(directory, CONFIG_NAME)}"):
         injection.inject(
             model,
             targets=re.escape(path),
@@ -229,12 +230,6 @@ def load_adapter(
             rngs=rngs,
             **entry["options"],
         )
-      except (TypeError, ValueError) as e:
-        kind = TypeError if isinstance(e, TypeError) else ValueError
-        raise kind(
-            f"Adapter {path!r} in {os.path.join(directory, CONFIG_NAME)} "
-            f"does not fit the model: {e}"
-        ) from e
       wrapper = injection.adapter_modules(model)[path]
       wrapper.init = entry["init"]
       if any(k.startswith(f"{path}/initial_") for k in tensors):
@@ -264,12 +259,7 @@ def load_adapter(
         f"{wpath}: unexpected tensors {unexpected[:10]}, missing tensors "
         f"{missing[:10]}."
     )
-  for key, shape in expected.items():
-    if tuple(tensors[key].shape) != tuple(shape):
-      raise ValueError(
-          f"{key}: expected shape {tuple(shape)}, found "
-          f"{tuple(tensors[key].shape)} in {wpath}."
-      )
+  peft_io.check_shapes(tensors, expected, wpath)
   for path, m in mods.items():
     for vpath, var in nnx.iter_graph(m):
       if not vpath or vpath[0] == "base" or not isinstance(var, SAVED):

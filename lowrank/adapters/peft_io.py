@@ -13,6 +13,8 @@ Loading reads JSON and safetensors only: it never executes code.
 """
 
 import collections
+from collections.abc import Iterator, Mapping
+import contextlib
 import json
 import os
 import re
@@ -411,6 +413,40 @@ def check_unmerged(mods, directory) -> None:
     )
 
 
+@contextlib.contextmanager
+def fits_model(subject: str) -> Iterator[None]:
+  """Runs a block that builds adapters from a file's config.
+
+  A `TypeError` (a `ValueError` otherwise) from the block is raised again
+  as `"<subject> does not fit the model: <error>"`, so the message names
+  the file. Used by `load_peft` and `native_io.load_adapter`.
+  """
+  try:
+    yield
+  except (TypeError, ValueError) as e:
+    kind = TypeError if isinstance(e, TypeError) else ValueError
+    raise kind(f"{subject} does not fit the model: {e}") from e
+
+
+def check_shapes(
+    tensors: Mapping[str, Any],
+    expected: Mapping[str, tuple[int, ...]],
+    where: str,
+) -> None:
+  """Raises unless `tensors[key]` has shape `expected[key]` for every key.
+
+  Raises:
+    ValueError: Naming the first mismatched tensor, both shapes and
+      `where` (the weights file).
+  """
+  for key, want in expected.items():
+    found = tuple(tensors[key].shape)
+    if found != tuple(want):
+      raise ValueError(
+          f"{key}: expected shape {tuple(want)}, found {found} in {where}."
+      )
+
+
 def _expected(peft_type, path, m) -> dict[str, tuple[Any, str, tuple]]:
   """PEFT key -> (module, our role, PEFT shape) for one adapter module."""
   if peft_type == "ADALORA":
@@ -477,14 +513,9 @@ def load_peft(
     )
   mods = inject_lib.adapter_modules(model)
   if not mods:
-    try:
+    with fits_model(
+        f"Adapter config {os.path.join(directory, CONFIG_NAME)}"):
       _inject_from_config(config, model, rngs)
-    except (TypeError, ValueError) as e:
-      kind = TypeError if isinstance(e, TypeError) else ValueError
-      raise kind(
-          f"Adapter config {os.path.join(directory, CONFIG_NAME)} does not "
-          f"fit the model: {e}"
-      ) from e
     mods = inject_lib.adapter_modules(model)
   check_unmerged(mods, directory)
   expected = {}
@@ -499,13 +530,8 @@ def load_peft(
   missing = sorted(set(expected) - set(tensors))
   if missing:
     raise ValueError(f"{wpath} is missing tensors: {missing[:10]}.")
-  for key, (_, _, want) in expected.items():
-    found = tensors[key].shape
-    if tuple(found) != tuple(want):
-      raise ValueError(
-          f"{key}: expected shape {tuple(want)}, found {tuple(found)} in "
-          f"{wpath}."
-      )
+  check_shapes(tensors, {k: want for k, (_, _, want) in expected.items()},
+               wpath)
   for key, (m, role, _) in expected.items():
     t = tensors[key]
     if role == "a":

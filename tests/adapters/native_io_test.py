@@ -4,6 +4,7 @@ import json
 import os
 
 from absl.testing import absltest
+from absl.testing import parameterized
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import numpy as np
 from lowrank import adapters
 from lowrank.adapters import layers
 from lowrank.adapters import native_io
+from lowrank.adapters import peft_io
 
 
 class _Scaled(layers.LoRAWrapper):
@@ -240,6 +242,25 @@ class NativeIoTest(absltest.TestCase):
     adapters.merge(model)
     with self.assertRaisesRegex(ValueError, "merged"):
       adapters.save_adapters(self.create_tempdir().full_path, model)
+
+
+class FitsModelTest(parameterized.TestCase):
+  """`peft_io.fits_model`, which both loaders wrap their injection in."""
+
+  @parameterized.named_parameters(
+      ("type_error", TypeError("got an unexpected keyword"), TypeError),
+      ("value_error", ValueError("rank too large"), ValueError),
+      # A ValueError subclass (e.g. a JSON error) is reported as ValueError.
+      ("value_error_subclass", json.JSONDecodeError("bad", "x", 0),
+       ValueError),
+  )
+  def test_names_the_file(self, error, kind):
+    with self.assertRaisesRegex(
+        kind, "^Adapter 'q' in f.json does not fit the model: ") as ctx:
+      with peft_io.fits_model("Adapter 'q' in f.json"):
+        raise error
+    self.assertIs(type(ctx.exception), kind)
+    self.assertIs(ctx.exception.__cause__, error)
 
 
 if __name__ == "__main__":
