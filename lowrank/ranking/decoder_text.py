@@ -21,7 +21,7 @@ decoder with.
 `lowrank.ranking.rerank` (same validation, same trec_eval order).
 """
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -117,6 +117,22 @@ def bucket_length(n: int, multiple: int) -> int:
   if multiple < 1:
     raise ValueError(f"multiple must be >= 1; got {multiple}.")
   return max(multiple, -(-int(n) // multiple) * multiple)
+
+
+def length_sorted_batches(
+    seqs: Sequence[Sequence[Any]], batch_size: int, length_multiple: int
+) -> Iterator[tuple[list[int], int]]:
+  """`(indices, padded length)` of batches of sequences of similar lengths.
+
+  Sequences are sorted by length (ties by index) and cut into `batch_size`
+  rows; each batch's length is its longest sequence rounded up to a
+  multiple of `length_multiple` (`bucket_length`), so a workload compiles
+  once per padded length.
+  """
+  order = sorted(range(len(seqs)), key=lambda i: (len(seqs[i]), i))
+  for s in range(0, len(order), batch_size):
+    idx = order[s:s + batch_size]
+    yield idx, bucket_length(max(len(seqs[i]) for i in idx), length_multiple)
 
 
 def pad_right(

@@ -49,7 +49,7 @@ References:
     https://arxiv.org/abs/2304.09542
 """
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import functools
 import string
@@ -274,22 +274,6 @@ def _list_prompts(
                   for q, docs in zip(queries, doc_lists)]
 
 
-def _length_sorted_batches(
-    prompts: Sequence[Sequence[int]], batch_size: int, length_multiple: int
-) -> Iterator[tuple[list[int], int]]:
-  """`(prompt indices, padded length)` of batches of similar lengths.
-
-  Prompts are sorted by length (ties by index) and cut into `batch_size`
-  rows; each batch's length is its longest prompt rounded up to a multiple
-  of `length_multiple`, so a workload compiles once per padded length.
-  """
-  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-  for s in range(0, len(order), batch_size):
-    idx = order[s:s + batch_size]
-    yield idx, decoder_text.bucket_length(max(len(prompts[i]) for i in idx),
-                                          length_multiple)
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _first_logits(graphdef, state, ids, lengths, ident):
   """`[B, W]` logits of the identifier tokens after the last real token."""
@@ -311,16 +295,16 @@ def _batched_first_logits(
 ) -> np.ndarray:
   """`[len(prompts), len(ident)]` float32 identifier logits, jitted batches.
 
-  Batches come from `_length_sorted_batches` (a short last batch is padded
-  with empty rows), right-padded.
+  Batches come from `decoder_text.length_sorted_batches` (a short last
+  batch is padded with empty rows), right-padded.
   """
   out = np.zeros((len(prompts), len(ident)), np.float32)
   if not prompts:
     return out
   graphdef, state = nnx.split(model)
   ident = jnp.asarray(ident, jnp.int32)
-  for idx, length in _length_sorted_batches(prompts, batch_size,
-                                            length_multiple):
+  for idx, length in decoder_text.length_sorted_batches(
+      prompts, batch_size, length_multiple):
     ids, mask = decoder_text.pad_right([prompts[i] for i in idx], length,
                                        rows=batch_size)
     logits = _first_logits(graphdef, state, jnp.asarray(ids),
@@ -510,8 +494,8 @@ def generate_permutations(
   pieces, prompts = _list_prompts(tokenizer, queries, doc_lists,
                                   prompt_format, batch_size, length_multiple)
   out: list[list[int]] = [[] for _ in prompts]
-  for idx, length in _length_sorted_batches(prompts, batch_size,
-                                            length_multiple):
+  for idx, length in decoder_text.length_sorted_batches(
+      prompts, batch_size, length_multiple):
     n = max(len(doc_lists[i]) for i in idx)
     new = n + (n - 1) * len(pieces.separator)
     rows = [prompts[i] for i in idx]

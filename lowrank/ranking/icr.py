@@ -253,11 +253,8 @@ def _doc_masses(
   if not prompts:
     return out
   graphdef, state = nnx.split(model)
-  order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i][0]), i))
-  for s in range(0, len(order), batch_size):
-    idx = order[s:s + batch_size]
-    length = decoder_text.bucket_length(
-        max(len(prompts[i][0]) for i in idx), length_multiple)
+  for idx, length in decoder_text.length_sorted_batches(
+      [p[0] for p in prompts], batch_size, length_multiple):
     ids, mask = decoder_text.pad_right([prompts[i][0] for i in idx], length,
                                        rows=batch_size)
     segment = np.full((batch_size, length), -1, np.int32)
