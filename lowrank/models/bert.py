@@ -692,35 +692,13 @@ def load_pretrained(
     var = variables[var_path]
     shape = tuple(var.get_value().shape)
     is_kernel = var_path[-1] == "kernel"
-    file_shape = shape[::-1] if is_kernel else shape
-    stored_shape, stored_dtype = file_tensors.shape_dtype(key)
-    if stored_shape != file_shape:
-      raise ValueError(
-          f"{key}: expected shape {file_shape}, found {stored_shape}"
-      )
-    if not hf_io.is_floating(stored_dtype):
-      raise ValueError(
-          f"{key}: expected a floating tensor, found {stored_dtype}"
-      )
+    file_tensors.check(key, shape[::-1] if is_kernel else shape)
     value = file_tensors.read(key, param_dtype)
-    value = value.T if is_kernel else value
-    if mesh is None:
-      var.set_value(jnp.asarray(value))
-      continue
-    spec = sharding.logical_to_spec(
-        var.get_metadata().get("out_sharding"), rules, mesh=mesh, shape=shape
-    )
-    var.set_value(
-        jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
-    )
+    hf_io.set_param(var, value.T if is_kernel else value, mesh, rules)
   # The dropout streams are the only other variables; give them real keys
   # (under an active mesh NNX commits them to it, replicated).
   nnx.reseed(model, dropout=seed)
-  for var_path, node in nnx.graph.iter_graph(model):
-    if isinstance(node, nnx.Variable) and not isinstance(
-        node.get_value(), jax.Array
-    ):
-      raise AssertionError(f"Variable {var_path} was not initialized.")
+  hf_io.check_initialized(model)
   model.eval()
   return model
 

@@ -11,6 +11,11 @@ reads one tensor at a time.
 Storage dtypes are safetensors' names (`"F32"`, `"BF16"`, `"F8_E4M3"`,
 `"I64"`, ...); `ml_dtypes` gives numpy the `bfloat16` / float8 types, so
 BF16 and F8 tensors read as such and `Tensors.read` casts to a target dtype.
+
+The loaders (`bert.load_pretrained`, `llama.load_pretrained`) share their
+last steps here too: `Tensors.check` (shape and dtype, from the header),
+`set_param` (a value into an abstract model's parameter, placed on the mesh
+its logical axes give) and `check_initialized`.
 """
 
 from collections.abc import Iterable, Iterator, Mapping
@@ -19,9 +24,14 @@ import os
 import pathlib
 from typing import Any
 
+from flax import nnx
+import jax
+import jax.numpy as jnp
 import ml_dtypes  # pylint: disable=unused-import  # numpy BF16 / F8 types.
 import numpy as np
 import safetensors
+
+from lowrank import sharding
 
 PathLike = str | os.PathLike
 
@@ -185,6 +195,22 @@ class Tensors(Mapping):
       info = handle.get_slice(name)
       return tuple(info.get_shape()), info.get_dtype()
 
+  def check(self, name: str, shape: Iterable[int]) -> None:
+    """Raises unless tensor `name` is floating and of `shape` (header only).
+
+    Raises:
+      KeyError: If the checkpoint has no tensor `name`.
+      ValueError: On another shape or a non-floating dtype (the message
+        names the tensor, what was expected and what was found).
+    """
+    shape = tuple(shape)
+    found, dtype = self.shape_dtype(name)
+    if found != shape:
+      raise ValueError(f"{name}: expected shape {shape}, found {found}.")
+    if not is_floating(dtype):
+      raise ValueError(
+          f"{name}: expected a floating tensor, found {dtype}.")
+
   def __getitem__(self, name: str) -> np.ndarray:
     file = self._file(name)
     with _open(file) as handle:
@@ -271,3 +297,37 @@ def check_names(
   if problems:
     raise ValueError(f"Checkpoint {path} does not match {model}; "
                      + "; ".join(problems))
+
+
+def set_param(
+    var: nnx.Variable,
+    value: Any,
+    mesh: jax.sharding.Mesh | None,
+    rules: Any,
+    dtype: Any = None,
+) -> None:
+  """Sets a loaded `value` (cast to `dtype` unless `None`) into `var`.
+
+  With a `mesh` the value is placed with the sharding that `var`'s logical
+  axes give under `rules`; with `mesh=None` it becomes an ordinary array on
+  the default device (placed on no mesh).
+  """
+  if mesh is not None:
+    spec = sharding.logical_to_spec(
+        var.get_metadata().get("out_sharding"), rules, mesh=mesh,
+        shape=tuple(var.get_value().shape))
+    value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+  value = jnp.asarray(value)
+  var.set_value(value if dtype is None else value.astype(dtype))
+
+
+def check_initialized(model: nnx.Module) -> None:
+  """Raises if a variable of a loaded `model` still holds no array.
+
+  Raises:
+    AssertionError: Naming the variable (a loader bug, not bad input).
+  """
+  for path, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Variable) and not isinstance(
+        node.get_value(), jax.Array):
+      raise AssertionError(f"Variable {path} was not initialized.")

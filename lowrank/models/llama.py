@@ -1012,18 +1012,8 @@ def _build_from(
       values = [get(name, e) for name, e in items]
       numpy = all(isinstance(v, np.ndarray) for v in values)
       value = np.stack(values) if numpy else jnp.stack(values)
-    shape = tuple(var.get_value().shape)
-    if mesh is None:
-      var.set_value(jnp.asarray(value).astype(config.param_dtype))
-      continue
-    spec = sharding.logical_to_spec(
-        var.get_metadata().get("out_sharding"), rules, mesh=mesh, shape=shape)
-    value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
-    var.set_value(value.astype(config.param_dtype))
-  for path, node in nnx.iter_graph(model):
-    if isinstance(node, nnx.Variable) and not isinstance(
-        node.get_value(), jax.Array):
-      raise AssertionError(f"Variable {path} was not initialized.")
+    hf_io.set_param(var, value, mesh, rules, config.param_dtype)
+  hf_io.check_initialized(model)
   return model
 
 
@@ -1116,13 +1106,7 @@ def load_pretrained(
     names.discard("lm_head.weight")
   hf_io.check_names(path, names, expected, "its LLaMA config")
   for name, e in expected.items():
-    shape, file_dtype = tensors.shape_dtype(name)
-    if shape != _entry_shape(e):
-      raise ValueError(
-          f"{name}: expected shape {_entry_shape(e)}, found {shape}.")
-    if not hf_io.is_floating(file_dtype):
-      raise ValueError(
-          f"{name}: expected a floating tensor, found {file_dtype}.")
+    tensors.check(name, _entry_shape(e))
 
   def get(name: str, e: _Entry) -> np.ndarray:
     arr = tensors.read(name, param_dtype)

@@ -289,6 +289,12 @@ class LoaderErrorTest(parameterized.TestCase):
           r"encoder\.layer\.0\.attention\.self\.query\.weight: expected shape "
           r"\(384, 384\), found \(384, 383\)",
       ),
+      (
+          "integer",
+          "int",
+          r"embeddings\.LayerNorm\.weight: expected a floating tensor, "
+          r"found I32",
+      ),
   )
   def test_bad_tensor_names_it(self, change, pattern):
     tensors = dict(self.tensors)
@@ -298,6 +304,9 @@ class LoaderErrorTest(parameterized.TestCase):
       )
     elif change == "drop":
       del tensors["encoder.layer.3.output.dense.bias"]
+    elif change == "int":
+      key = "embeddings.LayerNorm.weight"
+      tensors[key] = tensors[key].astype(np.int32)
     else:
       key = "encoder.layer.0.attention.self.query.weight"
       tensors[key] = np.ascontiguousarray(tensors[key][:, :383])
