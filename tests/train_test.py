@@ -95,6 +95,11 @@ class StepTest(parameterized.TestCase):
                          _batch(1))
     mem = step.memory(*abstract, batch)
     self.assertGreater(mem["argument_bytes"], 0)
+    # On CPU the step runs split, and its report (the fused program compiled
+    # without LLVM's expensive passes) is the default compile's memory.
+    self.assertTrue(step.split)
+    self.assertEqual(mem, optim.compiled_memory(
+        step.fused.lower(*abstract, batch).compile()))
 
   def test_sharded_state_keeps_its_shardings(self):
     mesh = sharding.make_mesh((("data", 2), ("fsdp", 4)))
