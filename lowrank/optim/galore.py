@@ -1070,7 +1070,8 @@ def _adamw(core, learning_rate, weight_decay, mask):
 # The keyword arguments every GaLore-family AdamW alias (`galore_adamw`,
 # `q_galore_adamw`, `fira_adamw`, `frugal_adamw`) takes, with the same
 # meaning and defaults (except `projector`, `"random"` in FRUGAL, and
-# `projector_bits`, 4 in Q-GaLore); each alias adds its own extras.
+# `projector_bits`, 4 in Q-GaLore); each alias adds its own extras. The
+# aliases other than `galore_adamw` forward exactly these (`_family_alias`).
 FAMILY_ARGS = ("rank", "refresh_every", "scale", "side", "projector",
                "rsvd_method", "b1", "b2", "eps", "weight_decay", "mask",
                "project", "stacked_axes", "input_axes", "seed",
@@ -1078,19 +1079,42 @@ FAMILY_ARGS = ("rank", "refresh_every", "scale", "side", "projector",
 
 
 def _renamed_refresh_every(refresh_every: int, update_gap: int | None,
-                           caller: str) -> int:
-  """`refresh_every`, or the deprecated `update_gap` if that was passed."""
+                           caller: str, stacklevel: int = 3) -> int:
+  """`refresh_every`, or the deprecated `update_gap` if that was passed.
+
+  The warning points `stacklevel` frames up: 3 is the caller's caller.
+  """
   if update_gap is None:
     return refresh_every
   warnings.warn(
       f"{caller}(update_gap=...) is deprecated; pass refresh_every= (the "
       "steps between basis refreshes) instead.", DeprecationWarning,
-      stacklevel=3)
+      stacklevel=stacklevel)
   if refresh_every != _DEFAULT_REFRESH_EVERY and refresh_every != update_gap:
     raise TypeError(
         f"{caller} got refresh_every={refresh_every} and its deprecated "
         f"alias update_gap={update_gap}; pass only refresh_every.")
   return update_gap
+
+
+def _family_alias(caller: str, args: dict[str, Any],
+                  **extras: Any) -> optax.GradientTransformationExtraArgs:
+  """`galore_adamw` configured as the family alias `caller`.
+
+  Args:
+    caller: The alias's name, for the `update_gap` deprecation warning.
+    args: The alias's arguments (its `locals()` on entry): `learning_rate`
+      and the `FAMILY_ARGS` are forwarded unchanged, except the deprecated
+      `update_gap`, which is resolved into `refresh_every` here.
+    **extras: The `galore_adamw` arguments the alias sets itself.
+
+  Returns:
+    `galore_adamw(learning_rate, **family_args, **extras)`.
+  """
+  shared = {name: args[name] for name in FAMILY_ARGS}
+  shared["refresh_every"] = _renamed_refresh_every(
+      shared["refresh_every"], shared.pop("update_gap"), caller, stacklevel=4)
+  return galore_adamw(args["learning_rate"], **shared, **extras)
 
 
 def galore_adamw(
@@ -1211,18 +1235,10 @@ def q_galore_adamw(
   References:
     Zhang et al. 2024, Q-GaLore, https://arxiv.org/abs/2407.08296
   """
-  refresh_every = _renamed_refresh_every(refresh_every, update_gap,
-                                         "q_galore_adamw")
-  return galore_adamw(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
-      side=side, projector=projector, rsvd_method=rsvd_method, b1=b1, b2=b2,
-      eps=eps, weight_decay=weight_decay, mask=mask, project=project,
-      stacked_axes=stacked_axes, input_axes=input_axes,
-      seed=seed, projector_bits=projector_bits,
-      projector_group_size=projector_group_size, adaptive_gap=True,
+  return _family_alias(
+      "q_galore_adamw", locals(), adaptive_gap=True,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
-      cos_history=cos_history,
-  )
+      cos_history=cos_history)
 
 
 def fira_adamw(
@@ -1259,18 +1275,9 @@ def fira_adamw(
   is the weight-decay mask and `project` the projection selector);
   `update_gap` is the deprecated name of `refresh_every` (it warns).
   """
-  refresh_every = _renamed_refresh_every(refresh_every, update_gap,
-                                         "fira_adamw")
-  return galore_adamw(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
-      side=side, projector=projector, rsvd_method=rsvd_method, b1=b1, b2=b2,
-      eps=eps, weight_decay=weight_decay, mask=mask, project=project,
-      stacked_axes=stacked_axes, input_axes=input_axes, seed=seed,
-      projector_bits=projector_bits,
-      projector_group_size=projector_group_size,
-      stagger=stagger, stagger_layers=stagger_layers, residual="fira",
-      fira_gamma=gamma, fira_leak=leak,
-  )
+  return _family_alias(
+      "fira_adamw", locals(), stagger=stagger, stagger_layers=stagger_layers,
+      residual="fira", fira_gamma=gamma, fira_leak=leak)
 
 
 def frugal_adamw(
@@ -1316,19 +1323,11 @@ def frugal_adamw(
   References:
     Zmushko et al. 2024, FRUGAL, https://arxiv.org/abs/2411.07837
   """
-  refresh_every = _renamed_refresh_every(refresh_every, update_gap,
-                                         "frugal_adamw")
   if residual_rule not in ("sign", "sgd"):
     raise ValueError(
         f"residual_rule must be 'sign' or 'sgd'; got {residual_rule!r}."
     )
-  return galore_adamw(
-      learning_rate, rank=rank, refresh_every=refresh_every, scale=scale,
-      side=side, projector=projector, rsvd_method=rsvd_method, b1=b1, b2=b2,
-      eps=eps, weight_decay=weight_decay, mask=mask, project=project,
-      stacked_axes=stacked_axes, input_axes=input_axes, seed=seed,
-      projector_bits=projector_bits,
-      projector_group_size=projector_group_size,
-      stagger=stagger, stagger_layers=stagger_layers, on_refresh="reset",
-      residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale,
-  )
+  return _family_alias(
+      "frugal_adamw", locals(), stagger=stagger,
+      stagger_layers=stagger_layers, on_refresh="reset",
+      residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale)
