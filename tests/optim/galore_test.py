@@ -236,6 +236,34 @@ def _run(tx, grads_seq, params):
   return outs, state
 
 
+def _spiky_grads(m, n, seeds):
+  """One `{"w": [m, n]}` gradient per seed, singular values `0.7**i`.
+
+  The singular values are well separated, so float32 and float64 SVDs of
+  these gradients agree and a numpy transcription can be compared closely.
+  """
+  grads = []
+  for seed in seeds:
+    k1, k2 = jax.random.split(jax.random.key(seed))
+    u = jnp.linalg.qr(jax.random.normal(k1, (m, min(m, n))))[0]
+    v = jnp.linalg.qr(jax.random.normal(k2, (n, min(m, n))))[0]
+    spectrum = 0.7 ** jnp.arange(min(m, n), dtype=jnp.float32)
+    grads.append({"w": (u * spectrum[None, :]) @ v.T})
+  return grads
+
+
+def _train(tx, w0, grads_seq):
+  """`w` (numpy) after each step of `tx` from `{"w": w0}` on `grads_seq`."""
+  w = {"w": jnp.asarray(w0)}
+  state = tx.init(w)
+  ws = []
+  for g in grads_seq:
+    u, state = tx.update(g, state, w)
+    w = optax.apply_updates(w, u)
+    ws.append(np.asarray(w["w"]))
+  return ws
+
+
 class EquivalenceTest(parameterized.TestCase):
 
   @parameterized.parameters("keep", "rotate", "reset")
@@ -290,25 +318,11 @@ class EquivalenceTest(parameterized.TestCase):
     """Numpy transcription of galore-torch's GaLoreAdamW (REFERENCE §2.1)."""
     # eps tiny: torch puts it after the bias correction, optax before.
     r, gap, lr, scale, b1, b2, eps, wd = 4, 3, 1e-2, 0.25, 0.9, 0.999, 1e-12, 0.1
-    # Well-separated singular values, so float32 and float64 SVDs agree.
-    def spiky(i):
-      k1, k2 = jax.random.split(jax.random.key(100 + i))
-      u = jnp.linalg.qr(jax.random.normal(k1, (m, min(m, n))))[0]
-      v = jnp.linalg.qr(jax.random.normal(k2, (n, min(m, n))))[0]
-      spectrum = 0.7 ** jnp.arange(min(m, n), dtype=jnp.float32)
-      return {"w": (u * spectrum[None, :]) @ v.T}
-
-    seq = [spiky(i) for i in range(7)]
+    seq = _spiky_grads(m, n, range(100, 107))
     w0 = np.asarray(jax.random.normal(jax.random.key(9), (m, n)))
     tx = optim.galore_adamw(lr, rank=r, refresh_every=gap, scale=scale,
                             side="torch", eps=eps, weight_decay=wd)
-    w, state = {"w": jnp.asarray(w0)}, None
-    state = tx.init(w)
-    ws = []
-    for g in seq:
-      u, state = tx.update(g, state, w)
-      w = optax.apply_updates(w, u)
-      ws.append(np.asarray(w["w"]))
+    ws = _train(tx, w0, seq)
 
     ref_w, mom, var, proj = w0.copy(), None, None, None
     for t, g in enumerate(seq, start=1):
@@ -565,26 +579,12 @@ class FrugalTest(parameterized.TestCase):
   @parameterized.parameters((20, 12), (12, 20))
   def test_matches_numpy_transcription_of_frugal(self, m, n):
     r, gap, lr, b1, b2, eps, wd, scale = 4, 3, 1e-2, 0.9, 0.999, 1e-8, 0.1, 0.5
-
-    def spiky(i):  # Well-separated singular values: float32 SVD is exact.
-      k1, k2 = jax.random.split(jax.random.key(200 + i))
-      u = jnp.linalg.qr(jax.random.normal(k1, (m, min(m, n))))[0]
-      v = jnp.linalg.qr(jax.random.normal(k2, (n, min(m, n))))[0]
-      spectrum = 0.7 ** jnp.arange(min(m, n), dtype=jnp.float32)
-      return {"w": (u * spectrum[None, :]) @ v.T}
-
-    seq = [spiky(i) for i in range(8)]  # Refreshes at steps 0, 3, 6.
+    seq = _spiky_grads(m, n, range(200, 208))  # Refreshes at 0, 3, 6.
     w0 = np.asarray(jax.random.normal(jax.random.key(9), (m, n)))
     tx = optim.frugal_adamw(lr, rank=r, refresh_every=gap, side="torch",
                             projector="svd", weight_decay=wd,
                             inactive_lr_scale=scale)
-    w = {"w": jnp.asarray(w0)}
-    state = tx.init(w)
-    ours = []
-    for g in seq:
-      u, state = tx.update(g, state, w)
-      w = optax.apply_updates(w, u)
-      ours.append(np.asarray(w["w"]))
+    ours = _train(tx, w0, seq)
     ref = _frugal_reference(
         w0, [g["w"] for g in seq], lr=lr, rank=r, gap=gap, b1=b1, b2=b2,
         eps=eps, wd=wd, inactive_lr_scale=scale)
