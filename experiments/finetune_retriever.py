@@ -58,7 +58,8 @@ def validate_config(config: Config,
     TypeError: On a value of the wrong type.
     FileNotFoundError: On a data or model directory that does not exist.
   """
-  check = config_checks.validate_common(config, config_lib.get_config())
+  check = config_checks.validate_common(config, config_lib.get_config(),
+                                        first_devices=True)
   m = config.model
   check.choice("model.name", MODELS)
   check.positive_int("data.query_max_length", "data.doc_max_length",
@@ -176,7 +177,7 @@ def train_and_evaluate(config: Config, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) training; returns zero-shot and final metrics."""
   validate_config(config)
   t_start = time.perf_counter()
-  mesh = sharding.make_mesh(tuple(config.mesh.items()))
+  mesh = train.mesh_from_config(config.mesh)
   pairs, test = load_data(config)
   os.makedirs(workdir, exist_ok=True)
   with sharding.use_mesh(mesh):

@@ -200,6 +200,22 @@ def tiny_llama_config(**overrides: Any):
   return llama.LlamaConfig.tiny(**overrides)
 
 
+def changed(config: Any, **changes: Any) -> Any:
+  """`config` (a `ConfigDict`, changed in place) with keys set by path.
+
+  A key is a path of fields joined by `__` (`train__num_steps=2`) or by
+  dots (`**{"train.num_steps": 2}`); fields the config lacks are added.
+  """
+  with config.unlocked():
+    for key, value in changes.items():
+      *parents, leaf = key.replace("__", ".").split(".")
+      node = config
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
 def one_device_mesh() -> jax.sharding.Mesh:
   """The default mesh on the first device only (no sharding at all)."""
   return sharding.make_mesh(devices=jax.devices()[:1])

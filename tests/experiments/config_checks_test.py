@@ -29,6 +29,7 @@ from experiments.configs import finetune_retriever as finetune_config
 from experiments.configs import pretrain_lm as pretrain_config
 from experiments.configs import rerank_decoder as rerank_config
 from experiments.configs import train_reranker as reranker_config
+from tests import testing
 
 _REPO = pathlib.Path(__file__).resolve().parents[2]
 _CONFIG_DIR = _REPO / "experiments" / "configs"
@@ -44,16 +45,8 @@ _BINARIES = {
 
 def _config(binary: str, preset: str | None = "smoke",
             **changes) -> ml_collections.ConfigDict:
-  """`binary`'s preset with dotted keys (`"adapter__rank"`) changed."""
-  config = _BINARIES[binary][1].get_config(preset)
-  with config.unlocked():
-    for key, value in changes.items():
-      *parents, leaf = key.split("__")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  """`binary`'s preset with keys (`adapter__rank=8`) changed."""
+  return testing.changed(_BINARIES[binary][1].get_config(preset), **changes)
 
 
 def _validate(binary: str, config, overrides=None):
@@ -73,8 +66,8 @@ class BadConfigTest(parameterized.TestCase):
        r"config\.train\.batch_size \(12\) must be divisible by the data x "
        r"fsdp mesh size 8 .* e\.g\. 16"),
       ("ft_mesh_wrong_device_count", "finetune_retriever",
-       dict(mesh__data=3), ValueError,
-       r"config\.mesh: .*'data': 3.* needs 3 devices; 8 are available"),
+       dict(mesh__data=16), ValueError,
+       r"config\.mesh: .*'data': 16.* needs 16 devices; 8 are available"),
       ("ft_mesh_two_inferred_axes", "finetune_retriever",
        dict(mesh__fsdp=-1), ValueError, r"At most one mesh axis may be -1"),
       ("ft_unknown_method", "finetune_retriever",

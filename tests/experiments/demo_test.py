@@ -16,6 +16,9 @@ class DemoTest(absltest.TestCase):
       config.train.num_steps = 2
       config.data.eval_max_queries = 20
       config.demo.galore.rank = 8
+      # One device: tests/experiments/binaries_test.py runs the binary on
+      # all eight; here the update would run replicated eight times.
+      config.mesh.data = 1
     workdir = self.create_tempdir().full_path
     results = demo.run_demo(config, workdir)
     self.assertEqual([(r["method"], r["optimizer"]) for r in results],

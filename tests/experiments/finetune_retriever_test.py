@@ -16,6 +16,7 @@ from experiments import finetune_retriever
 from experiments.configs import finetune_retriever as config_lib
 from lowrank import metric_writers
 from lowrank.retrieval import evaluate
+from tests import testing
 
 _SHARED = pathlib.Path(os.environ.get(
     "LOWRANK_SHARED_DIR", pathlib.Path(__file__).resolve().parents[3] /
@@ -50,15 +51,7 @@ def _write_tiny_beir(directory: pathlib.Path) -> str:
 
 def _config(preset="smoke", **changes):
   """The preset with dotted keys (`"model.name"`) changed."""
-  config = config_lib.get_config(preset)
-  with config.unlocked():
-    for key, value in changes.items():
-      *parents, leaf = key.split(".")
-      node = config
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  return testing.changed(config_lib.get_config(preset), **changes)
 
 
 def _read(workdir, name):
@@ -145,9 +138,12 @@ class ModelsTest(absltest.TestCase):
 
   def _run(self, preset="smoke", **changes):
     data = _write_tiny_beir(pathlib.Path(self.create_tempdir().full_path))
+    # One device: binaries_test runs the binary data-parallel on all eight;
+    # here the optimizer update would run replicated eight times.
     config = _config(preset, **{"data.spec": data, "train.num_steps": 2,
                         "train.log_every": 1,
-                        "train.checkpoint_every": 100, **changes})
+                        "train.checkpoint_every": 100, "mesh.data": 1,
+                        **changes})
     workdir = self.create_tempdir().full_path
     return finetune_retriever.train_and_evaluate(config, workdir), workdir
 

@@ -13,18 +13,12 @@ import numpy as np
 
 from experiments import pretrain_lm
 from experiments.configs import pretrain_lm as config_lib
+from tests import testing
 
 
 def _smoke(**changes):
-  """The smoke preset with dotted keys (`"train__num_steps"`) changed."""
-  config = config_lib.get_config("smoke")
-  for key, value in changes.items():
-    *parents, leaf = key.split("__")
-    node = config
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  """The smoke preset with keys (`train__num_steps=2`) changed."""
+  return testing.changed(config_lib.get_config("smoke"), **changes)
 
 
 def _losses(workdir, method):
