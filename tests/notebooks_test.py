@@ -25,13 +25,13 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import pytest
 
+from tests import testing
 from tests import wheel_test
 
 _COLAB = pathlib.Path(__file__).resolve().parents[1] / "colab"
 _NOTEBOOKS = sorted(p.name for p in _COLAB.glob("*.ipynb"))
 # (test-name suffix, file name) pairs for named_parameters.
 _CASES = [(n[:-len(".ipynb")], n) for n in _NOTEBOOKS]
-_KERNEL = "lowrank-notebooks-test"
 _KERNEL_ENV = {
     "LOWRANK_SMOKE": "1",
     "JAX_PLATFORMS": "cpu",
@@ -124,36 +124,9 @@ class NotebooksTest(parameterized.TestCase):
   def test_runs_top_to_bottom(self, name):
     if name == wheel_test.NOTEBOOK and _WHEEL_TEST in self.session_items:
       self.skipTest(f"{_WHEEL_TEST} runs {name} in this session")
-    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("nbclient")
     pytest.importorskip("ipykernel")
-    nb = _read(name)
-    jupyter_dir = self.create_tempdir("jupyter").full_path
-    spec_dir = os.path.join(jupyter_dir, "kernels", _KERNEL)
-    os.makedirs(spec_dir)
-    with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
-      json.dump({
-          "argv": [sys.executable, "-m", "ipykernel_launcher", "-f",
-                   "{connection_file}"],
-          "display_name": "lowrank test kernel",
-          "language": "python",
-          "env": _KERNEL_ENV,
-      }, f)
-    old = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = jupyter_dir
-    self.addCleanup(
-        lambda: os.environ.__setitem__("JUPYTER_PATH", old) if old is not None
-        else os.environ.pop("JUPYTER_PATH", None))
-    workdir = self.create_tempdir("run").full_path
-    client = nbclient.NotebookClient(
-        nb, kernel_name=_KERNEL, timeout=600,
-        resources={"metadata": {"path": workdir}})
-    client.execute()  # Raises CellExecutionError on any failing cell.
-    # The notebook really ran: every code cell has an execution count.
-    counts = [c.execution_count for c in nb.cells if c.cell_type == "code"]
-    self.assertNotIn(None, counts)
-    errors = [o for c in nb.cells if c.cell_type == "code"
-              for o in c.outputs if o.output_type == "error"]
-    self.assertEqual(errors, [])
+    testing.execute_notebook(self, _read(name), sys.executable, _KERNEL_ENV)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,8 @@ One place for what many test files need, so that each writes it once:
   skip when the shared checkout is absent);
 * problems for optimizer tests: `matrix_params` / `matrix_loss` (a 2-D, a
   tall, a stacked 3-D and a 1-D leaf) and `quadratic_problem`;
+* `changed` (a config with keys set by path) and `execute_notebook` (a
+  notebook run top to bottom in a kernel of a given interpreter);
 * tree assertions built on `np.testing` (chex is not a dependency);
 * the optax contract suite: `ContractCase` and `contract_test_class`, run
   once over every transformation lowrank exports by
@@ -27,6 +29,7 @@ Helpers import it as `from tests import testing`.
 import collections
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import json
 import os
 import pathlib
 from typing import Any
@@ -214,6 +217,44 @@ def changed(config: Any, **changes: Any) -> Any:
         node = node[p]
       node[leaf] = value
   return config
+
+
+def execute_notebook(test: unittest.TestCase, nb: Any, python: str,
+                     env: Mapping[str, str]) -> None:
+  """Runs notebook `nb` (nbformat, in place) in a kernel of `python`.
+
+  The kernelspec (interpreter `python`, environment `env`) goes to a
+  temporary JUPYTER_PATH, so no global Jupyter install is needed; the
+  notebook's working directory is a fresh temporary one. Raises nbclient's
+  CellExecutionError on a failing cell, and fails `test` when a code cell
+  did not run or holds an error output.
+  """
+  import nbclient  # pylint: disable=g-import-not-at-top
+  jupyter_dir = test.create_tempdir("jupyter").full_path
+  kernel = "lowrank-test-kernel"
+  os.makedirs(os.path.join(jupyter_dir, "kernels", kernel))
+  with open(os.path.join(jupyter_dir, "kernels", kernel, "kernel.json"),
+            "w") as f:
+    json.dump({"argv": [python, "-m", "ipykernel_launcher", "-f",
+                        "{connection_file}"],
+               "display_name": "lowrank test kernel", "language": "python",
+               "env": dict(env)}, f)
+  old = os.environ.get("JUPYTER_PATH")
+  os.environ["JUPYTER_PATH"] = jupyter_dir
+  try:
+    nbclient.NotebookClient(
+        nb, kernel_name=kernel, timeout=600,
+        resources={"metadata": {"path": test.create_tempdir(
+            "run").full_path}}).execute()
+  finally:
+    if old is None:
+      os.environ.pop("JUPYTER_PATH", None)
+    else:
+      os.environ["JUPYTER_PATH"] = old
+  code = [c for c in nb.cells if c.cell_type == "code"]
+  test.assertNotIn(None, [c.execution_count for c in code])
+  test.assertEqual([o for c in code for o in c.outputs
+                    if o.output_type == "error"], [])
 
 
 def one_device_mesh() -> jax.sharding.Mesh:

@@ -40,12 +40,13 @@ import zipfile
 from absl.testing import absltest
 import pytest
 
+from tests import testing
+
 pytestmark = pytest.mark.wheel
 
 _REPO = pathlib.Path(__file__).resolve().parents[1]
 _DIST = "lowrank-jax"
 _UNCAPPED = ("jax", "flax", "optax", "orbax-checkpoint")
-_KERNEL = "lowrank-wheel-test"
 # The notebook run from the installed wheel: the fastest of the four
 # (tests/notebooks_test.py runs the other three from the checkout, and this
 # one too when this test is not in the session). Its install cell is the same
@@ -245,40 +246,20 @@ class WheelTest(absltest.TestCase):
       self.assertIn("| LoRA |", f.read())
 
   def test_notebook(self):
-    import nbclient  # pylint: disable=g-import-not-at-top
     import nbformat  # pylint: disable=g-import-not-at-top
-    jupyter_dir = self.create_tempdir("jupyter").full_path
-    spec_dir = os.path.join(jupyter_dir, "kernels", _KERNEL)
-    os.makedirs(spec_dir)
-    with open(os.path.join(spec_dir, "kernel.json"), "w") as f:
-      json.dump({
-          "argv": [self.python, "-m", "ipykernel_launcher", "-f",
-                   "{connection_file}"],
-          "display_name": "lowrank-jax wheel",
-          "language": "python",
-          # An empty PYTHONPATH adds nothing to sys.path.
-          "env": dict(_RUN_ENV, LOWRANK_SMOKE="1", PYTHONPATH=""),
-      }, f)
-    old = os.environ.get("JUPYTER_PATH")
-    os.environ["JUPYTER_PATH"] = jupyter_dir
-    self.addCleanup(
-        lambda: os.environ.__setitem__("JUPYTER_PATH", old) if old is not None
-        else os.environ.pop("JUPYTER_PATH", None))
     nb = nbformat.read(str(_REPO / "colab" / NOTEBOOK), as_version=4)
-    workdir = self.create_tempdir("run").full_path
     nb.cells.insert(0, nbformat.v4.new_code_cell(
         "import lowrank, sys\n"
         "print(sys.executable, lowrank.__file__)"))
     t = time.perf_counter()
-    nbclient.NotebookClient(
-        nb, kernel_name=_KERNEL, timeout=600,
-        resources={"metadata": {"path": workdir}}).execute()
+    # An empty PYTHONPATH adds nothing to sys.path.
+    testing.execute_notebook(
+        self, nb, self.python, dict(_RUN_ENV, LOWRANK_SMOKE="1",
+                                    PYTHONPATH=""))
     self.times["notebook"] = time.perf_counter() - t
     where = nb.cells[0].outputs[0]["text"].split()
     self.assertEqual(where[0], self.python)
     self.assertTrue(where[1].startswith(self.tmp), where)
-    self.assertNotIn(None, [c.execution_count for c in nb.cells
-                            if c.cell_type == "code"])
 
 
 if __name__ == "__main__":
