@@ -16,8 +16,9 @@ One place for what many test files need, so that each writes it once:
   skip when the shared checkout is absent);
 * problems for optimizer tests: `matrix_params` / `matrix_loss` (a 2-D, a
   tall, a stacked 3-D and a 1-D leaf) and `quadratic_problem`;
-* `changed` (a config with keys set by path) and `execute_notebook` (a
-  notebook run top to bottom in a kernel of a given interpreter);
+* `changed` (a config with keys set by path), `execute_notebook` (a
+  notebook run top to bottom in a kernel of a given interpreter) and
+  `toy_run` (queries, corpus and first-stage run of a rerank test);
 * tree assertions built on `np.testing` (chex is not a dependency);
 * the optax contract suite: `ContractCase` and `contract_test_class`, run
   once over every transformation lowrank exports by
@@ -255,6 +256,23 @@ def execute_notebook(test: unittest.TestCase, nb: Any, python: str,
   test.assertNotIn(None, [c.execution_count for c in code])
   test.assertEqual([o for c in code for o in c.outputs
                     if o.output_type == "error"], [])
+
+
+def toy_run(queries: Sequence[str], doc_lists: Sequence[Sequence[str]],
+            top_score: float, *, empty: tuple[str, str]
+            ) -> tuple[dict[str, str], dict[str, str], dict[str, Any]]:
+  """`(queries, corpus, run)` dicts of a rerank test, from lists.
+
+  Query `i` is `q{i}`, its documents `d{i}-{j}` scored `top_score - j` in
+  the run; `empty = (qid, text)` adds a query that retrieved nothing.
+  """
+  corpus = {f"d{i}-{j}": d for i, docs in enumerate(doc_lists)
+            for j, d in enumerate(docs)}
+  qs = {f"q{i}": q for i, q in enumerate(queries)}
+  run = {f"q{i}": {f"d{i}-{j}": top_score - j for j in range(len(docs))}
+         for i, docs in enumerate(doc_lists)}
+  qs[empty[0]], run[empty[0]] = empty[1], {}
+  return qs, corpus, run
 
 
 def one_device_mesh() -> jax.sharding.Mesh:

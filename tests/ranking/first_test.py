@@ -184,13 +184,8 @@ class ScoringTest(absltest.TestCase):
         self.assertEqual(list(np.argsort(-ranked[i], kind="stable")), ref)
 
   def test_rerank_contract_and_lowrank_rerank(self):
-    corpus = {f"d{i}-{j}": d for i, docs in enumerate(DOCS)
-              for j, d in enumerate(docs)}
-    queries = {f"q{i}": q for i, q in enumerate(QUERIES)}
-    run = {f"q{i}": {f"d{i}-{j}": 10.0 - j for j in range(len(docs))}
-           for i, docs in enumerate(DOCS)}
-    run["q3"] = {}
-    queries["q3"] = "nothing retrieved"
+    queries, corpus, run = testing.toy_run(
+        QUERIES, DOCS, 10.0, empty=("q3", "nothing retrieved"))
     out = first.rerank(self.model, TOK, queries, corpus, run, k=4, window=3,
                        stride=2)
     self.assertEqual(out["q3"], {})

@@ -177,13 +177,8 @@ class ScoresTest(absltest.TestCase):
     self.assertLess(abs(raw[0]), 1e-3)  # "moon light" shares no byte.
 
   def test_rerank_contract_and_lowrank_rerank(self):
-    corpus = {f"d{i}-{j}": d for i, docs in enumerate(DOCS)
-              for j, d in enumerate(docs)}
-    queries = {f"q{i}": q for i, q in enumerate(QUERIES)}
-    run = {f"q{i}": {f"d{i}-{j}": 5.0 - j for j in range(len(docs))}
-           for i, docs in enumerate(DOCS)}
-    run["q2"] = {}
-    queries["q2"] = "unmatched"
+    queries, corpus, run = testing.toy_run(
+        QUERIES, DOCS, 5.0, empty=("q2", "unmatched"))
     out = icr.rerank(self.model, TOK, queries, corpus, run, k=2)
     self.assertEqual(out["q2"], {})
     self.assertEqual(set(out["q0"]), {"d0-0", "d0-1"})
