@@ -16,7 +16,7 @@ class DemoTest(absltest.TestCase):
       config.train.num_steps = 2
       config.data.eval_max_queries = 20
       config.demo.galore.rank = 8
-      # One device: tests/experiments/binaries_test.py runs the binary on
+      # One device: tests/experiments/finetune_retriever_test.py runs it on
       # all eight; here the update would run replicated eight times.
       config.mesh.data = 1
     workdir = self.create_tempdir().full_path

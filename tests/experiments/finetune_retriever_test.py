@@ -1,8 +1,8 @@
 """End-to-end tests of experiments/finetune_retriever.py on the smoke preset.
 
-The default smoke run (bi-encoder + LoRA on code search), interrupted and
-resumed, is tests/experiments/binaries_test.py's; here each model runs once,
-2-3 steps on a tiny BEIR directory, with several options combined per run.
+`SmokeTest` runs the default smoke run (bi-encoder + LoRA on code search),
+interrupted and resumed; `ModelsTest` runs each model once, 2-3 steps on a
+tiny BEIR directory on one device, with several options combined per run.
 """
 
 import json
@@ -133,12 +133,20 @@ class ConfigTest(absltest.TestCase):
     self.assertLen(test.corpus, 600)  # Judged docs + others (all: 5,183).
 
 
+class SmokeTest(testing.SmokeAndResume):
+  """The default smoke run (bi-encoder + LoRA on code search, data-parallel
+  over the eight test devices), interrupted and resumed."""
+
+  module = finetune_retriever
+  config_lib = config_lib
+
+
 class ModelsTest(absltest.TestCase):
   """Each model (and optimizer family) once, on a tiny BEIR directory."""
 
   def _run(self, preset="smoke", **changes):
     data = _write_tiny_beir(pathlib.Path(self.create_tempdir().full_path))
-    # One device: binaries_test runs the binary data-parallel on all eight;
+    # One device: SmokeTest runs the binary data-parallel on all eight;
     # here the optimizer update would run replicated eight times.
     config = _config(preset, **{"data.spec": data, "train.num_steps": 2,
                         "train.log_every": 1,

@@ -1,10 +1,9 @@
 """Tests of experiments/pretrain_lm.py: config checks, data, and one shared
-smoke run (table, outputs, resume, skip of finished methods)."""
+smoke run and resumed copy (`testing.SmokeAndResume`: table, outputs,
+resume, skip of finished methods)."""
 
 import json
 import os
-import shutil
-import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -152,31 +151,20 @@ class DataTest(absltest.TestCase):
       pretrain_lm.load_data(_smoke(data__spec=f"file:{path}"))
 
 
-class TrainAndEvaluateTest(absltest.TestCase):
-  """One straight smoke run and one interrupted one, shared by the tests."""
+class SmokeTest(testing.SmokeAndResume):
+  """Four methods straight, and a copy interrupted after step 2 of each and
+  rerun (ReLoRA restarts right at the interruption; SST resamples every 2
+  steps)."""
+
+  module = pretrain_lm
+  config_lib = config_lib
 
   @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    root = cls.root = tempfile.mkdtemp()
-    cls.straight = os.path.join(root, "pretrain_lm_straight")
-    cls.resumed = os.path.join(root, "pretrain_lm_resumed")
-    # ReLoRA restarts right at the interruption (step 2); SST resamples
-    # every 2 steps.
-    cls.config = _smoke(methods="full,galore,relora,sst")
-    cls.out = pretrain_lm.train_and_evaluate(cls.config, cls.straight)
-    cls.first = pretrain_lm.train_and_evaluate(
-        _smoke(methods="relora,sst", train__num_steps=2), cls.resumed)
-    cls.again = pretrain_lm.train_and_evaluate(_smoke(methods="relora,sst"),
-                                               cls.resumed)
-
-  @classmethod
-  def tearDownClass(cls):
-    shutil.rmtree(cls.root)
-    super().tearDownClass()
+  def config(cls):
+    return _smoke(methods="full,galore,relora,sst")
 
   def test_trains_every_method_and_writes_table_and_plot(self):
-    results = {r["method"]: r for r in self.out["results"]}
+    results = {r["method"]: r for r in self.full["results"]}
     self.assertEqual(list(results), ["full", "galore", "relora", "sst"])
     for r in results.values():
       # Trained below the uniform-byte perplexity (256).
@@ -196,10 +184,10 @@ class TrainAndEvaluateTest(absltest.TestCase):
     self.assertGreater(
         os.path.getsize(os.path.join(self.straight, "loss_curves.png")), 1000)
     with open(os.path.join(self.straight, "results.json")) as f:
-      self.assertEqual(json.load(f), json.loads(json.dumps(self.out)))
+      self.assertEqual(json.load(f), json.loads(json.dumps(self.full)))
 
   def test_rerun_resumes_to_the_same_losses(self):
-    straight = {r["method"]: r for r in self.out["results"]}
+    straight = {r["method"]: r for r in self.full["results"]}
     for r in self.again["results"]:
       method = r["method"]
       self.assertEqual(r["resumed_from_step"], 2)
@@ -213,8 +201,7 @@ class TrainAndEvaluateTest(absltest.TestCase):
                                  atol=1e-6)
 
   def test_finished_methods_are_skipped(self):
-    third = pretrain_lm.train_and_evaluate(_smoke(methods="relora,sst"),
-                                           self.resumed)
+    third = pretrain_lm.train_and_evaluate(self.config(), self.resumed)
     self.assertEqual(third["results"], self.again["results"])
 
 

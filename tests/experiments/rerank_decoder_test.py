@@ -1,11 +1,11 @@
 """End-to-end tests of experiments/rerank_decoder.py on the smoke preset.
 
-One smoke run (and one resumed copy of it) is shared by the test methods.
+One smoke run and one interrupted, resumed copy of it (`testing.
+SmokeAndResume`) are shared by `SmokeTest`'s methods.
 """
 
 import json
 import os
-import shutil
 
 from absl.testing import absltest
 
@@ -14,6 +14,7 @@ from experiments.configs import rerank_decoder as config_lib
 from lowrank import metric_writers
 from lowrank.data import specs
 from lowrank.ranking import first
+from tests import testing
 
 
 def _losses(workdir, phase):
@@ -47,25 +48,12 @@ class ConfigTest(absltest.TestCase):
                                           self.create_tempdir().full_path)
 
 
-class TrainAndEvaluateTest(absltest.TestCase):
-  """The smoke run, and a copy interrupted after FIRST step 2 and rerun."""
+class SmokeTest(testing.SmokeAndResume):
+  """The smoke run, and a copy interrupted after step 2 of both phases
+  (pretraining and FIRST) and rerun."""
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.config = config_lib.get_config("smoke")
-    root = absltest.get_default_test_tmpdir()
-    cls.straight = os.path.join(root, "rerank_decoder_straight")
-    shutil.rmtree(cls.straight, ignore_errors=True)
-    cls.full = rerank_decoder.train_and_evaluate(cls.config, cls.straight)
-    cls.resumed = os.path.join(root, "rerank_decoder_resumed")
-    shutil.rmtree(cls.resumed, ignore_errors=True)
-    shutil.copytree(cls.straight, cls.resumed)
-    shutil.rmtree(os.path.join(cls.resumed, "first", "checkpoints", "4"))
-    for name in os.listdir(cls.resumed):
-      if name.startswith(("reranked_", "results")):
-        os.remove(os.path.join(cls.resumed, name))
-    cls.again = rerank_decoder.train_and_evaluate(cls.config, cls.resumed)
+  module = rerank_decoder
+  config_lib = config_lib
 
   def test_rankings_and_outputs(self):
     rows = self.full["metrics"]
@@ -97,21 +85,22 @@ class TrainAndEvaluateTest(absltest.TestCase):
       bm25_run = json.load(f)
     for qid, ranking in bm25_run.items():
       self.assertEqual(set(reranked[qid]), set(ranking))
-    model, step = rerank_decoder.load_trained(self.config, self.straight)
+    model, step = rerank_decoder.load_trained(self.config(), self.straight)
     self.assertEqual(step, 4)
     test = specs.load("code_search", "test", max_queries=6)
-    fmt, _ = rerank_decoder.prompt_formats(self.config)
-    e = self.config.eval
+    fmt, _ = rerank_decoder.prompt_formats(self.config())
+    e = self.config().eval
     again = first.rerank(model, rerank_decoder.TOKENIZER, test.queries,
                          test.corpus, bm25_run, k=e.rerank_k, window=e.window,
                          stride=e.stride, prompt_format=fmt)
     self.assertEqual(again, reranked)
     with self.assertRaisesRegex(FileNotFoundError, "No first checkpoint"):
-      rerank_decoder.load_trained(self.config,
+      rerank_decoder.load_trained(self.config(),
                                   self.create_tempdir().full_path)
 
   def test_rerun_resumes_to_the_same_result(self):
-    self.assertEqual(self.again["pretrain"]["resumed_from_step"], 2)
+    # The pretraining phase's checkpoints are steps 1 and 2.
+    self.assertEqual(self.again["pretrain"]["resumed_from_step"], 1)
     self.assertEqual(self.again["first"]["resumed_from_step"], 2)
     self.assertAlmostEqual(_losses(self.resumed, "first")[4],
                            _losses(self.straight, "first")[4], places=5)

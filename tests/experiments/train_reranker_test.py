@@ -1,12 +1,12 @@
 """End-to-end tests of experiments/train_reranker.py on the smoke preset.
 
-One smoke run (and one resumed copy of it) is shared by the test methods.
+One smoke run and one interrupted, resumed copy of it (`testing.
+SmokeAndResume`) are shared by `SmokeTest`'s methods.
 """
 
 import json
 import os
 import pathlib
-import shutil
 
 from absl.testing import absltest
 import numpy as np
@@ -17,6 +17,7 @@ from lowrank import metric_writers
 from lowrank.data import specs
 from lowrank.ranking import fusion
 from lowrank.retrieval import metrics
+from tests import testing
 
 _SHARED = pathlib.Path(
     os.environ.get(
@@ -85,26 +86,12 @@ class ConfigTest(absltest.TestCase):
             config, self.create_tempdir().full_path)
 
 
-class TrainAndEvaluateTest(absltest.TestCase):
-  """The smoke run, and a copy killed after step 3 and rerun."""
+class SmokeTest(testing.SmokeAndResume):
+  """The smoke run, and a copy killed after step 3 (the last checkpoint is
+  step 2's; the outputs not written yet) and rerun: it resumes from 2."""
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.config = config_lib.get_config("smoke")
-    root = absltest.get_default_test_tmpdir()
-    cls.straight = os.path.join(root, "train_reranker_straight")
-    shutil.rmtree(cls.straight, ignore_errors=True)
-    cls.full = train_reranker.train_and_evaluate(cls.config, cls.straight)
-    # Killed after step 3 (the last checkpoint is step 2's; the outputs not
-    # written yet), then the same command again: it resumes from step 2.
-    cls.resumed = os.path.join(root, "train_reranker_resumed")
-    shutil.rmtree(cls.resumed, ignore_errors=True)
-    shutil.copytree(cls.straight, cls.resumed)
-    shutil.rmtree(os.path.join(cls.resumed, "checkpoints", "4"))
-    for name in ("results.json", "reranked_run.json", "fused_run.json"):
-      os.remove(os.path.join(cls.resumed, name))
-    cls.again = train_reranker.train_and_evaluate(cls.config, cls.resumed)
+  module = train_reranker
+  config_lib = config_lib
 
   def test_outputs_and_metrics(self):
     full = self.full
@@ -164,6 +151,9 @@ class TrainAndEvaluateTest(absltest.TestCase):
     self.assertEqual(self.again["fusion_alpha"], self.full["fusion_alpha"])
     self.assertEqual(_load(self.resumed, "results.json")["resumed_from_step"],
                      2)
+
+
+class BeirDirectoryTest(absltest.TestCase):
 
   def test_beir_directory(self):
     scifact = _SHARED / "data" / "beir" / "scifact"

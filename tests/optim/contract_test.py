@@ -173,7 +173,13 @@ CASES = (
             schedule="warmup_cosine_decay_schedule", init_value=1e-3,
             peak_value=5e-2, warmup_steps=5, decay_steps=200), **_GALORE)),
          ("optimizer_from_config",), needs_params=NEEDS_PARAMS,
-         empty_error=NO_LEAF),
+         empty_error=NO_LEAF,
+         # The problem's gradients have rank 1-2 < rank 4: the other
+         # projected directions are rounding noise that Adam scales to full
+         # steps, so the trajectory depends on the compiler's rounding
+         # (0.46 of the start after 100 steps at XLA's default level, 0.71
+         # at the suite's -O0).
+         shrink=0.85),
     # 8-bit Adam.
     Case("adamw8bit", lambda: adam8bit.adamw8bit(5e-2, **SMALL_8BIT),
          ("adamw8bit",), needs_params=NEEDS_PARAMS,
