@@ -5,6 +5,7 @@ import pathlib
 
 from absl import flags
 from absl.testing import absltest
+from absl.testing import parameterized
 
 from experiments import common_flags
 from experiments.configs import finetune_retriever as finetune_config
@@ -19,7 +20,7 @@ def _file(spec: str) -> str:
   return os.path.realpath(path)
 
 
-class ResolveConfigTest(absltest.TestCase):
+class ResolveConfigTest(parameterized.TestCase):
 
   def setUp(self):
     super().setUp()
@@ -37,21 +38,18 @@ class ResolveConfigTest(absltest.TestCase):
     self.assertEqual(common_flags.resolve_config(_FINETUNE + ":demo"),
                      _FINETUNE + ":demo")
 
-  def test_bundled_path_from_another_directory(self):
-    got = common_flags.resolve_config(
-        "experiments/configs/finetune_retriever.py:smoke")
+  @parameterized.named_parameters(
+      ("bundled_path_from_another_directory",
+       "experiments/configs/finetune_retriever.py:smoke"),
+      ("module_name", "experiments.configs.finetune_retriever:smoke"))
+  def test_bundled_config(self, spec):
+    got = common_flags.resolve_config(spec)
     self.assertTrue(got.endswith(":smoke"), got)
     self.assertEqual(_file(got), _FINETUNE)
 
   def test_bundled_path_normalised(self):
     got = common_flags.resolve_config("./experiments//configs/pretrain_lm.py")
     self.assertEqual(got, os.path.realpath(pretrain_config.__file__))
-
-  def test_module_name(self):
-    got = common_flags.resolve_config(
-        "experiments.configs.finetune_retriever:smoke")
-    self.assertTrue(got.endswith(":smoke"), got)
-    self.assertEqual(_file(got), _FINETUNE)
 
   def test_preset_after_the_first_colon_is_passed_whole(self):
     got = common_flags.resolve_config("experiments.configs.pretrain_lm:a:b")

@@ -39,10 +39,7 @@ class ConfigTest(absltest.TestCase):
              ("eval.rerankers", "first,prp", "Unknown rerankers"),
              ("adapter.method", "lorax", "adapter.method must be")]
     for key, value, message in cases:
-      config = config_lib.get_config("smoke")
-      with config.unlocked():
-        section, leaf = key.split(".")
-        config[section][leaf] = value
+      config = testing.changed(config_lib.get_config("smoke"), **{key: value})
       with self.subTest(key), self.assertRaisesRegex(ValueError, message):
         rerank_decoder.train_and_evaluate(config,
                                           self.create_tempdir().full_path)

@@ -77,10 +77,7 @@ class ConfigTest(absltest.TestCase):
         ("mesh.data", 3, "divisible by the data x fsdp"),
     ]
     for key, value, message in cases:
-      config = config_lib.get_config("smoke")
-      with config.unlocked():
-        section, leaf = key.split(".")
-        config[section][leaf] = value
+      config = testing.changed(config_lib.get_config("smoke"), **{key: value})
       with self.subTest(key), self.assertRaisesRegex(ValueError, message):
         train_reranker.train_and_evaluate(
             config, self.create_tempdir().full_path)

@@ -139,24 +139,24 @@ class ScoringTest(parameterized.TestCase):
                               self.docs[::-1], buckets=(16, 32, 64), **kw)
     self.assertEqual(cross_encoder.score_trace_count(), before)
 
+  def _forward(self, n, length, *, zero_token_types=False):
+    """The model's eager scores of the first `n` pairs, padded to `length`."""
+    batch = self.tok.pad(cross_encoder.tokenize_pairs(
+        self.tok, self.queries[:n], self.docs[:n], max_length=length),
+                         length=length)
+    types = batch["token_type_ids"]
+    return self.model(batch["input_ids"], batch["attention_mask"],
+                      np.zeros_like(types) if zero_token_types else types)
+
   def test_matches_direct_forward(self):
-    enc = cross_encoder.tokenize_pairs(self.tok, self.queries[:3],
-                                     self.docs[:3], max_length=96)
-    batch = self.tok.pad(enc, length=96)
-    direct = self.model(batch["input_ids"], batch["attention_mask"],
-                        batch["token_type_ids"])
     got = self.model.score_pairs(self.tok, self.queries[:3], self.docs[:3],
                                  max_length=96)
-    np.testing.assert_allclose(got, np.asarray(direct), atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(got, np.asarray(self._forward(3, 96)),
+                               atol=1e-5, rtol=1e-5)
 
   def test_token_types_matter(self):
-    enc = cross_encoder.tokenize_pairs(self.tok, self.queries[:2],
-                                     self.docs[:2], max_length=64)
-    batch = self.tok.pad(enc, length=64)
-    a = self.model(batch["input_ids"], batch["attention_mask"],
-                   batch["token_type_ids"])
-    b = self.model(batch["input_ids"], batch["attention_mask"],
-                   np.zeros_like(batch["token_type_ids"]))
+    a = self._forward(2, 64)
+    b = self._forward(2, 64, zero_token_types=True)
     self.assertGreater(float(jnp.max(jnp.abs(a - b))), 1e-6)
 
   @parameterized.parameters("cls", "mean", "pooler")
