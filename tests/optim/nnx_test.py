@@ -26,7 +26,7 @@ _IDS = (jnp.arange(2 * 12, dtype=jnp.int32).reshape(2, 12) * 7) % 256
 
 def _model():
   return llama.LlamaForCausalLM(
-      llama.LlamaConfig.tiny(vocab_size=256), rngs=nnx.Rngs(0))
+      llama.LlamaConfig.tiny(vocab_size=256, num_layers=1), rngs=nnx.Rngs(0))
 
 
 def _loss(model):
