@@ -71,8 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.demo = dict(runs="lora,galore", lora_learning_rate=1e-3,
                      galore_learning_rate=1e-4, full_learning_rate=3e-5,
                      galore=GALORE)
-  # One -1: all devices (the rest); without one, the first prod(sizes).
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.mesh = dict(data=-1, fsdp=1, tensor=1)  # -1: the rest of devices.
 
   for arg in (arg or "").split(","):
     if arg == "smoke":
