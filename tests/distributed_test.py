@@ -77,7 +77,8 @@ def _env(devices: int) -> dict[str, str]:
       # Backend optimisation level 0 (as the notebook and wheel tests): the
       # smoke runs are mostly compiling; both sides get the same flags.
       XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
-                 "--xla_backend_optimization_level=0"),
+                 "--xla_backend_optimization_level=0 "
+                 "--xla_llvm_disable_expensive_passes=true"),
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.pathsep.join(
           [str(_ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep)

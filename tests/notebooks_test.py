@@ -35,7 +35,8 @@ _CASES = [(n[:-len(".ipynb")], n) for n in _NOTEBOOKS]
 _KERNEL_ENV = {
     "LOWRANK_SMOKE": "1",
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": "--xla_backend_optimization_level=0",
+    "XLA_FLAGS": ("--xla_backend_optimization_level=0 "
+                  "--xla_llvm_disable_expensive_passes=true"),
     "MPLBACKEND": "Agg",
     "TF_CPP_MIN_LOG_LEVEL": "3",
 }
