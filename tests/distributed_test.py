@@ -1,8 +1,10 @@
 """Multi-process runs of experiments/finetune_retriever.py equal one process.
 
-The binary runs twice on the smoke preset, concurrently: as 2 processes x 4
+The binary runs twice on the smoke preset, concurrently: as 2 processes x 2
 fake CPU devices joined by `jax.distributed.initialize` on 127.0.0.1, and as
-1 process x 8 devices. The logged losses and gradient norms, the zero-shot
+1 process x 4 devices (several devices per process, as on a pod's hosts;
+the data-parallel update is replicated on every device, so fewer devices
+cost less CPU here). The logged losses and gradient norms, the zero-shot
 and the final retrieval metrics must agree. The data is a tiny BEIR-format
 collection written here (`--config.data.spec=beir:<dir>`), so that the three
 processes finish in well under a minute of CPU on a shared machine; the
@@ -141,20 +143,20 @@ class MultiHostTest(absltest.TestCase):
     _write_tiny_beir(data)
     one, two = tmp / "one_process", tmp / "two_processes"
     address = f"127.0.0.1:{_free_port()}"
-    jobs = [("1x8", _command(one, data), _env(8), tmp / "1x8.log")]
+    jobs = [("1x4", _command(one, data), _env(4), tmp / "1x4.log")]
     for i in range(2):
       jobs.append((
-          f"2x4 process {i}",
+          f"2x2 process {i}",
           _command(two, data, f"--coordinator_address={address}",
                    "--num_processes=2", f"--process_id={i}"),
-          _env(4),
-          tmp / f"2x4_{i}.log",
+          _env(2),
+          tmp / f"2x2_{i}.log",
       ))
     outputs = self._run_all(jobs)
 
     # Process 0 alone prints the table and writes the files.
-    self.assertIn("| zero-shot |", outputs["2x4 process 0"])
-    self.assertNotIn("| zero-shot |", outputs["2x4 process 1"])
+    self.assertIn("| zero-shot |", outputs["2x2 process 0"])
+    self.assertNotIn("| zero-shot |", outputs["2x2 process 1"])
     ref, got = _losses(one), _losses(two)
     self.assertEqual(sorted(ref), [2, 4])
     self.assertEqual(sorted(got), sorted(ref))
