@@ -94,6 +94,14 @@ _LONG_FILES = (
     "tests/experiments/",
     "tests/notebooks_test.py",
     "tests/distributed_test.py",
+    # Unit-test files of a minute or more: last, one of them kept a worker
+    # busy for minutes after the other had finished.
+    "tests/optim/contract_test.py",
+    "tests/optim/galore_test.py",
+    "tests/spectral/sst_test.py",
+    "tests/retrieval/colbert_test.py",
+    "tests/spectral/compress_test.py",
+    "tests/adapters/random_basis_test.py",
 )
 
 
