@@ -29,7 +29,6 @@ References:
 """
 
 from collections.abc import Callable, Sequence
-import functools
 from typing import Any
 import warnings
 
@@ -45,6 +44,7 @@ from lowrank import assets
 from lowrank import sharding
 from lowrank import train
 from lowrank.models import bert
+from lowrank.models import encoding
 from lowrank.ranking import losses as ltr_losses
 
 _AnyArray = jax.Array | np.ndarray
@@ -315,20 +315,14 @@ def place_batch(state: Any, batch: dict[str, Any]) -> dict[str, jax.Array]:
 # ----------------------------------------------------------------------------
 # Jitted scoring.
 
-_TRACES = [0]
+_score_step = encoding.SplitJit(
+    lambda model, batch: model(batch["input_ids"], batch["attention_mask"],
+                               batch["token_type_ids"]))
 
 
 def score_trace_count() -> int:
   """How many times `score_pairs`' jitted forward has been traced."""
-  return _TRACES[0]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _score_step(graphdef, state, batch):
-  _TRACES[0] += 1  # Python side effect: runs once per trace.
-  model = nnx.merge(graphdef, state)
-  return model(batch["input_ids"], batch["attention_mask"],
-               batch["token_type_ids"])
+  return _score_step.traces
 
 
 def score_pairs(
