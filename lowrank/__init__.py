@@ -10,6 +10,7 @@ import them on first use):
   lowrank.distributed      multi-process start-up (`jax.distributed`)
   lowrank.metric_writers   CSV / TensorBoard / JSON metric writers
   lowrank.assets           paths of the bundled real models and data
+  lowrank.presets          each method's paper settings (`paper(name)`)
   lowrank.adapters         the LoRA family: inject / merge / unmerge, QLoRA,
                            multi-adapters, adapter merging, PEFT file I/O
   lowrank.optim            GaLore / Fira / FRUGAL / Q-GaLore, 8-bit Adam,
@@ -32,7 +33,8 @@ import them on first use):
 Layers: imports point downward only, from a layer to a lower one (checked,
 with cycles and cross-module use of `_private` names, by
 tests/layering_test.py):
-  1  sharding, quantize, assets, distributed, metric_writers (leaves)
+  1  sharding, quantize, assets, distributed, metric_writers, presets
+     (leaves)
   2  checkpoint, surgery (infrastructure)
   3  adapters, optim
   4  spectral (built on the adapter layers)
@@ -52,7 +54,7 @@ __getattr__, __dir__, __all__ = _lazy.attach(
     __name__,
     submodules=(
         "adapters", "assets", "checkpoint", "data", "distributed",
-        "metric_writers", "models", "optim", "quantize", "ranking",
+        "metric_writers", "models", "optim", "presets", "quantize", "ranking",
         "retrieval", "sharding", "spectral", "surgery", "train",
     ),
 )

@@ -56,6 +56,7 @@ from lowrank import checkpoint
 from lowrank import distributed
 from lowrank import metric_writers
 from lowrank import optim
+from lowrank import presets
 from lowrank import sharding
 from lowrank import spectral
 
@@ -611,6 +612,23 @@ def _check_kwargs(what: str, fn: Callable[..., Any],
         f"the factory's keyword arguments.")
 
 
+def _with_preset(what: str, method: Any,
+                 kwargs: dict[str, Any]) -> dict[str, Any]:
+  """`kwargs` over `presets.paper(method)` when it holds `preset="paper"`."""
+  preset = kwargs.pop("preset", None)
+  if preset is None:
+    return kwargs
+  if preset != "paper":
+    raise ValueError(
+        f"{what}: preset must be 'paper' (the method's official settings, "
+        f"lowrank.presets) or absent; got {preset!r}.")
+  try:
+    base = presets.paper(method)
+  except KeyError as e:
+    raise ValueError(f"{what}: preset='paper': {e.args[0]}") from None
+  return {**base, **kwargs}
+
+
 def optimizer_from_config(
     section: Any, *, model: nnx.Module | None = None
 ) -> optax.GradientTransformation:
@@ -620,7 +638,9 @@ def optimizer_from_config(
   `lowrank.optim`, `lowrank.spectral` or optax, in that order; e.g.
   `"adamw"`, `"galore_adamw"`, `"sst_adamw"`); every other key is passed
   as that factory's keyword argument of the same name, except
-  `learning_rate`, which may be a schedule (`schedule_from_config`).
+  `learning_rate`, which may be a schedule (`schedule_from_config`), and
+  `preset="paper"`, which starts from the factory's paper settings
+  (`lowrank.presets.paper`; the section's other keys override them).
   With `model` given, GaLore-family factories that take `stacked_axes` and
   were not given one get `optim.stacked_axes_from(model)` (one projector
   per layer of scan-stacked kernels).
@@ -646,6 +666,7 @@ def optimizer_from_config(
         f"or optax's factories (e.g. {', '.join(OPTIMIZERS)}); got "
         f"{name!r}.")
   fn = factories[name]
+  kwargs = _with_preset(f"optimizer {name!r}", fn, kwargs)
   _check_kwargs(f"optimizer {name!r}", fn, kwargs)
   if "learning_rate" in kwargs:
     kwargs["learning_rate"] = schedule_from_config(kwargs["learning_rate"])
@@ -671,6 +692,7 @@ def check_optimizer(section: Any, params: PyTree) -> None:
   fn = _factories().get(kwargs.get("name"))
   if fn is None or "project" not in inspect.signature(fn).parameters:
     return
+  kwargs = _with_preset(f"optimizer {kwargs['name']!r}", fn, kwargs)
   defaults = inspect.signature(fn).parameters
   rank = kwargs.get("rank", defaults["rank"].default)
   project = kwargs.get("project", defaults["project"].default)
@@ -688,7 +710,9 @@ def inject_from_config(
   """`adapters.inject(model, **section, rngs=rngs)`; a no-op for "full".
 
   The section's keys are exactly `adapters.inject`'s arguments (`method`,
-  `targets`, `rank`, `alpha`, ... and the method's own options). A section
+  `targets`, `rank`, `alpha`, ... and the method's own options), plus
+  `preset="paper"` (the method's paper settings, `lowrank.presets.paper`,
+  under the section's other keys). A section
   whose `method` is `"full"` or None leaves the model as it is (full
   fine-tuning).
 
@@ -704,4 +728,5 @@ def inject_from_config(
     raise ValueError(
         f"adapter method must be 'full' or one of {sorted(adapters.METHODS)}"
         f"; got {method!r}.")
+  kwargs = _with_preset(f"adapter method {method!r}", method, kwargs)
   return adapters.inject(model, rngs=rngs, **kwargs)

@@ -49,6 +49,7 @@ _LAYERS = {
     "lowrank.assets": 1,
     "lowrank.distributed": 1,
     "lowrank.metric_writers": 1,
+    "lowrank.presets": 1,
     "lowrank.quantize": 1,
     "lowrank.sharding": 1,
     "lowrank.checkpoint": 2,
