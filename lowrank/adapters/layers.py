@@ -45,6 +45,7 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lowrank import presets
 from lowrank.adapters import lora
 
 P = jax.sharding.PartitionSpec
@@ -190,6 +191,26 @@ class LoRAWrapper(nnx.Module):
       their products (the 2-D view is `[d_in, d_out]`).
     merged: Whether `ΔW` is currently folded into the base kernel.
     enabled: Whether the adapter contributes (see `adapters.disabled`).
+
+  Differences from the official code (Hugging Face PEFT's LoRA,
+  `huggingface/peft@5d602fdbff04`, `src/peft/tuners/lora/`):
+
+    * Default `alpha`. `alpha=None` means `alpha = r`, so the scale
+      `alpha / r` is 1 at every rank: lowrank's convention for every
+      adapter method (and for adapter files and the multi-adapter layers).
+      PEFT's `LoraConfig` defaults to `lora_alpha=8` (scale `8 / r`).
+      Official: `alpha=8`, or `preset="paper"` (`lowrank.presets`). Papers
+      choose `alpha` per experiment; what matters is the scale `alpha / r`.
+    * rsLoRA with the default `alpha`. `rslora=True` with `alpha=None` gives
+      `r / sqrt(r) = sqrt(r)`, a scale that grows with the rank, whereas
+      rsLoRA's `alpha / sqrt(r)` is meant for an `alpha` that does not
+      depend on the rank (PEFT's default: `8 / sqrt(r)`). Pass a fixed
+      `alpha` with rsLoRA (e.g. `alpha=8`, PEFT's default).
+    * Adapter dtype. The adapter's parameters take the base kernel's dtype;
+      PEFT upcasts bf16 / fp16 adapter weights to float32
+      (`autocast_adapter_dtype=True`). Not available as an argument: keep
+      the kernels in float32 (the default of lowrank's models) to train
+      the adapter in float32.
   """
 
   method = "lora"
@@ -610,6 +631,20 @@ def make_variable(
   # would demand a mesh context even though none is needed.
   with nnx.use_eager_sharding(False):
     return kind(value, **kwargs)
+
+
+presets.register(
+    "lora",
+    source="huggingface/peft@5d602fdbff04 (src/peft/tuners/lora/config.py)",
+    kwargs={"alpha": 8},
+    reasons={"alpha": (
+        "PEFT's LoraConfig default lora_alpha=8 (scale 8/r); lowrank's "
+        "alpha=None means alpha=r, scale 1 at every rank (the library-wide "
+        "convention).")},
+    unavailable=(
+        "PEFT upcasts bf16/fp16 adapter weights to float32; lowrank creates "
+        "them in the base kernel's dtype (keep kernels in float32).",),
+)
 
 
 class LoRALinear(LoRAWrapper):

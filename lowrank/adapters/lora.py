@@ -25,9 +25,19 @@ INITS = ("kaiming", "gaussian", "zeros")
 def scaling(rank, alpha=None, *, rslora: bool = False) -> float:
   """The LoRA scale `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
 
+  Differences from the official code (Hugging Face PEFT,
+  `huggingface/peft@5d602fdbff04`, `src/peft/tuners/lora/layer.py:278-281`,
+  the same formulas): PEFT's default `lora_alpha` is 8, lowrank's `None`
+  means `alpha = r`. For plain LoRA that is scale 1 at every rank; with
+  `rslora=True` it is `sqrt(r)`, which grows with the rank, the opposite
+  of what rsLoRA's `alpha / sqrt(r)` is for (a rank-independent `alpha`,
+  so the scale falls as `1 / sqrt(r)`). With rsLoRA pass a fixed `alpha`
+  (PEFT's default: `alpha=8`, scale `8 / sqrt(r)`).
+
   Args:
     rank: Adapter rank `r` (positive int).
-    alpha: `lora_alpha`; `None` means `alpha = r` (scale 1 for plain LoRA).
+    alpha: `lora_alpha`; `None` means `alpha = r` (scale 1 for plain LoRA,
+      `sqrt(r)` with rsLoRA: pass a fixed `alpha` there).
     rslora: Use the rank-stabilised scale `alpha / sqrt(r)`.
 
   Returns:
