@@ -4,10 +4,10 @@ Each chosen weight is replaced by `W = (α/r) A B + S` (kernel layout
 `[d_in, d_out]`; SLTrain's `(α/r) B A` in torch's `[out, in]` layout):
 
 * `A: [d_in, r]` kaiming-uniform `U(±1/√d_in)`, `B: [r, d_out]` zeros;
-* `S` has a fixed random support of `nnz = round(density · d_in · d_out)`
-  entries, drawn once without replacement and sorted (row-major), kept as
-  non-trainable int32 arrays (`SparseIndex` variables); its values are
-  trainable, `U(±1/√d_in)` at init.
+* `S` has a fixed random support of `nnz = ⌊density · d_in · d_out⌋`
+  entries (at least 1), drawn once without replacement and sorted
+  (row-major), kept as non-trainable int32 arrays (`SparseIndex`
+  variables); its values are trainable, `U(±1/√d_in)` at init.
 
 The dense `W` is never formed, in the forward or the backward pass: the
 low-rank part is `((x A) B)·α/r` and the sparse part is a custom-VJP
@@ -34,6 +34,27 @@ and no dense optimizer state exists.
 Like the reference implementation this is a pretraining layer: the dense
 weights of a converted layer are discarded (`to_sltrain`).
 
+Differences from the official code (andyjm3/SLTrain@2335d62c75df,
+`splora/splora_linear.py`, `splora/splora_model.py`, `scripts/llm_pretrain`):
+
+* Bias: the official layer draws a fresh bias `U(±1/√d_out)`; lowrank keeps
+  the converted layer's bias (the model's own bias init, zeros for a fresh
+  `nnx.Linear`), as a conversion of the model it is given.
+  `bias_init="uniform"` draws the official one (`presets.paper(to_sltrain)`).
+  Bias-free models (LLaMA) are unaffected.
+* Numerics: the official kernel forms the dense `W = (α/r) B A + S` in the
+  parameter dtype (bfloat16 in the scripts) and applies it with one matmul;
+  here `W` is never formed and the sparse part accumulates in float32 (the
+  memory table above). Same function; the rounding differs in bfloat16.
+  Not available otherwise.
+* `α/r` is a per-model-size setting in the official scripts, not a
+  default: 60M `rank=128, alpha=32` (the scripts' and this module's
+  `alpha=32`, `α/r = 0.25`); 130M and 350M `rank=256, alpha=16`; 1B
+  `rank=512, alpha=8`; `density=0.03` in all of them (`--sp_ratio 0.03`;
+  the official command-line default is 0.01).
+* `nnz` is `int(density · d_in · d_out)` (floor) as in the official code;
+  it was rounded before (one entry more for some shapes).
+
 References:
   Han, Li, Zhou, Xu, Ruan, Chen, Wang, Xiang 2024, SLTrain: a sparse plus
   low-rank approach for parameter and memory efficient pretraining,
@@ -49,9 +70,12 @@ from flax import nnx
 import jax
 import jax.numpy as jnp
 
+from lowrank import presets
 from lowrank.adapters import layers
 from lowrank.adapters import lora
 from lowrank.spectral import sst
+
+BIAS_INITS = ("keep", "uniform")
 
 
 class SparseIndex(nnx.Variable):
@@ -207,6 +231,7 @@ class SLTrainLinear(nnx.Module):
       chunk_size: int | None = None,
       rngs: nnx.Rngs,
       linear: nnx.Linear | None = None,
+      bias_init: str = "keep",
   ):
     """Builds a freshly initialised layer.
 
@@ -223,11 +248,17 @@ class SLTrainLinear(nnx.Module):
       rngs: Keys for `A`, the support and the values.
       linear: Take sizes, dtypes, logical axes, (stacked) leading dims and
         the bias from this layer; its kernel is discarded.
+      bias_init: `"keep"`: the bias of `linear` (zeros for a fresh layer);
+        `"uniform"`: a fresh `U(±1/√d_out)` bias, as the official
+        `SpLoRaLinear` draws it (layers with a bias only).
 
     Raises:
       ValueError: On bad hyperparameters or mismatched sizes.
     """
     _check_int("rank", rank)
+    if bias_init not in BIAS_INITS:
+      raise ValueError(f"bias_init must be one of {BIAS_INITS}; got "
+                       f"{bias_init!r}.")
     if not 0.0 < density <= 1.0:
       raise ValueError(f"density must be in (0, 1]; got {density!r}.")
     if not math.isfinite(alpha):
@@ -242,7 +273,7 @@ class SLTrainLinear(nnx.Module):
     kernel = kvar.get_value()
     lead_shape = kernel.shape[:-2]
     total = in_features * out_features
-    nnz = max(1, int(round(density * total)))
+    nnz = max(1, int(density * total))  # Floor, as the official code.
     self.in_features = in_features
     self.out_features = out_features
     self.rank = rank
@@ -256,7 +287,8 @@ class SLTrainLinear(nnx.Module):
     self.kernel_axes = sst.logical_axes(kvar)
 
     n_lead = math.prod(lead_shape)
-    key_a, key_s, key_v = jax.random.split(rngs.params(), 3)
+    key = rngs.params()
+    key_a, key_s, key_v = jax.random.split(key, 3)
 
     def per_layer(fn, key):
       keys = jax.random.split(key, n_lead)
@@ -279,7 +311,18 @@ class SLTrainLinear(nnx.Module):
     self.sparse_values = make(nnx.Param, values, dims=lead + (None,))
     self.sparse_rows = make(SparseIndex, rows, dims=lead + (None,))
     self.sparse_cols = make(SparseIndex, cols, dims=lead + (None,))
-    self.bias = nnx.data(linear.bias)
+    bias = linear.bias
+    if bias is not None and bias_init == "uniform":
+      old = bias.get_value()
+      bound = 1.0 / math.sqrt(out_features)
+      new = per_layer(lambda k: jax.random.uniform(
+          k, (out_features,), old.dtype, -bound, bound),
+                      jax.random.fold_in(key, 3))
+      if isinstance(getattr(old, "sharding", None),
+                    jax.sharding.NamedSharding):
+        new = jax.device_put(new, old.sharding)
+      bias = bias.replace(new)
+    self.bias = nnx.data(bias)
 
   @classmethod
   def from_linear(
@@ -291,11 +334,12 @@ class SLTrainLinear(nnx.Module):
       alpha: float | int = 32.0,
       chunk_size: int | None = None,
       rngs: nnx.Rngs,
+      bias_init: str = "keep",
   ) -> "SLTrainLinear":
     """A fresh SLTrain layer in place of `linear` (its kernel is dropped)."""
     return cls(linear.in_features, linear.out_features, rank=rank,
                density=density, alpha=alpha, chunk_size=chunk_size,
-               rngs=rngs, linear=linear)
+               rngs=rngs, linear=linear, bias_init=bias_init)
 
   def num_trainable(self) -> int:
     """`r (d_in + d_out) + nnz` (+ bias) per layer, times stacked layers."""
@@ -352,12 +396,15 @@ def to_sltrain(
     exclude: str | Sequence[str] | None = None,
     chunk_size: int | None = None,
     rngs: nnx.Rngs | int = 0,
+    bias_init: str = "keep",
 ) -> nnx.Module:
   """Replaces the chosen `nnx.Linear` layers by fresh `SLTrainLinear`s.
 
   The dense kernels are dropped (SLTrain is a pretraining
-  parameterisation); biases are kept. Train with any optimizer over
-  `nnx.Param` (the supports are `SparseIndex` variables, not parameters).
+  parameterisation); biases are kept (`bias_init="keep"`) or drawn afresh
+  as the official code does (`"uniform"`; see the module docstring's
+  differences). Train with any optimizer over `nnx.Param` (the supports are
+  `SparseIndex` variables, not parameters).
 
   Args:
     model: An NNX model (modified in place).
@@ -368,6 +415,7 @@ def to_sltrain(
     exclude: Layers to leave dense even if they match.
     chunk_size: See `SLTrainLinear`.
     rngs: `nnx.Rngs` or int seed for the new parameters and supports.
+    bias_init: `"keep"` or `"uniform"`, see `SLTrainLinear`.
 
   Returns:
     `model`.
@@ -381,7 +429,22 @@ def to_sltrain(
       model, targets, exclude, SLTrainLinear,
       lambda _, linear: SLTrainLinear.from_linear(
           linear, rank=rank, density=density, alpha=alpha,
-          chunk_size=chunk_size, rngs=rngs))
+          chunk_size=chunk_size, rngs=rngs, bias_init=bias_init))
+
+
+presets.register(
+    "to_sltrain",
+    source="andyjm3/SLTrain@2335d62c75df (splora/splora_linear.py, "
+    "splora/splora_model.py, scripts/llm_pretrain)",
+    kwargs={"bias_init": "uniform"},
+    reasons={"bias_init": "the official layer draws a fresh U(±1/√d_out) "
+             "bias; lowrank keeps the converted layer's bias"},
+    unavailable=(
+        "the official numerics: W = (α/r) B A + S formed densely in the "
+        "parameter dtype (bfloat16 in the scripts) and applied in one "
+        "matmul; here W is never formed and S accumulates in float32",
+        "the per-size rank and α are arguments, not a preset: 60M rank=128, "
+        "alpha=32; 130M/350M rank=256, alpha=16; 1B rank=512, alpha=8"))
 
 
 def sltrain_modules(model: nnx.Module) -> dict[str, SLTrainLinear]:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank import presets
 from lowrank import sharding
 from lowrank.models import llama
 from lowrank.spectral import sltrain
@@ -94,7 +95,7 @@ class LayerTest(parameterized.TestCase):
     d_in, d_out, r = 40, 30, 4
     layer = sltrain.SLTrainLinear(d_in, d_out, rank=r, density=0.03,
                                   use_bias=False, rngs=nnx.Rngs(0))
-    nnz = round(0.03 * d_in * d_out)
+    nnz = int(0.03 * d_in * d_out)
     self.assertEqual(layer.nnz, nnz)
     self.assertEqual(layer.num_trainable(), r * (d_in + d_out) + nnz)
     self.assertEqual(layer.scale, 32.0 / r)
@@ -185,6 +186,52 @@ class LayerTest(parameterized.TestCase):
       layer(jnp.ones((2, 5)))
 
 
+class _Net(nnx.Module):
+
+  def __init__(self, d_out):
+    self.proj = nnx.Linear(4, d_out, rngs=nnx.Rngs(0))
+    self.proj.bias.set_value(jnp.full((d_out,), 7.0))
+
+
+class OfficialBehaviourTest(parameterized.TestCase):
+  """What the official SpLoRaLinear does, where lowrank's default differs."""
+
+  def test_nnz_is_floored_as_the_official_int(self):
+    # 0.1 * 5 * 7 = 3.5: the official int() keeps 3, rounding would give 4.
+    layer = sltrain.SLTrainLinear(5, 7, rank=1, density=0.1,
+                                  rngs=nnx.Rngs(0))
+    self.assertEqual(layer.nnz, 3)
+    self.assertEqual(layer.sparse_values.get_value().shape, (3,))
+
+  def test_bias_init_keep_and_uniform(self):
+    d_out = 400
+    kept = sltrain.to_sltrain(_Net(d_out), targets="proj", rank=2)
+    np.testing.assert_array_equal(kept.proj.bias.get_value(), 7.0)
+    net = sltrain.to_sltrain(_Net(d_out), targets="proj", rank=2,
+                             bias_init="uniform")
+    bias = np.asarray(net.proj.bias.get_value())
+    bound = 1 / np.sqrt(d_out)  # Official: 1/sqrt(out_features).
+    self.assertTrue(np.all(np.abs(bias) <= bound))
+    # U(-a, a) has std a/sqrt(3): 0.0289 here; a d_in bound would be 0.29.
+    self.assertAlmostEqual(np.std(bias), bound / np.sqrt(3), delta=0.004)
+    self.assertIsInstance(net.proj.bias, nnx.Param)
+
+  def test_bad_bias_init(self):
+    with self.assertRaisesRegex(ValueError, "bias_init must be one of "
+                                r"\('keep', 'uniform'\); got 'zeros'"):
+      sltrain.SLTrainLinear(4, 4, rank=1, rngs=nnx.Rngs(0),
+                            bias_init="zeros")
+
+  def test_paper_preset_converts(self):
+    self.assertEqual(presets.paper(sltrain.to_sltrain),
+                     {"bias_init": "uniform"})
+    net = sltrain.to_sltrain(_Net(6), targets="proj", rank=2,
+                             **presets.paper("to_sltrain"))
+    self.assertIsInstance(net.proj, sltrain.SLTrainLinear)
+    self.assertTrue(np.all(np.abs(net.proj.bias.get_value()) < 1))
+    self.assertEqual(net.proj(jnp.ones((3, 4))).shape, (3, 6))
+
+
 class ModelTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
@@ -219,7 +266,7 @@ class ModelTest(parameterized.TestCase):
     self.assertLen(mods, 7 if scan_layers else 14)
     down = mods["model.layers.mlp.down_proj" if scan_layers
                 else "model.layers.0.mlp.down_proj"]
-    per_layer = 4 * (128 + 64) + round(0.05 * 128 * 64)
+    per_layer = 4 * (128 + 64) + int(0.05 * 128 * 64)
     self.assertEqual(down.num_trainable(),
                      per_layer * (2 if scan_layers else 1))
     if scan_layers:  # One support per stacked layer.
