@@ -3,25 +3,60 @@ r"""ReLoRA: LoRA with periodic merge-and-restart, as a train-loop helper.
 Every `refresh_every` steps the LoRA adapters (`lowrank.adapters.inject`,
 plain `"lora"` method) are merged into their base weights, re-initialised
 (`A` kaiming-uniform, `B = 0`, so the model's function is unchanged), and
-the optimizer moments of the adapter parameters are pruned (magnitude
-pruning keeps the largest `1 - prune_ratio` fraction of each moment tensor,
-as ReLoRA's `optimizer_magnitude_pruning`; `prune_ratio=1` is a full
-reset). The learning rate follows a jagged cosine schedule: one cosine
-envelope over the run, with a linear re-warm-up after each restart
-(`jagged_cosine_schedule`). Sums of successive rank-`r` updates reach a
-high-rank total update.
+the optimizer moments of the adapter parameters are pruned: by default
+each entry is zeroed with probability `prune_ratio = 0.999` (random
+pruning, the official `--reset_optimizer_on_relora` default);
+`method="magnitude"` keeps the largest `1 - prune_ratio` fraction of each
+moment tensor instead (`--optimizer_magnitude_pruning`, which the README
+recommends at 0.9); `prune_ratio=1` is a full reset. The learning rate
+follows a jagged cosine schedule: one cosine envelope over the run, with a
+linear re-warm-up after each restart (`jagged_cosine_schedule`). Sums of
+successive rank-`r` updates reach a high-rank total update.
 
-    adapters.inject(model, targets=r".*_proj", rank=8, alpha=32)
+    # The official script's adapters: r = 128, alpha = 32, dropout 0.1,
+    # and A = 0 until the first merge.
+    adapters.inject(model, targets=r".*_proj", rank=128, alpha=32,
+                    dropout=0.1, init="zeros")
     schedule = relora.jagged_cosine_schedule(
         1e-3, total_steps=10_000, warmup_steps=500, refresh_every=2_000,
         restart_warmup_steps=50)
-    optimizer = nnx.Optimizer(model, optax.adamw(schedule),
-                              wrt=relora.trainable())
+    tx = optax.chain(optax.clip_by_global_norm(1.0),
+                     optax.adamw(schedule, weight_decay=0.0))
+    optimizer = nnx.Optimizer(model, tx, wrt=relora.trainable())
     losses = relora.train(model, optimizer, loss_fn, batches,
-                          refresh_every=2_000, prune_ratio=0.999)
+                          refresh_every=2_000)
 
 `restart(model, optimizer_or_state, key, prune_ratio=...)` is the restart
 alone, for custom loops.
+
+Differences from the official code (Guitaricet/relora@176f37633fe0,
+`torchrun_main.py`, `peft_pretraining/relora.py`, `training_utils.py`):
+
+* Optimizer reset: random pruning at 0.999 is the default here as there
+  (it was magnitude pruning at 0.999 before, a pairing the official code
+  never uses).
+* Full-rank warm start: the paper starts ReLoRA from a full-rank
+  warm-up (`--warmed_up_model`; README: 5 000 of 20 000 steps at 250M).
+  Not available as an argument: train the dense model first (e.g. with
+  `lowrank.train`), then `inject` and run `train` with a fresh optimizer
+  and schedule (the official code restarts the scheduler there too).
+* Adapter settings belong to `adapters.inject`, not to this module: the
+  official script uses `α/r = 32/128 = 0.25` (`inject`'s default `alpha`
+  is the rank, `α/r = 1`), dropout 0.1 on the adapter input, and `A = 0`
+  until the first merge (`init="zeros"`; the adapters then get no
+  gradient in the first cycle, as there), as in the example above.
+* The base layer's bias trains in the official code and stays frozen
+  under `trainable()`; `wrt=nnx.Any(relora.trainable(),
+  nnx.All(nnx.Param, nnx.PathContains("bias")))` trains it (bias-free
+  LLaMA is unaffected).
+* Restart timing: the official loop merges one step later, after the
+  zero-learning-rate step that ends each cycle; here the restart follows
+  step `k · refresh_every` and the zero-rate step is the first after it.
+  One step; not available otherwise. A separate optimizer-reset period
+  (`--cycle_length` differing from `--relora`) is not available either.
+* The official optimizer is AdamW without weight decay and with gradient
+  clipping at norm 1.0 (the example's `tx`); `optax.adamw`'s own default
+  weight decay is 1e-4.
 
 References:
   Lialin, Shivagunde, Muckatira, Rumshisky 2023, ReLoRA: High-Rank Training
@@ -38,6 +73,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lowrank import presets
 from lowrank.adapters import injection
 from lowrank.adapters import lora
 from lowrank.spectral import sst
@@ -95,7 +131,7 @@ def prune_moments(
       entries at or below the `prune_ratio` quantile of `|x|` (so 0.99
       keeps the top 1%); 1 zeroes everything (a full reset), 0 nothing.
     method: `"magnitude"` or `"random"` (each entry kept with probability
-      `1 - prune_ratio`).
+      `1 - prune_ratio`, the default of `restart` and `train`).
     key: PRNG key, needed for `"random"`.
     names: Path components that mark adapter parameters.
 
@@ -187,7 +223,7 @@ def restart(
     key: jax.Array,
     *,
     prune_ratio: float | int = 0.999,
-    method: str = "magnitude",
+    method: str = "random",
 ) -> Any:
   """One ReLoRA restart: merge, re-initialise, prune the adapter moments.
 
@@ -197,8 +233,9 @@ def restart(
       optax state over a tree that contains the adapter parameters (a new,
       pruned state is returned).
     key: PRNG key (new `A`s; random pruning).
-    prune_ratio: See `prune_moments` (ReLoRA's default 0.999; 1 = reset).
-    method: `"magnitude"` or `"random"`.
+    prune_ratio: See `prune_moments` (the official default 0.999; 1 =
+      reset).
+    method: `"random"` (the official default) or `"magnitude"`.
 
   Returns:
     The optimizer (or the pruned state).
@@ -219,6 +256,18 @@ def restart(
     nnx.update(opt_state.opt_state, nnx.state(pruned))
     return opt_state
   return prune_moments(opt_state, prune_ratio, method=method, key=key_prune)
+
+
+_SOURCE = ("Guitaricet/relora@176f37633fe0 (torchrun_main.py, "
+           "peft_pretraining/relora.py, peft_pretraining/training_utils.py)")
+_UNAVAILABLE = (
+    "the full-rank warm start: train the dense model first, then inject "
+    "and train with a fresh optimizer and schedule",
+    "the adapter settings are adapters.inject's arguments, not this "
+    "preset's: inject(rank=r, alpha=r/4, dropout=0.1, init='zeros')",
+    "the merge one step later (after the zero-learning-rate step) and a "
+    "separate optimizer-reset period (--cycle_length)")
+presets.register("relora_restart", source=_SOURCE, unavailable=_UNAVAILABLE)
 
 
 def jagged_cosine_schedule(
@@ -305,7 +354,7 @@ def train(
     *,
     refresh_every: int,
     prune_ratio: float | int = 0.999,
-    method: str = "magnitude",
+    method: str = "random",
     seed: int = 0,
     callback: Callable[[int, float], None] | None = None,
 ) -> list[float]:
@@ -348,3 +397,6 @@ def train(
       restart(model, optimizer, jax.random.fold_in(key, step),
               prune_ratio=prune_ratio, method=method)
   return losses
+
+
+presets.register("relora_train", source=_SOURCE, unavailable=_UNAVAILABLE)

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from lowrank import adapters
+from lowrank import presets
 from lowrank import sharding
 from lowrank.models import llama
 from lowrank.spectral import relora
@@ -104,7 +105,8 @@ class RestartTest(parameterized.TestCase):
     ids = _ids()
     relora.train(model, opt, _loss_fn, [(ids,)] * 2, refresh_every=100)
     before = nnx.as_pure(opt.opt_state)
-    relora.restart(model, opt, jax.random.key(1), prune_ratio=0.99)
+    relora.restart(model, opt, jax.random.key(1), prune_ratio=0.99,
+                   method="magnitude")  # Exact counts below.
     after = nnx.as_pure(opt.opt_state)
     self.assertEqual(int(after[0].count), 2)
     for moment in ("mu", "nu"):
@@ -143,6 +145,46 @@ class RestartTest(parameterized.TestCase):
     adapters.merge(model)
     with self.assertRaisesRegex(ValueError, "is merged"):
       relora.restart(model, {}, jax.random.key(0))
+
+
+class _Net(nnx.Module):
+
+  def __init__(self):
+    self.proj = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+
+  def __call__(self, x):
+    return self.proj(x)
+
+
+class OfficialDefaultTest(absltest.TestCase):
+  """The official reset: random pruning (`rand > ratio` keeps), 0.999."""
+
+  def _restart(self, **kwargs):
+    net = _Net()
+    adapters.inject(net, targets="proj", rank=2, rngs=0)
+    # Distinct magnitudes 1..2000: magnitude pruning would keep the top.
+    x = jnp.arange(1.0, 2001.0).reshape(40, 50)
+    state = {"mu": {"proj": {"lora_a": x}}, "count": jnp.array(5)}
+    out = relora.restart(net, state, jax.random.key(0), **kwargs)
+    self.assertEqual(int(out["count"]), 5)
+    return np.asarray(x), np.asarray(out["mu"]["proj"]["lora_a"])
+
+  def test_restart_prunes_at_random_by_default(self):
+    x, pruned = self._restart(prune_ratio=0.5)
+    kept = pruned != 0
+    self.assertAlmostEqual(kept.mean(), 0.5, delta=0.04)
+    np.testing.assert_array_equal(pruned[kept], x[kept])
+    # Kept entries are spread over all magnitudes (top half: mean 1500.5).
+    self.assertAlmostEqual(x[kept].mean(), x.mean(), delta=60)
+    self.assertLess(x[kept].min(), 100)
+
+  def test_paper_presets(self):
+    self.assertEqual(presets.paper("relora_train"), {})
+    self.assertIn("warm start",
+                  " ".join(presets.get("relora_train").unavailable))
+    _, pruned = self._restart(**presets.paper("relora_restart"))
+    # 0.999 of 2000 entries: about 2 survive.
+    self.assertLessEqual(np.count_nonzero(pruned), 10)
 
 
 class ScheduleTest(parameterized.TestCase):
