@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import presets
 from lowrank import surgery
 from lowrank.adapters import injection
 from lowrank.adapters import layers
@@ -151,17 +152,27 @@ class DyLoRAWrapper(RankControlWrapper):
     active_rank: `AdapterState` int32 scalar `b` (default `rank`), set by
       `sample_rank` during training and `set_rank` for evaluation.
     r_min: Smallest rank `sample_rank` draws.
-    frozen: If True, only the `b`-th component gets gradients in a step
-      (the paper's "frozen" update, which leaves the smaller ranks as they
-      were); otherwise all of the first `b` do.
+    frozen: If True (default, the official training setting), only the
+      `b`-th component gets gradients in a step (the paper's "frozen"
+      update, which leaves the smaller ranks as they were); if False, all
+      of the first `b` do.
 
   `merge` folds in `ΔW` at the current `b`; do not change `b` while merged.
+
+  Differences from the official code (`huawei-noah/Efficient-NLP@
+  bb44348bc897`, `DyLoRA/`): the scale `alpha / b`, the draw
+  `b ~ U{1..r}` shared by the whole model and the frozen update match.
+  (`frozen` defaulted to False before; the official training always sets
+  `frozen=True`, `run_glue.py:552`, so that is the default now.) The
+  official GLUE scripts use r = 8 with `lora_alpha` 16 (scale 16/b);
+  lowrank's `alpha` defaults to `rank` (the library-wide convention): pass
+  `alpha=16` or `preset="paper"`.
   """
 
   method = "dylora"
   option_names = ("r_min", "frozen")
 
-  def _create(self, key, dtype, r_min=1, frozen=False):
+  def _create(self, key, dtype, r_min=1, frozen=True):
     self.r_min = _check_int("r_min", r_min, 1, self.rank)
     if not isinstance(frozen, bool):
       raise ValueError(f"frozen must be a bool; got {frozen!r}.")
@@ -194,6 +205,18 @@ class DyLoRAWrapper(RankControlWrapper):
     _set(self.active_rank, max(b, 1))
 
 
+presets.register(
+    "dylora",
+    source="huawei-noah/Efficient-NLP@bb44348bc897 (DyLoRA/loralib/, "
+    "DyLoRA/examples/NLU/)",
+    kwargs={"alpha": 16},
+    reasons={"alpha": (
+        "every official GLUE script passes --lora_r 8 --lora_alpha 16 "
+        "(roberta_base_*.sh), scale 16/b; lowrank's alpha defaults to rank "
+        "(the library-wide convention).")},
+)
+
+
 # ----------------------------------------------------------------- AdaLoRA
 class AdaLoRAWrapper(RankControlWrapper):
   """AdaLoRA: `ΔW2 = s · Q diag(λ ⊙ m) P` (kernel layout `[d_in, d_out]`).
@@ -203,12 +226,13 @@ class AdaLoRAWrapper(RankControlWrapper):
   `lora_b.T` (our `[r, *out_shape]`). The scale is PEFT's
   `alpha / (r + 1e-5)` (`ranknum = r`, fixed) or `alpha / sqrt(r)` with
   rsLoRA. `rank_mask: [r]` is an `AdapterState`; `apply_budget` sets it and
-  zeroes `λ` outside it as PEFT's `masked_fill_` does. The forward pass
-  multiplies by the mask too, with a straight-through gradient for `λ`: a
-  masked `λ_i` still gets the gradient PEFT gives it (that of the loss at
-  `λ_i = 0`), so a pruned triplet can come back at the next allocation,
-  while the output never depends on masked entries. `init` is ignored
-  (PEFT's initialisation: `P, Q ~ N(0, 0.02²)`, `λ = 0`).
+  zeroes `λ` outside it as PEFT's `masked_fill_` does. By default
+  (`mask_forward=True`) the forward pass multiplies by the mask too, with a
+  straight-through gradient for `λ`: a masked `λ_i` still gets the
+  gradient PEFT gives it (that of the loss at `λ_i = 0`), so a pruned
+  triplet can come back at the next allocation, while the output never
+  depends on masked entries. `init` is ignored (PEFT's initialisation:
+  `P, Q ~ N(0, 0.02²)`, `λ = 0`).
 
   Options (used by `apply_budget`, PEFT's `AdaLoraConfig` names in brackets):
     target_rank: Average final rank per module [`target_r`].
@@ -216,13 +240,32 @@ class AdaLoRAWrapper(RankControlWrapper):
     tinit: Warm-up steps at the initial budget [`tinit`].
     tfinal: Final steps at the target budget with a fixed mask [`tfinal`].
     delta_t: Steps between two allocations [`deltaT`].
+    mask_forward: Whether the forward pass applies `rank_mask` (default
+      True) or uses `λ` as it is (False, PEFT's).
+
+  Differences from the official code (`huggingface/peft@5d602fdbff04`,
+  `src/peft/tuners/adalora/`):
+
+  * Between allocations (`delta_t > 1`) PEFT's forward uses `λ` as it is
+    (`layer.py:195`): a masked `λ` that the optimizer regrows contributes
+    until the next allocation zeroes it again. lowrank's default masks the
+    forward (so the mask alone says which triplets are in the adapter);
+    `mask_forward=False` gives PEFT's behaviour (`apply_budget` then zeroes
+    `λ` at allocation steps and at every step of the final phase, as PEFT
+    does). With `delta_t=1` both are the same.
+  * Scale: PEFT's `lora_alpha` defaults to 8 (with `init_r` 12); lowrank's
+    `alpha` to `rank` (the library-wide convention): `alpha=8`.
+  * PEFT adds `orth_reg_weight · (mean of unsquared Frobenius norms)`
+    (0.5) to the loss itself; here add
+    `0.5 * orth_regularizer(model, reduction="peft")` to your loss.
   """
 
   method = "adalora"
-  option_names = ("target_rank", "total_step", "tinit", "tfinal", "delta_t")
+  option_names = ("target_rank", "total_step", "tinit", "tfinal", "delta_t",
+                  "mask_forward")
 
   def _create(self, key, dtype, target_rank=None, total_step=None, tinit=0,
-              tfinal=0, delta_t=1):
+              tfinal=0, delta_t=1, mask_forward=True):
     self.target_rank = (None if target_rank is None else
                         _check_int("target_rank", target_rank, 0))
     self.total_step = (None if total_step is None else
@@ -230,6 +273,11 @@ class AdaLoRAWrapper(RankControlWrapper):
     self.tinit = _check_int("tinit", tinit, 0)
     self.tfinal = _check_int("tfinal", tfinal, 0)
     self.delta_t = _check_int("delta_t", delta_t, 1)
+    if not isinstance(mask_forward, bool):
+      raise ValueError(
+          f"mask_forward must be a bool (True: the forward applies the rank "
+          f"mask; False: PEFT's, λ as it is); got {mask_forward!r}.")
+    self.mask_forward = mask_forward
     if self.total_step is not None and (
         self.tinit >= self.total_step - self.tfinal):
       raise ValueError(
@@ -243,13 +291,16 @@ class AdaLoRAWrapper(RankControlWrapper):
 
   def component_scales(self) -> jax.Array:
     e = self.lora_e[...].astype(jnp.float32)
+    if not self.mask_forward:
+      return e * self.scale
     return e * self.rank_mask[...] * self.scale
 
   def _forward_factors(self, a2, b2):
     e = self.lora_e[...].astype(jnp.float32)
-    # Value `e * m`, gradient w.r.t. `e` unmasked (see the class docstring).
-    e_eff = e + jax.lax.stop_gradient(e * self.rank_mask[...] - e)
-    return a2 * (e_eff * self.scale)[None, :], b2
+    if self.mask_forward:
+      # Value `e * m`, gradient w.r.t. `e` unmasked (class docstring).
+      e = e + jax.lax.stop_gradient(e * self.rank_mask[...] - e)
+    return a2 * (e * self.scale)[None, :], b2
 
   def active_mask(self) -> jax.Array:
     return self.rank_mask[...] > 0
@@ -260,6 +311,27 @@ class AdaLoRAWrapper(RankControlWrapper):
     _set(self.lora_e, self.lora_e[...] * m)
 
 
+presets.register(
+    "adalora",
+    source="huggingface/peft@5d602fdbff04 (src/peft/tuners/adalora/)",
+    kwargs={"alpha": 8, "mask_forward": False},
+    reasons={
+        "alpha": (
+            "PEFT's lora_alpha default 8 (scale 8/(r + 1e-5)); lowrank's "
+            "alpha defaults to rank (the library-wide convention)."),
+        "mask_forward": (
+            "PEFT's forward uses lambda as it is: pruned values the "
+            "optimizer regrows count until the next allocation "
+            "(delta_t > 1); lowrank masks the forward so the rank mask "
+            "alone defines the adapter."),
+    },
+    unavailable=(
+        "PEFT adds its orthogonality term to the loss itself; add "
+        "0.5 * rank_control.orth_regularizer(model, reduction='peft') to "
+        "the loss (not an inject argument).",),
+)
+
+
 # -------------------------------------------------------------------- SoRA
 class SoRAWrapper(RankControlWrapper):
   """SoRA: `ΔW2 = s · A diag(g) B` with a trainable gate `g: [r]`.
@@ -268,6 +340,14 @@ class SoRAWrapper(RankControlWrapper):
   code (`gate_init="normal"`: standard normal) or to ones. Train `g` with a
   proximal L1 step (`lowrank.optim.sora_proximal` / `sora_adamw`); components
   whose gate is exactly 0 are pruned by `export_pruned`.
+
+  Differences from the official code (`TsinghuaC3I/SoRA@c275ac237b68`,
+  `src/lora.py`): the gate between `A` and `B` and its `randn(1, r)` init
+  match. The official `lora_alpha` is 16 (`config/lora_config.json`, any
+  r), scale 16/r; lowrank's `alpha` defaults to `rank` (the library-wide
+  convention): `alpha=16` or `preset="paper"`. The optimizer's differences
+  (threshold, thresholding rule, L1 loss term) are in
+  `lowrank.optim.sora.sora_adamw` (`presets.paper("sora_adamw")`).
   """
 
   method = "sora"
@@ -294,6 +374,21 @@ class SoRAWrapper(RankControlWrapper):
     _set(self.lora_g, self.lora_g[...] * jnp.asarray(keep, jnp.float32))
 
 
+presets.register(
+    "sora",
+    source="TsinghuaC3I/SoRA@c275ac237b68 (src/lora.py, "
+    "config/lora_config.json, run_glue.py)",
+    kwargs={"alpha": 16},
+    reasons={"alpha": (
+        "config/lora_config.json sets lora_alpha 16 for every r "
+        "(run_glue.py:461-463 overrides only lora_r), scale 16/r; lowrank's "
+        "alpha defaults to rank (the library-wide convention).")},
+    unavailable=(
+        "The optimizer's official settings are a separate preset: "
+        "optim.sora_adamw(..., **presets.paper('sora_adamw')).",),
+)
+
+
 # --------------------------------------------------------------- IncreLoRA
 class IncreLoRAWrapper(RankControlWrapper):
   """IncreLoRA: AdaLoRA's SVD form with a growing active rank.
@@ -309,18 +404,52 @@ class IncreLoRAWrapper(RankControlWrapper):
   official code (`alpha / sqrt(ranknum)` with rsLoRA). `init` is ignored.
 
   Options (used by `grow_ranks`): `init_rank`, `add_rank`
-  (`incre_rank_num`), `advance_learn`, `target_rank` (average final rank per
-  module; `None`: `rank`), `warmup` (`init_warmup`), `interval`
-  (`incre_interval`), `top_h` (modules grown per allocation).
+  (`incre_rank_num`; default `None`: the official rule
+  `{2: 1, 4: 2, 6: 3, 8: 4}[target]`, i.e. `max(1, target // 2)` with
+  `target` the average target rank), `advance_learn`, `target_rank`
+  (average final rank per module; `None`: `rank`), `warmup`
+  (`init_warmup`), `interval` (`incre_interval`), `top_h` (modules grown
+  per allocation).
+
+  Differences from the official code (`FeiyuZhang98/IncreLoRA@
+  51a2d734af78`, `loralib/loralib/increlora.py`, `NLU/`):
+
+  * `add_rank` defaulted to 1 before; it now follows the official
+    `incre_rank_num` rule above (`increlora.py:202-206`).
+  * The official scripts set `init_warmup`/`incre_interval` 100 (CoLA,
+    MRPC, RTE, STS-B; 500 or 1000 for the larger tasks), `lora_alpha` 32
+    (16 for MNLI, QQP, SST-2), `top_h` 2 to 18 and dropout per task;
+    lowrank's defaults (`warmup=0`, `interval=1`, `top_h=1`, `alpha=rank`)
+    are generic. `preset="paper"` gives `alpha=32, warmup=100,
+    interval=100`; pass `top_h` and `dropout` for your task.
+  * Not available: the module score. The official one is
+    `Σ|ΔW ⊙ ∇ΔW| / √numel` from a backward hook on the dense `ΔW`; here its
+    factored counterpart (see `update_importance`), without forming `ΔW`.
+  * Not available: the official `multi_lr` (every script): each group of
+    new components gets its own warm-up/decay schedule and fresh Adam
+    state. Here one optimizer and schedule cover all; with a shared Adam
+    count a newly active `λ`'s first steps are up to
+    `(1 - β1) / √(1 - β2)` (≈ 3.2 at the defaults) times fresh Adam's.
+  * The official trainer adds `reg_orth_coef · (mean of unsquared
+    Frobenius norms)` to the loss itself (0.1; 0.3 for RTE and STS-B);
+    here add `0.1 * orth_regularizer(model, reduction="peft")` to your
+    loss.
+  * A module stops growing at `rank` (static shapes); the official code
+    has no cap. Choose `rank` at least the largest final rank you expect.
   """
 
   method = "increlora"
   option_names = ("init_rank", "add_rank", "advance_learn", "target_rank",
                   "warmup", "interval", "top_h")
 
-  def _create(self, key, dtype, init_rank=1, add_rank=1, advance_learn=True,
-              target_rank=None, warmup=0, interval=1, top_h=1):
+  def _create(self, key, dtype, init_rank=1, add_rank=None,
+              advance_learn=True, target_rank=None, warmup=0, interval=1,
+              top_h=1):
     self.init_rank = _check_int("init_rank", init_rank, 1, self.rank)
+    if add_rank is None:
+      # The official `incre_rank_num` rule, `{2: 1, 4: 2, 6: 3, 8: 4}`.
+      target = self.rank if target_rank is None else target_rank
+      add_rank = min(max(1, int(target) // 2), self.rank)
     self.add_rank = _check_int("add_rank", add_rank, 1, self.rank)
     if not isinstance(advance_learn, bool):
       raise ValueError(f"advance_learn must be a bool; got {advance_learn!r}.")
@@ -382,6 +511,37 @@ class IncreLoRAWrapper(RankControlWrapper):
     # kept components contribute exactly as before.
     e = self.lora_e[...].astype(jnp.float32) * m
     _set(self.lora_e, e * (old_scale / self._scale_now()))
+
+
+presets.register(
+    "increlora",
+    source="FeiyuZhang98/IncreLoRA@51a2d734af78 (loralib/loralib/"
+    "increlora.py, NLU/scripts/)",
+    kwargs={"alpha": 32, "warmup": 100, "interval": 100},
+    reasons={
+        "alpha": (
+            "--lora_alpha 32 in the CoLA, MRPC, RTE, STS-B and QNLI scripts "
+            "(16 for MNLI, QQP, SST-2); lowrank's alpha defaults to rank."),
+        "warmup": (
+            "--init_warmup 100 in the CoLA, MRPC, RTE and STS-B scripts "
+            "(500 QNLI, 1000 MNLI, QQP, SST-2); lowrank's generic 0."),
+        "interval": (
+            "--incre_interval equals init_warmup in every script; "
+            "lowrank's generic 1."),
+    },
+    unavailable=(
+        "top_h (2 to 18) and lora_dropout (0 to 0.3) differ per task: pass "
+        "them.",
+        "The module score is the factored sum |theta * grad| over A, "
+        "lambda, B, not |dW * grad dW| from a hook on the dense dW.",
+        "multi_lr: per-group warm-up/decay schedules and fresh Adam state "
+        "for new components.",
+        "The orthogonality term is not added to the loss: add "
+        "0.1 * rank_control.orth_regularizer(model, reduction='peft') "
+        "(0.3 in the RTE and STS-B scripts).",
+        "No rank cap in the official code: a module stops at rank here.",
+    ),
+)
 
 
 layers.register("dylora", DyLoRAWrapper)
