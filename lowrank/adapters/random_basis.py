@@ -31,7 +31,8 @@ Kernel convention as in `lowrank.adapters.lora`: `y = x @ W`,
   `d_small`, init `1 / max(n, d_small)`).
   `n (r + d_small)` trainable values per layer. The bases are unit-variance
   uniform. The forward and backward never form `ΔW` (a custom VJP runs over
-  chunks of the `n` bases).
+  chunks of the `n` bases). The scale is PEFT's `alpha / r`; the authors'
+  code divides it by `sqrt(n)` (`sqrt_n_scaling=True`).
 
 **Sharing across layers.** Row `j` of a basis (one input or output feature)
 is drawn from its own key `fold_in(key, j)`, so the bases of a narrower
@@ -87,6 +88,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 import numpy as np
 
+from lowrank import presets
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 from lowrank.adapters import lora
@@ -633,6 +635,16 @@ class VeRAWrapper(RandomBasisWrapper):
       PEFT (default: this layer's `d_in`; see `share_bases`).
     external_bases: Set by `set_bases`; leave it `False`.
 
+  Differences from the official code (Hugging Face PEFT's VeRA, the
+  reference implementation, `huggingface/peft@5d602fdbff04`,
+  `src/peft/tuners/vera/`): PEFT draws one `vera_A` for the model with the
+  kaiming bound of the widest adapted input and every layer slices it; by
+  default each layer here uses its own `d_in` for the bound
+  (`sqrt(max_in / d_in)` times larger `A` on narrower layers). Official:
+  `max_in=<widest adapted d_in>` in `inject`, or `share_bases(model)`
+  after it (the preset cannot know the widest layer). PEFT VeRA has no
+  `alpha`: leave `alpha=None` (scale 1).
+
   Attributes:
     basis_a: `Basis` `[*in_shape, r]`.
     basis_b: `Basis` `[r, *out_shape]`.
@@ -761,6 +773,16 @@ class VeRAWrapper(RandomBasisWrapper):
     self.set_bases(basis_a=pa[:, : self.d_in].T, basis_b=pb[: self.d_out].T)
 
 
+presets.register(
+    "vera",
+    source="huggingface/peft@5d602fdbff04 (src/peft/tuners/vera/)",
+    unavailable=(
+        "PEFT's one model-wide A scale (the widest adapted input's kaiming "
+        "bound) is not a fixed argument: pass max_in=<widest d_in> or call "
+        "random_basis.share_bases(model) after inject.",),
+)
+
+
 def share_bases(model: nnx.Module) -> int:
   """Gives every VeRA adapter in `model` PEFT's shared `A` scale.
 
@@ -806,6 +828,23 @@ class NOLAWrapper(RandomBasisWrapper):
       With `False`, `set_bases` can only replace `basis_a0`.
     chunk: Bases generated per step when `store_bases=False` (default 64).
     external_bases: Set by `set_bases`; leave it `False`.
+
+  Differences from the official code (`UCDvision/NOLA@03c7027c244b`,
+  `gpt/src/model_nola.py`, `gpt/src/gpt2_ft.py`):
+
+    * Bases per layer. Every `NOLALinear` there draws its own random seed
+      (`model_nola.py:134`), so each layer (and its `A` and `B`) has
+      independent bases and its own `A_0`; here one `seed` serves every
+      layer, and layers of one shape share `A_0` and the bases and differ
+      only by their coefficients (reproducible from one int). Not available
+      from one `inject` call: inject each layer separately with its own
+      `seed` to get independent bases.
+    * Default scale. `gpt2_ft.py` defaults to `--lora_alpha 1.0` (scale
+      `1 / r`, with `k = 1024` as here); lowrank's `alpha=None` gives 1.
+      Official default: `alpha=1.0` or `preset="paper"`. The released
+      GPT-2 scripts use `k = 512, alpha = 8, r = 8` (medium) and
+      `k = 256, alpha = 2, r = 8` (large): pass `num_bases_a`,
+      `num_bases_b` and `alpha` for those.
 
   Attributes:
     basis_a0: `Basis` `[*in_shape, r]` (frozen offset of `A`).
@@ -898,6 +937,22 @@ class NOLAWrapper(RandomBasisWrapper):
     return lora.lora_delta(*self.factors(), self.scale)
 
 
+presets.register(
+    "nola",
+    source="UCDvision/NOLA@03c7027c244b (gpt/src/model_nola.py, "
+    "gpt/src/gpt2_ft.py)",
+    kwargs={"alpha": 1.0},
+    reasons={"alpha": (
+        "gpt2_ft.py's default --lora_alpha 1.0 (scale 1/r); lowrank's "
+        "alpha=None gives scale 1. The released GPT-2 scripts use k=512, "
+        "alpha=8 (medium) and k=256, alpha=2 (large), both at r=8.")},
+    unavailable=(
+        "independent bases (and A_0) per layer, each NOLALinear drawing its "
+        "own seed: one inject call shares one seed; inject layers "
+        "separately with distinct seeds.",),
+)
+
+
 class RandLoRAWrapper(RandomBasisWrapper):
   """RandLoRA around a linear kind: a full-rank `ΔW` from `n` random bases.
 
@@ -907,10 +962,30 @@ class RandLoRAWrapper(RandomBasisWrapper):
     chunk: Bases per step of the factored forward/backward (default `None`:
       all `n` in one batched einsum; smaller bounds temporaries at
       `chunk · r · d_small`).
+    sqrt_n_scaling: Scale `alpha / r / sqrt(n)`, as the authors' code
+      (default `False`: `alpha / r`, as Hugging Face PEFT).
     external_bases: Set by `set_bases`; leave it `False`.
 
   PEFT's `randlora_alpha` is our `alpha` (scale `alpha / r`; PEFT's default
   is 640 with `r = 32`, i.e. `s = 20`).
+
+  Differences from the official code (the authors' PEFT fork,
+  `PaulAlbert31/RandLoRA@4ac565ecd611`,
+  `peft/src/peft/tuners/randlora/layer.py`, `config.py`, `model.py`):
+
+    * Scale. The authors' code scales by `randlora_alpha / r / sqrt(n)`
+      (`layer.py:119`); Hugging Face PEFT's RandLoRA, whose files and
+      `randlora_alpha` values users load, by `randlora_alpha / r`
+      (`huggingface/peft@5d602fdbff04`, `randlora/layer.py:128`), which is
+      lowrank's default: `sqrt(n)` times larger at the same `alpha`.
+      Official: `sqrt_n_scaling=True`.
+    * Default `alpha`. The authors' `RandLoraConfig` defaults to
+      `randlora_alpha=64` with `r=32` (and their GLUE script sets
+      `2 * rank`); lowrank's `alpha=None` means `alpha = r`. Official:
+      `preset="paper"` (`sqrt_n_scaling=True, alpha=64`; at other ranks
+      pass `alpha=2 * rank` as their scripts do).
+    * Sparse and very sparse ternary bases (`sparse=True`,
+      `very_sparse=True`, not the authors' default): not available.
 
   Attributes:
     num_bases: `n = ceil(min(d_in, d_out) / r)`.
@@ -922,7 +997,7 @@ class RandLoRAWrapper(RandomBasisWrapper):
   """
 
   method = "randlora"
-  option_names = ("seed", "chunk", "external_bases")
+  option_names = ("seed", "chunk", "sqrt_n_scaling", "external_bases")
 
   def _create(
       self,
@@ -931,13 +1006,16 @@ class RandLoRAWrapper(RandomBasisWrapper):
       *,
       seed: Any = 0,
       chunk: Any = None,
+      sqrt_n_scaling: Any = False,
       external_bases: Any = False,
   ) -> None:
     del key
     self._common_options(seed, external_bases)
     if chunk is not None:
       _check_positive_int("chunk", chunk)
+    _check_bool("sqrt_n_scaling", sqrt_n_scaling)
     self.chunk = chunk
+    self.sqrt_n_scaling = sqrt_n_scaling
     r = self.rank
     self.small_is_in = self.d_in <= self.d_out
     if self.small_is_in:
@@ -948,6 +1026,8 @@ class RandLoRAWrapper(RandomBasisWrapper):
       large_shape, large_dims = self.in_shape, self.in_dims
     self.d_small, self.d_large = math.prod(small_shape), math.prod(large_shape)
     n = self.num_bases = randlora_num_bases(self.d_in, self.d_out, r)
+    if sqrt_n_scaling:
+      self.scale = self.scale / math.sqrt(n)
     a, b = randlora_bases(seed, self.d_small, self.d_large, r, n)
     self.basis_a = self._basis_var(
         a.astype(dtype).reshape((r,) + small_shape), (None,) + small_dims
@@ -1038,6 +1118,26 @@ class RandLoRAWrapper(RandomBasisWrapper):
     b = flat.T.reshape(r, n, self.d_large).transpose(1, 0, 2)
     self.set_bases(basis_a=pa[:, 0, : self.d_small], basis_b=b)
 
+
+presets.register(
+    "randlora",
+    source="PaulAlbert31/RandLoRA@4ac565ecd611 "
+    "(peft/src/peft/tuners/randlora/layer.py, config.py)",
+    kwargs={"sqrt_n_scaling": True, "alpha": 64},
+    reasons={
+        "sqrt_n_scaling": (
+            "the authors' scale randlora_alpha / r / sqrt(n) (layer.py:119); "
+            "lowrank's default alpha / r is Hugging Face PEFT's, whose "
+            "RandLoRA files and alpha values users load."),
+        "alpha": (
+            "RandLoraConfig's default randlora_alpha=64 (with its default "
+            "r=32, i.e. 2r; the GLUE script sets 2 * rank: pass "
+            "alpha=2 * rank at other ranks)."),
+    },
+    unavailable=(
+        "sparse / very sparse ternary bases (options of the authors' code, "
+        "not its default).",),
+)
 
 layers.register("vera", VeRAWrapper)
 layers.register("nola", NOLAWrapper)

@@ -21,7 +21,9 @@ import optax
 import pytest
 
 from lowrank import adapters
+from lowrank import presets
 from lowrank import sharding
+from lowrank import train
 from lowrank.adapters import layers
 from lowrank.adapters import random_basis
 
@@ -176,7 +178,11 @@ class CommonTest(parameterized.TestCase):
       x = jax.random.normal(jax.random.key(2), (2, 3, w.d_in))
       np.testing.assert_array_equal(new(x), w(x))
 
-  @parameterized.named_parameters(*_CASES)
+  # Not "nola_generated": its gradients equal the stored bases' ones
+  # (NOLATest.test_generated_wrapper_matches_stored_wrapper), so a second
+  # compiled optimizer step would prove nothing more.
+  @parameterized.named_parameters(
+      *(c for c in _CASES if c[0] != "nola_generated"))
   def test_gradients_and_jit_optimizer_steps(self, method, options):
     model, _ = _build(method, options)
     _randomize(model, scale=0.1)
@@ -239,6 +245,8 @@ class CommonTest(parameterized.TestCase):
       make("nola", store_bases="no")
     with self.assertRaisesRegex(ValueError, "chunk must be a positive"):
       make("randlora", chunk=-2)
+    with self.assertRaisesRegex(ValueError, "sqrt_n_scaling must be a bool"):
+      make("randlora", sqrt_n_scaling=1)
     with self.assertRaisesRegex(ValueError, "no LoRA factors"):
       make("vera").peft_factors()
     with sharding.use_mesh():
@@ -521,6 +529,71 @@ class RandLoRATest(parameterized.TestCase):
     np.testing.assert_array_equal(g.bases()["basis_a"], a0[:, :8])
     np.testing.assert_array_equal(b1, b0[:2, :, :16])
     self.assertAlmostEqual(float(b0.std()), 1.0, delta=0.1)
+
+
+def _authors_randlora(x, rb_a, rb_b, lam, gam, alpha, r, d_in, d_out):
+  """The authors' RandLoRA forward (`PaulAlbert31/RandLoRA@4ac565ecd611`,
+  `peft/src/peft/tuners/randlora/layer.py`: `UniqueBaseGrad.forward`,
+  `get_scaled_bases`, `Linear.forward`, scale from `update_layer`) in
+  numpy, for a torch `nn.Linear(d_in, d_out)`: the adapter's output."""
+  n = math.ceil(min(d_in, d_out) / r)
+  min_dim, max_dim = min(d_in, d_out), max(d_in, d_out)
+  sliced_a = rb_a[:, :n, :min_dim]
+  sliced_b = rb_b[:max_dim, :n, :]
+  update_b = sliced_b.reshape(max_dim, -1)
+  update_a = (lam[:, :, None] * sliced_a * gam[None]).reshape(-1, min_dim)
+  if min_dim == d_in:
+    first, second = update_a, update_b
+  else:
+    first, second = update_b.T, update_a.T
+  scaling = alpha / r / math.sqrt(n)  # layer.py:119
+  return (x @ first.T) @ second.T * scaling  # F.linear(F.linear(x, .), .)
+
+
+class PaperPresetTest(parameterized.TestCase):
+
+  @parameterized.parameters(True, False)
+  def test_sqrt_n_scaling_matches_the_authors_forward(self, sqrt_n_scaling):
+    """`sqrt_n_scaling=True` is the authors' layer; the default is √n×."""
+    rng = np.random.default_rng(0)
+    r, alpha = 4, 5.0
+    rb_a = rng.normal(size=(r, 1, 16)).astype(np.float32)  # [r, 1, max_small]
+    rb_b = rng.normal(size=(24, 4, r)).astype(np.float32)  # [max_large, n, r]
+    model, _ = _build("randlora", {"sqrt_n_scaling": sqrt_n_scaling},
+                      rank=r, alpha=alpha)
+    mods = adapters.adapter_modules(model)
+    # 16 -> 24 (small side: input) and 24 -> 16 (output); n = 4 for both.
+    for w in (mods["layers.0"], mods["layers.1"]):
+      with self.subTest(small_is_in=w.small_is_in):
+        n, d_small = w.num_bases, min(w.d_in, w.d_out)
+        lam = rng.normal(size=(r, n)).astype(np.float32)
+        gam = rng.normal(size=(n, d_small)).astype(np.float32)
+        w.set_peft_bases(rb_a, rb_b)
+        w.set_peft_tensors(lam, gam)
+        x = rng.normal(size=(3, w.d_in)).astype(np.float32)
+        want = _authors_randlora(x, rb_a, rb_b, lam, gam, alpha, r, w.d_in,
+                                 w.d_out)
+        if not sqrt_n_scaling:
+          want = want * math.sqrt(n)  # Hugging Face PEFT's alpha / r.
+        got = w(jnp.asarray(x)) - w.base(jnp.asarray(x))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+  # (method, extra section keys, expected scale at rank 4 on layers.0,
+  # 16 -> 24, so RandLoRA's n = 4).
+  @parameterized.parameters(
+      ("randlora", {}, 64 / 4 / 2),  # alpha / r / sqrt(n), alpha = 64.
+      ("nola", {"num_bases_a": 3, "num_bases_b": 2}, 1 / 4),  # alpha = 1.
+      ("vera", {}, 1.0),  # The defaults are PEFT's.
+  )
+  def test_paper_preset_injects(self, method, extra, scale):
+    with sharding.use_mesh():
+      model = _toy(nnx.Rngs(0))
+      train.inject_from_config(model, {"method": method, "preset": "paper",
+                                       "rank": 4, "targets": "layers.0",
+                                       **extra})
+    w = adapters.adapter_modules(model)["layers.0"]
+    self.assertAlmostEqual(w.scale, scale, places=6)
+    self.assertTrue(presets.get(method).source)
 
 
 # ------------------------------------------------------- PEFT oracle tests
