@@ -34,6 +34,27 @@ the kernel-shaped gradient `G` (then `η = 1`, plain step) or
 `{"gradient": G, "lr": η, "update": "sgd" | "sign", "residual": bool}`.
 `first_gradients` computes `G` for the targeted kernels.
 
+LoRA-SB is an `init` of `method="lora_xs"`, not a method of its own, so it
+has no `preset="paper"`; its differences from the official code
+(`RaghavSinghal10/lora-sb@37b33d4c4c57`) are reached through `init_data`:
+
+  * The step approximated. The authors' code takes Adam's first step
+    `-η·sign(Σ G)` (`utils/gradient_utils.py:141`); the default here is the
+    plain step `-G` (`update="sgd"`, `lr=1`), the natural reading of a
+    kernel-shaped gradient. Official: `init_data={path: {"gradient": G,
+    "update": "sign", "lr": η}}`.
+  * `η`. The authors use the first warm-up learning rate,
+    `lr / (warmup_ratio · total_steps)` (`train_glue.py:102`): pass that as
+    `"lr"`.
+  * The gradient. The authors sum per-batch mean gradients over a few
+    samples (2 for GLUE); `first_gradients` differentiates one `loss_fn`
+    call: sum its results over the batches yourself.
+  * The SVD. The authors use `torch.svd_lowrank(q=r, niter=10)` and cast
+    `U, Σ, V` to bfloat16 (`utils/svd_utils.py:29-34`); here the SVD is
+    exact and stays in float32. Not available.
+  * The scale: the authors force `lora_alpha = r` (`train_glue.py:48`),
+    lowrank's default (scale 1), so their `R = Σ_r` is this `Σ_r / s`.
+
 **LoLDU** (`method="loldu"`, Shi et al. 2024): LU with partial pivoting
 `W_t = P L D U` (`L` unit lower, `D` diagonal, `U` unit upper; the authors'
 `ldu_decomposition`), top-`r` part `P L_r`, `D_r`, `U_r`. `P L_r` and `U_r`
@@ -62,6 +83,7 @@ import jax
 import jax.numpy as jnp
 import jax.scipy.linalg
 
+from lowrank import presets
 from lowrank.adapters import layers
 from lowrank.adapters import lora
 from lowrank.adapters import svd_init
@@ -91,6 +113,26 @@ class LoRAXS(layers.LoRAWrapper):
     basis_b: `AdapterState`, `[r, *out_shape]` (the paper's `Bᵀ`).
     lora_latent: `nnx.LoRAParam`, `[r, r]` (the paper's `R`, as `x A R B`).
     r_init_std, singular_values: The options (see the module docstring).
+
+  Differences from the official code (`MohammadrezaBanaei/LoRA-XS@e50b1a82b5d7`,
+  `utils/initialization_utils.py`, `utils/svd_utils.py`, `main_glue.py`):
+
+    * Which factor carries `Σ_r`. The authors' code runs `TruncatedSVD` on
+      the `[d_in, d_out]` weight and loads `U_r Σ_r` into `lora_A` (the
+      input side); the default here is the paper's `B = U_r Σ_r` (output
+      side). Official: `singular_values="a"`.
+    * `R` at init. The authors draw `N(0, 1e-5²)`
+      (`init_module_weights(..., sigma=0.00001)`); the default here is 0,
+      so the adapter is exactly the identity at init. Official:
+      `r_init_std=1e-5`.
+    * Default `alpha`. `main_glue.py` and `main_commonsense_tuning.py`
+      default to `lora_alpha=16` (the README's commonsense example uses
+      `2 r`; the math script uses `r`, lowrank's default). Official
+      default: `alpha=16`.
+    * `preset="paper"` gives all three (`lowrank.presets`).
+    * The SVD. The authors use sklearn's randomized `TruncatedSVD`
+      (`n_iter=10`, `random_state=42`); here it is exact. Not available
+      (the exact subspace is what the randomized one approximates).
   """
 
   method = "lora_xs"
@@ -151,6 +193,29 @@ class LoRAXS(layers.LoRAWrapper):
     return lora.lora_delta(a, latent @ b.astype(jnp.float32), self.scale)
 
 
+presets.register(
+    "lora_xs",
+    source="MohammadrezaBanaei/LoRA-XS@e50b1a82b5d7 "
+    "(utils/initialization_utils.py, main_glue.py)",
+    kwargs={"singular_values": "a", "r_init_std": 1e-5, "alpha": 16},
+    reasons={
+        "singular_values": (
+            "the authors' code puts U_r Sigma_r in lora_A (input side); the "
+            "default follows the paper's B = U_r Sigma_r."),
+        "r_init_std": (
+            "the authors draw R ~ N(0, 1e-5^2); the default 0 makes the "
+            "adapter exactly the identity at init."),
+        "alpha": (
+            "main_glue.py's and main_commonsense_tuning.py's default "
+            "lora_alpha=16; lowrank's alpha=None means alpha=r (scale 1, "
+            "as the authors' math script)."),
+    },
+    unavailable=(
+        "sklearn's randomized TruncatedSVD (n_iter=10, random_state=42); "
+        "lowrank's SVD is exact.",),
+)
+
+
 class LoLDU(layers.LoRAWrapper):
   """LoLDU: `y = base(x) + ((x U_rᵀ) ⊙ (σ z - σ₀ D_r)) (P L_r)ᵀ`.
 
@@ -161,6 +226,15 @@ class LoLDU(layers.LoRAWrapper):
     lora_diag: `nnx.LoRAParam`, `[r]` float32: `z`, initialised to `D_r`.
     lora_scale: `[1]` float32 `σ`, initialised to `alpha / r` (a
       `nnx.LoRAParam`, or `AdapterState` with `train_scale=False`).
+
+  Differences from the official code (`SKDDJ/LoLDU@4fe87a05a668`,
+  `minloldu/loldu.py`): the authors' `from_linear` defaults to
+  `lora_alpha=1` and sets `σ₀ = lora_alpha / rank` (`loldu.py:59,256`), so
+  `σ₀ = 1 / r`; lowrank's `alpha=None` gives `σ₀ = 1`. `σ₀` is the
+  operating point of the trained scale: `z` gets `r` times larger steps
+  here. Official: `alpha=1`, or `preset="paper"`. The residual is kept as
+  a zero-at-init delta instead of being written into the base (the same
+  function of `(z, σ)`, see the module docstring).
   """
 
   method = "loldu"
@@ -341,6 +415,15 @@ def trainable_parameters(method: str, rank: int, train_scale: bool = True):
     return rank + int(train_scale)
   raise ValueError(f"method must be 'lora_xs' or 'loldu'; got {method!r}.")
 
+
+presets.register(
+    "loldu",
+    source="SKDDJ/LoLDU@4fe87a05a668 (minloldu/loldu.py)",
+    kwargs={"alpha": 1},
+    reasons={"alpha": (
+        "the authors' from_linear default lora_alpha=1, so sigma_0 = 1/r "
+        "(loldu.py:59,256); lowrank's alpha=None gives sigma_0 = 1.")},
+)
 
 layers.register("lora_xs", LoRAXS)
 layers.register("loldu", LoLDU)

@@ -9,7 +9,9 @@ import numpy as np
 import optax
 
 from lowrank import adapters
+from lowrank import presets
 from lowrank import sharding
+from lowrank import train
 from lowrank.adapters import layers
 from lowrank.adapters import lora_xs
 
@@ -305,6 +307,40 @@ class LoldUTest(_MeshTest):
     self.assertIsInstance(m.lora_scale, layers.AdapterState)
     self.assertEqual(m.num_trainable(), 2)
     self.assertEqual(lora_xs.trainable_parameters("loldu", 2, False), 2)
+
+
+class PaperPresetTest(_MeshTest):
+  """`preset="paper"` gives the authors' initialisation and scale."""
+
+  def _inject(self, method, d_in, d_out):
+    # The shapes of the other tests of the method: no new eager compiles.
+    model = nnx.List([nnx.Linear(d_in, d_out, rngs=nnx.Rngs(0))])
+    w = np.asarray(model[0].kernel[...])
+    train.inject_from_config(model, {"method": method, "preset": "paper",
+                                     "targets": "0", "rank": 3})
+    return model[0], w
+
+  def test_lora_xs(self):
+    m, w = self._inject("lora_xs", 10, 8)
+    # The authors' init (utils/initialization_utils.py): TruncatedSVD of
+    # the [d_in, d_out] weight; lora_A <- U_r Σ_r, lora_B <- V_rᵀ, R ~
+    # N(0, 1e-5²); lora_alpha 16.
+    u, sv, vt = np.linalg.svd(w, full_matrices=False)
+    a, b = np.asarray(m.basis_a[...]), np.asarray(m.basis_b[...])
+    np.testing.assert_allclose(np.abs(a), np.abs(u[:, :3] * sv[:3]),
+                               atol=1e-5)  # Up to each column's sign.
+    np.testing.assert_allclose(a @ b, (u[:, :3] * sv[:3]) @ vt[:3],
+                               atol=1e-5)
+    self.assertBetween(float(jnp.std(m.lora_latent[...])), 1e-6, 1e-4)
+    self.assertAlmostEqual(m.scale, 16 / 3)
+    self.assertEqual(presets.paper("lora_xs")["singular_values"], "a")
+
+  def test_loldu(self):
+    m, _ = self._inject("loldu", 6, 5)
+    # The authors' from_linear(lora_alpha=1): sigma_0 = 1 / rank.
+    self.assertAlmostEqual(m.scale, 1 / 3)
+    self.assertAlmostEqual(float(m.lora_scale[0]), 1 / 3, places=6)
+    np.testing.assert_array_equal(m.delta_weight(), 0.0)
 
 
 if __name__ == "__main__":
