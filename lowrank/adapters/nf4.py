@@ -8,9 +8,13 @@ store a quantized kernel live in `lowrank.adapters.quantized`.
 **Layout.** A weight of any shape is flattened row-major (its own dimension
 order), zero-padded to a whole number of blocks, and viewed as
 `[n_blocks, block_size]`; blocks are runs of `block_size` consecutive
-elements, as in bitsandbytes. When a kernel's leading dimension is sharded
-and a shard is a whole number of blocks, the blocks of one shard stay on
-that shard (`lowrank.adapters.quantized` places them so).
+elements, as in bitsandbytes. bitsandbytes flattens the torch weight
+`[out, in]`; a Flax kernel is `[in, out]`, so the quantized layers of
+`lowrank.adapters.quantized` transpose it first when asked to
+(`layout="torch"`; their default flattens the kernel as stored). When the
+dimension flattened first is sharded and a shard is a whole number of
+blocks, the blocks of one shard stay on that shard
+(`lowrank.adapters.quantized` places them so).
 
 **NF4** (QLoRA §3): each block is divided by its absmax and every element is
 rounded to the nearest of the 16 NormalFloat values `NF4_CODE`, the
@@ -381,27 +385,41 @@ def lq_decompose(
     rank: int,
     roundtrip: Callable[[jax.Array], jax.Array],
     iters: int = 10,
+    *,
+    early_stop: bool = False,
+    svd: Callable[[jax.Array, jax.Array], tuple[jax.Array, ...]] | None = None,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array, list[float]]:
   """LQ-LoRA's `W ≈ Q + L1 L2` by alternating SVD and quantisation.
 
   Algorithm 1 of LQ-LoRA: starting from `Q = 0`, repeat
-  `L1 L2 = SVD_r(W − Q)` then `Q = quantize(W − L1 L2)`, keeping the iterate
-  with the smallest `‖W − (Q + L1 L2)‖_F` (the paper stops early once the
-  error rises; keeping the best is equivalent and never worse).
+  `L1 L2 = SVD_r(W − Q)` then `Q = quantize(W − L1 L2)`. By default all
+  `iters` alternations run and the iterate with the smallest
+  `‖W − (Q + L1 L2)‖_F` is returned, which is never worse than the official
+  rule (`early_stop=True`: stop at the first iteration whose error exceeds
+  the previous one and return that iterate, `lq_utils.py`, whose own
+  comment notes the previous iterate would be slightly better).
 
   Args:
     w: The full-precision weight `[m, n]`.
     rank: Rank `r` of `L1 L2`.
     roundtrip: `x -> dequantize(quantize(x))` for an `[m, n]` array (the
       caller fixes the scheme, block size and the kernel layout).
-    iters: Number of alternations `T` (>= 1).
+    iters: Number of alternations `T` (>= 1; the official code: 100).
+    early_stop: The official stopping rule (above) instead of the best of
+      all `iters`.
+    svd: `(x, key) -> (U, S, Vᵀ)` with at least `rank` components, e.g. a
+      randomized SVD; default the exact `jnp.linalg.svd`. Each iteration
+      gets its own key, `fold_in(key, t)`.
+    key: PRNG key for `svd` (default `jax.random.key(0)`); unused by the
+      exact SVD.
 
   Returns:
     `(residual, l1, l2, errors)`: `residual = W − L1 L2` (float32, what to
-    quantize for the frozen base; `roundtrip(residual)` is the best `Q`),
-    `l1: [m, r]`, `l2: [r, n]` with the singular values split evenly
+    quantize for the frozen base; `roundtrip(residual)` is the returned
+    `Q`), `l1: [m, r]`, `l2: [r, n]` with the singular values split evenly
     (`l1 = U √S`, `l2 = √S Vᵀ`), and the relative Frobenius error
-    `‖W − Q − L1 L2‖ / ‖W‖` of every iteration.
+    `‖W − Q − L1 L2‖ / ‖W‖` of every iteration run.
 
   Raises:
     ValueError: If `w` is not 2-D, or `rank` / `iters` is out of range.
@@ -417,10 +435,13 @@ def lq_decompose(
   if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
     raise ValueError(f"iters must be a positive int; got {iters!r}.")
   norm = float(jnp.linalg.norm(w)) or 1.0
+  if svd is None:
+    svd = lambda x, _: jnp.linalg.svd(x, full_matrices=False)
+  key = jax.random.key(0) if key is None else key
 
   @jax.jit
-  def step(q):
-    u, s, vt = jnp.linalg.svd(w - q, full_matrices=False)
+  def step(q, key):
+    u, s, vt = svd(w - q, key)
     root = jnp.sqrt(s[:rank])
     l1, l2 = u[:, :rank] * root[None, :], root[:, None] * vt[:rank]
     residual = w - l1 @ l2
@@ -429,10 +450,14 @@ def lq_decompose(
 
   q = jnp.zeros_like(w)
   best, errors = None, []
-  for _ in range(iters):
-    q, residual, l1, l2, err = step(q)
+  for t in range(iters):
+    q, residual, l1, l2, err = step(q, jax.random.fold_in(key, t))
     errors.append(float(err) / norm)
-    if best is None or errors[-1] < best[0]:
+    if early_stop:
+      best = (errors[-1], residual, l1, l2)
+      if len(errors) > 1 and errors[-1] > errors[-2]:
+        break
+    elif best is None or errors[-1] < best[0]:
       best = (errors[-1], residual, l1, l2)
   _, residual, l1, l2 = best
   return residual, l1, l2, errors

@@ -31,6 +31,11 @@ in 4 bits and dequantised on the fly. Here:
   base weight `W ≈ Q + L1 L2` (LQ-LoRA Algorithm 1, `nf4.lq_decompose`),
   stores `Q` in a quantized base and `L1 L2` in the LoRA factors, so that
   base + adapter starts closer to `W` than `Q(W)` alone (QLoRA's start).
+* Where lowrank differs from the official code (bitsandbytes / QLoRA,
+  LQ-LoRA), `quantize_base` and `lq_lora_init` say so and name the
+  argument that restores it; `presets.paper("quantize_base")` and
+  `presets.paper("lq_lora_init")` hold those arguments (`layout="torch"`
+  blocks the `[out, in]` weight as bitsandbytes does).
 
 References:
   Dettmers et al. 2023, QLoRA: Efficient Finetuning of Quantized LLMs,
@@ -48,10 +53,13 @@ from typing import Any
 from flax import nnx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lowrank.adapters import injection
 from lowrank.adapters import layers
 from lowrank.adapters import nf4
+from lowrank.adapters import svd_init
+from lowrank import presets
 from lowrank import surgery
 
 P = jax.sharding.PartitionSpec
@@ -61,8 +69,52 @@ _FIELDS = {
     "nf4": ("codes", "absmax", "absmax_scale", "absmax_offset"),
     "int8": ("codes", "scale"),
 }
-# Fields whose leading axis is the block axis (sharded like kernel dim 0).
+# Fields whose leading axis is the block axis (sharded like the kernel dim
+# flattened first).
 _BLOCK_FIELDS = ("codes", "absmax", "scale")
+# Orders in which a kernel is flattened into blocks (`layout=`).
+LAYOUTS = ("kernel", "torch")
+
+
+def check_layout(layout: Any) -> None:
+  """Raises a `ValueError` unless `layout` is one of `LAYOUTS`."""
+  if not isinstance(layout, str) or layout not in LAYOUTS:
+    raise ValueError(
+        f"layout must be one of {LAYOUTS}; got {layout!r}. 'kernel' blocks "
+        "the kernel in its own dimension order (lowrank's default), 'torch' "
+        "in the [out, in] order of bitsandbytes / QLoRA."
+    )
+
+
+def layout_perm(base: nnx.Module, layout: str) -> tuple[int, ...]:
+  """The kernel dims in the order they are flattened into blocks.
+
+  Args:
+    base: An `nnx.Linear` / `LinearGeneral` / `Einsum` (or a quantized one).
+    layout: `"kernel"`: the kernel's own dimension order (Flax: `[in, out]`,
+      so a block is consecutive output features of one input feature).
+      `"torch"`: output dims first, then input dims, i.e. the
+      `[out_features, in_features]` weight bitsandbytes and LQ-LoRA flatten,
+      so a block is consecutive input features of one output feature.
+
+  Raises:
+    ValueError: On an unknown layout, or `"torch"` for a layer whose input
+      and output dims cannot be told apart (`LinearGeneral` with
+      `batch_axis`).
+  """
+  check_layout(layout)
+  ndim = (len(base.quant_shape) if isinstance(base, QuantizedMixin)
+          else jnp.ndim(base.kernel.get_value()))
+  if layout == "kernel":
+    return tuple(range(ndim))
+  try:
+    in_dims, out_dims = layers.kernel_dims(base)
+  except ValueError as e:
+    raise ValueError(
+        f"layout='torch' needs the kernel's input and output dims: {e} Use "
+        "layout='kernel' for this layer."
+    ) from None
+  return tuple(out_dims) + tuple(in_dims)
 
 
 class QuantState(nnx.Variable):
@@ -204,6 +256,7 @@ class QuantizedMixin:
       double_quant: bool = True,
       dq_block_size: int = 256,
       kernel: jax.typing.ArrayLike | None = None,
+      layout: str = "kernel",
   ):
     """Quantizes `base`'s kernel (or `kernel`, which replaces it).
 
@@ -215,10 +268,12 @@ class QuantizedMixin:
       dq_block_size: NF4 only: absmaxes per double-quantisation scale.
       kernel: Optional kernel-shaped array to quantize instead of the
         base's (LQ-LoRA's residual `W − L1 L2`).
+      layout: Which elements share a block (`layout_perm`): `"kernel"` or
+        `"torch"` (bitsandbytes' `[out, in]` order).
 
     Raises:
-      ValueError: On an unknown scheme, bad block sizes, or a `kernel` of
-        the wrong shape.
+      ValueError: On an unknown scheme or layout, bad block sizes, or a
+        `kernel` of the wrong shape.
     """
     options = nf4.scheme_options(scheme, block_size=block_size,
                                  double_quant=double_quant,
@@ -229,6 +284,7 @@ class QuantizedMixin:
           f"{type(self).__name__} quantizes an exact {flax_cls.__name__}; "
           f"got {type(base).__name__}."
       )
+    perm = layout_perm(base, layout)
     var = base.kernel
     old = var.get_value()
     w = old if kernel is None else jnp.asarray(kernel)
@@ -243,7 +299,10 @@ class QuantizedMixin:
         continue
       setattr(self, name, nnx.data(value) if nodes.get(name) else value)
     self.quant_scheme = scheme
-    self.quant_options = tuple(sorted(options.items()))
+    # `layout` is kept with the block options so that saved adapter configs
+    # (`native_io`) rebuild the same blocks.
+    self.quant_options = tuple(sorted({**options, "layout": layout}.items()))
+    self.quant_perm = perm
     self.quant_shape = tuple(old.shape)
     self.quant_dtype = jnp.dtype(old.dtype).name
     logical = var.get_metadata().get("out_sharding")
@@ -266,32 +325,54 @@ class QuantizedMixin:
         setattr(self, "kernel_" + field, QuantState(value, **kwargs))
 
   # ------------------------------------------------------------ storage
+  @property
+  def quant_layout(self) -> str:
+    """`"kernel"` or `"torch"`: the order the kernel is blocked in."""
+    return dict(self.quant_options).get("layout", "kernel")
+
+  def _block_options(self) -> dict[str, Any]:
+    options = dict(self.quant_options)
+    options.pop("layout", None)
+    return options
+
+  def _unpermute(self, x: jax.Array) -> jax.Array:
+    """A dequantised array in block order back to the kernel's order."""
+    perm = getattr(self, "quant_perm", None)
+    if perm is None or perm == tuple(range(len(perm))):
+      return x
+    return jnp.transpose(x, tuple(int(i) for i in np.argsort(perm)))
+
   def _quantize(self, w: jax.Array) -> nf4.NF4Tensor | nf4.Int8Tensor:
     # No cast to the kernel dtype first: a float32 merged kernel is
     # quantized directly (the codes and absmaxes do not need it rounded).
-    return nf4.quantize(w, self.quant_scheme, **dict(self.quant_options))
+    perm = self.quant_perm
+    if perm != tuple(range(len(perm))):
+      w = jnp.transpose(w, perm)
+    return nf4.quantize(w, self.quant_scheme, **self._block_options())
 
   def _placements(self, q) -> dict[str, tuple[Any, Any]]:
     """`{field: (NamedSharding | None, logical axes | None)}`.
 
-    Blocks follow the kernel's dim-0 sharding when a dim-0 shard is a whole
-    number of blocks (FSDP-sharded kernels stay sharded); everything else
-    is replicated on the kernel's mesh.
+    Blocks follow the sharding of the kernel dim flattened first (dim 0 for
+    `layout="kernel"`, the first output dim for `"torch"`) when a shard is a
+    whole number of blocks (FSDP-sharded kernels stay sharded); everything
+    else is replicated on the kernel's mesh.
     """
     shape, sharding = self.quant_shape, self.quant_sharding
     logical = self.quant_logical_axes
     block = dict(self.quant_options)["block_size"]
+    d0 = self.quant_perm[0]
     out = {}
     lead = None
     if sharding is not None:
-      spec = tuple(sharding.spec) + (None,)
-      lead = spec[0]
+      spec = tuple(sharding.spec) + (None,) * len(shape)
+      lead = spec[d0]
       axes = () if lead is None else (lead,) if isinstance(lead, str) else (
           tuple(lead))
       shards = math.prod(sharding.mesh.shape[a] for a in axes)
-      per_shard = (shape[0] // shards) * math.prod(shape[1:])
+      per_shard = (shape[d0] // shards) * (math.prod(shape) // shape[d0])
       n_blocks = q.codes.shape[0]
-      if (not axes or shape[0] % shards or per_shard % block
+      if (not axes or shape[d0] % shards or per_shard % block
           or n_blocks % shards):
         lead = None
     for field in _FIELDS[self.quant_scheme]:
@@ -306,25 +387,32 @@ class QuantizedMixin:
       )
       meta = None
       if logical is not None and blocked:
-        meta = (logical[0],) + (None,) * (value.ndim - 1)
+        meta = (logical[d0],) + (None,) * (value.ndim - 1)
       out[field] = (named, meta)
     return out
 
   def quantized_kernel(self) -> nf4.NF4Tensor | nf4.Int8Tensor:
-    """The stored kernel as an `nf4.NF4Tensor` / `nf4.Int8Tensor` pytree."""
+    """The stored kernel as an `nf4.NF4Tensor` / `nf4.Int8Tensor` pytree.
+
+    Its `shape` is the kernel's shape in block order (`quant_perm`): the
+    kernel's own for `layout="kernel"`, `[out..., in...]` for `"torch"`.
+    """
     return self._assemble(
         {f: getattr(self, "kernel_" + f, None) for f in _FIELDS[
             self.quant_scheme]}
     )
 
   def _assemble(self, variables: Mapping[str, Any]):
-    values = {
+    # Fields absent from `variables` are None (the forward pass passes only
+    # the stored ones: no absmax scale and offset without double quant).
+    values = {f: None for f in _FIELDS[self.quant_scheme]}
+    values.update({
         f: None if v is None else (v[...] if isinstance(v, nnx.Variable)
                                    else v)
         for f, v in variables.items()
-    }
+    })
     meta = {
-        "shape": self.quant_shape,
+        "shape": tuple(self.quant_shape[d] for d in self.quant_perm),
         "dtype": self.quant_dtype,
         "block_size": dict(self.quant_options)["block_size"],
     }
@@ -339,7 +427,8 @@ class QuantizedMixin:
 
   def dense_kernel(self, dtype: Any = None) -> jax.Array:
     """The dequantised kernel (default: the original kernel dtype)."""
-    return nf4.dequantize(self.quantized_kernel(), dtype or self.quant_dtype)
+    return self._unpermute(
+        nf4.dequantize(self.quantized_kernel(), dtype or self.quant_dtype))
 
   def quantized_nbytes(self) -> int:
     """Bytes of the stored codes and scales (the bias not included)."""
@@ -373,7 +462,8 @@ class QuantizedMixin:
       var = getattr(self, "kernel_" + field)
       sh = getattr(var.get_value(), "sharding", None)
       var.set_value(jax.device_put(new, sh) if sh is not None else new)
-    err = jnp.linalg.norm(nf4.dequantize(q, jnp.float32) - w32)
+    err = jnp.linalg.norm(self._unpermute(nf4.dequantize(q, jnp.float32))
+                          - w32)
     norm = jnp.linalg.norm(w32)
     return float(jnp.where(norm > 0, err / jnp.where(norm > 0, norm, 1), 0))
 
@@ -403,7 +493,8 @@ class QuantizedMixin:
       # kernels); GPU/TPU scheduling is not measured here.
       inputs, leaves = jax.lax.optimization_barrier((inputs, leaves))
       q = self._assemble(dict(zip(names, leaves)))
-      token = _OVERRIDE.set((id(self), nf4.dequantize(q, dtype)))
+      token = _OVERRIDE.set((id(self),
+                             self._unpermute(nf4.dequantize(q, dtype))))
       try:
         return parent.__call__(inputs, *args, **kwargs)
       finally:
@@ -438,9 +529,10 @@ def is_quantized(module: Any) -> bool:
   return isinstance(module, QuantizedMixin)
 
 
-def _quantize_module(module: nnx.Module, scheme: str, options, kernel=None):
+def _quantize_module(module: nnx.Module, scheme: str, options, kernel=None,
+                     layout: str = "kernel"):
   return QUANTIZED[type(module)](module, scheme=scheme, kernel=kernel,
-                                 **options)
+                                 layout=layout, **options)
 
 
 def quantize_base(
@@ -452,6 +544,7 @@ def quantize_base(
     block_size: int = 64,
     double_quant: bool = True,
     dq_block_size: int = 256,
+    layout: str = "kernel",
 ) -> nnx.Module:
   """Replaces the targeted layers' kernels by quantized storage, in place.
 
@@ -459,6 +552,31 @@ def quantize_base(
   by its quantized subclass; a matched adapter wrapper keeps its adapter
   and gets a quantized `base` (so an init that edits the base, e.g. PiSSA,
   can run on the full-precision weight before quantisation).
+
+  Differences from the official code (bitsandbytes' `quantize_4bit` as
+  QLoRA's `qlora.py` calls it; `presets.paper("quantize_base")`):
+
+  * Which elements share an absmax block. bitsandbytes flattens the torch
+    weight `[out_features, in_features]`, so a block of 64 is 64
+    consecutive input features of one output feature; by default lowrank
+    flattens the Flax kernel `[in, out]` as it is stored (a block is
+    consecutive output features of one input feature). The two give
+    different absmax groups and so a different `Q(W)` (the codes are not
+    interchangeable with bitsandbytes checkpoints). The default stays
+    because quantized states saved by earlier versions hold codes of the
+    same shape in kernel order, which a changed default would load as wrong
+    weights without an error; `layout="torch"` gives bitsandbytes' blocks.
+    Everything else matches: the NF4 table, nearest-code encoding (ties to
+    the lower code), first element in the high nibble, block size 64, and
+    double quantisation (mean offset, 8-bit signed dynamic map on blocks of
+    256 absmaxes), QLoRA's default.
+  * QLoRA's 8-bit path (LLM.int8 `Linear8bitLt`, with outlier
+    decomposition) is not available: `scheme="int8"` is plain blockwise
+    absmax.
+  * QLoRA's adapter settings (r 64, α 16, every linear layer, `qlora.py`)
+    are `inject`'s arguments, not this function's:
+    `inject(model, targets="all-linear", rank=64, alpha=16,
+    quantize_base="nf4", layout="torch")`.
 
   Args:
     model: An NNX model.
@@ -470,18 +588,23 @@ def quantize_base(
     block_size: Elements per absmax block (QLoRA: 64).
     double_quant: NF4: quantize the absmaxes to 8 bits (QLoRA: True).
     dq_block_size: NF4: absmaxes per double-quantisation scale (256).
+    layout: Which elements share a block (`layout_perm`): `"kernel"` (the
+      kernel's own order, default) or `"torch"` (bitsandbytes' `[out, in]`
+      order, QLoRA's).
 
   Returns:
     `model`, with quantized layers.
 
   Raises:
-    ValueError: On an unknown scheme or bad block sizes, a target that
-      matches nothing, a matched module that cannot be quantized (another
-      kind, or already quantized), or a matched wrapper that is merged.
+    ValueError: On an unknown scheme or layout, bad block sizes, a target
+      that matches nothing, a matched module that cannot be quantized
+      (another kind, or already quantized), or a matched wrapper that is
+      merged.
   """
   options = nf4.scheme_options(scheme, block_size=block_size,
                                double_quant=double_quant,
                                dq_block_size=dq_block_size)
+  check_layout(layout)
   wrappers = (layers.LoRAWrapper,)
   match = surgery.match(targets, "targets", wrappers=wrappers)
   skip = (lambda p, m: False) if exclude is None else surgery.match(
@@ -518,10 +641,29 @@ def quantize_base(
     )
   for p, m in chosen:
     if isinstance(m, layers.LoRAWrapper):
-      m.base = _quantize_module(m.base, scheme, options)
+      m.base = _quantize_module(m.base, scheme, options, layout=layout)
     else:
-      surgery.set_submodule(model, p, _quantize_module(m, scheme, options))
+      surgery.set_submodule(
+          model, p, _quantize_module(m, scheme, options, layout=layout))
   return model
+
+
+presets.register(
+    "quantize_base",
+    source=("bitsandbytes-foundation/bitsandbytes@95f9af309d4d "
+            "(bitsandbytes/functional.py, backends/default/ops.py); "
+            "artidoro/qlora@7f4e95a68dc0 (qlora.py)"),
+    kwargs={"layout": "torch"},
+    reasons={"layout": (
+        "bitsandbytes blocks the torch weight [out, in] (64 consecutive "
+        "input features); lowrank's default blocks the Flax kernel in its "
+        "own [in, out] order, kept so that quantized states saved earlier "
+        "load as the same weights")},
+    unavailable=(
+        "QLoRA's 8-bit base (LLM.int8 Linear8bitLt with outlier "
+        "decomposition); scheme='int8' is blockwise absmax",
+    ),
+)
 
 
 def _quantized_adapters(model: nnx.Module) -> dict[str, layers.LoRAWrapper]:
@@ -597,7 +739,18 @@ def _from_2d(w2: jax.Array, wrapper: layers.LoRAWrapper,
 
 
 LQ_OPTIONS = ("scheme", "iters", "block_size", "double_quant",
-              "dq_block_size")
+              "dq_block_size", "layout", "early_stop", "oversample")
+
+
+def _check_oversample(oversample: Any) -> None:
+  if oversample is not None and (
+      isinstance(oversample, bool) or not isinstance(oversample, int)
+      or oversample < 0):
+    raise ValueError(
+        f"oversample must be None (exact SVD) or a non-negative int (the "
+        f"randomized SVD's extra columns; the official code: 10); got "
+        f"{oversample!r}."
+    )
 
 
 def lq_lora_init(
@@ -608,24 +761,59 @@ def lq_lora_init(
     block_size: int = 64,
     double_quant: bool = True,
     dq_block_size: int = 256,
+    layout: str = "kernel",
+    early_stop: bool = False,
+    oversample: int | None = None,
+    key: jax.Array | None = None,
 ) -> list[float]:
   """LQ-LoRA initialisation of a LoRA wrapper around a full-precision base.
 
   Decomposes the base kernel `W ≈ Q + L1 L2` (`nf4.lq_decompose`, `iters`
-  alternations; quantisation in the kernel's own layout and blocks), sets
-  the adapter to `s · A B = L1 L2` (`A = L1 / √s`, `B = L2 / √s`) and
-  replaces `wrapper.base` by a quantized layer storing `Q`.
+  alternations; quantisation with `quantize_base`'s blocks), sets the
+  adapter to `s · A B = L1 L2` (`A = L1 / √s`, `B = L2 / √s`) and replaces
+  `wrapper.base` by a quantized layer storing `Q`.
+
+  Differences from the official code (`HanGuo97/lq-lora`,
+  `models/lq_utils.py`, `lora_utils.py`; `presets.paper("lq_lora_init")`):
+
+  * Stopping: the official code runs up to 100 iterations, stops at the
+    first whose error exceeds the previous one and returns that (worse)
+    iterate. lowrank runs `iters=10` and keeps the best iterate, which is
+    never worse and bounds the cost (one SVD per iteration per layer);
+    `iters=100, early_stop=True` gives the official rule.
+  * SVD: the official code uses `torch.svd_lowrank(W − Q, r + 10)` (a
+    randomized SVD, 2 power iterations, fresh draws every iteration).
+    lowrank's default is the exact SVD (deterministic, the best rank-r
+    approximation); `oversample=10` runs the same randomized algorithm
+    (`svd_init.randomized_svd` on the `[in, out]` matrix, which is
+    `torch.svd_lowrank`'s sketch of the `[out, in]` weight's row space)
+    with draws from `key`, not torch's; the sketch width is capped at
+    `min(d_in, d_out)`.
+  * Blocks: the official quantiser blocks the torch weight `[out, in]`;
+    lowrank's default blocks the kernel in its own order (see
+    `quantize_base`); `layout="torch"` gives the official blocks.
+  * Not available: the official quantiser itself (`blockwise-nf`: its own
+    NF table, absmaxes offset by their minimum and quantised to unsigned
+    ints with a float scale per block of block-absmaxes; lowrank reuses
+    QLoRA's NF4 with bitsandbytes' double quantisation), the per-layer bit
+    allocation (an ILP over quantisation configs), and the Fisher-weighted
+    decomposition (weighted SVD with a sensitivity estimate).
 
   Args:
     wrapper: A plain-LoRA wrapper (`method == "lora"`) around an unmerged,
       full-precision `nnx.Linear` / `LinearGeneral` / `Einsum`.
     scheme: Quantisation of `Q` (`"nf4"` or `"int8"`).
-    iters: Alternations `T`.
-    block_size, double_quant, dq_block_size: As in `quantize_base`.
+    iters: Alternations `T` (the official code: 100).
+    block_size, double_quant, dq_block_size, layout: As in `quantize_base`.
+    early_stop: The official stopping rule (above) instead of the best of
+      `iters`.
+    oversample: None: exact SVD. An int: randomized SVD with
+      `rank + oversample` columns and 2 power iterations (official: 10).
+    key: PRNG key of the randomized SVD (default `jax.random.key(0)`).
 
   Returns:
-    The relative error `‖W − Q − L1 L2‖_F / ‖W‖_F` of every iteration (the
-    best one is kept).
+    The relative error `‖W − Q − L1 L2‖_F / ‖W‖_F` of every iteration run
+    (the best one is kept, or the last with `early_stop`).
 
   Raises:
     ValueError: If the wrapper is not plain LoRA, is merged, or its base is
@@ -655,26 +843,63 @@ def lq_lora_init(
   options = nf4.scheme_options(scheme, block_size=block_size,
                                double_quant=double_quant,
                                dq_block_size=dq_block_size)
+  perm = layout_perm(base, layout)
+  inverse = tuple(int(i) for i in np.argsort(perm))
+  _check_oversample(oversample)
   w = base.kernel.get_value()
   shape = tuple(w.shape)
 
   def roundtrip(x2):
-    x = _from_2d(x2, wrapper, shape)
-    return _to_2d(nf4.dequantize(nf4.quantize(x, scheme, **options),
-                                 jnp.float32), wrapper)
+    x = jnp.transpose(_from_2d(x2, wrapper, shape), perm)
+    x = nf4.dequantize(nf4.quantize(x, scheme, **options), jnp.float32)
+    return _to_2d(jnp.transpose(x, inverse), wrapper)
 
+  svd = None
+  if oversample is not None:
+    width = min(wrapper.rank + oversample, wrapper.d_in, wrapper.d_out)
+    svd = lambda x, k: svd_init.randomized_svd(x, width, 2, k)
   residual, l1, l2, errors = nf4.lq_decompose(
-      _to_2d(w, wrapper).astype(jnp.float32), wrapper.rank, roundtrip, iters)
+      _to_2d(w, wrapper).astype(jnp.float32), wrapper.rank, roundtrip, iters,
+      early_stop=early_stop, svd=svd, key=key)
   root = math.sqrt(wrapper.scale)
   wrapper.set_peft_factors(l1 / root, l2 / root)
   wrapper.base = _quantize_module(
-      base, scheme, options, kernel=_from_2d(residual, wrapper, shape))
+      base, scheme, options, kernel=_from_2d(residual, wrapper, shape),
+      layout=layout)
   return errors
+
+
+presets.register(
+    "lq_lora_init",
+    source=("HanGuo97/lq-lora@c2424b3adc27 (models/lq_utils.py, "
+            "models/lora_utils.py, models/factorizations_utils.py)"),
+    kwargs={"iters": 100, "early_stop": True, "oversample": 10,
+            "layout": "torch"},
+    reasons={
+        "iters": "transform_lora_layers' num_iterations=100; lowrank runs "
+                 "10 (one SVD per iteration per layer)",
+        "early_stop": "the official loop breaks at the first rise of the "
+                      "error and returns that iterate; lowrank keeps the "
+                      "best, never worse",
+        "oversample": "torch.svd_lowrank(W - Q, r + 10) (randomized); "
+                      "lowrank's default is the exact SVD, deterministic",
+        "layout": "the official quantiser blocks the torch [out, in] "
+                  "weight; lowrank's default blocks the kernel as stored",
+    },
+    unavailable=(
+        "the official blockwise-nf quantiser (its NF table; block absmaxes "
+        "offset by their minimum, unsigned-int quantised with a float "
+        "scale per group); lowrank uses QLoRA's NF4 with bitsandbytes' "
+        "double quantisation",
+        "per-layer bit allocation (ILP over quantisation configs)",
+        "the Fisher-weighted decomposition (weighted SVD, two-sided "
+        "heuristic)",
+    ),
+)
 
 
 def _lq_lora_registered(wrapper, data, key) -> None:
   """`layers.register_init` hook: `data` is None or a dict of options."""
-  del key  # Deterministic (full SVD).
   data = {} if data is None else data
   if not isinstance(data, Mapping):
     raise ValueError(
@@ -687,7 +912,7 @@ def _lq_lora_registered(wrapper, data, key) -> None:
         f"Unknown init_data option(s) {unknown} for init='lq_lora'; known: "
         f"{LQ_OPTIONS}."
     )
-  lq_lora_init(wrapper, **data)
+  lq_lora_init(wrapper, key=key, **data)
 
 
 layers.register_init("lq_lora", _lq_lora_registered)
@@ -703,7 +928,10 @@ def inject_quantized(
     block_size: int = 64,
     double_quant: bool = True,
     dq_block_size: int = 256,
+    layout: str = "kernel",
     lq_iters: int = 10,
+    lq_early_stop: bool = False,
+    lq_oversample: int | None = None,
     **inject_kwargs,
 ) -> nnx.Module:
   """QLoRA / LQ-LoRA in one call: quantize the targeted bases, add adapters.
@@ -719,8 +947,12 @@ def inject_quantized(
     scheme: `"nf4"` or `"int8"`.
     init: Adapter init (`"lq_lora"` or any init `inject` accepts).
     exclude: As in `inject`.
-    block_size, double_quant, dq_block_size: As in `quantize_base`.
-    lq_iters: LQ-LoRA alternations.
+    block_size, double_quant, dq_block_size, layout: As in `quantize_base`.
+    lq_iters, lq_early_stop, lq_oversample: `lq_lora_init`'s `iters`,
+      `early_stop` and `oversample` (LQ-LoRA's official settings:
+      `lq_iters=100, lq_early_stop=True, lq_oversample=10,
+      layout="torch"`). The randomized SVD of the i-th new adapter draws
+      from `fold_in(jax.random.key(0), i)`.
     **inject_kwargs: Passed to `inject` (`rank`, `alpha`, `method`, ...).
 
   Returns:
@@ -732,8 +964,10 @@ def inject_quantized(
   options = nf4.scheme_options(scheme, block_size=block_size,
                                double_quant=double_quant,
                                dq_block_size=dq_block_size)
+  check_layout(layout)
   if init != "lq_lora":
-    quantize_base(model, targets, scheme, exclude=exclude, **options)
+    quantize_base(model, targets, scheme, exclude=exclude, layout=layout,
+                  **options)
     return injection.inject(model, targets=targets, init=init,
                             exclude=exclude, **inject_kwargs)
   if inject_kwargs.get("init_data") is not None:
@@ -741,12 +975,16 @@ def inject_quantized(
         "inject_quantized(init='lq_lora') takes its options as keywords "
         "(scheme, lq_iters, block sizes), not init_data."
     )
+  _check_oversample(lq_oversample)
   before = set(injection.adapter_modules(model))
   injection.inject(model, targets=targets, init="kaiming", exclude=exclude,
                    **inject_kwargs)
-  for path, m in injection.adapter_modules(model).items():
+  key = jax.random.key(0)
+  for i, (path, m) in enumerate(injection.adapter_modules(model).items()):
     if path not in before:
-      lq_lora_init(m, scheme=scheme, iters=lq_iters, **options)
+      lq_lora_init(m, scheme=scheme, iters=lq_iters, layout=layout,
+                   early_stop=lq_early_stop, oversample=lq_oversample,
+                   key=jax.random.fold_in(key, i), **options)
       m.init = "lq_lora"
   return model
 

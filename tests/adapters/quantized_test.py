@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from lowrank import adapters
+from lowrank import presets
 from lowrank import sharding
 from lowrank.adapters import nf4
 from lowrank.adapters import quantized
@@ -44,6 +45,27 @@ def _gauss(shape, seed=0, scale=0.02):
 
 def _rel(a, b):
   return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+def _bnb_nf4(a, block=64):
+  """bitsandbytes' NF4 quantize_4bit / dequantize_4bit (no double quant).
+
+  A numpy transcription of `bitsandbytes/backends/default/ops.py` at
+  95f9af309d4d for a torch weight `a` whose size is a whole number of
+  blocks: flatten row-major, scale each block by 1 / absmax, bucketize
+  against the code midpoints (`right=False`), pack the first of a pair
+  into the high nibble. Returns (packed codes, absmax, dequantized `a`).
+  """
+  code = np.asarray(nf4.NF4_CODE, np.float32)
+  blocks = np.asarray(a, np.float32).reshape(-1, block)
+  absmax = np.abs(blocks).max(axis=-1)
+  scaled = np.clip(blocks * (1.0 / np.maximum(absmax, 1e-38))[:, None],
+                   -1, 1).reshape(-1)
+  q = np.searchsorted((code[1:] + code[:-1]) / 2, scaled, side="left")
+  q = q.astype(np.uint8)
+  packed = (q[::2] << 4) | q[1::2]
+  deq = (code[q].reshape(-1, block) * absmax[:, None]).reshape(a.shape)
+  return packed, absmax, deq
 
 
 class NF4MathTest(parameterized.TestCase):
@@ -225,6 +247,54 @@ class QuantizedLayerTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "shape"):
       model.gen.requantize(jnp.zeros((3, 3)))
 
+  def test_torch_layout_gives_bitsandbytes_blocks(self):
+    layer = nnx.Linear(96, 16, rngs=nnx.Rngs(0))  # torch weight [16, 96]
+    w = layer.kernel.get_value()
+    packed, absmax, deq = _bnb_nf4(np.asarray(w).T)
+    torch_q = quantized.QuantizedLinear(layer, double_quant=False,
+                                        layout="torch")
+    np.testing.assert_array_equal(
+        torch_q.kernel_codes.get_value().reshape(-1), packed)
+    np.testing.assert_array_equal(torch_q.kernel_absmax.get_value(), absmax)
+    np.testing.assert_array_equal(torch_q.dense_kernel(), deq.T)
+    x = _gauss((2, 96), seed=3, scale=1.0)
+    np.testing.assert_allclose(torch_q(x), x @ deq.T + layer.bias[...][None],
+                               atol=1e-5)
+    # lowrank's default blocks the [in, out] kernel: other blocks.
+    kernel_q = quantized.QuantizedLinear(layer, double_quant=False)
+    self.assertEqual(kernel_q.quant_layout, "kernel")
+    self.assertFalse(np.array_equal(
+        kernel_q.kernel_codes.get_value().reshape(-1), packed))
+
+  def test_torch_layout_every_kind_and_requantize(self):
+    model, ref = _toy(nnx.Rngs(0)), _toy(nnx.Rngs(0))
+    quantized.quantize_base(model, _LINEAR, **presets.paper(
+        "quantize_base"))
+    # gen: kernel [64, 4, 16] (in, out, out); ein: its kernel's dims sorted
+    # into output dims, then input dims.
+    for name in ("gen", "ein"):
+      q, r = getattr(model, name), getattr(ref, name)
+      w = r.kernel.get_value()
+      perm = q.quant_perm
+      in_dims, out_dims = adapters.layers.kernel_dims(r)
+      self.assertEqual(perm, tuple(out_dims) + tuple(in_dims))
+      want = jnp.transpose(nf4.dequantize(nf4.quantize(
+          jnp.transpose(w, perm), "nf4")), tuple(np.argsort(perm)))
+      np.testing.assert_array_equal(q.dense_kernel(), want)
+      self.assertEqual(q.quant_layout, "torch")
+    w2 = _gauss(model.gen.quant_shape, seed=4)
+    err = model.gen.requantize(w2)
+    self.assertAlmostEqual(err, _rel(model.gen.dense_kernel(), w2), places=5)
+
+  def test_bad_layout(self):
+    with self.assertRaisesRegex(ValueError, "layout must be one of"):
+      quantized.quantize_base(_toy(nnx.Rngs(0)), "gen", layout="out_in")
+    general = nnx.LinearGeneral((2, 8), 4, axis=(1, 2), batch_axis={0: 2},
+                                rngs=nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, "layout='torch' needs the "
+                                "kernel's input and output dims"):
+      quantized.QuantizedLinearGeneral(general, layout="torch")
+
   def test_bfloat16_base_dequantizes_to_its_compute_dtype(self):
     layer = nnx.Linear(64, 32, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
                        rngs=nnx.Rngs(0))
@@ -294,6 +364,12 @@ class QuantizedLayerTest(parameterized.TestCase):
                        ("embed", None))
       self.assertEqual(layer.kernel.get_value().sharding.spec,
                        P("fsdp", "tensor"))
+      # layout="torch" flattens the output dim first: blocks follow its
+      # sharding (here "tensor").
+      other = quantized.QuantizedLinear(_toy(nnx.Rngs(1)).layers[0],
+                                        layout="torch")
+      self.assertEqual(other.kernel_codes.get_value().sharding.spec,
+                       P("tensor", None))
       # The rules give the codes the same placement.
       specs = sharding.state_shardings(
           nnx.state(model, quantized.QuantState), mesh)
@@ -427,10 +503,10 @@ class LQLoRATest(parameterized.TestCase):
     super().setUp()
     self.enter_context(sharding.use_mesh(_one_device_mesh()))
 
-  def _structured(self, shape=(128, 96), rank=4):
+  def _structured(self, shape=(128, 96), rank=4, seed=5):
     # A few large low-rank directions on top of small noise, as in
     # pretrained weights with outlier features.
-    k1, k2, k3 = jax.random.split(jax.random.key(5), 3)
+    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
     low = (jax.random.normal(k1, (shape[0], rank))
            @ jax.random.normal(k2, (rank, shape[1]))) * 0.05
     return low + jax.random.normal(k3, shape) * 0.02
@@ -463,20 +539,78 @@ class LQLoRATest(parameterized.TestCase):
                                + m.base.bias.get_value()[None, :],
                                atol=1e-4)
 
-  def test_lq_decompose_errors_and_best_iterate(self):
-    w = self._structured()
-    roundtrip = lambda x: nf4.dequantize_nf4(nf4.quantize_nf4(x))
-    residual, l1, l2, errors = nf4.lq_decompose(w, 4, roundtrip, iters=6)
-    self.assertLen(errors, 6)
-    self.assertEqual((l1.shape, l2.shape), ((128, 4), (4, 96)))
-    np.testing.assert_allclose(residual, w - l1 @ l2, atol=1e-5)
-    best = _rel(roundtrip(residual) + l1 @ l2, w)
-    self.assertAlmostEqual(best, min(errors), delta=1e-5)
-    self.assertLess(min(errors), errors[0] + 1e-9)
+  def test_lq_decompose_best_iterate_or_the_official_early_stop(self):
+    # lq_utils.lowrank_quantized_sparse_decomposition (exact SVD branch),
+    # transcribed: stop at the first rise, return that iterate.
+    w = np.asarray(self._structured((32, 32), rank=2, seed=3))
+    roundtrip = jax.jit(lambda x: nf4.dequantize_nf4(nf4.quantize_nf4(x)))
+    last, q = np.inf, np.zeros_like(w)
+    for it in range(40):
+      u, sv, vt = np.linalg.svd(w - q, full_matrices=False)
+      l1 = (u * np.sqrt(sv)[None])[:, :2]
+      l2 = (vt * np.sqrt(sv)[:, None])[:2]
+      q = np.asarray(roundtrip(jnp.asarray(w - l1 @ l2)))
+      error = np.linalg.norm(w - (l1 @ l2 + q))
+      if error > last:
+        break
+      last = error
+    self.assertLess(it, 39)  # The error rose: the rule was exercised.
+    residual, g1, g2, errors = nf4.lq_decompose(w, 2, roundtrip, iters=40,
+                                                early_stop=True)
+    self.assertLen(errors, it + 1)
+    np.testing.assert_allclose(g1 @ g2, l1 @ l2, atol=1e-4)
+    np.testing.assert_allclose(roundtrip(residual), q, atol=1e-4)
+    # The returned iterate is the worse one; the default keeps the best.
+    self.assertGreater(errors[-1], min(errors))
+    residual, b1, b2, best = nf4.lq_decompose(w, 2, roundtrip, iters=it + 1)
+    self.assertLen(best, it + 1)
+    self.assertEqual((b1.shape, b2.shape), ((32, 2), (2, 32)))
+    np.testing.assert_allclose(residual, w - b1 @ b2, atol=1e-5)
+    self.assertAlmostEqual(_rel(roundtrip(residual) + b1 @ b2, w),
+                           min(best), delta=1e-5)
+    self.assertLess(min(best), errors[-1] - 1e-6)
     with self.assertRaisesRegex(ValueError, "rank must be"):
       nf4.lq_decompose(w, 0, roundtrip)
     with self.assertRaisesRegex(ValueError, "2-D"):
       nf4.lq_decompose(w[None], 2, roundtrip)
+
+  def test_paper_preset_is_the_official_decomposition(self):
+    # The official code on torch's [out, in] weight A: svd_lowrank(A - Q,
+    # r + 10) (niter 2, A is wide so torch sketches Aᵀ with R: [out, q]),
+    # the blockwise NF4 of A - L1 L2 in [out, in] order, early stop.
+    w = np.asarray(self._structured((48, 40), rank=2))  # Flax [in, out]
+    model = self._model_with(jnp.asarray(w))
+    adapters.inject(model, targets="layers.0", rank=2, alpha=4)
+    m = model.layers[0]
+    kw = presets.paper("lq_lora_init")
+    self.assertEqual(kw["oversample"], 10)
+    key = jax.random.key(9)
+    errors = quantized.lq_lora_init(m, double_quant=False, key=key,
+                                    **{**kw, "iters": 3})
+    a = w.T
+    q = np.zeros_like(a)
+    for t in range(3):
+      r = np.asarray(jax.random.normal(jax.random.fold_in(key, t), (40, 12)))
+      x = a - q
+      basis = np.linalg.qr(x.T @ r)[0]
+      for _ in range(2):
+        basis = np.linalg.qr(x.T @ np.linalg.qr(x @ basis)[0])[0]
+      u, sv, vh = np.linalg.svd(x @ basis, full_matrices=False)
+      l1 = (u * np.sqrt(sv))[:, :2]
+      l2 = ((basis @ vh.T) * np.sqrt(sv)).T[:2]
+      q = _bnb_nf4(a - l1 @ l2)[2]
+    self.assertLen(errors, 3)  # No rise in 3 iterations on this weight.
+    np.testing.assert_allclose(m.delta_weight(), (l1 @ l2).T, atol=2e-4)
+    np.testing.assert_allclose(m.base.dense_kernel(), q.T, atol=2e-3)
+    self.assertEqual(m.base.quant_layout, "torch")
+    # The whole preset through inject(quantize_base=...) (lq_ names).
+    small = self._model_with(jnp.asarray(w[:16, :8]))
+    adapters.inject(small, targets="layers.0", rank=2, init="lq_lora",
+                    quantize_base="nf4", layout=kw["layout"],
+                    **{"lq_" + k: kw[k] for k in ("iters", "early_stop",
+                                                  "oversample")})
+    self.assertEqual(small.layers[0].base.quant_layout, "torch")
+    self.assertEqual(small.layers[0].init, "lq_lora")
 
   def test_inject_quantized_lq_lora_every_kind(self):
     model = quantized.inject_quantized(
@@ -507,6 +641,12 @@ class LQLoRATest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "Unknown quantisation scheme"):
       quantized.inject_quantized(_toy(nnx.Rngs(0)), targets="gen", rank=2,
                                  init="lq_lora", scheme="fp4")
+    with self.assertRaisesRegex(ValueError, "oversample must be None"):
+      quantized.inject_quantized(_toy(nnx.Rngs(0)), targets="gen", rank=2,
+                                 init="lq_lora", lq_oversample=-1)
+    with self.assertRaisesRegex(ValueError, "layout must be one of"):
+      quantized.inject_quantized(_toy(nnx.Rngs(0)), targets="gen", rank=2,
+                                 init="lq_lora", layout="torch_layout")
 
 
 if __name__ == "__main__":
