@@ -31,9 +31,9 @@ state draws `k` distinct layers (without replacement), stored as a boolean
   `owlore_adamw` for how that is kept consistent.
 * Probabilities: `"uniform"` (LISA), `"owlore"` (proportional to each
   layer's outlier ratio, recomputed from `params` at every re-sampling; see
-  `outlier_ratios`) or any `[L]` array of non-negative weights (e.g. ratios
-  precomputed with activation norms, as the OwLore code loads them from
-  `metric_cache/`).
+  `outlier_ratios`) or any `[L]` array of non-negative weights, such as the
+  activation-aware ratios of `activation_outlier_ratios` (what the OwLore
+  code loads from `metric_cache/`).
 
 References:
   Pan et al. 2024, LISA, https://arxiv.org/abs/2403.17919
@@ -55,6 +55,7 @@ from jaxtyping import Float
 import numpy as np
 import optax
 
+from lowrank import presets
 from lowrank.optim import _adam as adam_lib
 from lowrank.optim import galore
 
@@ -222,8 +223,8 @@ def outlier_ratios(
   distribution of OWL (Yin et al. 2023, Sec. 3), which OwLore uses as its
   sampling weight, with the score `A_ij = |W_ij|` only: OWL's score is
   `‖X_j‖₂ · |W_ij|` with input-activation norms from calibration data,
-  which an optimizer does not see. Pass such precomputed ratios as
-  `probabilities=` to reproduce that variant.
+  which an optimizer does not see. `activation_outlier_ratios` computes
+  that variant from given norms; pass its ratios as `probabilities=`.
 
   Args:
     params: Parameter tree (arrays).
@@ -240,8 +241,87 @@ def outlier_ratios(
   _check_int("num_layers", num_layers, 1)
   plan = _make_plan(params, num_layers, stacked, layer_of)
   return _outlier_ratios_from_plan(
-      jax.tree.leaves(params), plan, num_layers, alpha
-  )
+      [jnp.asarray(x) for x in jax.tree.leaves(params)], plan, num_layers,
+      alpha)
+
+
+def activation_outlier_ratios(
+    params: Any,
+    input_norms: Any,
+    *,
+    num_layers: int,
+    stacked: Stacked = None,
+    layer_of: LayerOf | None = default_layer_of,
+    alpha: jax.typing.ArrayLike = 13.0,
+) -> Float[Array, " L"]:
+  """OWL's activation-aware layer outlier ratios (OwLore's scores), `[L]`.
+
+  As `outlier_ratios` with OWL's score `A_ij = ‖X_i‖₂ · |W_ij|`, where
+  `‖X_i‖₂` is the norm of input feature `i` of the matrix over calibration
+  tokens (luuyin/OWL `lib/prune_all.py`: `|W| · sqrt(scaler_row)`, all of a
+  layer's matrices flattened together, outliers above `alpha` times their
+  mean). Computed once, before training, and passed as
+  `owlore_adamw(probabilities=...)`, this reproduces the official OwLore
+  sampling, which reads such precomputed ratios from a file and keeps them
+  fixed (the official ratios are percentages; the scale does not matter).
+
+  Args:
+    params: Parameter tree (arrays); kernels are `[..., in, out]` (flax
+      layout: a torch `[out, in]` weight must be transposed).
+    input_norms: Mapping from a matrix leaf's key path
+      (`jax.tree_util.keystr`, e.g. `"['stack']['w']"`) to its input
+      feature norms, shaped like the leaf without its last axis (`[in]`, or
+      `[L, in]` for a stacked leaf), e.g.
+      `jnp.linalg.norm(x.reshape(-1, d_in), axis=0)` of the activations `x`
+      that enter the matrix. Every matrix (>= 2 dims per layer) of every
+      layer needs an entry.
+    num_layers: Number of layers `L`.
+    stacked: As in `outlier_ratios`.
+    layer_of: As in `outlier_ratios`.
+    alpha: Outlier threshold multiple `M` (13 for OwLore's cached ratios).
+
+  Returns:
+    `[L]` float32 ratios in `[0, 1]`.
+
+  Raises:
+    ValueError: If a matrix of a layer has no entry in `input_norms`, an
+      entry's shape is not the leaf's shape without its last axis, or an
+      entry names no matrix of a layer.
+  """
+  _check_int("num_layers", num_layers, 1)
+  plan = _make_plan(params, num_layers, stacked, layer_of)
+  norms = dict(input_norms)
+  matrices = [
+      jax.tree_util.keystr(q)
+      for (q, y), k in zip(jax.tree_util.tree_leaves_with_path(params), plan)
+      if k is not None and y.ndim - (k == _STACKED) >= 2]
+  scored, used = [], set()
+  for (path, x), kind in zip(jax.tree_util.tree_leaves_with_path(params),
+                             plan):
+    key = jax.tree_util.keystr(path)
+    if kind is None or (x.ndim - (kind == _STACKED)) < 2:
+      scored.append(jnp.asarray(x))
+      continue
+    if key not in norms:
+      raise ValueError(
+          f"input_norms has no entry for the matrix {key} {tuple(x.shape)}; "
+          f"expected the norms of its {x.shape[-2]} input features over "
+          "calibration tokens, shaped like the leaf without its last axis "
+          f"{tuple(x.shape[:-1])}. Matrices of layers: {matrices}.")
+    n = jnp.asarray(norms[key], jnp.float32)
+    if n.shape != x.shape[:-1]:
+      raise ValueError(
+          f"input_norms[{key!r}] has shape {n.shape}; expected "
+          f"{tuple(x.shape[:-1])} (the leaf {tuple(x.shape)} without its "
+          "last, output axis; transpose torch-layout [out, in] weights).")
+    used.add(key)
+    scored.append(jnp.abs(x.astype(jnp.float32)) * n[..., None])
+  unused = sorted(set(norms) - used)
+  if unused:
+    raise ValueError(
+        f"input_norms names no matrix of a layer: {unused}; keys are "
+        "jax.tree_util.keystr paths of the parameter leaves.")
+  return _outlier_ratios_from_plan(scored, plan, num_layers, alpha)
 
 
 def _floored(
@@ -416,6 +496,22 @@ def scale_by_layer_sampling(
     Pan et al. 2024, LISA, https://arxiv.org/abs/2403.17919
     Li et al. 2024, OwLore, https://arxiv.org/abs/2405.18380
   """
+  return _scale_by_layer_sampling(
+      inner, num_layers=num_layers, active_layers=active_layers,
+      refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
+      probabilities=probabilities, owlore_alpha=owlore_alpha,
+      owlore_floor=owlore_floor, seed=seed, pass_active=False)
+
+
+def _scale_by_layer_sampling(
+    inner: optax.GradientTransformation, *, num_layers: int,
+    active_layers: int, refresh_every: int, stacked: Stacked,
+    layer_of: LayerOf | None, probabilities: str | jax.typing.ArrayLike,
+    owlore_alpha: jax.typing.ArrayLike, owlore_floor: jax.typing.ArrayLike,
+    seed: int, pass_active: bool,
+) -> optax.GradientTransformationExtraArgs:
+  """`scale_by_layer_sampling`; `pass_active` also hands `inner` the `[L]`
+  mask of this step's layers as the extra argument `layer_active`."""
   _check_int("num_layers", num_layers, 1)
   _check_int("active_layers", active_layers, 1)
   _check_int("refresh_every", refresh_every, 1)
@@ -488,6 +584,8 @@ def scale_by_layer_sampling(
     grads = treedef.unflatten(
         [_zero_inactive(g, k) for g, k in zip(leaves, plan)]
     )
+    if pass_active:
+      extra_args = dict(extra_args, layer_active=active)
     new_updates, new_inner = inner.update(
         grads, state.inner_state, params, **extra_args
     )
@@ -563,6 +661,76 @@ def lisa_adamw(
   )
 
 
+presets.register(
+    "lisa_adamw",
+    source="OptimalScale/LMFlow@f3597dba134e "
+           "(src/lmflow/pipeline/utils/lisa_trainer.py)",
+    kwargs={})
+
+
+class _LayerClockState(NamedTuple):
+  """State of `_galore_on_layer_clock`.
+
+  Attributes:
+    steps: Per leaf, int32 active steps so far of each matrix (shaped like
+      its GaLore refresh schedule: `[L]` for a stacked leaf, `[]` for an
+      unstacked one; `[0]` for unprojected leaves).
+    galore_state: The `GaLoreState`.
+  """
+
+  steps: optax.Updates
+  galore_state: optax.OptState
+
+
+def _galore_on_layer_clock(galore_tx, gap: int, plan_of):
+  """Refreshes each layer's GaLore basis on its own active steps.
+
+  galore-torch keeps `state["step"]` per parameter and counts only steps
+  with a gradient, so under layer sampling a layer's basis is recomputed on
+  its first active step and then every `gap` of its own active steps; a
+  redrawn layer keeps its basis otherwise. `galore_tx` is a
+  `scale_by_galore(adaptive_gap=True, cos_threshold=inf)`, whose per-layer
+  `next_refresh` this sets before every step (to the current count where
+  due, else never); it needs the extra argument `layer_active` (`[L]`).
+  """
+  never = np.iinfo(np.int32).max
+
+  def init_fn(params):
+    state = galore_tx.init(params)
+    treedef = jax.tree.structure(params)
+    steps = [
+        jnp.zeros(s.next_refresh.shape, jnp.int32)
+        if isinstance(s, galore.RefreshSchedule)
+        else jnp.zeros((0,), jnp.int32)
+        for s in treedef.flatten_up_to(state.schedule)]
+    return _LayerClockState(treedef.unflatten(steps), state)
+
+  def update_fn(updates, state, params=None, *, layer_active,
+                **extra_args):
+    treedef = jax.tree.structure(updates)
+    gs = state.galore_state
+    schedules, steps = [], []
+    for sched, n, kind in zip(treedef.flatten_up_to(gs.schedule),
+                              treedef.flatten_up_to(state.steps),
+                              plan_of(updates)):
+      if not isinstance(sched, galore.RefreshSchedule):
+        schedules.append(sched)
+        steps.append(n)
+        continue
+      m = _layer_mask(layer_active, kind, n)
+      act = jnp.ones(n.shape, jnp.bool_) if m is None else (
+          jnp.broadcast_to(m, n.shape))
+      due = act & (n % gap == 0)
+      schedules.append(sched._replace(
+          next_refresh=jnp.where(due, gs.count, never).astype(jnp.int32)))
+      steps.append(n + act.astype(jnp.int32))
+    gs = gs._replace(schedule=treedef.unflatten(schedules))
+    out, gs = galore_tx.update(updates, gs, params, **extra_args)
+    return out, _LayerClockState(treedef.unflatten(steps), gs)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
 def owlore_adamw(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -593,24 +761,52 @@ def owlore_adamw(
 
   Layers are drawn every `refresh_every` steps with probabilities
   proportional to their outlier ratio (`outlier_ratios`, recomputed from
-  `params` at each draw). With `rank` set, the sampled layers' Adam runs in
-  a GaLore subspace (`galore.scale_by_galore(rank=rank,
-  refresh_every=galore_refresh_every, scale=scale, side=side,
-  projector=projector, rsvd_method=rsvd_method, project=project,
-  input_axes=input_axes)`, as in `galore_adamw`, with one projector per
-  layer of each `stacked` leaf), as in the paper (the OwLore code uses rank
-  256, `update_proj_gap=100`, scale 1). Frozen layers' projectors and
-  moments are kept unchanged until the layer is drawn again. `mask` is the
-  weight-decay mask (optax's meaning).
+  `params` at each draw), or to fixed weights passed as `probabilities`.
+  With `rank` set, the sampled layers' Adam runs in a GaLore subspace
+  (`galore.scale_by_galore(rank=rank, refresh_every=galore_refresh_every,
+  scale=scale, side=side, projector=projector, rsvd_method=rsvd_method,
+  project=project, input_axes=input_axes)`, as in `galore_adamw`, with one
+  projector per layer of each `stacked` leaf), as in the paper (the OwLore
+  code uses rank 256, `update_proj_gap=100`, scale 1). Frozen layers'
+  projectors and moments are kept unchanged until the layer is drawn
+  again. `mask` is the weight-decay mask (optax's meaning).
 
-  GaLore refreshes its bases on the shared step count, so
-  `galore_refresh_every` (default: `refresh_every`) must divide
-  `refresh_every`: every draw then refreshes the bases and a newly drawn
-  layer never steps with a stale or all-zero projector. (Torch GaLore
-  counts steps per parameter instead; a layer's basis there is refreshed
-  on its first active step and every `update_proj_gap` of its own steps.)
-  The refresh computes bases for all layers; those of inactive layers are
-  discarded.
+  Each layer's GaLore basis runs on the layer's own clock, as galore-torch's
+  per-parameter `step` does: it is computed on the layer's first active
+  step and again every `galore_refresh_every` (default: `refresh_every`)
+  of its own active steps, so a redrawn layer keeps its basis until then.
+  When `galore_refresh_every` divides `refresh_every` this is a refresh at
+  every draw and at every `galore_refresh_every` steps within it; with the
+  official 100 and interval 50 a layer's basis is recomputed on every
+  other stint of the layer.
+
+  Differences from the official code (`pixeli99/OwLore`, GaLore mode), with
+  the argument that gives the official behaviour
+  (`presets.paper("owlore_adamw")` collects them):
+
+  * Layer scores: the official code reads fixed OWL ratios computed once
+    from calibration activations (`‖X_j‖·|W_ij|`). `probabilities="owlore"`
+    (default) scores `|W_ij|` alone, recomputed from `params` at every draw,
+    since an optimizer sees no activations. Official: compute the ratios
+    with `activation_outlier_ratios` and pass them as `probabilities=`
+    (fixed arrays are normalised as is, with no floor).
+  * Probability floor: the default `owlore_floor=0.01` keeps every layer
+    reachable when the `|W|` ratios of some layers are 0; the official code
+    has none: `owlore_floor=0.0` (it applies to `"owlore"` only).
+  * Adam eps: galore-torch's `GaLoreAdamW` uses 1e-6, added to `sqrt(v)`
+    before bias correction; lowrank uses 1e-8 (torch AdamW's and optax's,
+    as LISA) added to `sqrt(v_hat)`: `eps=1e-6`; the placement is not
+    available (it differs by `1/sqrt(1 - b2^t)` in the first steps).
+  * Projected weights and side: the official code projects only the
+    `nn.Linear` weights of attention and MLP blocks (embeddings, norms and
+    head get plain AdamW) with galore-torch's `std` side (the smaller
+    dimension); lowrank by default projects every matrix with
+    `side="auto"`: `side="torch"` and `project=` a regex for your model's
+    attention/MLP kernels.
+  * Default mode: the OwLore script trains with GaLore (`rank` 256,
+    `update_proj_gap` 100); lowrank's `rank=None` is full-rank sampling
+    (the paper's "OwLore (Full-Rank)"): `rank=256,
+    galore_refresh_every=100`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -631,32 +827,56 @@ def owlore_adamw(
     gap = (refresh_every if galore_refresh_every is None
            else galore_refresh_every)
     _check_int("galore_refresh_every", gap, 1)
-    if refresh_every % gap:
-      # GaLore refreshes on the shared step count; a refresh at every draw
-      # gives each newly drawn layer a basis before its first step (torch
-      # GaLore's per-parameter step does this implicitly).
-      raise ValueError(
-          f"galore_refresh_every={gap} must divide "
-          f"refresh_every={refresh_every}, so that every layer draw "
-          "refreshes the bases; pass a divisor, or leave it None.")
     # GaLore's per-layer projectors: the layer axis of stacked leaves.
     if stacked is None or isinstance(stacked, str):
       stacked_axes = stacked
     else:
       stacked_axes = lambda path, leaf: (0,) if stacked(path, leaf) else ()
-    inner = galore.scale_by_galore(
-        inner, rank=rank, refresh_every=gap, scale=scale, side=side,
-        projector=projector, rsvd_method=rsvd_method, project=project,
-        stacked_axes=stacked_axes, input_axes=input_axes)
+    # The adaptive schedule gives one `next_refresh` per layer, which the
+    # layer clock sets at every step; its gap never grows (threshold inf).
+    inner = _galore_on_layer_clock(
+        galore.scale_by_galore(
+            inner, rank=rank, refresh_every=gap, scale=scale, side=side,
+            projector=projector, rsvd_method=rsvd_method, project=project,
+            stacked_axes=stacked_axes, input_axes=input_axes,
+            adaptive_gap=True, cos_threshold=float("inf")),
+        gap, lambda tree: _make_plan(tree, num_layers, stacked, layer_of))
   # Decay inside the sampled part: a frozen layer gets no update at all,
   # as torch's AdamW skips parameters without a gradient.
   inner = optax.chain(inner, optax.add_decayed_weights(weight_decay, mask))
   return optax.chain(
-      scale_by_layer_sampling(
+      _scale_by_layer_sampling(
           inner, num_layers=num_layers, active_layers=active_layers,
           refresh_every=refresh_every, stacked=stacked, layer_of=layer_of,
           probabilities=probabilities, owlore_alpha=owlore_alpha,
-          owlore_floor=owlore_floor, seed=seed,
+          owlore_floor=owlore_floor, seed=seed, pass_active=rank is not None,
       ),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+presets.register(
+    "owlore_adamw",
+    source="pixeli99/OwLore@e4159735f510 (src/lmflow/pipeline/finetuner.py, "
+           "owlore_scripts/run_owlore_low_rank.sh); galore-torch at "
+           "jiaweizzhao/GaLore@2cc66f88cce1 (galore_torch/adamw.py)",
+    kwargs={"rank": 256, "galore_refresh_every": 100, "eps": 1e-6,
+            "side": "torch", "owlore_floor": 0.0},
+    reasons={
+        "rank": "lowrank's default is full-rank sampling (rank=None); the "
+                "OwLore script trains with GaLore at rank 256",
+        "galore_refresh_every": "the OwLore code's update_proj_gap is 100 "
+                                "(lowrank's default: refresh_every)",
+        "eps": "galore-torch's GaLoreAdamW default; lowrank keeps torch "
+               "AdamW's / optax's 1e-8, as LISA",
+        "side": "galore-torch's 'std' projects the smaller dimension",
+        "owlore_floor": "the official probabilities have no floor; "
+                        "lowrank's keeps layers with zero |W| ratio "
+                        "reachable"},
+    unavailable=(
+        "the official layer scores are OWL ratios from calibration "
+        "activations, fixed for the run: data, not a setting; compute them "
+        "with activation_outlier_ratios and pass probabilities=",
+        "only attention/MLP kernels are projected officially: pass project= "
+        "a regex of your model's attention/MLP paths",
+        "galore-torch adds eps to sqrt(v) before bias correction"))
