@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from lowrank import presets
 from lowrank.adapters import layers
 from lowrank.adapters import lora
 
@@ -109,6 +110,17 @@ class DoRA(layers.LoRAWrapper):
     merge_norm: `AdapterState`, `[*out_shape]` float32: the column norms of
       `W + ΔW` at the last `merge` (what `unmerge` divides back out); ones
       while unmerged.
+
+  Differences from the official code (Hugging Face PEFT's DoRA,
+  `huggingface/peft@5d602fdbff04`, `src/peft/tuners/lora/dora.py`,
+  `variants.py`): the forward, the detached norm and the magnitude init are
+  PEFT's (a parity test checks outputs, gradients and merge). The column
+  norm is computed in float32 by the factored expansion above; PEFT forms
+  `W + ΔW` in the input's dtype (rounding only). As for LoRA
+  (`layers.LoRAWrapper`), `alpha=None` means `alpha = r` (scale 1) where
+  PEFT's `LoraConfig` defaults to `lora_alpha=8`: `alpha=8` or
+  `preset="paper"`; and the adapter takes the kernel's dtype where PEFT
+  upcasts bf16 / fp16 adapters to float32.
   """
 
   method = "dora"
@@ -256,5 +268,19 @@ def trainable_parameters(d_in: int, d_out: int, rank: int) -> int:
   """
   return rank * (d_in + d_out) + d_out
 
+
+presets.register(
+    "dora",
+    source="huggingface/peft@5d602fdbff04 (src/peft/tuners/lora/dora.py, "
+    "config.py)",
+    kwargs={"alpha": 8},
+    reasons={"alpha": (
+        "PEFT's LoraConfig default lora_alpha=8 (scale 8/r); lowrank's "
+        "alpha=None means alpha=r, scale 1 at every rank (the library-wide "
+        "convention).")},
+    unavailable=(
+        "PEFT upcasts bf16/fp16 adapter weights to float32; lowrank creates "
+        "them in the base kernel's dtype (keep kernels in float32).",),
+)
 
 layers.register("dora", DoRA)

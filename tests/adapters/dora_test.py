@@ -10,7 +10,9 @@ import optax
 import pytest
 
 from lowrank import adapters
+from lowrank import presets
 from lowrank import sharding
+from lowrank import train
 from lowrank.adapters import dora
 from lowrank.adapters import layers
 
@@ -231,6 +233,23 @@ class DoraTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, "cannot adapt"):
         model = nnx.Sequential(nnx.Embed(10, 4, rngs=nnx.Rngs(0)))
         adapters.inject(model, targets="layers.0", method="dora", rank=2)
+
+
+class PaperPresetTest(parameterized.TestCase):
+
+  @parameterized.parameters("lora", "dora")
+  def test_peft_default_alpha(self, method):
+    """`preset="paper"`: PEFT's `lora_alpha=8`, so the scale is `8 / r`."""
+    self.assertEqual(presets.paper(method), {"alpha": 8})
+    with sharding.use_mesh():
+      model = _toy(nnx.Rngs(0))
+      y0 = model(_X)
+      train.inject_from_config(model, {"method": method, "preset": "paper",
+                                       "targets": ["lin"], "rank": 4})
+    m = adapters.adapter_modules(model)["lin"]
+    self.assertEqual(m.method, method)
+    self.assertEqual(m.scale, 2.0)
+    np.testing.assert_allclose(model(_X), y0, atol=1e-6)
 
 
 @pytest.mark.oracle
