@@ -26,6 +26,13 @@ Importing this module registers, for `inject(init=...)`:
   covariance `[d_in, d_in]` or `{"covariance": C, "mode": "ipm" | "kpm"}`;
   `"corda_ipm"` / `"corda_kpm"` fix the mode and take the bare covariance.
 
+These are `init=` values, not adapter methods, so they have no
+`preset="paper"` of their own. Compared with the official code (PEFT's
+`init_lora_weights`, `huggingface/peft@5d602fdbff04`, and for PiSSA also
+`GraphPKU/PiSSA@87f4db6fc75a`): PiSSA and OLoRA match (up to the PRNG of
+the randomized SVD); CorDA's covariance differs when it is accumulated over
+several batches (see `collect_input_covariance`).
+
 In every case the wrapper's output right after the init equals the original
 layer's (`W_res + s·A B = W` to float tolerance; bf16 kernels round the
 residual), and `merge` gives back `W`. The inits work on plain LoRA and DoRA
@@ -364,9 +371,17 @@ def collect_input_covariance(
   the adapter sees it, for Linear, LinearGeneral and Einsum alike). The
   original modules are put back afterwards, also on error.
 
-  Unlike PEFT's `preprocess_corda` the inputs are not divided by each
-  batch's maximum and `N` counts tokens, not forward calls; CorDA's result
-  does not depend on the covariance's overall scale.
+  Difference from the official code (Hugging Face PEFT's
+  `preprocess_corda`, `huggingface/peft@5d602fdbff04`,
+  `src/peft/tuners/lora/corda.py:174-193,225`): PEFT divides each forward
+  call's input by `|max(x)|` (the signed maximum's magnitude, not the
+  largest magnitude) before summing `xᵀx`, then divides by the number of
+  calls; here nothing is rescaled and `N` counts tokens. CorDA's result
+  does not depend on the covariance's overall scale, so with one
+  calibration batch both give the same adapter; with several, PEFT weights
+  each batch by `1 / max(x)²` and the covariance (so the adapter) differs.
+  Not available as an argument: compute PEFT's covariance yourself and
+  pass it through `init_data`.
 
   Args:
     model: The model to calibrate (without adapters on the targets).
