@@ -30,10 +30,33 @@ here `τ` is the smallest threshold at which the LRCs' reduction reaches
 `measure="rank"` (the paper's: pruned ranks of the LRCs over all ranks) or
 `measure="params"` (`1 − params after / params before` over the targeted
 matrices; an LRC must then also save parameters, `k(d_in + d_out) <
-d_in d_out`). WeLore-PEFT then fine-tunes only the LRC factors with the
-N-LRCs (and everything else) frozen: the factor kernels are
-`LowRankFactor` variables (a subclass of `nnx.Param`), so
-`nnx.Optimizer(model, tx, wrt=welore_trainable())` trains exactly them.
+d_in d_out`). WeLore-PEFT then fine-tunes the LRC factors with the
+N-LRCs frozen: the factor kernels are `LowRankFactor` variables (a
+subclass of `nnx.Param`), so `nnx.Optimizer(model, tx,
+wrt=welore_trainable())` trains exactly them, and
+`welore_trainable(norms_and_biases=True)` also the norm scales and biases,
+as the official fine-tuning script does.
+
+Differences from the official WeLore code (VITA-Group/WeLore@3f3dac6d3535,
+`welore_rank_reduction.py`, `welore_continual_finetune.py`, `utils.py`,
+`lib/rank_reduction.py`, `lib/LowRankLayer.py`):
+
+* Trainable set: the official fine-tuning script trains every parameter
+  except the embeddings, `lm_head` and the N-LRC weights, so RMSNorm
+  weights train too; `welore_trainable()` trains the LRC factors alone
+  (the LRCs the paper fine-tunes, nothing else), and
+  `welore_trainable(norms_and_biases=True)` gives the official set.
+* `τ`: the official scripts take `τ` from a hand-made table per model and
+  target (e.g. LLaMA-2-7B, 50% → 0.175); here it is found from `ratio`.
+  A given `τ` is not an argument; compute ranks with it and call
+  `compress(model, ranks=...)`.
+* `min_ratio`: 0.0 as in `welore_rank_reduction.py` (compression); the
+  fine-tuning script uses 0.4999 (`welore_compress(..., min_ratio=0.4999)`
+  for WeLore-PEFT).
+* Factor dtype: the official factors are bfloat16 (the model's dtype
+  there); here they keep the layer's `param_dtype` (a model built with
+  `param_dtype=jnp.bfloat16` gives bfloat16 factors). LRCs keep the
+  layer's bias (the official layer has none; LLaMA has none either).
 
 **EoRA** (Liu et al. 2024). Given the original `W`, a compressed `W_c`
 (quantised, pruned or low-rank) and calibration inputs `X: [N, d_in]`,
@@ -45,17 +68,20 @@ truncated there by SVD, `ΔW' ≈ U_r S_r V_rᵀ`, and projected back:
 `A = Q Λ^{-1/2} U_r √S_r`, `B = √S_r V_rᵀ`. This is optimal in the
 activation-weighted norm (the eigenvalues prioritise the error components
 the inputs excite) and equals plain SVD when `XᵀX ∝ I`. Eigenvalues below
-`eps · λ_max` are raised to that floor (EoRA's code likewise repairs
-non-positive eigenvalues) so that `Λ^{-1/2}` stays finite; the result is
-then optimal for the floored covariance. `eora(model, originals=...,
+`eps · λ_max` are raised to that floor so that `Λ^{-1/2}` stays finite;
+the result is then optimal for the floored covariance. (EoRA's code
+instead replaces only negative eigenvalues, by the smallest positive one,
+in float64.) `eora(model, originals=...,
 covariances=..., rank=r)` installs the compensation: as plain LoRA
 adapters (`lowrank.adapters.inject(method="lora")`, factors set with the
 `α/r` scale divided out) on `nnx.Linear`/`LinearGeneral`/`Einsum` and
 quantised layers, or by widening a `LowRankLinear`'s factors to rank
 `k + r` (`[D | A]`, `[E; B]`), which is exact and keeps one module.
 Covariances come from `lowrank.adapters.svd_init.collect_input_covariance`
-on the uncompressed model; `dense_kernels(model, targets)` snapshots the
-original weights.
+on the uncompressed model, or, with `eora(..., batches=...)`, are
+collected layer group by layer group on the model being compensated, as
+the official code does (see `eora` for the differences that remain);
+`dense_kernels(model, targets)` snapshots the original weights.
 
 Stacked (`nnx.scan`) layers are not compressed: convert them to a list
 first (`lowrank.models.llama.convert_layout(model, False)`).
@@ -72,7 +98,7 @@ References:
     rank, Psychometrika 1(3).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 import math
 import re
 from typing import Any
@@ -82,9 +108,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank import presets
 from lowrank import surgery
 from lowrank.adapters import injection
 from lowrank.adapters import layers
+from lowrank.adapters import svd_init
 from lowrank.spectral import sst
 
 P = jax.sharding.PartitionSpec
@@ -1013,15 +1041,53 @@ def welore_compress(
   }
 
 
-def welore_trainable() -> type:
-  """The NNX filter selecting the factorised (LRC) layers' factor kernels.
+presets.register(
+    "welore_compress",
+    source="VITA-Group/WeLore@3f3dac6d3535 (welore_rank_reduction.py, "
+    "utils.py, lib/rank_reduction.py, lib/LowRankLayer.py)",
+    unavailable=(
+        "a threshold τ taken from the official per-model table: WeLore "
+        "finds τ from ratio; compute ranks with a given τ and call "
+        "compress(model, ranks=...)",
+        "WeLore-PEFT's min_ratio=0.4999 (welore_continual_finetune.py) is "
+        "an argument, not this preset: the compression script's 0.0 is "
+        "the default"))
+
+
+def _norm_or_bias(path: tuple[Any, ...], value: Any) -> bool:
+  return (isinstance(value, nnx.Param) and bool(path)
+          and str(path[-1]) not in ("kernel", "embedding"))
+
+
+def welore_trainable(*, norms_and_biases: bool = False) -> Any:
+  """The NNX filter of what WeLore-PEFT trains.
 
   `nnx.Optimizer(model, tx, wrt=welore_trainable())` or
   `nnx.grad(loss, argnums=nnx.DiffState(0, welore_trainable()))` train only
   `down.kernel` / `up.kernel` of every `LowRankLinear`; N-LRCs, biases,
-  norms and embeddings stay frozen (WeLore-PEFT).
+  norms and embeddings stay frozen.
+
+  Args:
+    norms_and_biases: Also train every other `nnx.Param` that is not a
+      kernel or an embedding table (norm scales, biases), as the official
+      fine-tuning script does (it trains all but the embeddings, `lm_head`
+      and the N-LRC weights). Off by default: the LRC factors alone.
+
+  Returns:
+    `LowRankFactor` (the default), or a filter also accepting those.
   """
+  if norms_and_biases:
+    return nnx.Any(LowRankFactor, _norm_or_bias)
   return LowRankFactor
+
+
+presets.register(
+    "welore_trainable",
+    source="VITA-Group/WeLore@3f3dac6d3535 (welore_continual_finetune.py)",
+    kwargs={"norms_and_biases": True},
+    reasons={"norms_and_biases": "the official script trains all but the "
+             "embeddings, lm_head and the N-LRC weights (RMSNorm weights "
+             "train); lowrank's default trains the LRC factors alone"})
 
 
 # --------------------------------------------------------------------- EoRA
@@ -1056,15 +1122,18 @@ def eora(
     model: nnx.Module,
     *,
     originals: Mapping[str, ArrayLike],
-    covariances: Mapping[str, ArrayLike],
+    covariances: Mapping[str, ArrayLike] | None = None,
     rank: int,
     alpha: float | int | None = None,
     method: str = "eigen",
     eps: float | int = 1e-6,
+    batches: Iterable[Any] | None = None,
+    forward_fn: Callable[[nnx.Module, Any], Any] | None = None,
+    groups: Sequence[Sequence[str]] | None = None,
 ) -> dict[str, dict[str, Any]]:
   """Installs rank-`r` EoRA compensation paths in a compressed model.
 
-  For each path in `covariances`, with `W = originals[path]` and `W_c` the
+  For each path in `originals`, with `W = originals[path]` and `W_c` the
   layer's current (compressed) effective kernel, computes `(A, B)` with
   `eigen_compensate` (or `svd_compensate` for `method="svd"`, the
   baseline) and installs them:
@@ -1076,16 +1145,56 @@ def eora(
   * `LowRankLinear` (rank `k`): its factors become `[D | A]` and
     `[E; B]` (rank `k + r`), the same function with no extra module.
 
+  Calibration, one of:
+
+  * `covariances`: each layer's `XᵀX / N`, collected beforehand (e.g. with
+    `lowrank.adapters.svd_init.collect_input_covariance` on the
+    uncompressed model); every layer is compensated from them at once.
+  * `batches` (sequential, as the official code): the layers are
+    compensated group by group (`groups`), and each group's covariances
+    are collected on the model as it stands then, with the groups before
+    it already compensated, so later layers are calibrated on the inputs
+    the compensated model gives them. Costs one pass over `batches` per
+    group.
+
+  Differences from the official code (NVlabs/EoRA@11ff6c0e1c90,
+  `EoRA/eora.py`, `llama_sequential_eigen`):
+
+  * Calibration: the official code is sequential over decoder layers, and
+    inside a decoder layer every sublayer runs with its original weights
+    while its input is recorded. `covariances` (the default way) skips the
+    sequence; `batches` gives it, with one group per layer by default (in
+    the order of the paths, numbers compared as numbers; a layer's inputs
+    then pass through the compensated layers of the groups before it).
+    `groups=[[paths of decoder layer 0], [paths of layer 1], ...]` gives
+    the official grouping; inside a group the sublayers run compressed,
+    not original. The original weights inside a group are not available.
+  * Eigenvalue repair: the official code decomposes the covariance in
+    float64 and replaces only negative eigenvalues by the smallest positive
+    one; here the decomposition is float32 and every eigenvalue below
+    `eps · λ_max` is raised to that floor, which also keeps zero
+    eigenvalues finite (official: `1/√0`). Not available otherwise.
+  * The factors stay float32 (official: cast to the compressed weight's
+    dtype).
+
   Args:
     model: The compressed model (changed in place).
     originals: `{path: W}`, the uncompressed `[d_in, d_out]` kernels (see
       `dense_kernels`).
-    covariances: `{path: XᵀX / N}` of each layer's inputs (see
-      `lowrank.adapters.svd_init.collect_input_covariance`), same keys.
+    covariances: `{path: XᵀX / N}` of each layer's inputs, same keys as
+      `originals`. Give this or `batches`.
     rank: Compensation rank `r`.
     alpha: LoRA `α` of the installed adapters (default `r`, scale 1).
     method: `"eigen"` (EoRA) or `"svd"` (plain SVD of `ΔW`).
     eps: Eigenvalue floor, see `eigen_compensate`.
+    batches: Calibration batches for sequential calibration (each passed
+      to `forward_fn`; read once per group).
+    forward_fn: `forward_fn(model, batch)` runs the model (default
+      `model(batch)`), eagerly or under `nnx.jit`; see
+      `collect_input_covariance`.
+    groups: With `batches`: the paths of `originals` in groups, in the
+      order they are compensated, each path in one group (default: one
+      group per path, in path order).
 
   Returns:
     `{path: {"rank", "error_before", "error_after", "params"}}` with the
@@ -1094,18 +1203,77 @@ def eora(
 
   Raises:
     ValueError: On mismatched keys or shapes, an unknown method, bad
-      ranks, or paths that are not linear layers / `LowRankLinear`.
+      ranks, paths that are not linear layers / `LowRankLinear`, not
+      exactly one of `covariances` / `batches`, or `groups` that are not a
+      partition of the paths (or given without `batches`).
   """
   if method not in COMPENSATIONS:
     raise ValueError(f"method must be one of {COMPENSATIONS}; got "
                      f"{method!r}.")
-  if set(originals) != set(covariances) or not originals:
+  if (covariances is None) == (batches is None):
     raise ValueError(
-        f"originals and covariances need the same non-empty keys; got "
-        f"{sorted(originals)} and {sorted(covariances)}."
-    )
-  paths = sorted(originals)
+        "eora needs exactly one of covariances= (collected beforehand) and "
+        "batches= (sequential calibration); got "
+        f"{'both' if batches is not None else 'neither'}.")
+  if covariances is not None:
+    if groups is not None:
+      raise ValueError("groups= only applies with batches= (sequential "
+                       "calibration); covariances= compensates all at once.")
+    if set(originals) != set(covariances) or not originals:
+      raise ValueError(
+          f"originals and covariances need the same non-empty keys; got "
+          f"{sorted(originals)} and {sorted(covariances)}."
+      )
+    return _eora_group(model, sorted(originals), originals, covariances,
+                       rank, alpha, method, eps)
+  if not originals:
+    raise ValueError("originals is empty.")
+  if groups is None:
+    groups = [[p] for p in sorted(originals, key=_natural_key)]
+  groups = _eora_groups(groups, originals)
+  batches = list(batches)
+  # Probe the layers' inputs as inject would: a LowRankLinear through its
+  # `down` layer, which sees the same input.
+  kinds = {n: m for _, n, m in _select(model, _paths_regex(sorted(originals)),
+                                       _is_kernel_layer, _KERNEL_LAYERS)}
+  report = {}
+  for group in groups:
+    probe = {(f"{p}.down" if isinstance(kinds.get(p), LowRankLinear) else p):
+             p for p in group}
+    covs = svd_init.collect_input_covariance(
+        model, _paths_regex(sorted(probe)), batches, forward_fn)
+    covs = {probe[k]: v for k, v in covs.items()}
+    report.update(_eora_group(model, sorted(group), originals, covs, rank,
+                              alpha, method, eps))
+  return dict(sorted(report.items()))
 
+
+def _natural_key(path: str) -> list[Any]:
+  return [(0, int(t), "") if t.isdigit() else (1, 0, t)
+          for t in re.split(r"(\d+)", path)]
+
+
+def _eora_groups(groups: Any, originals: Mapping[str, Any]) -> list[list[str]]:
+  if isinstance(groups, str) or not all(
+      isinstance(g, Sequence) and not isinstance(g, str) for g in groups):
+    raise ValueError(
+        f"groups must be a list of lists of paths, e.g. [['a.q', 'a.v'], "
+        f"['b.q']]; got {groups!r}.")
+  flat = [p for g in groups for p in g]
+  missing = sorted(set(originals) - set(flat))
+  unknown = sorted(set(flat) - set(originals))
+  repeated = sorted({p for p in flat if flat.count(p) > 1})
+  if missing or unknown or repeated or any(not g for g in groups):
+    raise ValueError(
+        f"groups must put every path of originals in exactly one non-empty "
+        f"group; missing: {missing}, not in originals: {unknown}, in "
+        f"several groups: {repeated}.")
+  return [list(g) for g in groups]
+
+
+def _eora_group(model, paths, originals, covariances, rank, alpha, method,
+                eps):
+  """Compensates the layers `paths` from `covariances` (see `eora`)."""
   chosen = _select(model, _paths_regex(paths), _is_kernel_layer,
                    _KERNEL_LAYERS)
   found = {n for _, n, _ in chosen}
@@ -1151,6 +1319,18 @@ def eora(
       wrapper = wrappers[name]
       wrapper.set_peft_factors(a, b / wrapper.scale)
   return report
+
+
+presets.register(
+    "eora",
+    source="NVlabs/EoRA@11ff6c0e1c90 (EoRA/eora.py)",
+    unavailable=(
+        "sequential calibration cannot be a preset value: pass batches= "
+        "(and groups= with one group per decoder layer for the official "
+        "grouping) instead of covariances=; inside a group the sublayers "
+        "run compressed, not with their original weights",
+        "the float64 eigendecomposition that repairs only negative "
+        "eigenvalues (float32 with an eps·λ_max floor here)"))
 
 
 def _dense_linear(m: LowRankLinear, w: jax.Array) -> nnx.Linear:

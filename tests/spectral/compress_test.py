@@ -16,6 +16,7 @@ import optax
 
 from lowrank import adapters
 from lowrank import assets
+from lowrank import presets
 from lowrank import sharding
 from lowrank.adapters import quantized
 from lowrank.adapters import svd_init
@@ -416,8 +417,10 @@ class WeLoreTest(parameterized.TestCase):
     self.assertIsNone(ranks["flat2"])
     frozen = {n: np.asarray(getattr(model, n).kernel[...])
               for n in ("flat1", "flat2", "head")}
-    report = compress.welore_compress(model, targets=targets, ratio=0.35,
-                                      min_ratio=0.5)
+    self.assertEqual(presets.paper(compress.welore_compress), {})
+    report = compress.welore_compress(
+        model, targets=targets, ratio=0.35, min_ratio=0.5,
+        **presets.paper(compress.welore_compress))
     self.assertEqual(report["lrc"], ["heavy1", "heavy2"])
     self.assertEqual(report["n_lrc"], ["flat1", "flat2"])
     self.assertGreaterEqual(report["rank_reduction"], 0.35)
@@ -460,6 +463,108 @@ class WeLoreTest(parameterized.TestCase):
     for n, v in before.items():
       self.assertGreater(
           float(np.abs(getattr(model, n).down.kernel[...] - v).max()), 1e-4)
+
+
+class _PeftNet(nnx.Module):
+  """An embedding, a norm, an LRC, an N-LRC and a head (biases on)."""
+
+  def __init__(self, rngs):
+    self.embed = nnx.Embed(10, 8, rngs=rngs)
+    self.norm = nnx.RMSNorm(8, rngs=rngs)
+    self.lrc = nnx.Linear(8, 8, rngs=rngs)
+    self.nlrc = nnx.Linear(8, 8, rngs=rngs)
+    self.head = nnx.Linear(8, 4, rngs=rngs)
+
+
+class WeLoreOfficialTest(absltest.TestCase):
+
+  def _trained(self, model, wrt):
+    return sorted(".".join(map(str, p)) for p, _ in nnx.to_flat_state(
+        nnx.state(model, wrt)))
+
+  def test_official_trainable_set(self):
+    model = _PeftNet(nnx.Rngs(0))
+    compress.compress(model, ranks={"lrc": 2})
+    self.assertEqual(self._trained(model, compress.welore_trainable()),
+                     ["lrc.down.kernel", "lrc.up.kernel"])
+    # The official script: all but the embeddings, lm_head's weight and the
+    # N-LRC weights.
+    official = ["head.bias", "lrc.down.kernel", "lrc.up.bias",
+                "lrc.up.kernel", "nlrc.bias", "norm.scale"]
+    self.assertEqual(self._trained(
+        model, compress.welore_trainable(norms_and_biases=True)), official)
+    self.assertEqual(self._trained(model, compress.welore_trainable(
+        **presets.paper("welore_trainable"))), official)
+
+
+class _TwoLayer(nnx.Module):
+
+  def __init__(self):
+    self.l1 = nnx.Linear(8, 8, rngs=nnx.Rngs(0))
+    self.l2 = nnx.Linear(8, 6, rngs=nnx.Rngs(1))
+
+  def __call__(self, x):
+    return self.l2(jnp.tanh(self.l1(x)))
+
+
+class EoRASequentialTest(absltest.TestCase):
+  """`eora(batches=...)`: each layer calibrated on the compensated model."""
+
+  X = (jax.random.normal(jax.random.key(0), (32, 8))
+       * jnp.logspace(0, -1.5, 8)[None, :])
+
+  def _compressed(self):
+    """l1 LoRD rank 3 (a LowRankLinear), l2 rounded to multiples of 1/4."""
+    model = _TwoLayer()
+    orig = compress.dense_kernels(model, ["l1", "l2"])
+    compress.compress(model, ranks={"l1": 3})
+    model.l2.kernel.set_value(jnp.round(orig["l2"] * 4) / 4)
+    return model, orig
+
+  def test_layer_by_layer(self):
+    model, orig = self._compressed()
+    w_c1 = np.asarray(model.l1.dense_kernel())
+    b1 = model.l1.up.bias.get_value()
+    w_c2, b2 = model.l2.kernel.get_value(), model.l2.bias.get_value()
+    report = compress.eora(model, originals=orig, batches=[self.X], rank=2,
+                           **presets.paper("eora"))
+    self.assertEqual(sorted(report), ["l1", "l2"])
+    a1, e1 = compress.eigen_compensate(orig["l1"], w_c1, self.X, 2)
+    np.testing.assert_allclose(model.l1.dense_kernel(), w_c1 + a1 @ e1,
+                               atol=1e-5)
+    # l2's inputs pass through the compensated l1.
+    h = jnp.tanh(self.X @ (w_c1 + a1 @ e1) + b1[None])
+    a2, e2 = compress.eigen_compensate(orig["l2"], w_c2, h, 2)
+    np.testing.assert_allclose(model.l2.delta_weight(), a2 @ e2, atol=1e-5)
+    np.testing.assert_allclose(
+        model(self.X), h @ (w_c2 + a2 @ e2) + b2[None], atol=1e-5)
+    # Calibrated on the uncompensated l1 instead, l2 gets other factors.
+    h0 = jnp.tanh(self.X @ w_c1 + b1[None])
+    a0, e0 = compress.eigen_compensate(orig["l2"], w_c2, h0, 2)
+    self.assertGreater(float(jnp.abs(a0 @ e0 - a2 @ e2).max()), 1e-3)
+    # One group: both calibrated at once, on the compressed model.
+    model, orig = self._compressed()
+    compress.eora(model, originals=orig, batches=[self.X], rank=2,
+                  groups=[["l1", "l2"]])
+    np.testing.assert_allclose(model.l2.delta_weight(), a0 @ e0, atol=1e-5)
+
+  def test_bad_calibration_arguments(self):
+    model, orig = self._compressed()
+    cov = {p: jnp.eye(8) for p in orig}
+    for kwargs, message in (
+        ({}, "exactly one of covariances= .* got neither"),
+        ({"covariances": cov, "batches": [self.X]}, "got both"),
+        ({"covariances": cov, "groups": [["l1"], ["l2"]]},
+         "groups= only applies with batches="),
+        ({"batches": [self.X], "groups": [["l1"]]},
+         r"missing: \['l2'\], not in originals: \[\]"),
+        ({"batches": [self.X], "groups": [["l1", "l2"], ["l2"]]},
+         r"in several groups: \['l2'\]"),
+        ({"batches": [self.X], "groups": ["l1", "l2"]},
+         "groups must be a list of lists of paths")):
+      with self.subTest(message), self.assertRaisesRegex(ValueError,
+                                                         message):
+        compress.eora(model, originals=orig, rank=2, **kwargs)
 
 
 class EoRATest(parameterized.TestCase):
