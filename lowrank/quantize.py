@@ -23,6 +23,11 @@ A nonzero `sqrt(v)` is never rounded to zero (it takes the smallest
 positive code instead). Rounding is to the nearest code, or unbiased
 stochastic rounding when `noise` is given.
 
+`bnb=True` (dynamic codes only) follows bitsandbytes' 8-bit optimizer
+kernel instead: a second moment is stored as `v` itself (a nonzero `v` may
+round to code 0), and a negative first moment that rounds to 0 takes the
+smallest negative code (its sign is kept).
+
 (`lowrank.optim.quantize` is a different quantiser: Q-GaLore's group-wise
 asymmetric 4/8-bit integers for projectors.)
 
@@ -147,7 +152,7 @@ def _dynamic_lo(a: jax.Array, signed: bool) -> jax.Array:
 
 
 def _encode(x: jax.Array, second_moment: bool, scheme: str,
-            noise: jax.Array | None) -> jax.Array:
+            noise: jax.Array | None, bnb: bool = False) -> jax.Array:
   """Codes for `x` already divided by its block's absmax (in [-1, 1])."""
   if scheme == "linear":
     levels = 255.0 if second_moment else 127.0
@@ -166,8 +171,12 @@ def _encode(x: jax.Array, second_moment: bool, scheme: str,
   lo = _dynamic_lo(a, signed)
   h = lo + _round(a, half[lo], half[lo + 1], noise).astype(jnp.int32)
   if signed:  # Full index: 127 is 0; the map has +1 but no -1.
+    if bnb:  # bitsandbytes keeps the sign: -0 becomes the smallest negative.
+      h = jnp.where(x < 0, jnp.maximum(h, 1), h)
     return jnp.where(x < 0, 127 - jnp.minimum(h, 127), 127 + h).astype(
         jnp.uint8)
+  if bnb:
+    return h.astype(jnp.uint8)
   return jnp.where(a > 0, jnp.maximum(h, 1), h).astype(jnp.uint8)
 
 
@@ -181,7 +190,7 @@ def _decode(codes: jax.Array, second_moment: bool, scheme: str) -> jax.Array:
 # Jitted as a unit (inlined under an outer jit): run eagerly, the update
 # then compiles one program per leaf shape instead of dozens of small ops.
 @functools.partial(
-    jax.jit, static_argnames=("second_moment", "scheme", "block_size"),
+    jax.jit, static_argnames=("second_moment", "scheme", "block_size", "bnb"),
     inline=True)
 def quantize(
     x: jax.Array,
@@ -190,6 +199,7 @@ def quantize(
     scheme: str = "dynamic",
     block_size: int = 256,
     noise: jax.Array | None = None,
+    bnb: bool = False,
 ) -> BlockQuantized:
   """Block-wise quantizes a moment along its last axis.
 
@@ -201,14 +211,23 @@ def quantize(
     block_size: Maximum block length along the last axis.
     noise: Optional uniform [0, 1) noise of `x`'s shape, for stochastic
       rounding; None rounds to the nearest code.
+    bnb: bitsandbytes' codes (module docstring): `v` rather than `sqrt(v)`,
+      no nonzero floor, the first moment's sign kept. Dynamic scheme only.
 
   Returns:
     A `BlockQuantized` with `codes` of `x`'s shape.
+
+  Raises:
+    ValueError: On `bnb=True` with `scheme="linear"`.
   """
+  if bnb and scheme != "dynamic":
+    raise ValueError(
+        f"bnb=True follows bitsandbytes' dynamic maps; got scheme={scheme!r}."
+        " Pass scheme='dynamic' or bnb=False.")
   n = x.shape[-1]
   k, length = block_layout(n, block_size)
   x = x.astype(jnp.float32)
-  if second_moment:
+  if second_moment and not bnb:
     x = jnp.sqrt(x)
   blocks = _to_blocks(x, k, length)
   absmax = jnp.max(jnp.abs(blocks), axis=-1)
@@ -217,21 +236,23 @@ def quantize(
   y = jnp.clip(blocks / safe[..., None], -1.0, 1.0)
   if noise is not None:
     noise = _to_blocks(noise, k, length)
-  codes = _encode(y, second_moment, scheme, noise)
+  codes = _encode(y, second_moment, scheme, noise, bnb)
   return BlockQuantized(codes=_from_blocks(codes, n), scale=absmax)
 
 
 @functools.partial(
-    jax.jit, static_argnames=("second_moment", "scheme"), inline=True)
+    jax.jit, static_argnames=("second_moment", "scheme", "bnb"), inline=True)
 def dequantize(
-    q: BlockQuantized, *, second_moment: bool, scheme: str = "dynamic"
+    q: BlockQuantized, *, second_moment: bool, scheme: str = "dynamic",
+    bnb: bool = False,
 ) -> jax.Array:
   """Inverse of `quantize` (float32; `v`, not `sqrt(v)`, for second moments).
 
-  The block layout is recovered from the shapes of `codes` and `scale`.
+  The block layout is recovered from the shapes of `codes` and `scale`;
+  `bnb` must be what `quantize` was given.
   """
   n, k = q.codes.shape[-1], q.scale.shape[-1]
   length = -(-n // k)
   values = _decode(_to_blocks(q.codes, k, length), second_moment, scheme)
   x = _from_blocks(values * q.scale[..., None], n)
-  return x * x if second_moment else x
+  return x * x if second_moment and not bnb else x

@@ -59,6 +59,10 @@ map, ~0.2 with linear codes (tests). Stochastic rounding decays them to 0.
 A whole block without gradient (an embedding row of an absent token: rows
 are blocks) decays correctly either way, since its scale decays.
 
+bitsandbytes' layout and codes are options: `bnb_codes=True` (codes of
+`v`, no floor, the sign of `m` kept) and `flat_blocks=True` (see
+`adamw8bit`'s differences from the official code).
+
 References:
   Dettmers et al. 2022, 8-bit Optimizers via Block-wise Quantization,
     https://arxiv.org/abs/2110.02861
@@ -76,6 +80,7 @@ import optax
 
 # The block-wise quantiser lives in `lowrank.quantize` (shared with QLoRA's
 # double quantisation); its public names stay importable from here.
+from lowrank import presets
 from lowrank.quantize import block_layout
 from lowrank.quantize import BlockQuantized
 from lowrank.quantize import code_table
@@ -86,7 +91,8 @@ from lowrank.quantize import SCHEMES
 # Arguments that fix shapes or code paths: pass them as
 # `optax.inject_hyperparams(adamw8bit, static_args=STATIC_ARGS)`.
 STATIC_ARGS = ("block_size", "min_size", "scheme", "stochastic_rounding",
-               "seed")
+               "seed", "bnb_codes", "flat_blocks", "skip_nonfinite",
+               "decay_after_update")
 
 
 class ScaleByAdam8bitState(NamedTuple):
@@ -136,8 +142,23 @@ def _as_moment(x: Any) -> Any:
     ) from e
 
 
+def _flat_layout(shape: tuple[int, ...], block_size: int) -> tuple[int, int]:
+  """`(blocks, size)` of bitsandbytes' layout: the flattened leaf in blocks
+  of `block_size` (the last one zero-padded)."""
+  size = int(np.prod(shape))
+  return -(-size // block_size), size
+
+
+def _to_flat_blocks(x: jax.Array, block_size: int) -> jax.Array:
+  k, size = _flat_layout(x.shape, block_size)
+  x = jnp.pad(x.reshape(-1), (0, k * block_size - size))
+  return x.reshape(k, block_size)
+
+
 @functools.partial(
-    jax.jit, static_argnames=("scheme", "block_size", "nesterov"),
+    jax.jit,
+    static_argnames=("scheme", "block_size", "nesterov", "bnb", "flat",
+                     "skip_nonfinite"),
     inline=True)
 def _adam_leaf(
     g: jax.Array,
@@ -150,6 +171,9 @@ def _adam_leaf(
     scheme: str,
     block_size: int,
     nesterov: bool,
+    bnb: bool = False,
+    flat: bool = False,
+    skip_nonfinite: bool = False,
 ) -> tuple[jax.Array, Any, Any]:
   """One leaf: decode, exact float32 Adam step, encode.
 
@@ -168,6 +192,11 @@ def _adam_leaf(
     scheme: `"dynamic"` or `"linear"`.
     block_size: Maximum block length.
     nesterov: As in `optax.scale_by_adam`.
+    bnb: bitsandbytes' codes (`lowrank.quantize.quantize(bnb=True)`).
+    flat: bitsandbytes' block layout: codes `[k, block_size]` of the
+      flattened, zero-padded leaf, scales `[k, 1]`.
+    skip_nonfinite: A NaN/inf gradient element of a quantized leaf zeroes
+      its moments and gets a zero update (bitsandbytes' 8-bit kernel).
 
   Returns:
     `(update in g's dtype, new mu, new nu)`.
@@ -175,10 +204,21 @@ def _adam_leaf(
   b1, c1, b2, c2, eps, eps_root = hyper
   quantized = isinstance(mu, BlockQuantized)
   g32 = g.astype(jnp.float32)
-  m = dequantize(mu, second_moment=False, scheme=scheme) if quantized else mu
-  v = dequantize(nu, second_moment=True, scheme=scheme) if quantized else nu
+  if quantized:
+    m = dequantize(mu, second_moment=False, scheme=scheme, bnb=bnb)
+    v = dequantize(nu, second_moment=True, scheme=scheme, bnb=bnb)
+    if flat:
+      m = m.reshape(-1)[:g.size].reshape(g.shape)
+      v = v.reshape(-1)[:g.size].reshape(g.shape)
+  else:
+    m, v = mu, nu
   m = c1 * g32 + b1 * m  # As optax.tree.update_moment.
   v = c2 * (g32**2) + b2 * v
+  finite = None
+  if skip_nonfinite and quantized:
+    finite = jnp.isfinite(g32)
+    m = jnp.where(finite, m, 0.0)
+    v = jnp.where(finite, v, 0.0)
   count_inc = optax.safe_int32_increment(count)
   bc1 = 1 - b1**count_inc
   if nesterov:
@@ -187,12 +227,16 @@ def _adam_leaf(
   else:
     m_hat = m / bc1
   u = m_hat / (jnp.sqrt(v / (1 - b2**count_inc) + eps_root) + eps)
+  if finite is not None:
+    u = jnp.where(finite, u, 0.0)
   if quantized:
-    nm, nv = (None, None) if key is None else _noise(key, g.shape)
+    if flat:
+      m, v = _to_flat_blocks(m, block_size), _to_flat_blocks(v, block_size)
+    nm, nv = (None, None) if key is None else _noise(key, m.shape)
     m = quantize(m, second_moment=False, scheme=scheme,
-                 block_size=block_size, noise=nm)
+                 block_size=block_size, noise=nm, bnb=bnb)
     v = quantize(v, second_moment=True, scheme=scheme,
-                 block_size=block_size, noise=nv)
+                 block_size=block_size, noise=nv, bnb=bnb)
   return u.astype(g.dtype), m, v
 
 
@@ -213,6 +257,9 @@ def scale_by_adam8bit(
     stochastic_rounding: bool = False,
     seed: int = 0,
     nesterov: bool = False,
+    bnb_codes: bool = False,
+    flat_blocks: bool = False,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """Rescales updates by Adam with 8-bit block-wise quantized moments.
 
@@ -234,13 +281,23 @@ def scale_by_adam8bit(
     seed: Seed of the rounding noise (static; the step count and leaf index
       are folded in).
     nesterov: Nesterov momentum, as in `optax.scale_by_adam`.
+    bnb_codes: bitsandbytes' codes: the second moment stored as `v` (not
+      `sqrt(v)`) with no nonzero floor, and a negative first moment that
+      would round to 0 kept negative (`scheme="dynamic"` only; static).
+    flat_blocks: bitsandbytes' block layout: the flattened leaf in blocks
+      of `block_size` (the last one shorter), which straddle rows; codes
+      are `[k, block_size]` and scales `[k, 1]`, not the leaf's shape, so
+      the state does not follow a sharding of the parameter (static).
+    skip_nonfinite: A NaN or inf gradient element of a quantized leaf
+      zeroes its moments and gets a zero update, as bitsandbytes' 8-bit
+      kernel does (its float32 path for small leaves does not; static).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
 
   Raises:
-    ValueError: On a non-positive `block_size`, a negative `min_size` or an
-      unknown `scheme`.
+    ValueError: On a non-positive `block_size`, a negative `min_size`, an
+      unknown `scheme`, or `bnb_codes` with `scheme="linear"`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -264,10 +321,19 @@ def scale_by_adam8bit(
     raise ValueError(f"min_size must be >= 0; got {min_size}.")
   if scheme not in SCHEMES:
     raise ValueError(f"Unknown scheme {scheme!r}; expected one of {SCHEMES}.")
+  if bnb_codes and scheme != "dynamic":
+    raise ValueError(
+        "bnb_codes=True follows bitsandbytes' dynamic maps; got "
+        f"scheme={scheme!r}. Pass scheme='dynamic' or bnb_codes=False.")
 
   def _zeros(p, code_dtype):
     if not _is_quantized(p.shape, min_size):
       return jnp.zeros(p.shape, jnp.float32)
+    if flat_blocks:
+      k, _ = _flat_layout(p.shape, block_size)
+      return BlockQuantized(
+          codes=jnp.zeros((k, block_size), code_dtype),
+          scale=jnp.zeros((k, 1), jnp.float32))
     k, _ = block_layout(p.shape[-1], block_size)
     return BlockQuantized(  # Zero scales decode to 0 whatever the codes.
         codes=jnp.zeros(p.shape, code_dtype),
@@ -296,7 +362,8 @@ def scale_by_adam8bit(
             jax.random.fold_in(jax.random.key(seed), state.count), i)
       u, m, v = _adam_leaf(
           g, m, v, state.count, hyper, key, scheme=scheme,
-          block_size=block_size, nesterov=nesterov)
+          block_size=block_size, nesterov=nesterov, bnb=bnb_codes,
+          flat=flat_blocks, skip_nonfinite=skip_nonfinite)
       out.append(u)
       new_mu.append(m)
       new_nu.append(v)
@@ -324,14 +391,41 @@ def adamw8bit(
     stochastic_rounding: bool = False,
     seed: int = 0,
     nesterov: bool = False,
+    bnb_codes: bool = False,
+    flat_blocks: bool = False,
+    skip_nonfinite: bool = False,
+    decay_after_update: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW with 8-bit block-wise quantized moments.
 
   `chain(scale_by_adam8bit, add_decayed_weights(weight_decay, mask),
   scale_by_learning_rate(learning_rate))`, with `optax.adamw`'s defaults.
   Unlike `optax.adamw`, `weight_decay` and `mask` come right after `eps`
-  (`eps_root` is keyword-only; `mu_dtype` does not apply). Keyword
-  arguments are those of `scale_by_adam8bit`.
+  (`eps_root` is keyword-only; `mu_dtype` does not apply). Other keyword
+  arguments are those of `scale_by_adam8bit`, plus `decay_after_update`:
+  decay the updated weight, `p ← (p − lr·u)(1 − lr·wd)`, as bitsandbytes
+  does, instead of optax's `p ← p − lr·(u + wd·p)` (they differ by
+  `lr²·wd·u`).
+
+  Differences from the official code (bitsandbytes `AdamW8bit`), each with
+  the argument that gives the official behaviour
+  (`presets.paper("adamw8bit")` collects them):
+
+  * Second-moment codes: lowrank stores `sqrt(v)` (twice the range, half
+    the relative error of the denominator) and never rounds a nonzero one
+    to 0 (an update of `m / eps` otherwise); bitsandbytes stores `v`, may
+    round it to 0, and keeps the sign of a tiny negative `m`:
+    `bnb_codes=True`.
+  * Block layout: lowrank's blocks run along the last axis (codes keep the
+    parameter's shape and sharding); bitsandbytes cuts the flattened
+    tensor into blocks of 256 that straddle rows: `flat_blocks=True` (the
+    same blocks when the last axis is a multiple of 256).
+  * Weight decay: default 1e-4 (`optax.adamw`'s, the library-wide
+    convention) vs 1e-2: `weight_decay=1e-2`; decay of the pre-update
+    weight (optax) vs the updated one: `decay_after_update=True`.
+  * Non-finite gradients propagate (as in `optax.adamw`); bitsandbytes'
+    8-bit kernel zeroes that element's moments and leaves its weight
+    unchanged: `skip_nonfinite=True`.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -342,12 +436,81 @@ def adamw8bit(
     >>> round(optim.state_bytes(tx.init(params)) / params["w"].size, 3)
     2.031
   """
-  return optax.chain(
-      scale_by_adam8bit(
-          b1, b2, eps, eps_root, block_size=block_size, min_size=min_size,
-          scheme=scheme, stochastic_rounding=stochastic_rounding, seed=seed,
-          nesterov=nesterov,
-      ),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
+  adam = scale_by_adam8bit(
+      b1, b2, eps, eps_root, block_size=block_size, min_size=min_size,
+      scheme=scheme, stochastic_rounding=stochastic_rounding, seed=seed,
+      nesterov=nesterov, bnb_codes=bnb_codes, flat_blocks=flat_blocks,
+      skip_nonfinite=skip_nonfinite)
+  if decay_after_update:
+    decay = _decay_updated_weight(learning_rate, weight_decay)
+    if mask is not None:
+      decay = optax.masked(decay, mask)
+    tx = optax.chain(adam, optax.scale_by_learning_rate(learning_rate),
+                     decay)
+  else:
+    tx = optax.chain(adam, optax.add_decayed_weights(weight_decay, mask),
+                     optax.scale_by_learning_rate(learning_rate))
+  if not skip_nonfinite:
+    return tx
+  return _zero_where_nonfinite(tx, min_size)
+
+
+def _decay_updated_weight(
+    learning_rate: optax.ScalarOrSchedule, weight_decay: jax.typing.ArrayLike
+) -> optax.GradientTransformation:
+  """`u ← u − lr·wd·(p + u)`: the weight after the update `u`, decayed."""
+
+  def init_fn(params):
+    del params
+    return optax.ScaleByScheduleState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError(
+          "decay_after_update=True needs `params` in update(); pass them, "
+          "or leave decay_after_update=False.")
+    lr = (learning_rate(state.count) if callable(learning_rate)
+          else learning_rate)
+    updates = jax.tree.map(
+        lambda u, p: (u - lr * weight_decay * (p + u)).astype(u.dtype),
+        updates, params)
+    return updates, optax.ScaleByScheduleState(
+        count=optax.safe_int32_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def _zero_where_nonfinite(
+    tx: optax.GradientTransformation, min_size: int
+) -> optax.GradientTransformationExtraArgs:
+  """`tx` with zero updates (decay included) where a quantized leaf's
+  gradient is NaN or inf."""
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates, state, params=None, **extra_args):
+    out, state = tx.update(updates, state, params, **extra_args)
+    out = jax.tree.map(
+        lambda u, g: jnp.where(jnp.isfinite(g), u, jnp.zeros([], u.dtype))
+        if _is_quantized(g.shape, min_size) else u, out, updates)
+    return out, state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+
+presets.register(
+    "adamw8bit",
+    source="bitsandbytes-foundation/bitsandbytes@95f9af309d4d "
+           "(bitsandbytes/optim/adamw.py, csrc/kernels.cu "
+           "kOptimizerStatic8bit2StateBlockwise)",
+    kwargs={"weight_decay": 1e-2, "bnb_codes": True, "flat_blocks": True,
+            "decay_after_update": True, "skip_nonfinite": True},
+    reasons={
+        "weight_decay": "AdamW8bit's default; lowrank keeps optax.adamw's "
+                        "1e-4, the library-wide convention",
+        "bnb_codes": "lowrank stores sqrt(v) with a nonzero floor: wider "
+                     "range and no m/eps blow-ups",
+        "flat_blocks": "lowrank's blocks run along the last axis, so codes "
+                       "keep the parameter's shape and sharding",
+        "decay_after_update": "lowrank composes optax's add_decayed_weights "
+                              "(decay of the pre-update weight)",
+        "skip_nonfinite": "lowrank propagates NaN/inf as optax.adamw does"})

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from lowrank import optim
+from lowrank import presets
 from lowrank import quantize
 from lowrank import sharding
 from lowrank.optim import adam8bit
@@ -134,6 +135,23 @@ class QuantizeTest(parameterized.TestCase):
     np.testing.assert_array_equal(adam8bit.dequantize(
         state.mu["w"], second_moment=False), 0.0)
 
+  def test_bnb_codes(self):
+    # bitsandbytes: v itself on the unsigned map (a tiny v rounds to 0) and
+    # a tiny negative m keeps the smallest negative code (126, not 0 = 127).
+    x = jnp.array([[1.0, 1e-9, -1e-9, 0.3]])
+    m = quantize.quantize(x, second_moment=False, bnb=True)
+    np.testing.assert_array_equal(m.codes[0, 1:3], [127, 126])
+    np.testing.assert_array_equal(
+        quantize.quantize(x, second_moment=False).codes[0, 1:3], [127, 127])
+    v = jnp.abs(x)
+    q = quantize.quantize(v, second_moment=True, bnb=True)
+    self.assertEqual(int(q.codes[0, 1]), 0)
+    self.assertEqual(float(q.scale[0, 0]), 1.0)  # absmax of v, not sqrt(v).
+    back = quantize.dequantize(q, second_moment=True, bnb=True)
+    np.testing.assert_allclose(back[0, 3], 0.3, rtol=0.02)
+    with self.assertRaisesRegex(ValueError, "bnb=True follows"):
+      quantize.quantize(v, second_moment=True, scheme="linear", bnb=True)
+
   @parameterized.parameters(*adam8bit.SCHEMES)
   def test_stochastic_rounding_is_unbiased(self, scheme):
     # 4000 independent blocks of [1, 0.3, 0.0123, -0.00421]: each value sits
@@ -198,9 +216,55 @@ class WrappersAndArgumentsTest(parameterized.TestCase):
         (dict(block_size=True), "block_size must be a Python int"),
         (dict(min_size=-1), "min_size must be"),
         (dict(scheme="fp8"), "Unknown scheme"),
+        (dict(scheme="linear", bnb_codes=True), "bnb_codes=True follows"),
     ):
       with self.subTest(msg), self.assertRaisesRegex(ValueError, msg):
         adam8bit.scale_by_adam8bit(**kwargs)
+    with self.assertRaisesRegex(ValueError, "needs `params`"):
+      tx = adam8bit.adamw8bit(1e-2, decay_after_update=True)
+      x = {"b": jnp.ones(3)}
+      tx.update(x, tx.init(x))
+
+
+def _bnb_adamw8bit(p, grads, lr, wd, b1=0.9, b2=0.999, eps=1e-8, bs=256):
+  """bitsandbytes' `AdamW8bit` step, transcribed in numpy (float32).
+
+  `kOptimizerStatic8bit2StateBlockwise` (csrc/kernels.cu at 95f9af309d4d):
+  the flattened tensor in blocks of 256; `v` on the unsigned dynamic map;
+  the weight updated from the fresh moments, then decayed; a non-finite
+  gradient zeroes its moments and skips its weight; nearest codes, with a
+  sign-flipped first-moment code moved one step back. Returns the weights
+  and the final codes `(c1, c2)`.
+  """
+  q1 = adam8bit.code_table(False)  # Signed, sorted.
+  q2 = adam8bit.code_table(True)  # Unsigned.
+  f32 = np.float32
+  shape, n = p.shape, p.size
+  k = -(-n // bs)
+  pad = lambda x: np.pad(x.reshape(-1), (0, k * bs - n)).reshape(k, bs)
+  p = pad(p.astype(f32))
+  c1 = np.zeros((k, bs), np.int64)
+  c2 = np.zeros((k, bs), np.int64)
+  a1 = np.zeros((k, 1), f32)
+  a2 = np.zeros((k, 1), f32)
+  for t, g in enumerate(grads, 1):
+    g = pad(np.asarray(g, f32))
+    ok = np.isfinite(g)
+    s1 = np.where(ok, q1[c1] * a1 * f32(b1) + f32(1 - b1) * g, f32(0))
+    s2 = np.where(ok, q2[c2] * a2 * f32(b2) + f32(1 - b2) * g * g, f32(0))
+    a1 = np.max(np.abs(s1), axis=1, keepdims=True)
+    a2 = np.max(s2, axis=1, keepdims=True)
+    corr1 = f32(1) - f32(b1)**f32(t)  # powf in float32, as the kernel.
+    corr2 = np.sqrt(f32(1) - f32(b2)**f32(t))
+    step = f32(-lr) * corr2 / corr1
+    new = p + step * (s1 / (np.sqrt(s2) + corr2 * f32(eps)))
+    new = new * f32(1 - lr * wd)
+    p = np.where(ok, new, p)
+    c1 = np.argmin(np.abs(q1[None, None] - (s1 / a1)[..., None]), axis=-1)
+    flip = np.signbit(q1[c1]) != np.signbit(s1)
+    c1 = np.where(flip, c1 + np.where(s1 > 0, 1, -1), c1)
+    c2 = np.argmin(np.abs(q2[None, None] - (s2 / a2)[..., None]), axis=-1)
+  return p.reshape(-1)[:n].reshape(shape), c1, c2
 
 
 def _regression(seed=0, d=256, o=64, n=512):
@@ -235,6 +299,40 @@ def _train(tx, params, loss, steps):
 
 
 class AccuracyTest(parameterized.TestCase):
+
+  def test_paper_preset_is_bitsandbytes_adamw8bit(self):
+    # [12, 30]: 360 elements, blocks of 256 and 104 that straddle rows; a
+    # NaN gradient at step 2; lr·wd large enough that the decay order
+    # shows (lr²·wd·u).
+    kwargs = presets.paper(adam8bit.adamw8bit)
+    self.assertEqual(kwargs["weight_decay"], 1e-2)
+    kwargs = dict(kwargs, weight_decay=0.5, min_size=0)
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((12, 30)).astype(np.float32)
+    scales = np.logspace(-3, 0, 30, dtype=np.float32)
+    grads = [rng.standard_normal((12, 30)).astype(np.float32) * scales
+             for _ in range(4)]
+    grads[1][3, 7] = np.nan
+    want, c1, c2 = _bnb_adamw8bit(w, grads, lr=0.1, wd=0.5)
+
+    def run(**kw):
+      tx = adam8bit.adamw8bit(0.1, **kw)
+      params = {"w": jnp.asarray(w)}
+      state = tx.init(params)
+      for g in grads:
+        updates, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, updates)
+      return np.asarray(params["w"]), state[0]
+
+    got, state = run(**kwargs)
+    np.testing.assert_array_equal(state.mu["w"].codes, c1)
+    np.testing.assert_array_equal(state.nu["w"].codes, c2)
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=1e-7)
+    for name in ("bnb_codes", "flat_blocks", "decay_after_update",
+                 "skip_nonfinite"):
+      with self.subTest(name):  # Each argument is needed for the match.
+        other, _ = run(**dict(kwargs, **{name: False}))
+        self.assertFalse(np.allclose(other, want, rtol=1e-5, atol=1e-5))
 
   @parameterized.parameters(False, True)
   def test_float32_leaves_match_optax_adam(self, nesterov):
