@@ -30,6 +30,7 @@ itself guarantees that; the config helpers resolve the factory first).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from typing import Any, Callable, Mapping
 
 
@@ -91,13 +92,33 @@ def _name(method: str | Callable[..., Any]) -> str:
   return name
 
 
+def _exported_names(fn: Callable[..., Any]) -> list[str]:
+  """Names lowrank's imported modules bind to `fn` (`relora.train` is
+  exported as `spectral.relora_train`). Reads `sys.modules`; imports
+  nothing."""
+  found = []
+  for module_name, module in list(sys.modules.items()):
+    if module_name == "lowrank" or module_name.startswith("lowrank."):
+      for attr, value in list(vars(module).items()):
+        if value is fn and attr in _REGISTRY:
+          found.append(attr)
+  return sorted(set(found))
+
+
 def get(method: str | Callable[..., Any]) -> Preset:
   """The registered `Preset` of `method` (a name or the factory itself).
+
+  A function is looked up by its own name, then by the names lowrank
+  exports it under.
 
   Raises:
     KeyError: If nothing registered `method`; the message lists what did.
   """
   name = _name(method)
+  if name not in _REGISTRY and not isinstance(method, str):
+    aliases = _exported_names(method)
+    if len(aliases) == 1:
+      name = aliases[0]
   if name not in _REGISTRY:
     raise KeyError(
         f"no paper preset is recorded for {name!r} (import its module first "

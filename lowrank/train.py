@@ -712,7 +712,8 @@ def inject_from_config(
   The section's keys are exactly `adapters.inject`'s arguments (`method`,
   `targets`, `rank`, `alpha`, ... and the method's own options), plus
   `preset="paper"` (the method's paper settings, `lowrank.presets.paper`,
-  under the section's other keys). A section
+  under the section's other keys; with `quantize_base` set, the quantizer's
+  too, e.g. QLoRA's bitsandbytes block layout). A section
   whose `method` is `"full"` or None leaves the model as it is (full
   fine-tuning).
 
@@ -728,5 +729,9 @@ def inject_from_config(
     raise ValueError(
         f"adapter method must be 'full' or one of {sorted(adapters.METHODS)}"
         f"; got {method!r}.")
+  if kwargs.get("preset") == "paper" and kwargs.get("quantize_base"):
+    # The quantized base's paper settings (QLoRA's bitsandbytes blocks)
+    # under the method's and the section's own keys.
+    kwargs = {**presets.paper("quantize_base"), **kwargs}
   kwargs = _with_preset(f"adapter method {method!r}", method, kwargs)
   return adapters.inject(model, rngs=rngs, **kwargs)

@@ -13,6 +13,8 @@ from lowrank import optim
 from lowrank import presets
 from lowrank import spectral
 from lowrank import train
+from lowrank.adapters import quantized
+from lowrank.spectral import relora
 
 
 class _MLP(nnx.Module):
@@ -106,7 +108,7 @@ class ConfigTest(_Registered):
 
 
 def _factory(name):
-  for module in (optim, spectral):
+  for module in (optim, spectral, adapters, quantized):
     fn = getattr(module, name, None)
     if callable(fn) and not inspect.isclass(fn):
       return fn
@@ -115,6 +117,20 @@ def _factory(name):
 
 class RecordedPresetsTest(absltest.TestCase):
   """Every preset the library records names arguments its method takes."""
+
+  def test_function_found_under_its_exported_name(self):
+    # relora.train is exported (and registered) as spectral.relora_train.
+    self.assertEqual(presets.get(relora.train).name, "relora_train")
+    self.assertEqual(presets.paper(relora.train),
+                     presets.paper("relora_train"))
+
+  def test_qlora_through_an_adapter_section(self):
+    model = train.inject_from_config(
+        _MLP(nnx.Rngs(0)), {"method": "lora", "preset": "paper",
+                            "targets": "hidden", "rank": 2,
+                            "quantize_base": "nf4"})
+    self.assertEqual(model.hidden.base.quant_layout,
+                     presets.paper("quantize_base")["layout"])
 
   def test_each_preset_applies(self):
     for name in presets.names():
@@ -132,8 +148,8 @@ class RecordedPresetsTest(absltest.TestCase):
           self.assertGreater(
               adapters.count_parameters(model)["trainable"], 0)
         else:
-          self.fail(f"preset {name!r} is neither a factory of lowrank.optim "
-                    f"/ lowrank.spectral nor an adapter method")
+          self.fail(f"preset {name!r} is neither a function of lowrank.optim"
+                    f" / spectral / adapters nor an adapter method")
 
 
 if __name__ == "__main__":
