@@ -53,6 +53,18 @@ Changed:
     and `frugal_adamw` use then) restart with the moments, as FRUGAL's
     `reset_statistics=True` does; the Adam count used to keep running, so
     bias correction shrank the first steps after every refresh.
+  * `side="torch"` projects a square kernel on its input (row) axis, as
+    galore-torch projects a square `[out, in]` weight (it took the output
+    axis); non-square kernels are unchanged.
+  * Fira's norm-growth limiter bounds the residual before Adam's bias
+    correction, as Fira's code does (`fira_limiter="uncorrected"`; the old
+    behaviour is `"corrected"`).
+  * Q-GaLore's adaptive gap compares float32 first basis vectors (kept in
+    `RefreshSchedule.first_vector`) by their normalised cosine instead of
+    the dequantized ones, and refreshes on multiples of the current gap
+    (it counted the gap from the last refresh), both as Q-GaLore's code.
+  * `frugal_adamw`'s default projector is `"svd"`, FRUGAL's (was
+    `"random"`).
 
 References:
   Zhao et al. 2024, GaLore, https://arxiv.org/abs/2403.03507
@@ -72,6 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from lowrank import presets
 from lowrank.optim import _adam as adam_lib
 from lowrank.optim import _nnx as nnx_interop
 from lowrank.optim import matrix_view
@@ -79,6 +92,12 @@ from lowrank.optim import projection
 from lowrank.optim import quantize as quant
 
 ON_REFRESH = ("keep", "reset", "rotate")
+# How stored projectors are quantized (`projector_quantizer`).
+QUANTIZERS = ("rank_groups", "q_galore")
+# Where Adam's eps enters (`eps_placement`).
+EPS_PLACEMENTS = ("optax", "torch")
+# What Fira's norm-growth limiter bounds (`fira_limiter`).
+FIRA_LIMITERS = ("uncorrected", "corrected")
 # Arguments that fix shapes or Python-side schedules: pass them as
 # `optax.inject_hyperparams(galore_adamw, static_args=STATIC_ARGS)`.
 # The selectors are static too: `inject_hyperparams` would call a callable
@@ -86,7 +105,8 @@ ON_REFRESH = ("keep", "reset", "rotate")
 STATIC_ARGS = ("rank", "refresh_every", "stagger", "seed",
                "projector_bits", "projector_group_size", "cos_history",
                "project", "stacked_axes", "input_axes", "mask",
-               "update_gap")
+               "update_gap", "eps_placement", "projector_quantizer",
+               "signed_cosine", "fira_limiter")
 _DEFAULT_REFRESH_EVERY = 200
 RESIDUALS = (None, "fira", "frugal_sign", "frugal_sgd")
 _SECOND_MOMENT_NAMES = ("nu", "v", "exp_avg_sq", "sum_of_squares")
@@ -126,12 +146,17 @@ class RefreshSchedule(NamedTuple):
     history: The last cosine similarities of consecutive first basis
       vectors, float32 `[..., H]`.
     num_history: How many entries of `history` are filled, int32.
+    first_vector: The first basis vector of the last refresh, float32
+      `[..., d]`, as computed (before `projector_bits` quantization), which
+      the next refresh's cosine compares against (as Q-GaLore keeps
+      `past_ortho_vector`).
   """
 
   next_refresh: jax.Array
   gap: jax.Array
   history: jax.Array
   num_history: jax.Array
+  first_vector: jax.Array
 
 
 ProjectFn = Callable[[str, Any], bool]
@@ -383,10 +408,13 @@ class _Options(NamedTuple):
   seed: int
   projector_bits: int | None
   group: int
+  quantizer: str
   adaptive_gap: bool
   cos_threshold: Any
   gap_growth: Any
   cos_history: int
+  signed_cosine: bool
+  fira_bias_correction: Any
 
 
 class _LeafPlan(NamedTuple):
@@ -410,18 +438,29 @@ class _LeafPlan(NamedTuple):
 # the step count.
 
 
-def _store(p, opts: _Options):
-  """Bases as stored in the state (quantized with `projector_bits`)."""
-  if opts.projector_bits:
-    return quant.quantize(p, opts.projector_bits, opts.group)
-  return p
+def _store(p, s: str, opts: _Options):
+  """Bases as stored in the state (quantized with `projector_bits`).
+
+  With `projector_quantizer="q_galore"` a left basis is flattened as `Pᵀ`
+  (`[r, d]`, galore-torch's `Vh[:r]` of the transposed `[out, in]` weight)
+  and a right one as `P` (`[d, r]`, its `U[:, :r]`).
+  """
+  if not opts.projector_bits:
+    return p
+  if opts.quantizer == "q_galore":
+    return quant.quantize_flat(p, opts.projector_bits, opts.group,
+                               transpose=s == "left")
+  return quant.quantize(p, opts.projector_bits, opts.group)
 
 
-def _load(p, opts: _Options):
+def _load(p, s: str, opts: _Options):
   """Float32 bases from their stored form."""
-  if opts.projector_bits:
-    return quant.dequantize(p, opts.projector_bits, opts.group)
-  return p
+  if not opts.projector_bits:
+    return p
+  if opts.quantizer == "q_galore":
+    return quant.dequantize_flat(p, opts.projector_bits, opts.group,
+                                 opts.rank, transpose=s == "left")
+  return quant.dequantize(p, opts.projector_bits, opts.group)
 
 
 def _plan(params, opts: _Options, warn: bool = False) -> list[_LeafPlan]:
@@ -460,35 +499,50 @@ def _init_leaf(leaf, lp: _LeafPlan, opts: _Options):
   lead = lp.view.lead
   shape = lead + (projection.basis_dim(lp.view.matrix_shape, lp.side),
                   opts.rank)
-  proj = (quant.zeros(shape, opts.projector_bits, opts.group)
-          if opts.projector_bits else jnp.zeros(shape, jnp.float32))
+  if not opts.projector_bits:
+    proj = jnp.zeros(shape, jnp.float32)
+  elif opts.quantizer == "q_galore":
+    try:
+      proj = quant.zeros_flat(shape, opts.projector_bits, opts.group)
+    except ValueError as e:
+      raise ValueError(f"{lp.view.matrix_shape} leaf: {e}") from None
+  else:
+    proj = quant.zeros(shape, opts.projector_bits, opts.group)
   sched = RefreshSchedule(
       next_refresh=jnp.zeros(lead, jnp.int32),
       gap=jnp.full(lead, opts.refresh_every, jnp.int32),
       history=jnp.zeros(lead + (opts.cos_history,), jnp.float32),
       num_history=jnp.zeros(lead, jnp.int32),
+      first_vector=jnp.zeros(shape[:-1], jnp.float32),
   ) if opts.adaptive_gap else placeholder
   return (proj, jnp.zeros(lead, jnp.float32), sched,
           jnp.zeros(_low_shape(lp.view, lp.side, opts.rank), leaf.dtype))
 
 
-def _refresh_leaf(g, p_stored, s, refresh, key, after, opts: _Options):
+def _refresh_leaf(g, p_stored, s, refresh, key, after, opts: _Options,
+                  first=None):
   """Stored bases with the layers flagged in `refresh` recomputed.
 
   One `lax.cond` per leaf: the decomposition, the masked select and the
   requantization run only on steps where some layer refreshes. `after`
   (always True) orders this leaf's branch after the previous leaf's.
+  `first` (`[..., d]`, adaptive gap only) is the last refresh's first
+  basis vector; the refreshed layers' entries are replaced by the new
+  float32 ones and it is returned with the stored bases.
   """
   mask = jnp.expand_dims(refresh, (-2, -1))  # Broadcasts over [d, r].
 
   def _recompute():
-    new = _store(projection.compute_projector(
-        g, opts.rank, s, opts.projector, key,
-        rsvd_method=opts.rsvd_method), opts)
-    return jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, p_stored)
+    basis = projection.compute_projector(
+        g, opts.rank, s, opts.projector, key, rsvd_method=opts.rsvd_method)
+    new = _store(basis, s, opts)
+    stored = jax.tree.map(lambda a, b: jnp.where(mask, a, b), new, p_stored)
+    if first is None:
+      return stored, None
+    return stored, jnp.where(refresh[..., None], basis[..., :, 0], first)
 
   return jax.lax.cond(jnp.any(refresh) & after, _recompute,
-                      lambda: p_stored)
+                      lambda: (p_stored, first))
 
 
 def _refresh_layers(g, p_stored, s, offsets, key, count, after,
@@ -539,14 +593,14 @@ def _refresh_layers(g, p_stored, s, offsets, key, count, after,
     keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(num))
     return _store(projection.compute_projector(
         gf, opts.rank, s, opts.projector, keys,
-        rsvd_method=opts.rsvd_method), opts)
+        rsvd_method=opts.rsvd_method), s, opts)
 
   def _some():  # Static shapes: one [m, n] slice per slot of the row.
     out, idx = pf, jnp.asarray(table)[row]
     for slot in range(width):
       j = idx[slot]
       gj = jax.lax.dynamic_index_in_dim(gf, j, keepdims=False)
-      new = jax.tree.map(lambda x: x[None], _store(_basis(gj, j), opts))
+      new = jax.tree.map(lambda x: x[None], _store(_basis(gj, j), s, opts))
       out = jax.tree.map(
           lambda a, b, j=j: jax.lax.dynamic_update_index_in_dim(a, b, j, 0),
           out, new)
@@ -564,14 +618,22 @@ def _refresh_layers(g, p_stored, s, offsets, key, count, after,
   return jax.tree.map(unflat, stored), refresh.reshape(lead)
 
 
-def _next_schedule(sched: RefreshSchedule, q, p, refresh, count,
+def _next_schedule(sched: RefreshSchedule, first, refresh, count,
                    opts: _Options) -> RefreshSchedule:
   """Q-GaLore's lazy refresh: grow the gap of layers with a stable basis.
 
+  As `q_galore_torch/q_galore_projector.py` (VITA-Group/Q-GaLore): at each
+  refresh after the first, the cosine similarity of the new and the last
+  first basis vectors (float32, before quantization) joins a queue of the
+  last `cos_history`; when the queue is full and its mean is at least
+  `cos_threshold` the gap becomes `int(gap·gap_growth)`, and the next
+  refresh is at the next multiple of the (new) gap, as the official
+  `iter % update_proj_gap == 0` test schedules it.
+
   Args:
     sched: The leaf's schedule before this step.
-    q: The new bases `[..., d, r]` (float32).
-    p: The previous bases.
+    first: The first basis vectors after this step's refresh, `[..., d]`
+      (float32; the old ones for layers that did not refresh).
     refresh: Lead-shaped flags of the layers refreshed at this step.
     count: Step count (traced).
     opts: The transform's options.
@@ -579,7 +641,11 @@ def _next_schedule(sched: RefreshSchedule, q, p, refresh, count,
   Returns:
     The schedule after this step.
   """
-  cos = jnp.abs(jnp.sum(q[..., :, 0] * p[..., :, 0], axis=-1))
+  old = sched.first_vector
+  cos = jnp.sum(first * old, axis=-1) / jnp.maximum(
+      jnp.linalg.norm(first, axis=-1) * jnp.linalg.norm(old, axis=-1), 1e-8)
+  if not opts.signed_cosine:
+    cos = jnp.abs(cos)
   valid = refresh & (count > 0)
   hist = jnp.where(
       valid[..., None],
@@ -593,8 +659,9 @@ def _next_schedule(sched: RefreshSchedule, q, p, refresh, count,
   gap = jnp.where(
       grow, (sched.gap * opts.gap_growth).astype(jnp.int32), sched.gap)
   return RefreshSchedule(
-      next_refresh=jnp.where(refresh, count + gap, sched.next_refresh),
-      gap=gap, history=hist, num_history=num,
+      next_refresh=jnp.where(refresh, (count // gap + 1) * gap,
+                             sched.next_refresh),
+      gap=gap, history=hist, num_history=num, first_vector=first,
   )
 
 
@@ -628,14 +695,15 @@ def _refresh_and_project(g, p_stored, sched, lp: _LeafPlan, key, count,
     else:
       refresh = _refresh_flag(count, lp.offset, opts.refresh_every)
     refresh = jnp.broadcast_to(refresh, g.shape[:-2])
-    stored = _refresh_leaf(g, p_stored, lp.side, refresh, key, after, opts)
-  q = _load(stored, opts)
-  # The previous basis is only read by the adaptive schedule and by
-  # rotation.
+    stored, first = _refresh_leaf(
+        g, p_stored, lp.side, refresh, key, after, opts,
+        first=sched.first_vector if opts.adaptive_gap else None)
+  q = _load(stored, lp.side, opts)
+  # The previous basis is only read by rotation.
   rotate = opts.on_refresh == "rotate"
-  p = _load(p_stored, opts) if opts.adaptive_gap or rotate else None
+  p = _load(p_stored, lp.side, opts) if rotate else None
   if opts.adaptive_gap:
-    sched = _next_schedule(sched, q, p, refresh, count, opts)
+    sched = _next_schedule(sched, first, refresh, count, opts)
   return _Refreshed(
       stored=stored, schedule=sched, refresh=refresh, basis=q,
       rotation=jnp.einsum("...dr,...ds->...rs", q, p) if rotate else None)
@@ -713,7 +781,16 @@ def _on_refresh_inner_state(inner_state, params_like, plan: list[_LeafPlan],
 # Back to the full space: the scaled update plus the Fira / FRUGAL residual.
 
 
-def _residual(g32, r, u, q, s, nrm, a, opts: _Options):
+def _fira_bias_correction(count, opts: _Options):
+  """Adam's `√(1−β2ᵗ)/(1−β1ᵗ)` at this step (`t = count + 1`), float32."""
+  b1, b2 = opts.fira_bias_correction
+  t = (count + 1).astype(jnp.float32)
+  b1 = jnp.asarray(b1, jnp.float32)
+  b2 = jnp.asarray(b2, jnp.float32)
+  return jnp.sqrt(1 - b2**t) / (1 - b1**t)
+
+
+def _residual(g32, r, u, q, s, nrm, a, count, opts: _Options):
   """The Fira / FRUGAL residual term and the leaf's new residual norm.
 
   Args:
@@ -724,6 +801,7 @@ def _residual(g32, r, u, q, s, nrm, a, opts: _Options):
     s: Resolved side.
     nrm: Last step's Fira residual norm `[...]`.
     a: GaLore's α (`scale`), float32.
+    count: Step count (traced).
     opts: The transform's options (`residual` is not None).
 
   Returns:
@@ -741,6 +819,16 @@ def _residual(g32, r, u, q, s, nrm, a, opts: _Options):
     )
     res = res * jnp.expand_dims(phi, axis)
     snorm = jnp.linalg.norm(res, axis=(-2, -1))
+    if opts.fira_bias_correction is not None:
+      # Fira's code: the limiter bounds `φ·res` with φ from Adam's output
+      # before bias correction (`exp_avg / denom`), i.e. this residual over
+      # √(1−β2ᵗ)/(1−β1ᵗ); the stored norm is of that quantity, and no
+      # limit applies at the first step (`fira_adamw.py:137-147`).
+      snorm = snorm / _fira_bias_correction(count, opts)
+      ratio = snorm / (nrm + 1e-8)
+      shrink = jnp.where((count > 0) & (ratio > opts.fira_gamma),
+                         opts.fira_gamma / ratio, 1.0)
+      return res * shrink[..., None, None], snorm * shrink
     limit = opts.fira_gamma * nrm
     shrink = jnp.where(
         (nrm > 0) & (snorm > limit), limit / (snorm + 1e-12), 1.0
@@ -751,7 +839,8 @@ def _residual(g32, r, u, q, s, nrm, a, opts: _Options):
   return res, nrm
 
 
-def _back_project_leaf(g, low, u, q, nrm, lp: _LeafPlan, opts: _Options):
+def _back_project_leaf(g, low, u, q, nrm, count, lp: _LeafPlan,
+                       opts: _Options):
   """A projected leaf's full-space update and its new residual norm.
 
   `g` is the gradient's matrix view, `low` its projection and `u` the
@@ -762,7 +851,7 @@ def _back_project_leaf(g, low, u, q, nrm, lp: _LeafPlan, opts: _Options):
   if opts.residual is None:
     return matrix_view.from_matrix(full.astype(g.dtype), lp.view), nrm
   res, nrm = _residual(g.astype(jnp.float32), low.astype(jnp.float32), u, q,
-                       lp.side, nrm, a, opts)
+                       lp.side, nrm, a, count, opts)
   full = full + jnp.asarray(opts.residual_scale, jnp.float32) * res
   return matrix_view.from_matrix(full.astype(g.dtype), lp.view), nrm
 
@@ -832,7 +921,8 @@ def _galore_update(updates, state: GaLoreState, inner, opts: _Options,
       out.append(u)
       new_norms.append(nrm)
       continue
-    full, nrm = _back_project_leaf(g, lo, u, step.basis, nrm, lp, opts)
+    full, nrm = _back_project_leaf(g, lo, u, step.basis, nrm, count, lp,
+                                   opts)
     out.append(full)
     new_norms.append(nrm)
   return treedef.unflatten(out), GaLoreState(
@@ -870,10 +960,13 @@ def scale_by_galore(
     seed: int = 0,
     projector_bits: int | None = None,
     projector_group_size: int | None = None,
+    projector_quantizer: str = "rank_groups",
     adaptive_gap: bool = False,
     cos_threshold: jax.typing.ArrayLike = 0.4,
     gap_growth: jax.typing.ArrayLike = 2,
     cos_history: int = 5,
+    signed_cosine: bool = False,
+    fira_bias_correction: tuple[Any, Any] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Runs `inner` in a rank-`rank` subspace of each selected gradient.
 
@@ -902,6 +995,13 @@ def scale_by_galore(
     residual_scale: Multiplier of the residual branch (FRUGAL's
       `inactive_lr_scale`; 1.0 for Fira).
     fira_gamma: Fira's norm-growth limit γ.
+    fira_bias_correction: The inner Adam's `(b1, b2)`, or None. Given, the
+      limiter bounds the growth of the residual divided by Adam's bias
+      correction `√(1−β2ᵗ)/(1−β1ᵗ)` (`t` counts `update` calls), i.e. of
+      `φ·res` with φ from Adam's output before bias correction, as Fira's
+      code does (`exp_avg / denom`), and limits nothing at the first step.
+      None bounds the residual as the inner output gives it (for an inner
+      transform that is not Adam).
     fira_leak: Reproduce Fira's reference code, whose residual is
       `G − α P Pᵀ G` (part of the in-subspace gradient leaks into the scaled
       branch when α < 1); the paper's text uses the true complement, which is
@@ -940,15 +1040,33 @@ def scale_by_galore(
     seed: Seed for randomized projectors.
     projector_bits: Store projectors as 8- or 4-bit codes with per-group
       scales (Q-GaLore); dequantized on use. None keeps float32.
-    projector_group_size: Quantization group along the rank axis (default:
-      `min(rank, 256)`; must divide `rank`).
-    adaptive_gap: Q-GaLore's lazy, layer-adaptive refresh: each layer keeps
-      the cosine similarity of consecutive first basis vectors; when the
-      mean of the last `cos_history` values is `>= cos_threshold`, that
-      layer's gap is multiplied by `gap_growth`.
+    projector_group_size: Quantization group size. With
+      `projector_quantizer="rank_groups"` the group runs along the rank axis
+      (default `min(rank, 256)`; must divide `rank`); with `"q_galore"` it
+      is a run of consecutive elements of the flattened basis (default 256;
+      must divide `d·rank` of every projected leaf, checked at `init`).
+    projector_quantizer: How `projector_bits` quantizes: `"rank_groups"`
+      (default: groups along the rank axis of `[..., d, r]`, unclamped zero
+      point, so a `d`-sharded projector stays sharded) or `"q_galore"`
+      (Q-GaLore's `_quantize`: the basis as galore-torch stores it for
+      lowrank's `[in, out]` kernels, `Pᵀ` for a left basis and `P` for a
+      right one, flattened into groups of consecutive elements, with
+      `max − min` floored at 1e-5 and the zero point clamped; see
+      `lowrank.optim.quantize`).
+    adaptive_gap: Q-GaLore's lazy, layer-adaptive refresh: at each refresh
+      a layer records the cosine similarity of its new and last first basis
+      vectors (float32, before quantization); when the last `cos_history`
+      are recorded and their mean is `>= cos_threshold`, the layer's gap is
+      multiplied by `gap_growth` (and can grow again at the next refresh).
+      Refreshes fall on multiples of the current gap, as in Q-GaLore's
+      code (`step % gap == 0`).
     cos_threshold: See `adaptive_gap` (Q-GaLore default 0.4).
     gap_growth: See `adaptive_gap` (Q-GaLore default 2).
     cos_history: See `adaptive_gap` (Q-GaLore default 5).
+    signed_cosine: Compare first basis vectors by their signed cosine, as
+      Q-GaLore's code does (`F.cosine_similarity`), so a vector whose sign
+      flipped counts as unstable. Default False: `|cos|`, since an SVD's
+      signs are arbitrary (a flipped vector spans the same subspace).
 
   Returns:
     An `optax.GradientTransformationExtraArgs`.
@@ -979,9 +1097,18 @@ def scale_by_galore(
     )
   if residual not in RESIDUALS:
     raise ValueError(f"Unknown residual {residual!r}; expected {RESIDUALS}.")
-  group = projector_group_size or min(rank, 256)
-  if projector_bits is not None:
-    quant.check(rank, projector_bits, group)
+  if projector_quantizer not in QUANTIZERS:
+    raise ValueError(f"Unknown projector_quantizer {projector_quantizer!r}; "
+                     f"expected {QUANTIZERS}.")
+  if projector_quantizer == "q_galore":
+    group = projector_group_size or 256
+    if projector_bits is not None and projector_bits not in quant.BITS:
+      raise ValueError(
+          f"bits must be one of {quant.BITS}; got {projector_bits!r}.")
+  else:
+    group = projector_group_size or min(rank, 256)
+    if projector_bits is not None:
+      quant.check(rank, projector_bits, group)
   if adaptive_gap and (not isinstance(cos_history, int) or cos_history < 1):
     raise ValueError(f"cos_history must be a positive int; got {cos_history}")
   if stagger_layers and adaptive_gap:
@@ -999,9 +1126,11 @@ def scale_by_galore(
       fira_gamma=fira_gamma, fira_leak=fira_leak, stagger=stagger,
       stagger_layers=stagger_layers, project=project,
       stacked_axes=stacked_axes, input_axes=input_axes, seed=seed,
-      projector_bits=projector_bits, group=group, adaptive_gap=adaptive_gap,
+      projector_bits=projector_bits, group=group,
+      quantizer=projector_quantizer, adaptive_gap=adaptive_gap,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
-      cos_history=cos_history)
+      cos_history=cos_history, signed_cosine=signed_cosine,
+      fira_bias_correction=fira_bias_correction)
 
   def init_fn(params):
     return _galore_init(params, inner, opts)
@@ -1053,6 +1182,48 @@ def scale_by_adam_per_matrix(
       state=ScaleByAdamPerMatrixState)
 
 
+def _scale_by_adam_torch_eps(
+    b1: jax.typing.ArrayLike, b2: jax.typing.ArrayLike,
+    eps: jax.typing.ArrayLike) -> optax.GradientTransformation:
+  """Adam with torch-style eps placement and one count per matrix.
+
+  `m / (√v + eps) · √(1−β2ᵗ)/(1−β1ᵗ)`: eps is added to the uncorrected
+  `√v` and the bias correction multiplies afterwards, as the AdamW of
+  galore-torch (`galore_torch/adamw.py`) and Fira
+  (`optimizer_torch/fira_adamw.py`) compute it; optax's
+  `m̂ / (√v̂ + eps)` is this with eps divided by `√(1−β2ᵗ)`. Counts are kept
+  per matrix as in `scale_by_adam_per_matrix` (same state), so
+  `on_refresh="reset"` restarts them.
+  """
+
+  def init_fn(params):
+    return ScaleByAdamPerMatrixState(
+        count=jax.tree.map(
+            lambda p: jnp.zeros(jnp.shape(p)[:-2], jnp.int32), params),
+        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params),
+        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params))
+
+  def update_fn(updates, old, params=None):
+    del params
+    mu = jax.tree.map(
+        lambda g, m: (b1 * m + (1 - b1) * g).astype(m.dtype), updates,
+        old.mu)
+    nu = jax.tree.map(
+        lambda g, v: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
+        updates, old.nu)
+    count = jax.tree.map(optax.safe_int32_increment, old.count)
+
+    def _step(g, m, v, c):
+      c = c.reshape(c.shape + (1,) * (g.ndim - c.ndim))
+      step = jnp.sqrt(1 - b2**c) / (1 - b1**c)
+      return (m / (jnp.sqrt(v) + eps) * step.astype(m.dtype)).astype(g.dtype)
+
+    updates = jax.tree.map(_step, updates, mu, nu, count)
+    return updates, ScaleByAdamPerMatrixState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def _adamw(core, learning_rate, weight_decay, mask):
   if isinstance(mask, str):
     raise ValueError(
@@ -1069,13 +1240,14 @@ def _adamw(core, learning_rate, weight_decay, mask):
 
 # The keyword arguments every GaLore-family AdamW alias (`galore_adamw`,
 # `q_galore_adamw`, `fira_adamw`, `frugal_adamw`) takes, with the same
-# meaning and defaults (except `projector`, `"random"` in FRUGAL, and
-# `projector_bits`, 4 in Q-GaLore); each alias adds its own extras. The
-# aliases other than `galore_adamw` forward exactly these (`_family_alias`).
+# meaning and defaults (except `projector_bits`, 4 in Q-GaLore); each alias
+# adds its own extras. The aliases other than `galore_adamw` forward exactly
+# these (`_family_alias`).
 FAMILY_ARGS = ("rank", "refresh_every", "scale", "side", "projector",
-               "rsvd_method", "b1", "b2", "eps", "weight_decay", "mask",
-               "project", "stacked_axes", "input_axes", "seed",
-               "projector_bits", "projector_group_size", "update_gap")
+               "rsvd_method", "b1", "b2", "eps", "eps_placement",
+               "weight_decay", "mask", "project", "stacked_axes",
+               "input_axes", "seed", "projector_bits",
+               "projector_group_size", "projector_quantizer", "update_gap")
 
 
 def _renamed_refresh_every(refresh_every: int, update_gap: int | None,
@@ -1129,6 +1301,7 @@ def galore_adamw(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
+    eps_placement: str = "optax",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     project: str | ProjectFn | Any | None = None,
@@ -1139,15 +1312,18 @@ def galore_adamw(
     residual_scale: jax.typing.ArrayLike = 1.0,
     fira_gamma: jax.typing.ArrayLike = 1.01,
     fira_leak: bool = False,
+    fira_limiter: str = "uncorrected",
     stagger: int = 1,
     stagger_layers: bool = False,
     seed: int = 0,
     projector_bits: int | None = None,
     projector_group_size: int | None = None,
+    projector_quantizer: str = "rank_groups",
     adaptive_gap: bool = False,
     cos_threshold: jax.typing.ArrayLike = 0.4,
     gap_growth: jax.typing.ArrayLike = 2,
     cos_history: int = 5,
+    signed_cosine: bool = False,
     update_gap: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """AdamW whose moments live in a low-rank gradient subspace (GaLore).
@@ -1160,7 +1336,37 @@ def galore_adamw(
   `stacked_axes`, `input_axes` and the arguments after them. `b1`, `b2`
   and `eps` are Adam's. With `on_refresh="reset"` the inner Adam is
   `scale_by_adam_per_matrix`, whose step counts restart with the moments.
-  `update_gap` is the deprecated name of `refresh_every` (it warns).
+  `eps_placement="torch"` adds `eps` to the uncorrected `√v` and applies the
+  bias correction afterwards, `m / (√v + eps) · √(1−β2ᵗ)/(1−β1ᵗ)`, as the
+  torch AdamWs of GaLore and Fira do (default `"optax"`: `m̂ / (√v̂ + eps)`;
+  the per-matrix counts are kept then too). `fira_limiter` (with
+  `residual="fira"`) is `fira_adamw`'s `limiter`. `update_gap` is the
+  deprecated name of `refresh_every` (it warns).
+
+  When `rank` is at least a gradient's rank, the projection keeps the whole
+  gradient and the trajectory is driven by rounding noise of the SVD (seen
+  at rank > gradient rank): the basis vectors beyond the gradient's rank
+  span directions where it is zero up to rounding, and Adam normalises
+  those rounding-sized coordinates to steps of the learning rate's size.
+
+  Differences from the official code (jiaweizzhao/GaLore@2cc66f88cce1,
+  `galore_torch/adamw.py`, `galore_projector.py`, `torchrun_main.py`);
+  `presets.paper("galore_adamw")` gives the official behaviour where an
+  argument can:
+    * Side: `side="auto"` projects the larger dimension (state
+      `r × min(m, n)`, as `optax.contrib.galore`); galore-torch's `std`
+      projects the smaller one: `side="torch"`.
+    * Adam's eps: 1e-8 with optax's placement (the library's convention);
+      galore-torch uses 1e-6 added before the bias correction:
+      `eps=1e-6, eps_placement="torch"`.
+    * Projected leaves: every matrix, embedding and output head included;
+      the official scripts project only the attention and MLP linear
+      weights: pass `project=` a regex for them (e.g. `r"_proj"` for
+      `lowrank.models.llama`).
+    * Not available: galore-torch casts the basis to the gradient's dtype
+      (bf16 in its bf16 runs; lowrank keeps it in float32), and applies
+      weight decay after the step to the updated weight (here before, to
+      the old one: a difference of order lr²·wd).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -1173,26 +1379,71 @@ def galore_adamw(
 
   Raises:
     ValueError: As `scale_by_galore`, or on a string `mask` (a projection
-      regex belongs in `project`).
+      regex belongs in `project`), or an unknown `eps_placement` or
+      `fira_limiter`.
     TypeError: On both `refresh_every` and `update_gap` (different values).
   """
   refresh_every = _renamed_refresh_every(refresh_every, update_gap,
                                          "galore_adamw")
-  adam = (scale_by_adam_per_matrix(b1, b2, eps) if on_refresh == "reset"
-          else optax.scale_by_adam(b1, b2, eps))
+  if eps_placement not in EPS_PLACEMENTS:
+    raise ValueError(f"Unknown eps_placement {eps_placement!r}; expected "
+                     f"{EPS_PLACEMENTS} ('torch': galore-torch's and Fira's "
+                     "m / (sqrt(v) + eps) before the bias correction).")
+  if fira_limiter not in FIRA_LIMITERS:
+    raise ValueError(f"Unknown fira_limiter {fira_limiter!r}; expected "
+                     f"{FIRA_LIMITERS}.")
+  if eps_placement == "torch":
+    adam = _scale_by_adam_torch_eps(b1, b2, eps)
+  elif on_refresh == "reset":
+    adam = scale_by_adam_per_matrix(b1, b2, eps)
+  else:
+    adam = optax.scale_by_adam(b1, b2, eps)
   core = scale_by_galore(
       adam,
       rank=rank, refresh_every=refresh_every, scale=scale, side=side,
       projector=projector, rsvd_method=rsvd_method, on_refresh=on_refresh,
       residual=residual, residual_scale=residual_scale, fira_gamma=fira_gamma,
-      fira_leak=fira_leak, stagger=stagger, stagger_layers=stagger_layers,
+      fira_leak=fira_leak,
+      fira_bias_correction=(b1, b2) if fira_limiter == "uncorrected" else None,
+      stagger=stagger, stagger_layers=stagger_layers,
       project=project, stacked_axes=stacked_axes, input_axes=input_axes,
       seed=seed, projector_bits=projector_bits,
-      projector_group_size=projector_group_size, adaptive_gap=adaptive_gap,
+      projector_group_size=projector_group_size,
+      projector_quantizer=projector_quantizer, adaptive_gap=adaptive_gap,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
-      cos_history=cos_history,
+      cos_history=cos_history, signed_cosine=signed_cosine,
   )
   return _adamw(core, learning_rate, weight_decay, mask)
+
+
+_ATTN_MLP_ONLY = (
+    "projecting only the attention and MLP linear weights (the official "
+    "scripts; embeddings, norms and the output head get full AdamW): no "
+    "model-independent value, pass project= a regex for them (r'_proj' for "
+    "lowrank.models.llama)")
+_GALORE_SOURCE = ("jiaweizzhao/GaLore@2cc66f88cce1 (galore_torch/adamw.py, "
+                  "galore_torch/galore_projector.py)")
+_SIDE_REASON = (
+    "lowrank's 'auto' projects the larger dimension (state r x min(m, n), "
+    "as optax.contrib.galore); the official 'std' rule projects the smaller "
+    "one, which 'torch' is for lowrank's [in, out] kernels")
+_EPS_REASON = ("optax's default, the library-wide one; the official AdamW "
+               "uses 1e-6")
+_EPS_PLACEMENT_REASON = (
+    "optax's m_hat / (sqrt(v_hat) + eps); the official AdamW adds eps to the "
+    "uncorrected sqrt(v) and bias-corrects the step size")
+
+presets.register(
+    "galore_adamw", source=_GALORE_SOURCE,
+    kwargs=dict(side="torch", eps=1e-6, eps_placement="torch"),
+    reasons=dict(side=_SIDE_REASON, eps=_EPS_REASON,
+                 eps_placement=_EPS_PLACEMENT_REASON),
+    unavailable=(
+        _ATTN_MLP_ONLY,
+        "the basis cast to the gradient's dtype (bf16 in bf16 runs); lowrank "
+        "keeps it in float32",
+        "weight decay after the step, on the updated weight (lowrank decays "
+        "the old weight; a difference of order lr^2 * wd)"))
 
 
 def q_galore_adamw(
@@ -1207,6 +1458,7 @@ def q_galore_adamw(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
+    eps_placement: str = "optax",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     project: str | ProjectFn | Any | None = None,
@@ -1215,9 +1467,11 @@ def q_galore_adamw(
     seed: int = 0,
     projector_bits: int = 4,
     projector_group_size: int | None = None,
+    projector_quantizer: str = "rank_groups",
     cos_threshold: jax.typing.ArrayLike = 0.4,
     gap_growth: jax.typing.ArrayLike = 2,
     cos_history: int = 5,
+    signed_cosine: bool = False,
     update_gap: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Q-GaLore: low-bit projectors and lazy, layer-adaptive refresh.
@@ -1225,12 +1479,35 @@ def q_galore_adamw(
   Projectors are stored as `projector_bits`-bit codes with per-group scales
   (Q-GaLore's default: 4 bits) and each layer's refresh gap, starting at
   `refresh_every`, doubles once its basis is stable (mean cosine similarity
-  of consecutive first basis vectors over the last `cos_history` refreshes
-  `>= cos_threshold`). Q-GaLore's INT8 weights with stochastic rounding are
-  a model-side choice and not part of this transform. The other arguments
-  are `galore_adamw`'s (`mask` is the weight-decay mask and `project` the
-  projection selector); `update_gap` is the deprecated name of
-  `refresh_every` (it warns).
+  of consecutive float32 first basis vectors over the last `cos_history`
+  refreshes `>= cos_threshold`; refreshes fall on multiples of the current
+  gap). The other arguments are `galore_adamw`'s and `scale_by_galore`'s
+  (`mask` is the weight-decay mask and `project` the projection selector);
+  `update_gap` is the deprecated name of `refresh_every` (it warns).
+
+  Differences from the official code (VITA-Group/Q-GaLore@5bd2f1c5a1ad,
+  `q_galore_torch/q_galore_projector.py`, `q_galore_adamw8bit.py`,
+  `run_pretrain.py`); `presets.paper("q_galore_adamw")` gives the official
+  behaviour where an argument can:
+    * Cosine: `|cos|` of consecutive first vectors, since an SVD's signs
+      are arbitrary; the official code uses the signed cosine (a flipped
+      vector counts as unstable): `signed_cosine=True`.
+    * Projector quantization: groups along the rank axis with an unclamped
+      zero point (a `d`-sharded projector stays sharded); the official
+      `_quantize` flattens the stored basis into groups of 256 elements
+      with a clamped zero point and a scale floor:
+      `projector_quantizer="q_galore"` (group 256 by default then).
+    * β2: 0.999; the official scripts run 0.95 (`--beta2`): `b2=0.95`.
+    * Side and projected leaves as `galore_adamw`: `side="torch"`,
+      `project=`.
+    * Not available as an argument: the inner optimizer is float32 Adam;
+      the official one is bitsandbytes' blockwise 8-bit AdamW. Compose it:
+      `optax.chain(scale_by_galore(optim.scale_by_adam8bit(b2=0.95),
+      rank=..., adaptive_gap=True, projector_bits=4, ...),
+      optax.add_decayed_weights(wd), optax.scale_by_learning_rate(lr))`
+      (bitsandbytes' eps placement was not checked).
+    * Not available: INT8 weights with stochastic rounding (a model-side
+      choice), weight decay after the step (as `galore_adamw`).
 
   References:
     Zhang et al. 2024, Q-GaLore, https://arxiv.org/abs/2407.08296
@@ -1238,7 +1515,35 @@ def q_galore_adamw(
   return _family_alias(
       "q_galore_adamw", locals(), adaptive_gap=True,
       cos_threshold=cos_threshold, gap_growth=gap_growth,
-      cos_history=cos_history)
+      cos_history=cos_history, signed_cosine=signed_cosine)
+
+
+presets.register(
+    "q_galore_adamw",
+    source=("VITA-Group/Q-GaLore@5bd2f1c5a1ad "
+            "(q_galore_torch/q_galore_projector.py, run_pretrain.py)"),
+    kwargs=dict(side="torch", b2=0.95, signed_cosine=True,
+                projector_quantizer="q_galore"),
+    reasons=dict(
+        side=_SIDE_REASON,
+        b2="optax's default 0.999; the official scripts run --beta2 0.95",
+        signed_cosine=(
+            "an SVD's signs are arbitrary, so lowrank compares |cos|; the "
+            "official code's signed cosine counts a flipped vector as "
+            "unstable"),
+        projector_quantizer=(
+            "lowrank groups along the rank axis so a d-sharded projector "
+            "stays sharded; the official quantizer flattens the basis into "
+            "groups of 256 with a clamped zero point")),
+    unavailable=(
+        "bitsandbytes' blockwise 8-bit AdamW as the inner optimizer: "
+        "compose scale_by_galore(optim.scale_by_adam8bit(b2=0.95), "
+        "adaptive_gap=True, projector_bits=4, ...) with weight decay and "
+        "the learning rate",
+        "INT8 weights with stochastic rounding (--weight_quant "
+        "--stochastic_round; model-side)",
+        _ATTN_MLP_ONLY,
+        "weight decay after the step, on the updated weight"))
 
 
 def fira_adamw(
@@ -1253,6 +1558,7 @@ def fira_adamw(
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
+    eps_placement: str = "optax",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     project: str | ProjectFn | Any | None = None,
@@ -1261,23 +1567,62 @@ def fira_adamw(
     seed: int = 0,
     projector_bits: int | None = None,
     projector_group_size: int | None = None,
+    projector_quantizer: str = "rank_groups",
     stagger: int = 1,
     stagger_layers: bool = False,
     gamma: jax.typing.ArrayLike = 1.01,
     leak: bool = False,
+    limiter: str = "uncorrected",
     update_gap: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Fira: GaLore-AdamW plus the norm-scaled residual with a growth limiter.
 
-  `gamma` is Fira's norm-growth limit γ. `leak=True` reproduces Fira's
-  reference code (residual `G − α P Pᵀ G`); the default is the paper's true
-  orthogonal complement. The other arguments are `galore_adamw`'s (`mask`
-  is the weight-decay mask and `project` the projection selector);
-  `update_gap` is the deprecated name of `refresh_every` (it warns).
+  `gamma` is Fira's norm-growth limit γ. `limiter="uncorrected"` (default,
+  as Fira's code: `exp_avg / denom` is limited before the bias correction
+  scales the step) bounds the growth of the residual divided by Adam's bias
+  correction `√(1−β2ᵗ)/(1−β1ᵗ)` and stores that norm; `"corrected"` bounds
+  the bias-corrected residual (lowrank's behaviour before; with the limiter
+  binding from the start it made the residual up to 2.1× the official one
+  around step 12). `leak=True` reproduces Fira's reference code (residual
+  `G − α P Pᵀ G`); the default is the paper's true orthogonal complement.
+  The other arguments are `galore_adamw`'s (`mask` is the weight-decay mask
+  and `project` the projection selector); `update_gap` is the deprecated
+  name of `refresh_every` (it warns).
+
+  Differences from the official code (xichen-fy/Fira@5c28b1340828,
+  `optimizer_torch/fira_adamw.py`, `gradient_projection.py`);
+  `presets.paper("fira_adamw")` gives the official behaviour where an
+  argument can:
+    * Residual: the true complement `G − P Pᵀ G` (the paper's text); the
+      code subtracts the α-scaled projection, `G − α P Pᵀ G`: `leak=True`
+      (the same when `scale=1`).
+    * Adam's eps: 1e-8 with optax's placement; Fira uses 1e-6 added before
+      the bias correction: `eps=1e-6, eps_placement="torch"`.
+    * Side and projected leaves as `galore_adamw`: `side="torch"`,
+      `project=`.
+    * Not available: the basis in the gradient's dtype and weight decay
+      after the step (as `galore_adamw`).
   """
   return _family_alias(
       "fira_adamw", locals(), stagger=stagger, stagger_layers=stagger_layers,
-      residual="fira", fira_gamma=gamma, fira_leak=leak)
+      residual="fira", fira_gamma=gamma, fira_leak=leak,
+      fira_limiter=limiter)
+
+
+presets.register(
+    "fira_adamw",
+    source=("xichen-fy/Fira@5c28b1340828 (optimizer_torch/fira_adamw.py, "
+            "optimizer_torch/gradient_projection.py)"),
+    kwargs=dict(side="torch", eps=1e-6, eps_placement="torch", leak=True),
+    reasons=dict(
+        side=_SIDE_REASON, eps=_EPS_REASON,
+        eps_placement=_EPS_PLACEMENT_REASON,
+        leak=("the paper's text uses the true complement G - P P^T G; the "
+              "code's residual is G - alpha P P^T G")),
+    unavailable=(
+        _ATTN_MLP_ONLY,
+        "the basis cast to the gradient's dtype (bf16 in bf16 runs)",
+        "weight decay after the step, on the updated weight"))
 
 
 def frugal_adamw(
@@ -1287,11 +1632,12 @@ def frugal_adamw(
     refresh_every: int = _DEFAULT_REFRESH_EVERY,
     scale: jax.typing.ArrayLike = 1.0,
     side: str = "auto",
-    projector: str = "random",
+    projector: str = "svd",
     rsvd_method: str = "cholesky",
     b1: jax.typing.ArrayLike = 0.9,
     b2: jax.typing.ArrayLike = 0.999,
     eps: jax.typing.ArrayLike = 1e-8,
+    eps_placement: str = "optax",
     weight_decay: jax.typing.ArrayLike = 0.0,
     mask: Any = None,
     project: str | ProjectFn | Any | None = None,
@@ -1300,6 +1646,7 @@ def frugal_adamw(
     seed: int = 0,
     projector_bits: int | None = None,
     projector_group_size: int | None = None,
+    projector_quantizer: str = "rank_groups",
     stagger: int = 1,
     stagger_layers: bool = False,
     residual_rule: str = "sign",
@@ -1314,11 +1661,28 @@ def frugal_adamw(
   (`scale_by_adam_per_matrix`), so the first step after a refresh is
   bias-corrected as a first step. The residual gets signSGD (`"sign"`,
   default) or SGD (`"sgd"`) scaled by `inactive_lr_scale` (FRUGAL's
-  pretraining scripts use 1.0, its fine-tuning ones 0.1). The other
-  arguments are `galore_adamw`'s (`mask` is the weight-decay mask and
-  `project` the projection selector; FRUGAL's default projector is
-  `"random"`); `update_gap` is the deprecated name of `refresh_every` (it
-  warns).
+  pretraining scripts use 1.0, the default, its fine-tuning ones 0.1). The
+  other arguments are `galore_adamw`'s (`mask` is the weight-decay mask and
+  `project` the projection selector); the default projector is `"svd"`,
+  FRUGAL's (`proj_type='svd'`; it was `"random"` here). `update_gap` is the
+  deprecated name of `refresh_every` (it warns).
+
+  Differences from the official code (philip-zmushko/FRUGAL, read at the
+  fork hungquangbui02022003/FRUGAL@c7ebe4c242f7, upstream's "Init":
+  `frugal/proj_optimizer_templates.py`, `adamw.py`, `galore_projector.py`);
+  `presets.paper("frugal_adamw")` gives the official behaviour where an
+  argument can. Adam (eps 1e-8, optax's placement), the reset of moments
+  and count, the refresh period and the sign rule match.
+    * Side: `side="torch"` for FRUGAL's `proj_side='std'` (as
+      `galore_adamw`).
+    * Rank: FRUGAL sets each matrix's rank to `round(density · d)` of its
+      projected dimension (`density=0.25`); lowrank has one `rank`:
+      `rank=round(0.25 · d)` gives it when every projected dimension is `d`,
+      otherwise not available.
+    * Projected leaves: attention and MLP linear weights only: `project=`.
+    * Not available: the block variant the pretraining scripts run
+      (`--optimizer frugal` is BlockAdamW: whole tensors state-full, the
+      others signSGD, rotated every `update_gap` steps).
 
   References:
     Zmushko et al. 2024, FRUGAL, https://arxiv.org/abs/2411.07837
@@ -1331,3 +1695,18 @@ def frugal_adamw(
       "frugal_adamw", locals(), stagger=stagger,
       stagger_layers=stagger_layers, on_refresh="reset",
       residual=f"frugal_{residual_rule}", residual_scale=inactive_lr_scale)
+
+
+presets.register(
+    "frugal_adamw",
+    source=("hungquangbui02022003/FRUGAL@c7ebe4c242f7, a fork of "
+            "philip-zmushko/FRUGAL (frugal/proj_optimizer_templates.py, "
+            "frugal/adamw.py, frugal/galore_projector.py)"),
+    kwargs=dict(side="torch"),
+    reasons=dict(side=_SIDE_REASON),
+    unavailable=(
+        "a per-matrix rank round(density * d) (density 0.25): pass "
+        "rank=round(0.25 * d) when every projected dimension is d",
+        _ATTN_MLP_ONLY,
+        "the block variant (BlockAdamW) that the official pretraining "
+        "scripts run under --optimizer frugal"))

@@ -55,7 +55,12 @@ def resolve_side(shape: tuple[int, ...], side: str) -> str:
 
   `"auto"` keeps the smaller optimizer state (`r × min(m, n)`: left when
   `m >= n`), as `optax.contrib.galore` does. `"torch"` is galore-torch's
-  `proj_type="std"`: right when `m >= n`, so its state is `max(m, n) × r`.
+  `proj_type="std"` (state `max(m, n) × r`) for lowrank's `[in, out]`
+  kernels, the transpose of torch's `[out, in]` weights: the basis spans
+  the smaller dimension (left when `m < n`, right when `m > n`), and a
+  square kernel is projected on its input (row) axis, left, as galore-torch
+  projects a square weight's input axis (`Vh[:r]` of `[out, in]`). Before,
+  square kernels went right, the output axis.
 
   Raises:
     ValueError: On an unknown side.
@@ -64,7 +69,7 @@ def resolve_side(shape: tuple[int, ...], side: str) -> str:
   if side == "auto":
     return "left" if m >= n else "right"
   if side == "torch":
-    return "right" if m >= n else "left"
+    return "right" if m > n else "left"
   if side in ("left", "right"):
     return side
   raise ValueError(f"Unknown side {side!r}; expected one of {SIDES}.")

@@ -7,8 +7,18 @@ rank axis of a `[..., dim, rank]` projector), so a projector sharded on its
 zero point `[..., dim, rank / group_size]`.
 
 `q = clip(round(x / scale) + zero, 0, 2^b − 1)`, `x ≈ (q − zero) · scale`,
-with `scale = (max − min) / (2^b − 1)` and `zero = round(−min / scale)` per
-group, as in Q-GaLore's projector quantizer.
+with `scale = (max − min) / (2^b − 1)` (1.0 for a constant group) and an
+unclamped `zero = round(−min / scale)` per group, so every group round-trips
+within half a step.
+
+Q-GaLore's own quantizer (`_quantize` in `q_galore_torch/q_galore_projector.py`
+of VITA-Group/Q-GaLore) differs in layout and clamps: it flattens the
+matrix it stores into groups of `group_size` consecutive elements (256 in
+its scripts), floors `max − min` at 1e-5 and clamps the zero point to
+`[0, 2^b − 1]`. `quantize_flat` / `dequantize_flat` are that quantizer
+(codes `[..., 1, numel]`, or `numel / 2` packed 4-bit, scale and zero
+`[..., 1, numel / group_size]`); a `d`-sharded projector does not stay
+sharded in that form.
 """
 
 from typing import NamedTuple
@@ -94,3 +104,78 @@ def dequantize(qx: Quantized, bits: int, group_size: int) -> jax.Array:
   )
   x = (g - qx.zero[..., None]) * qx.scale[..., None]
   return x.reshape(codes.shape)
+
+
+def check_flat(shape: tuple[int, ...], bits: int, group_size: int) -> None:
+  """Validates `quantize_flat`'s layout for matrices `[..., d, r]`.
+
+  Raises:
+    ValueError: If `bits` is not 4 or 8, or `group_size` does not divide
+      `d·r` (Q-GaLore asserts the same), or 4-bit codes would not pack.
+  """
+  if bits not in BITS:
+    raise ValueError(f"bits must be one of {BITS}; got {bits!r}.")
+  numel = shape[-2] * shape[-1]
+  if group_size <= 0 or numel % group_size:
+    raise ValueError(
+        f"group_size={group_size} must divide the {shape[-2]}x{shape[-1]} "
+        f"= {numel} elements of each projector (Q-GaLore's flattened "
+        "groups); pass projector_group_size= a divisor of it.")
+  if bits == 4 and numel % 2:
+    raise ValueError(f"4-bit packing needs an even size; got {numel}.")
+
+
+def _flat(x: jax.Array, transpose: bool) -> jax.Array:
+  """`[..., d, r]` -> `[..., 1, d·r]`, row-major in the stored orientation."""
+  if transpose:
+    x = jnp.swapaxes(x, -1, -2)
+  return x.reshape(x.shape[:-2] + (1, x.shape[-2] * x.shape[-1]))
+
+
+def zeros_flat(shape: tuple[int, ...], bits: int, group_size: int) -> Quantized:
+  """An all-zero `quantize_flat` result for matrices of `shape`."""
+  check_flat(shape, bits, group_size)
+  numel = shape[-2] * shape[-1]
+  lead = shape[:-2] + (1,)
+  return Quantized(
+      codes=jnp.zeros(lead + (numel if bits == 8 else numel // 2,),
+                      jnp.uint8),
+      scale=jnp.zeros(lead + (numel // group_size,), jnp.float32),
+      zero=jnp.zeros(lead + (numel // group_size,), jnp.float32),
+  )
+
+
+def quantize_flat(x: jax.Array, bits: int, group_size: int,
+                  transpose: bool = False) -> Quantized:
+  """Q-GaLore's `_quantize` of each matrix `[..., d, r]` of `x`.
+
+  The matrix (its transpose `[r, d]` with `transpose=True`) is read
+  row-major into groups of `group_size` consecutive elements; per group
+  `scale = max(max − min, 1e-5) / (2^b − 1)`,
+  `zero = clip(−round(min / scale), 0, 2^b − 1)` and
+  `q = clip(round(x / scale) + zero, 0, 2^b − 1)`.
+  """
+  check_flat(x.shape, bits, group_size)
+  levels = 2**bits - 1
+  flat = _flat(x.astype(jnp.float32), transpose)
+  g = flat.reshape(flat.shape[:-1] + (flat.shape[-1] // group_size,
+                                      group_size))
+  lo, hi = g.min(axis=-1), g.max(axis=-1)
+  scale = jnp.maximum(hi - lo, 1e-5) / levels
+  zero = jnp.clip(-jnp.round(lo / scale), 0, levels)
+  q = jnp.clip(jnp.round(g / scale[..., None]) + zero[..., None], 0, levels)
+  q = q.astype(jnp.uint8).reshape(flat.shape)
+  if bits == 4:
+    q = q[..., 0::2] | (q[..., 1::2] << 4)
+  return Quantized(codes=q, scale=scale, zero=zero)
+
+
+def dequantize_flat(qx: Quantized, bits: int, group_size: int, rank: int,
+                    transpose: bool = False) -> jax.Array:
+  """Inverse of `quantize_flat`: float32 `[..., d, rank]`."""
+  flat = dequantize(qx, bits, group_size)  # [..., 1, d·r]
+  d = flat.shape[-1] // rank
+  lead = flat.shape[:-2]
+  if transpose:
+    return jnp.swapaxes(flat.reshape(lead + (rank, d)), -1, -2)
+  return flat.reshape(lead + (d, rank))
