@@ -6,9 +6,12 @@ fake CPU devices joined by `jax.distributed.initialize` on 127.0.0.1, and as
 the data-parallel update is replicated on every device, so fewer devices
 cost less CPU here). The logged losses and gradient norms, the zero-shot
 and the final retrieval metrics must agree. The data is a tiny BEIR-format
-collection written here (`--config.data.spec=beir:<dir>`), so that the three
-processes finish in well under a minute of CPU on a shared machine; the
-training path (mesh, batches, step, checkpoints) is the one of any dataset.
+collection written here (`--config.data.spec=beir:<dir>`) and the model
+all-MiniLM-L6-v2 cut to its first 2 layers (`--config.model.path`: the same
+checkpoint format, tokenizer and embeddings; a 6-layer model takes about 3x
+longer to compile), so that the three processes finish in well under a
+minute of CPU on a shared machine; the training path (mesh, batches, step,
+checkpoints) is the one of any dataset and model.
 """
 
 import json
@@ -23,7 +26,9 @@ from unittest import mock
 from absl.testing import absltest
 import jax
 import numpy as np
+from safetensors import numpy as safetensors_numpy
 
+from lowrank import assets
 from lowrank import distributed
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -58,17 +63,36 @@ def _write_tiny_beir(directory: pathlib.Path) -> None:
         header + "".join(r + "\n" for r in rows))
 
 
+def _write_truncated_minilm(directory: pathlib.Path, num_layers: int) -> None:
+  """all-MiniLM-L6-v2 with its first `num_layers` layers: an HF directory."""
+  src = assets.minilm_path()
+  directory.mkdir(parents=True)
+  for f in src.iterdir():
+    if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+      (directory / f.name).write_bytes(f.read_bytes())
+  config = json.loads((src / "config.json").read_text())
+  config["num_hidden_layers"] = num_layers
+  (directory / "config.json").write_text(json.dumps(config))
+  kept = tuple(f"encoder.layer.{i}." for i in range(num_layers))
+  tensors = safetensors_numpy.load_file(str(src / "model.safetensors"))
+  safetensors_numpy.save_file(
+      {k: v for k, v in tensors.items()
+       if not k.startswith("encoder.layer.") or k.startswith(kept)},
+      str(directory / "model.safetensors"))
+
+
 def _free_port() -> int:
   with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
 
 
-def _command(workdir, data, *extra):
+def _command(workdir, data, model, *extra):
   return [
       sys.executable, "-m", "experiments.finetune_retriever",
       "--config=experiments/configs/finetune_retriever.py:smoke",
-      f"--config.data.spec=beir:{data}", f"--workdir={workdir}", *extra,
+      f"--config.data.spec=beir:{data}", f"--config.model.path={model}",
+      f"--workdir={workdir}", *extra,
   ]
 
 
@@ -141,13 +165,15 @@ class MultiHostTest(absltest.TestCase):
     tmp = pathlib.Path(self.create_tempdir().full_path)
     data = tmp / "tiny_beir"
     _write_tiny_beir(data)
+    model = tmp / "minilm_2_layers"
+    _write_truncated_minilm(model, 2)
     one, two = tmp / "one_process", tmp / "two_processes"
     address = f"127.0.0.1:{_free_port()}"
-    jobs = [("1x4", _command(one, data), _env(4), tmp / "1x4.log")]
+    jobs = [("1x4", _command(one, data, model), _env(4), tmp / "1x4.log")]
     for i in range(2):
       jobs.append((
           f"2x2 process {i}",
-          _command(two, data, f"--coordinator_address={address}",
+          _command(two, data, model, f"--coordinator_address={address}",
                    "--num_processes=2", f"--process_id={i}"),
           _env(2),
           tmp / f"2x2_{i}.log",
