@@ -35,8 +35,18 @@ def _mesh():
 
 
 def _model(seed: int = 0, **overrides) -> llama.LlamaForCausalLM:
-  """Random norm scales too, so a missed norm shows."""
-  return testing.tiny_llama_lm(seed, norm_seed=seed + 100, **overrides)
+  """Random norm scales too, so a missed norm shows.
+
+  The scales are placed on the mesh, as the other parameters are: a jitted
+  call returns them so, and a plain array in would compile every program
+  twice (for the first call and for the next).
+  """
+  model = testing.tiny_llama_lm(seed, norm_seed=seed + 100, **overrides)
+  replicated = jax.sharding.NamedSharding(testing.one_device_mesh(), P())
+  for path, var in nnx.iter_graph(model):
+    if isinstance(var, nnx.Param) and path[-1] == "scale":
+      var.set_value(jax.device_put(var.get_value(), replicated))
+  return model
 
 
 @nnx.jit
@@ -45,13 +55,22 @@ def _jit_logits(model, ids, mask, positions):
 
 
 def _logits(model, ids, mask=None, positions=None) -> np.ndarray:
-  """Jitted forward (one compilation per config and shape, not per op)."""
+  """Jitted forward (one compilation per config and shape, not per op).
+
+  Compiling is most of this file's cost, so the tests share programs: ids
+  are `[2, 8]` wherever the test allows, and a mask comes with positions
+  (`_ARANGE` when the default ones are meant).
+  """
   return np.asarray(_jit_logits(model, ids, mask, positions))
 
 
+# The default positions of a `[2, 8]` batch without a cache.
+_ARANGE = np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8))
+
+
 def _ids(shape, seed=0, vocab=256):
-  return np.asarray(jax.random.randint(jax.random.key(seed), shape, 0, vocab),
-                    np.int32)
+  # numpy, not `jax.random`: each new shape would be a compilation.
+  return np.random.default_rng(seed).integers(0, vocab, shape, np.int32)
 
 
 class ConfigTest(parameterized.TestCase):
@@ -148,27 +167,34 @@ class ForwardTest(parameterized.TestCase):
   def test_left_padding_matches_unpadded(self, scan_layers):
     model = _model(scan_layers=scan_layers)
     ids = _ids((2, 8), seed=1)
-    alone = _logits(model, ids[:, 3:])[0]
+    # Row 0 unpadded: its 5 tokens first. The 3 after them cannot change
+    # their logits (causal, see test_causal_mask); the shape is that of the
+    # other calls, so no compilation of its own.
+    unpadded = np.concatenate([ids[:, 3:], ids[:, :3]], axis=1)
+    alone = _logits(model, unpadded)[0, :5]
     padded = ids.copy()
     mask = np.ones_like(ids)
     mask[0, :3] = 0  # Row 0 is row 0 of `alone`, left-padded by 3.
     positions = llama.positions_from_mask(mask)
     out = _logits(model, padded, mask, positions)[0]
     np.testing.assert_allclose(out[3:], alone, atol=1e-5, rtol=1e-5)
-    # Without the mask the pads are attended to, and the result changes.
-    unmasked = _logits(model, padded, None, positions)[0]
+    # Without the mask (all ones) the pads are attended to, and the result
+    # changes.
+    unmasked = _logits(model, padded, np.ones_like(mask), positions)[0]
     self.assertGreater(np.abs(unmasked[3:] - alone).max(), 1e-3)
 
   def test_padding_in_the_middle_is_ignored(self):
     model = _model()
-    ids = _ids((1, 8), seed=3)
-    mask = np.ones((1, 8), np.int32)
+    ids = _ids((2, 8), seed=3)
+    mask = np.ones((2, 8), np.int32)
     mask[0, 2:4] = 0
     other = ids.copy()
     other[0, 2:4] = (other[0, 2:4] + 7) % 256
-    a, b = _logits(model, ids, mask), _logits(model, other, mask)
+    a = _logits(model, ids, mask, _ARANGE)
+    b = _logits(model, other, mask, _ARANGE)
     keep = mask[0].astype(bool)
     np.testing.assert_array_equal(a[0, keep], b[0, keep])
+    np.testing.assert_array_equal(a[1], b[1])
 
   def test_gqa_equals_mha_with_repeated_kv(self):
     gqa = _model(seed=5)
@@ -215,17 +241,25 @@ class ForwardTest(parameterized.TestCase):
     self.assertIsNone(model.lm_head)
     self.assertNotIn("lm_head.weight", llama.hf_param_names(model))
     ids = _ids((2, 8))
+    # The same weights untied, with the table as the head's kernel: the
+    # final hidden states times the table's transpose (an untied model's
+    # program, compiled for the other tests).
+    untied = _model()
+    nnx.update(untied, nnx.state(model))
+    kernel = untied.lm_head.kernel
     table = model.model.embed_tokens.embedding.get_value()
-    hidden = nnx.jit(lambda m, x: m.model(x)[0])(model, ids)
-    np.testing.assert_allclose(_logits(model, ids),
-                               np.asarray(hidden @ table.T), atol=1e-5)
+    kernel.set_value(jax.device_put(np.asarray(table).T,
+                                    kernel.get_value().sharding))
+    np.testing.assert_allclose(_logits(model, ids), _logits(untied, ids),
+                               atol=1e-5)
 
   def test_rotary_is_rotate_half(self):
     # Pair (i, i + d/2) rotates by pos * theta^(-2i/d).
-    x = jax.random.normal(jax.random.key(0), (1, 1, 1, 8))
-    cos, sin = llama.rotary_angles(np.array([[3]]), 8, 100.0)
-    out = np.asarray(llama.apply_rotary(x, cos, sin))[0, 0, 0]
-    x = np.asarray(x)[0, 0, 0]
+    x = np.random.default_rng(0).normal(size=(1, 1, 1, 8)).astype(np.float32)
+    rotate = jax.jit(lambda x, pos: llama.apply_rotary(
+        x, *llama.rotary_angles(pos, 8, 100.0)))  # One compilation, not ~20.
+    out = np.asarray(rotate(x, np.array([[3]])))[0, 0, 0]
+    x = x[0, 0, 0]
     for i in range(4):
       angle = 3 * 100.0 ** (-2 * i / 8)
       c, s = np.cos(angle), np.sin(angle)
@@ -245,37 +279,41 @@ class ForwardTest(parameterized.TestCase):
 class DecodingTest(parameterized.TestCase):
 
   def test_chunked_prefill_equals_full_forward(self):
-    model = _model(seed=10, scan_layers=True)  # Eager calls are jit-cached.
+    model = _model(seed=10, scan_layers=True)
     ids = _ids((2, 8), seed=10)
-    full = np.asarray(model(ids))
-    cache = model.init_cache(2, 8)
-    first, cache = model(ids[:, :4], cache=cache)
-    second, cache = model(ids[:, 4:], cache=cache)
+    full = _logits(model, ids)
+    # Jitted: eager, each op of the cache update is a compilation.
+    chunk = nnx.jit(lambda m, ids, cache: m(ids, cache=cache))
+    # On the mesh, as the returned cache is: one compilation, not two.
+    cache = jax.device_put(model.init_cache(2, 8), jax.sharding.NamedSharding(
+        testing.one_device_mesh(), P()))
+    first, cache = chunk(model, ids[:, :4], cache)
+    second, cache = chunk(model, ids[:, 4:], cache)
     self.assertEqual(int(cache.end), 8)
     np.testing.assert_allclose(
         np.concatenate([first, second], axis=1), full, atol=1e-5, rtol=1e-5)
     with self.assertRaisesRegex(ValueError, "Cache overflow"):
-      model(ids[:, :4], cache=cache)
+      model(ids[:, :4], cache=cache)  # Eager: checked outside jit only.
 
   @parameterized.parameters(False, True)
   def test_cached_greedy_equals_recomputing(self, scan_layers):
     model = _model(seed=11, scan_layers=scan_layers)
-    prompt = _ids((2, 5), seed=11)
-    mask = np.ones((2, 5), np.int32)
+    prompt = _ids((2, 4), seed=11)
+    mask = np.ones((2, 4), np.int32)
     mask[1, :2] = 0  # Left-padded second row.
-    tokens, logits = llama.generate(model, prompt, 6, attention_mask=mask,
+    tokens, logits = llama.generate(model, prompt, 4, attention_mask=mask,
                                     return_logits=True)
-    self.assertEqual(tokens.shape, (2, 6))
+    self.assertEqual(tokens.shape, (2, 4))
     # Reference: the full forward over the sequence so far at every step,
-    # without a cache. One fixed shape (so one compilation): the not yet
-    # generated tail is masked, and causality hides it anyway.
-    forward = nnx.jit(lambda m, ids, mask: m(
-        ids, attention_mask=mask, positions=llama.positions_from_mask(mask)))
-    seq = np.concatenate([prompt, np.zeros((2, 6), np.int32)], axis=1)
-    seq_mask = np.concatenate([mask, np.zeros((2, 6), np.int32)], axis=1)
-    for step in range(6):
-      last = 5 + step - 1
-      ref = np.asarray(forward(model, seq, seq_mask))[:, last]
+    # without a cache. One fixed shape, [2, 8], that of the other tests (so
+    # no compilation): the not yet generated tail is masked, and causality
+    # hides it anyway.
+    seq = np.concatenate([prompt, np.zeros((2, 4), np.int32)], axis=1)
+    seq_mask = np.concatenate([mask, np.zeros((2, 4), np.int32)], axis=1)
+    for step in range(4):
+      last = 4 + step - 1
+      ref = _logits(model, seq, seq_mask,
+                    llama.positions_from_mask(seq_mask))[:, last]
       np.testing.assert_allclose(logits[:, step], ref, atol=1e-4, rtol=1e-4)
       nxt = ref.argmax(-1).astype(np.int32)
       np.testing.assert_array_equal(tokens[:, step], nxt)
@@ -302,13 +340,12 @@ class CheckpointTest(parameterized.TestCase):
     with _mesh():
       loaded = llama.load_pretrained(path, scan_layers=scan_load)
     self.assertEqual(loaded.config, model.config.replace(scan_layers=scan_load))
-    ids = _ids((2, 6), seed=12)
+    ids = _ids((2, 8), seed=12)
     if scan_save == scan_load:  # Same weights, same program: bitwise.
-      np.testing.assert_array_equal(np.asarray(loaded(ids)),
-                                    np.asarray(model(ids)))
+      np.testing.assert_array_equal(_logits(loaded, ids), _logits(model, ids))
     else:
-      np.testing.assert_allclose(np.asarray(loaded(ids)),
-                                 np.asarray(model(ids)), atol=1e-5, rtol=1e-5)
+      np.testing.assert_allclose(_logits(loaded, ids), _logits(model, ids),
+                                 atol=1e-5, rtol=1e-5)
     tensors = safetensors_numpy.load_file(str(path / llama.WEIGHTS_NAME))
     self.assertEqual(tensors["model.layers.1.mlp.down_proj.weight"].shape,
                      (64, 128))  # Torch layout [out, in].
@@ -324,9 +361,8 @@ class CheckpointTest(parameterized.TestCase):
     self.assertFalse((path / llama.WEIGHTS_NAME).exists())
     with _mesh():
       loaded = llama.load_pretrained(path)
-    ids = _ids((1, 5))
-    np.testing.assert_array_equal(np.asarray(loaded(ids)),
-                                  np.asarray(model(ids)))
+    ids = _ids((2, 8))
+    np.testing.assert_array_equal(_logits(loaded, ids), _logits(model, ids))
     (path / shards[-1]).unlink()
     with self.assertRaisesRegex(FileNotFoundError, shards[-1]):
       llama.load_pretrained(path)
@@ -414,19 +450,22 @@ class TrainingTest(parameterized.TestCase):
     mask = np.ones_like(ids)
     mask[0, 12:] = 0
 
-    @jax.jit
-    def step(params, opt_state):
+    def step(carry, _):
+      params, opt_state = carry
+
       def loss_fn(params):
         logits = nnx.merge(graphdef, params)(ids, attention_mask=mask)
         return llama.next_token_loss(logits, ids, mask)
+
       loss, grads = jax.value_and_grad(loss_fn)(params)
       updates, opt_state = tx.update(grads, opt_state, params)
-      return optax.apply_updates(params, updates), opt_state, loss
+      return (optax.apply_updates(params, updates), opt_state), loss
 
-    losses = []
-    for _ in range(12):
-      params, opt_state, loss = step(params, opt_state)
-      losses.append(float(loss))
+    # The 12 steps as one program: one compilation (a jitted step compiled
+    # twice, its outputs being placed on the mesh and its inputs not).
+    train = jax.jit(lambda carry: jax.lax.scan(step, carry, length=12))
+    (params, opt_state), losses = train((params, opt_state))
+    losses = [float(x) for x in losses]
     self.assertLess(losses[-1], 0.8 * losses[0], losses)
     if scan_layers:  # Low-rank moments per layer: [L, r, n] for q_proj.
       q_mu = opt_state[0].inner_state.mu["model"]["layers"]["self_attn"][
@@ -434,12 +473,15 @@ class TrainingTest(parameterized.TestCase):
       self.assertEqual(q_mu.shape, (2, 8, 64))
 
   def test_next_token_loss_masks_targets(self):
-    logits = jax.random.normal(jax.random.key(0), (1, 4, 5))
+    logits = np.random.default_rng(0).normal(size=(1, 4, 5))
     ids = np.array([[1, 2, 3, 4]])
-    full = optax.softmax_cross_entropy_with_integer_labels(
-        logits[:, :-1], ids[:, 1:])
-    masked = llama.next_token_loss(logits, ids, np.array([[1, 1, 1, 0]]))
-    np.testing.assert_allclose(masked, full[0, :2].mean(), rtol=1e-6)
+    # Cross-entropy in numpy: log-sum-exp minus the target's logit.
+    lse = np.log(np.exp(logits[0, :-1]).sum(-1))
+    full = lse - logits[0, np.arange(3), ids[0, 1:]]
+    # Jitted: one compilation rather than one per op.
+    masked = jax.jit(llama.next_token_loss)(
+        logits.astype(np.float32), ids, np.array([[1, 1, 1, 0]]))
+    np.testing.assert_allclose(masked, full[:2].mean(), rtol=1e-6)
 
   def test_lora_injection_by_hf_path(self):
     model = _model(seed=17)
@@ -471,12 +513,18 @@ class ShardingTest(absltest.TestCase):
     self.assertEqual(q.sharding.spec, P(None, "fsdp", "tensor"))
     ids = _ids((4, 8), seed=18)
     sharded = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
-    # Same weights on one device give the same logits.
-    with _mesh():
-      single = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(18))
-    nnx.update(single, jax.device_get(nnx.state(model)))
-    np.testing.assert_allclose(sharded, np.asarray(single(ids)), atol=1e-5,
-                               rtol=1e-5)
+    # Same weights on one device give the same logits (rows are
+    # independent; two [2, 8] halves reuse the other tests' program).
+    single = _model(seed=19, scan_layers=True)
+    self.assertEqual(single.config, config)
+    # Placed as `single`'s own weights are, so no compilation of its own.
+    nnx.update(single, jax.tree.map(
+        lambda x, like: jax.device_put(x, like.sharding),
+        jax.device_get(nnx.state(model)), nnx.state(single)))
+    np.testing.assert_allclose(
+        sharded, np.concatenate([_logits(single, ids[:2]),
+                                 _logits(single, ids[2:])]),
+        atol=1e-5, rtol=1e-5)
 
 
 if __name__ == "__main__":
