@@ -1,5 +1,6 @@
 """Tests for `lowrank.models.bert` against offline golden numbers."""
 
+import functools
 import json
 import pathlib
 import sys
@@ -69,6 +70,28 @@ def _one_device_mesh():
   return sharding.make_mesh(devices=jax.devices()[:1])
 
 
+# `encode` jitted once for the module, with `embed_texts`'s arguments: the
+# tests that call it share its compilations (one per input shape).
+_encode = nnx.jit(bert.encode, static_argnames=("pooling", "normalize"))
+
+
+def _encode_mean(model, batch) -> np.ndarray:
+  return np.asarray(_encode(model, batch, pooling="mean", normalize=True))
+
+
+@functools.cache
+def _minilm_one_device():
+  """MiniLM (fp32, one device), its tokenizer and its [QUERY, *DOCS] embeddings.
+
+  Loaded once for the tests that compare against it.
+  """
+  with sharding.use_mesh(_one_device_mesh()):
+    model = bert.load_pretrained(assets.minilm_path())
+    tokenizer = bert.load_tokenizer(assets.minilm_path())
+    emb = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
+  return model, tokenizer, emb
+
+
 class AssetsTest(absltest.TestCase):
 
   def test_paths_found_without_importing_packages(self):
@@ -82,15 +105,14 @@ class AssetsTest(absltest.TestCase):
 class BertGoldenTest(absltest.TestCase):
 
   def test_minilm_matches_reference(self):
-    self.enter_context(sharding.use_mesh())
-    model = bert.load_pretrained(assets.minilm_path())
+    # On one device (shared with ShardingAndDtypeTest; the default mesh
+    # runs MiniLM in recompile_test).
+    model, tokenizer, emb = _minilm_one_device()
     self.assertIsInstance(model, bert.BertModel)
-    tokenizer = bert.load_tokenizer(assets.minilm_path())
     self.assertEqual(tokenizer.max_length, 256)  # sentence_bert_config.json
     self.assertEqual(
         bert.load_tokenizer(assets.minilm_path(), max_length=64).max_length,
         64)
-    emb = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
     self.assertEqual(emb.shape, (5, 384))
     self.assertEqual(emb.dtype, np.float32)
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
@@ -104,12 +126,17 @@ class BertGoldenTest(absltest.TestCase):
     self.assertIsNone(model.pooler)
     self.assertIsNotNone(model.cls)
     batch = tokenizer(["what causes aging fast"])
-    hidden = model(batch["input_ids"], batch["attention_mask"])
-    logits = model.mlm_logits(hidden)
-    self.assertEqual(logits.shape[-1], 30522)
-    weights = jnp.log1p(jax.nn.relu(logits))
-    mask = jnp.asarray(batch["attention_mask"], jnp.float32)[..., None]
-    rep = np.asarray(jnp.max(weights * mask, axis=1)[0])
+
+    @nnx.jit  # One compilation; eager, every op would be one.
+    def splade(model, ids, attention_mask):
+      logits = model.mlm_logits(model(ids, attention_mask))
+      weights = jnp.log1p(jax.nn.relu(logits))
+      mask = jnp.asarray(attention_mask, jnp.float32)[..., None]
+      return logits.shape[-1], jnp.max(weights * mask, axis=1)[0]
+
+    vocab, rep = splade(model, batch["input_ids"], batch["attention_mask"])
+    self.assertEqual(vocab, 30522)
+    rep = np.asarray(rep)
     top = {tokenizer.id_to_token(int(i)): rep[i] for i in np.argsort(-rep)[:8]}
     for term, value in EXPECTED_SPLADE.items():
       self.assertIn(term, top)
@@ -134,46 +161,50 @@ class EmbedTest(parameterized.TestCase):
 
   def test_embed_is_a_deprecated_alias_of_embed_texts(self):
     texts = ["a red planet", "rings"]
-    want = bert.embed_texts(self.model, self.tokenizer, texts, batch_size=2)
+    # batch_size 16: the shape of test_embed_buckets_...'s first batches.
+    want = bert.embed_texts(self.model, self.tokenizer, texts, batch_size=16)
     with self.assertWarnsRegex(DeprecationWarning,
                                r"bert\.embed is deprecated.*embed_texts"):
-      got = bert.embed(self.model, self.tokenizer, texts, batch_size=2)
+      got = bert.embed(self.model, self.tokenizer, texts, batch_size=16)
     np.testing.assert_array_equal(got, want)
 
   def test_embed_buckets_order_and_unbatched_equality(self):
-    texts = _varied_texts(300)
+    # 60 texts in 4 batches of 16 (buckets 16, 16, 64, 256): 3 compilations,
+    # one bucket used twice; each bucket is one, whatever the text count.
+    texts = _varied_texts(60)
     encoded = self.tokenizer.tokenize_unpadded(texts)
     lengths = [len(ids) for ids, _ in encoded]
     self.assertGreater(max(lengths), 128)
     before = bert.embed_trace_count()
-    emb = bert.embed_texts(self.model, self.tokenizer, texts, batch_size=64)
+    emb = bert.embed_texts(self.model, self.tokenizer, texts, batch_size=16)
     traces = bert.embed_trace_count() - before
     # Batches hold length-sorted texts; count the buckets they can touch.
     sorted_lengths = sorted(lengths)
-    buckets = {
-        bert.bucket_length(max(sorted_lengths[i:i + 64]), 256)
-        for i in range(0, 300, 64)
-    }
-    self.assertLessEqual(traces, len(buckets))
-    self.assertEqual(emb.shape, (300, 32))
+    buckets = [
+        bert.bucket_length(max(sorted_lengths[i:i + 16]), 256)
+        for i in range(0, 60, 16)
+    ]
+    self.assertLess(len(set(buckets)), len(buckets))  # A bucket is reused.
+    self.assertLessEqual(traces, len(set(buckets)))
+    self.assertEqual(emb.shape, (60, 32))
 
     # Same shapes again: no new trace; output follows input order.
-    perm = np.random.default_rng(1).permutation(300)
+    perm = np.random.default_rng(1).permutation(60)
     before = bert.embed_trace_count()
     emb_perm = bert.embed_texts(
-        self.model, self.tokenizer, [texts[i] for i in perm], batch_size=64
+        self.model, self.tokenizer, [texts[i] for i in perm], batch_size=16
     )
     self.assertEqual(bert.embed_trace_count(), before)
     np.testing.assert_allclose(emb_perm, emb[perm], atol=1e-6)
 
     # Distinct texts give distinguishable vectors (order is meaningful).
     self.assertGreater(np.abs(emb[0] - emb[1]).max(), 1e-3)
-    # Texts spanning the length range, each alone: batch 1, no padding.
-    encode = nnx.jit(bert.encode, static_argnames=("pooling", "normalize"))
-    for i in np.argsort(lengths)[[0, 60, 150, 220, 270, 299]]:
+    # Texts spanning the length range (shortest, middle, longest), each
+    # alone: batch 1, no padding.
+    for i in np.argsort(lengths)[[0, 30, 59]]:
       single = self.tokenizer([texts[i]])
-      ref = encode(self.model, single, pooling="mean", normalize=True)
-      np.testing.assert_allclose(emb[i], np.asarray(ref)[0], atol=1e-5)
+      np.testing.assert_allclose(
+          emb[i], _encode_mean(self.model, single)[0], atol=1e-5)
 
   def test_embed_empty(self):
     out = bert.embed_texts(self.model, self.tokenizer, [])
@@ -201,23 +232,25 @@ class EmbedTest(parameterized.TestCase):
     np.testing.assert_allclose(out, ref, atol=1e-6)
 
   def test_padding_invariance(self):
-    encode = nnx.jit(bert.encode)
-    a = encode(self.model, self.tokenizer(["red planet"]))
-    b = encode(self.model, self.tokenizer(["red planet"], pad_to=16))
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    # [1, 3] and [1, 16]: shapes that other tests of this class compile.
+    a = _encode_mean(self.model, self.tokenizer(["planet"]))
+    self.assertEqual(self.tokenizer(["planet"])["input_ids"].shape, (1, 3))
+    b = _encode_mean(self.model, self.tokenizer(["planet"], pad_to=16))
+    np.testing.assert_allclose(a, b, atol=1e-6)
 
   def test_dropout_only_in_train_mode(self):
     model = self.model
-    forward = nnx.jit(lambda m, ids: m(ids))
-    ids = self.tokenizer(["dropout changes this"])["input_ids"]
+    # Pooled embeddings of a [1, 16] batch: in eval mode, the program of
+    # test_padding_invariance.
+    batch = self.tokenizer(["dropout changes this"], pad_to=16)
     try:
       model.train()
-      a, b = forward(model, ids), forward(model, ids)
-      self.assertGreater(float(jnp.abs(a - b).max()), 1e-3)
+      a, b = _encode_mean(model, batch), _encode_mean(model, batch)
+      self.assertGreater(np.abs(a - b).max(), 1e-3)
     finally:
       model.eval()
-    a, b = forward(model, ids), forward(model, ids)
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    a, b = _encode_mean(model, batch), _encode_mean(model, batch)
+    np.testing.assert_array_equal(a, b)
 
 
 class TokenizerTest(absltest.TestCase):
@@ -409,10 +442,7 @@ class ModulePathTest(absltest.TestCase):
 class ShardingAndDtypeTest(absltest.TestCase):
 
   def test_fsdp_mesh_matches_one_device(self):
-    with sharding.use_mesh(_one_device_mesh()):
-      model = bert.load_pretrained(assets.minilm_path())
-      tokenizer = bert.load_tokenizer(assets.minilm_path())
-      ref = bert.embed_texts(model, tokenizer, [QUERY, DOCS[1]], batch_size=8)
+    _, _, ref = _minilm_one_device()
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
     with sharding.use_mesh(mesh):
       model = bert.load_pretrained(assets.minilm_path())
@@ -424,17 +454,17 @@ class ShardingAndDtypeTest(absltest.TestCase):
       )
       word = model.embeddings.word_embeddings.embedding.get_value()
       self.assertEqual(tuple(word.sharding.spec), ("tensor", "fsdp"))
-      out = bert.embed_texts(model, tokenizer, [QUERY, DOCS[1]], batch_size=8)
+      out = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
     np.testing.assert_allclose(out, ref, atol=1e-5)
 
   def test_bf16_compute_close_to_fp32(self):
+    _, tokenizer, ref = _minilm_one_device()
     self.enter_context(sharding.use_mesh(_one_device_mesh()))
-    model = bert.load_pretrained(assets.minilm_path())
-    tokenizer = bert.load_tokenizer(assets.minilm_path())
-    ref = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
     model = bert.load_pretrained(assets.minilm_path(), dtype=jnp.bfloat16)
     batch = tokenizer([QUERY])
-    self.assertEqual(model(batch["input_ids"]).dtype, jnp.bfloat16)
+    # Only the dtype is checked: traced, not compiled.
+    hidden = nnx.eval_shape(lambda m, ids: m(ids), model, batch["input_ids"])
+    self.assertEqual(hidden.dtype, jnp.bfloat16)
     out = bert.embed_texts(model, tokenizer, [QUERY, *DOCS], batch_size=8)
     self.assertEqual(out.dtype, np.float32)
     np.testing.assert_allclose(out, ref, atol=1e-2)
