@@ -39,12 +39,33 @@ def _one_device_mesh():
 _LINEAR = r"layers\.\d|gen|ein"
 
 
+# The checks below run in numpy and the models through one jitted forward:
+# each eager JAX op is a compile of its own (a toy forward is ~50 of them),
+# which made this file's CPU time mostly XLA compilation.
+
+
 def _gauss(shape, seed=0, scale=0.02):
-  return jax.random.normal(jax.random.key(seed), shape) * scale
+  """`scale`·N(0, 1) as float32 numpy (no compile per shape, unlike JAX's
+  random.normal, ~0.2 s each at the tests' XLA settings)."""
+  rng = np.random.default_rng(seed)
+  return rng.standard_normal(shape, np.float32) * np.float32(scale)
 
 
 def _rel(a, b):
-  return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  """‖a − b‖ / ‖b‖ (Frobenius), in float64 numpy."""
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+# One jitted forward and one jitted adapter gradient for every model here
+# (the compile is cached per model structure).
+_forward = nnx.jit(lambda model, x: model(x))
+
+
+@nnx.jit
+def _lora_grads(model, x):
+  diff = nnx.DiffState(0, nnx.LoRAParam)
+  return nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=diff)(model)
 
 
 def _bnb_nf4(a, block=64):
@@ -100,22 +121,24 @@ class NF4MathTest(parameterized.TestCase):
   def test_block_absmax_semantics_and_error_bound(self):
     w = _gauss((96, 80))  # 7680 = 120 blocks of 64.
     q = nf4.quantize_nf4(w, double_quant=False)
-    wh = nf4.dequantize_nf4(q)
+    wh = np.asarray(nf4.dequantize_nf4(q))
     blocks = w.reshape(-1, 64)
-    absmax = jnp.abs(blocks).max(-1)
+    absmax = np.abs(blocks).max(-1)
     np.testing.assert_array_equal(q.absmax, absmax)
     # The largest-magnitude element of each block maps to +-1: exact.
     hb = wh.reshape(-1, 64)
-    arg = jnp.argmax(jnp.abs(blocks), -1)
+    arg = np.argmax(np.abs(blocks), -1)
     np.testing.assert_allclose(
-        jnp.take_along_axis(hb, arg[:, None], 1),
-        jnp.take_along_axis(blocks, arg[:, None], 1), rtol=1e-6)
+        np.take_along_axis(hb, arg[:, None], 1),
+        np.take_along_axis(blocks, arg[:, None], 1), rtol=1e-6)
     # Nearest code: error <= absmax * (largest half gap of the table).
     half_gap = float(np.max(np.diff(nf4.NF4_CODE)) / 2)
-    self.assertTrue(bool(jnp.all(
-        jnp.abs(hb - blocks) <= absmax[:, None] * half_gap * (1 + 1e-6))))
+    self.assertTrue(np.all(
+        np.abs(hb - blocks) <= absmax[:, None] * half_gap * (1 + 1e-6)))
     # Zeros stay zero.
-    z = nf4.dequantize_nf4(nf4.quantize_nf4(w.at[:3].set(0.0)))
+    zeroed = w.copy()
+    zeroed[:3] = 0.0
+    z = np.asarray(nf4.dequantize_nf4(nf4.quantize_nf4(zeroed)))
     np.testing.assert_array_equal(z[:3], 0.0)
     self.assertLess(_rel(wh, w), 0.1)
 
@@ -125,18 +148,17 @@ class NF4MathTest(parameterized.TestCase):
     dq = nf4.quantize_nf4(w)
     self.assertEqual(dq.absmax.dtype, jnp.uint8)
     self.assertEqual(dq.absmax_scale.shape, (3,))
-    np.testing.assert_allclose(dq.absmax_offset, plain.absmax.mean(),
-                               rtol=1e-6)
+    absmax = np.asarray(plain.absmax)
+    np.testing.assert_allclose(dq.absmax_offset, absmax.mean(), rtol=1e-6)
     # bitsandbytes' scheme: centred absmax through the signed dynamic map.
     centred = adam8bit.dequantize(
-        adam8bit.quantize(plain.absmax - plain.absmax.mean(),
-                          second_moment=False, block_size=256),
+        adam8bit.quantize(absmax - absmax.mean(), second_moment=False,
+                          block_size=256),
         second_moment=False)
-    np.testing.assert_allclose(nf4.nf4_absmax(dq),
-                               centred + plain.absmax.mean(), rtol=1e-6)
-    self.assertLess(
-        float(jnp.max(jnp.abs(nf4.nf4_absmax(dq) - plain.absmax)
-                      / plain.absmax)), 0.01)
+    got = np.asarray(nf4.nf4_absmax(dq))
+    np.testing.assert_allclose(got, np.asarray(centred) + absmax.mean(),
+                               rtol=1e-6)
+    self.assertLess(float(np.max(np.abs(got - absmax) / absmax)), 0.01)
     e_plain = _rel(nf4.dequantize_nf4(plain), w)
     e_dq = _rel(nf4.dequantize_nf4(dq), w)
     self.assertLess(abs(e_dq - e_plain), 0.01 * e_plain)
@@ -147,8 +169,8 @@ class NF4MathTest(parameterized.TestCase):
     e_nf4 = _rel(nf4.dequantize_nf4(nf4.quantize_nf4(w, double_quant=False)),
                  w)
     b = w.reshape(-1, 64)
-    a = jnp.abs(b).max(-1, keepdims=True)
-    int4 = (jnp.round(b / a * 7) / 7 * a).reshape(w.shape)
+    a = np.abs(b).max(-1, keepdims=True)
+    int4 = (np.round(b / a * 7) / 7 * a).reshape(w.shape)
     self.assertLess(e_nf4, 0.9 * _rel(int4, w))
 
   def test_exact_byte_counts(self):
@@ -170,11 +192,12 @@ class NF4MathTest(parameterized.TestCase):
     w = _gauss((64, 48))
     q = nf4.quantize_int8(w)
     self.assertEqual(q.codes.dtype, jnp.int8)
-    self.assertLessEqual(int(jnp.abs(q.codes.astype(jnp.int32)).max()), 127)
+    codes = np.asarray(q.codes, np.int32)
+    self.assertLessEqual(int(np.abs(codes).max()), 127)
     blocks = w.reshape(-1, 64)
-    err = jnp.abs(nf4.dequantize_int8(q).reshape(-1, 64) - blocks)
-    self.assertTrue(bool(jnp.all(
-        err <= q.scale[:, None] / 254 * (1 + 1e-5))))
+    err = np.abs(np.asarray(nf4.dequantize_int8(q)).reshape(-1, 64) - blocks)
+    self.assertTrue(np.all(
+        err <= np.asarray(q.scale)[:, None] / 254 * (1 + 1e-5)))
     self.assertLess(_rel(nf4.dequantize_int8(q), w), 0.01)
 
   @parameterized.parameters("nf4", "int8")
@@ -185,7 +208,7 @@ class NF4MathTest(parameterized.TestCase):
     wh = nf4.dequantize(q)
     self.assertEqual((wh.shape, wh.dtype), (w.shape, w.dtype))
     tol = 0.12 if scheme == "nf4" else 0.01
-    self.assertLess(_rel(wh.astype(jnp.float32), w.astype(jnp.float32)), tol)
+    self.assertLess(_rel(wh, w), tol)  # _rel computes in float64.
     jitted = jax.jit(lambda x: nf4.dequantize(nf4.quantize(x, scheme)))(w)
     np.testing.assert_array_equal(jitted, wh)
 
@@ -196,7 +219,7 @@ class NF4MathTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "dq_block_size"):
       nf4.quantize_nf4(w, dq_block_size=0)
     with self.assertRaisesRegex(ValueError, "non-empty float"):
-      nf4.quantize_int8(jnp.arange(8))
+      nf4.quantize_int8(np.arange(8))
     with self.assertRaisesRegex(ValueError, "Unknown quantisation scheme"):
       nf4.quantize(w, "fp4")
     with self.assertRaisesRegex(ValueError, "only block_size"):
@@ -220,10 +243,10 @@ class QuantizedLayerTest(parameterized.TestCase):
         self.assertTrue(quantized.is_quantized(q))
         self.assertIsInstance(q, type(r))  # Subclass of the Flax class.
         r.kernel.set_value(q.dense_kernel())
-    y = model(_IDS)
-    np.testing.assert_allclose(y, ref(_IDS), atol=1e-5)
-    np.testing.assert_allclose(nnx.jit(lambda m: m(_IDS))(model), y,
-                               atol=1e-5)
+    y = _forward(model, _IDS)
+    np.testing.assert_allclose(y, _forward(ref, _IDS), atol=1e-5)
+    # Eager too (the one eager forward of a quantized toy in this file).
+    np.testing.assert_allclose(model(_IDS), y, atol=1e-5)
     # Quantized kernels are not parameters; biases still are.
     params = nnx.to_flat_state(nnx.state(model, nnx.Param))
     names = {"/".join(map(str, p)) for p, _ in params}
@@ -305,15 +328,17 @@ class QuantizedLayerTest(parameterized.TestCase):
     self.assertEqual(q.kernel.dtype, jnp.bfloat16)
     self.assertEqual(q.kernel[...].dtype, jnp.bfloat16)
     x = jnp.ones((2, 64), jnp.bfloat16)
-    self.assertEqual(q(x).dtype, jnp.bfloat16)
+    self.assertEqual(_forward(q, x).dtype, jnp.bfloat16)
     adapters.inject(model, targets="all-linear", rank=2)
     testing.randomize_lora(model, scale=0.05)
     self.assertEqual(model.layers[0].lora_a.get_value().dtype, jnp.bfloat16)
-    y = model.layers[0](x)
+    y = _forward(model.layers[0], x)
+    self.assertEqual(y.dtype, jnp.bfloat16)
     errors = quantized.merge_quantized(model)
     self.assertLess(errors["layers.0"], 0.1)
-    np.testing.assert_allclose(model.layers[0](x).astype(jnp.float32),
-                               y.astype(jnp.float32), atol=0.1)
+    np.testing.assert_allclose(
+        np.asarray(_forward(model.layers[0], x), np.float32),
+        np.asarray(y, np.float32), atol=0.1)
     with self.assertRaisesRegex(ValueError, "exact Linear; got Einsum"):
       quantized.QuantizedLinear(_toy(nnx.Rngs(0)).ein)
 
@@ -347,7 +372,9 @@ class QuantizedLayerTest(parameterized.TestCase):
     adapters.inject(model, targets="all-linear", rank=4)
     graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
     x = jnp.ones((3, 128))
-    _, vjp = jax.vjp(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)), lora)
+    # Jitted, as in training (the residuals are the jitted program's).
+    loss = jax.jit(lambda p: jnp.sum(nnx.merge(graphdef, p, rest)(x)))
+    _, vjp = jax.vjp(loss, lora)
     saved = {(r.shape, str(r.dtype)) for r in jax.tree.leaves(vjp)}
     self.assertNotIn(((128, 128), "float32"), saved)
     self.assertIn(((256, 32), "uint8"), saved)  # The packed codes.
@@ -378,9 +405,12 @@ class QuantizedLayerTest(parameterized.TestCase):
       adapters.inject(model, targets=_LINEAR, rank=2)
       a = model.layers[0].lora_a.get_value()
       self.assertEqual(a.sharding.spec, P("fsdp", None))
-      y_ref = model(_IDS)
-      y = nnx.jit(lambda m: m(_IDS))(model)
-    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+      y = _forward(model, _IDS)
+    # The same values gathered on one device (setUp's mesh) give the same
+    # output: the sharded program computes the right thing.
+    graphdef, state = nnx.split(model)
+    single = nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+    np.testing.assert_allclose(y, _forward(single, _IDS), atol=1e-5)
 
 
 class QLoRATest(parameterized.TestCase):
@@ -391,17 +421,15 @@ class QLoRATest(parameterized.TestCase):
 
   def test_identity_at_init_and_gradients_only_to_adapters(self):
     model = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
-    y0 = model(_IDS)
+    y0 = _forward(model, _IDS)
     adapters.inject(model, targets=_LINEAR, rank=4, alpha=8)
     self.assertEqual(sorted(adapters.adapter_modules(model)),
                      ["ein", "gen", "layers.0", "layers.1"])
-    np.testing.assert_array_equal(model(_IDS), y0)
+    np.testing.assert_array_equal(_forward(model, _IDS), y0)
     testing.randomize_lora(model, scale=0.05)
-    diff = nnx.DiffState(0, nnx.LoRAParam)
-    grads = nnx.grad(lambda m: jnp.mean(m(_IDS) ** 2), argnums=diff)(model)
-    flat = nnx.to_flat_state(grads)
+    flat = nnx.to_flat_state(_lora_grads(model, _IDS))
     self.assertEqual({p[-1] for p, _ in flat}, {"lora_a", "lora_b"})
-    self.assertTrue(all(float(jnp.abs(v.get_value()).max()) > 0
+    self.assertTrue(all(float(np.abs(np.asarray(v.get_value())).max()) > 0
                         for _, v in flat))
 
   @parameterized.parameters("nf4", "int8")
@@ -409,10 +437,10 @@ class QLoRATest(parameterized.TestCase):
     model = quantized.inject_quantized(
         _toy(nnx.Rngs(0)), targets=_LINEAR, scheme=scheme, rank=4)
     codes = model.gen.base.kernel_codes.get_value()
-    target = jax.random.normal(jax.random.key(3), (2, 6, 4, 16))
+    target = _gauss((2, 6, 4, 16), seed=3, scale=1.0)
     losses = testing.train_lora(
         model, optax.adam(1e-2), lambda m: jnp.mean((m(_IDS) - target) ** 2),
-        15)
+        8)
     self.assertLess(losses[-1], 0.8 * losses[0])
     np.testing.assert_array_equal(model.gen.base.kernel_codes.get_value(),
                                   codes)
@@ -421,7 +449,7 @@ class QLoRATest(parameterized.TestCase):
     model = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
     adapters.inject(model, targets=_LINEAR, rank=4)
     testing.randomize_lora(model, scale=0.05)
-    y = model(_IDS)
+    y = _forward(model, _IDS)
     mods = adapters.adapter_modules(model)
     expect = {}
     for path, m in mods.items():
@@ -440,7 +468,7 @@ class QLoRATest(parameterized.TestCase):
       self.assertGreater(errors[path], 0.0)
       np.testing.assert_allclose(m.base.dense_kernel(), expect[path][1],
                                  atol=1e-6)
-    y_merged = model(_IDS)
+    y_merged = _forward(model, _IDS)
     # Close to the adapted output, but not equal: the requantisation error.
     self.assertLess(_rel(y_merged, y), 3 * max(errors.values()))
     self.assertGreater(_rel(y_merged, y), 1e-4)
@@ -453,19 +481,18 @@ class QLoRATest(parameterized.TestCase):
   def test_other_methods_wrap_and_merge_into_a_quantized_base(self, method):
     model = quantized.quantize_base(testing.Mlp(nnx.Rngs(0), d=64, n=1),
                                     "all-linear")
-    x = jax.random.normal(jax.random.key(0), (4, 64))
-    y0 = model(x)
+    x = _gauss((4, 64), scale=1.0)
+    y0 = _forward(model, x)
     adapters.inject(model, targets="all-linear", rank=4, method=method)
-    np.testing.assert_allclose(model(x), y0, atol=1e-6)
+    np.testing.assert_allclose(_forward(model, x), y0, atol=1e-6)
     state = nnx.state(model, nnx.LoRAParam)
     nnx.update(model, jax.tree.map(
-        lambda a: a + 0.05 * jax.random.normal(jax.random.key(1), a.shape),
-        state))
-    y = model(x)
+        lambda a: a + _gauss(a.shape, seed=1, scale=0.05), state))
+    y = _forward(model, x)
     self.assertGreater(_rel(y, y0), 1e-3)
     errors = quantized.merge_quantized(model)  # DoRA merges its own way.
     self.assertTrue(model.layers[0].merged)
-    self.assertLess(_rel(model(x), y), 2 * errors["layers.0"])
+    self.assertLess(_rel(_forward(model, x), y), 2 * errors["layers.0"])
 
   def test_merge_quantized_needs_a_quantized_base(self):
     model = _toy(nnx.Rngs(0))
@@ -486,8 +513,9 @@ class QLoRATest(parameterized.TestCase):
       self.assertEqual(m.base.quant_scheme, "int8")
       np.testing.assert_array_equal(m.delta_weight(), deltas[path])
     with adapters.disabled(model):
-      y_base = model(_IDS)
-    self.assertGreater(float(jnp.abs(model(_IDS) - y_base).max()), 1e-4)
+      y_base = _forward(model, _IDS)
+    self.assertGreater(float(np.abs(_forward(model, _IDS) - y_base).max()),
+                       1e-4)
     with self.assertRaisesRegex(ValueError, "already quantized: int8"):
       quantized.quantize_base(model, ["gen"])
     merged = _toy(nnx.Rngs(0))
@@ -506,16 +534,18 @@ class LQLoRATest(parameterized.TestCase):
   def _structured(self, shape=(128, 96), rank=4, seed=5):
     # A few large low-rank directions on top of small noise, as in
     # pretrained weights with outlier features.
-    k1, k2, k3 = jax.random.split(jax.random.key(seed), 3)
-    low = (jax.random.normal(k1, (shape[0], rank))
-           @ jax.random.normal(k2, (rank, shape[1]))) * 0.05
-    return low + jax.random.normal(k3, shape) * 0.02
+    rng = np.random.default_rng(seed)
+    normal = lambda s: rng.standard_normal(s, np.float32)
+    low = normal((shape[0], rank)) @ normal((rank, shape[1]))
+    return low * np.float32(0.05) + normal(shape) * np.float32(0.02)
 
   def _model_with(self, kernel):
-    model = testing.Mlp(nnx.Rngs(0), d=kernel.shape[0], n=1)
-    model.layers[0] = nnx.Linear(kernel.shape[0], kernel.shape[1],
-                                 rngs=nnx.Rngs(0))
-    model.layers[0].kernel.set_value(kernel)
+    # No random init: the kernel is set right away.
+    model = testing.Mlp(nnx.Rngs(0), d=kernel.shape[0], n=0)
+    model.layers = nnx.List([nnx.Linear(
+        kernel.shape[0], kernel.shape[1], rngs=nnx.Rngs(0),
+        kernel_init=nnx.initializers.zeros_init())])
+    model.layers[0].kernel.set_value(jnp.asarray(kernel))
     return model
 
   @parameterized.parameters(("nf4", False), ("int8", False), ("nf4", True))
@@ -534,10 +564,11 @@ class LQLoRATest(parameterized.TestCase):
     err = _rel(effective, w)
     # Low-rank structure: LQ-LoRA removes it before quantizing.
     self.assertLess(err, (0.97 if gaussian else 0.5) * plain)
-    x = jax.random.normal(jax.random.key(2), (3, 128))
-    np.testing.assert_allclose(model.layers[0](x), x @ effective
-                               + m.base.bias.get_value()[None, :],
-                               atol=1e-4)
+    x = _gauss((3, 128), seed=2, scale=1.0)
+    np.testing.assert_allclose(
+        _forward(model.layers[0], x),
+        x @ np.asarray(effective) + np.asarray(m.base.bias.get_value()),
+        atol=1e-4)
 
   def test_lq_decompose_best_iterate_or_the_official_early_stop(self):
     # lq_utils.lowrank_quantized_sparse_decomposition (exact SVD branch),
@@ -621,14 +652,14 @@ class LQLoRATest(parameterized.TestCase):
     for m in mods.values():
       self.assertEqual(m.init, "lq_lora")
       self.assertTrue(quantized.is_quantized(m.base))
-    ref = _toy(nnx.Rngs(0))
+    y_ref = _forward(_toy(nnx.Rngs(0)), _IDS)
+    y = _forward(model, _IDS)
     with adapters.disabled(model):
-      y_base = model(_IDS)
-    self.assertGreater(float(jnp.abs(model(_IDS) - y_base).max()), 1e-4)
+      y_base = _forward(model, _IDS)
+    self.assertGreater(float(np.abs(y - y_base).max()), 1e-4)
     # Base + adapter is closer to the full-precision model than Q(W).
     plain = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
-    self.assertLess(_rel(model(_IDS), ref(_IDS)),
-                    _rel(plain(_IDS), ref(_IDS)))
+    self.assertLess(_rel(y, y_ref), _rel(_forward(plain, _IDS), y_ref))
 
   def test_lq_lora_errors(self):
     model = quantized.quantize_base(_toy(nnx.Rngs(0)), _LINEAR)
