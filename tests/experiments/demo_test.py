@@ -15,7 +15,16 @@ class DemoTest(absltest.TestCase):
     with config.unlocked():
       config.train.num_steps = 2
       config.data.eval_max_queries = 20
+      # Cheaper, same code paths: queries and documents of one length (one
+      # eval compile per model), 32 documents (20 judged + 12 others).
+      config.data.doc_max_length = config.data.query_max_length
+      config.data.eval_max_docs = 32
       config.demo.galore.rank = 8
+      # GaLore on the first layer's 6 matrices (square and not), not all 36:
+      # every projected matrix adds its own randomized SVD to the step, and
+      # the step is compiled twice (the update, and the fused step for its
+      # memory).
+      config.demo.galore.project = r"\['encoder'\]\['layer'\]\[0\]"
       # One device: tests/experiments/finetune_retriever_test.py runs it on
       # all eight; here the update would run replicated eight times.
       config.mesh.data = 1
