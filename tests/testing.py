@@ -41,6 +41,7 @@ import shutil
 import tempfile
 from typing import Any
 import unittest
+from unittest import mock
 
 import zlib
 
@@ -326,6 +327,25 @@ def interrupt(workdir: str) -> list[int]:
   return kept
 
 
+def one_jit_train_step() -> Any:
+  """A context manager: `train.fit` runs the one-jit step on CPU too.
+
+  On CPU `train.make_train_step` splits the step into a gradient and an
+  update jit (faster to run at real sizes), and `fit` compiles the fused
+  program as well, for its memory report: three compiles of the backward
+  pass and the update. A smoke run of a few steps is almost all compiling;
+  with the fused step, its one compile serves the report and the steps
+  (about half the compile time). tests/train_test.py checks that the two
+  steps agree; binaries_test's KillTest runs a binary's default (split)
+  step end to end.
+  """
+  make = train.make_train_step
+
+  def fused(*args, split=None, **kwargs):
+    return make(*args, split=False if split is None else split, **kwargs)
+  return mock.patch.object(train, "make_train_step", fused)
+
+
 class SmokeAndResume(absltest.TestCase):
   """An experiment binary's smoke run, interrupted and resumed.
 
@@ -338,7 +358,7 @@ class SmokeAndResume(absltest.TestCase):
   checkpoint and ends with the same numbers (all but times, memory and
   resume steps). The subclass adds its binary's own checks of the same
   runs; tests/experiments/binaries_test.py checks that every binary has
-  one.
+  one. Both runs train with the one-jit step (`one_jit_train_step`).
   """
 
   module: Any = None
@@ -356,10 +376,11 @@ class SmokeAndResume(absltest.TestCase):
     cls.addClassCleanup(shutil.rmtree, root, ignore_errors=True)
     cls.straight = os.path.join(root, "straight")
     cls.resumed = os.path.join(root, "resumed")
-    cls.full = cls.module.train_and_evaluate(cls.config(), cls.straight)
-    shutil.copytree(cls.straight, cls.resumed)
-    cls.kept = interrupt(cls.resumed)
-    cls.again = cls.module.train_and_evaluate(cls.config(), cls.resumed)
+    with one_jit_train_step():
+      cls.full = cls.module.train_and_evaluate(cls.config(), cls.straight)
+      shutil.copytree(cls.straight, cls.resumed)
+      cls.kept = interrupt(cls.resumed)
+      cls.again = cls.module.train_and_evaluate(cls.config(), cls.resumed)
 
   def assert_same_numbers(self, got: Any, expected: Any, what: str) -> None:
     """The numeric leaves agree (rel 1e-5), volatile keys aside."""
