@@ -29,6 +29,7 @@ One place for what many test files need, so that each writes it once:
 Helpers import it as `from tests import testing`.
 """
 
+import atexit
 import collections
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
@@ -344,6 +345,38 @@ def one_jit_train_step() -> Any:
   def fused(*args, split=None, **kwargs):
     return make(*args, split=False if split is None else split, **kwargs)
   return mock.patch.object(train, "make_train_step", fused)
+
+
+def truncated_minilm(num_layers: int = 2) -> str:
+  """all-MiniLM-L6-v2 cut to its first `num_layers` layers: an HF directory.
+
+  The same tokenizer files, embeddings, pooler and checkpoint format, for a
+  binary's `model.path`: a 6-layer model takes about 3x longer to compile.
+  Written once per process (removed at exit); returns its path.
+  """
+  if num_layers in _TRUNCATED_MINILM:
+    return _TRUNCATED_MINILM[num_layers]
+  from lowrank import assets  # pylint: disable=g-import-not-at-top
+  from safetensors import numpy as st  # pylint: disable=g-import-not-at-top
+  src = assets.minilm_path()
+  out = pathlib.Path(tempfile.mkdtemp(prefix=f"minilm_{num_layers}_layers_"))
+  atexit.register(shutil.rmtree, out, ignore_errors=True)
+  for f in src.iterdir():
+    if f.is_file() and f.name not in ("config.json", "model.safetensors"):
+      shutil.copy(f, out / f.name)
+  config = json.loads((src / "config.json").read_text())
+  config["num_hidden_layers"] = num_layers
+  (out / "config.json").write_text(json.dumps(config))
+  kept = tuple(f"encoder.layer.{i}." for i in range(num_layers))
+  st.save_file({k: v for k, v in st.load_file(
+      str(src / "model.safetensors")).items()
+                if not k.startswith("encoder.layer.") or k.startswith(kept)},
+               str(out / "model.safetensors"))
+  _TRUNCATED_MINILM[num_layers] = str(out)
+  return str(out)
+
+
+_TRUNCATED_MINILM: dict[int, str] = {}
 
 
 class SmokeAndResume(absltest.TestCase):
