@@ -1,7 +1,10 @@
 """End-to-end tests of experiments/train_reranker.py on the smoke preset.
 
 One smoke run and one interrupted, resumed copy of it (`testing.
-SmokeAndResume`) are shared by `SmokeTest`'s methods.
+SmokeAndResume`) are shared by `SmokeTest`'s methods. The cross-encoder is
+all-MiniLM-L6-v2 cut to its first 2 layers (`testing.truncated_minilm`,
+through `model.path`: the binary's loading, tokenizer and checkpoint format,
+a third of the compile time).
 """
 
 import json
@@ -90,6 +93,11 @@ class SmokeTest(testing.SmokeAndResume):
   module = train_reranker
   config_lib = config_lib
 
+  @classmethod
+  def config(cls):
+    return testing.changed(config_lib.get_config("smoke"),
+                           model__path=testing.truncated_minilm(2))
+
   def test_outputs_and_metrics(self):
     full = self.full
     self.assertEqual(full["resumed_from_step"], 0)
@@ -162,10 +170,11 @@ class BeirDirectoryTest(absltest.TestCase):
                          eval_max_queries=4)
       config.train.num_steps = 1
       config.optimizer.learning_rate.warmup_steps = 0
-      config.model.max_length = 32
+      config.model.update(max_length=32, path=testing.truncated_minilm(2))
       config.eval.update(rerank_k=3, first_stage_depth=3)
-    out = train_reranker.train_and_evaluate(
-        config, self.create_tempdir().full_path)
+    with testing.one_jit_train_step():
+      out = train_reranker.train_and_evaluate(
+          config, self.create_tempdir().full_path)
     self.assertEqual(out["test_docs"], 5183)
     self.assertEqual(out["test_queries"], 4)
     self.assertEqual(out["rerank_pairs"], 12)
