@@ -28,8 +28,18 @@ def _llama(scan_layers=False, seed=0):
         rngs=nnx.Rngs(seed))
 
 
+# One compiled forward per model structure: an eager forward of the LLaMA
+# compiles every op of it on its own (several seconds on a small CPU).
+_forward = nnx.jit(lambda model, ids: model(ids))
+
+
 class _One(nnx.Module):
-  """One spectral layer plus a dense one (trained densely by the same tx)."""
+  """One spectral layer plus a dense one (trained densely by the same tx).
+
+  Tests use 12 -> 8 at rank 3 where the sizes do not matter (as do the LLaMA
+  tests with rank 4): building a spectral layer runs eager ops, and each new
+  shape compiles them again.
+  """
 
   def __init__(self, d_in, d_out, rank, seed=0):
     rngs = nnx.Rngs(seed)
@@ -95,21 +105,25 @@ def _grad_sequence(params, steps, seed=0):
   """Fixed random gradients; the frozen ones are noise the optimizer must
   never read."""
   keys = jax.random.split(jax.random.key(seed + 100), steps)
-  out = []
-  for k in keys:
-    leaves, tdef = jax.tree.flatten(params)
+  leaves, tdef = jax.tree.flatten(params)
+
+  def one(k):
     ks = jax.random.split(k, len(leaves))
-    out.append(jax.tree.unflatten(
-        tdef, [jax.random.normal(kk, x.shape) for kk, x in zip(ks, leaves)]))
-  return out
+    return [jax.random.normal(kk, x.shape) for kk, x in zip(ks, leaves)]
+
+  # One compiled draw for all steps (the same values as a loop over keys).
+  stacked = [np.asarray(a) for a in jax.jit(jax.vmap(one))(keys)]
+  return [jax.tree.unflatten(tdef, [a[i] for a in stacked])
+          for i in range(steps)]
 
 
 def _run(tx, params, grads):
   update = jax.jit(tx.update)
+  apply = jax.jit(optax.apply_updates)
   state = tx.init(params)
   for g in grads:
     u, state = update(g, state, params)
-    params = optax.apply_updates(params, u)
+    params = apply(params, u)
   return params, state
 
 
@@ -242,18 +256,20 @@ class MathTest(parameterized.TestCase):
       return lambda *a: jnp.sum(
           (sst.spectral_matmul(*a, enhanced=enhanced) - t) ** 2)
 
-    plain = jax.grad(loss(False), argnums=(0, 1, 2, 3))(x, u, s, v)
-    enh = jax.grad(loss(True), argnums=(0, 1, 2, 3))(x, u, s, v)
+    # Jitted: one compile each, not one per eager op (same custom VJPs).
+    argnums = (0, 1, 2, 3)
+    plain = jax.jit(jax.grad(loss(False), argnums=argnums))(x, u, s, v)
+    enh = jax.jit(jax.grad(loss(True), argnums=argnums))(x, u, s, v)
     # Plain autodiff of x U diag(s) Vᵀ, as a reference for the plain path.
-    ref = jax.grad(lambda x, u, s, v: jnp.sum(
-        ((x @ u * s[None, :]) @ v.T - t) ** 2), argnums=(0, 1, 2, 3))(
+    ref = jax.jit(jax.grad(lambda x, u, s, v: jnp.sum(
+        ((x @ u * s[None, :]) @ v.T - t) ** 2), argnums=(0, 1, 2, 3)))(
             x, u, s, v)
     for a, b in zip(plain, ref):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(enh[0], ref[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(enh[2], ref[2], rtol=1e-5, atol=1e-5)
     # Enhanced = (∂L/∂W) V_i and (∂L/∂W)ᵀ U_i = natural gradient / s_i.
-    g_w = jax.grad(lambda w: jnp.sum((x @ w - t) ** 2))(
+    g_w = jax.jit(jax.grad(lambda w: jnp.sum((x @ w - t) ** 2)))(
         (u * s[None, :]) @ v.T)
     np.testing.assert_allclose(enh[1], g_w @ v, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(enh[3], g_w.T @ u, rtol=1e-4, atol=1e-4)
@@ -265,17 +281,18 @@ class MathTest(parameterized.TestCase):
       self, enhanced):
     x, u, s, v, t = _matmul_problem(4, d_in=7, d_out=6, m=5)
     r = 2
-    full = jax.grad(lambda x, u, s, v: jnp.sum(
+    # Jitted: one compile each, not one per eager op (same custom VJPs).
+    full = jax.jit(jax.grad(lambda x, u, s, v: jnp.sum(
         (sst.spectral_matmul(x, u, s, v, enhanced) - t) ** 2),
-                    argnums=(0, 1, 2, 3))(x, u, s, v)
+                            argnums=(0, 1, 2, 3)))(x, u, s, v)
     y = sst.active_matmul(x, u[:, :r], u[:, r:], s, v[:, :r], v[:, r:],
                           enhanced)
     np.testing.assert_allclose(y, sst.spectral_matmul(x, u, s, v), rtol=1e-5,
                                atol=1e-5)
-    act = jax.grad(lambda x, ua, uf, s, va, vf: jnp.sum(
+    act = jax.jit(jax.grad(lambda x, ua, uf, s, va, vf: jnp.sum(
         (sst.active_matmul(x, ua, uf, s, va, vf, enhanced) - t) ** 2),
-                   argnums=(0, 1, 2, 3, 4, 5))(
-                       x, u[:, :r], u[:, r:], s, v[:, :r], v[:, r:])
+                           argnums=(0, 1, 2, 3, 4, 5)))(
+                               x, u[:, :r], u[:, r:], s, v[:, :r], v[:, r:])
     dx, dua, duf, ds, dva, dvf = act
     np.testing.assert_allclose(dx, full[0], rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(dua, full[1][:, :r], rtol=1e-4, atol=1e-4)
@@ -322,12 +339,12 @@ class GradientMemoryTest(absltest.TestCase):
     self.assertLess(used(sst_mem), used(dense_mem) / 10)
 
   def test_layer_gradient_of_the_frozen_block_is_zero(self):
-    model = _One(10, 6, 2)
+    model = _One(12, 8, 3)
     x, y = _regression(model)
-    grads = nnx.grad(_mse)(model, x, y)
+    grads = nnx.jit(nnx.grad(_mse))(model, x, y)
     np.testing.assert_array_equal(grads.layer.sst_u_frozen.get_value(), 0)
     np.testing.assert_array_equal(grads.layer.sst_v_frozen.get_value(), 0)
-    self.assertEqual(grads.layer.sst_u.get_value().shape, (10, 2))
+    self.assertEqual(grads.layer.sst_u.get_value().shape, (12, 3))
     self.assertTrue(np.all(np.any(grads.layer.sst_u.get_value() != 0, 0)))
 
 
@@ -335,7 +352,7 @@ class LayerTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("top_r", None), ("sampled", 3))
   def test_from_linear_equals_dense(self, seed):
-    lin = nnx.Linear(12, 7, bias_init=nnx.initializers.normal(1.0),
+    lin = nnx.Linear(12, 8, bias_init=nnx.initializers.normal(1.0),
                      rngs=nnx.Rngs(0))
     x = jax.random.normal(jax.random.key(1), (3, 4, 12))
     want = lin(x)
@@ -344,10 +361,10 @@ class LayerTest(parameterized.TestCase):
     np.testing.assert_allclose(layer(x), want, atol=1e-5)
     self.assertEqual(
         [getattr(layer, n).get_value().shape for n in sst.SST_NAMES],
-        [(12, 3), (12, 4), (7,), (7, 3), (7, 4)])
+        [(12, 3), (12, 5), (8,), (8, 3), (8, 5)])
     u, s, v = _factors(layer)
-    np.testing.assert_allclose(u.T @ u, np.eye(7), atol=1e-5)
-    np.testing.assert_allclose(v.T @ v, np.eye(7), atol=1e-5)
+    np.testing.assert_allclose(u.T @ u, np.eye(8), atol=1e-5)
+    np.testing.assert_allclose(v.T @ v, np.eye(8), atol=1e-5)
     self.assertTrue(np.all(s >= 0))
     full_s = np.linalg.svd(np.asarray(lin.kernel.get_value()),
                            compute_uv=False)
@@ -380,7 +397,7 @@ class LayerTest(parameterized.TestCase):
       sst.base_linear(8, 4, linear)
 
   def test_stacked_layer_runs_inside_the_scan_only(self):
-    model = sst.to_sst(_llama(scan_layers=True), targets=r".*q_proj", rank=2)
+    model = sst.to_sst(_llama(scan_layers=True), targets=r".*q_proj", rank=4)
     layer = model.model.layers.self_attn.q_proj
     with self.assertRaisesRegex(ValueError,
                                 "SSTLinear holds stacked parameters"):
@@ -393,7 +410,7 @@ class ConversionTest(parameterized.TestCase):
   def test_to_sst_then_to_dense_is_identity(self, scan_layers):
     model = _llama(scan_layers)
     ids = jax.random.randint(jax.random.key(0), (2, 8), 0, 256)
-    want = model(ids)
+    want = _forward(model, ids)
     target = r".*self_attn\.(q|v)_proj|.*mlp\.down_proj"
     layer0 = model.model.layers if scan_layers else model.model.layers[0]
     kernel = np.asarray(layer0.mlp.down_proj.kernel.get_value())
@@ -409,7 +426,7 @@ class ConversionTest(parameterized.TestCase):
                        (2, 128, 4))
       self.assertEqual(layer0.mlp.down_proj.sst_u_frozen.get_value().shape,
                        (2, 128, 60))
-    np.testing.assert_allclose(model(ids), want, atol=2e-5)
+    np.testing.assert_allclose(_forward(model, ids), want, atol=2e-5)
     sst.to_dense(model)
     self.assertEmpty(sst.sst_modules(model))
     layer0 = model.model.layers if scan_layers else model.model.layers[0]
@@ -417,7 +434,7 @@ class ConversionTest(parameterized.TestCase):
     self.assertIs(type(dense), nnx.Linear)
     np.testing.assert_allclose(dense.kernel.get_value(), kernel, atol=1e-5)
     self.assertEqual(dense.kernel.get_metadata()["out_sharding"], axes)
-    np.testing.assert_allclose(model(ids), want, atol=2e-5)
+    np.testing.assert_allclose(_forward(model, ids), want, atol=2e-5)
 
   def test_seed_draws_the_first_active_set(self):
     pick = lambda seed: np.asarray(sst.to_sst(
@@ -547,14 +564,14 @@ class OptimizerTest(parameterized.TestCase):
     np.testing.assert_allclose(v.T @ v, np.eye(8), atol=1e-5)
 
   def test_resvd_step_keeps_represented_kernel(self):
-    model = _One(10, 6, 2)
+    model = _One(12, 8, 3)
     # Perturb U away from orthonormality (unit columns, mixed directions).
     u = jnp.concatenate([model.layer.sst_u.get_value(),
                          model.layer.sst_u_frozen.get_value()], axis=1)
     u = u + 0.3 * jnp.roll(u, 1, axis=1)
     u = u / jnp.linalg.norm(u, axis=0)[None, :]
-    model.layer.sst_u.set_value(u[:, :2])
-    model.layer.sst_u_frozen.set_value(u[:, 2:])
+    model.layer.sst_u.set_value(u[:, :3])
+    model.layer.sst_u_frozen.set_value(u[:, 3:])
     w = np.asarray(model.layer.kernel())
     # lr 0: only the re-SVD and the swap (which keeps the function).
     tx = sst.sst_adamw(0.0, refresh_every=1, round_length=1)
@@ -562,8 +579,8 @@ class OptimizerTest(parameterized.TestCase):
     sst.train_step(model, opt, _mse, *_regression(model))
     np.testing.assert_allclose(model.layer.kernel(), w, atol=1e-5)
     u1, s1, v1 = _factors(model.layer)
-    np.testing.assert_allclose(u1.T @ u1, np.eye(6), atol=1e-5)
-    np.testing.assert_allclose(v1.T @ v1, np.eye(6), atol=1e-5)
+    np.testing.assert_allclose(u1.T @ u1, np.eye(8), atol=1e-5)
+    np.testing.assert_allclose(v1.T @ v1, np.eye(8), atol=1e-5)
     self.assertTrue(np.all(s1 >= 0))
 
   @parameterized.named_parameters(
@@ -673,10 +690,10 @@ class OptimizerTest(parameterized.TestCase):
 
   def test_a_bare_layer_is_a_model(self):
     # The root module has the empty path: its leaves are "sst_u", ...
-    layer = sst.SSTLinear(6, 5, rank=2, rngs=nnx.Rngs(0))
+    layer = sst.SSTLinear(12, 8, rank=3, rngs=nnx.Rngs(0))
     opt = nnx.Optimizer(layer, sst.sst_adamw(1e-2, refresh_every=2),
                         wrt=nnx.Param)
-    x = jax.random.normal(jax.random.key(0), (8, 6))
+    x = jax.random.normal(jax.random.key(0), (8, 12))
     loss = lambda m, x: jnp.mean((m(x) - 1.0) ** 2)
     losses = [float(sst.train_step(layer, opt, loss, x)) for _ in range(6)]
     self.assertLess(losses[-1], losses[0])
@@ -716,24 +733,24 @@ class OptimizerErrorTest(parameterized.TestCase):
       sst.sst_adamw(1e-3, **kwargs)
 
   def test_rank_that_differs_from_the_layer(self):
-    params = nnx.as_pure(nnx.state(_One(6, 4, 2), nnx.Param))
-    with self.assertRaisesRegex(ValueError, r"rank for 'layer' is 3.*2 "
+    params = nnx.as_pure(nnx.state(_One(12, 8, 3), nnx.Param))
+    with self.assertRaisesRegex(ValueError, r"rank for 'layer' is 4.*3 "
                                 r"columns.*to_sst\(rank=...\)"):
-      sst.sst_adamw(1e-3, rank=3).init(params)
+      sst.sst_adamw(1e-3, rank=4).init(params)
 
   def test_rank_mapping_without_the_layer(self):
-    params = nnx.as_pure(nnx.state(_One(6, 4, 2), nnx.Param))
+    params = nnx.as_pure(nnx.state(_One(12, 8, 3), nnx.Param))
     with self.assertRaisesRegex(ValueError, "no entry for spectral layer"):
-      sst.sst_adamw(1e-3, rank={"other": 2}).init(params)
+      sst.sst_adamw(1e-3, rank={"other": 3}).init(params)
 
   def test_update_without_params(self):
-    params = nnx.as_pure(nnx.state(_One(6, 4, 2), nnx.Param))
+    params = nnx.as_pure(nnx.state(_One(12, 8, 3), nnx.Param))
     tx = sst.sst_adamw(1e-3)
     with self.assertRaisesRegex(ValueError, "needs params"):
       tx.update(params, tx.init(params))
 
   def test_missing_leaves(self):
-    model = _One(6, 4, 2)
+    model = _One(12, 8, 3)
     partial = nnx.as_pure(nnx.state(model, nnx.PathContains("sst_u")))
     with self.assertRaisesRegex(ValueError, r"lacks \['sst_u_frozen', "
                                 r"'sst_s', 'sst_v', 'sst_v_frozen'\].*"
@@ -756,7 +773,11 @@ class TrainingTest(parameterized.TestCase):
     sst.to_sst(model, targets=r".*(q_proj|down_proj)", rank=4)
     tx = sst.sst_adamw(1e-2, rank=sst.ranks(model), refresh_every=2,
                        round_length=4, rewarm_steps=1)
-    opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    # Built on the model's mesh, like the model: optimizer state made off
+    # it (scalar counts without the mesh) comes back from the first step
+    # with it, and the step compiled a second time.
+    with _mesh():
+      opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
     ids = np.asarray(jax.random.randint(jax.random.key(6), (4, 16), 0, 32))
 
     def loss_fn(model, ids):
