@@ -28,6 +28,14 @@ _params = testing.matrix_params
 _loss = testing.matrix_loss
 
 
+# Jitted projectors: eager, each one compiles op by op.
+_compute_projector = jax.jit(projection.compute_projector,
+                             static_argnums=(1, 2, 3))
+_rsvd_projector = jax.jit(projection.rsvd_projector, static_argnums=(1, 2),
+                          static_argnames=("method",))
+_svd_projector = jax.jit(projection.svd_projector, static_argnums=(1, 2))
+
+
 def _grads(seed, shapes):
   keys = jax.random.split(jax.random.key(seed), len(shapes))
   return {k: jax.random.normal(kk, s) for (k, s), kk in zip(shapes.items(),
@@ -48,7 +56,7 @@ class ProjectionTest(parameterized.TestCase):
   def test_projectors_orthonormal_and_batched(self, kind):
     g = jax.random.normal(jax.random.key(1), (3, 40, 24))
     for side in ("left", "right"):
-      p = projection.compute_projector(g, 6, side, kind, jax.random.key(2))
+      p = _compute_projector(g, 6, side, kind, jax.random.key(2))
       dim = 40 if side == "left" else 24
       self.assertEqual(p.shape, (3, dim, 6))
       np.testing.assert_allclose(
@@ -62,7 +70,7 @@ class ProjectionTest(parameterized.TestCase):
     g = (u * jnp.arange(8.0, 0.0, -1.0)[None, :] * 10) @ v.T
     g = g + 0.01 * jax.random.normal(k3, g.shape)
     exact = projection.svd_projector(g, 8, "left")
-    approx = projection.rsvd_projector(g, 8, "left", jax.random.key(5))
+    approx = _rsvd_projector(g, 8, "left", jax.random.key(5))
     # Same subspace: projection matrices agree.
     np.testing.assert_allclose(approx @ approx.T, exact @ exact.T, atol=1e-3)
 
@@ -74,11 +82,11 @@ class ProjectionTest(parameterized.TestCase):
     s = 2.0 ** -jnp.arange(40.0)
     g = jnp.einsum("lmr,r,lnr->lmn", u, s, v)
     for side in ("left", "right"):
-      chol = projection.rsvd_projector(g, 6, side, jax.random.key(0))
-      house = projection.rsvd_projector(g, 6, side, jax.random.key(0),
-                                        method="householder")
+      chol = _rsvd_projector(g, 6, side, jax.random.key(0))
+      house = _rsvd_projector(g, 6, side, jax.random.key(0),
+                              method="householder")
       np.testing.assert_allclose(chol, house, atol=1e-4)
-      exact = projection.svd_projector(g, 6, side)
+      exact = _svd_projector(g, 6, side)
       np.testing.assert_allclose(jnp.abs(chol), jnp.abs(exact), atol=1e-4)
       top = jnp.take_along_axis(
           chol, jnp.argmax(jnp.abs(chol), axis=-2, keepdims=True), axis=-2)
@@ -115,9 +123,9 @@ class ProjectionTest(parameterized.TestCase):
     keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(2),
                                                      jnp.arange(3))
     for kind in ("rsvd", "random"):
-      batched = projection.compute_projector(g, 5, "left", kind, keys)
+      batched = _compute_projector(g, 5, "left", kind, keys)
       for i in range(3):
-        single = projection.compute_projector(g[i], 5, "left", kind, keys[i])
+        single = _compute_projector(g[i], 5, "left", kind, keys[i])
         np.testing.assert_allclose(batched[i], single, atol=1e-5)
     with self.assertRaisesRegex(ValueError, "keys of shape"):
       projection.compute_projector(g, 5, "left", "rsvd", keys[:2])
@@ -144,7 +152,7 @@ class WrappersAndArgumentsTest(parameterized.TestCase):
 
   def test_composes_with_optax_wrappers(self):
     params = _params()
-    grads = jax.grad(_loss)(params)
+    grads = jax.jit(jax.grad(_loss))(params)  # Eager: op by op.
     txs = {
         "inject": optax.inject_hyperparams(
             optim.galore_adamw,
@@ -228,10 +236,11 @@ class StateTest(absltest.TestCase):
 
 
 def _run(tx, grads_seq, params):
-  state = tx.init(params)
+  """`tx`'s updates on `grads_seq` (jitted: eager compiles op by op)."""
+  state, update = tx.init(params), jax.jit(tx.update)
   outs = []
   for g in grads_seq:
-    u, state = tx.update(g, state, params)
+    u, state = update(g, state, params)
     outs.append(u)
   return outs, state
 
@@ -405,7 +414,9 @@ class EquivalenceTest(parameterized.TestCase):
     for t in range(20):
       old = state.projector
       _, state = update(_grads(t, shapes), state, params)
-      flat = lambda p: [jax.tree.leaves(p["a"]), jax.tree.leaves(p["b"])]
+      # In numpy: eager slices of the arrays would compile one by one.
+      flat = lambda p: [jax.device_get(jax.tree.leaves(p["a"])),
+                        jax.device_get(jax.tree.leaves(p["b"]))]
       before, after = flat(old), flat(state.projector)
       diff = [not all(np.array_equal(x[j], y[j])
                       for x, y in zip(before[0], after[0]))
