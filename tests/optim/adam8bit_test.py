@@ -284,18 +284,22 @@ def _adam_regression_run():
 
 
 def _train(tx, params, loss, steps):
-  @jax.jit
-  def step(params, state):
+  """`steps` steps of `tx` in one jitted scan: losses, params and state."""
+
+  def step(carry, _):
+    params, state = carry
     value, grads = jax.value_and_grad(loss)(params)
     updates, state = tx.update(grads, state, params)
-    return optax.apply_updates(params, updates), state, value
+    return (optax.apply_updates(params, updates), state), value
 
-  state = tx.init(params)
-  losses = []
-  for _ in range(steps):
-    params, state, value = step(params, state)
-    losses.append(float(value))
-  return np.array(losses + [float(loss(params))]), params, state
+  @jax.jit
+  def run(params, state):
+    (params, state), losses = jax.lax.scan(step, (params, state), None,
+                                           length=steps)
+    return jnp.append(losses, loss(params)), params, state
+
+  losses, params, state = run(params, tx.init(params))
+  return np.asarray(losses), params, state
 
 
 class AccuracyTest(parameterized.TestCase):
@@ -419,13 +423,19 @@ class AccuracyTest(parameterized.TestCase):
     dead = jnp.arange(n) % 16 == 0
 
     def dead_update(tx):
-      state = tx.init({"w": jnp.zeros((2, n))})
-      step = jax.jit(tx.update)
-      for t in range(200):
+      # The 200 steps in one jitted loop (eager gradients cost more than
+      # the steps).
+      def body(t, carry):
+        state, _ = carry
         g = 0.1 * jax.random.normal(jax.random.key(t), (2, n)) + 0.05
-        if t >= 10:
-          g = g.at[0].set(jnp.where(dead, 0.0, g[0])).at[1].set(0.0)
-        u, state = step({"w": g}, state)
+        g = jnp.where(t >= 10, g.at[0].set(jnp.where(dead, 0.0, g[0]))
+                      .at[1].set(0.0), g)
+        u, state = tx.update({"w": g}, state)
+        return state, u
+
+      state = tx.init({"w": jnp.zeros((2, n))})
+      _, u = jax.jit(lambda s: jax.lax.fori_loop(
+          0, 200, body, (s, {"w": jnp.zeros((2, n))})))(state)
       live = jnp.abs(u["w"][0][~dead]).mean()
       return (float(jnp.abs(u["w"][0][dead]).max() / live),
               float(jnp.abs(u["w"][1]).max() / live))
