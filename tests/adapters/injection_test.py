@@ -196,7 +196,9 @@ class InjectTest(parameterized.TestCase):
     adapters.inject(model, targets=_ALL, rank=2)
     testing.randomize_lora(model)
     diff = nnx.DiffState(0, nnx.LoRAParam)
-    grads = nnx.grad(lambda m: jnp.mean(m(_IDS) ** 2), argnums=diff)(model)
+    # Jitted: eager, the backward pass compiles op by op.
+    grads = nnx.jit(nnx.grad(lambda m: jnp.mean(m(_IDS) ** 2),
+                             argnums=diff))(model)
     leaves = jax.tree.leaves(grads, is_leaf=lambda x: isinstance(x, nnx.Variable))
     self.assertTrue(leaves)
     self.assertTrue(all(isinstance(v, nnx.LoRAParam) for v in leaves))
@@ -346,11 +348,32 @@ class MemoryTest(absltest.TestCase):
     self.assertLess(low, full - 2 * weight_bytes)
 
 
-def _sharded_run(mesh, steps=3):
-  """A few LoRA AdamW steps under `mesh`; returns losses and final state."""
+def _lora_toy(mesh):
+  """`_toy` (d 32) with rank-4 LoRA on every kind, built under `mesh`."""
   with sharding.use_mesh(mesh):
     model = _toy(nnx.Rngs(0), d=32)
     adapters.inject(model, targets=_ALL, rank=4, alpha=8, rngs=1)
+  return model
+
+
+def _placed(model, mesh):
+  """A copy of `model` placed by the rules on `mesh` (fresh buffers).
+
+  The same start as `_lora_toy(mesh)` without building it again op by op.
+  """
+  graphdef, state = nnx.split(model)
+  placed = jax.device_put(state, sharding.state_shardings(state, mesh))
+  # A replicated leaf's shard on the new mesh's device may be shared.
+  placed = jax.tree.map(lambda x: jnp.array(x, copy=True), placed)
+  with sharding.use_mesh(mesh):
+    return nnx.merge(graphdef, placed)
+
+
+def _sharded_run(model, mesh, steps=3):
+  """A few LoRA AdamW steps under `mesh`; returns losses and final state.
+
+  The steps donate `model`'s adapter buffers.
+  """
   tx = optax.adamw(1e-2)
   graphdef, params, rest = train.split(model, nnx.LoRAParam)
   param_shardings, opt_shardings = train.shardings(model, nnx.LoRAParam, tx,
@@ -374,7 +397,11 @@ class ShardedTrainStepTest(absltest.TestCase):
   def test_sharded_step_keeps_rule_shardings_and_matches_one_device(self):
     self.assertEqual(jax.device_count(), 8)
     mesh = sharding.make_mesh([("data", 2), ("fsdp", 4), ("tensor", 1)])
-    losses, params, opt_state = _sharded_run(mesh)
+    one = sharding.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)],
+                             devices=jax.devices()[:1])
+    model = _lora_toy(mesh)
+    model1 = _placed(model, one)  # Before the steps donate `model`.
+    losses, params, opt_state = _sharded_run(model, mesh)
     a = params["layers"][0]["lora_a"]
     b = params["layers"][0]["lora_b"]
     self.assertEqual(a.sharding.spec, P("fsdp", None))
@@ -383,9 +410,7 @@ class ShardedTrainStepTest(absltest.TestCase):
     self.assertEqual(mu.sharding.spec, P("fsdp", None))
     self.assertEqual(opt_state[0].mu["ein"]["lora_a"].sharding.spec,
                      P("fsdp", None))
-    one = sharding.make_mesh([("data", 1), ("fsdp", 1), ("tensor", 1)],
-                             devices=jax.devices()[:1])
-    losses1, _, _ = _sharded_run(one)
+    losses1, _, _ = _sharded_run(model1, one)
     np.testing.assert_allclose(losses, losses1, rtol=1e-5, atol=1e-6)
     self.assertLess(losses[-1], losses[0])
 
