@@ -100,11 +100,10 @@ def _env(devices: int) -> dict[str, str]:
   env = {k: v for k, v in os.environ.items()
          if not k.startswith("LOWRANK_") or k == "LOWRANK_SHARED_DIR"}
   env.update(
-      # Backend optimisation level 0 (as the notebook and wheel tests): the
-      # smoke runs are mostly compiling; both sides get the same flags.
-      XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} "
-                 "--xla_backend_optimization_level=0 "
-                 "--xla_llvm_disable_expensive_passes=true"),
+      # tests/conftest.py's fast-compile flags (as the notebook and wheel
+      # tests): the smoke runs are mostly compiling; both sides get them.
+      XLA_FLAGS=(f"--xla_force_host_platform_device_count={devices} " +
+                 os.environ.get("LOWRANK_TEST_FAST_XLA_FLAGS", "")).strip(),
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.pathsep.join(
           [str(_ROOT)] + env.get("PYTHONPATH", "").split(os.pathsep)

@@ -4,8 +4,8 @@ Each notebook is executed with nbclient in a kernel that runs this very
 interpreter (`sys.executable`): a kernelspec is written to a temporary
 JUPYTER_PATH, so no global Jupyter install is needed. The kernel gets
 `LOWRANK_SMOKE=1` (the notebooks then pick tiny settings), one CPU device and
-XLA's backend optimisation level 0 (compiles several times faster; the smoke
-runs are too short for the slower code to matter). The committed files must
+tests/conftest.py's fast-compile XLA flags (compiles several times faster;
+the smoke runs are too short for the slower code to matter). The committed files must
 hold no outputs. The first code cell installs lowrank-jax from
 `LOWRANK_SOURCE` only when lowrank is missing, and stops the notebook when pip
 fails (checked here by running it in a bare venv; tests/wheel_test.py runs it
@@ -35,8 +35,8 @@ _CASES = [(n[:-len(".ipynb")], n) for n in _NOTEBOOKS]
 _KERNEL_ENV = {
     "LOWRANK_SMOKE": "1",
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": ("--xla_backend_optimization_level=0 "
-                  "--xla_llvm_disable_expensive_passes=true"),
+    # tests/conftest.py's fast-compile flags (those this jaxlib accepts).
+    "XLA_FLAGS": os.environ.get("LOWRANK_TEST_FAST_XLA_FLAGS", ""),
     "MPLBACKEND": "Agg",
     "TF_CPP_MIN_LOG_LEVEL": "3",
 }

@@ -18,7 +18,7 @@ requirement is capped below 1.0. The wheel is built from the sdist, so a file
 missing from either fails here.
 
 For speed: one venv for all the checks, in /dev/shm when there is room, pip
-without byte-compiling, XLA at backend optimisation level 0 (as
+without byte-compiling, tests/conftest.py's fast-compile XLA flags (as
 tests/notebooks_test.py), the smoke presets cut further. Needs the package
 index (pip resolves the wheel's dependencies; its cache is used). Marked
 `wheel`; `make test` runs it.
@@ -56,8 +56,8 @@ NOTEBOOK = "rerank_cross_encoder.ipynb"
 # Fast compiles, one CPU device (conftest's 8 fake devices are not inherited).
 _RUN_ENV = {
     "JAX_PLATFORMS": "cpu",
-    "XLA_FLAGS": ("--xla_backend_optimization_level=0 "
-                  "--xla_llvm_disable_expensive_passes=true"),
+    # tests/conftest.py's fast-compile flags (those this jaxlib accepts).
+    "XLA_FLAGS": os.environ.get("LOWRANK_TEST_FAST_XLA_FLAGS", ""),
     "MPLBACKEND": "Agg",
     "TF_CPP_MIN_LOG_LEVEL": "3",
 }
