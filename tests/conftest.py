@@ -140,9 +140,12 @@ _LONG_FILES = (
     "tests/distributed_test.py",
     # Unit-test files of half a minute or more (the suite's last 3% of
     # tests took over two minutes when they came last).
+    "tests/adapters/quantized_test.py",
+    "tests/models/llama_test.py",
+    "tests/models/bert_test.py",
     "tests/optim/contract_test.py",
-    "tests/optim/galore_test.py",
     "tests/spectral/sst_test.py",
+    "tests/optim/galore_test.py",
     "tests/retrieval/colbert_test.py",
     "tests/spectral/compress_test.py",
     "tests/adapters/random_basis_test.py",
