@@ -93,10 +93,26 @@ def _one_device_mesh():
   return sharding.use_mesh(sharding.make_mesh(devices=jax.devices()[:1]))
 
 
-def _llama(seed=0, mesh=None):
-  config = llama.LlamaConfig.tiny(initializer_range=0.2)
-  with mesh or _one_device_mesh():
-    return llama.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+_LLAMAS = {}
+
+
+def _llama(seed=0, mesh=None, num_layers=1):
+  """A fresh tiny LLaMA (a clone of one built once per module and layout).
+
+  Building one runs its initialisers eagerly; a clone is cheap. One decoder
+  layer holds all 7 projections (4 kernel shapes); a second one doubles the
+  per-layer work and the compiled forwards.
+  """
+  config = llama.LlamaConfig.tiny(initializer_range=0.2,
+                                  num_layers=num_layers)
+  if mesh is not None:
+    with mesh:
+      return llama.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+  if (seed, num_layers) not in _LLAMAS:
+    with _one_device_mesh():
+      _LLAMAS[seed, num_layers] = llama.LlamaForCausalLM(
+          config, rngs=nnx.Rngs(seed))
+  return nnx.clone(_LLAMAS[seed, num_layers])
 
 
 _IDS = np.asarray(
@@ -129,9 +145,10 @@ class FactorizeTest(parameterized.TestCase):
     w = _with_spectrum(s, 20, 10)
     w64 = np.asarray(w, np.float64)
     s64 = np.linalg.svd(w64, compute_uv=False)
+    rng = np.random.default_rng(0)
     for r in range(1, 8):
       down, up = compress.factorize(w, rank=r)
-      err = w64 - np.asarray(down @ up, np.float64)
+      err = w64 - np.asarray(down, np.float64) @ np.asarray(up, np.float64)
       fro, spec = compress.truncation_error(s64, r)
       np.testing.assert_allclose(np.linalg.norm(err), fro, rtol=1e-4,
                                  atol=1e-5)
@@ -139,7 +156,8 @@ class FactorizeTest(parameterized.TestCase):
                                  atol=1e-5)
       np.testing.assert_allclose(fro, np.sqrt(np.sum(s[r:] ** 2)), rtol=1e-4)
       # Optimality: a rank-r projection onto other directions is worse.
-      q = np.asarray(_orthonormal(jax.random.key(r), 20, r), np.float64)
+      # (On the host: an eager QR would compile once per rank.)
+      q = np.linalg.qr(rng.standard_normal((20, r)))[0]
       other = q @ (q.T @ w64)
       self.assertGreater(np.linalg.norm(w64 - other), fro * 1.01)
       # Factors are balanced: D = U√S, E = √S Vᵀ.
@@ -182,7 +200,7 @@ class CompressLlamaTest(parameterized.TestCase):
     y0 = np.asarray(_logits(model, _IDS))
     n0 = compress.count_params(model)
     report = compress.compress(model, targets=_LLAMA_TARGETS, rank=128)
-    self.assertLen(report["layers"], 14)  # 2 layers x 7 projections.
+    self.assertLen(report["layers"], 7)  # 1 layer x 7 projections.
     self.assertEqual(compress.count_params(model),
                      n0 - report["params_before"] + report["params_after"])
     for path, entry in report["layers"].items():
@@ -252,7 +270,7 @@ class CompressLlamaTest(parameterized.TestCase):
       self.assertAlmostEqual(entry["energy"], e[k - 1], places=5)
 
   def test_factorize_model_form(self):
-    model = _llama()
+    model = _llama(num_layers=2)
     out = compress.factorize(model, targets=["q_proj"], rank=4)
     self.assertIs(out, model)
     self.assertEqual(sorted(compress.low_rank_layers(model)), [
@@ -267,7 +285,7 @@ class CompressLlamaTest(parameterized.TestCase):
     for path, axes, spec in (
         ("model.layers.0.self_attn.q_proj", ("embed", "heads"),
          ("fsdp", "tensor")),
-        ("model.layers.1.mlp.down_proj", ("mlp", "embed"),
+        ("model.layers.0.mlp.down_proj", ("mlp", "embed"),
          ("tensor", "fsdp"))):
       m = _module(model, path)
       self.assertEqual(m.down.kernel.get_metadata()["out_sharding"],
@@ -284,12 +302,12 @@ class CompressLlamaTest(parameterized.TestCase):
     self.assertEqual(q.kernel[...].sharding.spec, P("fsdp", "tensor"))
 
   def test_all_linear_with_exclude_and_bf16(self):
-    config = llama.LlamaConfig.tiny(param_dtype=jnp.bfloat16)
+    config = llama.LlamaConfig.tiny(param_dtype=jnp.bfloat16, num_layers=1)
     with _one_device_mesh():
       model = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     report = compress.compress(model, targets="all-linear",
                                exclude=["lm_head", "o_proj"], rank=16)
-    self.assertLen(report["layers"], 12)
+    self.assertLen(report["layers"], 6)  # 7 projections + lm_head - 2.
     self.assertIs(type(model.lm_head), nnx.Linear)
     q = model.model.layers[0].self_attn.q_proj
     self.assertEqual(q.down.kernel[...].dtype, jnp.bfloat16)
@@ -325,8 +343,9 @@ class CompressLlamaTest(parameterized.TestCase):
 
   def test_stacked_kernels_are_refused(self):
     config = llama.LlamaConfig.tiny(scan_layers=True)
-    with _one_device_mesh():
-      stacked = llama.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    with _one_device_mesh():  # Shapes suffice: the check comes first.
+      stacked = nnx.eval_shape(
+          lambda: llama.LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     with self.assertRaisesRegex(ValueError, "only 2-D kernels"):
       compress.compress(stacked, targets=_LLAMA_TARGETS, rank=2)
 
@@ -659,11 +678,11 @@ class EoRATest(parameterized.TestCase):
 class MiniLMTest(absltest.TestCase):
   """Quality on real text: all-MiniLM-L6-v2 on Lee-corpus sentences.
 
-  Only the 24 attention matrices (384 x 384) are compressed, to keep the
-  SVD work small on a shared CPU.
+  Only the 12 query and value matrices (384 x 384) are compressed, to keep
+  the SVD work small on a shared CPU.
   """
 
-  TARGETS = r".*attention\.(self\.(query|key|value)|output\.dense)"
+  TARGETS = r".*attention\.self\.(query|value)"
 
   @classmethod
   def setUpClass(cls):
@@ -676,8 +695,9 @@ class MiniLMTest(absltest.TestCase):
       cls.model = bert.load_pretrained(assets.minilm_path())
       cls.tok = bert.load_tokenizer(assets.minilm_path())
     cls.model.eval()
-    cls.calib = cls.tok(sents[:48], max_length=40, pad_to=40)
-    cls.held = cls.tok(sents[100:124], max_length=40, pad_to=40)
+    # Few, short texts: every forward of the 22M-parameter model costs.
+    cls.calib = cls.tok(sents[:24], max_length=32, pad_to=32)
+    cls.held = cls.tok(sents[100:112], max_length=32, pad_to=32)
     cls.e0 = cls._embed(cls.model, cls.held)
 
   @staticmethod
@@ -751,7 +771,7 @@ class MiniLMTest(absltest.TestCase):
       model = nnx.clone(base)
       report = compress.eora(model, originals=orig, covariances=cov, rank=16,
                              method=method)
-      self.assertLen(adapters.adapter_modules(model), 24)
+      self.assertLen(adapters.adapter_modules(model), 12)
       cos[method] = self._cosine(model)
       held_err[method] = {
           p: compress.weighted_error(
@@ -766,7 +786,7 @@ class MiniLMTest(absltest.TestCase):
                      for p in orig])
     print(f"MiniLM nf4 attention + rank-16 compensation: mean cosine to "
           f"fp32 {cos}; held-out activation-weighted error EoRA/SVD = "
-          f"{ratio:.3f} (EoRA lower on {wins:.0%} of 24 layers)")
+          f"{ratio:.3f} (EoRA lower on {wins:.0%} of {len(orig)} layers)")
     self.assertGreater(cos["eigen"], cos["svd"])
     self.assertGreater(cos["svd"], cos["nf4"])
     self.assertLess(ratio, 0.95)
