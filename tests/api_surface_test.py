@@ -157,6 +157,8 @@ _NOT_REPO_FILES = {
     "frugal/adamw.py",                     # philip-zmushko/FRUGAL
     "frugal/galore_projector.py",          # philip-zmushko/FRUGAL
     "frugal/proj_optimizer_templates.py",  # philip-zmushko/FRUGAL
+    "fira_adamw.py",                       # xichen-fy/Fira
+    "q_galore_torch/q_galore_projector.py",  # VITA-Group/Q-GaLore
     "path/tokenizer.json",            # a checkpoint directory's file
     "workdir/results.md",             # a run's output
     "results.md",                     # a run's output
@@ -203,10 +205,32 @@ def _prose(path: pathlib.Path) -> str:
   return "\n".join(parts)
 
 
+# A paragraph that compares with another project's code (the methods'
+# "Differences from the official code", paper presets' sources) cites that
+# project's files: `run_glue.py:552`, `galore_torch/adamw.py`. There only
+# paths under one of this repository's top-level entries are checked.
+_ABOUT_OTHER_PROJECT = re.compile(
+    r"official|[\w.-]+/[\w.-]+@[0-9a-f]{7,40}|authors' code|galore-torch|"
+    r"bitsandbytes|PEFT", re.IGNORECASE)
+
+
 def _missing_references(
     text: str, citing: pathlib.Path, basenames: set[str]
 ) -> list[str]:
   """The file references in `text` (from file `citing`) that do not exist."""
+  tops = {p.name for p in _ROOT.iterdir()}
+  missing = []
+  for paragraph in re.split(r"\n\s*\n", text):
+    about_other = _ABOUT_OTHER_PROJECT.search(paragraph) is not None
+    missing.extend(
+        ref for ref in _missing_in_paragraph(paragraph, citing, basenames)
+        if not about_other or ref.split("/")[0] in tops)
+  return missing
+
+
+def _missing_in_paragraph(
+    text: str, citing: pathlib.Path, basenames: set[str]
+) -> list[str]:
   missing = []
   for match in _REFERENCE.finditer(text):
     ref = match.group(1)
@@ -252,6 +276,14 @@ class FileReferencesTest(absltest.TestCase):
         ["REFERENCE.md", "../shared/docs/STYLE.md", "docs/api.md",
          "colab/nope.ipynb", "missing_module.py"],
     )
+
+  def test_other_projects_files_in_a_comparison_paragraph(self):
+    citing = _ROOT / "lowrank" / "example.py"
+    text = ("Differences from the official code (owner/repo@0123456789ab, "
+            "`run_glue.py:552`, `src/trainer.py`); see lowrank/nope.py.\n\n"
+            "Our own: run_glue.py and src/trainer.py.")
+    self.assertEqual(_missing_references(text, citing, set()),
+                     ["lowrank/nope.py", "run_glue.py", "src/trainer.py"])
 
 
 if __name__ == "__main__":
