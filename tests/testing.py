@@ -990,3 +990,16 @@ def contract_test_class(cases: Sequence[ContractCase]) -> type:
           tx.update(grads, state)
 
   return ContractTest
+
+
+def train_steps(tx, w0, grads_seq) -> list[np.ndarray]:
+  """`w` (numpy) after each step of `tx` from `{"w": w0}` on `grads_seq`
+  (each a `{"w": g}` tree)."""
+  w = {"w": jnp.asarray(w0)}
+  state = tx.init(w)
+  ws = []
+  for g in grads_seq:
+    u, state = tx.update(g, state, w)
+    w = optax.apply_updates(w, u)
+    ws.append(np.asarray(w["w"]))
+  return ws

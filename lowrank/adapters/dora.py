@@ -269,18 +269,12 @@ def trainable_parameters(d_in: int, d_out: int, rank: int) -> int:
   return rank * (d_in + d_out) + d_out
 
 
+_LORA_PRESET = presets.get("lora")  # DoRA is a LoRA variant in PEFT.
 presets.register(
     "dora",
     source="huggingface/peft@5d602fdbff04 (src/peft/tuners/lora/dora.py, "
     "config.py)",
-    kwargs={"alpha": 8},
-    reasons={"alpha": (
-        "PEFT's LoraConfig default lora_alpha=8 (scale 8/r); lowrank's "
-        "alpha=None means alpha=r, scale 1 at every rank (the library-wide "
-        "convention).")},
-    unavailable=(
-        "PEFT upcasts bf16/fp16 adapter weights to float32; lowrank creates "
-        "them in the base kernel's dtype (keep kernels in float32).",),
-)
+    kwargs=_LORA_PRESET.kwargs, reasons=_LORA_PRESET.reasons,
+    unavailable=_LORA_PRESET.unavailable)
 
 layers.register("dora", DoRA)

@@ -21,6 +21,7 @@ def scale_by_adam_counted(
     *,
     count_shape: Callable[[tuple[int, ...]], tuple[int, ...]],
     state: Callable[..., Any],
+    torch_eps: bool = False,
 ) -> optax.GradientTransformation:
   """`optax.scale_by_adam` with an int32 step count per slice of each leaf.
 
@@ -36,6 +37,9 @@ def scale_by_adam_counted(
     eps_root: Added to the second moment inside the square root.
     count_shape: Leaf shape -> shape of its counts (a prefix of it).
     state: The state class, called as `state(count=, mu=, nu=)`.
+    torch_eps: `m / (√v + eps) · √(1−β2ᵗ)/(1−β1ᵗ)` instead: eps added to
+      the uncorrected `√v` and the bias correction applied afterwards, as
+      torch AdamW codes (galore-torch, Fira) compute it (`eps_root` unused).
 
   Returns:
     An `optax.GradientTransformation`.
@@ -63,6 +67,10 @@ def scale_by_adam_counted(
 
     def _step(g, m, v, c):
       c = c.reshape(c.shape + (1,) * (g.ndim - c.ndim))
+      if torch_eps:
+        step = jnp.sqrt(1 - b2**c) / (1 - b1**c)
+        return (m / (jnp.sqrt(v) + eps) * step.astype(m.dtype)).astype(
+            g.dtype)
       m_hat = m / (1 - b1**c).astype(m.dtype)
       v_hat = v / (1 - b2**c).astype(v.dtype)
       return (m_hat / (jnp.sqrt(v_hat + eps_root) + eps)).astype(g.dtype)

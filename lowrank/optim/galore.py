@@ -1195,33 +1195,9 @@ def _scale_by_adam_torch_eps(
   per matrix as in `scale_by_adam_per_matrix` (same state), so
   `on_refresh="reset"` restarts them.
   """
-
-  def init_fn(params):
-    return ScaleByAdamPerMatrixState(
-        count=jax.tree.map(
-            lambda p: jnp.zeros(jnp.shape(p)[:-2], jnp.int32), params),
-        mu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params),
-        nu=jax.tree.map(lambda p: jnp.zeros(p.shape, p.dtype), params))
-
-  def update_fn(updates, old, params=None):
-    del params
-    mu = jax.tree.map(
-        lambda g, m: (b1 * m + (1 - b1) * g).astype(m.dtype), updates,
-        old.mu)
-    nu = jax.tree.map(
-        lambda g, v: (b2 * v + (1 - b2) * jnp.square(g)).astype(v.dtype),
-        updates, old.nu)
-    count = jax.tree.map(optax.safe_int32_increment, old.count)
-
-    def _step(g, m, v, c):
-      c = c.reshape(c.shape + (1,) * (g.ndim - c.ndim))
-      step = jnp.sqrt(1 - b2**c) / (1 - b1**c)
-      return (m / (jnp.sqrt(v) + eps) * step.astype(m.dtype)).astype(g.dtype)
-
-    updates = jax.tree.map(_step, updates, mu, nu, count)
-    return updates, ScaleByAdamPerMatrixState(count=count, mu=mu, nu=nu)
-
-  return optax.GradientTransformation(init_fn, update_fn)
+  return adam_lib.scale_by_adam_counted(
+      b1, b2, eps, 0.0, count_shape=lambda shape: shape[:-2],
+      state=ScaleByAdamPerMatrixState, torch_eps=True)
 
 
 def _adamw(core, learning_rate, weight_decay, mask):

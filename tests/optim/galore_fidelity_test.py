@@ -16,12 +16,12 @@ from absl.testing import parameterized
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from lowrank import optim
 from lowrank import presets
 from lowrank.optim import galore
 from lowrank.optim import quantize as quant
+from tests import testing
 
 
 def _spiky(m, n, seeds, growth=1.0):
@@ -37,15 +37,8 @@ def _spiky(m, n, seeds, growth=1.0):
 
 
 def _train(tx, w0, grads):
-  """lowrank's weights (numpy, `[in, out]`) after each step."""
-  w = {"w": jnp.asarray(w0, jnp.float32)}
-  state = tx.init(w)
-  ws = []
-  for g in grads:
-    u, state = tx.update(g, state, w)
-    w = optax.apply_updates(w, u)
-    ws.append(np.asarray(w["w"]))
-  return ws, state
+  """lowrank's weights (numpy, `[in, out]`) after each step (float32)."""
+  return testing.train_steps(tx, np.asarray(w0, np.float32), grads), None
 
 
 def _torch_svd(g, rank):

@@ -261,16 +261,7 @@ def _spiky_grads(m, n, seeds):
   return grads
 
 
-def _train(tx, w0, grads_seq):
-  """`w` (numpy) after each step of `tx` from `{"w": w0}` on `grads_seq`."""
-  w = {"w": jnp.asarray(w0)}
-  state = tx.init(w)
-  ws = []
-  for g in grads_seq:
-    u, state = tx.update(g, state, w)
-    w = optax.apply_updates(w, u)
-    ws.append(np.asarray(w["w"]))
-  return ws
+_train = testing.train_steps
 
 
 class EquivalenceTest(parameterized.TestCase):
