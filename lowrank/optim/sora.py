@@ -147,20 +147,10 @@ def sora_proximal(
   def _value(v, count):
     return v(count) if callable(v) else v
 
-  def init_fn(params):
-    del params
-    return SoRAProximalState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError(
-          "sora_proximal needs the parameters: tx.update(updates, state, "
-          "params).")
-    xi = jnp.asarray(_value(lam, state.count), jnp.float32)
+  def update(updates, params, which, count):
+    xi = jnp.asarray(_value(lam, count), jnp.float32)
     if learning_rate is not None:
-      xi = xi * jnp.asarray(_value(learning_rate, state.count), jnp.float32)
-    which = mask(params) if callable(mask) else mask
+      xi = xi * jnp.asarray(_value(learning_rate, count), jnp.float32)
 
     def _one(u, p, on):
       if not on:
@@ -169,8 +159,29 @@ def sora_proximal(
       new = shrink(p32 + u.astype(jnp.float32), xi)
       return (new - p32).astype(u.dtype)
 
-    updates = jax.tree.map(_one, updates, params, which)
-    return updates, SoRAProximalState(
+    return jax.tree.map(_one, updates, params, which)
+
+  return _on_gates("sora_proximal", mask, update)
+
+
+def _on_gates(
+    what: str, mask: Any, update: Callable[..., Any]
+) -> optax.GradientTransformationExtraArgs:
+  """A transform with a step count: `update(updates, params, which, count)`
+  with `which` the gate mask of `params`; `what` names it in the error for
+  a missing `params`."""
+
+  def init_fn(params):
+    del params
+    return SoRAProximalState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    del extra_args
+    if params is None:
+      raise ValueError(
+          f"{what} needs the parameters: tx.update(updates, state, params).")
+    which = mask(params) if callable(mask) else mask
+    return update(updates, params, which, state.count), SoRAProximalState(
         count=optax.safe_int32_increment(state.count))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -201,20 +212,10 @@ def add_gate_l1_gradient(
     raise ValueError(f"l1_loss must be >= 0; got {l1}.")
   mask = gate_mask if mask is None else mask
 
-  def init_fn(params):
-    del params
-    return SoRAProximalState(count=jnp.zeros([], jnp.int32))
-
-  def update_fn(updates, state, params=None, **extra_args):
-    del extra_args
-    if params is None:
-      raise ValueError(
-          "sora_adamw's l1_loss needs the parameters: tx.update(updates, "
-          "state, params).")
-    which = mask(params) if callable(mask) else mask
+  def update(updates, params, which, count):
     n = sum(int(p.size) for p, on in zip(jax.tree.leaves(params),
                                          jax.tree.leaves(which)) if on)
-    coef = jnp.asarray(l1(state.count) if callable(l1) else l1, jnp.float32)
+    coef = jnp.asarray(l1(count) if callable(l1) else l1, jnp.float32)
     coef = coef / max(n, 1)
 
     def _one(u, p, on):
@@ -223,11 +224,9 @@ def add_gate_l1_gradient(
       return (u.astype(jnp.float32)
               + coef * jnp.sign(p.astype(jnp.float32))).astype(u.dtype)
 
-    updates = jax.tree.map(_one, updates, params, which)
-    return updates, SoRAProximalState(
-        count=optax.safe_int32_increment(state.count))
+    return jax.tree.map(_one, updates, params, which)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return _on_gates("sora_adamw's l1_loss", mask, update)
 
 
 def sora_adamw(
