@@ -48,6 +48,20 @@ def _core(inner=None, **kwargs):
   return ls.scale_by_layer_sampling(inner or optax.scale_by_adam(), **kwargs)
 
 
+
+def _galore_bases(tx, steps):
+  """Per step of `tx` (an OwLore with GaLore) on `_params()`: the stacked
+  `w`'s GaLore bases before and after the step, and the active layers."""
+  params = _params()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(steps):
+    old = state[0].inner_state[0].galore_state.projector["stack"]["w"]
+    updates, state = update(_grad(params), state, params)
+    params = optax.apply_updates(params, updates)
+    yield (old, state[0].inner_state[0].galore_state.projector["stack"]["w"],
+           np.asarray(state[0].active))
+
 class WrappersAndArgumentsTest(parameterized.TestCase):
   """Optax wrappers and argument checks.
 
@@ -192,15 +206,7 @@ class SamplingTest(parameterized.TestCase):
     tx = ls.owlore_adamw(1e-2, num_layers=L, active_layers=2, refresh_every=2,
                          stacked=STACKED, rank=2, probabilities="uniform",
                          project=r"stack")
-    params = _params()
-    state = tx.init(params)
-    update = jax.jit(tx.update)
-    for t in range(6):
-      old = state[0].inner_state[0].galore_state.projector["stack"]["w"]
-      updates, state = update(_grad(params), state, params)
-      params = optax.apply_updates(params, updates)
-      new = state[0].inner_state[0].galore_state.projector["stack"]["w"]
-      active = np.asarray(state[0].active)
+    for t, (old, new, active) in enumerate(_galore_bases(tx, 6)):
       for i in range(L):
         changed = not bool(jnp.all(old[i] == new[i]))
         # Bases change only for active layers, and only at draws/refreshes.
@@ -216,18 +222,10 @@ class SamplingTest(parameterized.TestCase):
     tx = ls.owlore_adamw(1e-2, num_layers=L, active_layers=2, refresh_every=2,
                          stacked=STACKED, rank=2, galore_refresh_every=4,
                          probabilities="uniform", project=r"stack")
-    params = _params()
-    state = tx.init(params)
-    update = jax.jit(tx.update)
     own = np.zeros(L, int)  # torch's per-parameter state["step"].
     seen = np.zeros(L, bool)
     kept = 0
-    for _ in range(10):
-      old = state[0].inner_state[0].galore_state.projector["stack"]["w"]
-      updates, state = update(_grad(params), state, params)
-      params = optax.apply_updates(params, updates)
-      new = state[0].inner_state[0].galore_state.projector["stack"]["w"]
-      active = np.asarray(state[0].active)
+    for old, new, active in _galore_bases(tx, 10):
       due = active & (own % 4 == 0)
       changed = [not bool(jnp.all(old[i] == new[i])) for i in range(L)]
       np.testing.assert_array_equal(changed, due)
