@@ -102,42 +102,39 @@ def _galore_fira_reference(w0, grads, *, lr, rank, gap, alpha, b1, b2, eps,
 
 class GaLoreAndFiraTest(parameterized.TestCase):
 
+  def _against_reference(self, name, m, n, seed, atol, **changes):
+    """lowrank's `name` with its paper preset (plus `changes`) and the
+    numpy transcription, on the same spiky gradients: (ours, ref, limited).
+    """
+    r, gap, lr, alpha = 4, 3, 1e-2, 0.25
+    grads = _spiky(m, n, range(seed, seed + 7))
+    w0 = np.asarray(jax.random.normal(jax.random.key(seed), (m, n)))
+    ref, limited = _galore_fira_reference(
+        w0, grads, lr=lr, rank=r, gap=gap, alpha=alpha, b1=0.9, b2=0.999,
+        eps=1e-6, fira=name == "fira_adamw")
+    ours, _ = _train(getattr(optim, name)(
+        lr, rank=r, refresh_every=gap, scale=alpha,
+        **{**presets.paper(name), **changes}), w0, grads)
+    if atol is not None:
+      for t, (a, b) in enumerate(zip(ours, ref)):
+        np.testing.assert_allclose(a, b, atol=atol, err_msg=f"step {t}")
+    return ours, ref, limited
+
   # (20, 12): std projects torch's 12-wide input axis; (16, 16): a square
   # kernel, whose input axis is lowrank's rows (side="torch" -> "left").
   @parameterized.parameters((20, 12), (16, 16))
   def test_fira_preset_matches_transcription(self, m, n):
-    r, gap, lr, alpha = 4, 3, 1e-2, 0.25
-    grads = _spiky(m, n, range(300, 307))
-    w0 = np.asarray(jax.random.normal(jax.random.key(3), (m, n)))
-    ref, limited = _galore_fira_reference(
-        w0, grads, lr=lr, rank=r, gap=gap, alpha=alpha, b1=0.9, b2=0.999,
-        eps=1e-6, fira=True)
+    _, ref, limited = self._against_reference("fira_adamw", m, n, 300, 3e-5)
     self.assertGreater(limited, 2)  # The limiter is exercised.
-    kw = presets.paper("fira_adamw")
-    ours, _ = _train(optim.fira_adamw(lr, rank=r, refresh_every=gap,
-                                      scale=alpha, **kw), w0, grads)
-    for t, (a, b) in enumerate(zip(ours, ref)):
-      np.testing.assert_allclose(a, b, atol=3e-5, err_msg=f"step {t}")
     # The limiter on the bias-corrected residual (lowrank's old default)
     # is off by far more than that.
-    old, _ = _train(optim.fira_adamw(lr, rank=r, refresh_every=gap,
-                                     scale=alpha, limiter="corrected", **kw),
-                    w0, grads)
+    old, _, _ = self._against_reference("fira_adamw", m, n, 300, None,
+                                        limiter="corrected")
     self.assertGreater(np.abs(old[-1] - ref[-1]).max(), 1e-3)
 
   @parameterized.parameters((20, 12), (16, 16))
   def test_galore_preset_matches_transcription(self, m, n):
-    r, gap, lr, alpha = 4, 3, 1e-2, 0.25
-    grads = _spiky(m, n, range(400, 407))
-    w0 = np.asarray(jax.random.normal(jax.random.key(4), (m, n)))
-    ref, _ = _galore_fira_reference(
-        w0, grads, lr=lr, rank=r, gap=gap, alpha=alpha, b1=0.9, b2=0.999,
-        eps=1e-6, fira=False)
-    ours, _ = _train(optim.galore_adamw(
-        lr, rank=r, refresh_every=gap, scale=alpha,
-        **presets.paper("galore_adamw")), w0, grads)
-    for t, (a, b) in enumerate(zip(ours, ref)):
-      np.testing.assert_allclose(a, b, atol=2e-6, err_msg=f"step {t}")
+    self._against_reference("galore_adamw", m, n, 400, 2e-6)
 
   def test_torch_eps_placement(self):
     # One step on a tiny gradient (a 1-D leaf: Adam sees it unprojected).
